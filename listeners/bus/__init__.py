@@ -1,0 +1,1 @@
+"""The bus contract shared by publishers and the gateway: event schema, key names, publish script."""

@@ -1,0 +1,267 @@
+"""The events that travel over the bus, version 1.
+
+Both ends validate with these models: the publisher before it sends, the gateway when it receives.
+On the wire an event is wrapped in an envelope that carries the run's sequence number, which Redis
+assigns (see publish.lua): ``{"seq": 12, "event": {...}}``.
+
+Two families share the envelope and version 1: a run's events (``Event``, kind ``task`` or ``run``,
+on the run's stream) and an asset's events (``AssetEvent``, kind ``asset``, on the asset's stream,
+with the asset's own sequence). Asset events were added without a version bump: they travel on keys
+and channels of their own, nothing about run events changed, and a reader of run events that meets
+one anyway (an older gateway) rejects it as a schema error instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from enum import Enum
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+ERROR_MESSAGE_MAX = 2000
+
+
+class EventKind(str, Enum):
+    TASK = "task"
+    RUN = "run"
+
+
+class RunState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.SUCCESS, RunState.FAILED)
+
+
+class TaskState(str, Enum):
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"  # terminal: no retry left
+    UP_FOR_RETRY = "up_for_retry"  # failed, but will be retried: NOT a failure of the run
+    SKIPPED = "skipped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED)
+
+
+class Source(str, Enum):
+    HOOK = "hook"  # the Airflow listener
+    EMIT = "emit"  # the publishing API / `runbell emit`
+    RECONCILER = "reconciler"  # the gateway, from Airflow's REST API
+    GATEWAY = "gateway"  # the gateway's trigger endpoint (a run it queued)
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, error: BaseException | str | None) -> "ErrorInfo":
+        if error is None:
+            return cls(type="unknown", message="")
+        if isinstance(error, BaseException):
+            return cls(type=type(error).__name__, message=truncate(str(error)))
+        return cls(type="error", message=truncate(str(error)))
+
+
+class ResultRef(BaseModel):
+    """Where a result too large for the bus can be read (Airflow's XCom endpoint)."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+
+
+class Result(BaseModel):
+    """The result task's value, inline, or a reference when it is larger than the cap."""
+
+    value: Any = None
+    ref: Optional[ResultRef] = None
+    size: int = 0  # bytes of the JSON-encoded value
+
+    @property
+    def is_ref(self) -> bool:
+        return self.ref is not None
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    kind: EventKind
+    dag_id: str = Field(min_length=1, max_length=250)
+    run_id: str = Field(min_length=1, max_length=250)
+    state: str
+    ts: float = Field(default_factory=time.time)
+    source: Source = Source.HOOK
+    host: Optional[str] = None
+    # task events
+    task_id: Optional[str] = Field(default=None, max_length=250)
+    map_index: int = -1
+    try_number: Optional[int] = None
+    result_task: bool = False  # this task's value is the run's result
+    critical: bool = False  # a terminal failure of this task decides the run as failed
+    result: Optional[Result] = None
+    error: Optional[ErrorInfo] = None
+    # run events
+    run_type: Optional[str] = None
+    logical_date: Optional[str] = None
+    run_after: Optional[str] = None
+    backfill_id: Optional[str] = None
+    msg: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _state_fits_kind(self) -> "Event":
+        states = TaskState if self.kind is EventKind.TASK else RunState
+        try:
+            states(self.state)
+        except ValueError:
+            accepted = ", ".join(s.value for s in states)
+            raise ValueError(f"state {self.state!r} is not a {self.kind.value} state ({accepted})")
+        if self.kind is EventKind.TASK and not self.task_id:
+            raise ValueError("a task event needs task_id")
+        return self
+
+    @property
+    def run_state(self) -> RunState:
+        return RunState(self.state)
+
+    @property
+    def task_state(self) -> TaskState:
+        return TaskState(self.state)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+ASSET_KIND = "asset"
+ASSET_NAME_MAX = 1500  # Airflow's limit on an asset's name and uri
+
+
+class AssetInfo(BaseModel):
+    """The asset an event is about, as Airflow names it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(min_length=1, max_length=ASSET_NAME_MAX)
+    uri: Optional[str] = Field(default=None, max_length=ASSET_NAME_MAX)
+    group: Optional[str] = Field(default=None, max_length=ASSET_NAME_MAX)
+
+
+class AssetEvent(BaseModel):
+    """An asset was updated (Airflow's asset event): on the asset's own stream, with its own seq."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    kind: Literal["asset"] = ASSET_KIND
+    asset: AssetInfo
+    extra: Optional[dict[str, Any]] = None  # the event's extra; None (left out on the wire) when larger than the cap
+    extra_size: int = 0  # bytes of the JSON-encoded extra
+    extra_truncated: bool = False  # the extra was larger than the cap and is not carried
+    # Where Airflow says the event came from (a task's outlet); all None for an event made otherwise
+    # (the REST API, or a hook that knew only the asset).
+    source_dag_id: Optional[str] = Field(default=None, max_length=250)
+    source_run_id: Optional[str] = Field(default=None, max_length=250)
+    source_task_id: Optional[str] = Field(default=None, max_length=250)
+    source_map_index: Optional[int] = None
+    partition_key: Optional[str] = None
+    aliases: list[str] = Field(default_factory=list)  # names of the asset aliases it came through
+    ts: float = Field(default_factory=time.time)
+    source: Source = Source.HOOK
+    host: Optional[str] = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+AnyEvent = Union[Event, AssetEvent]
+
+
+class Envelope(BaseModel):
+    """An event as stored in the replay log and sent on pub/sub: with its per-run sequence number."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int = Field(ge=1)
+    event: Event
+
+
+class AssetEnvelope(BaseModel):
+    """An asset event with its per-asset sequence number (the same envelope shape as a run's)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int = Field(ge=1)
+    event: AssetEvent
+
+
+class BadEvent(ValueError):
+    """A message on the bus that is not a valid event. ``reason`` names the kind, for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def envelope_json(seq: int, event_json: str) -> str:
+    """The envelope as publish.lua builds it: by concatenation, so the event JSON is never re-encoded."""
+    return '{"seq":' + str(seq) + ',"event":' + event_json + "}"
+
+
+def decode_envelope(raw: bytes | str) -> Envelope:
+    """Parse and validate one envelope; raise BadEvent saying why it is not one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadEvent("json", str(exc)[:200]) from None
+    if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
+        raise BadEvent("shape", "expected an object with 'seq' and 'event'")
+    version = data["event"].get("v")
+    if version != SCHEMA_VERSION:
+        raise BadEvent("version", f"unknown event version {version!r}")
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as exc:
+        raise BadEvent("schema", str(exc.errors(include_url=False)[:3])[:300]) from None
+
+
+def decode_asset_envelope(raw: bytes | str) -> AssetEnvelope:
+    """Parse and validate one asset envelope; raise BadEvent saying why it is not one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadEvent("json", str(exc)[:200]) from None
+    if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
+        raise BadEvent("shape", "expected an object with 'seq' and 'event'")
+    version = data["event"].get("v")
+    if version != SCHEMA_VERSION:
+        raise BadEvent("version", f"unknown event version {version!r}")
+    try:
+        return AssetEnvelope.model_validate(data)
+    except ValidationError as exc:
+        raise BadEvent("schema", str(exc.errors(include_url=False)[:3])[:300]) from None
+
+
+def parse_event_json(text: str | bytes) -> AnyEvent:
+    """A bare event (as spooled, or sent to the publishing API) of either family, by its kind."""
+    data = json.loads(text)
+    if isinstance(data, dict) and data.get("kind") == ASSET_KIND:
+        return AssetEvent.model_validate_json(text)
+    return Event.model_validate_json(text)
+
+
+def truncate(text: str, limit: int = ERROR_MESSAGE_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
