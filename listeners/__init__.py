@@ -1,0 +1,9 @@
+"""Runbell's publishing side: the Airflow listener and the plain publishing API.
+
+Installs into an Airflow environment needing only ``redis`` and ``pydantic``.
+"""
+
+from listeners.marks import critical
+from listeners.publisher import emit
+
+__all__ = ["critical", "emit"]

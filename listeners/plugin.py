@@ -1,0 +1,13 @@
+"""The Airflow plugin that registers Runbell's listener (entry point ``airflow.plugins: runbell``)."""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from listeners import hook
+
+
+class RunbellPlugin(AirflowPlugin):
+    name = "runbell"
+    # A module, not functions: Airflow registers each listener object with pluggy.
+    listeners = [hook]

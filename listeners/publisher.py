@@ -1,0 +1,337 @@
+"""Publishing events: the one path the Airflow hook, `runbell emit` and other schedulers share.
+
+Every publish is bounded (connect and command timeouts well under a second, no retries), never
+raises, and spools to a local file when Redis cannot be reached. The next successful publish on the
+host sends the spooled events first, in order, so nothing is lost and nothing overtakes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from importlib import resources
+from typing import Any, Optional
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from listeners.bus import keys
+from listeners.bus.schema import (
+    AnyEvent,
+    AssetEvent,
+    AssetInfo,
+    ErrorInfo,
+    Event,
+    EventKind,
+    Result,
+    ResultRef,
+    Source,
+    envelope_json,
+    parse_event_json,
+)
+from listeners.config import PublisherConfig
+from listeners.spool import Spool, read_event
+
+log = logging.getLogger("runbell.publisher")
+
+PUBLISH_LUA = resources.files("listeners.bus").joinpath("publish.lua").read_text(encoding="utf-8")
+BREAKER_SECONDS = 2.0  # after a failure, spool straight away for this long instead of reconnecting
+FLUSH_BUDGET_SECONDS = 0.5  # how long one publish may spend sending spooled events
+FLUSH_BATCH = 200
+ASSET_WINDOW = 10_000  # an asset's replay log keeps this many events (publish.lua's window)
+
+
+class Publisher:
+    def __init__(self, config: PublisherConfig, client: Optional[redis.Redis] = None):
+        self.config = config
+        self.spool = Spool(config.spool_dir)
+        self._client = client
+        self._script = None
+        self._broken_until = 0.0
+        self._lock = threading.Lock()
+        self._logged: set[str] = set()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def publish(self, event: AnyEvent) -> Optional[int]:
+        """Publish one event. Returns its sequence number, or None when it was spooled. Never raises."""
+        try:
+            event_json = event.to_json()
+        except Exception as exc:  # a value pydantic cannot serialise must not reach Airflow
+            self._log_once("encode", "runbell: event could not be encoded: %s", exc)
+            return None
+        with self._lock:
+            try:
+                return self._publish_locked(event, event_json)
+            except Exception as exc:
+                self._log_once("unexpected", "runbell: unexpected publish error: %r", exc)
+                self._spool_quietly(event_json)
+                return None
+
+    def flush(self) -> int:
+        """Send whatever is spooled (bounded in time). Returns how many events went out."""
+        with self._lock:
+            try:
+                return self._flush_spool()[0]
+            except redis.RedisError as exc:
+                self._trip(exc)
+                return 0
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _publish_locked(self, event: AnyEvent, event_json: str) -> Optional[int]:
+        if time.monotonic() < self._broken_until:
+            self._spool_quietly(event_json)
+            return None
+        try:
+            if self.spool.pending():
+                sent, drained = self._flush_spool()
+                if not drained:  # older events still wait: this one must queue behind them
+                    self._spool_quietly(event_json)
+                    return None
+            return self._send([(event, event_json)])[0]
+        except redis.RedisError as exc:
+            self._trip(exc)
+            self._spool_quietly(event_json)
+            return None
+
+    def _send(self, batch: list[tuple[AnyEvent, str]]) -> list[int]:
+        """Run publish.lua for each event, then add each to the global stream: two round trips.
+
+        A run's event goes to its run's keys and the global stream; an asset's event to the asset's
+        keys (an endless stream: publish.lua's window) and the asset events' global stream."""
+        client = self._redis()
+        script = self._publish_script(client)
+        ns = self.config.namespace
+        # One event (the hook's case) runs the script directly: one EVALSHA. A pipeline would first
+        # ask SCRIPT EXISTS, a round trip more; it pays off only for a batch (a spool flush).
+        target = client if len(batch) == 1 else client.pipeline(transaction=False)
+        replies = []
+        for event, event_json in batch:
+            if isinstance(event, AssetEvent):
+                k = keys.asset_keys(ns, event.asset.name)
+                window = [ASSET_WINDOW]
+            else:
+                k = keys.run_keys(ns, event.dag_id, event.run_id)
+                window = []
+            replies.append(
+                script(
+                    keys=[k.seq, k.log, k.ids],
+                    args=[event.id, event_json, self.config.log_ttl_seconds, k.channel, *window],
+                    client=target,
+                )
+            )
+        if target is not client:
+            replies = target.execute()
+        seqs = [int(reply[0]) for reply in replies]
+        # The global stream has its own slot (Redis Cluster), so it cannot be in the script. A re-sent
+        # event is added again: the stream's readers de-duplicate by (run, seq).
+        pipe = client.pipeline(transaction=False)
+        for (event, event_json), seq in zip(batch, seqs):
+            stream = keys.asset_stream(ns) if isinstance(event, AssetEvent) else keys.global_stream(ns)
+            pipe.xadd(
+                stream,
+                {"env": envelope_json(seq, event_json)},
+                maxlen=self.config.stream_maxlen,
+                approximate=True,
+            )
+        pipe.execute()
+        return seqs
+
+    def _flush_spool(self) -> tuple[int, bool]:
+        """Publish spooled events oldest first. Returns (sent, whether the spool is now empty)."""
+        deadline = time.monotonic() + FLUSH_BUDGET_SECONDS
+        sent = 0
+        with self.spool.flush_lock() as held:
+            if not held:
+                return 0, False
+            while time.monotonic() < deadline:
+                paths = self.spool.pending()[:FLUSH_BATCH]
+                if not paths:
+                    return sent, True
+                batch, done = [], []
+                for path in paths:
+                    text = read_event(path)
+                    if text is None:
+                        continue
+                    try:
+                        batch.append((parse_event_json(text), text))
+                    except ValueError:
+                        self._log_once("spool-bad", "runbell: dropping unreadable spool file %s", path.name)
+                    done.append(path)
+                if batch:
+                    self._send(batch)
+                for path in done:
+                    path.unlink(missing_ok=True)
+                sent += len(batch)
+        return sent, not self.spool.pending()
+
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            t = self.config.timeout_seconds
+            self._client = redis.Redis.from_url(
+                self.config.redis_url,
+                socket_connect_timeout=t,
+                socket_timeout=t,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+        return self._client
+
+    def _publish_script(self, client: redis.Redis):
+        if self._script is None:
+            # Loaded up front, once per process: EVALSHA then never meets NOSCRIPT (which also trips
+            # the embedded development broker while a pattern subscriber is attached).
+            client.script_load(PUBLISH_LUA)
+            self._script = client.register_script(PUBLISH_LUA)
+        return self._script
+
+    def _trip(self, exc: Exception) -> None:
+        self._broken_until = time.monotonic() + BREAKER_SECONDS
+        self._log_once(
+            "redis-" + type(exc).__name__,
+            "runbell: Redis unreachable (%s); spooling events to %s",
+            type(exc).__name__,
+            self.config.spool_dir,
+        )
+
+    def _spool_quietly(self, event_json: str) -> None:
+        try:
+            self.spool.append(event_json)
+        except OSError as exc:
+            self._log_once("spool-io", "runbell: cannot spool event (%s); it is lost", exc)
+
+    def _log_once(self, kind: str, msg: str, *args: Any) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning(msg, *args)
+
+
+# -- building events ------------------------------------------------------------------------------
+
+
+def extra_fields(extra: Any, max_bytes: int) -> dict[str, Any]:
+    """An asset event's extra as published: inline up to max_bytes of JSON, else left out (with its
+    size and extra_truncated; Airflow's asset events endpoint has the whole of it)."""
+    if extra is None:
+        return {}
+    encoded = json.dumps(extra, default=str, separators=(",", ":"))
+    size = len(encoded.encode("utf-8"))
+    if size > max_bytes:
+        return {"extra": None, "extra_size": size, "extra_truncated": True}
+    value = json.loads(encoded)
+    if not isinstance(value, dict):
+        value = {"value": value}
+    return {"extra": value, "extra_size": size}
+
+
+def make_result(
+    value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int, max_bytes: int
+) -> Result:
+    """The result as published: inline up to max_bytes of JSON, else a reference to Airflow's XCom."""
+    encoded = json.dumps(value, default=str, separators=(",", ":"))
+    size = len(encoded.encode("utf-8"))
+    if size > max_bytes:
+        ref = ResultRef(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
+        return Result(ref=ref, size=size)
+    return Result(value=json.loads(encoded), size=size)
+
+
+_MISSING = object()
+_default_publisher: Optional[Publisher] = None
+
+
+def default_publisher() -> Publisher:
+    """The process's publisher, configured from the environment."""
+    global _default_publisher
+    if _default_publisher is None:
+        _default_publisher = Publisher(PublisherConfig.from_env())
+    return _default_publisher
+
+
+def emit(
+    dag_id: str,
+    run_id: str,
+    state: str,
+    *,
+    task_id: Optional[str] = None,
+    map_index: int = -1,
+    try_number: Optional[int] = None,
+    result: Any = _MISSING,
+    result_task: bool = False,
+    critical: bool = False,
+    error: Optional[str] = None,
+    error_type: Optional[str] = None,
+    msg: Optional[str] = None,
+    publisher: Optional[Publisher] = None,
+    source: Source = Source.EMIT,
+) -> Optional[int]:
+    """Publish exactly the event the Airflow hook would, for other schedulers and scripts.
+
+    A task event when task_id is given, else a run event. Returns the sequence number, or None when
+    Redis was unreachable and the event was spooled. Raises ValueError for an invalid event.
+    """
+    publisher = publisher or default_publisher()
+    kind = EventKind.TASK if task_id else EventKind.RUN
+    payload: Optional[Result] = None
+    if result is not _MISSING:
+        payload = make_result(
+            result,
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id or "",
+            map_index=map_index,
+            max_bytes=publisher.config.result_max_bytes,
+        )
+    error_info = ErrorInfo(type=error_type or "error", message=error) if error is not None else None
+    event = Event(
+        kind=kind,
+        dag_id=dag_id,
+        run_id=run_id,
+        state=state,
+        source=source,
+        host=socket.gethostname(),
+        task_id=task_id,
+        map_index=map_index,
+        try_number=try_number,
+        result_task=result_task,
+        critical=critical or (result_task and kind is EventKind.TASK),
+        result=payload,
+        error=error_info,
+        msg=msg,
+    )
+    return publisher.publish(event)
+
+
+
+def emit_asset(
+    name: str,
+    *,
+    uri: Optional[str] = None,
+    group: Optional[str] = None,
+    extra: Any = None,
+    source_dag_id: Optional[str] = None,
+    source_run_id: Optional[str] = None,
+    source_task_id: Optional[str] = None,
+    source_map_index: Optional[int] = None,
+    publisher: Optional[Publisher] = None,
+    source: Source = Source.EMIT,
+) -> Optional[int]:
+    """Publish an asset event as the hook would (for tests and scripts). Returns the asset's seq,
+    or None when Redis was unreachable and the event was spooled. Raises ValueError when invalid."""
+    publisher = publisher or default_publisher()
+    event = AssetEvent(
+        asset=AssetInfo(name=name, uri=uri, group=group),
+        source_dag_id=source_dag_id,
+        source_run_id=source_run_id,
+        source_task_id=source_task_id,
+        source_map_index=source_map_index,
+        source=source,
+        host=socket.gethostname(),
+        **extra_fields(extra, publisher.config.result_max_bytes),
+    )
+    return publisher.publish(event)
