@@ -1,0 +1,53 @@
+"""Prometheus metrics of one gateway process, on a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.waiters = Gauge("runbell_waiters", "Long-poll callers waiting now", registry=r)
+        self.sse_clients = Gauge("runbell_sse_clients", "Server-Sent Events clients connected now", registry=r)
+        self.events_in = Counter("runbell_events_in_total", "Envelopes received on pub/sub for local subscribers", registry=r)
+        self.decode_errors = Counter(
+            "runbell_decode_errors_total", "Messages dropped as not valid events", ["reason"], registry=r
+        )
+        self.delivery_latency = Histogram(
+            "runbell_delivery_latency_seconds",
+            "Event timestamp (publisher clock) to hand-off to local subscribers",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overflows = Counter("runbell_subscriber_overflows_total", "Subscribers cut off as too slow", registry=r)
+        self.resubscribes = Counter("runbell_resubscribes_total", "Pub/sub (re)subscriptions", registry=r)
+        self.rejected = Counter("runbell_rejected_total", "Requests refused at the subscriber cap", registry=r)
+        self.outcomes = Counter("runbell_outcomes_total", "Outcomes answered", ["status", "via"], registry=r)
+        self.webhook_deliveries = Counter(
+            "runbell_webhook_deliveries_total",
+            "Webhook delivery attempts by result: success, failure (an answer other than 2xx), gone (410), "
+            "timeout, refused (target guard), error (network)",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_attempt_latency = Histogram(
+            "runbell_webhook_attempt_seconds", "Duration of one webhook delivery attempt", buckets=WEBHOOK_BUCKETS,
+            registry=r,
+        )
+        self.webhook_dead_letters = Counter(
+            "runbell_webhook_dead_letters_total", "Webhook messages dead-lettered after their last attempt", registry=r
+        )
+        self.webhook_in_flight = Gauge("runbell_webhook_in_flight", "Webhook delivery attempts running now", registry=r)
+        self.webhook_endpoints_disabled = Counter(
+            "runbell_webhook_endpoints_disabled_total", "Webhook endpoints disabled (410, or failing for days)",
+            registry=r,
+        )

@@ -1,0 +1,263 @@
+"""The HTTP endpoints of a run: its outcome by long-poll, its events as Server-Sent Events, publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import AsyncIterator, Optional
+
+import anyio
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from listeners.bus.schema import Envelope, Event, EventKind
+from service.auth import Role, authorize
+from service.errors import ApiError
+from service.hub import Hub, Signal, SubscriptionClosed
+from service.outcome import Outcome, OutcomeFold
+
+MAX_ID_LENGTH = 250
+LAST_EVENT_ID_PARAM = "last_event_id"  # EventSource sends the header only on reconnects
+PENDING_RETRY_AFTER = "1"
+BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
+
+
+# -- long-poll ------------------------------------------------------------------------------------
+
+
+async def run_result(request: Request) -> Response:
+    """Wait until the run's outcome is decided, or the timeout passes (then 202 pending)."""
+    dag_id, run_id = run_path(request)
+    authorize(request, Role.READ, run=(dag_id, run_id))
+    timeout = parse_timeout(request)
+    outcome = await wait_for_outcome(request, dag_id, run_id, timeout)
+    return await outcome_response(request, outcome)
+
+
+async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: float) -> Outcome:
+    """Follow the run until its outcome is decided or the timeout passes; the outcome either way."""
+    hub = hub_with_room(request)
+    if hub.is_missing(dag_id, run_id):
+        raise run_not_found(dag_id, run_id)
+    metrics = request.app.state.metrics
+    fold = OutcomeFold(dag_id, run_id)
+    deadline = anyio.current_time() + timeout
+    metrics.waiters.inc()
+    try:
+        async with hub.subscribe(dag_id, run_id) as subscription:
+            # anyio's scopes, not asyncio.timeout: they compose with the anyio scopes of the server.
+            # What is stored is always read, even with timeout=0 (unless Redis is down that long).
+            with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
+                for envelope in await subscription.backlog():
+                    fold.apply(envelope)
+                if fold.outcome.decided:
+                    return fold.outcome
+            with anyio.move_on_at(deadline):
+                try:
+                    async for envelope in subscription:
+                        if fold.apply(envelope):
+                            return fold.outcome
+                except SubscriptionClosed as closed:
+                    if closed.reason is Signal.NOT_FOUND:
+                        raise run_not_found(dag_id, run_id) from None
+                    # shutdown, or too slow: the caller asks again
+    finally:
+        metrics.waiters.dec()
+    return fold.outcome
+
+
+async def outcome_response(request: Request, outcome: Outcome, extra: Optional[dict] = None, headers: Optional[dict] = None) -> Response:
+    """200 with the decided outcome (a large result fetched from Airflow), else 202 pending."""
+    if not outcome.decided:
+        headers = {"Retry-After": PENDING_RETRY_AFTER, **(headers or {})}
+        return JSONResponse({**pending_body(outcome), **(extra or {})}, status_code=202, headers=headers)
+    request.app.state.metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
+    body = await with_fetched_result(request, outcome_body(outcome))
+    return JSONResponse({**body, **(extra or {})}, headers=headers)
+
+
+async def with_fetched_result(request: Request, body: dict) -> dict:
+    """A result published as a reference (too large for the bus) is read from Airflow's XCom."""
+    info, airflow = body.get("result_task") or {}, request.app.state.airflow
+    if not info.get("is_ref") or airflow is None or not isinstance(body.get("result"), dict):
+        return body
+    ref = body["result"]
+    try:
+        value = await airflow.xcom_value(ref["dag_id"], ref["run_id"], ref["task_id"], ref.get("map_index", -1))
+    except Exception as exc:  # the reference still says where the value is
+        body["result_error"] = f"{type(exc).__name__}: the value could not be read from Airflow"
+        return body
+    return {**body, "result": value, "result_ref": ref}
+
+
+def run_not_found(dag_id: str, run_id: str) -> ApiError:
+    return ApiError(404, "run_not_found", f"Airflow has no run {run_id!r} of DAG {dag_id!r}")
+
+
+def outcome_body(outcome: Outcome) -> dict:
+    return outcome.model_dump(mode="json")
+
+
+def pending_body(outcome: Outcome) -> dict:
+    return {
+        "status": "pending",
+        "dag_id": outcome.dag_id,
+        "run_id": outcome.run_id,
+        "run_state": outcome.run_state,
+        "seq": outcome.seq,
+    }
+
+
+# -- Server-Sent Events -----------------------------------------------------------------------------
+
+
+async def run_events(request: Request) -> Response:
+    """The run's events as SSE: replay after Last-Event-ID, then live, then `end` and close."""
+    dag_id, run_id = run_path(request)
+    authorize(request, Role.READ, run=(dag_id, run_id))
+    last_id = parse_last_event_id(request)
+    hub = hub_with_room(request)
+    if hub.is_missing(dag_id, run_id):
+        raise run_not_found(dag_id, run_id)  # EventSource stops on a 404
+    if last_id > 0 and await stream_already_ended(hub, dag_id, run_id, last_id):
+        return Response(status_code=204)  # EventSource stops reconnecting on 204
+    settings = request.app.state.settings
+    return EventSourceResponse(
+        sse_stream(request, hub, dag_id, run_id, last_id),
+        ping=settings.heartbeat_seconds,
+        send_timeout=settings.send_timeout,
+        shutdown_grace_period=settings.shutdown_grace,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: int) -> AsyncIterator[ServerSentEvent]:
+    settings, metrics = request.app.state.settings, request.app.state.metrics
+    fold = OutcomeFold(dag_id, run_id)
+    metrics.sse_clients.inc()
+    try:
+        # The whole history is folded so the outcome is known, but only what is after last_id is sent.
+        async with hub.subscribe(dag_id, run_id) as subscription:
+            yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
+            try:
+                async for envelope in subscription:
+                    decided = fold.apply(envelope)
+                    if envelope.seq <= last_id:
+                        continue
+                    yield ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=str(envelope.seq))
+                    if decided:
+                        metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
+                        yield ServerSentEvent(data=json.dumps(outcome_body(fold.outcome)), event="outcome", id=str(envelope.seq))
+                    if is_run_end(envelope):
+                        yield ServerSentEvent(data=json.dumps(end_body(fold.outcome)), event="end", id=str(envelope.seq))
+                        return
+            except SubscriptionClosed as closed:
+                yield farewell(closed.reason, settings.sse_retry_ms)
+    finally:
+        metrics.sse_clients.dec()
+
+
+def event_data(envelope: Envelope) -> str:
+    body = envelope.event.model_dump(mode="json", exclude_none=True)
+    return json.dumps({"seq": envelope.seq, **body})
+
+
+def end_body(outcome: Outcome) -> dict:
+    return {"run_state": outcome.run_state, "status": outcome.status.value, "seq": outcome.seq}
+
+
+def farewell(reason: Signal, retry_ms: int) -> ServerSentEvent:
+    if reason is Signal.OVERFLOW:
+        message = {"error": "slow_consumer", "message": "this client fell too far behind; reconnect with Last-Event-ID"}
+        return ServerSentEvent(data=json.dumps(message), event="error", retry=retry_ms)
+    if reason is Signal.NOT_FOUND:
+        message = {"error": "run_not_found", "message": "Airflow has no such run; a reconnect gets 404"}
+        return ServerSentEvent(data=json.dumps(message), event="error")
+    message = {"reason": "shutdown", "message": "the gateway is restarting; reconnect with Last-Event-ID"}
+    return ServerSentEvent(data=json.dumps(message), event="shutdown", retry=retry_ms)
+
+
+def is_run_end(envelope: Envelope) -> bool:
+    event = envelope.event
+    return event.kind is EventKind.RUN and event.run_state.terminal
+
+
+async def stream_already_ended(hub: Hub, dag_id: str, run_id: str, last_id: int) -> bool:
+    """True when the client has already been sent the run's end (its terminal run event)."""
+    try:
+        history = await hub.replay.read(dag_id, run_id, 0)
+    except (RedisError, OSError):
+        return False  # cannot tell now: stream, and the subscription retries the log
+    for envelope in history:
+        if envelope.seq > last_id:
+            return False
+        if is_run_end(envelope):
+            return True
+    return False
+
+
+# -- publishing -----------------------------------------------------------------------------------
+
+
+async def publish_event(request: Request) -> Response:
+    """Publish one event over HTTP, exactly as `runbell emit` would (role: publish)."""
+    authorize(request, Role.PUBLISH)
+    try:
+        body = await request.body()
+        event = Event.model_validate_json(body)
+    except ValidationError as exc:
+        raise ApiError(422, "bad_event", "the body is not a valid event", accepted=exc.errors(include_url=False, include_context=False)) from None
+    publisher = request.app.state.publisher
+    seq = await asyncio.to_thread(publisher.publish, event)
+    if seq is None:
+        return JSONResponse({"id": event.id, "spooled": True}, status_code=202)
+    return JSONResponse({"id": event.id, "seq": seq}, status_code=201)
+
+
+# -- input parsing --------------------------------------------------------------------------------
+
+
+def run_path(request: Request) -> tuple[str, str]:
+    dag_id, run_id = request.path_params["dag_id"], request.path_params["run_id"]
+    for name, value in (("dag_id", dag_id), ("run_id", run_id)):
+        if not value or len(value) > MAX_ID_LENGTH:
+            raise ApiError(400, f"bad_{name}", f"{name} must be 1 to {MAX_ID_LENGTH} characters")
+    return dag_id, run_id
+
+
+def parse_timeout(request: Request) -> float:
+    settings = request.app.state.settings
+    raw = request.query_params.get("timeout")
+    if raw is None:
+        return settings.long_poll_default
+    accepted = {"min": 0, "max": settings.long_poll_max, "unit": "seconds"}
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value <= settings.long_poll_max):  # also false for nan
+        raise ApiError(400, "bad_timeout", f"timeout must be a number of seconds from 0 to {settings.long_poll_max:g}", accepted=accepted)
+    return value
+
+
+def parse_last_event_id(request: Request) -> int:
+    raw: Optional[str] = request.headers.get("last-event-id") or request.query_params.get(LAST_EVENT_ID_PARAM)
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, "bad_last_event_id", "Last-Event-ID must be a sequence number (a non-negative integer)", accepted="integer >= 0")
+    return int(raw)
+
+
+def hub_with_room(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    if not hub.has_room():
+        request.app.state.metrics.rejected.inc()
+        message = "the gateway is shutting down" if hub.draining else "too many waiters and streams on this process"
+        raise ApiError(503, "unavailable", message, headers={"Retry-After": "1"})
+    return hub
+
