@@ -1,0 +1,22 @@
+"""(a) The result task is followed by a slow (~4 s) task: the result is known long before the run ends."""
+
+import time
+
+from airflow.sdk import dag, result, task
+
+
+@dag(schedule=None, catchup=False, tags=["runbell-e2e"])
+def rb_result_then_slow():
+    @result
+    @task
+    def answer() -> dict:
+        return {"answer": 42, "items": [1, 2, 3]}
+
+    @task
+    def slow_cleanup() -> None:
+        time.sleep(4)
+
+    answer() >> slow_cleanup()
+
+
+rb_result_then_slow()

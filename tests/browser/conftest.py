@@ -1,0 +1,185 @@
+"""A real headless Chromium (Debian's chromium + chromedriver), driven by Selenium, and real gateways.
+
+Without a browser the browser tests are skipped, except under CI=true, where they fail: tests/run
+installs the packages there. Screenshots go to tests/browser/artifacts/ (gitignored): the dashboard
+on every run, and the page at the moment of any failure, with its console and HTML.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import pytest
+
+from tests.conftest import IN_CI, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = os.environ.get("RUNBELL_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("RUNBELL_CHROMEDRIVER", "/usr/bin/chromedriver")
+# As /work/.library/env/machines/python-svc.md says: without the background-networking flags
+# Chromium keeps trying Google's hosts, which this closed network refuses.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1360,900", "--lang=en-US",
+]
+BROWSER_START_SECONDS = 30
+READY_SECONDS = 30
+
+
+def _missing_browser() -> Optional[str]:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            return f"{path} not found (apt-get install chromium chromium-driver; tests/run does under CI)"
+    return None
+
+
+SAVED: list[Path] = []  # screenshots taken in this session, listed at the end of the run
+
+
+def save_screenshot(driver, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    SAVED.append(path)
+    return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SAVED:
+        terminalreporter.write_sep("-", "dashboard screenshots")
+        for path in SAVED:
+            terminalreporter.write_line(str(path))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture
+def browser(request):
+    """A fresh headless Chromium with an empty profile; on failure, what the page showed is saved."""
+    missing = _missing_browser()
+    if missing:
+        if IN_CI:
+            pytest.fail(f"CI=true needs a real browser: {missing}", pytrace=False)
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="rb-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(CHROMEDRIVER, log_output=str(Path(profile) / "chromedriver.log"))
+    started = time.monotonic()
+    driver = webdriver.Chrome(service=service, options=options)
+    assert time.monotonic() - started < BROWSER_START_SECONDS
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(30)
+    driver.console = []  # every console entry read so far, for the assertions and the failure report
+    yield driver
+    report = getattr(request.node, "report_call", None)
+    try:
+        if report is not None and report.failed:
+            stem = ARTIFACTS / f"failure-{request.node.name}"
+            save_screenshot(driver, f"{stem.name}.png")
+            stem.with_suffix(".html").write_text(driver.page_source)
+            read_console(driver)
+            stem.with_suffix(".console.txt").write_text("\n".join(map(str, driver.console)))
+            print(f"\nfailure screenshot: {stem}.png (page and console beside it)")
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def read_console(driver) -> list[dict]:
+    entries = driver.get_log("browser")
+    driver.console.extend(entries)
+    return entries
+
+
+class ServedGateway:
+    """`runbell serve` in a subprocess on a fixed port, which can be killed and started again there."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path, no_auth: bool = True):
+        self.env, self.port, self.log, self.no_auth = env, port, log, no_auth
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: Optional[subprocess.Popen] = None
+        self.starts = 0
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        self.starts += 1
+        with open(self.log, "a") as log:
+            log.write(f"\n---- start #{self.starts}\n")
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
+                + (["--no-auth"] if self.no_auth else []),
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"runbell serve exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop(signal.SIGKILL)
+        pytest.fail(f"runbell serve was not ready within {READY_SECONDS} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def restart(self, sig: int) -> None:
+        self.stop(sig)
+        self.start()
+
+
+@pytest.fixture
+def served_gateway(redis_url, namespace, tmp_path, redis_cleanup):
+    """A factory: served_gateway(auth=False, **extra_env) starts `runbell serve` on a free port."""
+    started: list[ServedGateway] = []
+
+    def start(auth: bool = False, **extra: str) -> ServedGateway:
+        env = {
+            **os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace,
+            "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}", "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
+            "RUNBELL_SHUTDOWN_GRACE": "1", "RUNBELL_SSE_RETRY_MS": "300", "RUNBELL_WEBHOOKS": "false",
+            "RUNBELL_LOG_LEVEL": "warning", "RUNBELL_TOKEN_SECRET": "browser-test-secret-of-at-least-32-bytes", **extra,
+        }
+        gateway = ServedGateway(env, free_port(), tmp_path / f"gateway-{len(started)}.log", no_auth=not auth)
+        started.append(gateway)
+        gateway.start()
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.stop(signal.SIGKILL)
+    for gateway in started:  # every start and stop, SIGKILL included, left no traceback behind
+        assert "Traceback" not in gateway.log.read_text(), gateway.log.read_text()[-4000:]

@@ -1,0 +1,375 @@
+"""listeners.hook with fake task instances and dag runs (no Airflow), publishing to the real Redis.
+
+Two kinds of fake task instance, as the hook meets them: the worker's RuntimeTaskInstance (a plain
+object whose task carries the parsed DAG) and the ORM TaskInstance of the scheduler / api-server
+(a class with a ``__table__``, conf on ``dag_run``, a task from the serialized DAG or none).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from types import SimpleNamespace
+from typing import Any, Iterator, Optional
+
+import pytest
+import redis
+
+from listeners import hook
+from listeners import publisher as publisher_module
+from listeners.bus.keys import run_keys
+from listeners.bus.schema import Event, EventKind, RunState, TaskState, decode_envelope
+from listeners.config import PublisherConfig
+from listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
+from listeners.publisher import Publisher
+from tests.test_propagation import FakeTask as GraphTask
+from tests.test_propagation import dag as graph
+
+DAG_ID = "etl"
+RUN_ID = "manual__2026-01-01T00:00:00+00:00"
+MAX_BYTES = 64
+
+
+class State(str, Enum):  # what Airflow's TaskInstanceState / DagRunType look like
+    RUNNING = "running"
+    FAILED = "failed"
+    UP_FOR_RETRY = "up_for_retry"
+    MANUAL = "manual"
+
+
+@dataclass(eq=False)
+class FakeTask(GraphTask):
+    """A task as the worker sees it: its graph node plus the DAG it belongs to."""
+
+    dag: Any = None
+
+
+def make_dag(*chains: str, result: Optional[str] = None) -> dict[str, FakeTask]:
+    """extract>transform>load style chains; the named task is the DAG's result task."""
+    tasks = graph(*chains, task_class=FakeTask)
+    dag = SimpleNamespace(task_dict=tasks)
+    for task in tasks.values():
+        task.dag = dag
+    if result:
+        tasks[result].returns_dag_result = True
+    return tasks
+
+
+class WorkerTI:
+    """Like the worker's RuntimeTaskInstance: conf through the template context, XCom via the API."""
+
+    def __init__(
+        self,
+        task: Optional[FakeTask],
+        *,
+        state: Any = State.RUNNING,
+        map_index: int = -1,
+        try_number: int = 1,
+        conf: Optional[dict] = None,
+        xcom: Any = None,
+        task_id: Optional[str] = None,
+    ):
+        self.dag_id, self.run_id = DAG_ID, RUN_ID
+        self.task = task
+        self.task_id = task_id or task.task_id
+        self.state, self.map_index, self.try_number = state, map_index, try_number
+        self.conf = conf or {}
+        self.xcom = xcom
+        self.pulls: list[dict[str, Any]] = []
+
+    def get_template_context(self) -> dict[str, Any]:
+        return {"dag_run": SimpleNamespace(conf=self.conf)}
+
+    def xcom_pull(self, **kwargs: Any) -> Any:
+        self.pulls.append(kwargs)
+        if isinstance(self.xcom, Exception):
+            raise self.xcom
+        return self.xcom
+
+
+class OrmTI(WorkerTI):
+    """Like the ORM TaskInstance: a SQLAlchemy model (it has a __table__); conf on its dag_run."""
+
+    __table__ = object()
+
+    @property
+    def dag_run(self) -> Any:
+        return SimpleNamespace(conf=self.conf)
+
+    def get_template_context(self) -> dict[str, Any]:
+        raise AssertionError("the ORM side must not build a template context (database queries)")
+
+
+@pytest.fixture
+def bus(redis_url: str, namespace: str, tmp_path, monkeypatch) -> Iterator[Publisher]:
+    """The hook's default publisher, pointed at this test's namespace."""
+    config = PublisherConfig(
+        redis_url=redis_url, namespace=namespace, spool_dir=tmp_path / "spool", result_max_bytes=MAX_BYTES
+    )
+    publisher = Publisher(config)
+    monkeypatch.setattr(publisher_module, "_default_publisher", publisher)
+    monkeypatch.setattr(hook, "_logged", set())
+    yield publisher
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{namespace}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+def published(bus: Publisher) -> list[Event]:
+    client = redis.Redis.from_url(bus.config.redis_url)
+    try:
+        entries = client.xrange(run_keys(bus.config.namespace, DAG_ID, RUN_ID).log)
+    finally:
+        client.close()
+    return [decode_envelope(fields[b"env"]).event for _, fields in entries]
+
+
+def only(bus: Publisher) -> Event:
+    events = published(bus)
+    assert len(events) == 1, events
+    return events[0]
+
+
+# -- run events -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fire, state",
+    [
+        (hook.on_dag_run_running, RunState.RUNNING),
+        (hook.on_dag_run_success, RunState.SUCCESS),
+        (hook.on_dag_run_failed, RunState.FAILED),
+    ],
+)
+def test_run_events(bus: Publisher, fire, state: RunState) -> None:
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    dag_run = SimpleNamespace(
+        dag_id=DAG_ID, run_id=RUN_ID, run_type=State.MANUAL, logical_date=None, run_after=when, backfill_id=7
+    )
+    fire(dag_run=dag_run, msg="task_failure")
+    event = only(bus)
+    assert (event.kind, event.state, event.source.value) == (EventKind.RUN, state.value, "hook")
+    assert event.run_type == "manual" and event.logical_date is None
+    assert event.run_after == "2026-01-01T00:00:00+00:00"
+    assert event.backfill_id == "7" and event.msg == "task_failure" and event.host
+
+
+# -- task events in the worker --------------------------------------------------------------------
+
+
+def test_running_event_says_whether_a_failure_would_be_critical(bus: Publisher) -> None:
+    tasks = make_dag("extract>transform>answer", "extract>audit", result="answer")
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(tasks["transform"]))
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(tasks["audit"]))
+    transform, audit = published(bus)
+    assert (transform.task_id, transform.state, transform.critical) == ("transform", "running", True)
+    assert (audit.task_id, audit.critical, audit.result_task) == ("audit", False, False)
+    assert transform.try_number == 1 and transform.map_index == -1 and transform.error is None
+
+
+def test_result_task_success_carries_the_value(bus: Publisher) -> None:
+    tasks = make_dag("extract>answer", result="answer")
+    ti = WorkerTI(tasks["answer"], xcom={"rows": 3})
+    hook.on_task_instance_success(previous_state=State.RUNNING, task_instance=ti)
+    event = only(bus)
+    assert event.state == TaskState.SUCCESS.value and event.result_task and event.critical
+    assert event.result is not None and event.result.value == {"rows": 3} and not event.result.is_ref
+    assert ti.pulls == [{"task_ids": "answer", "key": "return_value"}]
+
+
+def test_mapped_result_reads_its_own_map_index(bus: Publisher) -> None:
+    tasks = make_dag("answer", result="answer")
+    ti = WorkerTI(tasks["answer"], map_index=2, xcom="two")
+    hook.on_task_instance_success(previous_state=State.RUNNING, task_instance=ti)
+    event = only(bus)
+    assert ti.pulls == [{"task_ids": "answer", "key": "return_value", "map_indexes": 2}]
+    assert event.map_index == 2 and event.result is not None and event.result.value == "two"
+
+
+def test_big_result_is_published_as_a_reference(bus: Publisher) -> None:
+    tasks = make_dag("answer", result="answer")
+    hook.on_task_instance_success(
+        previous_state=State.RUNNING, task_instance=WorkerTI(tasks["answer"], xcom="x" * 500)
+    )
+    result = only(bus).result
+    assert result is not None and result.is_ref and result.value is None and result.size == 502
+    assert (result.ref.dag_id, result.ref.run_id, result.ref.task_id) == (DAG_ID, RUN_ID, "answer")
+
+
+def test_unreadable_result_still_publishes_the_success_with_a_reference(bus: Publisher) -> None:
+    tasks = make_dag("answer", result="answer")
+    ti = WorkerTI(tasks["answer"], xcom=ConnectionError("api down"))
+    hook.on_task_instance_success(previous_state=State.RUNNING, task_instance=ti)
+    event = only(bus)
+    assert event.state == "success" and event.result is not None and event.result.is_ref
+
+
+def test_other_tasks_success_reads_no_xcom(bus: Publisher) -> None:
+    tasks = make_dag("extract>answer", result="answer")
+    ti = WorkerTI(tasks["extract"], xcom="ignored")
+    hook.on_task_instance_success(previous_state=State.RUNNING, task_instance=ti)
+    assert only(bus).result is None and ti.pulls == []
+
+
+def test_failure_that_will_be_retried_is_up_for_retry(bus: Publisher) -> None:
+    tasks = make_dag("extract>answer", result="answer")
+    ti = WorkerTI(tasks["extract"], state=State.UP_FOR_RETRY)
+    hook.on_task_instance_failed(previous_state=State.RUNNING, task_instance=ti, error=ValueError("flaky"))
+    event = only(bus)
+    assert event.state == TaskState.UP_FOR_RETRY.value and not event.task_state.terminal
+    assert event.error is not None and (event.error.type, event.error.message) == ("ValueError", "flaky")
+
+
+def test_terminal_failure_is_failed_with_the_error(bus: Publisher) -> None:
+    tasks = make_dag("extract>answer", result="answer")
+    ti = WorkerTI(tasks["extract"], state=State.FAILED, try_number=3)
+    hook.on_task_instance_failed(
+        previous_state=State.RUNNING, task_instance=ti, error=KeyError("x" * 5000)
+    )
+    event = only(bus)
+    assert (event.state, event.critical, event.try_number) == ("failed", True, 3)
+    assert event.error is not None and event.error.type == "KeyError"
+    assert len(event.error.message) == 2000  # truncated
+
+
+def test_failure_off_the_result_path_is_not_critical(bus: Publisher) -> None:
+    tasks = make_dag("extract>answer", "load", result="answer")
+    ti = WorkerTI(tasks["load"], state=State.FAILED)
+    hook.on_task_instance_failed(previous_state=State.RUNNING, task_instance=ti, error=None)
+    event = only(bus)
+    assert event.state == "failed" and not event.critical
+    assert event.error is not None and event.error.type == "unknown"
+
+
+def test_marker_and_conf_make_a_task_critical(bus: Publisher) -> None:
+    tasks = make_dag("a>answer", "b", "c", result="answer")
+    setattr(tasks["b"], CRITICAL_ATTR, True)
+    conf = {CRITICAL_TASKS_CONF_KEY: ["c"]}
+    for tid in ("b", "c"):
+        ti = WorkerTI(tasks[tid], state=State.FAILED, conf=conf)
+        hook.on_task_instance_failed(previous_state=State.RUNNING, task_instance=ti, error="boom")
+    b, c = published(bus)
+    assert b.critical and c.critical
+    assert c.error is not None and (c.error.type, c.error.message) == ("error", "boom")
+
+
+def test_conf_names_the_result_task_of_a_dag_without_one(bus: Publisher) -> None:
+    tasks = make_dag("a>b", "c")
+    conf = {RESULT_TASK_CONF_KEY: "b"}
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(tasks["c"], conf=conf))
+    hook.on_task_instance_success(
+        previous_state=State.RUNNING, task_instance=WorkerTI(tasks["b"], conf=conf, xcom=[1, 2])
+    )
+    c, b = published(bus)
+    assert not c.critical and not c.result_task
+    assert b.result_task and b.result is not None and b.result.value == [1, 2]
+
+
+def test_without_a_result_task_every_failure_is_critical(bus: Publisher) -> None:
+    tasks = make_dag("a>b")
+    tasks["b"].trigger_rule = "all_done"
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(tasks["a"]))
+    assert only(bus).critical
+
+
+def test_skipped_event(bus: Publisher) -> None:
+    tasks = make_dag("a>answer", result="answer")
+    hook.on_task_instance_skipped(previous_state=State.RUNNING, task_instance=WorkerTI(tasks["a"]))
+    event = only(bus)
+    assert event.state == TaskState.SKIPPED.value and event.error is None
+
+
+# -- task events from the scheduler / api-server (ORM) --------------------------------------------
+
+
+def test_orm_failure_without_conf_cannot_claim_critical(bus: Publisher) -> None:
+    # The serialized DAG drops returns_dag_result and markers: "no result task" cannot be concluded.
+    tasks = make_dag("a>answer")
+    setattr(tasks["a"], CRITICAL_ATTR, True)
+    ti = OrmTI(tasks["a"], state=State.FAILED)
+    hook.on_task_instance_failed(previous_state=None, task_instance=ti, error="set to failed by hand")
+    event = only(bus)
+    assert event.state == "failed" and not event.critical and not event.result_task
+
+
+def test_orm_failure_with_conf_uses_the_serialized_structure(bus: Publisher) -> None:
+    tasks = make_dag("a>answer", "x")
+    conf = {RESULT_TASK_CONF_KEY: "answer", CRITICAL_TASKS_CONF_KEY: ["x"]}
+    for tid in ("a", "x"):
+        ti = OrmTI(tasks[tid], state=State.UP_FOR_RETRY, conf=conf)
+        hook.on_task_instance_failed(previous_state=State.RUNNING, task_instance=ti, error=None)
+    a, x = published(bus)
+    assert a.state == "up_for_retry" and a.critical and x.critical
+
+
+def test_orm_instance_without_a_task_degrades(bus: Publisher) -> None:
+    conf = {RESULT_TASK_CONF_KEY: "answer"}
+    hook.on_task_instance_failed(
+        previous_state=None, task_instance=OrmTI(None, task_id="answer", conf=conf), error=None
+    )
+    hook.on_task_instance_failed(
+        previous_state=None, task_instance=OrmTI(None, task_id="other", conf=conf), error=None
+    )
+    answer, other = published(bus)
+    assert answer.critical and answer.result_task and not other.critical
+
+
+def test_orm_success_of_the_result_task_reads_no_value(bus: Publisher) -> None:
+    conf = {RESULT_TASK_CONF_KEY: "answer"}
+    ti = OrmTI(make_dag("answer")["answer"], conf=conf, xcom="not read")
+    hook.on_task_instance_success(previous_state=None, task_instance=ti)
+    event = only(bus)
+    assert event.result_task and event.result is None and ti.pulls == []
+
+
+def test_orm_instance_whose_dag_run_cannot_load_still_publishes(bus: Publisher) -> None:
+    class Detached(OrmTI):
+        @property
+        def dag_run(self) -> Any:
+            raise RuntimeError("DetachedInstanceError")
+
+    hook.on_task_instance_running(previous_state=None, task_instance=Detached(make_dag("a")["a"]))
+    assert only(bus).task_id == "a"
+
+
+# -- never into Airflow -----------------------------------------------------------------------------
+
+
+def test_errors_inside_the_hook_are_swallowed_and_logged_once(bus: Publisher, caplog) -> None:
+    class Broken:
+        task = None
+
+        @property
+        def task_id(self) -> str:
+            raise RuntimeError("attribute exploded")
+
+    caplog.set_level(logging.WARNING, logger="runbell.hook")
+    for _ in range(3):
+        assert hook.on_task_instance_running(previous_state=None, task_instance=Broken()) is None
+    assert hook.on_dag_run_running(dag_run=object(), msg="x") is None
+    assert published(bus) == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "on_task_instance_running" in m]) == 1
+    assert len([m for m in messages if "on_dag_run_running" in m]) == 1
+
+
+def test_disabled_hook_publishes_nothing(redis_url: str, namespace: str, tmp_path, monkeypatch) -> None:
+    config = PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path, enabled=False)
+    publisher = Publisher(config)
+    monkeypatch.setattr(publisher_module, "_default_publisher", publisher)
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(make_dag("a")["a"]))
+    assert published(publisher) == []
+
+
+def test_unreachable_redis_costs_well_under_a_second(tmp_path, monkeypatch) -> None:
+    config = PublisherConfig(redis_url="redis://10.255.255.1:6379/0", spool_dir=tmp_path / "spool")
+    monkeypatch.setattr(publisher_module, "_default_publisher", Publisher(config))
+    started = time.monotonic()
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(make_dag("a")["a"]))
+    hook.on_task_instance_success(previous_state=None, task_instance=WorkerTI(make_dag("a")["a"]))
+    assert time.monotonic() - started < 1.0
+    assert len(list((tmp_path / "spool").iterdir())) == 2  # spooled, to be sent later
