@@ -1,0 +1,90 @@
+"""Webhook delivery: outcome published → receiver got it, and deliveries per second."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from listeners.publisher import Publisher, emit
+from service.bench.measure import percentiles
+
+
+class FastReceiver:
+    """A bare HTTP/1.1 receiver on loopback (keep-alive, 204 at once) that notes each webhook and
+    when the first one for a run arrived, so the dispatcher, not the receiver, is what gets measured.
+    While `hold` is set it answers nothing (a delivery in progress, for tests)."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, float] = {}  # run_id -> perf_counter at its first webhook
+        self.hits: list[dict[str, str]] = []  # webhook-id and run_id of every request, in order
+        self.hold = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    def stop(self) -> None:
+        self.hold.clear()
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readline():  # the request line; empty at EOF
+                headers = {}
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                run_id = json.loads(body)["data"]["run_id"]
+                self.hits.append({"id": headers.get("webhook-id", ""), "run_id": run_id})
+                self.arrivals.setdefault(run_id, time.perf_counter())
+                self.changed.set()
+                if self.hold.is_set():
+                    await asyncio.sleep(3600)
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def until(self, run_ids: set[str], timeout: float = 120.0) -> None:
+        """Until a webhook for each of these runs has arrived (others may come too: earlier runs)."""
+        async with asyncio.timeout(timeout):
+            while not run_ids <= self.arrivals.keys():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def bench_webhooks(url: str, publisher: Publisher, rounds: int, burst: int) -> dict[str, Any]:
+    """Outcome published -> webhook received, one run at a time; then a burst of outcomes, to count
+    deliveries per second to a fast local receiver."""
+    receiver = FastReceiver()
+    await receiver.start()
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        created = await client.post("/v1/webhooks", json={"url": receiver.url})
+        assert created.status_code == 201, created.text
+        latencies = []
+        for r in range(rounds):
+            run_id = f"wh-{r}-{uuid.uuid4().hex[:6]}"
+            start = time.perf_counter()
+            emit("bench", run_id, "success", task_id="answer", result_task=True, result=r, publisher=publisher)
+            await receiver.until({run_id})
+            latencies.append(receiver.arrivals[run_id] - start)
+        burst_ids = {f"burst-{r}-{uuid.uuid4().hex[:6]}" for r in range(burst)}
+        start = time.perf_counter()
+        for run_id in burst_ids:
+            emit("bench", run_id, "success", publisher=publisher)
+        await receiver.until(burst_ids)
+        seconds = max(receiver.arrivals[run_id] for run_id in burst_ids) - start
+    receiver.stop()
+    return {"latency": percentiles(latencies), "burst": burst, "burst_seconds": round(seconds, 3),
+            "deliveries_per_second": round(burst / seconds, 1)}
