@@ -204,3 +204,34 @@ async def gateway_factory(redis_url, namespace, tmp_path, redis_cleanup):
 @pytest.fixture
 async def gateway(gateway_factory):
     return await gateway_factory()
+
+
+@pytest.fixture
+def served_gateway(redis_url, namespace, tmp_path, redis_cleanup):
+    """A factory: served_gateway(auth=False, **extra_env) starts `runbell serve` in its own process on a
+    free port (tests.served.ServedGateway: stop, SIGKILL and start it again on the same port)."""
+    import os
+    import signal
+
+    from tests.served import ServedGateway
+
+    started: list[ServedGateway] = []
+
+    def start(auth: bool = False, **extra: str) -> ServedGateway:
+        env = {
+            **os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace,
+            "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}", "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
+            "RUNBELL_SHUTDOWN_GRACE": "1", "RUNBELL_SSE_RETRY_MS": "300", "RUNBELL_WEBHOOKS": "false",
+            "RUNBELL_LOG_LEVEL": "warning", "RUNBELL_TOKEN_SECRET": "served-test-secret-of-at-least-32-bytes!", **extra,
+        }
+        gateway = ServedGateway(env, free_port(), tmp_path / f"gateway-{len(started)}.log", no_auth=not auth)
+        started.append(gateway)
+        gateway.start()
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.stop(signal.SIGKILL)
+    for gateway in started:  # every start and stop, SIGKILL included, left no traceback behind
+        assert "Traceback" not in gateway.log.read_text(), gateway.log.read_text()[-4000:]

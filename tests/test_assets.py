@@ -7,7 +7,6 @@ import asyncio
 import fnmatch
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 from urllib.parse import quote

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from listeners.bus import keys
 from listeners.publisher import emit
 from service.client import parse_sse
-from tests.conftest import ADMIN_TOKEN, PUBLISH_TOKEN, READ_TOKEN
+from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 
 DAG = "etl"
 

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-import httpx
 import pytest
 
-from tests.conftest import IN_CI, free_port
+from tests.conftest import IN_CI
 
-REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = os.environ.get("RUNBELL_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RUNBELL_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -34,7 +29,6 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage", "--window-size=1360,900", "--lang=en-US",
 ]
 BROWSER_START_SECONDS = 30
-READY_SECONDS = 30
 
 
 def _missing_browser() -> Optional[str]:
@@ -118,68 +112,3 @@ def read_console(driver) -> list[dict]:
     return entries
 
 
-class ServedGateway:
-    """`runbell serve` in a subprocess on a fixed port, which can be killed and started again there."""
-
-    def __init__(self, env: dict[str, str], port: int, log: Path, no_auth: bool = True):
-        self.env, self.port, self.log, self.no_auth = env, port, log, no_auth
-        self.url = f"http://127.0.0.1:{port}"
-        self.process: Optional[subprocess.Popen] = None
-        self.starts = 0
-
-    def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        self.starts += 1
-        with open(self.log, "a") as log:
-            log.write(f"\n---- start #{self.starts}\n")
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
-                + (["--no-auth"] if self.no_auth else []),
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"runbell serve exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop(signal.SIGKILL)
-        pytest.fail(f"runbell serve was not ready within {READY_SECONDS} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout)
-
-    def restart(self, sig: int) -> None:
-        self.stop(sig)
-        self.start()
-
-
-@pytest.fixture
-def served_gateway(redis_url, namespace, tmp_path, redis_cleanup):
-    """A factory: served_gateway(auth=False, **extra_env) starts `runbell serve` on a free port."""
-    started: list[ServedGateway] = []
-
-    def start(auth: bool = False, **extra: str) -> ServedGateway:
-        env = {
-            **os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace,
-            "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}", "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
-            "RUNBELL_SHUTDOWN_GRACE": "1", "RUNBELL_SSE_RETRY_MS": "300", "RUNBELL_WEBHOOKS": "false",
-            "RUNBELL_LOG_LEVEL": "warning", "RUNBELL_TOKEN_SECRET": "browser-test-secret-of-at-least-32-bytes", **extra,
-        }
-        gateway = ServedGateway(env, free_port(), tmp_path / f"gateway-{len(started)}.log", no_auth=not auth)
-        started.append(gateway)
-        gateway.start()
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway.process is not None and gateway.process.poll() is None:
-            gateway.stop(signal.SIGKILL)
-    for gateway in started:  # every start and stop, SIGKILL included, left no traceback behind
-        assert "Traceback" not in gateway.log.read_text(), gateway.log.read_text()[-4000:]
