@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, AsyncIterator, Generator, Iterator, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Generator, Iterator, Optional, Sequence, TypeVar, Union
 from urllib.parse import quote
 
 import anyio
@@ -437,23 +437,42 @@ class SseFollow:
 
 
 class _Base:
-    def __init__(self, base_url: str, token: Optional[str], timeout: float):
-        self.base_url = base_url.rstrip("/")
+    """`base_url` is one gateway (or a load balancer), or several replicas tried in turn: a request that a
+    gateway does not answer, or answers 502/503/504, moves the client on to the next one."""
+
+    def __init__(self, base_url: Union[str, Sequence[str]], token: Optional[str], timeout: float):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("base_url: at least one gateway URL")
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self._current = 0
         self.timeout = timeout  # connect, write and pool; and the slack on a held request's read
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
+    @property
+    def base_url(self) -> str:
+        """The gateway the next request goes to."""
+        return self.base_urls[self._current]
+
     def _request(self, http: Union[httpx.Client, httpx.AsyncClient], call: Call) -> httpx.Request:
-        return http.build_request(call.method, call.path, params=call.params, json=call.json, headers=call.headers,
-                                  timeout=httpx.Timeout(self.timeout, read=self.timeout + call.hold))
+        return http.build_request(call.method, self.base_url + call.path, params=call.params, json=call.json,
+                                  headers=call.headers, timeout=httpx.Timeout(self.timeout, read=self.timeout + call.hold))
+
+    def _answered(self, request: httpx.Request, answer: Union[httpx.Response, httpx.TransportError]) -> None:
+        """After a gateway did not answer or said it is unavailable, the next request goes to the next one:
+        once, however many requests in flight saw the same gateway fail."""
+        failed = isinstance(answer, httpx.TransportError) or answer.status_code in RETRYABLE_STATUSES
+        if failed and len(self.base_urls) > 1 and str(request.url).startswith(self.base_url + "/"):
+            self._current = (self._current + 1) % len(self.base_urls)
 
 
 class RunbellClient(_Base):
     """The blocking client. Use as a context manager, or call close()."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, token: Optional[str] = None, *, timeout: float = 10.0,
-                 transport: Optional[httpx.BaseTransport] = None):
+    def __init__(self, base_url: Union[str, Sequence[str]] = DEFAULT_URL, token: Optional[str] = None, *,
+                 timeout: float = 10.0, transport: Optional[httpx.BaseTransport] = None):
         super().__init__(base_url, token, timeout)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, transport=transport)
+        self._http = httpx.Client(headers=self.headers, transport=transport)
 
     def trigger(self, dag_id: str, *, conf: Optional[dict] = None, run_id: Optional[str] = None,
                 logical_date: Union[datetime, str, None] = None, note: Optional[str] = None,
@@ -478,11 +497,13 @@ class RunbellClient(_Base):
         follow = SseFollow(dag_id, run_id, last_event_id)
         while True:
             error: Optional[Exception] = None
+            request = self._request(self._http, follow.call())
             try:
-                response = self._http.send(self._request(self._http, follow.call()), stream=True)
+                response = self._http.send(request, stream=True)
                 try:
                     if response.status_code not in (200, 204):
                         response.read()
+                        self._answered(request, response)
                     if follow.opened(response):
                         for line in response.iter_lines():
                             if (event := follow.feed(line)) is not None:
@@ -493,6 +514,7 @@ class RunbellClient(_Base):
                     response.close()
             except httpx.TransportError as exc:
                 error = exc
+                self._answered(request, exc)
             if follow.done:
                 return
             time.sleep(follow.reconnect_delay(error))
@@ -517,19 +539,21 @@ class RunbellClient(_Base):
                 time.sleep(step.seconds)
                 answer = None
                 continue
+            request = self._request(self._http, step)
             try:
-                answer = self._http.send(self._request(self._http, step))
+                answer = self._http.send(request)
             except httpx.TransportError as exc:
                 answer = exc
+            self._answered(request, answer)
 
 
 class AsyncRunbellClient(_Base):
     """The asyncio (or trio) client: the same methods, awaited. Use as an async context manager, or aclose()."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, token: Optional[str] = None, *, timeout: float = 10.0,
-                 transport: Optional[httpx.AsyncBaseTransport] = None):
+    def __init__(self, base_url: Union[str, Sequence[str]] = DEFAULT_URL, token: Optional[str] = None, *,
+                 timeout: float = 10.0, transport: Optional[httpx.AsyncBaseTransport] = None):
         super().__init__(base_url, token, timeout)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, transport=transport)
+        self._http = httpx.AsyncClient(headers=self.headers, transport=transport)
 
     async def trigger(self, dag_id: str, *, conf: Optional[dict] = None, run_id: Optional[str] = None,
                       logical_date: Union[datetime, str, None] = None, note: Optional[str] = None,
@@ -549,11 +573,13 @@ class AsyncRunbellClient(_Base):
         follow = SseFollow(dag_id, run_id, last_event_id)
         while True:
             error: Optional[Exception] = None
+            request = self._request(self._http, follow.call())
             try:
-                response = await self._http.send(self._request(self._http, follow.call()), stream=True)
+                response = await self._http.send(request, stream=True)
                 try:
                     if response.status_code not in (200, 204):
                         await response.aread()
+                        self._answered(request, response)
                     if follow.opened(response):
                         async for line in response.aiter_lines():
                             if (event := follow.feed(line)) is not None:
@@ -564,6 +590,7 @@ class AsyncRunbellClient(_Base):
                     await response.aclose()
             except httpx.TransportError as exc:
                 error = exc
+                self._answered(request, exc)
             if follow.done:
                 return
             await anyio.sleep(follow.reconnect_delay(error))
@@ -588,8 +615,10 @@ class AsyncRunbellClient(_Base):
                 await anyio.sleep(step.seconds)
                 answer = None
                 continue
+            request = self._request(self._http, step)
             try:
-                answer = await self._http.send(self._request(self._http, step))
+                answer = await self._http.send(request)
             except httpx.TransportError as exc:
                 answer = exc
+            self._answered(request, answer)
 

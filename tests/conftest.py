@@ -78,26 +78,38 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'runbell.db'}"
         return
-    if not require_server(POSTGRES_URL, "PostgreSQL"):
-        pytest.skip("PostgreSQL not reachable (off CI): the SQLite variant covers the store")
+    yield from scratch_postgres("the SQLite variant covers the store")
+
+
+@pytest.fixture
+def postgres_url():
+    """An empty PostgreSQL database of this test's own, for several gateway processes sharing one store."""
+    yield from scratch_postgres("processes sharing a store need it")
+
+
+def scratch_postgres(why_skip: str):
+    """Yields the postgresql+asyncpg:// URL of a database made on the test server, dropped afterwards
+    (off CI, without the server: the test is skipped, saying why_skip)."""
     import asyncio
 
     import asyncpg
 
+    if not require_server(POSTGRES_URL, "PostgreSQL"):
+        pytest.skip(f"PostgreSQL not reachable (off CI): {why_skip}")
     name = f"rbtest_{uuid.uuid4().hex[:12]}"
-    admin = POSTGRES_URL
 
     async def run(sql: str) -> None:
-        conn = await asyncpg.connect(admin)
+        conn = await asyncpg.connect(POSTGRES_URL)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
     asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    parsed = urlparse(POSTGRES_URL)
-    yield f"postgresql+asyncpg://{parsed.netloc}/{name}"
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield f"postgresql+asyncpg://{urlparse(POSTGRES_URL).netloc}/{name}"
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

@@ -294,6 +294,63 @@ async def test_events_refused_for_good_raise_the_error(connect):
     assert refused.value.code == "token_scope"
 
 
+# -- several gateways: the next one when one does not answer ----------------------------------------
+
+
+async def test_requests_move_to_the_next_gateway_when_one_does_not_answer(connect):
+    hosts: list[str] = []
+
+    def gateways(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "gw1":
+            raise httpx.ConnectError("connection refused")  # killed
+        if request.url.host == "gw2":
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": "unavailable", "message": "draining"})
+        return decided(request.url.path.split("/")[-2], token=False)
+
+    caller = connect(["http://gw1", "http://gw2/", "http://gw3"], transport=httpx.MockTransport(gateways))
+    assert (await caller.call("wait", DAG, "r1", timeout=5)).result == {"answer": 42}
+    assert (await caller.call("wait", DAG, "r2", timeout=5)).run_id == "r2"
+    assert hosts == ["gw1", "gw2", "gw3", "gw3"]  # and it stays with the one that answers
+
+
+async def test_requests_failing_together_move_on_once():
+    """Many requests in flight to a gateway that dies move the client on once, not once each."""
+    hosts: list[str] = []
+    gate = asyncio.Event()
+
+    async def gateways(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "gw1":
+            await gate.wait()
+            raise httpx.RemoteProtocolError("peer closed connection")
+        return decided(request.url.path.split("/")[-2], token=False)
+
+    async with AsyncRunbellClient(["http://gw1", "http://gw2"], transport=httpx.MockTransport(gateways)) as client:
+        waits = [asyncio.create_task(client.wait(DAG, f"r{i}", timeout=5)) for i in range(4)]
+        await until(lambda: len(hosts) == 4)
+        gate.set()
+        assert [outcome.run_id for outcome in await asyncio.gather(*waits)] == ["r0", "r1", "r2", "r3"]
+    assert hosts == ["gw1"] * 4 + ["gw2"] * 4
+
+
+async def test_events_move_to_the_next_gateway_when_one_dies(connect):
+    resumed: list[tuple[str, Union[str, None]]] = []
+
+    def gateways(request: httpx.Request) -> httpx.Response:
+        resumed.append((request.url.host, request.headers.get("last-event-id")))
+        if len(resumed) == 1:
+            return stream(": runbell\nretry: 10\n\n", sse("run", 1), sse("task", 2))  # then the process died
+        if request.url.host == "gw1":
+            raise httpx.ConnectError("connection refused")
+        return stream(sse("task", 2), sse("outcome", 2, {"status": "success"}), sse("run", 3), sse("end", 3))
+
+    seen: list[SseEvent] = []
+    await connect(["http://gw1", "http://gw2"], transport=httpx.MockTransport(gateways)).follow(DAG, "s4", seen)
+    assert pairs(seen) == [("run", "1"), ("task", "2"), ("outcome", "2"), ("run", "3"), ("end", "3")]
+    assert resumed == [("gw1", None), ("gw1", "1"), ("gw2", "1")]
+
+
 # -- trigger: a stand-in for POST /v1/dags/{dag_id}/runs ----------------------------------------------
 
 EXPIRES = "2030-01-01T00:00:00+00:00"
