@@ -223,25 +223,19 @@ def envelope_json(seq: int, event_json: str) -> str:
 
 def decode_envelope(raw: bytes | str) -> Envelope:
     """Parse and validate one envelope; raise BadEvent saying why it is not one."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadEvent("json", str(exc)[:200]) from None
-    if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
-        raise BadEvent("shape", "expected an object with 'seq' and 'event'")
-    version = data["event"].get("v")
-    if version != SCHEMA_VERSION:
-        raise BadEvent("version", f"unknown event version {version!r}")
-    try:
-        return Envelope.model_validate(data)
-    except ValidationError as exc:
-        raise BadEvent("schema", str(exc.errors(include_url=False)[:3])[:300]) from None
+    return _validated(Envelope, _envelope_data(raw))
 
 
 def decode_asset_envelope(raw: bytes | str) -> AssetEnvelope:
     """Parse and validate one asset envelope; raise BadEvent saying why it is not one."""
+    return _validated(AssetEnvelope, _envelope_data(raw))
+
+
+def _envelope_data(raw: bytes | str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
+    except RecursionError:  # not a ValueError: it would escape every reader of the bus
+        raise BadEvent("depth", "nested deeper than JSON can be read") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadEvent("json", str(exc)[:200]) from None
     if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
@@ -249,10 +243,24 @@ def decode_asset_envelope(raw: bytes | str) -> AssetEnvelope:
     version = data["event"].get("v")
     if version != SCHEMA_VERSION:
         raise BadEvent("version", f"unknown event version {version!r}")
+    return data
+
+
+def _validated(model: type[Envelope] | type[AssetEnvelope], data: dict[str, Any]) -> Any:
     try:
-        return AssetEnvelope.model_validate(data)
+        envelope = model.model_validate(data)
     except ValidationError as exc:
         raise BadEvent("schema", str(exc.errors(include_url=False)[:3])[:300]) from None
+    event = envelope.event
+    free_form = event.extra if isinstance(event, AssetEvent) else event.result
+    if free_form is not None:
+        # A value nested deeper than pydantic encodes (no publisher can have sent it: it encodes
+        # before it publishes) would fail later wherever the event is encoded: the store, SSE, a 200.
+        try:
+            event.to_json()
+        except ValueError as exc:
+            raise BadEvent("depth", str(exc)[:200]) from None
+    return envelope
 
 
 def parse_event_json(text: str | bytes) -> AnyEvent:
