@@ -436,10 +436,19 @@ class Hub:
         except BadEvent as exc:
             count_bad_event(self.metrics, self._logged, exc)
             return
+        if self._channel_of(envelope) != name:  # another run's or asset's event, misread as this one's if let in
+            count_bad_event(self.metrics, self._logged, BadEvent("channel", f"an event of another stream on {name}"))
+            return
         self.metrics.events_in.inc()
         self.metrics.delivery_latency.observe(max(0.0, time.time() - envelope.event.ts))
         for sub in list(subs):
             sub.offer(envelope)
+
+    def _channel_of(self, envelope: Envelope | AssetEnvelope) -> str:
+        """The channel the envelope's own run or asset publishes on."""
+        if isinstance(envelope, AssetEnvelope):
+            return keys.asset_keys(self.namespace, envelope.event.asset.name).channel
+        return keys.run_keys(self.namespace, envelope.event.dag_id, envelope.event.run_id).channel
 
     def _broadcast(self, signal: Signal) -> None:
         for subs in list(self.subscribers.values()):
