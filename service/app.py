@@ -151,7 +151,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(reconciler.run(), name="runbell-reconciler"))
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
-        recorder = Recorder(recorder_client, state.store, settings.namespace, consumer)
+        recorder = Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics)
         tasks.append(asyncio.create_task(recorder.run(), name="runbell-recorder"))
     state.dispatcher = None
     if settings.webhooks:

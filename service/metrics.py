@@ -22,6 +22,10 @@ class Metrics:
         self.decode_errors = Counter(
             "runbell_decode_errors_total", "Messages dropped as not valid events", ["reason"], registry=r
         )
+        self.recorder_skipped = Counter(
+            "runbell_recorder_skipped_total", "Global stream entries acknowledged unrecorded as not valid events",
+            ["reason"], registry=r,
+        )
         self.delivery_latency = Histogram(
             "runbell_delivery_latency_seconds",
             "Event timestamp (publisher clock) to hand-off to local subscribers",

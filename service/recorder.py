@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from listeners.bus import keys
 from listeners.bus.schema import BadEvent, Envelope, decode_envelope
+from service.metrics import Metrics
 from service.store import RunKey, Store
 
 log = logging.getLogger("runbell.recorder")
@@ -60,6 +61,7 @@ class Recorder:
         count: int = COUNT,
         claim_idle_ms: int = CLAIM_IDLE_MS,
         claim_interval: float = CLAIM_INTERVAL_SECONDS,
+        metrics: Optional[Metrics] = None,
     ):
         self.redis = redis
         self.store = store
@@ -72,6 +74,7 @@ class Recorder:
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval = claim_interval
         self.decode_errors: Counter[str] = Counter()  # malformed entries skipped, by reason
+        self.metrics = metrics  # runbell_recorder_skipped_total counts them too
         self._group_ready = False
         self._own_pending_done = False  # re-read after start and after every failed step
         self._claim_cursor = "0-0"
@@ -178,6 +181,8 @@ class Recorder:
 
     def _bad(self, reason: str, detail: str) -> None:
         self.decode_errors[reason] += 1
+        if self.metrics is not None:
+            self.metrics.recorder_skipped.labels(reason).inc()
         if self.decode_errors[reason] == 1:
             log.warning("recorder: skipping malformed entries (%s), first: %s", reason, detail[:300])
 
