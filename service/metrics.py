@@ -34,7 +34,9 @@ class Metrics:
         )
         self.overflows = Counter("runbell_subscriber_overflows_total", "Subscribers cut off as too slow", registry=r)
         self.resubscribes = Counter("runbell_resubscribes_total", "Pub/sub (re)subscriptions", registry=r)
-        self.rejected = Counter("runbell_rejected_total", "Requests refused at the subscriber cap", registry=r)
+        self.rejected = Counter(
+            "runbell_rejected_total", "Requests refused at the subscriber cap, or beyond the in-flight limit", registry=r
+        )
         self.outcomes = Counter("runbell_outcomes_total", "Outcomes answered", ["status", "via"], registry=r)
         self.webhook_deliveries = Counter(
             "runbell_webhook_deliveries_total",

@@ -1,12 +1,18 @@
-"""Running the app under uvicorn so that SIGTERM drains clients instead of cutting them off."""
+"""Running the app under uvicorn so that SIGTERM drains clients instead of cutting them off, and so
+that connections which send nothing, or stop reading, cannot hold the server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from typing import Any, Optional
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from service.errors import error_response
 from service.settings import Settings
 
 
@@ -26,16 +32,92 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol with two bounds it lacks:
+
+    - a header timeout: a connection must send a whole request's headers within ``header_timeout``
+      of connecting (or of its previous response), else it is closed. uvicorn times out only idle
+      keep-alive connections, so one that sends nothing, or half a request line, was held for ever;
+    - ``TCP_USER_TIMEOUT`` (Linux): data the client leaves unacknowledged (it stopped reading) for
+      ``unacked_timeout`` makes the kernel drop the connection. The gateway ends a too-slow SSE
+      stream itself (send timeout), but closing a socket whose buffers are full only waits for
+      them to drain: without this, a client that never reads kept megabytes buffered for ever.
+    """
+
+    header_timeout: float = 10.0
+    unacked_timeout: float = 20.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.unacked_timeout * 1000))
+        self._header_timer: Optional[asyncio.TimerHandle] = None
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()  # the next request's headers are bound by it too
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        # No request being served (none yet, or the last one answered): its headers did not come.
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def guarded_http(settings: Settings) -> type[asyncio.Protocol]:
+    return type("GuardedHttp", (GuardedHttp,), {
+        "header_timeout": settings.header_timeout, "unacked_timeout": settings.unacked_timeout})
+
+
+class InFlightLimit:
+    """At most ``limit`` HTTP requests served at once; beyond it a JSON 503 with Retry-After.
+
+    Instead of uvicorn's limit_concurrency, which also counts connections that have sent no request
+    yet: a flood of such connections made it answer every real request with a plain-text 503."""
+
+    def __init__(self, app: Starlette, limit: int):
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            self.app.state.metrics.rejected.inc()
+            response = error_response(503, "unavailable", "too many requests in flight on this process",
+                                      headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def serve(app: Starlette, settings: Settings) -> None:
     config = uvicorn.Config(
-        app,
+        InFlightLimit(app, settings.max_subscribers + 1000),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 1,
         proxy_headers=False,
         server_header=False,
-        limit_concurrency=settings.max_subscribers + 1000,  # beyond this uvicorn answers 503 itself
+        http=guarded_http(settings),
         timeout_keep_alive=5,
     )
     DrainingServer(config, app).run()

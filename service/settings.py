@@ -42,6 +42,7 @@ class Settings(BaseModel):
     subscriber_buffer: int = Field(default=1000, ge=1)
     max_subscribers: int = Field(default=20_000, ge=1)
     send_timeout: float = Field(default=10.0, gt=0)
+    header_timeout: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=5.0, ge=0)
     recorder: bool = True
     webhooks: bool = True
@@ -71,6 +72,12 @@ class Settings(BaseModel):
 
         TargetPolicy.from_setting(value)  # ValueError names the bad entry
         return value
+
+    @property
+    def unacked_timeout(self) -> float:
+        """Seconds sent data may stay unacknowledged (a client that stopped reading) before the kernel
+        drops the connection: twice send_timeout, so that the gateway's own cut comes first."""
+        return 2 * self.send_timeout
 
     def check(self) -> None:
         """Refuse settings that would be unsafe: auth off on a non-loopback address, or no tokens."""
@@ -115,6 +122,8 @@ SETTINGS_DOC: list[tuple[str, str]] = [
     ("subscriber_buffer", "events buffered per waiter or SSE client before it is cut off (default 1000)"),
     ("max_subscribers", "concurrent waiters plus SSE clients per process; more get 503 (default 20000)"),
     ("send_timeout", "seconds an SSE write may take before the client is dropped (default 10)"),
+    ("header_timeout", "seconds a connection may take to send a request's headers, from connecting or from its "
+     "previous response, before it is closed (default 10)"),
     ("shutdown_grace", "seconds given to clients to leave on SIGTERM (default 5)"),
     ("recorder", "run the recorder (global stream -> store) in this process (default true)"),
     ("webhooks", "run the webhook dispatcher (outbox -> receivers) in this process (default true)"),
