@@ -18,7 +18,7 @@ from typing import AsyncIterator, Optional
 
 import anyio
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -31,6 +31,7 @@ from service.routes import (
     BACKLOG_READ_SECONDS,
     LAST_EVENT_ID_PARAM,
     PENDING_RETRY_AFTER,
+    EventStream,
     farewell,
     hub_with_room,
     parse_last_event_id,
@@ -129,14 +130,7 @@ async def asset_events(request: Request) -> Response:
     authorize(request, Role.READ, query_token=True)
     last_id = parse_asset_last_event_id(request)
     hub = hub_with_room(request)
-    settings = request.app.state.settings
-    return EventSourceResponse(
-        asset_sse_stream(request, hub, name, last_id),
-        ping=settings.heartbeat_seconds,
-        send_timeout=settings.send_timeout,
-        shutdown_grace_period=settings.shutdown_grace,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(request, asset_sse_stream(request, hub, name, last_id))
 
 
 async def asset_sse_stream(request: Request, hub: Hub, name: str, last_id: Optional[int]) -> AsyncIterator[ServerSentEvent]:

@@ -36,7 +36,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -44,7 +44,7 @@ from service.auth import Role, authorize
 from service.errors import ApiError
 from service.hub import Hub, Signal, SubscriptionClosed
 from service.outcome import OutcomeFold
-from service.routes import farewell, hub_with_room
+from service.routes import EventStream, farewell, hub_with_room
 from service.settings import Settings
 from service.store import Store, UTCDateTime, normalize_database_url
 
@@ -232,14 +232,7 @@ async def backfill_events(request: Request) -> Response:
             return Response(status_code=204)  # it already ended for this client: EventSource stops
     if hub.count + len(tracker.live()) > hub.max_subscribers:
         raise ApiError(503, "unavailable", "too many waiters and streams on this process", headers={"Retry-After": "1"})
-    settings = request.app.state.settings
-    return EventSourceResponse(
-        backfill_stream(request, hub, source, backfill, tracker),
-        ping=settings.heartbeat_seconds,
-        send_timeout=settings.send_timeout,
-        shutdown_grace_period=settings.shutdown_grace,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(request, backfill_stream(request, hub, source, backfill, tracker))
 
 
 async def find_backfill(request: Request) -> tuple[AirflowMetadata, Backfill]:

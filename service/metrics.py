@@ -33,6 +33,10 @@ class Metrics:
             registry=r,
         )
         self.overflows = Counter("runbell_subscriber_overflows_total", "Subscribers cut off as too slow", registry=r)
+        self.sse_send_timeouts = Counter(
+            "runbell_sse_send_timeouts_total", "SSE clients dropped as a write took longer than the send timeout",
+            registry=r,
+        )
         self.resubscribes = Counter("runbell_resubscribes_total", "Pub/sub (re)subscriptions", registry=r)
         self.rejected = Counter(
             "runbell_rejected_total", "Requests refused at the subscriber cap, or beyond the in-flight limit", registry=r

@@ -11,6 +11,7 @@ import anyio
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -125,14 +126,36 @@ async def run_events(request: Request) -> Response:
         raise run_not_found(dag_id, run_id)  # EventSource stops on a 404
     if last_id > 0 and await stream_already_ended(hub, dag_id, run_id, last_id):
         return Response(status_code=204)  # EventSource stops reconnecting on 204
-    settings = request.app.state.settings
-    return EventSourceResponse(
-        sse_stream(request, hub, dag_id, run_id, last_id),
-        ping=settings.heartbeat_seconds,
-        send_timeout=settings.send_timeout,
-        shutdown_grace_period=settings.shutdown_grace,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(request, sse_stream(request, hub, dag_id, run_id, last_id))
+
+
+class EventStream(EventSourceResponse):
+    """A Server-Sent Events response with the gateway's settings (heartbeat, send timeout, grace).
+
+    A client that does not take a write within send_timeout is dropped, as sse-starlette does, but
+    counted (runbell_sse_send_timeouts_total) rather than raised to uvicorn as an application error
+    with its traceback: the stream's subscription is already released; what is left is to wait,
+    briefly, for the connection to go (the kernel drops it, see service.server.GuardedHttp)."""
+
+    def __init__(self, request: Request, stream: AsyncIterator[ServerSentEvent]):
+        settings = request.app.state.settings
+        super().__init__(
+            stream,
+            ping=settings.heartbeat_seconds,
+            send_timeout=settings.send_timeout,
+            shutdown_grace_period=settings.shutdown_grace,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.metrics, self.linger = request.app.state.metrics, settings.unacked_timeout + 1
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            self.metrics.sse_send_timeouts.inc()
+            with anyio.move_on_after(self.linger):  # else uvicorn closes it, saying the response is incomplete
+                while (await receive())["type"] != "http.disconnect":
+                    pass
 
 
 async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: int) -> AsyncIterator[ServerSentEvent]:
