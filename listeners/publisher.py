@@ -2,16 +2,20 @@
 
 Every publish is bounded (connect and command timeouts well under a second, no retries), never
 raises, and spools to a local file when Redis cannot be reached. The next successful publish on the
-host sends the spooled events first, in order, so nothing is lost and nothing overtakes.
+host sends the spooled events first, in order, so nothing is lost and nothing overtakes; until then a
+background thread of the process that spooled tries every few seconds, so that a run's last events
+reach Redis when it returns even if nothing else is published.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
+import weakref
 from importlib import resources
 from typing import Any, Optional
 
@@ -42,6 +46,7 @@ PUBLISH_LUA = resources.files("listeners.bus").joinpath("publish.lua").read_text
 BREAKER_SECONDS = 2.0  # after a failure, spool straight away for this long instead of reconnecting
 FLUSH_BUDGET_SECONDS = 0.5  # how long one publish may spend sending spooled events
 FLUSH_BATCH = 200
+RETRY_SPOOL_SECONDS = BREAKER_SECONDS  # while events are spooled, a background thread tries to send them this often
 ASSET_WINDOW = 10_000  # an asset's replay log keeps this many events (publish.lua's window)
 
 
@@ -54,6 +59,9 @@ class Publisher:
         self._broken_until = 0.0
         self._lock = threading.Lock()
         self._logged: set[str] = set()
+        self._flusher: Optional[threading.Thread] = None
+        self._flusher_lock = threading.Lock()
+        _publishers.add(self)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -204,6 +212,27 @@ class Publisher:
             self.spool.append(event_json)
         except OSError as exc:
             self._log_once("spool-io", "runbell: cannot spool event (%s); it is lost", exc)
+            return
+        self._keep_flushing()
+
+    def _keep_flushing(self) -> None:
+        """Have a thread send the spool once Redis is back, whether or not anything else is published."""
+        with self._flusher_lock:
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(target=self._flush_until_empty, name="runbell-spool", daemon=True)
+                self._flusher.start()
+
+    def _flush_until_empty(self) -> None:
+        while True:
+            time.sleep(max(RETRY_SPOOL_SECONDS, self._broken_until - time.monotonic()))
+            try:
+                self.flush()
+            except Exception as exc:  # the thread must not die with the spool still full
+                self._log_once("flusher", "runbell: spool flush failed: %r", exc)
+            with self._flusher_lock:  # an event spooled after this look starts a new thread
+                if not self.spool.pending():
+                    self._flusher = None
+                    return
 
     def _log_once(self, kind: str, msg: str, *args: Any) -> None:
         if kind not in self._logged:
@@ -240,6 +269,18 @@ def make_result(
         return Result(ref=ref, size=size)
     return Result(value=json.loads(encoded), size=size)
 
+
+_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (Airflow forks its workers and tasks) has none of the parent's threads: a lock
+    one of them held would never be released, and the spool's thread must be started anew."""
+    for publisher in list(_publishers):
+        publisher._lock, publisher._flusher_lock, publisher._flusher = threading.Lock(), threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _MISSING = object()
 _default_publisher: Optional[Publisher] = None

@@ -8,6 +8,7 @@ object whose task carries the parsed DAG) and the ORM TaskInstance of the schedu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -373,3 +374,34 @@ def test_unreachable_redis_costs_well_under_a_second(tmp_path, monkeypatch) -> N
     hook.on_task_instance_success(previous_state=None, task_instance=WorkerTI(make_dag("a")["a"]))
     assert time.monotonic() - started < 1.0
     assert len(list((tmp_path / "spool").iterdir())) == 2  # spooled, to be sent later
+
+
+def test_spooled_events_go_out_by_themselves_once_redis_answers(bus: Publisher, monkeypatch) -> None:
+    """A run's last events, spooled while Redis was away, must not wait for a next publish that may never come."""
+    monkeypatch.setattr(publisher_module, "RETRY_SPOOL_SECONDS", 0.05)
+    bus._broken_until = time.monotonic() + 0.2  # a publish has just failed: the next ones spool
+    assert publisher_module.emit(DAG_ID, RUN_ID, "running", publisher=bus) is None
+    assert publisher_module.emit(DAG_ID, RUN_ID, "success", publisher=bus) is None
+    deadline = time.monotonic() + 10
+    while bus.spool.pending():  # nothing else is published: the spool's own thread sends it
+        assert time.monotonic() < deadline, "the spool was not flushed"
+        time.sleep(0.02)
+    assert [event.state for event in published(bus)] == ["running", "success"]
+
+
+def test_a_forked_process_publishes_although_a_thread_of_its_parent_held_the_lock(bus: Publisher) -> None:
+    """Airflow forks workers and tasks from processes that publish; the spool's thread may hold the
+    publisher's lock at that moment, and a child must not wait on it for ever."""
+    with bus._lock:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 when its publish went through
+            os._exit(0 if publisher_module.emit(DAG_ID, RUN_ID, "running", publisher=bus) == 1 else 1)
+    deadline = time.monotonic() + 20
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked process hung on its parent's lock")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status[1]) == 0
+    assert [event.state for event in published(bus)] == ["running"]
