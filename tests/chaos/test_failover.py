@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import signal
 import time
 from dataclasses import dataclass, field
@@ -180,9 +181,9 @@ async def holds(http: httpx.AsyncClient, url: str, count: int) -> bool:
 
 
 async def until(predicate, what: str, timeout: float = CALLERS_SETTLE_SECONDS) -> None:
-    """Poll an async condition of the system under test, bounded."""
+    """Poll a condition of the system under test (a function, or an async one), bounded."""
     deadline = time.monotonic() + timeout
-    while not await predicate():
+    while not (await held if inspect.isawaitable(held := predicate()) else held):
         assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
         await asyncio.sleep(0.05)
 
