@@ -233,7 +233,8 @@ async def publish_event(request: Request) -> Response:
         body = await request.body()
         event = Event.model_validate_json(body)
     except ValidationError as exc:
-        raise ApiError(422, "bad_event", "the body is not a valid event", accepted=exc.errors(include_url=False, include_context=False)) from None
+        raise ApiError(422, "bad_event", "the body is not a valid event",
+                       accepted=exc.errors(include_url=False, include_context=False, include_input=False)) from None
     publisher = request.app.state.publisher
     seq = await asyncio.to_thread(publisher.publish, event)
     if seq is None:
