@@ -55,19 +55,37 @@ async def raw_get(host: str, port: int, path: str) -> tuple[asyncio.StreamReader
     return reader, writer
 
 
-async def await_outcome_long_poll(host: str, port: int, run_id: str) -> None:
-    reader, writer = await raw_get(host, port, f"/v1/dags/bench/runs/{run_id}/result?timeout=30")
+async def read_content_length(reader: asyncio.StreamReader) -> int:
+    """Read a response's headers up to the blank line; its Content-Length (0 without one)."""
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return length
+
+
+async def await_outcome_long_poll(host: str, port: int, run_id: str, dag_id: str = "bench", timeout: int = 30) -> bytes:
+    """The outcome's JSON body, read by Content-Length as soon as it is there."""
+    reader, writer = await raw_get(host, port, f"/v1/dags/{dag_id}/runs/{run_id}/result?timeout={timeout}")
     status = await reader.readline()
     assert b" 200 " in status, status
-    await reader.read()  # Connection: close: the body ends with the connection
+    body = await reader.readexactly(await read_content_length(reader))
     writer.close()
+    return body
 
 
-async def await_outcome_sse(host: str, port: int, run_id: str) -> None:
-    reader, writer = await raw_get(host, port, f"/v1/dags/bench/runs/{run_id}/events")
+async def await_outcome_sse(host: str, port: int, run_id: str, dag_id: str = "bench") -> bytes:
+    """The outcome event's data, read as soon as its event ends."""
+    reader, writer = await raw_get(host, port, f"/v1/dags/{dag_id}/runs/{run_id}/events")
     while (line := await reader.readline()) and not line.startswith(b"event: outcome"):
         pass
+    data = b""
+    while (line := await reader.readline()).strip():
+        if line.startswith(b"data:"):
+            data += line[5:].strip()
     writer.close()
+    return data
 
 
 class KeepAliveClient:
@@ -86,12 +104,7 @@ class KeepAliveClient:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
         await self.writer.drain()
         status = int((await self.reader.readline()).split()[1])
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
+        return status, await self.reader.readexactly(await read_content_length(self.reader))
 
     def close(self) -> None:
         if self.writer is not None:
