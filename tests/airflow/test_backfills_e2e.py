@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from service.bench import free_port, start_gateway
+from service.bench import free_port, standalone, start_gateway
 from service.client import SseParser
 
 pytestmark = pytest.mark.airflow
@@ -26,7 +26,6 @@ pytestmark = pytest.mark.airflow
 DAG_ID = "rb_backfill"
 DAYS = [f"2025-01-0{d}" for d in range(1, 6)]
 RUN_TIMEOUT = 120.0
-DEFAULT_VENV = Path.home() / ".cache" / "runbell" / "airflow-3.3.2"  # as tests/airflow/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def gateway(airflow: Any) -> Iterator[str]:
 def airflow_cli(airflow: Any, *args: str) -> subprocess.CompletedProcess:
     """The `airflow` command of the harness's virtualenv, on the harness's AIRFLOW_HOME (its
     airflow.cfg points at the same SQLite database as the running standalone)."""
-    venv = Path(os.environ.get("RUNBELL_AIRFLOW_VENV") or DEFAULT_VENV)
+    venv = standalone.airflow_venv()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTHON", "RUNBELL", "VIRTUAL_ENV"))}
     env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", AIRFLOW_HOME=str(airflow.home),
                AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(airflow.home / "dags"),

@@ -1,0 +1,311 @@
+"""A real Airflow 3.3.2 (`airflow standalone`, SQLite, LocalExecutor) on loopback, for the Airflow
+bench and the end-to-end tests (tests/airflow/conftest.py), which both start it from here.
+
+It runs from the virtualenv at $RUNBELL_AIRFLOW_VENV (default ~/.cache/runbell/airflow-3.3.2; tests/run
+creates it) with this repo's hook installed there as a package (the `airflow.plugins` entry point; the
+plugins folder stays empty), publishing to the given Redis under the given namespace. The settings are
+the ones /work/shared/airflow-notes.md found to work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.error import HTTPError
+from urllib.parse import quote
+from urllib.request import Request, urlopen
+
+import listeners
+from service.bench.measure import free_port
+
+DEFAULT_VENV = Path.home() / ".cache" / "runbell" / "airflow-3.3.2"
+START_TIMEOUT = 120.0  # standalone is ready in ~11 s; a cold first start migrates the database too
+HTTP_TIMEOUT = 30.0  # a bound against hangs; a loaded api-server on SQLite can stall for seconds
+
+
+class AirflowError(RuntimeError):
+    """The Airflow could not be started or used (a stale hook, a crashed or unready standalone)."""
+
+
+class AirflowUnavailable(AirflowError):
+    """There is no Airflow virtualenv to start one from."""
+
+
+def airflow_venv() -> Path:
+    """The Airflow virtualenv: $RUNBELL_AIRFLOW_VENV, else the one tests/run creates."""
+    venv = Path(os.environ.get("RUNBELL_AIRFLOW_VENV") or DEFAULT_VENV)
+    if not (venv / "bin" / "airflow").is_file():
+        raise AirflowUnavailable(
+            f"no Airflow virtualenv at {venv}: run tests/run (it creates one with Airflow 3.3.2 and the hook), "
+            "or point RUNBELL_AIRFLOW_VENV at a virtualenv with apache-airflow and runbell installed"
+        )
+    return venv
+
+
+def check_hook_installed(venv: Path) -> None:
+    """The hook in the Airflow virtualenv must be the installed package and match the `listeners`
+    this process imports (in a checkout: this tree)."""
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import listeners; print(listeners.__path__[0])"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    source = Path(listeners.__path__[0])
+    checkout = source.parent if (source.parent / "pyproject.toml").is_file() else None
+    fix = f"run tests/run, or: {venv}/bin/pip install --no-deps --force-reinstall {checkout or 'runbell'}"
+    if probe.returncode != 0:
+        raise AirflowError(f"runbell is not installed in {venv} ({probe.stderr.strip()[-300:]}); {fix}")
+    installed = Path(probe.stdout.strip())
+    stale = [
+        str(src.relative_to(source))
+        for src in source.rglob("*")
+        if src.suffix in (".py", ".lua") and _digest(src) != _digest(installed / src.relative_to(source))
+    ]
+    if stale:
+        raise AirflowError(f"the runbell hook in {venv} does not match {source} ({', '.join(stale)}); {fix}")
+
+
+def _digest(path: Path) -> Optional[str]:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def run_path(dag_id: str, run_id: str) -> str:
+    return f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}"
+
+
+def parse_time(value: str) -> float:
+    """An Airflow REST timestamp (ISO 8601, UTC) as seconds since the epoch, like time.time()."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class WaitLine:
+    at: float  # time.time() when the line arrived
+    data: dict[str, Any]
+
+
+@dataclass
+class Airflow:
+    """A running standalone's REST API (all admins: no token needed)."""
+
+    base_url: str
+    namespace: str
+    redis_url: str
+    home: Path
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = Request(self.base_url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        with urlopen(req, timeout=HTTP_TIMEOUT) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def unpause(self, dag_id: str, timeout: float = 60.0) -> None:
+        """Unpause a DAG, waiting (bounded) until the dag-processor has parsed it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+                return
+            except HTTPError as exc:
+                if exc.code != 404 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
+
+    def trigger(self, dag_id: str, conf: Optional[dict[str, Any]] = None, run_id: Optional[str] = None) -> str:
+        """Trigger with a run id of ours, so that a 500 (Airflow's SQLite briefly locked under load)
+        can be retried safely: a 409 on the retry means the first attempt did create the run."""
+        run_id = run_id or f"e2e__{uuid.uuid4().hex[:12]}"
+        body: dict[str, Any] = {"logical_date": None, "conf": conf or {}, "dag_run_id": run_id}
+        for attempt in range(3):
+            try:
+                self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)
+                return run_id
+            except HTTPError as exc:
+                if exc.code == 409 and attempt > 0:
+                    return run_id
+                if exc.code < 500 or attempt == 2:
+                    raise
+                time.sleep(0.5)
+        return run_id
+
+    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return self.request("GET", f"{run_path(dag_id, run_id)}/taskInstances/{quote(task_id, safe='')}")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, Optional[str]]:
+        """task_id -> state of every (unmapped) task instance of the run (Airflow pages by 100)."""
+        states: dict[str, Optional[str]] = {}
+        while True:
+            page = self.request("GET", f"{run_path(dag_id, run_id)}/taskInstances?limit=100&offset={len(states)}")
+            states.update((ti["task_id"], ti["state"]) for ti in page["task_instances"])
+            if not page["task_instances"] or len(states) >= page["total_entries"]:
+                return states
+
+    def wait_endpoint(
+        self,
+        dag_id: str,
+        run_id: str,
+        interval: float = 1,
+        result: Optional[list[str]] = None,
+        timeout: float = 120.0,
+    ) -> list[WaitLine]:
+        """Read Airflow's own /wait stream to its end; each line with the time it arrived."""
+        query = f"interval={interval}" + "".join(f"&result={t}" for t in result or [])
+        url = f"{self.base_url}{run_path(dag_id, run_id)}/wait?{query}"
+        lines: list[WaitLine] = []
+        deadline = time.monotonic() + timeout
+        # The per-read socket timeout bounds each line (generous: a loaded api-server on SQLite can
+        # stall for seconds); the deadline bounds the whole stream.
+        with urlopen(Request(url), timeout=max(30.0, 3 * interval)) as resp:
+            for raw in resp:
+                if raw.strip():
+                    lines.append(WaitLine(time.time(), json.loads(raw)))
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"/wait of {dag_id}/{run_id} still streaming after {timeout} s")
+        return lines
+
+
+@dataclass
+class Standalone:
+    """What `standalone` started: the API, and how long the start and the stop took."""
+
+    airflow: Airflow
+    log_path: Path
+    ready_seconds: float
+    stopped_seconds: Optional[float] = None
+
+
+@contextmanager
+def standalone(
+    workdir: Path,
+    dags: list[Path],
+    redis_url: str,
+    namespace: str,
+    extra_env: Optional[dict[str, str]] = None,
+) -> Iterator[Standalone]:
+    """Start `airflow standalone` in `workdir` with the DAG files `dags` (files, or folders whose
+    contents are copied), stop its whole process group on the way out."""
+    venv = airflow_venv()
+    check_hook_installed(venv)
+    home = workdir / "home"
+    (home / "plugins").mkdir(parents=True)
+    (home / "dags").mkdir()
+    for source in dags:
+        if source.is_dir():
+            shutil.copytree(source, home / "dags", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, home / "dags" / source.name)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = workdir / "standalone.log"
+    env = {**airflow_env(venv, home, port, namespace, redis_url), **(extra_env or {})}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "airflow"), "standalone"],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, stopped as one at the end
+        )
+    started = Standalone(Airflow(base_url, namespace, redis_url, home), log_path, 0.0)
+    try:
+        began = time.monotonic()
+        _wait_ready(base_url, proc, log_path)
+        started.ready_seconds = time.monotonic() - began
+        yield started
+    finally:
+        started.stopped_seconds = _stop(proc)
+
+
+def airflow_env(venv: Path, home: Path, port: int, namespace: str, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTHON", "RUNBELL"))}
+    env.pop("VIRTUAL_ENV", None)
+    base = f"http://127.0.0.1:{port}"
+    env.update(
+        PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(home / "plugins"),  # empty: the hook comes by entry point
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__BASE_URL=base,
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{base}/execution/",
+        AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR="True",
+        AIRFLOW__CORE__PARALLELISM="4",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        # Own log-server ports, so that two instances on one machine do not collide on 8793/8794.
+        AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+        AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
+        RUNBELL_REDIS_URL=redis_url,
+        RUNBELL_NAMESPACE=namespace,
+    )
+    return env
+
+
+def _wait_ready(base_url: str, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AirflowError(f"airflow standalone exited ({proc.returncode}):\n{_tail(log_path)}")
+        try:
+            with urlopen(f"{base_url}/api/v2/monitor/health", timeout=2) as resp:
+                health = json.loads(resp.read())
+            if all(
+                (health.get(part) or {}).get("status") == "healthy"
+                for part in ("metadatabase", "scheduler", "dag_processor")
+            ):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AirflowError(f"airflow standalone not ready after {START_TIMEOUT} s:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen) -> float:
+    """SIGTERM the whole process group (standalone, its components, task processes), wait until
+    every member is gone, SIGKILL what is left after the grace time. Returns the seconds it took."""
+    started = time.monotonic()
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _group_alive(proc):
+            time.sleep(0.2)
+        if not _group_alive(proc):
+            break
+    return time.monotonic() - started
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()  # reap the leader, else it lingers as a zombie member of the group
+    try:
+        os.killpg(proc.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
