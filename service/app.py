@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import AsyncIterator, Optional
 
 import redis.asyncio as aioredis
+from sqlalchemy import event as sa_event
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
@@ -38,6 +39,8 @@ from service.webhook_delivery import Dispatcher
 from service.webhook_store import WebhookOutbox, WebhookStore
 
 log = logging.getLogger("runbell.app")
+
+REDIS_COMMAND_CONNECTIONS = 16  # loopback commands take ~0.1 ms: 16 in flight is far beyond one core's need
 
 RUN = "/v1/dags/{dag_id}/runs/{run_id}"
 WEBHOOKS, WEBHOOK, WEBHOOK_MESSAGE = "/v1/webhooks", "/v1/webhooks/{endpoint_id}", "/v1/webhooks/messages/{message_id}"
@@ -121,13 +124,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state = app.state
     # Three kinds of connection: commands (short timeouts), the one pub/sub connection and the
     # recorder's blocking reads (no socket timeout: redis-py would retry a long XREAD and skip entries).
-    state.redis = aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    # Commands share a bounded pool: a crowd of arriving waiters queues for a connection instead of
+    # opening one each, so the process's connections to Redis do not grow with its waiters.
+    state.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=REDIS_COMMAND_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=2))
     pubsub_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
     recorder_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
     # Every recording process writes the webhook outbox, whether or not it delivers (settings.webhooks).
     outbox = WebhookOutbox()
     state.store = Store(settings.database_url, outbox=outbox)
     await state.store.start()
+    sa_event.listen(state.store.engine.sync_engine, "before_cursor_execute", lambda *_: state.metrics.db_statements.inc())
     state.webhooks = WebhookStore(state.store)
     state.webhook_policy = TargetPolicy.from_setting(settings.webhook_allowed_hosts)
     state.hub = Hub(

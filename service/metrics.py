@@ -38,6 +38,8 @@ class Metrics:
             registry=r,
         )
         self.resubscribes = Counter("runbell_resubscribes_total", "Pub/sub (re)subscriptions", registry=r)
+        # Counted at the driver (SQLAlchemy's before_cursor_execute): what the store is really asked.
+        self.db_statements = Counter("runbell_db_statements_total", "SQL statements sent to the store", registry=r)
         self.rejected = Counter(
             "runbell_rejected_total", "Requests refused at the subscriber cap, or beyond the in-flight limit", registry=r
         )
