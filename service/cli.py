@@ -55,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--error-type", help="error type of a failure (default: error)")
     emit.set_defaults(handler=cmd_emit)
 
-    bench = sub.add_parser("bench", help="measure latency figures on this machine; writes DIR/report.json")
+    bench = sub.add_parser("bench", help="measure the gateway against the Redis floor and polling on this machine; "
+                           "writes DIR/report.json, DIR/samples.json and PNG charts")
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--quick", action="store_true", help="smaller counts: under a minute")
+    bench.add_argument("--airflow", action="store_true",
+                       help="add the comparison with Airflow's own /wait on a real Airflow (minutes more)")
     bench.add_argument("--redis-url", dest="redis_url", default=os.environ.get("RUNBELL_REDIS_URL", "redis://127.0.0.1:6379/0"))
     bench.add_argument("--database-url", dest="database_url", help="the gateway's store (default: SQLite in DIR)")
     bench.add_argument("--listing", action="store_true",
@@ -179,8 +182,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(json.dumps(run_listing(Path(args.out), args.redis_url, args.database_url), indent=2))
         return EXIT_SUCCESS
-    report = run(Path(args.out), args.redis_url, args.quick, args.database_url)
-    print(json.dumps(report, indent=2))
+    from service.bench import summary
+
+    report = run(Path(args.out), args.redis_url, args.quick, args.database_url, airflow=args.airflow)
+    print(summary(report))
+    print(f"\nwritten to {args.out}/: {', '.join(report['files'])} ({report['seconds']} s)")
     return EXIT_SUCCESS
 
 

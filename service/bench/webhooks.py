@@ -53,6 +53,10 @@ class FastReceiver:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # The loop is ending (the gateway keeps its connection open). Ended, not cancelled: Python
+            # 3.11's start_server callback calls exception() on a cancelled handler and logs the error.
+            pass
         finally:
             writer.close()
 
