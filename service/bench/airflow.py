@@ -19,6 +19,10 @@ of two records of it, both on this machine's clock (as are the callers' arrival 
   _success fires, right after the task returned or raised. For a failure Airflow throws the task
   process's stamp away and stores the time its supervisor reported the failure, after the task
   process exited (seen here: 10 ms, or 5 s, after the hook fired): the hook's `ts` is the earlier.
+  The 5 s is Airflow's supervisor noticing the exit only at its next 5 s poll; it delays Airflow's
+  FAILED state, the teardown and so /wait. Seen without the hook too (1 run in 10 of a copy of the
+  DAG the hook skips), more often with it (4 in 10 in the same standalone): `airflow_end_date` shows
+  which runs had it.
 The report keeps both, per run, as `airflow_end_date` and `hook_ts` (seconds after the reference).
 So each figure is the whole way from the task's end until the caller knows: for Runbell the hook's
 publish, Redis and the gateway; for /wait the rest of the run plus its polling.
