@@ -21,7 +21,7 @@ import time
 from collections import deque
 from contextlib import asynccontextmanager
 from enum import Enum
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Optional, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -243,6 +243,27 @@ class AssetSubscription(Subscription):
         return await self.hub.asset_replay.read(self.name, self.last_seq)
 
 
+class SharedBytes:
+    """Bytes built once and shared by every subscriber of a run, so that a crowd's fan-out encodes an
+    event and its outcome once, not once per caller. Bounded: the oldest entries go first.
+
+    Keys hold what fixes the bytes: a run's events are numbered by Redis and a number is never reused
+    while the run's events exist, so the event at (dag, run, seq), and the outcome folded up to it, are
+    the same for every caller."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._items: dict[tuple, bytes] = {}  # insertion-ordered: the first key is the oldest
+
+    def get(self, key: tuple, build: Callable[[], bytes]) -> bytes:
+        found = self._items.get(key)
+        if found is None:
+            found = self._items[key] = build()
+            if len(self._items) > self.size:
+                del self._items[next(iter(self._items))]
+        return found
+
+
 class Hub:
     def __init__(
         self,
@@ -262,6 +283,7 @@ class Hub:
         self.max_subscribers = max_subscribers
         self.replay = ReplayLog(client, namespace, archive, metrics)
         self.asset_replay = AssetReplayLog(client, namespace, metrics)
+        self.shared = SharedBytes()  # encoded events and outcomes, for the routes
         self._asset_prefix = keys.asset_channel_pattern(namespace)[:-len("*:ch")]
         self.subscribers: dict[str, set[Subscription]] = {}  # by channel name
         self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import anyio
 from pydantic import ValidationError
@@ -77,6 +77,8 @@ async def outcome_response(request: Request, outcome: Outcome, extra: Optional[d
         headers = {"Retry-After": PENDING_RETRY_AFTER, **(headers or {})}
         return JSONResponse({**pending_body(outcome), **(extra or {})}, status_code=202, headers=headers)
     request.app.state.metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
+    if extra is None and headers is None and not (outcome.result_task and outcome.result_task.is_ref):
+        return Response(outcome_json(request.app.state.hub, outcome), media_type="application/json")
     body = await with_fetched_result(request, outcome_body(outcome))
     return JSONResponse({**body, **(extra or {})}, headers=headers)
 
@@ -101,6 +103,12 @@ def run_not_found(dag_id: str, run_id: str) -> ApiError:
 
 def outcome_body(outcome: Outcome) -> dict:
     return outcome.model_dump(mode="json")
+
+
+def outcome_json(hub: Hub, outcome: Outcome) -> bytes:
+    """The 200 body of a decided outcome, as JSONResponse renders it."""
+    return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq),
+                          lambda: JSONResponse(outcome_body(outcome)).body)
 
 
 def pending_body(outcome: Outcome) -> dict:
@@ -137,7 +145,7 @@ class EventStream(EventSourceResponse):
     with its traceback: the stream's subscription is already released; what is left is to wait,
     briefly, for the connection to go (the kernel drops it, see service.server.GuardedHttp)."""
 
-    def __init__(self, request: Request, stream: AsyncIterator[ServerSentEvent]):
+    def __init__(self, request: Request, stream: AsyncIterator[ServerSentEvent | bytes]):
         settings = request.app.state.settings
         super().__init__(
             stream,
@@ -158,7 +166,7 @@ class EventStream(EventSourceResponse):
                     pass
 
 
-async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: int) -> AsyncIterator[ServerSentEvent]:
+async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: int) -> AsyncIterator[ServerSentEvent | bytes]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     fold = OutcomeFold(dag_id, run_id)
     metrics.sse_clients.inc()
@@ -171,17 +179,29 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
                     decided = fold.apply(envelope)
                     if envelope.seq <= last_id:
                         continue
-                    yield ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=str(envelope.seq))
+                    yield event_frame(hub, envelope)
                     if decided:
                         metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
-                        yield ServerSentEvent(data=json.dumps(outcome_body(fold.outcome)), event="outcome", id=str(envelope.seq))
+                        yield outcome_frame(hub, fold.outcome, "outcome", outcome_body)
                     if is_run_end(envelope):
-                        yield ServerSentEvent(data=json.dumps(end_body(fold.outcome)), event="end", id=str(envelope.seq))
+                        yield outcome_frame(hub, fold.outcome, "end", end_body)
                         return
             except SubscriptionClosed as closed:
                 yield farewell(closed.reason, settings.sse_retry_ms)
     finally:
         metrics.sse_clients.dec()
+
+
+def event_frame(hub: Hub, envelope: Envelope) -> bytes:
+    """The SSE frame of a run's event: `id:` its seq, `event:` task or run."""
+    return hub.shared.get(("event", envelope.event.dag_id, envelope.event.run_id, envelope.seq), lambda: ServerSentEvent(
+        data=event_data(envelope), event=envelope.event.kind.value, id=str(envelope.seq)).encode())
+
+
+def outcome_frame(hub: Hub, outcome: Outcome, event: str, body: Callable[[Outcome], dict]) -> bytes:
+    """The `outcome` or `end` frame, with the id of the event it follows (the outcome's seq)."""
+    return hub.shared.get((event, outcome.dag_id, outcome.run_id, outcome.seq), lambda: ServerSentEvent(
+        data=json.dumps(body(outcome)), event=event, id=str(outcome.seq)).encode())
 
 
 def event_data(envelope: Envelope) -> str:
