@@ -1,5 +1,6 @@
-"""(e) A task marked critical (not on the way to the result) fails; an all_done leaf runs after it,
-so Airflow ends the run SUCCESS."""
+"""(e) A task marked critical (its failure does not reach the result) fails; the result task and an
+all_done leaf run after it, so Airflow ends the run SUCCESS. The result task waits for the failing
+task (all_done) so the failure always lands first: run side by side, the result could win the race."""
 
 from airflow.sdk import dag, result, task
 
@@ -9,7 +10,7 @@ from listeners.marks import critical
 @dag(schedule=None, catchup=False, tags=["runbell-e2e"])
 def rb_all_done_leaf():
     @result
-    @task
+    @task(trigger_rule="all_done")
     def answer() -> str:
         return "fine"
 
@@ -21,8 +22,7 @@ def rb_all_done_leaf():
     def report() -> None:
         pass
 
-    answer()
-    critical(load_table()) >> report()
+    critical(load_table()) >> [answer(), report()]
 
 
 rb_all_done_leaf()
