@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller counts: under a minute")
     bench.add_argument("--airflow", action="store_true",
                        help="add the comparison with Airflow's own /wait on a real Airflow (minutes more)")
+    bench.add_argument("--redraw", action="store_true", help="only draw the charts of --out DIR again from its samples.json")
     bench.add_argument("--redis-url", dest="redis_url", default=os.environ.get("RUNBELL_REDIS_URL", "redis://127.0.0.1:6379/0"))
     bench.add_argument("--database-url", dest="database_url", help="the gateway's store (default: SQLite in DIR)")
     bench.add_argument("--listing", action="store_true",
@@ -174,6 +175,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from service.bench import run
 
+    if args.redraw:
+        from service.bench.report import redraw
+
+        print(f"drawn: {', '.join(redraw(Path(args.out)))}")
+        return EXIT_SUCCESS
     if args.listing:
         from service.bench import run_listing
 

@@ -68,8 +68,7 @@ FULL = Plan(hook_publishes=5000, first_in_process=10, floor_messages=2000, singl
 
 def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None, airflow: bool = False) -> dict[str, Any]:
     """Measure everything, write DIR/report.json, DIR/samples.json and the charts; the report."""
-    if airflow:
-        bench_airflow = import_airflow_bench()
+    bench_airflow = import_airflow_bench() if airflow else None
     plan = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()  # inherited by the gateway and the load generators
@@ -79,40 +78,33 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
                               "clock": "time.perf_counter() in every process: CLOCK_MONOTONIC on Linux, one clock "
                                        "for the machine, so a publish and an arrival in two processes subtract"}
     samples: dict[str, Any] = {}
-    namespace = f"bench-{uuid.uuid4().hex[:8]}"
-    report["hook_publish"] = bench_hook_publish(redis_url, namespace, plan.hook_publishes, plan.first_in_process)
+    say("hook publish cost and the Redis floor")
+    report["hook_publish"] = bench_hook_publish(redis_url, f"bench-{uuid.uuid4().hex[:8]}", plan.hook_publishes,
+                                                plan.first_in_process)
     samples["floor"] = bench_floor(redis_url, plan.floor_messages)
-    report["floor"] = floor = percentiles(samples["floor"])
-    with gateway(redis_url, database_url) as target, LoadGen.for_connections(target.host, target.port, max(plan.spread[0], *plan.crowds)) as gen:
+    report["floor"] = percentiles(samples["floor"])
+    with gateway(redis_url, database_url) as target, \
+            LoadGen.for_connections(target.host, target.port, max(plan.spread[0], *plan.crowds)) as gen:
         report["resources"] = {"long_poll": {"0": target.resources(plan.resources_window)}}
+        # Polling first: the store lags while the recorder works through the later phases' events.
+        say("Runbell against polling the store every 1 s and 0.1 s")
+        report["polling"] = bench_polling(gen, target, plan, samples)
         for via in ("long-poll", "sse"):
-            key = via.replace("-", "_")
-            figures: dict[str, Any] = {}
-            figures["1"], s = crowd(gen, target, via, 1, plan.single_rounds)
-            samples[f"{key}_1"] = s["latency"]
-            for n in plan.crowds:
-                rounds = plan.crowd_rounds if via == "long-poll" else 1
-                figures[str(n)], s = crowd(gen, target, via, n, rounds, plan.fanout_events, plan.resources_window)
-                samples[f"crowd_{via}_{n}"] = s["latency"]
-            figures["spread"], s = spread(gen, target, via, *plan.spread, plan.spread_gap)
-            samples[f"{key}_spread"] = s["latency"]
-            for figs in figures.values():
-                figs["ratio_to_floor"] = ratios(figs["latency"], floor)
-            report[key] = figures
+            report[via.replace("-", "_")] = bench_callers(gen, target, via, plan, report["floor"], samples)
         report["resources"] = resources(report)
         report["fanout"] = fanout(report["sse"], plan.crowds)
-        figures, s = polling(gen, target, plan.polling_runs, 0.05, (1.0, 0.1))
-        samples.update({f"polling_{kind}": v for kind, v in s.items()})
-        figures["ratios"] = {f"{runbell}/{poll}": ratios(figures[runbell], figures[poll])
-                             for runbell in ("long-poll", "sse") for poll in ("poll_1s", "poll_0.1s")}
-        report["polling"] = figures
+        say("events per second: a burst")
         report["throughput"] = throughput(gen, target, *plan.burst)
+        say("webhooks")
         report["webhooks"] = asyncio.run(bench_webhooks(f"http://{target.host}:{target.port}", target.publisher,
                                                         plan.webhook_rounds, plan.webhook_burst))
     # Capacity on a gateway of its own: memory from the phases above would blur the per-connection growth.
-    with gateway(redis_url, database_url) as target, LoadGen.for_connections(target.host, target.port, plan.capacity_steps[-1]) as gen:
+    say(f"idle SSE connections up to {plan.capacity_steps[-1]}")
+    with gateway(redis_url, database_url) as target, \
+            LoadGen.for_connections(target.host, target.port, plan.capacity_steps[-1]) as gen:
         report["capacity"] = capacity(gen, target, plan.capacity_steps)
-    if airflow:
+    if bench_airflow is not None:
+        say("Runbell against Airflow's /wait on a real Airflow")
         result = bench_airflow(redis_url, quick)
         report["airflow"] = {k: v for k, v in result.items() if k != "samples"}
         samples["airflow"] = result.get("samples", {})
@@ -123,6 +115,40 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
     report["files"] = ["report.json", "samples.json", *draw_charts(samples, out, str(plan.spread[0]))]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def say(what: str) -> None:
+    """Progress, on stderr: the summary table goes to stdout at the end."""
+    print(f"runbell bench: {what}", file=sys.stderr, flush=True)
+
+
+def bench_polling(gen: LoadGen, target: Target, plan: Plan, samples: dict[str, Any]) -> dict[str, Any]:
+    figures, heard = polling(gen, target, plan.polling_runs, 0.05, (1.0, 0.1))
+    samples.update({f"polling_{kind}": v for kind, v in heard.items()})
+    figures["ratios"] = {f"{runbell}/{poll}": ratios(figures[runbell], figures[poll])
+                         for runbell in ("long-poll", "sse") for poll in ("poll_1s", "poll_0.1s")}
+    return figures
+
+
+def bench_callers(gen: LoadGen, target: Target, via: str, plan: Plan, floor: dict[str, Any],
+                  samples: dict[str, Any]) -> dict[str, Any]:
+    """Publish → caller over `via`: one caller, crowds on one run, callers spread over runs."""
+    key = via.replace("-", "_")
+    figures: dict[str, Any] = {}
+    say(f"{via}: one caller, {plan.single_rounds} rounds")
+    figures["1"], heard = crowd(gen, target, via, 1, plan.single_rounds)
+    samples[f"{key}_1"] = heard["latency"]
+    for n in plan.crowds:
+        say(f"{via}: {n} callers on one run")
+        rounds = plan.crowd_rounds if via == "long-poll" else 1  # SSE: one round of fanout_events events
+        figures[str(n)], heard = crowd(gen, target, via, n, rounds, plan.fanout_events, plan.resources_window)
+        samples[f"crowd_{via}_{n}"] = heard["latency"]
+    say(f"{via}: {plan.spread[0]} callers over {plan.spread[1]} runs")
+    figures["spread"], heard = spread(gen, target, via, *plan.spread, plan.spread_gap)
+    samples[f"{key}_spread"] = heard["latency"]
+    for figs in figures.values():
+        figs["ratio_to_floor"] = ratios(figs["latency"], floor)
+    return figures
 
 
 def import_airflow_bench():
