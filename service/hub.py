@@ -151,7 +151,10 @@ class Subscription:
     def __init__(self, hub: "Hub", dag_id: str, run_id: str, after_seq: int):
         self.hub, self.dag_id, self.run_id = hub, dag_id, run_id
         self.last_seq = after_seq
-        self.queue: asyncio.Queue[Envelope | Signal] = asyncio.Queue(hub.buffer)
+        # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
+        # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
+        self.queue: deque[Envelope | Signal] = deque()
+        self._waiter: Optional[asyncio.Future[None]] = None
         self._ready: deque[Envelope] = deque()
         self._needs_replay = True  # the first read comes from the log
         self._closed: Optional[Signal] = None
@@ -172,7 +175,7 @@ class Subscription:
                 await self._replay()
                 self._needs_replay = False
                 continue
-            item = await self.queue.get()
+            item = await self._offered()
             if isinstance(item, Signal):
                 if item is Signal.RESYNC:
                     self._needs_replay = True
@@ -212,24 +215,39 @@ class Subscription:
     async def _read_log(self) -> list[Envelope]:
         return await self.hub.replay.read(self.dag_id, self.run_id, self.last_seq)
 
+    async def _offered(self) -> Envelope | Signal:
+        """The next item the listener offered, waiting for one."""
+        while not self.queue:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.queue.popleft()
+
     def offer(self, item: Envelope | Signal) -> None:
         """Called by the listener: never blocks. A full queue cuts the subscriber off."""
         if self._closed is not None:
             return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if len(self.queue) >= self.hub.buffer:
             self.close(Signal.OVERFLOW)
             self.hub.metrics.overflows.inc()
+            return
+        self.queue.append(item)
+        self._wake()
 
     def close(self, reason: Signal) -> None:
         """Drop whatever is buffered (memory goes back at once) and leave only the reason."""
         if self._closed is not None:
             return
         self._closed = reason
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(reason)
+        self.queue.clear()
+        self.queue.append(reason)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class AssetSubscription(Subscription):
@@ -245,22 +263,24 @@ class AssetSubscription(Subscription):
 
 class SharedBytes:
     """Bytes built once and shared by every subscriber of a run, so that a crowd's fan-out encodes an
-    event and its outcome once, not once per caller. Bounded: the oldest entries go first.
+    event and its outcome once, not once per caller. Bounded in bytes (results can be 256 KiB): the
+    oldest entries go first; an entry is needed only while its event fans out.
 
     Keys hold what fixes the bytes: a run's events are numbered by Redis and a number is never reused
     while the run's events exist, so the event at (dag, run, seq), and the outcome folded up to it, are
     the same for every caller."""
 
-    def __init__(self, size: int = 4096):
-        self.size = size
+    def __init__(self, max_bytes: int = 4 * 1024 * 1024):
+        self.max_bytes, self.held = max_bytes, 0
         self._items: dict[tuple, bytes] = {}  # insertion-ordered: the first key is the oldest
 
     def get(self, key: tuple, build: Callable[[], bytes]) -> bytes:
         found = self._items.get(key)
         if found is None:
             found = self._items[key] = build()
-            if len(self._items) > self.size:
-                del self._items[next(iter(self._items))]
+            self.held += len(found)
+            while self.held > self.max_bytes and len(self._items) > 1:
+                self.held -= len(self._items.pop(next(iter(self._items))))
         return found
 
 

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from listeners.bus import keys
 from listeners.publisher import emit
 from service.client import parse_sse
+from service.hub import SharedBytes
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 
 DAG = "etl"
@@ -330,7 +331,7 @@ async def test_slow_subscriber_is_cut_off_and_memory_released(gateway_factory):
     async with hub.subscribe(DAG, "slow") as subscription:
         for _ in range(5):
             await publish(gateway, "slow", "running", task_id="t")
-        await until(lambda: subscription.queue.qsize() == 1 and subscription._closed is Signal.OVERFLOW)
+        await until(lambda: len(subscription.queue) == 1 and subscription._closed is Signal.OVERFLOW)
         with pytest.raises(SubscriptionClosed) as closed:
             async for _ in subscription:
                 pass
@@ -403,3 +404,17 @@ async def test_timeout_zero_answers_what_is_already_decided(gateway):
     async with gateway.client() as client:
         response = await client.get(result_path("now"), params={"timeout": 0})
     assert response.status_code == 200 and response.json()["result"] == "ready"
+
+
+def test_shared_bytes_are_built_once_and_bounded_in_bytes():
+    shared, built = SharedBytes(max_bytes=10), []
+
+    def build(value: bytes) -> bytes:
+        built.append(value)
+        return value
+
+    assert shared.get(("a",), lambda: build(b"12345")) == b"12345"
+    assert shared.get(("a",), lambda: build(b"other")) == b"12345"  # built once, then shared
+    shared.get(("b",), lambda: build(b"123456"))  # 11 bytes: over the bound, the oldest goes
+    assert shared.get(("a",), lambda: build(b"again")) == b"again"
+    assert built == [b"12345", b"123456", b"again"] and shared.held == 5
