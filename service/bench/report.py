@@ -13,11 +13,12 @@ from typing import Any, Callable, Optional
 
 # Sample series drawn on the main chart, in this order: (key in samples.json, legend).
 LATENCY_SERIES = (
-    ("floor", "floor: Redis PUBLISH → redis-py subscriber"),
+    ("floor", "floor: Redis PUBLISH → redis-py subscriber, one every 3 ms"),
+    ("floor_sparse", "floor, one publish every 50 ms"),
     ("long_poll_1", "Runbell long-poll, 1 waiter"),
     ("sse_1", "Runbell SSE, 1 client"),
-    ("long_poll_spread", "Runbell long-poll, {spread} waiters"),
-    ("sse_spread", "Runbell SSE, {spread} clients"),
+    ("long_poll_spread", "Runbell long-poll, {spread} waiters spread over runs"),
+    ("sse_spread", "Runbell SSE, {spread} clients spread over runs"),
     ("polling_long-poll", "Runbell long-poll, beside the pollers"),
     ("polling_poll_0.1s", "polling the store every 0.1 s"),
     ("polling_poll_1s", "polling the store every 1 s"),
@@ -109,7 +110,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]
             r = figures.get("ratio_to_floor", {}).get("p50") if ref == "floor" else figures.get("ratio_p50")
             rows.append((name, figures.get("p50_ms"), figures.get("p99_ms"), r, note))
 
-    add("floor: Redis publish→subscriber", report.get("floor"))
+    for key in ("floor", "floor_sparse"):
+        gap = dig(report, key, "publish_gap_ms")
+        add("floor: Redis publish→subscriber" + (f", one every {gap:g} ms" if gap else ""), report.get(key))
     add("hook publish, warm", dig(report, "hook_publish", "warm"))
     add("hook publish, first in process", dig(report, "hook_publish", "first_in_process"))
     for via in ("long_poll", "sse"):
