@@ -11,7 +11,7 @@ import pytest
 
 from service.bench import procstats
 from service.bench.delivery import Target, caller_path, collect, crowd, new_run_id, polling
-from service.bench.floor import bench_floor
+from service.bench.floor import bench_fanout_floor, bench_floor
 from service.bench.loadgen import LoadGen, parse_response
 from service.bench.measure import percentiles
 from service.bench.report import GOALS, draw_charts, judge, ratios, redraw, summary
@@ -80,7 +80,7 @@ def test_a_collect_closes_its_connections_and_the_next_batch_starts_clean(gen, t
 
 
 def test_pollers_and_runbell_hear_the_same_outcomes(gen, target):
-    figures, samples = polling(gen, target, runs=3, gap=0.01, intervals=(0.2, 0.05))
+    figures, samples = polling(gen, target, runs=3, rounds=1, gap=0.01, intervals=(0.2, 0.05))
     assert {kind: len(s) for kind, s in samples.items()} == {"long-poll": 3, "sse": 3, "poll_0.2s": 3, "poll_0.05s": 3}
     assert figures["store_read"] == "GET /v1/dags/{dag_id}/runs/{run_id}"
 
@@ -95,6 +95,10 @@ def test_the_gateway_is_read_from_proc(target):
 def test_the_floor_is_measured_in_another_process(redis_url):
     samples = bench_floor(redis_url, 20, gap=0.0)
     assert len(samples) == 20 and all(0 < s < 5 for s in samples)
+
+
+def test_the_fanout_floor_reaches_every_socket_each_round():
+    assert len(bench_fanout_floor(clients=5, rounds=2)) == 2
 
 
 def report_with(**overrides):

@@ -26,11 +26,11 @@ from typing import Any, Iterator
 import redis
 
 from service.bench.delivery import Target, bench_hook_publish, capacity, crowd, polling, spread, throughput
-from service.bench.floor import bench_floor
+from service.bench.floor import bench_fanout_floor, bench_floor
 from service.bench.listing import run_listing
 from service.bench.loadgen import LoadGen, raise_fd_limit
 from service.bench.measure import free_port, percentiles, start_gateway
-from service.bench.report import draw_charts, judge, median, ratios, summary
+from service.bench.report import draw_charts, judge, median, ratio, ratios, summary
 from service.bench.webhooks import FastReceiver, bench_webhooks
 
 __all__ = ["FastReceiver", "Plan", "free_port", "run", "run_listing", "start_gateway", "summary"]
@@ -51,7 +51,7 @@ class Plan:
     spread_gap: float  # seconds between two runs' results
     capacity_steps: tuple[int, ...]  # idle SSE connections opened, cumulatively
     burst: tuple[int, int, int]  # (SSE clients, runs, events) of the throughput burst
-    polling_runs: int
+    polling: tuple[int, int]  # (runs at once, rounds)
     resources_window: float  # seconds over which SQL statements are counted
     webhook_rounds: int
     webhook_burst: int
@@ -59,10 +59,10 @@ class Plan:
 
 QUICK = Plan(hook_publishes=500, first_in_process=3, floor_messages=300, single_rounds=30, crowds=(100, 1000),
              crowd_rounds=1, fanout_events=2, spread=(1000, 100), spread_gap=0.003, capacity_steps=(1000, 2000),
-             burst=(100, 10, 1000), polling_runs=15, resources_window=1.0, webhook_rounds=20, webhook_burst=200)
+             burst=(100, 10, 1000), polling=(8, 2), resources_window=1.0, webhook_rounds=20, webhook_burst=200)
 FULL = Plan(hook_publishes=5000, first_in_process=10, floor_messages=2000, single_rounds=200, crowds=(1000, 10_000),
             crowd_rounds=2, fanout_events=5, spread=(10_000, 1000), spread_gap=0.003,
-            capacity_steps=(5000, 10_000, 15_000, 18_000), burst=(1000, 100, 5000), polling_runs=40,
+            capacity_steps=(5000, 10_000, 15_000, 18_000), burst=(1000, 100, 5000), polling=(8, 5),
             resources_window=3.0, webhook_rounds=100, webhook_burst=1000)
 
 
@@ -100,7 +100,7 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
         for via in ("long-poll", "sse"):
             report[via.replace("-", "_")] = bench_callers(gen, target, via, plan, report, samples)
         report["resources"] = resources(report)
-        report["fanout"] = fanout(report["sse"], plan.crowds)
+        report["fanout"] = fanout(report["sse"], plan.crowds, plan.fanout_events + 1)
         say("events per second: a burst")
         report["throughput"] = throughput(gen, target, *plan.burst)
         say("webhooks")
@@ -131,7 +131,7 @@ def say(what: str) -> None:
 
 
 def bench_polling(gen: LoadGen, target: Target, plan: Plan, samples: dict[str, Any]) -> dict[str, Any]:
-    figures, heard = polling(gen, target, plan.polling_runs, 0.05, (1.0, 0.1))
+    figures, heard = polling(gen, target, *plan.polling, 0.05, (1.0, 0.1))
     samples.update({f"polling_{kind}": v for kind, v in heard.items()})
     figures["ratios"] = {f"{runbell}/{poll}": ratios(figures[runbell], figures[poll])
                          for runbell in ("long-poll", "sse") for poll in ("poll_1s", "poll_0.1s")}
@@ -235,12 +235,17 @@ def resources(report: dict[str, Any]) -> dict[str, Any]:
         "detail": f"Redis connections {seen}; SQL statements/s at most {statements:+.2f} over idle"}}
 
 
-def fanout(sse: dict[str, Any], crowds: tuple[int, ...]) -> dict[str, Any]:
-    """Time until the last SSE client of a run has an event, per crowd size; `largest` is the biggest crowd."""
+def fanout(sse: dict[str, Any], crowds: tuple[int, ...], rounds: int) -> dict[str, Any]:
+    """Time until the last SSE client of a run has an event, per crowd size, against the fan-out floor (a
+    bare server writing one frame to as many sockets); `largest` is the biggest crowd."""
     by_clients = {}
     for n in crowds:
-        rounds = sse[str(n)]["time_to_last_ms"]
-        by_clients[str(n)] = {"time_to_last_ms": rounds, "median_ms": median(rounds), "max_ms": max(rounds)}
+        say(f"fan-out floor: a bare server's frame to {n} sockets")
+        times = sse[str(n)]["time_to_last_ms"]
+        floor = [round(s * 1e3, 3) for s in bench_fanout_floor(n, rounds)]
+        by_clients[str(n)] = {"time_to_last_ms": times, "median_ms": median(times), "max_ms": max(times),
+                              "floor_ms": floor, "floor_median_ms": median(floor),
+                              "ratio_to_floor": ratio(median(times), median(floor))}
     return {"by_clients": by_clients, "largest": {"clients": crowds[-1], **by_clients[str(crowds[-1])]}}
 
 

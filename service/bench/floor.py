@@ -1,14 +1,18 @@
-"""The floor: raw Redis PUBLISH → a redis-py subscriber receives it, nothing else in between.
+"""The floors: what the machine takes with nothing of the gateway in between.
 
-The subscriber runs in a process of its own (`python -c`, main()), reads as
-the gateway's hub does (redis.asyncio, get_message with a timeout, uvloop) and stamps each arrival
-with time.perf_counter(), which is CLOCK_MONOTONIC on Linux: the same clock in every process of the
-machine, so the parent's publish time can be subtracted from it. What the gateway adds is measured
-against this.
+- Redis: raw PUBLISH → a redis-py subscriber in a process of its own (`python -c`, main()), reading as
+  the gateway's hub does (redis.asyncio, get_message with a timeout, uvloop);
+- fan-out: one SSE frame written to N sockets by a bare uvloop server in a process of its own
+  (fanout_server()), to the same load generator as the gateway's SSE clients: the kernel's share of
+  a fan-out, one write per client.
+
+Arrivals are stamped with time.perf_counter(), which is CLOCK_MONOTONIC on Linux: the same clock in
+every process of the machine, so a send in one process can be subtracted from an arrival in another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -18,10 +22,12 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from service.bench.loadgen import run_loop
+from service.bench.loadgen import LoadGen, raise_fd_limit, run_loop
 
 STOP = b"stop"
 SUBSCRIBER = "import sys; from service.bench.floor import main; main(sys.argv[1], sys.argv[2])"
+FANOUT_SERVER = "from service.bench.floor import fanout_server; fanout_server()"
+READY = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: ready\r\n\r\n"
 
 
 async def subscribe(url: str, channel: str) -> None:
@@ -69,3 +75,57 @@ def bench_floor(redis_url: str, count: int, gap: float = 0.001) -> list[float]:
 
 def main(url: str, channel: str) -> None:
     run_loop(subscribe(url, channel))
+
+
+async def serve_fanout() -> None:
+    """Answer every connection with an SSE stream's start, then on each `go` line on stdin write one
+    frame to all of them; print the perf_counter of the first write."""
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.Transport] = []
+
+    class Stream(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transport.write(READY)  # type: ignore[attr-defined]
+            transports.append(transport)  # type: ignore[arg-type]
+
+    server = await loop.create_server(Stream, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    seq = 0
+    while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "go":
+        seq += 1
+        frame = b"id: %d\r\nevent: task\r\ndata: {}\r\n\r\n" % seq
+        t = time.perf_counter()
+        for transport in transports:
+            transport.write(frame)
+        print(t, flush=True)
+    server.close()
+
+
+def fanout_server() -> None:
+    raise_fd_limit()
+    run_loop(serve_fanout())
+
+
+def bench_fanout_floor(clients: int, rounds: int) -> list[float]:
+    """Seconds until the last of `clients` load-generator streams had a frame a bare server wrote to all."""
+    proc = subprocess.Popen([sys.executable, "-c", FANOUT_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        with LoadGen.for_connections("127.0.0.1", port, clients) as gen:
+            gen.open("sse", ["/"] * clients)
+            sent = []
+            for r in range(rounds):
+                time.sleep(0.2)  # as the gateway's rounds: each event after a pause
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                sent.append(float(proc.stdout.readline()))
+                gen.await_events("task", r + 1)
+            arrivals, _ = gen.collect(timeout=0)
+        last: dict[int, float] = {}
+        for a in arrivals:
+            last[a.seq] = max(last.get(a.seq, 0.0), a.t)
+        return [last[seq] - sent[seq - 1] for seq in sorted(last)]
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+

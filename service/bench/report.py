@@ -122,8 +122,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]
             add(f"{via.replace('_', '-')} publish→waiter, {where}", latency, "floor",
                 f"max {figures['latency']['max_ms']} ms")
     for n, fan in (dig(report, "fanout", "by_clients") or {}).items():
-        rows.append((f"SSE fan-out to {n}: time to last", fan["median_ms"], None, None,
+        rows.append((f"SSE fan-out to {n}: time to last (median)", fan["median_ms"], None, fan.get("ratio_to_floor"),
                      f"rounds {fan['time_to_last_ms']}"))
+        if "floor_median_ms" in fan:
+            rows.append((f"fan-out floor: bare server to {n} sockets", fan["floor_median_ms"], None, None,
+                         f"rounds {fan['floor_ms']}"))
     polling = report.get("polling") or {}
     for kind, label in (("long-poll", "long-poll beside pollers"), ("sse", "SSE beside pollers"),
                         ("poll_0.1s", "poll store every 0.1 s"), ("poll_1s", "poll store every 1 s")):
