@@ -232,12 +232,11 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
                     decided = fold.apply(envelope)
                     if envelope.seq <= last_id:
                         continue
-                    yield event_frame(hub, envelope)
                     if decided:
                         metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
-                        yield outcome_frame(hub, fold.outcome, "outcome", outcome_body)
-                    if is_run_end(envelope):
-                        yield outcome_frame(hub, fold.outcome, "end", end_body)
+                    end = is_run_end(envelope)
+                    yield frames(hub, envelope, fold.outcome, decided, end)
+                    if end:
                         return
             except SubscriptionClosed as closed:
                 yield farewell(closed.reason, settings.sse_retry_ms)
@@ -245,16 +244,20 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
         metrics.sse_clients.dec()
 
 
-def event_frame(hub: Hub, envelope: Envelope) -> bytes:
-    """The SSE frame of a run's event: `id:` its seq, `event:` task or run."""
-    return hub.shared.get(("event", envelope.event.dag_id, envelope.event.run_id, envelope.seq), lambda: ServerSentEvent(
-        data=event_data(envelope), event=envelope.event.kind.value, id=str(envelope.seq)).encode())
+def frames(hub: Hub, envelope: Envelope, outcome: Outcome, decided: bool, end: bool) -> bytes:
+    """The event's frame (`id:` its seq, `event:` task or run), then `outcome` when it decided the run
+    and `end` when it ended it, with the same id: one write per client, built once per event (whether
+    an event decides or ends the run is the same for every client, all fold the same events)."""
+    def build() -> bytes:
+        seq = str(envelope.seq)
+        parts = [ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=seq).encode()]
+        if decided:
+            parts.append(ServerSentEvent(data=json.dumps(outcome_body(outcome)), event="outcome", id=seq).encode())
+        if end:
+            parts.append(ServerSentEvent(data=json.dumps(end_body(outcome)), event="end", id=seq).encode())
+        return b"".join(parts)
 
-
-def outcome_frame(hub: Hub, outcome: Outcome, event: str, body: Callable[[Outcome], dict]) -> bytes:
-    """The `outcome` or `end` frame, with the id of the event it follows (the outcome's seq)."""
-    return hub.shared.get((event, outcome.dag_id, outcome.run_id, outcome.seq), lambda: ServerSentEvent(
-        data=json.dumps(body(outcome)), event=event, id=str(outcome.seq)).encode())
+    return hub.shared.get(("frames", outcome.dag_id, outcome.run_id, envelope.seq), build)
 
 
 def event_data(envelope: Envelope) -> str:
