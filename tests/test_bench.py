@@ -152,3 +152,10 @@ def test_charts_are_png_files_and_can_be_redrawn(tmp_path: Path):
 
 def test_a_run_without_samples_draws_no_empty_lines(tmp_path: Path):
     assert draw_charts({"floor": [0.0001]}, tmp_path) == ["latency_cdf.png"]
+
+
+def test_the_airflow_comparison_is_in_the_summary():
+    latency = {"n": 3, "p50_ms": 12.0, "p99_ms": 20.0, "max_ms": 20.0, "mean_ms": 13.0}
+    cases = {"result": {"runbell_long_poll": latency, "runbell_sse": latency, "airflow_wait": latency, "ratio_p50": 90.5}}
+    text = summary({**report_with(airflow={"cases": cases}), "goals": []})
+    assert "airflow result: airflow_wait" in text and "airflow result: /wait over Runbell long-poll, p50" in text
