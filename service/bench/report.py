@@ -199,12 +199,13 @@ def draw_charts(samples: dict[str, Any], out: Path, spread: str = "") -> list[st
 
     written = []
 
-    def chart(name: str, title: str, series: list[tuple[list[float], str]], unit: str = "ms", scale: float = 1e3) -> None:
+    def chart(name: str, title: str, series: list[tuple[list[float], str]], unit: str = "ms", scale: float = 1e3,
+              since: str = "publish") -> None:
         figure, axes = pyplot.subplots(figsize=(10, 6))
         for seconds, label in series:
             cdf(axes, seconds, label, scale)
         axes.set_xscale("log")
-        axes.set_xlabel(f"publish → caller knows ({unit}, log scale)")
+        axes.set_xlabel(f"{since} → caller knows ({unit}, log scale)")
         axes.set_ylabel("fraction of callers")
         axes.set_title(title)
         axes.grid(True, which="both", alpha=0.3)
@@ -224,7 +225,8 @@ def draw_charts(samples: dict[str, Any], out: Path, spread: str = "") -> list[st
     series = [(callers[key], f"{case}: {AIRFLOW_CALLERS[key]}") for case, callers in airflow.items()
               for key in AIRFLOW_CALLERS if callers.get(key)]
     if series:
-        chart("airflow_cdf.png", "Runbell against Airflow's /wait (interval=1), real Airflow", series, "s", 1.0)
+        chart("airflow_cdf.png", "Runbell against Airflow's /wait (interval=1), real Airflow", series, "s", 1.0,
+              "the deciding task's end")
     return written
 
 
