@@ -141,7 +141,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]
     capacity = report.get("capacity")
     if capacity:
         rows.append(("idle SSE connections held", capacity["connections_held"], None, None,
-                     f"{capacity['kib_per_connection']} KiB each"))
+                     f"{capacity['kib_per_connection']} KiB each on average, "
+                     f"{capacity.get('marginal_kib_per_connection')} KiB each beyond the first step"))
     burst = report.get("throughput")
     if burst:
         rows.append(("events/s in, fanned out", burst["events_per_s"], None, None,
