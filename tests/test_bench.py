@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.bench import procstats
-from service.bench.delivery import Target, caller_path, collect, crowd, new_run_id, polling
+from service.bench.delivery import Target, caller_path, collect, crowd, new_run_id, polling, spread
 from service.bench.floor import bench_fanout_floor, bench_floor
 from service.bench.loadgen import LoadGen, parse_response
 from service.bench.measure import percentiles
@@ -123,8 +123,9 @@ def test_every_goal_has_its_target_measurement_and_verdict():
     goals = judge(report_with())
     assert len(goals) == len(GOALS) + 1  # and the resources' constancy
     verdicts = {g["goal"]: g["met"] for g in goals}
-    assert verdicts["publish→waiter p99, SSE, callers spread over runs, one process"] is False  # 7.0 ms
-    assert verdicts["publish→waiter p50, long-poll, callers spread over runs, one process"] is True
+    assert verdicts["publish→waiter p99, SSE, 10 callers per run, all on one process"] is False  # 7.0 ms
+    assert verdicts["publish→waiter p50, long-poll, 10 callers per run, all on one process"] is True
+    assert verdicts["publish→waiter p50, long-poll, one caller per run, all on one process"] is None  # not measured
     assert verdicts["resident memory per idle SSE connection"] is False  # 30 KiB
     assert verdicts["idle SSE connections held by one process"] is True  # at least 10,000
     assert all(set(g) >= {"target", "unit", "measured", "met", "at_callers"} for g in goals)
@@ -159,3 +160,9 @@ def test_the_airflow_comparison_is_in_the_summary():
     cases = {"result": {"runbell_long_poll": latency, "runbell_sse": latency, "airflow_wait": latency, "ratio_p50": 90.5}}
     text = summary({**report_with(airflow={"cases": cases}), "goals": []})
     assert "airflow result: airflow_wait" in text and "airflow result: /wait over Runbell long-poll, p50" in text
+
+
+def test_callers_of_undecided_runs_are_let_go(gen, target):
+    figures, samples = spread(gen, target, "long-poll", callers=6, runs=6, gap=0.0, decided=2)
+    assert (figures["decided_runs"], figures["missing"], len(samples["latency"])) == (2, 0, 2)
+    target.wait_for_metric("runbell_waiters", lambda value: value == 0, timeout=10)  # none left waiting

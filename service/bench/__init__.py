@@ -48,6 +48,7 @@ class Plan:
     crowd_rounds: int  # long-poll rounds per crowd (SSE: one round with fanout_events events)
     fanout_events: int
     spread: tuple[int, int]  # (callers, runs): callers spread over runs, results published sparsely
+    sparse: tuple[int, int]  # (callers, decided runs): one caller per run, a sample of the runs decided
     spread_gap: float  # seconds between two runs' results
     capacity_steps: tuple[int, ...]  # idle SSE connections opened, cumulatively
     burst: tuple[int, int, int]  # (SSE clients, runs, events) of the throughput burst
@@ -58,10 +59,10 @@ class Plan:
 
 
 QUICK = Plan(hook_publishes=500, first_in_process=3, floor_messages=300, single_rounds=30, crowds=(100, 1000),
-             crowd_rounds=1, fanout_events=2, spread=(1000, 100), spread_gap=0.003, capacity_steps=(1000, 2000),
+             crowd_rounds=1, fanout_events=2, spread=(1000, 100), sparse=(1000, 200), spread_gap=0.003, capacity_steps=(1000, 2000),
              burst=(100, 10, 1000), polling=(8, 2), resources_window=1.0, webhook_rounds=20, webhook_burst=200)
 FULL = Plan(hook_publishes=5000, first_in_process=10, floor_messages=2000, single_rounds=200, crowds=(1000, 10_000),
-            crowd_rounds=2, fanout_events=5, spread=(10_000, 1000), spread_gap=0.003,
+            crowd_rounds=2, fanout_events=5, spread=(10_000, 1000), sparse=(10_000, 1000), spread_gap=0.003,
             capacity_steps=(5000, 10_000, 15_000, 18_000), burst=(1000, 100, 5000), polling=(8, 5),
             resources_window=3.0, webhook_rounds=100, webhook_burst=1000)
 
@@ -92,7 +93,7 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
     report["floor_sparse"] = {**percentiles(samples["floor_sparse"]), "publish_gap_ms": SPARSE_GAP * 1e3}
     report["floor"]["publish_gap_ms"] = plan.spread_gap * 1e3
     with gateway(redis_url, database_url) as target, \
-            LoadGen.for_connections(target.host, target.port, max(plan.spread[0], *plan.crowds)) as gen:
+            LoadGen.for_connections(target.host, target.port, max(plan.spread[0], plan.sparse[0], *plan.crowds)) as gen:
         report["resources"] = {"long_poll": {"0": target.resources(plan.resources_window)}}
         # Polling first: the store lags while the recorder works through the later phases' events.
         say("Runbell against polling the store every 1 s and 0.1 s")
@@ -152,11 +153,16 @@ def bench_callers(gen: LoadGen, target: Target, via: str, plan: Plan, report: di
         rounds = plan.crowd_rounds if via == "long-poll" else 1  # SSE: one round of fanout_events events
         figures[str(n)], heard = crowd(gen, target, via, n, rounds, plan.fanout_events, plan.resources_window)
         samples[f"crowd_{via}_{n}"] = heard["latency"]
+    callers, decided = plan.sparse
+    say(f"{via}: {callers} callers, each on a run of its own, {decided} of the runs decided")
+    figures["sparse"], heard = spread(gen, target, via, callers, callers, plan.spread_gap, decided)
+    samples[f"{key}_sparse"] = heard["latency"]
     say(f"{via}: {plan.spread[0]} callers over {plan.spread[1]} runs")
     figures["spread"], heard = spread(gen, target, via, *plan.spread, plan.spread_gap)
     samples[f"{key}_spread"] = heard["latency"]
     for name, figs in figures.items():
-        figs["ratio_to_floor"] = ratios(figs["latency"], report["floor" if name == "spread" else "floor_sparse"])
+        paced = name in ("spread", "sparse")
+        figs["ratio_to_floor"] = ratios(figs["latency"], report["floor" if paced else "floor_sparse"])
     return figures
 
 

@@ -18,7 +18,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import httpx
 
@@ -145,9 +145,10 @@ def collect(gen: LoadGen, via: str) -> list[Arrival]:
     return arrivals
 
 
-def outcome_latencies(arrivals: list[Arrival], published_at: list[float]) -> tuple[list[float], int]:
-    """Per caller: its outcome's arrival minus the publish of its run's result; and how many never had one."""
-    got = [a.t - published_at[a.path] for a in arrivals if a.event == "outcome"]
+def outcome_latencies(arrivals: list[Arrival], published_at: dict[int, float]) -> tuple[list[float], int]:
+    """Per caller (path index) that was sent an outcome: its arrival minus the publish of its run's
+    result; and how many of them never had it."""
+    got = [a.t - published_at[a.path] for a in arrivals if a.event == "outcome" and a.path in published_at]
     return got, len(published_at) - len(got)
 
 
@@ -169,7 +170,7 @@ def crowd(gen: LoadGen, target: Target, via: str, callers: int, rounds: int, fan
             gen.await_events("task", k + 1)
         result = target.publish_result(run_id)
         arrivals = collect(gen, via)
-        got, lost = outcome_latencies(arrivals, [result.t] * callers)
+        got, lost = outcome_latencies(arrivals, dict.fromkeys(range(callers), result.t))
         latencies += got
         missing += lost
         to_last.append(max(got, default=float("nan")))
@@ -187,22 +188,29 @@ def crowd(gen: LoadGen, target: Target, via: str, callers: int, rounds: int, fan
     return figures, {"latency": latencies}
 
 
-def spread(gen: LoadGen, target: Target, via: str, callers: int, runs: int, gap: float) -> tuple[dict[str, Any], Samples]:
-    """`callers` wait spread evenly over `runs` runs; the runs' results are published one every `gap`
-    seconds (sparse completions): the latency each caller sees while all the others wait."""
+def spread(gen: LoadGen, target: Target, via: str, callers: int, runs: int, gap: float,
+           decided: Optional[int] = None) -> tuple[dict[str, Any], Samples]:
+    """`callers` wait spread evenly over `runs` runs; the results of `decided` of the runs (all by
+    default) are published one every `gap` seconds (sparse completions): the latency each of their
+    callers sees while all the callers wait."""
     run_ids = [new_run_id(f"{via}-spread-{i}") for i in range(runs)]
     for run_id in run_ids:
         target.publish(run_id, "running")
     mine = [run_ids[i % runs] for i in range(callers)]
     attach(gen, target, via, mine)
     published = {}
-    for run_id in run_ids:
+    for run_id in run_ids[:decided or runs]:
         published[run_id] = target.publish_result(run_id).t
         time.sleep(gap)
-    arrivals = collect(gen, via)
-    got, lost = outcome_latencies(arrivals, [published[r] for r in mine])
-    return {"callers": callers, "runs": runs, "publish_gap_ms": gap * 1e3, "latency": percentiles(got),
-            "missing": lost}, {"latency": got}
+    at = {i: published[run_id] for i, run_id in enumerate(mine) if run_id in published}
+    gen.await_paths("outcome", set(at), timeout=LONG_POLL_TIMEOUT)
+    if via == "long-poll":  # a waiter whose caller left waits out its timeout: end the other runs now
+        for run_id in run_ids[len(published):]:
+            target.publish(run_id, "success")
+    arrivals, _ = gen.collect(timeout=0 if via == "sse" else LONG_POLL_TIMEOUT + 5)
+    got, lost = outcome_latencies(arrivals, at)
+    return {"callers": callers, "runs": runs, "decided_runs": len(published), "publish_gap_ms": gap * 1e3,
+            "latency": percentiles(got), "missing": lost}, {"latency": got}
 
 
 def polling(gen: LoadGen, target: Target, runs: int, rounds: int, gap: float,

@@ -12,7 +12,8 @@ Commands (replies in brackets):
       comment arrived, i.e. once the gateway has subscribed it); poll: GET every `interval` seconds
       (first at a random phase) on one keep-alive connection until the body shows a decided outcome.
   {"cmd": "await", "event": name, "count": k, "timeout": s}  [{"reached": bool}]
-      until every connection opened since the last collect has had `k` events of that name (or ended).
+      until every connection opened since the last collect has had `k` events of that name (or ended);
+      with "total": n, until n such events arrived in all.
   {"cmd": "collect", "timeout": s}  [{"records": [[index, seq, event, t], ...], "unfinished": n}]
       until every connection has ended (or the timeout), then closes them all; indexes restart at 0.
   {"cmd": "quit"}
@@ -54,6 +55,7 @@ class Worker:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.records: list[list[Any]] = []  # [index, seq, event, perf_counter]
+        self.totals: dict[str, int] = {}  # arrivals by event name, over all connections
         self.connections: list[Connection] = []
         self.ended = 0
         self.watch: Optional[tuple[str, int]] = None  # (event, count) an await is waiting for
@@ -105,7 +107,9 @@ class Worker:
                 return done()
         return True
 
-    async def await_events(self, event: str, count: int, timeout: float) -> dict[str, Any]:
+    async def await_events(self, event: str, count: int, timeout: float, total: Optional[int] = None) -> dict[str, Any]:
+        if total is not None:  # that many arrivals in all, whichever connections they came on
+            return {"reached": await self.until(lambda: self.totals.get(event, 0) >= total, timeout)}
         self.watch = (event, count)
         self.satisfied = sum(1 for c in self.connections if self.satisfies(c))
         try:
@@ -119,7 +123,7 @@ class Worker:
         for connection in self.connections:
             connection.finished = True  # its connection_lost comes later and must not count in the next batch
             connection.close()
-        records, self.records, self.connections, self.ended = self.records, [], [], 0
+        records, self.records, self.connections, self.ended, self.totals = self.records, [], [], 0, {}
         return {"records": records, "unfinished": unfinished}
 
 
@@ -152,6 +156,7 @@ class Connection(asyncio.Protocol):
     def record(self, seq: int, event: str, t: float) -> None:
         was = self.worker.watch is not None and self.worker.satisfies(self)
         self.counts[event] = self.counts.get(event, 0) + 1
+        self.worker.totals[event] = self.worker.totals.get(event, 0) + 1
         self.worker.records.append([self.index, seq, event, t])
         self.worker.progress(self, was)
 
@@ -281,7 +286,7 @@ async def serve_commands(host: str, port: int) -> None:
         if cmd == "open":
             reply = await worker.open(command["mode"], command["paths"], command.get("interval", 0.0))
         elif cmd == "await":
-            reply = await worker.await_events(command["event"], command["count"], command["timeout"])
+            reply = await worker.await_events(command["event"], command["count"], command["timeout"], command.get("total"))
         elif cmd == "collect":
             reply = await worker.collect(command["timeout"])
         else:
@@ -365,6 +370,14 @@ class LoadGen:
         replies = self._ask([{"cmd": "await", "event": event, "count": count, "timeout": timeout}
                              if self.indexes[w] else None for w in range(len(self.procs))])
         return all(r["reached"] for r in replies)
+
+    def await_paths(self, event: str, paths: set[int], timeout: float = 60.0) -> bool:
+        """Until the connections of these paths (indexes as given to open) have had the event, once each."""
+        commands: list[Optional[dict[str, Any]]] = []
+        for indexes in self.indexes:
+            total = sum(1 for i in indexes if i in paths)
+            commands.append({"cmd": "await", "event": event, "count": 1, "total": total, "timeout": timeout} if total else None)
+        return all(r["reached"] for r in self._ask(commands))
 
     def collect(self, timeout: float = 60.0) -> tuple[list[Arrival], int]:
         """Every arrival since the last collect, and how many connections had not ended; closes them all."""
