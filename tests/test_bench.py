@@ -23,6 +23,7 @@ def target(served_gateway, redis_url, namespace):
     target = Target.of(served.process, served.port, redis_url, namespace)
     yield target
     target.http.close()
+    target.redis.close()
 
 
 @pytest.fixture
@@ -90,6 +91,9 @@ def test_the_gateway_is_read_from_proc(target):
     assert procstats.tcp_connections_to(target.pid, target.redis_port) >= 2  # pub/sub and the recorder at least
     assert procstats.cpu_seconds(target.pid) > 0
     assert procstats.wait_until_idle(target.pid, timeout=5) < 5
+    target.wait_until_recorded(timeout=5)  # no events yet
+    target.publish(new_run_id("recorded"), "running")
+    target.wait_until_recorded(timeout=10)
 
 
 def test_the_floor_is_measured_in_another_process(redis_url):

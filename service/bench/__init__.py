@@ -83,8 +83,9 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
                                        "for the machine, so a publish and an arrival in two processes subtract"}
     samples: dict[str, Any] = {}
     say("hook publish cost and the Redis floor")
-    report["hook_publish"] = bench_hook_publish(redis_url, f"bench-{uuid.uuid4().hex[:8]}", plan.hook_publishes,
-                                                plan.first_in_process)
+    hook_namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    report["hook_publish"] = bench_hook_publish(redis_url, hook_namespace, plan.hook_publishes, plan.first_in_process)
+    drop_namespace(redis_url, hook_namespace)
     # Two floors, paced as the gateway's publishes are: a process woken from idle answers later (on this
     # machine ~0.5 ms against ~0.2 ms), so each figure is compared with the floor of its own pace.
     samples["floor"] = bench_floor(redis_url, plan.floor_messages, gap=plan.spread_gap)
@@ -192,6 +193,7 @@ class gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.target.http.close()
+        self.target.redis.close()
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(30)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import httpx
+import redis
 
+from listeners.bus import keys
 from listeners.config import PublisherConfig
 from listeners.publisher import Publisher, emit
 from service.bench import procstats
@@ -69,13 +71,14 @@ class Target:
     redis_port: int
     publisher: Publisher
     http: httpx.Client
+    redis: redis.Redis
     host: str = "127.0.0.1"
 
     @staticmethod
     def of(process: subprocess.Popen, port: int, redis_url: str, namespace: str) -> "Target":
         publisher = Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=Path(tempfile.mkdtemp())))
         return Target(port, process.pid, httpx.URL(redis_url).port or 6379, publisher,
-                      httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30))
+                      httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30), redis.Redis.from_url(redis_url))
 
     def publish(self, run_id: str, state: str, **fields: Any) -> Published:
         t = time.perf_counter()
@@ -101,11 +104,28 @@ class Target:
             time.sleep(0.01)
 
     def settle(self, callers: int) -> None:
-        """Let the gateway finish subscribing callers (their replay-log reads) before publishing."""
+        """Let the gateway finish subscribing callers (their replay-log reads), and its recorder catch up
+        with the events published so far, before publishing: a backlog of the bench's own earlier
+        events (tens of thousands, on SQLite) would be measured as latency."""
         if callers < 100:
             time.sleep(0.02)
-        else:
-            procstats.wait_until_idle(self.pid)
+            return
+        self.wait_until_recorded()
+        procstats.wait_until_idle(self.pid)
+
+    def wait_until_recorded(self, timeout: float = 300.0) -> None:
+        """Until the recorder's consumer group has read and acknowledged every event of the global stream."""
+        stream, deadline = keys.global_stream(self.publisher.config.namespace), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
+            except redis.ResponseError:  # no stream yet: nothing was published, nothing to record
+                return
+            group = groups.get(keys.recorder_group().encode())
+            if group is not None and group["lag"] == 0 and group["pending"] == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the gateway's recorder did not catch up with the published events")
 
     def resources(self, window: float) -> dict[str, Any]:
         """Redis connections the gateway process holds, and SQL statements it sends per second."""
