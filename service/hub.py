@@ -16,6 +16,7 @@ is a Subscription whose log is the asset's (``AssetReplayLog``, Redis only: the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import deque
@@ -37,6 +38,7 @@ PING_EVERY_SECONDS = 5.0  # an idle pub/sub connection is pinged this often...
 DEAD_AFTER_SECONDS = 15.0  # ...and dropped and re-made when nothing at all was heard for this long
 BACKOFF_MAX_SECONDS = 5.0
 MISSING_HOLD_SECONDS = 60.0
+GC_PAUSE_FANOUT = 100  # subscribers of one run from which a fan-out runs without garbage collection
 
 
 class EventArchive(Protocol):
@@ -483,8 +485,18 @@ class Hub:
             return
         self.metrics.events_in.inc()
         self.metrics.delivery_latency.observe(max(0.0, time.time() - envelope.event.ts))
-        for sub in list(subs):
-            sub.offer(envelope)
+        if len(subs) < GC_PAUSE_FANOUT:
+            for sub in list(subs):
+                sub.offer(envelope)
+            return
+        # A collection in the middle of a fan-out stalls every subscriber after it: collect after. The
+        # subscribers run in the order they were woken, and gc.enable is queued behind them.
+        gc.disable()
+        try:
+            for sub in list(subs):
+                sub.offer(envelope)
+        finally:
+            asyncio.get_running_loop().call_soon(gc.enable)
 
     def _channel_of(self, envelope: Envelope | AssetEnvelope) -> str:
         """The channel the envelope's own run or asset publishes on."""

@@ -418,3 +418,20 @@ def test_shared_bytes_are_built_once_and_bounded_in_bytes():
     shared.get(("b",), lambda: build(b"123456"))  # 11 bytes: over the bound, the oldest goes
     assert shared.get(("a",), lambda: build(b"again")) == b"again"
     assert built == [b"12345", b"123456", b"again"] and shared.held == 5
+
+
+async def test_a_large_fan_out_runs_without_garbage_collection_and_turns_it_back_on():
+    import gc
+
+    from listeners.bus.schema import Event, envelope_json
+    from service.hub import GC_PAUSE_FANOUT, Hub, Subscription
+    from service.metrics import Metrics
+
+    hub = Hub(None, None, "ns", Metrics())  # no Redis: only the in-memory fan-out is exercised
+    channel = keys.run_keys("ns", "d", "r").channel
+    subs = hub.subscribers[channel] = {Subscription(hub, "d", "r", 0) for _ in range(GC_PAUSE_FANOUT)}
+    event = Event(kind="run", dag_id="d", run_id="r", state="running", source="emit", host="h")
+    hub._dispatch(channel.encode(), envelope_json(1, event.to_json()).encode())
+    assert not gc.isenabled() and all(len(sub.queue) == 1 for sub in subs)
+    await asyncio.sleep(0)  # the woken subscribers run first, then collection is back on
+    assert gc.isenabled()
