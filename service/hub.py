@@ -22,7 +22,7 @@ import time
 from collections import deque
 from contextlib import asynccontextmanager
 from enum import Enum
-from typing import Any, AsyncIterator, Callable, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -263,6 +263,9 @@ class AssetSubscription(Subscription):
         return await self.hub.asset_replay.read(self.name, self.last_seq)
 
 
+SubscriptionT = TypeVar("SubscriptionT", bound=Subscription)
+
+
 class SharedBytes:
     """Bytes built once and shared by every subscriber of a run, so that a crowd's fan-out encodes an
     event and its outcome once, not once per caller. Bounded in bytes (results can be 256 KiB): the
@@ -374,28 +377,20 @@ class Hub:
     async def subscribe(self, dag_id: str, run_id: str, after_seq: int = 0) -> AsyncIterator[Subscription]:
         """Register a subscriber for a run (before its log is read), and always unregister it."""
         channel = keys.run_keys(self.namespace, dag_id, run_id).channel
-        sub = Subscription(self, dag_id, run_id, after_seq)
-        if self.draining:
-            sub.close(Signal.DRAIN)
-        self.subscribers.setdefault(channel, set()).add(sub)
         self.heard.setdefault(channel, time.monotonic())
-        self.count += 1
-        try:
+        async with self._registered(channel, Subscription(self, dag_id, run_id, after_seq)) as sub:
             yield sub
-        finally:
-            self.count -= 1
-            subs = self.subscribers.get(channel)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self.subscribers[channel]
-                    self.heard.pop(channel, None)
 
     @asynccontextmanager
     async def subscribe_asset(self, name: str, after_seq: int = 0) -> AsyncIterator[AssetSubscription]:
         """Register a subscriber for an asset (before its log is read), and always unregister it."""
         channel = keys.asset_keys(self.namespace, name).channel
-        sub = AssetSubscription(self, name, after_seq)
+        async with self._registered(channel, AssetSubscription(self, name, after_seq)) as sub:
+            yield sub
+
+    @asynccontextmanager
+    async def _registered(self, channel: str, sub: SubscriptionT) -> AsyncIterator[SubscriptionT]:
+        """Add a subscriber to its channel (closed at once while draining); always take it out again."""
         if self.draining:
             sub.close(Signal.DRAIN)
         self.subscribers.setdefault(channel, set()).add(sub)
