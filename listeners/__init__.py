@@ -3,7 +3,7 @@
 Installs into an Airflow environment needing only ``redis`` and ``pydantic``.
 """
 
-from listeners.marks import critical
-from listeners.publisher import emit
+from runbell.listeners.marks import critical
+from runbell.listeners.publisher import emit
 
 __all__ = ["critical", "emit"]

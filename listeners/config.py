@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from listeners.bus.keys import DEFAULT_NAMESPACE
+from runbell.bus.keys import DEFAULT_NAMESPACE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

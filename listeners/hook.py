@@ -1,6 +1,6 @@
 """The Airflow listener: one bus event per dag-run and task-instance state change.
 
-Registered through ``listeners.plugin.RunbellPlugin``. The same hooks fire in different processes
+Registered through ``runbell.listeners.plugin.RunbellPlugin``. The same hooks fire in different processes
 with different objects (seen with Airflow 3.3.2):
 
 - the task's own worker process: a ``RuntimeTaskInstance`` whose ``task`` is the operator parsed
@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import pluggy
 
-from listeners import propagation
-from listeners.bus.schema import (
+from runbell.listeners import propagation
+from runbell.bus.schema import (
     AssetEvent,
     AssetInfo,
     ErrorInfo,
@@ -42,7 +42,7 @@ from listeners.bus.schema import (
     Source,
     TaskState,
 )
-from listeners.publisher import Publisher, default_publisher, extra_fields, make_result
+from runbell.listeners.publisher import Publisher, default_publisher, extra_fields, make_result
 
 hookimpl = pluggy.HookimplMarker("airflow")
 log = logging.getLogger("runbell.hook")

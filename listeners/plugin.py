@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from listeners import hook
+from runbell.listeners import hook
 
 
 class RunbellPlugin(AirflowPlugin):
     name = "runbell"
     # A module, not functions: Airflow registers each listener object with pluggy.
-    listeners = [hook]
+    runbell.listeners = [hook]

@@ -23,8 +23,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from listeners.bus import keys
-from listeners.bus.schema import (
+from runbell.bus import keys
+from runbell.bus.schema import (
     AnyEvent,
     AssetEvent,
     AssetInfo,
@@ -37,12 +37,12 @@ from listeners.bus.schema import (
     envelope_json,
     parse_event_json,
 )
-from listeners.config import PublisherConfig
-from listeners.spool import Spool, read_event
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.spool import Spool, read_event
 
 log = logging.getLogger("runbell.publisher")
 
-PUBLISH_LUA = resources.files("listeners.bus").joinpath("publish.lua").read_text(encoding="utf-8")
+PUBLISH_LUA = resources.files("runbell.bus").joinpath("publish.lua").read_text(encoding="utf-8")
 BREAKER_SECONDS = 2.0  # after a failure, spool straight away for this long instead of reconnecting
 FLUSH_BUDGET_SECONDS = 0.5  # how long one publish may spend sending spooled events
 FLUSH_BATCH = 200

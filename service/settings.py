@@ -11,8 +11,8 @@ from typing import Optional
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
-from listeners.bus.keys import DEFAULT_NAMESPACE
-from service.auth import Role, parse_tokens
+from runbell.bus.keys import DEFAULT_NAMESPACE
+from runbell.service.http.auth import Role, parse_tokens
 
 
 DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"  # immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
@@ -68,7 +68,7 @@ class Settings(BaseModel):
     @field_validator("webhook_allowed_hosts")
     @classmethod
     def _check_allowed_hosts(cls, value):
-        from service.target_guard import TargetPolicy
+        from runbell.service.webhooks.target_guard import TargetPolicy
 
         TargetPolicy.from_setting(value)  # ValueError names the bad entry
         return value

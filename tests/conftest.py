@@ -115,7 +115,7 @@ def scratch_postgres(why_skip: str):
 @pytest.fixture
 async def store(database_url):
     """A started store on the test's own database (PostgreSQL and SQLite)."""
-    from service.store import Store
+    from runbell.service.store.store import Store
 
     store = Store(database_url)
     await store.start()
@@ -155,8 +155,8 @@ class RunningGateway:
         return httpx.AsyncClient(base_url=self.url, headers=headers, **{"timeout": 30, **kw})
 
     def publisher(self):
-        from listeners.config import PublisherConfig
-        from listeners.publisher import Publisher
+        from runbell.listeners.config import PublisherConfig
+        from runbell.listeners.publisher import Publisher
         import tempfile
         from pathlib import Path
 
@@ -170,8 +170,8 @@ async def gateway_factory(redis_url, namespace, tmp_path, redis_cleanup):
 
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from runbell.service.http.app import create_app
+    from runbell.service.settings import Settings
 
     started = []
 

@@ -31,7 +31,7 @@ class ServedGateway:
         with open(self.log, "a") as log:
             log.write(f"\n---- start #{self.starts}\n")
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
+                [sys.executable, "-m", "runbell.service.client.cli", "serve", "--port", str(self.port)]
                 + (["--no-auth"] if self.no_auth else []),
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_SECONDS

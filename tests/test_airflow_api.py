@@ -1,4 +1,4 @@
-"""service.airflow_api against a stand-in Airflow: a Starlette app served by uvicorn on a loopback
+"""runbell.service.airflow.api against a stand-in Airflow: a Starlette app served by uvicorn on a loopback
 port inside the test's event loop (httpx.MockTransport where no socket is needed).
 
 The stand-in speaks the parts of Airflow 3.3's REST API the client uses, as read from its source:
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.airflow_api import (
+from runbell.service.airflow.api import (
     AirflowAuthFailed,
     AirflowBadRequest,
     AirflowClient,

@@ -15,13 +15,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from listeners import hook
-from listeners import publisher as publisher_module
-from listeners.bus import keys
-from listeners.bus.schema import AssetEvent, AssetInfo, BadEvent, decode_asset_envelope, decode_envelope
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit, emit_asset
-from service.auth import issue_run_token
+from runbell.listeners import hook
+from runbell.listeners import publisher as publisher_module
+from runbell.bus import keys
+from runbell.bus.schema import AssetEvent, AssetInfo, BadEvent, decode_asset_envelope, decode_envelope
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit, emit_asset
+from runbell.service.http.auth import issue_run_token
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import read_sse, until
 

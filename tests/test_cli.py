@@ -15,13 +15,13 @@ import httpx
 import pytest
 import redis
 
-from listeners.bus import keys
-from listeners.bus.schema import decode_envelope
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
+from runbell.bus import keys
+from runbell.bus.schema import decode_envelope
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
 from tests.conftest import READ_TOKEN, TOKENS, free_port
 
-RUNBELL = [sys.executable, "-m", "service.cli"]
+RUNBELL = [sys.executable, "-m", "runbell.service.client.cli"]
 
 
 def cli_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
@@ -162,7 +162,7 @@ def test_sigterm_drains_clients_cleanly(served, redis_url, namespace):
 
 def test_embedded_broker_carries_publish_and_pubsub(tmp_path):
     """The development broker speaks what publish.lua and the hub need (Lua, streams, pub/sub)."""
-    from service.broker import start_embedded
+    from runbell.service.live.broker import start_embedded
 
     broker = start_embedded("127.0.0.1", free_port())
     try:

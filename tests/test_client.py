@@ -1,4 +1,4 @@
-"""service.client, sync and async: long-poll and SSE against a real gateway; trigger against a stand-in
+"""runbell.service.client.client, sync and async: long-poll and SSE against a real gateway; trigger against a stand-in
 for POST /v1/dags/{dag_id}/runs (httpx.MockTransport answering its contract)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Callable, Union
 import httpx
 import pytest
 
-from service import client as client_module
-from service.client import (
+from runbell.service.client import client as client_module
+from runbell.service.client.client import (
     ATTEMPTS, AsyncRunbellClient, AuthError, Conflict, Failure, InvalidRequest, NotFound, RunbellClient, RunFailed,
     RunPending, SseEvent, Unavailable,
 )

@@ -8,10 +8,10 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from listeners.bus import keys
-from listeners.publisher import emit
-from service.client import parse_sse
-from service.hub import SharedBytes
+from runbell.bus import keys
+from runbell.listeners.publisher import emit
+from runbell.service.client.client import parse_sse
+from runbell.service.live.hub import SharedBytes
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 
 DAG = "etl"
@@ -183,7 +183,7 @@ async def test_health_readiness_and_metrics(gateway):
 
 
 async def test_openapi_describes_every_route(gateway):
-    from service.app import ROUTES
+    from runbell.service.http.app import ROUTES
 
     async with gateway.client(token=None) as client:
         document = (await client.get("/openapi.json")).json()
@@ -326,7 +326,7 @@ async def test_pubsub_connection_killed_then_events_are_recovered(gateway):
 async def test_slow_subscriber_is_cut_off_and_memory_released(gateway_factory):
     gateway = await gateway_factory(subscriber_buffer=3)
     hub = gateway.app.state.hub
-    from service.hub import Signal, SubscriptionClosed
+    from runbell.service.live.hub import Signal, SubscriptionClosed
 
     async with hub.subscribe(DAG, "slow") as subscription:
         for _ in range(5):
@@ -423,9 +423,9 @@ def test_shared_bytes_are_built_once_and_bounded_in_bytes():
 async def test_a_large_fan_out_runs_without_garbage_collection_and_turns_it_back_on():
     import gc
 
-    from listeners.bus.schema import Event, envelope_json
-    from service.hub import GC_PAUSE_FANOUT, Hub, Subscription
-    from service.metrics import Metrics
+    from runbell.bus.schema import Event, envelope_json
+    from runbell.service.live.hub import GC_PAUSE_FANOUT, Hub, Subscription
+    from runbell.service.core.metrics import Metrics
 
     hub = Hub(None, None, "ns", Metrics())  # no Redis: only the in-memory fan-out is exercised
     channel = keys.run_keys("ns", "d", "r").channel

@@ -1,4 +1,4 @@
-"""listeners.hook with fake task instances and dag runs (no Airflow), publishing to the real Redis.
+"""runbell.listeners.hook with fake task instances and dag runs (no Airflow), publishing to the real Redis.
 
 Two kinds of fake task instance, as the hook meets them: the worker's RuntimeTaskInstance (a plain
 object whose task carries the parsed DAG) and the ORM TaskInstance of the scheduler / api-server
@@ -19,13 +19,13 @@ from typing import Any, Iterator, Optional
 import pytest
 import redis
 
-from listeners import hook
-from listeners import publisher as publisher_module
-from listeners.bus.keys import run_keys
-from listeners.bus.schema import Event, EventKind, RunState, TaskState, decode_envelope
-from listeners.config import PublisherConfig
-from listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
-from listeners.publisher import Publisher
+from runbell.listeners import hook
+from runbell.listeners import publisher as publisher_module
+from runbell.bus.keys import run_keys
+from runbell.bus.schema import Event, EventKind, RunState, TaskState, decode_envelope
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
+from runbell.listeners.publisher import Publisher
 from tests.test_propagation import FakeTask as GraphTask
 from tests.test_propagation import dag as graph
 

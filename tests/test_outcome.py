@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listeners.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result, ResultRef
-from service.outcome import DecidedBy, OutcomeFold, OutcomeStatus, decide
+from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result, ResultRef
+from runbell.service.core.outcome import DecidedBy, OutcomeFold, OutcomeStatus, decide
 
 DAG, RUN = "dag", "run"
 

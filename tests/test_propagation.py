@@ -1,4 +1,4 @@
-"""listeners.propagation on tiny fake DAGs: the trigger-rule table, paths, setups/teardowns, flags.
+"""runbell.listeners.propagation on tiny fake DAGs: the trigger-rule table, paths, setups/teardowns, flags.
 
 tests/airflow/test_e2e.py checks the same predictions against a real Airflow scheduler.
 """
@@ -10,8 +10,8 @@ from enum import Enum
 
 import pytest
 
-from listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
-from listeners.propagation import (
+from runbell.listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
+from runbell.listeners.propagation import (
     TRIGGER_RULE_PROPAGATION,
     Propagation,
     conf_critical_ids,

@@ -12,12 +12,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from listeners.bus import keys
-from listeners.bus.schema import decode_envelope
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
-from service.recorder import BACKOFF_MAX_SECONDS, Backoff, Recorder, gaps
-from service.store import EventRow, Store
+from runbell.bus import keys
+from runbell.bus.schema import decode_envelope
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
+from runbell.service.store.recorder import BACKOFF_MAX_SECONDS, Backoff, Recorder, gaps
+from runbell.service.store.store import EventRow, Store
 
 DAG = "etl"
 WAIT = 20.0  # upper bound for anything that should happen at once; never reached when it works

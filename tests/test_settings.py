@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import Role, parse_tokens
-from service.settings import SETTINGS_DOC, Settings, env_name, load_settings
+from runbell.service.http.auth import Role, parse_tokens
+from runbell.service.settings import SETTINGS_DOC, Settings, env_name, load_settings
 
 
 def test_every_setting_is_in_the_readme_table():

@@ -16,9 +16,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from listeners.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
-from service.outcome import decide
-from service.store import (
+from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
+from runbell.service.core.outcome import decide
+from runbell.service.store.store import (
     Base,
     EventRow,
     Run,
@@ -231,7 +231,7 @@ async def test_processes_starting_together_migrate_once(database_url):
     """Replicas in separate processes start at the same moment on an empty database."""
     script = (
         "import asyncio, sys\n"
-        "from service.store import Store\n"
+        "from runbell.service.store.store import Store\n"
         "async def main():\n"
         "    store = Store(sys.argv[1])\n"
         "    await store.start()\n"

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from listeners.bus import keys
-from listeners.bus.schema import decode_envelope
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
+from runbell.bus import keys
+from runbell.bus.schema import decode_envelope
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import until
 

@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.signing import new_secret
-from service.store import Store
-from service.target_guard import TargetPolicy
-from service.webhook_delivery import Dispatcher, parse_retry_after
-from service.webhook_store import ENDPOINTS, MessageStatus, WebhookOutbox, WebhookStore
+from runbell.service.webhooks.signing import new_secret
+from runbell.service.store.store import Store
+from runbell.service.webhooks.target_guard import TargetPolicy
+from runbell.service.webhooks.dispatcher import Dispatcher, parse_retry_after
+from runbell.service.webhooks.outbox import ENDPOINTS, MessageStatus, WebhookOutbox, WebhookStore
 from tests.conftest import free_port
 from tests.test_webhook_store import a_run
 
@@ -521,7 +521,7 @@ async def test_a_backlog_beyond_the_per_endpoint_bound_drains_without_waiting_fo
 
 async def test_the_gateway_delivers_and_a_restart_resumes_a_delivery_cut_short(gateway_factory, receiver, tmp_path):
     """A gateway is stopped while its attempt hangs; the next one (same database) delivers it."""
-    from listeners.publisher import emit
+    from runbell.listeners.publisher import emit
 
     database_url = f"sqlite:///{tmp_path / 'shared.db'}"
     first = await gateway_factory(database_url=database_url, webhook_allowed_hosts="127.0.0.1")

@@ -256,7 +256,7 @@ EVERY_ROUTE = [
 
 
 async def test_every_webhook_route_needs_the_admin_role(gateway, admin):
-    from service.app import ROUTES
+    from runbell.service.http.app import ROUTES
 
     served = {(method, route.path) for route in ROUTES if route.path.startswith("/v1/webhooks")
               for method in route.methods - {"HEAD"}}

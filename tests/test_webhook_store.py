@@ -11,10 +11,10 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from listeners.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
-from service.outcome import decide
-from service.store import EventRow, Store
-from service.webhook_store import (
+from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
+from runbell.service.core.outcome import decide
+from runbell.service.store.store import EventRow, Store
+from runbell.service.webhooks.outbox import (
     MESSAGES,
     Endpoint,
     MessageStatus,

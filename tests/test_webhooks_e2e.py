@@ -15,9 +15,9 @@ from collections import Counter
 import httpx
 import pytest
 
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
-from service.bench import FastReceiver
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
+from runbell.service.bench import FastReceiver
 from tests.conftest import ADMIN_TOKEN, TOKENS, free_port
 
 
@@ -32,7 +32,7 @@ async def receiving():
 
 
 def serve(env: dict, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "runbell.service.client.cli", "serve", "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -1,7 +1,7 @@
 """`runbell bench`: figures measured on this machine (a benchmark: it reports and judges, never fails).
 
 The gateway runs in its own process; the callers are held by load generator processes
-(service.bench.loadgen) and the events are published from this one, as the hook publishes. Every
+(runbell.service.bench.loadgen) and the events are published from this one, as the hook publishes. Every
 comparison (gateway against the Redis floor, against polling, against Airflow's /wait) runs both
 sides in the same run on the same machine, and the report gives the ratio: absolute times on a
 shared machine drift.
@@ -25,13 +25,13 @@ from typing import Any, Iterator
 
 import redis
 
-from service.bench.delivery import Target, bench_hook_publish, capacity, crowd, polling, spread, throughput
-from service.bench.floor import bench_fanout_floor, bench_floor
-from service.bench.listing import run_listing
-from service.bench.loadgen import LoadGen, raise_fd_limit
-from service.bench.measure import free_port, percentiles, start_gateway
-from service.bench.report import draw_charts, judge, median, ratio, ratios, summary
-from service.bench.webhooks import FastReceiver, bench_webhooks
+from runbell.service.bench.delivery import Target, bench_hook_publish, capacity, crowd, polling, spread, throughput
+from runbell.service.bench.floor import bench_fanout_floor, bench_floor
+from runbell.service.bench.listing import run_listing
+from runbell.service.bench.loadgen import LoadGen, raise_fd_limit
+from runbell.service.bench.measure import free_port, percentiles, start_gateway
+from runbell.service.bench.report import draw_charts, judge, median, ratio, ratios, summary
+from runbell.service.bench.webhooks import FastReceiver, bench_webhooks
 
 __all__ = ["FastReceiver", "Plan", "free_port", "run", "run_listing", "start_gateway", "summary"]
 
@@ -168,9 +168,9 @@ def bench_callers(gen: LoadGen, target: Target, via: str, plan: Plan, report: di
 
 
 def import_airflow_bench():
-    """service.bench.airflow is loaded only for --airflow (it needs an Airflow installation)."""
+    """runbell.service.bench.airflow is loaded only for --airflow (it needs an Airflow installation)."""
     try:
-        from service.bench.airflow import bench_airflow
+        from runbell.service.bench.airflow import bench_airflow
     except ImportError as exc:
         raise SystemExit(f"runbell bench --airflow: the Airflow comparison is not available ({exc})") from None
     return bench_airflow
@@ -225,7 +225,7 @@ def resources(report: dict[str, Any]) -> dict[str, Any]:
     """Redis connections and SQL statements per second of the gateway, idle and with each crowd of
     callers waiting. Constant when neither grows from the smallest crowd to the largest (ten times as
     many callers) and statements stay within one per second of idle. Command connections are pooled
-    and bounded (service.app.REDIS_COMMAND_CONNECTIONS), so the pool may have filled before the first crowd."""
+    and bounded (runbell.service.http.app.REDIS_COMMAND_CONNECTIONS), so the pool may have filled before the first crowd."""
     levels: dict[str, Any] = {"long_poll": dict(report["resources"]["long_poll"]), "sse": {}}
     for via in ("long_poll", "sse"):
         for n, figures in report[via].items():

@@ -1,6 +1,6 @@
 """`runbell bench --airflow`: Runbell against Airflow's own /wait, on a real Airflow 3.3.2.
 
-Both sides in the same run on the same machine: one `airflow standalone` (service.bench.standalone)
+Both sides in the same run on the same machine: one `airflow standalone` (runbell.service.bench.standalone)
 with the hook installed, publishing to the given Redis under a fresh namespace, and one gateway in
 its own process on that namespace. Each run of a case is watched by a Runbell long-poll waiter and an
 SSE client (both attached before the trigger, as a caller may) and by a reader of Airflow's
@@ -45,10 +45,10 @@ from typing import Any, Awaitable
 
 import redis
 
-from listeners.bus.keys import run_keys
-from listeners.bus.schema import decode_envelope
-from service.bench.measure import await_outcome_long_poll, await_outcome_sse, free_port, percentiles, start_gateway
-from service.bench.standalone import Airflow, parse_time, standalone
+from runbell.bus.keys import run_keys
+from runbell.bus.schema import decode_envelope
+from runbell.service.bench.measure import await_outcome_long_poll, await_outcome_sse, free_port, percentiles, start_gateway
+from runbell.service.bench.standalone import Airflow, parse_time, standalone
 
 BENCH_DAGS = Path(__file__).resolve().parent / "dags"
 WAIT_INTERVAL = 1  # seconds: /wait's `interval`, as the issue's baseline asks

@@ -1,6 +1,6 @@
 """Hook publish cost, and publish → caller latency over long-poll and SSE.
 
-The callers are held by load generator processes (service.bench.loadgen), never by the gateway's
+The callers are held by load generator processes (runbell.service.bench.loadgen), never by the gateway's
 event loop or this one; this process only publishes, as the hook does, and reads the gateway from
 outside (/metrics, /proc). A publish is timed from just before the hook's publish call, so every
 latency includes the publish itself, as the floor's does.
@@ -23,12 +23,12 @@ from typing import Any, Callable, Optional
 import httpx
 import redis
 
-from listeners.bus import keys
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
-from service.bench import procstats
-from service.bench.loadgen import Arrival, LoadGen
-from service.bench.measure import percentiles
+from runbell.bus import keys
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
+from runbell.service.bench import procstats
+from runbell.service.bench.loadgen import Arrival, LoadGen
+from runbell.service.bench.measure import percentiles
 
 DAG = "bench"
 LONG_POLL_TIMEOUT = 60  # the gateway's maximum: a waiter never times out during a measurement
@@ -47,8 +47,8 @@ def bench_hook_publish(redis_url: str, namespace: str, count: int, first_count: 
         emit(DAG, f"hook-{i % 100}", "running", task_id="t", publisher=publisher)
         warm.append(time.perf_counter() - start)
     code = (
-        "import time,sys,tempfile,pathlib;from listeners.config import PublisherConfig;"
-        "from listeners.publisher import Publisher,emit;"
+        "import time,sys,tempfile,pathlib;from runbell.listeners.config import PublisherConfig;"
+        "from runbell.listeners.publisher import Publisher,emit;"
         f"p=Publisher(PublisherConfig(redis_url={redis_url!r},namespace={namespace!r},spool_dir=pathlib.Path(tempfile.mkdtemp())));"
         "s=time.perf_counter();emit('bench','first','running',publisher=p);print(time.perf_counter()-s)"
     )

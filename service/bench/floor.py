@@ -22,11 +22,11 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from service.bench.loadgen import LoadGen, raise_fd_limit, run_loop
+from runbell.service.bench.loadgen import LoadGen, raise_fd_limit, run_loop
 
 STOP = b"stop"
-SUBSCRIBER = "import sys; from service.bench.floor import main; main(sys.argv[1], sys.argv[2])"
-FANOUT_SERVER = "from service.bench.floor import fanout_server; fanout_server()"
+SUBSCRIBER = "import sys; from runbell.service.bench.floor import main; main(sys.argv[1], sys.argv[2])"
+FANOUT_SERVER = "from runbell.service.bench.floor import fanout_server; fanout_server()"
 READY = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: ready\r\n\r\n"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-from service.bench.measure import KeepAliveClient, free_port, percentiles, start_gateway
+from runbell.service.bench.measure import KeepAliveClient, free_port, percentiles, start_gateway
 
 
 LISTING_RUNS = 100_000
@@ -66,7 +66,7 @@ async def load_listing_database(database_url: str, count: int) -> dict[str, Any]
     """Migrate the (empty) database and bulk-insert `count` runs straight into the runs table."""
     from sqlalchemy import insert, text
 
-    from service.store import Run, Store
+    from runbell.service.store.store import Run, Store
 
     store = Store(database_url)
     await store.start()
@@ -139,7 +139,7 @@ def run_listing(out: Path, redis_url: str, database_url: str, runs: int = LISTIN
     gateway in its own process answers filtered, paged listings over HTTP; p50/p99 per request."""
     from urllib.parse import urlsplit
 
-    from service.store import normalize_database_url
+    from runbell.service.store.store import normalize_database_url
 
     if not database_url.startswith(("postgresql", "postgres")):
         raise ValueError("--listing measures PostgreSQL: give --database-url postgresql://user@host:port/db")

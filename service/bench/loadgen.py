@@ -35,7 +35,7 @@ CONNECT_CONCURRENCY = 200  # connects in flight per worker: more overflows the g
 DECIDED = (b'"outcome":"success"', b'"outcome":"failed"')  # in GET /v1/dags/{d}/runs/{r} (compact JSON)
 CONNECTIONS_PER_WORKER = 2500
 # A worker's entry: imported, not run with -m, so that the package's own imports do not come first.
-WORKER = "from service.bench.loadgen import worker_main; worker_main()"
+WORKER = "from runbell.service.bench.loadgen import worker_main; worker_main()"
 
 
 def raise_fd_limit() -> int:

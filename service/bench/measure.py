@@ -32,7 +32,7 @@ def free_port() -> int:
 def start_gateway(redis_url: str, namespace: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace,
            "RUNBELL_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}", "RUNBELL_LOG_LEVEL": "warning", **(extra_env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-auth", "--port", str(port)], env=env)
+    process = subprocess.Popen([sys.executable, "-m", "runbell.service.client.cli", "serve", "--no-auth", "--port", str(port)], env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

@@ -27,7 +27,7 @@ LATENCY_SERIES = (
 )
 
 
-# service.bench.airflow's samples per caller (the others are reference offsets), and its figures' names.
+# runbell.service.bench.airflow's samples per caller (the others are reference offsets), and its figures' names.
 AIRFLOW_CALLERS = {"runbell": "runbell_long_poll", "runbell_sse": "runbell_sse", "airflow_wait": "airflow_wait"}
 
 

@@ -26,8 +26,8 @@ from urllib.error import HTTPError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
-import listeners
-from service.bench.measure import free_port
+import runbell.listeners
+from runbell.service.bench.measure import free_port
 
 DEFAULT_VENV = Path.home() / ".cache" / "runbell" / "airflow-3.3.2"
 START_TIMEOUT = 120.0  # standalone is ready in ~11 s; a cold first start migrates the database too
@@ -54,16 +54,16 @@ def airflow_venv() -> Path:
 
 
 def check_hook_installed(venv: Path) -> None:
-    """The hook in the Airflow virtualenv must be the installed package and match the `listeners`
+    """The hook in the Airflow virtualenv must be the installed package and match the `runbell.listeners`
     this process imports (in a checkout: this tree)."""
     probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import listeners; print(listeners.__path__[0])"],
+        [str(venv / "bin" / "python"), "-c", "import runbell.listeners; print(runbell.listeners.__path__[0])"],
         cwd="/",
         capture_output=True,
         text=True,
         timeout=60,
     )
-    source = Path(listeners.__path__[0])
+    source = Path(runbell.listeners.__path__[0])
     checkout = source.parent if (source.parent / "pyproject.toml").is_file() else None
     fix = f"run tests/run, or: {venv}/bin/pip install --no-deps --force-reinstall {checkout or 'runbell'}"
     if probe.returncode != 0:

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from listeners.publisher import Publisher, emit
-from service.bench.measure import percentiles
+from runbell.listeners.publisher import Publisher, emit
+from runbell.service.bench.measure import percentiles
 
 
 class FastReceiver:

@@ -1,6 +1,6 @@
 """A real Airflow 3.3.2 (`airflow standalone`, SQLite, LocalExecutor) for end-to-end tests.
 
-One instance per test session, started by service.bench.standalone (the Airflow bench starts it the
+One instance per test session, started by runbell.service.bench.standalone (the Airflow bench starts it the
 same way), with this repo's hook installed in its virtualenv. It publishes to the test Redis under a
 namespace of this session's own. The DAGs are tests/airflow/dags plus the bench's (service/bench/dags).
 """
@@ -18,10 +18,10 @@ from typing import Any, Iterator, Optional
 import pytest
 import redis
 
-from listeners.bus.keys import run_keys
-from listeners.bus.schema import Envelope, decode_envelope
-from service.bench import standalone
-from service.bench.airflow import BENCH_DAGS
+from runbell.bus.keys import run_keys
+from runbell.bus.schema import Envelope, decode_envelope
+from runbell.service.bench import standalone
+from runbell.service.bench.airflow import BENCH_DAGS
 
 DAGS = Path(__file__).resolve().parent / "dags"
 # As in tests/conftest.py (not importable from here): the machine's Redis; CI never skips.

@@ -1,4 +1,4 @@
-"""service.airflow_api against the real Airflow 3.3.2 of tests/airflow/conftest.py (all-admins:
+"""runbell.service.airflow.api against the real Airflow 3.3.2 of tests/airflow/conftest.py (all-admins:
 the API needs no token, but POST /auth/token still issues real JWTs, and a bearer token that is
 sent is still verified).
 
@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import airflow_api
-from service.airflow_api import AirflowAuthFailed, AirflowClient, AirflowSettings, DagNotFound, NotFound, RunExists
+from runbell.service.airflow import api as airflow_api
+from runbell.service.airflow.api import AirflowAuthFailed, AirflowClient, AirflowSettings, DagNotFound, NotFound, RunExists
 
 pytestmark = pytest.mark.airflow
 

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import redis
 
-from listeners.bus import keys
-from listeners.bus.schema import decode_asset_envelope
-from service.bench import free_port, start_gateway
-from service.client import SseParser
+from runbell.bus import keys
+from runbell.bus.schema import decode_asset_envelope
+from runbell.service.bench import free_port, start_gateway
+from runbell.service.client.client import SseParser
 
 pytestmark = pytest.mark.airflow
 

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from service.bench import free_port, standalone, start_gateway
-from service.client import SseParser
+from runbell.service.bench import free_port, standalone, start_gateway
+from runbell.service.client.client import SseParser
 
 pytestmark = pytest.mark.airflow
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.bench.airflow import CASES, bench_airflow
+from runbell.service.bench.airflow import CASES, bench_airflow
 
 pytestmark = pytest.mark.airflow
 

@@ -21,10 +21,10 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from listeners.bus.schema import EventKind, RunState, TaskState
-from listeners.propagation import doomed_task_ids
-from service.bench import free_port, start_gateway
-from service.client import RunbellClient, RunPending
+from runbell.bus.schema import EventKind, RunState, TaskState
+from runbell.listeners.propagation import doomed_task_ids
+from runbell.service.bench import free_port, start_gateway
+from runbell.service.client.client import RunbellClient, RunPending
 
 pytestmark = pytest.mark.airflow
 
@@ -245,7 +245,7 @@ def test_marked_critical_failure_is_published_although_the_run_succeeds(runs: di
 
 @dataclass
 class SpecTask:
-    """A task of rb_trigger_rules.json, in the shape listeners.propagation reads."""
+    """A task of rb_trigger_rules.json, in the shape runbell.listeners.propagation reads."""
 
     task_id: str
     trigger_rule: str

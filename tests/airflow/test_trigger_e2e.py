@@ -18,8 +18,8 @@ from urllib.error import HTTPError
 import httpx
 import pytest
 
-from service.bench import free_port, start_gateway
-from service.client import RunbellClient
+from runbell.service.bench import free_port, start_gateway
+from runbell.service.client.client import RunbellClient
 
 pytestmark = pytest.mark.airflow
 

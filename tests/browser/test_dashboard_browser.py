@@ -1,6 +1,6 @@
 """The dashboard in a real headless Chromium against a real `runbell serve`.
 
-Events are published the way the hook publishes them (listeners.publisher into the gateway's
+Events are published the way the hook publishes them (runbell.listeners.publisher into the gateway's
 namespace); the page must show them: runs appear in the table, the run view's tasks and outcome
 change live, a reload shows the same, and after the gateway is stopped (SIGTERM, then SIGKILL) and
 started again on the same port the page carries on by itself, every event shown exactly once.
@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from listeners.bus.schema import Event, EventKind
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
+from runbell.bus.schema import Event, EventKind
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
 from tests.browser.conftest import read_console, save_screenshot
 
 WAIT_SECONDS = 20  # the longest any one change may take to show
@@ -260,7 +260,7 @@ def airflow_backfill_db(path: Path, dag_id: str, slots: list[tuple[int, str, str
     """Airflow's backfill tables in a SQLite file, as Airflow fills them: (ordinal, day, skip reason)."""
     from sqlalchemy import create_engine, insert
 
-    from service.backfills import _airflow, backfill_dag_run_table, backfill_table, dag_run_table
+    from runbell.service.http.backfills import _airflow, backfill_dag_run_table, backfill_table, dag_run_table
 
     engine = create_engine(f"sqlite:///{path}")
     _airflow.create_all(engine)

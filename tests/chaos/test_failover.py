@@ -3,7 +3,7 @@ attached. Its callers reconnect to a survivor, every one still gets the correct 
 client sees each of its run's events exactly once, in sequence order, with no gaps.
 
 Three kinds of caller start on each gateway, for every run: a long-poll waiter and an SSE follower of
-the client library (service.client, given the three gateway URLs), and a raw EventSource (below: what a
+the client library (runbell.service.client.client, given the three gateway URLs), and a raw EventSource (below: what a
 browser does, behind a load balancer that stops sending it to a dead replica). The raw one keeps every
 event as it came off the wire, so a gateway that re-sent anything would show as a duplicate.
 """
@@ -20,9 +20,9 @@ from typing import Optional
 
 import httpx
 
-from listeners.config import PublisherConfig
-from listeners.publisher import Publisher, emit
-from service.client import AsyncRunbellClient, Outcome, SseEvent, SseParser
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
+from runbell.service.client.client import AsyncRunbellClient, Outcome, SseEvent, SseParser
 
 DAG = "chaos_failover"
 RUNS = 6

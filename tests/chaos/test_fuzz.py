@@ -31,16 +31,16 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from sqlalchemy import create_engine
 
-from listeners.bus.schema import (
+from runbell.bus.schema import (
     AssetEnvelope,
     BadEvent,
     Envelope,
     decode_asset_envelope,
     decode_envelope,
 )
-from service.backfills import _airflow
-from service.outcome import decide
-from service.routes import event_data, outcome_body
+from runbell.service.http.backfills import _airflow
+from runbell.service.core.outcome import decide
+from runbell.service.http.run_routes import event_data, outcome_body
 from tests.chaos.test_bad_input import nested, publish, run, task, result
 from tests.conftest import ADMIN_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until

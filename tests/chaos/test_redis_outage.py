@@ -24,12 +24,12 @@ import httpx
 import pytest
 import redis
 
-from listeners.bus import keys
-from listeners.bus.schema import decode_envelope
-from listeners.config import PublisherConfig
-from listeners.publisher import FLUSH_BUDGET_SECONDS, Publisher, emit
-from service.client import AsyncRunbellClient, Outcome
-from service.store import Store
+from runbell.bus import keys
+from runbell.bus.schema import decode_envelope
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import FLUSH_BUDGET_SECONDS, Publisher, emit
+from runbell.service.client.client import AsyncRunbellClient, Outcome
+from runbell.service.store.store import Store
 from tests.chaos.test_failover import EventSource, holds, until
 from tests.conftest import IN_CI, free_port
 

@@ -4,7 +4,7 @@ task (all_done) so the failure always lands first: run side by side, the result 
 
 from airflow.sdk import dag, result, task
 
-from listeners.marks import critical
+from runbell.listeners.marks import critical
 
 
 @dag(schedule=None, catchup=False, tags=["runbell-e2e"])

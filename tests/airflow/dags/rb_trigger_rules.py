@@ -1,7 +1,7 @@
 """Many small graphs, each with one failing task, built from rb_trigger_rules.json.
 
 The end-to-end test compares the tasks Airflow marks upstream_failed with what
-listeners.propagation predicts from the same JSON: the trigger-rule table checked against the real
+runbell.listeners.propagation predicts from the same JSON: the trigger-rule table checked against the real
 scheduler. Components: every trigger rule after one failed upstream (f1_*/d1_*), some next to a
 successful upstream (f2_*/ok2_*/d2_*), diamonds (f3*), and setups/teardowns (s4..s7).
 """

@@ -1,0 +1,1 @@
+"""Airflow access: its REST API, idempotent triggering, the reconciler."""

@@ -1,0 +1,127 @@
+"""The reconciler: no waiter hangs because an event was lost.
+
+Hooks can be lost (a SIGKILLed task fires none; a worker can lose Redis and die before its spool is
+flushed; a host can run without the hook). For every run someone here waits on that has been silent
+for a while, Airflow's REST API is asked, and what it says is published as events from the
+reconciler, through the same path as the hook's, so waiters, SSE clients and the store all see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any, Optional
+
+from runbell.bus.schema import ErrorInfo, Event, EventKind, RunState, Source, TaskState
+from runbell.listeners.publisher import Publisher
+from runbell.service.airflow.api import AirflowClient, AirflowError
+from runbell.service.live.hub import Hub
+
+log = logging.getLogger("runbell.reconciler")
+
+TICK_SECONDS = 1.0
+MAX_INTERVAL_SECONDS = 300.0
+
+# Airflow's task states that are events on the bus; the others (scheduled, queued, deferred,
+# upstream_failed, removed...) mean the task did not run, or has not yet.
+TASK_STATES = {
+    "running": TaskState.RUNNING,
+    "success": TaskState.SUCCESS,
+    "failed": TaskState.FAILED,
+    "up_for_retry": TaskState.UP_FOR_RETRY,
+    "skipped": TaskState.SKIPPED,
+}
+RUN_STATES = {s.value: s for s in RunState}
+
+
+class Reconciler:
+    def __init__(self, hub: Hub, airflow: AirflowClient, publisher: Publisher, after: float):
+        self.hub, self.airflow, self.publisher, self.after = hub, airflow, publisher, after
+        self._next: dict[tuple[str, str], tuple[float, float]] = {}  # run -> (due, interval)
+        self._logged: set[str] = set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except Exception:  # a bad answer from Airflow must not end reconciling
+                log.exception("reconciler step failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def step(self) -> int:
+        """Reconcile every silent run that is due. Returns how many were asked about."""
+        now, asked = time.monotonic(), 0
+        silent = {(dag, run) for dag, run, _ in self.hub.silent_runs(self.after)}
+        for run in list(self._next):
+            if run not in silent:
+                del self._next[run]  # heard from again, or nobody waits any more
+        for dag_id, run_id in silent:
+            due, interval = self._next.get((dag_id, run_id), (now, self.after))
+            if now < due:
+                continue
+            asked += 1
+            await self.reconcile(dag_id, run_id)
+            interval = min(interval * 2, MAX_INTERVAL_SECONDS)  # backing off while it stays silent
+            self._next[(dag_id, run_id)] = (time.monotonic() + interval, interval)
+        return asked
+
+    async def reconcile(self, dag_id: str, run_id: str) -> list[Event]:
+        """Ask Airflow about one run; publish what it knows. Returns the events published."""
+        try:
+            run = await self.airflow.get_run(dag_id, run_id)
+            if run is None:
+                self.hub.mark_missing(dag_id, run_id)
+                return []
+            task_instances = await self.airflow.task_instances(dag_id, run_id)
+        except AirflowError as exc:
+            if exc.code not in self._logged:
+                self._logged.add(exc.code)
+                log.warning("cannot reconcile %s/%s: %s", dag_id, run_id, exc)
+            return []
+        events = events_from_airflow(dag_id, run_id, run, task_instances)
+        for event in events:
+            await asyncio.to_thread(self.publisher.publish, event)
+        return events
+
+
+def events_from_airflow(dag_id: str, run_id: str, run: dict[str, Any], task_instances: list[dict[str, Any]]) -> list[Event]:
+    """The bus events that Airflow's REST view of a run amounts to: tasks first, in the order they
+    ended, then the run. Ids are derived from the content, so asking again publishes nothing new."""
+    events = []
+    ordered = sorted(task_instances, key=lambda ti: (ti.get("end_date") or "9999", ti.get("task_id") or ""))
+    for ti in ordered:
+        state = TASK_STATES.get(ti.get("state") or "")
+        if state is None:
+            continue
+        error = None
+        if state in (TaskState.FAILED, TaskState.UP_FOR_RETRY):
+            error = ErrorInfo(type="task_failed", message=f"Airflow reports the task {state.value} (the hook sent nothing)")
+        events.append(
+            _event(
+                dag_id, run_id, EventKind.TASK, state.value,
+                task_id=ti["task_id"], map_index=ti.get("map_index", -1), try_number=ti.get("try_number"), error=error,
+            )
+        )
+    run_state = RUN_STATES.get(run.get("state") or "")
+    if run_state is not None:
+        events.append(
+            _event(
+                dag_id, run_id, EventKind.RUN, run_state.value,
+                run_type=run.get("run_type"), logical_date=run.get("logical_date"), run_after=run.get("run_after"),
+                backfill_id=_text(run.get("backfill_id")), msg="reconciled from Airflow's REST API",
+            )
+        )
+    return events
+
+
+def _event(dag_id: str, run_id: str, kind: EventKind, state: str, **fields: Any) -> Event:
+    identity = "|".join(str(x) for x in ("reconciler", dag_id, run_id, kind.value, state,
+                                         fields.get("task_id"), fields.get("map_index"), fields.get("try_number")))
+    event_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return Event(id=event_id, kind=kind, dag_id=dag_id, run_id=run_id, state=state, source=Source.RECONCILER, **fields)
+
+
+def _text(value: Any) -> Optional[str]:
+    return None if value is None else str(value)

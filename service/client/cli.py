@@ -1,0 +1,200 @@
+"""The `runbell` command: serve, emit, wait, tail.
+
+`emit` works with the base install (the hook side, e.g. inside an Airflow environment); the others
+need the gateway extra and import it only when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+EXIT_SUCCESS, EXIT_FAILED, EXIT_PENDING, EXIT_USAGE = 0, 1, 2, 64
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return args.handler(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runbell", description="Push Airflow run outcomes to whoever waits on them.")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the gateway (settings: flags or RUNBELL_* environment variables)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--redis-url", dest="redis_url")
+    serve.add_argument("--database-url", dest="database_url")
+    serve.add_argument("--namespace")
+    serve.add_argument("--no-auth", dest="no_auth", action="store_true", default=None,
+                       help="turn auth off (refused unless bound to loopback)")
+    serve.add_argument("--log-level", dest="log_level")
+    serve.set_defaults(handler=cmd_serve)
+
+    emit = sub.add_parser("emit", help="publish one event exactly as the Airflow hook would")
+    emit.add_argument("--dag", required=True)
+    emit.add_argument("--run", required=True)
+    emit.add_argument("--task", help="task id: a task event (else a run event)")
+    emit.add_argument("--state", required=True,
+                      help="run: queued, running, success, failed; task: running, success, failed, up_for_retry, skipped")
+    emit.add_argument("--map-index", type=int, default=-1)
+    emit.add_argument("--try-number", type=int)
+    emit.add_argument("--result", help="the result value as JSON")
+    emit.add_argument("--result-task", action="store_true", help="this task's value is the run's result")
+    emit.add_argument("--critical", action="store_true", help="a terminal failure of this task fails the run")
+    emit.add_argument("--error", help="error message of a failure")
+    emit.add_argument("--error-type", help="error type of a failure (default: error)")
+    emit.set_defaults(handler=cmd_emit)
+
+    bench = sub.add_parser("bench", help="measure the gateway against the Redis floor and polling on this machine; "
+                           "writes DIR/report.json, DIR/samples.json and PNG charts")
+    bench.add_argument("--out", default="bench-out")
+    bench.add_argument("--quick", action="store_true", help="smaller counts: under a minute")
+    bench.add_argument("--airflow", action="store_true",
+                       help="add the comparison with Airflow's own /wait on a real Airflow (minutes more)")
+    bench.add_argument("--redraw", action="store_true", help="only draw the charts of --out DIR again from its samples.json")
+    bench.add_argument("--redis-url", dest="redis_url", default=os.environ.get("RUNBELL_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    bench.add_argument("--database-url", dest="database_url", help="the gateway's store (default: SQLite in DIR)")
+    bench.add_argument("--listing", action="store_true",
+                       help="instead: p50/p99 of filtered, paged GET /v1/runs over 100,000 runs bulk-loaded into a "
+                       "scratch database on the PostgreSQL server of --database-url; writes DIR/listing.json")
+    bench.set_defaults(handler=cmd_bench)
+
+    run = sub.add_parser("run", help="trigger a run and show its progress; exit 0 success, 1 failed, 2 pending")
+    run.add_argument("dag_id")
+    run.add_argument("--conf", default="{}", help="the run's conf as JSON")
+    run.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in all (default 300)")
+    run.add_argument("--url", default=os.environ.get("RUNBELL_URL", "http://127.0.0.1:8080"))
+    run.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the publish role")
+    run.set_defaults(handler=cmd_run)
+
+    for name, handler, text in (("wait", cmd_wait, "wait for a run's outcome; exit 0 success, 1 failed, 2 pending"),
+                                ("tail", cmd_tail, "follow a run's events")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("dag_id")
+        p.add_argument("run_id")
+        p.add_argument("--url", default=os.environ.get("RUNBELL_URL", "http://127.0.0.1:8080"))
+        p.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token (or RUNBELL_TOKEN)")
+        if name == "wait":
+            p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in all (default 300)")
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runbell.service.http.app import create_app
+    from runbell.service.live.broker import resolve_redis
+    from runbell.service.http.server import serve
+    from runbell.service.settings import load_settings
+
+    overrides = {k: getattr(args, k) for k in ("host", "port", "redis_url", "database_url", "namespace", "no_auth", "log_level")}
+    try:
+        settings = load_settings(overrides)
+        settings.check()
+    except ValueError as exc:
+        print(f"runbell serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redis_url, embedded = resolve_redis(settings.redis_url)
+    app = create_app(settings.model_copy(update={"redis_url": redis_url}), embedded=embedded)
+    serve(app, settings)
+    return EXIT_SUCCESS
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from runbell.listeners.publisher import emit
+
+    kwargs = {}
+    if args.result is not None:
+        try:
+            kwargs["result"] = json.loads(args.result)
+        except ValueError as exc:
+            print(f"runbell emit: --result is not JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        seq = emit(
+            args.dag, args.run, args.state, task_id=args.task, map_index=args.map_index, try_number=args.try_number,
+            result_task=args.result_task, critical=args.critical, error=args.error, error_type=args.error_type, **kwargs,
+        )
+    except ValueError as exc:
+        print(f"runbell emit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({"seq": seq} if seq is not None else {"spooled": True}))
+    return EXIT_SUCCESS
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from runbell.service.client.client import RunbellClient, RunbellError, RunPending
+
+    with RunbellClient(args.url, args.token) as client:
+        try:
+            outcome = client.wait(args.dag_id, args.run_id, timeout=args.timeout)
+        except RunPending as pending:
+            print(json.dumps(pending.body, indent=2))
+            return EXIT_PENDING
+        except RunbellError as error:
+            print(f"runbell wait: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    print(json.dumps(outcome.body, indent=2))
+    return EXIT_SUCCESS if outcome.succeeded else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runbell.service.client.client import RunbellClient
+    from runbell.service.client.progress import run_command
+
+    try:
+        conf = json.loads(args.conf)
+    except ValueError as exc:
+        print(f"runbell run: --conf is not JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with RunbellClient(args.url, args.token) as client:
+        return run_command(client, args.dag_id, conf, args.timeout)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from runbell.service.client.client import RunbellClient
+
+    with RunbellClient(args.url, args.token) as client:
+        for event in client.events(args.dag_id, args.run_id):
+            print(f"{event.id or '-':>5} {event.event:<8} {event.data}", flush=True)
+    return EXIT_SUCCESS
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from runbell.service.bench import run
+
+    if args.redraw:
+        from runbell.service.bench.report import redraw
+
+        print(f"drawn: {', '.join(redraw(Path(args.out)))}")
+        return EXIT_SUCCESS
+    if args.listing:
+        from runbell.service.bench import run_listing
+
+        if not args.database_url:
+            print("runbell bench --listing: give --database-url postgresql://user@host:port/db", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(run_listing(Path(args.out), args.redis_url, args.database_url), indent=2))
+        return EXIT_SUCCESS
+    from runbell.service.bench import summary
+
+    report = run(Path(args.out), args.redis_url, args.quick, args.database_url, airflow=args.airflow)
+    print(summary(report))
+    print(f"\nwritten to {args.out}/: {', '.join(report['files'])} ({report['seconds']} s)")
+    return EXIT_SUCCESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What every subsystem shares: the outcome rules, metrics, time, supervised background loops."""

@@ -1,0 +1,187 @@
+"""The gateway application: routes, error handlers, and the parts started for its lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from dataclasses import replace
+from typing import AsyncIterator, Optional
+
+import redis.asyncio as aioredis
+from sqlalchemy import event as sa_event
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher
+from runbell.service.http import assets, backfills, dashboard, health, openapi, runs, trigger
+from runbell.service.http import run_routes as routes
+from runbell.service.http import webhooks as webhook_routes
+from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
+from runbell.service.live.broker import EmbeddedBroker, resolve_redis
+from runbell.service.http.errors import ApiError, api_error_handler, error_response, http_error_handler, unexpected_error_handler
+from runbell.service.airflow.idempotency import IdempotencyKeys
+from runbell.service.airflow.reconciler import Reconciler
+from runbell.service.live.hub import Hub
+from runbell.service.core.metrics import Metrics
+from runbell.service.store.recorder import Recorder
+from runbell.service.settings import Settings, webhook_schedule_seconds
+from runbell.service.store.store import Store
+from runbell.service.webhooks.target_guard import TargetPolicy
+from runbell.service.webhooks.dispatcher import Dispatcher
+from runbell.service.webhooks.outbox import WebhookOutbox, WebhookStore
+
+log = logging.getLogger("runbell.app")
+
+REDIS_COMMAND_CONNECTIONS = 16  # loopback commands take ~0.1 ms: 16 in flight is far beyond one core's need
+
+RUN = "/v1/dags/{dag_id}/runs/{run_id}"
+WEBHOOKS, WEBHOOK, WEBHOOK_MESSAGE = "/v1/webhooks", "/v1/webhooks/{endpoint_id}", "/v1/webhooks/messages/{message_id}"
+ROUTES = [
+    Route("/v1/dags/{dag_id}/runs", trigger.trigger_run, methods=["POST"], name="trigger_run"),
+    Route("/v1/runs", runs.list_runs, methods=["GET"], name="list_runs"),
+    Route("/v1/dags/{dag_id}/runs", runs.list_runs, methods=["GET"], name="list_dag_runs"),
+    Route(RUN, runs.get_run, methods=["GET"], name="get_run"),
+    Route("/v1/backfills/{backfill_id}/runs", backfills.backfill_runs, methods=["GET"], name="backfill_runs"),
+    Route("/v1/backfills/{backfill_id}/events", backfills.backfill_events, methods=["GET"], name="backfill_events"),
+    Route(RUN + "/result", routes.run_result, methods=["GET"], name="run_result"),
+    Route(RUN + "/events", routes.run_events, methods=["GET"], name="run_events"),
+    Route("/v1/events", routes.publish_event, methods=["POST"], name="publish_event"),
+    *assets.ROUTES,  # /v1/assets/{name}/events and /next: {name} may hold '/'
+    Route(WEBHOOKS, webhook_routes.create_webhook, methods=["POST"], name="create_webhook"),
+    Route(WEBHOOKS, webhook_routes.list_webhooks, methods=["GET"], name="list_webhooks"),
+    Route(WEBHOOK_MESSAGE, webhook_routes.get_message, methods=["GET"], name="get_webhook_message"),
+    Route(WEBHOOK_MESSAGE + "/resend", webhook_routes.resend_message, methods=["POST"], name="resend_webhook_message"),
+    Route(WEBHOOK, webhook_routes.get_webhook, methods=["GET"], name="get_webhook"),
+    Route(WEBHOOK, webhook_routes.update_webhook, methods=["PATCH"], name="update_webhook"),
+    Route(WEBHOOK, webhook_routes.delete_webhook, methods=["DELETE"], name="delete_webhook"),
+    Route(WEBHOOK + "/rotate-secret", webhook_routes.rotate_secret, methods=["POST"], name="rotate_webhook_secret"),
+    Route(WEBHOOK + "/attempts", webhook_routes.endpoint_attempts, methods=["GET"], name="webhook_attempts"),
+    Route(WEBHOOK + "/messages", webhook_routes.endpoint_messages, methods=["GET"], name="webhook_messages"),
+    Route(WEBHOOK + "/recover", webhook_routes.recover_endpoint, methods=["POST"], name="recover_webhook"),
+    Route("/healthz", health.healthz, methods=["GET"], name="healthz"),
+    Route("/readyz", health.readyz, methods=["GET"], name="readyz"),
+    Route("/metrics", health.metrics, methods=["GET"], name="metrics"),
+    Route("/openapi.json", openapi.openapi_json, methods=["GET"], name="openapi"),
+]
+
+
+def create_app(settings: Settings, *, embedded: Optional[EmbeddedBroker] = None) -> Starlette:
+    """The ASGI app. Everything that talks to Redis or the database starts in the lifespan."""
+    app = Starlette(
+        routes=[*ROUTES, *dashboard.ROUTES],  # the dashboard: its page at / and files under /ui/
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            AirflowError: airflow_error_handler,
+            HTTPException: http_error_handler,
+            Exception: unexpected_error_handler,
+        },
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.embedded = embedded
+    app.state.token_secret = token_secret(settings)
+    return app
+
+
+def token_secret(settings: Settings) -> str:
+    if settings.token_secret is not None:
+        return settings.token_secret.get_secret_value()
+    log.warning("RUNBELL_TOKEN_SECRET is not set: run-scoped tokens are signed with a random key of this "
+                "process and are not accepted by other replicas or after a restart")
+    return secrets.token_urlsafe(32)
+
+
+def airflow_client(settings: Settings) -> Optional[AirflowClient]:
+    if not settings.airflow_url:
+        return None
+    reveal = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
+    return AirflowClient(AirflowSettings(
+        base_url=settings.airflow_url, token=reveal(settings.airflow_token), username=settings.airflow_username,
+        password=reveal(settings.airflow_password), timeout=settings.airflow_timeout,
+    ))
+
+
+async def airflow_error_handler(request, exc: Exception):
+    assert isinstance(exc, AirflowError)
+    return error_response(exc.status, exc.code, str(exc))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    redis_url = settings.redis_url
+    if redis_url is None:
+        redis_url, app.state.embedded = resolve_redis(None)
+    state = app.state
+    # Three kinds of connection: commands (short timeouts), the one pub/sub connection and the
+    # recorder's blocking reads (no socket timeout: redis-py would retry a long XREAD and skip entries).
+    # Commands share a bounded pool: a crowd of arriving waiters queues for a connection instead of
+    # opening one each, so the process's connections to Redis do not grow with its waiters.
+    state.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=REDIS_COMMAND_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=2))
+    pubsub_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
+    recorder_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
+    # Every recording process writes the webhook outbox, whether or not it delivers (settings.webhooks).
+    outbox = WebhookOutbox()
+    state.store = Store(settings.database_url, outbox=outbox)
+    await state.store.start()
+    sa_event.listen(state.store.engine.sync_engine, "before_cursor_execute", lambda *_: state.metrics.db_statements.inc())
+    state.webhooks = WebhookStore(state.store)
+    state.webhook_policy = TargetPolicy.from_setting(settings.webhook_allowed_hosts)
+    state.hub = Hub(
+        state.redis,
+        pubsub_client,
+        settings.namespace,
+        state.metrics,
+        archive=state.store,
+        buffer=settings.subscriber_buffer,
+        max_subscribers=settings.max_subscribers,
+    )
+    await state.hub.start()
+    publisher_config = replace(PublisherConfig.from_env(), redis_url=redis_url, namespace=settings.namespace)
+    state.publisher = Publisher(publisher_config)
+    state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
+    state.airflow = airflow_client(settings)
+    state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
+    tasks = []
+    if state.airflow is not None:
+        reconciler = Reconciler(state.hub, state.airflow, state.publisher, settings.reconcile_after)
+        tasks.append(asyncio.create_task(reconciler.run(), name="runbell-reconciler"))
+    if settings.recorder:
+        consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
+        recorder = Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics)
+        tasks.append(asyncio.create_task(recorder.run(), name="runbell-recorder"))
+    state.dispatcher = None
+    if settings.webhooks:
+        worker = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"
+        timeout = settings.webhook_attempt_timeout
+        state.dispatcher = Dispatcher(state.webhooks, policy=state.webhook_policy, worker=worker, metrics=state.metrics,
+                                      attempt_timeout=timeout, lease_seconds=2 * timeout + 5,  # a lease outlasts an attempt
+                                      schedule=webhook_schedule_seconds(settings.webhook_schedule))
+        outbox.on_enqueued = state.dispatcher.wake  # after each committed batch that enqueued something
+        tasks.append(asyncio.create_task(state.dispatcher.run(), name="runbell-webhooks"))
+    log.info("runbell gateway ready (namespace %r)", settings.namespace)
+    try:
+        yield
+    finally:
+        await state.hub.stop()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if state.airflow is not None:
+            await state.airflow.aclose()
+        if state.backfills is not None:
+            await state.backfills.close()
+        await state.store.close()
+        for client in (state.redis, pubsub_client, recorder_client):
+            await client.aclose()
+        if state.embedded is not None:
+            state.embedded.stop()

@@ -1,0 +1,190 @@
+"""The HTTP endpoints of an asset: its next update by long-poll, its updates as Server-Sent Events.
+
+An asset's events have a sequence of their own (``seq``, gap-free, assigned by Redis in
+publish.lua); both endpoints take a position in it and give what comes after. Unlike a run's, an
+asset's stream never ends.
+
+Asset names may hold ``/`` and ``:`` (they are often URIs): ``{name}`` takes the rest of the path
+up to the endpoint's last segment, and is percent-decoded, so ``s3://bucket/key`` may be sent as it
+is (``/v1/assets/s3://bucket/key/next``) or as one encoded segment
+(``/v1/assets/s3%3A%2F%2Fbucket%2Fkey/next``, what proxies that merge ``//`` need). ``?``, ``#``,
+``%`` and spaces must be encoded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator, Optional
+
+import anyio
+from redis.exceptions import RedisError
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
+from runbell.service.http.auth import Role, authorize
+from runbell.service.http.errors import ApiError
+from runbell.service.live.hub import BACKOFF_MAX_SECONDS, Hub, SubscriptionClosed
+from runbell.service.http.run_routes import (
+    BACKLOG_READ_SECONDS,
+    LAST_EVENT_ID_PARAM,
+    PENDING_RETRY_AFTER,
+    EventStream,
+    farewell,
+    hub_with_room,
+    parse_last_event_id,
+    parse_timeout,
+)
+
+ASSET = "/v1/assets/{name}"
+AFTER_PARAM = "after"
+
+
+class AssetRoute(Route):
+    """A route whose ``{name}`` matches any characters, '/' included (Starlette's path converter),
+    while its ``path`` reads as OpenAPI spells it (``/v1/assets/{name}/events``)."""
+
+    def __init__(self, path: str, endpoint, **kwargs) -> None:
+        super().__init__(path.replace("{name}", "{name:path}"), endpoint, **kwargs)
+        self.path = path
+
+
+# -- long-poll ------------------------------------------------------------------------------------
+
+
+async def asset_next(request: Request) -> Response:
+    """The first event of the asset with seq > after (default: its current seq), or 202 pending."""
+    name = asset_name(request)
+    authorize(request, Role.READ, query_token=True)
+    after = parse_after(request)
+    timeout = parse_timeout(request)
+    hub = hub_with_room(request)
+    metrics = request.app.state.metrics
+    deadline = anyio.current_time() + timeout
+    metrics.waiters.inc()
+    try:
+        if after is None:
+            # "From now": the current seq read before subscribing, so whatever is published after
+            # the read is in the log the subscription reads first. Read even with timeout=0.
+            with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
+                after = await current_seq(hub, name)
+            if after is None:  # Redis unreadable all along
+                return pending_response(name, None)
+        async with hub.subscribe_asset(name, after) as subscription:
+            # What is stored is always read, even with timeout=0 (unless Redis is down that long).
+            with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
+                backlog = await subscription.backlog()
+                if backlog:
+                    return event_response(backlog[0])
+            with anyio.move_on_at(deadline):
+                try:
+                    async for envelope in subscription:
+                        return event_response(envelope)
+                except SubscriptionClosed:
+                    pass  # shutdown, or too slow: the caller asks again
+    finally:
+        metrics.waiters.dec()
+    return pending_response(name, await pending_seq(hub, name, after))
+
+
+def pending_response(name: str, seq: Optional[int]) -> Response:
+    body = {"status": "pending", "asset": name, "seq": seq}
+    return JSONResponse(body, status_code=202, headers={"Retry-After": PENDING_RETRY_AFTER})
+
+
+def event_response(envelope: AssetEnvelope) -> Response:
+    return JSONResponse(json.loads(event_data(envelope)))
+
+
+async def pending_seq(hub: Hub, name: str, known: Optional[int]) -> Optional[int]:
+    """The asset's current seq for a 202 (what to pass as `after` next); null when Redis cannot say
+    and the caller gave no `after`."""
+    with anyio.move_on_after(BACKLOG_READ_SECONDS):
+        try:
+            return await hub.asset_replay.current_seq(name)
+        except (RedisError, OSError):
+            pass
+    return known
+
+
+async def current_seq(hub: Hub, name: str) -> int:
+    """The asset's current seq; while Redis is down, keep trying (the caller's scope bounds it)."""
+    delay = 0.05
+    while True:
+        try:
+            return await hub.asset_replay.current_seq(name)
+        except (RedisError, OSError) as exc:
+            hub.log_once("asset-seq-" + type(exc).__name__, "asset seq unreadable (%r); retrying", exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+
+# -- Server-Sent Events -----------------------------------------------------------------------------
+
+
+async def asset_events(request: Request) -> Response:
+    """The asset's events as SSE: after Last-Event-ID (default: from now on), live, never ending."""
+    name = asset_name(request)
+    authorize(request, Role.READ, query_token=True)
+    last_id = parse_asset_last_event_id(request)
+    hub = hub_with_room(request)
+    return EventStream(request, asset_sse_stream(request, hub, name, last_id))
+
+
+async def asset_sse_stream(request: Request, hub: Hub, name: str, last_id: Optional[int]) -> AsyncIterator[ServerSentEvent]:
+    settings, metrics = request.app.state.settings, request.app.state.metrics
+    metrics.sse_clients.inc()
+    try:
+        yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
+        if last_id is None:  # from now: read before subscribing (see asset_next)
+            last_id = await current_seq(hub, name)
+        async with hub.subscribe_asset(name, last_id) as subscription:
+            # Where this stream starts, as an id: a reconnect before the first event resumes here.
+            yield ServerSentEvent(data=json.dumps({"asset": name, "seq": last_id}), event="ready", id=str(last_id))
+            try:
+                async for envelope in subscription:
+                    yield ServerSentEvent(data=event_data(envelope), event="asset", id=str(envelope.seq))
+            except SubscriptionClosed as closed:
+                yield farewell(closed.reason, settings.sse_retry_ms)
+    finally:
+        metrics.sse_clients.dec()
+
+
+def event_data(envelope: AssetEnvelope) -> str:
+    body = envelope.event.model_dump(mode="json", exclude_none=True)
+    return json.dumps({"seq": envelope.seq, **body})
+
+
+# -- input parsing --------------------------------------------------------------------------------
+
+
+def asset_name(request: Request) -> str:
+    name = request.path_params["name"]
+    if not name or len(name) > ASSET_NAME_MAX:
+        raise ApiError(400, "bad_asset", f"the asset name must be 1 to {ASSET_NAME_MAX} characters")
+    return name
+
+
+def parse_after(request: Request) -> Optional[int]:
+    """`after`: a sequence number (integer >= 0); None when not given (then: the current seq)."""
+    raw = request.query_params.get(AFTER_PARAM)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise ApiError(400, "bad_after", "after must be a sequence number (a non-negative integer)", accepted="integer >= 0")
+    return int(raw)
+
+
+def parse_asset_last_event_id(request: Request) -> Optional[int]:
+    """As a run's (header, else ?last_event_id=), but None when neither is given: start from now."""
+    if not request.headers.get("last-event-id") and not request.query_params.get(LAST_EVENT_ID_PARAM):
+        return None
+    return parse_last_event_id(request)
+
+
+ROUTES = [
+    AssetRoute(ASSET + "/events", asset_events, methods=["GET"], name="asset_events"),
+    AssetRoute(ASSET + "/next", asset_next, methods=["GET"], name="asset_next"),
+]

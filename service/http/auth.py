@@ -1,0 +1,128 @@
+"""Bearer tokens with roles. Each role includes the ones below it: admin > publish > read."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Optional
+
+import jwt
+
+from starlette.requests import Request
+
+from runbell.service.http.errors import ApiError
+
+
+class Role(str, Enum):
+    READ = "read"
+    PUBLISH = "publish"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return _RANKS[self]
+
+
+_RANKS = {Role.READ: 0, Role.PUBLISH: 1, Role.ADMIN: 2}
+QUERY_TOKEN_PARAM = "access_token"  # EventSource cannot send headers
+
+
+def parse_tokens(raw: str) -> dict[str, Role]:
+    """'tok1:read,tok2:admin' -> {token: role}. Raises ValueError naming the bad pair (never the token)."""
+    tokens: dict[str, Role] = {}
+    for index, pair in enumerate(p.strip() for p in raw.split(",")):
+        if not pair:
+            continue
+        token, sep, role = pair.rpartition(":")
+        if not sep or not token:
+            raise ValueError(f"RUNBELL_TOKENS entry #{index + 1} is not token:role")
+        try:
+            tokens[token] = Role(role.strip())
+        except ValueError:
+            accepted = ", ".join(r.value for r in Role)
+            raise ValueError(f"RUNBELL_TOKENS entry #{index + 1} has unknown role (accepted: {accepted})") from None
+    return tokens
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: Optional[Role]  # None when auth is off
+    run: Optional[tuple[str, str]] = None  # set for a run-scoped token: the one run it may read
+
+
+def authorize(
+    request: Request, needed: Role, *, run: Optional[tuple[str, str]] = None, query_token: bool = False
+) -> Principal:
+    """Check the caller's token against the needed role.
+
+    Endpoints of one run pass `run`: they also take the token as ?access_token= (EventSource cannot
+    send headers) and accept a run-scoped token for that run, for reading. Other streaming endpoints
+    pass `query_token` to take ?access_token= too.
+    """
+    settings = request.app.state.settings
+    if settings.no_auth:
+        return Principal(role=None)
+    presented = _presented_token(request, allow_query_token=run is not None or query_token)
+    if presented is None:
+        raise ApiError(401, "missing_token", "send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+    role = _lookup(settings.tokens, presented)
+    if role is None and presented.count(".") == 2:  # a run-scoped token (JWT)
+        return _authorize_scoped(request.app.state.token_secret, presented, needed, run)
+    if role is None:
+        raise ApiError(401, "bad_token", "the token is not valid", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    if role.rank < needed.rank:
+        raise ApiError(403, "forbidden", f"this endpoint needs the {needed.value} role; the token has {role.value}")
+    return Principal(role=role)
+
+
+# -- run-scoped tokens (JWT) ------------------------------------------------------------------------
+
+SCOPED_ISSUER = "runbell"
+SCOPED_SCOPE = "run:read"
+
+
+def issue_run_token(secret: str, dag_id: str, run_id: str, ttl: float) -> tuple[str, datetime]:
+    """A short-lived token that may read one run's result and events, and nothing else."""
+    now = datetime.now(timezone.utc)
+    expires = now + timedelta(seconds=ttl)
+    claims = {"iss": SCOPED_ISSUER, "scope": SCOPED_SCOPE, "dag_id": dag_id, "run_id": run_id,
+              "iat": int(now.timestamp()), "exp": int(expires.timestamp())}
+    return jwt.encode(claims, secret, algorithm="HS256"), expires
+
+
+def _authorize_scoped(secret: str, presented: str, needed: Role, run: Optional[tuple[str, str]]) -> Principal:
+    try:
+        claims = jwt.decode(presented, secret, algorithms=["HS256"], issuer=SCOPED_ISSUER,
+                            options={"require": ["exp", "iss"]})
+    except jwt.ExpiredSignatureError:
+        raise ApiError(401, "token_expired", "the run-scoped token has expired") from None
+    except jwt.InvalidTokenError:
+        raise ApiError(401, "bad_token", "the token is not valid", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+    if claims.get("scope") != SCOPED_SCOPE or run is None or (claims.get("dag_id"), claims.get("run_id")) != run:
+        raise ApiError(403, "token_scope", "this token may read one run's result and events, nothing else")
+    if needed.rank > Role.READ.rank:
+        raise ApiError(403, "forbidden", f"a run-scoped token can only read; this endpoint needs {needed.value}")
+    return Principal(role=Role.READ, run=run)
+
+
+def _presented_token(request: Request, allow_query_token: bool) -> Optional[str]:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise ApiError(401, "bad_token", "the Authorization header must be 'Bearer <token>'")
+        return value.strip()
+    if allow_query_token:
+        return request.query_params.get(QUERY_TOKEN_PARAM) or None
+    return None
+
+
+def _lookup(tokens: dict[str, Role], presented: str) -> Optional[Role]:
+    # Compare against every token in constant time, so timing does not reveal a prefix.
+    found: Optional[Role] = None
+    for token, role in tokens.items():
+        if hmac.compare_digest(token.encode(), presented.encode()):
+            found = role
+    return found

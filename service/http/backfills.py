@@ -1,0 +1,407 @@
+"""Backfills: one row per slot of an Airflow backfill, and its progress live over SSE.
+
+Where the slots come from: Airflow's metadata database, read only. Airflow 3.3.2's REST API has
+`GET /api/v2/backfills?dag_id=` and `GET /api/v2/backfills/{id}` (the backfill itself: dates,
+pause, completed_at) but nothing that lists a backfill's `backfill_dag_run` rows, which are the
+slots: their sort_ordinal, logical_date, the run made for each, and for the slots Airflow skipped
+(no run) the reason it recorded, `exception_reason` ("already exists", "in flight", "unknown").
+Nor can its dagRuns list filter by backfill. So the gateway reads the `backfill`, `backfill_dag_run`
+and `dag_run` tables through SQLAlchemy when RUNBELL_AIRFLOW_DATABASE_URL is set: PostgreSQL
+sessions are opened with default_transaction_read_only, SQLite files with mode=ro; only SELECTs
+are ever sent. Without that setting these endpoints answer 503.
+
+A slot's state is the gateway store's state of its run (what the run's events say), or what
+Airflow's dag_run row says where that is further along (a run, or its latest event, the store has not
+recorded yet).
+
+GET /v1/backfills/{backfill_id}/events streams `slot` (a slot whose state changed) and `progress`
+({done, failed, running, skipped, total}) events, each change followed by its progress; it starts
+with a `progress` and ends with `end` (data: the final progress, id "end") once every slot is
+terminal. Changes come from the runs' events through the hub (replay, then live), and from
+re-reading the slots from Airflow every BACKFILL_POLL_SECONDS (a run whose events are lost still
+ends). A reconnect with Last-Event-ID "end" to a finished backfill gets 204.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator, Optional
+
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from runbell.service.http.auth import Role, authorize
+from runbell.service.http.errors import ApiError
+from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
+from runbell.service.core.outcome import OutcomeFold
+from runbell.service.http.run_routes import EventStream, farewell, hub_with_room
+from runbell.service.settings import Settings
+from runbell.service.store.store import Store, UTCDateTime, normalize_database_url
+
+log = logging.getLogger("runbell.backfills")
+
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+BACKFILL_POLL_SECONDS = 5.0  # how often a backfill stream re-reads its slots from Airflow
+CONNECT_TIMEOUT_SECONDS = 5.0
+REPLAY_SECONDS = 5.0  # the longest the stream's start waits for the runs' logs
+END_ID = "end"
+TERMINAL = ("success", "failed")
+_RANK = {"unknown": -1, "queued": 0, "running": 1, "success": 2, "failed": 2}
+
+
+# -- Airflow's tables (the columns read; Airflow 3.x names) ----------------------------------------
+
+_airflow = MetaData()
+backfill_table = Table(
+    "backfill", _airflow,
+    Column("id", Integer, primary_key=True),
+    Column("dag_id", String(250)),
+    Column("completed_at", UTCDateTime()),
+)
+backfill_dag_run_table = Table(
+    "backfill_dag_run", _airflow,
+    Column("id", Integer, primary_key=True),
+    Column("backfill_id", Integer),
+    Column("dag_run_id", Integer),
+    Column("exception_reason", String(250)),
+    Column("logical_date", UTCDateTime()),
+    Column("sort_ordinal", Integer),
+)
+dag_run_table = Table(
+    "dag_run", _airflow,
+    Column("id", Integer, primary_key=True),
+    Column("dag_id", String(250)),
+    Column("run_id", String(250)),
+    Column("state", String(50)),
+)
+
+
+@dataclass(frozen=True)
+class Backfill:
+    id: int
+    dag_id: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    sort_ordinal: int
+    logical_date: Optional[datetime]
+    dag_id: str
+    run_id: Optional[str]  # None: Airflow made no run for this slot
+    exception_reason: Optional[str]  # why not, as Airflow recorded it
+    state: Optional[str]  # the run's state (the store's, else Airflow's); None without a run
+
+    @property
+    def terminal(self) -> bool:
+        return self.run_id is None or self.state in TERMINAL
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "sort_ordinal": self.sort_ordinal,
+            "logical_date": self.logical_date.astimezone(timezone.utc).isoformat() if self.logical_date else None,
+            "run_id": self.run_id,
+            "state": self.state,
+            "exception_reason": self.exception_reason,
+        }
+
+
+class AirflowMetadata:
+    """Reads backfills and their slots from Airflow's metadata database, read only."""
+
+    def __init__(self, url: str):
+        self.url = read_only_url(url)
+        connect_args: dict[str, Any] = {}
+        driver = make_url(self.url).get_driver_name()
+        if driver == "asyncpg":
+            connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS,
+                            "server_settings": {"default_transaction_read_only": "on"}}
+        elif driver == "aiosqlite":
+            connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS}  # waits while Airflow holds its write lock
+        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def backfill(self, backfill_id: int) -> Optional[Backfill]:
+        query = select(backfill_table.c.id, backfill_table.c.dag_id).where(backfill_table.c.id == backfill_id)
+        async with self._connect() as conn:
+            row = (await conn.execute(query)).first()
+        return Backfill(row.id, row.dag_id) if row else None
+
+    async def slots(self, backfill: Backfill, limit: Optional[int] = None, offset: int = 0) -> tuple[int, list[Slot]]:
+        """(total_entries, the slots in sort_ordinal order from offset) with Airflow's run states."""
+        bdr, dr = backfill_dag_run_table, dag_run_table
+        count = select(func.count()).select_from(bdr).where(bdr.c.backfill_id == backfill.id)
+        query = (
+            select(bdr.c.sort_ordinal, bdr.c.logical_date, bdr.c.exception_reason, dr.c.dag_id, dr.c.run_id, dr.c.state)
+            .select_from(bdr.outerjoin(dr, dr.c.id == bdr.c.dag_run_id))
+            .where(bdr.c.backfill_id == backfill.id)
+            .order_by(bdr.c.sort_ordinal, bdr.c.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        async with self._connect() as conn:
+            total = (await conn.execute(count)).scalar_one()
+            rows = (await conn.execute(query)).all()
+        slots = [
+            Slot(r.sort_ordinal, r.logical_date, r.dag_id or backfill.dag_id, r.run_id, r.exception_reason, r.state)
+            for r in rows
+        ]
+        return total, slots
+
+    @contextlib.asynccontextmanager
+    async def _connect(self):
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except (SQLAlchemyError, OSError) as exc:
+            raise ApiError(503, "airflow_database_unavailable",
+                           f"Airflow's metadata database could not be read ({type(exc).__name__})",
+                           headers={"Retry-After": "5"}) from None
+
+
+def read_only_url(url: str) -> str:
+    """The async-driver URL, opened read only where the URL can say so (SQLite: mode=ro)."""
+    url = normalize_database_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        if not parsed.database.startswith("file:"):
+            parsed = parsed.set(database=f"file:{parsed.database}?mode=ro", query={**parsed.query, "uri": "true"})
+            return parsed.render_as_string(hide_password=False)
+    return url
+
+
+def source_from(settings: Settings) -> Optional[AirflowMetadata]:
+    if settings.airflow_database_url is None:
+        return None
+    return AirflowMetadata(settings.airflow_database_url.get_secret_value())
+
+
+# -- joining with the store ------------------------------------------------------------------------
+
+
+async def with_store_states(store: Store, slots: list[Slot]) -> list[Slot]:
+    """Each slot's state from the store's record of its run (its events), unless Airflow's row is
+    further along (the recorder may not have stored the latest event yet): queued, running, then
+    terminal; where both are terminal the events decide."""
+    stored = await store.get_runs((s.dag_id, s.run_id) for s in slots if s.run_id is not None)
+    joined = []
+    for slot in slots:
+        run = stored.get((slot.dag_id, slot.run_id)) if slot.run_id is not None else None
+        if run is not None and _RANK.get(run.state, -1) >= _RANK.get(slot.state or "unknown", -1):
+            slot = replace(slot, state=run.state)
+        joined.append(slot)
+    return joined
+
+
+# -- endpoints ------------------------------------------------------------------------------------
+
+
+async def backfill_runs(request: Request) -> Response:
+    """GET /v1/backfills/{backfill_id}/runs?limit=&offset= (role read)."""
+    authorize(request, Role.READ)
+    source, backfill = await find_backfill(request)
+    limit, offset = parse_paging(request)
+    total, slots = await source.slots(backfill, limit, offset)
+    slots = await with_store_states(request.app.state.store, slots)
+    return JSONResponse({"backfill_id": str(backfill.id), "dag_id": backfill.dag_id, "total_entries": total,
+                         "slots": [s.row() for s in slots]})
+
+
+async def backfill_events(request: Request) -> Response:
+    """GET /v1/backfills/{backfill_id}/events (role read; ?access_token= accepted): SSE."""
+    authorize(request, Role.READ, query_token=True)  # EventSource sends no headers
+    source, backfill = await find_backfill(request)
+    hub = hub_with_room(request)
+    _, slots = await source.slots(backfill)
+    tracker = Progress(await with_store_states(request.app.state.store, slots))
+    if request.headers.get("last-event-id") == END_ID:
+        if not tracker.finished:  # the store may lag behind the runs' events: ask their logs
+            await refresh_from_logs(hub, tracker)
+        if tracker.finished:
+            return Response(status_code=204)  # it already ended for this client: EventSource stops
+    if hub.count + len(tracker.live()) > hub.max_subscribers:
+        raise ApiError(503, "unavailable", "too many waiters and streams on this process", headers={"Retry-After": "1"})
+    return EventStream(request, backfill_stream(request, hub, source, backfill, tracker))
+
+
+async def find_backfill(request: Request) -> tuple[AirflowMetadata, Backfill]:
+    source: Optional[AirflowMetadata] = getattr(request.app.state, "backfills", None)
+    if source is None:
+        raise ApiError(503, "airflow_database_not_configured",
+                       "backfill slots are read from Airflow's metadata database: set RUNBELL_AIRFLOW_DATABASE_URL "
+                       "(Airflow's REST API does not list a backfill's slots)")
+    raw = request.path_params["backfill_id"]
+    backfill = await source.backfill(int(raw)) if raw.isdigit() and len(raw) < 19 else None
+    if backfill is None:
+        raise ApiError(404, "backfill_not_found", f"Airflow has no backfill {raw!r}")
+    return source, backfill
+
+
+def parse_paging(request: Request) -> tuple[int, int]:
+    params = request.query_params
+    raw_limit, raw_offset = params.get("limit") or str(DEFAULT_LIMIT), params.get("offset") or "0"
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise ApiError(400, "bad_limit", f"limit must be an integer from 1 to {MAX_LIMIT}",
+                       accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT})
+    if not raw_offset.isdigit() or len(raw_offset) > 12:
+        raise ApiError(400, "bad_offset", "offset must be a non-negative integer", accepted={"min": 0})
+    return int(raw_limit), int(raw_offset)
+
+
+# -- progress -------------------------------------------------------------------------------------
+
+
+class Progress:
+    """The slots of one backfill and their states; a slot only moves forward (queued, running,
+    terminal), except that the run's own events may correct one terminal state to the other."""
+
+    def __init__(self, slots: list[Slot]):
+        self.slots = {s.sort_ordinal: s for s in slots}
+        self.by_run = {(s.dag_id, s.run_id): s.sort_ordinal for s in slots if s.run_id is not None}
+
+    def live(self) -> list[Slot]:
+        return [s for s in self.slots.values() if not s.terminal]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.terminal for s in self.slots.values())
+
+    def summary(self) -> dict[str, int]:
+        states = [s.state for s in self.slots.values() if s.run_id is not None]
+        return {
+            "done": states.count("success"),
+            "failed": states.count("failed"),
+            "running": states.count("running"),
+            "skipped": sum(1 for s in self.slots.values() if s.run_id is None),
+            "total": len(self.slots),
+        }
+
+    def update(self, ordinal: int, state: str, authoritative: bool) -> Optional[Slot]:
+        """Apply a state seen for a slot's run; the slot if it changed."""
+        slot = self.slots.get(ordinal)
+        if slot is None or slot.run_id is None or state == slot.state or state not in _RANK:
+            return None
+        current = _RANK.get(slot.state or "unknown", -1)
+        new = _RANK[state]
+        if new < current or (new == current and not (authoritative and new == _RANK["success"])):
+            return None
+        slot = replace(slot, state=state)
+        self.slots[ordinal] = slot
+        return slot
+
+
+def progress_event(tracker: Progress) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(tracker.summary()), event="progress")
+
+
+async def backfill_stream(request: Request, hub: Hub, source: AirflowMetadata, backfill: Backfill,
+                          tracker: Progress) -> AsyncIterator[ServerSentEvent]:
+    settings = request.app.state.settings
+    metrics = request.app.state.metrics
+    yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
+    changes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    metrics.sse_clients.inc()
+    tasks: list[asyncio.Task] = []
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Subscribe first, then read what each run's log already holds, so that the first
+            # progress is as fresh as the events (the store may lag behind them) and nothing is missed.
+            followed = []
+            for slot in tracker.live():
+                subscription = await stack.enter_async_context(hub.subscribe(slot.dag_id, slot.run_id))
+                followed.append((slot.sort_ordinal, subscription, OutcomeFold(slot.dag_id, slot.run_id)))
+            await asyncio.gather(*(replay(subscription, fold) for _, subscription, fold in followed))
+            for ordinal, _, fold in followed:
+                tracker.update(ordinal, fold.outcome.run_state, authoritative=True)
+            yield progress_event(tracker)
+            if tracker.finished:
+                yield end_event(tracker)
+                return
+            tasks = [asyncio.create_task(follow_run(o, sub, fold, changes)) for o, sub, fold in followed
+                     if fold.outcome.run_state not in TERMINAL]
+            tasks.append(asyncio.create_task(poll_airflow(source, backfill, changes)))
+            while True:
+                kind, item = await changes.get()
+                if kind == "closed":
+                    if item is Signal.NOT_FOUND:
+                        continue  # Airflow has no such run any more: its slot keeps its last state
+                    yield farewell(item, settings.sse_retry_ms)
+                    return
+                updates = [(item[0], item[1], True)] if kind == "run" else [
+                    (s.sort_ordinal, s.state, False) for s in item if s.state is not None]
+                changed = [c for c in (tracker.update(*u) for u in updates) if c is not None]
+                for slot in changed:
+                    yield ServerSentEvent(data=json.dumps(slot.row()), event="slot")
+                if changed:
+                    yield progress_event(tracker)
+                if tracker.finished:
+                    yield end_event(tracker)
+                    return
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        metrics.sse_clients.dec()
+
+
+async def refresh_from_logs(hub: Hub, tracker: Progress) -> None:
+    async def one(slot: Slot) -> None:
+        fold = OutcomeFold(slot.dag_id, slot.run_id or "")
+        with contextlib.suppress(Exception):  # unreadable now: the stream will tell
+            async with asyncio.timeout(REPLAY_SECONDS):
+                for envelope in await hub.replay.read(slot.dag_id, slot.run_id or "", 0):
+                    fold.apply(envelope)
+        tracker.update(slot.sort_ordinal, fold.outcome.run_state, authoritative=True)
+
+    await asyncio.gather(*(one(slot) for slot in tracker.live()))
+
+
+def end_event(tracker: Progress) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(tracker.summary()), event="end", id=END_ID)
+
+
+async def replay(subscription: Any, fold: OutcomeFold) -> None:
+    """What the run's log holds now (bounded: a Redis outage must not hold the stream's start)."""
+    with contextlib.suppress(TimeoutError, SubscriptionClosed):
+        async with asyncio.timeout(REPLAY_SECONDS):
+            for envelope in await subscription.backlog():
+                fold.apply(envelope)
+
+
+async def follow_run(ordinal: int, subscription: Any, fold: OutcomeFold, changes: asyncio.Queue) -> None:
+    """The run's state as its events say (the store's fold), at each change, until it ends."""
+    state = fold.outcome.run_state
+    try:
+        while state not in TERMINAL:
+            fold.apply(await subscription.__anext__())
+            if fold.outcome.run_state != state:
+                state = fold.outcome.run_state
+                changes.put_nowait(("run", (ordinal, state)))
+    except SubscriptionClosed as closed:
+        changes.put_nowait(("closed", closed.reason))
+
+
+async def poll_airflow(source: AirflowMetadata, backfill: Backfill, changes: asyncio.Queue) -> None:
+    """Airflow's own view of the slots, now and then: a run whose events are lost still ends."""
+    warned = False
+    while True:
+        await asyncio.sleep(BACKFILL_POLL_SECONDS)
+        try:
+            _, slots = await source.slots(backfill)
+        except ApiError as exc:
+            if not warned:
+                log.warning("backfill %s: %s; retrying", backfill.id, exc.message)
+                warned = True
+            continue
+        changes.put_nowait(("airflow", slots))

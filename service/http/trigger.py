@@ -1,0 +1,172 @@
+"""Trigger-and-wait in one call: POST /v1/dags/{dag_id}/runs.
+
+The gateway names the run itself (so it can follow it from the first event), triggers it through
+Airflow's REST API, then waits for the outcome exactly as the result endpoint does. The caller's
+disconnect or timeout never cancels the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import string
+from datetime import datetime, timezone
+from typing import Any, Optional
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from runbell.bus.schema import Event, EventKind, RunState, Source
+from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
+from runbell.service.http.auth import Role, authorize, issue_run_token
+from runbell.service.http.errors import ApiError
+from runbell.service.airflow.idempotency import Claim, IdempotencyKeys, fingerprint
+from runbell.service.http.run_routes import outcome_response, wait_for_outcome
+
+RUN_ID_ATTEMPTS = 5
+SERVER_ERROR_RETRIES = 2  # Airflow on SQLite answers 500 when its database is briefly locked
+SERVER_ERROR_BACKOFF_SECONDS = 0.5
+SUFFIX_ALPHABET = string.ascii_letters + string.digits
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.~:+-]{1,250}$")  # Airflow's default allowed_run_id_pattern
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    conf: dict[str, Any] = Field(default_factory=dict)
+    logical_date: Optional[datetime] = None
+    run_id: Optional[str] = Field(default=None, pattern=RUN_ID_PATTERN.pattern)
+    note: Optional[str] = Field(default=None, max_length=1000)
+
+
+async def trigger_run(request: Request) -> Response:
+    authorize(request, Role.PUBLISH)
+    dag_id = request.path_params["dag_id"]
+    airflow: Optional[AirflowClient] = request.app.state.airflow
+    if airflow is None:
+        raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
+    body = await parse_body(request)
+    wait, applied = parse_wait(request)
+    run_id = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
+    state = request.app.state
+    token, expires = issue_run_token(state.token_secret, dag_id, run_id, state.settings.scoped_token_ttl)
+    extra = {"token": token, "token_expires_at": expires.isoformat()}
+    outcome = await wait_for_outcome(request, dag_id, run_id, wait)
+    headers = {"Location": result_location(dag_id, run_id)}
+    if applied:
+        headers["Preference-Applied"] = f"wait={wait:g}"
+    return await outcome_response(request, outcome, extra=extra, headers=headers)
+
+
+async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body: TriggerRequest) -> str:
+    """Trigger the run once, whatever the caller retries; return its run id."""
+    idempotency_key = request.headers.get("idempotency-key")
+    keys: IdempotencyKeys = request.app.state.idempotency
+    payload = body.model_dump(mode="json")
+    print_ = fingerprint(dag_id, payload)
+    claim = Claim(body.run_id or new_run_id(), must_trigger=True)
+    if idempotency_key is not None:
+        claim = await keys.claim(idempotency_key, print_, claim.run_id)
+        if not claim.must_trigger:
+            return claim.run_id
+    try:
+        await check_dag(airflow, dag_id, unpause=request.query_params.get("unpause") == "true")
+        run_id = await trigger(airflow, dag_id, body, claim.run_id, caller_named=body.run_id is not None, resumed=claim.resumed)
+    except BaseException:
+        if idempotency_key is not None:
+            await keys.release(idempotency_key)
+        raise
+    if idempotency_key is not None:
+        await keys.done(idempotency_key, print_, run_id)
+    await asyncio.to_thread(request.app.state.publisher.publish, queued_event(dag_id, run_id))
+    return run_id
+
+
+async def check_dag(airflow: AirflowClient, dag_id: str, *, unpause: bool) -> None:
+    dag = await airflow.get_dag(dag_id)  # DagNotFound -> 404
+    if dag.get("is_paused"):
+        if not unpause:
+            raise ApiError(409, "dag_paused", f"DAG {dag_id!r} is paused: its runs would wait until it is unpaused. "
+                           "Unpause it in Airflow, or pass ?unpause=true to have the gateway unpause it.")
+        await airflow.unpause(dag_id)
+
+
+async def trigger(airflow: AirflowClient, dag_id: str, body: TriggerRequest, run_id: str, *, caller_named: bool, resumed: bool) -> str:
+    """POST the run to Airflow. A clash on a run id the gateway drew is retried with a new one; an
+    error answer (5xx) is retried with the same id, since the run may exist despite the error."""
+    server_errors = 0
+    for _ in range(RUN_ID_ATTEMPTS):
+        try:
+            await airflow.trigger_run(dag_id, run_id=run_id, conf=body.conf,
+                                      logical_date=body.logical_date.isoformat() if body.logical_date else None,
+                                      note=body.note)
+            return run_id
+        except AirflowUnavailable as exc:
+            server_errors += 1
+            if exc.code != "airflow_error" or server_errors > SERVER_ERROR_RETRIES:
+                raise
+            resumed = True  # a 409 on the retry means the failed-looking attempt did trigger it
+            await asyncio.sleep(SERVER_ERROR_BACKOFF_SECONDS)
+        except RunExists:
+            if resumed:
+                return run_id  # an earlier attempt (or the first call, which died) did trigger it
+            if caller_named:
+                raise ApiError(409, "run_exists", f"DAG {dag_id!r} already has a run {run_id!r}") from None
+            run_id = new_run_id()
+    raise ApiError(409, "run_exists", "could not draw a free run id; retry")
+
+
+def new_run_id() -> str:
+    """manual__<run_after ISO-8601>_<8 random [A-Za-z0-9]>: Airflow's manual shape, made unique."""
+    suffix = "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(8))
+    return f"manual__{datetime.now(timezone.utc).isoformat()}_{suffix}"
+
+
+def queued_event(dag_id: str, run_id: str) -> Event:
+    """Airflow has no listener hook for a queued run: the gateway says it, once (a stable id)."""
+    event_id = hashlib.sha256(f"gateway|{dag_id}|{run_id}|queued".encode()).hexdigest()[:32]
+    return Event(id=event_id, kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state=RunState.QUEUED.value,
+                 source=Source.GATEWAY, run_type="manual")
+
+
+async def parse_body(request: Request) -> TriggerRequest:
+    raw = await request.body()
+    try:
+        return TriggerRequest.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        accepted = {"conf": "object", "logical_date": "ISO-8601 datetime or null", "run_id": RUN_ID_PATTERN.pattern,
+                    "note": "string"}
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise ApiError(400, "bad_body", f"the body is not a valid trigger request: {errors}", accepted=accepted) from None
+
+
+def parse_wait(request: Request) -> tuple[float, bool]:
+    """How long to wait for the outcome: ?wait=S, or the standard `Prefer: wait=S` (RFC 7240),
+    capped at the long-poll maximum. Returns (seconds, whether a Prefer header was applied)."""
+    maximum = request.app.state.settings.long_poll_max
+    raw = request.query_params.get("wait")
+    if raw is not None:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= maximum:
+            raise ApiError(400, "bad_wait", f"wait must be a number of seconds from 0 to {maximum:g}",
+                           accepted={"min": 0, "max": maximum, "unit": "seconds"})
+        return value, False
+    for preference in re.split(r"[,;]", request.headers.get("prefer", "")):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return min(max(float(value.strip()), 0.0), maximum), True
+            except ValueError:
+                break  # RFC 7240: a preference that cannot be honoured is ignored
+    return 0.0, False
+
+
+def result_location(dag_id: str, run_id: str) -> str:
+    return f"/v1/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}/result"

@@ -1,0 +1,255 @@
+"""The recorder: copies every event from the global stream into the store, once.
+
+Each gateway replica runs one; they share the consumer group ``keys.recorder_group()``, so every
+stream entry goes to one of them, and the store's idempotent ``record`` makes a re-delivered entry
+harmless. An entry is acknowledged only after its batch is committed, so a crash between the two
+re-delivers it (to this consumer on restart, or to another one through XAUTOCLAIM).
+
+The global stream is capped and publishers may fail between their two writes, so it can miss
+events: when an envelope's seq jumps past what the store has for its run, the missing range is read
+from the run's replay log first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from typing import Any, Optional
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.exc import SQLAlchemyError
+
+from runbell.bus import keys
+from runbell.bus.schema import BadEvent, Envelope, decode_envelope
+from runbell.service.core.metrics import Metrics
+from runbell.service.store.store import RunKey, Store
+
+log = logging.getLogger("runbell.recorder")
+
+BLOCK_MS = 1000
+COUNT = 200
+CLAIM_IDLE_MS = 60_000  # an entry unacknowledged this long belongs to a dead consumer
+CLAIM_INTERVAL_SECONDS = 30.0
+BACKOFF_FIRST_SECONDS = 0.1
+BACKOFF_MAX_SECONDS = 5.0
+
+Entry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns them
+
+
+class Recorder:
+    """Records the global stream of ``namespace`` into ``store`` as consumer ``consumer``.
+
+    ``redis`` must be a client of the recorder's own, made with ``socket_timeout=None``: XREADGROUP
+    blocks for ``block_ms``, and redis-py's default 5 s socket timeout turns a blocking read that
+    outlives it into retries on new connections (delivery notes, trap 1). Give each replica a
+    consumer name that survives its restarts (e.g. the host name) so it finds its own pending
+    entries again; entries of a consumer that never returns are claimed after ``claim_idle_ms``.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        store: Store,
+        namespace: str,
+        consumer: str,
+        *,
+        block_ms: int = BLOCK_MS,
+        count: int = COUNT,
+        claim_idle_ms: int = CLAIM_IDLE_MS,
+        claim_interval: float = CLAIM_INTERVAL_SECONDS,
+        metrics: Optional[Metrics] = None,
+    ):
+        self.redis = redis
+        self.store = store
+        self.namespace = namespace
+        self.consumer = consumer
+        self.stream = keys.global_stream(namespace)
+        self.group = keys.recorder_group()
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_interval = claim_interval
+        self.decode_errors: Counter[str] = Counter()  # malformed entries skipped, by reason
+        self.metrics = metrics  # runbell_recorder_skipped_total counts them too
+        self._group_ready = False
+        self._own_pending_done = False  # re-read after start and after every failed step
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0  # monotonic time; 0: claim on the first step
+
+    async def run(self) -> None:
+        """Record until cancelled. Outages of Redis or the database are logged and waited out."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self.step()
+            except Exception as exc:  # anything but cancellation: log, wait, resume
+                delay = backoff.next()
+                if backoff.attempt == 1:
+                    log.warning(
+                        "recorder: %s: %s; retrying", type(exc).__name__, exc, exc_info=_unexpected(exc)
+                    )
+                else:
+                    log.debug("recorder: still failing (%s); next try in %.1f s", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+            else:
+                if backoff.attempt:
+                    log.info("recorder: resumed after %d failed attempts", backoff.attempt)
+                backoff.reset()
+
+    async def step(self) -> int:
+        """One read/record/ack cycle: own pending entries first, then idle entries of dead
+        consumers, then new entries (blocking up to block_ms). Returns how many entries it handled."""
+        try:
+            await self._ensure_group()
+            if not self._own_pending_done:
+                entries = await self._read("0", block=None)
+                if entries:
+                    return await self._handle(entries)
+                self._own_pending_done = True
+            if time.monotonic() >= self._next_claim:
+                entries = await self._claim()
+                if entries:
+                    return await self._handle(entries)
+            return await self._handle(await self._read(">", block=self.block_ms))
+        except BaseException:
+            # Entries read but not acknowledged wait in our pending list; the group may be gone.
+            self._own_pending_done = False
+            self._group_ready = False
+            raise
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            # From "0", not "$": entries added before the group existed are recorded too.
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _read(self, start: str, block: Optional[int]) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=self.count, block=block
+        )
+        return _stream_entries(reply)
+
+    async def _claim(self) -> list[Entry]:
+        """One XAUTOCLAIM page; after a full pass over the pending list, wait claim_interval."""
+        cursor, entries, *_ = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.count,
+        )
+        self._claim_cursor = _text(cursor)
+        if self._claim_cursor == "0-0":
+            self._next_claim = time.monotonic() + self.claim_interval
+        return entries
+
+    # -- recording ------------------------------------------------------------------------------
+
+    async def _handle(self, entries: list[Entry]) -> int:
+        envelopes = [envelope for _, fields in entries if (envelope := self._decode(fields))]
+        if envelopes:
+            missing = await self._fill_gaps(envelopes)
+            await self.store.record(missing + envelopes)
+        if entries:
+            await self.redis.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
+        return len(entries)
+
+    def _decode(self, fields: Optional[dict[Any, Any]]) -> Optional[Envelope]:
+        if not fields:
+            return None  # the entry was trimmed or deleted while pending: nothing to record
+        raw = fields.get(b"env", fields.get("env"))
+        if raw is None:
+            self._bad("field", "no 'env' field")
+            return None
+        try:
+            return decode_envelope(raw)
+        except BadEvent as exc:
+            self._bad(exc.reason, str(exc))
+            return None
+
+    def _bad(self, reason: str, detail: str) -> None:
+        self.decode_errors[reason] += 1
+        if self.metrics is not None:
+            self.metrics.recorder_skipped.labels(reason).inc()
+        if self.decode_errors[reason] == 1:
+            log.warning("recorder: skipping malformed entries (%s), first: %s", reason, detail[:300])
+
+    async def _fill_gaps(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Envelopes missing between the store's last seq of each run and the seqs in this batch,
+        read from the runs' replay logs (whatever of them is still there)."""
+        seqs: dict[RunKey, set[int]] = defaultdict(set)
+        for envelope in envelopes:
+            seqs[(envelope.event.dag_id, envelope.event.run_id)].add(envelope.seq)
+        stored = await self.store.last_seqs(seqs)
+        missing: list[Envelope] = []
+        for run, run_seqs in seqs.items():
+            for first, last in gaps(stored.get(run, 0), run_seqs):
+                found = await self._read_log(run, first, last)
+                missing.extend(found)
+                log.info("recorder: %s/%s: seq %d-%d missing from the stream, %d found in the replay log",
+                         *run, first, last, len(found))
+        return missing
+
+    async def _read_log(self, run: RunKey, first: int, last: int) -> list[Envelope]:
+        log_key = keys.run_keys(self.namespace, *run).log
+        entries = await self.redis.xrange(log_key, min=f"0-{first}", max=f"0-{last}")
+        return [envelope for _, fields in entries if (envelope := self._decode(fields))]
+
+
+def gaps(last_stored: int, seqs: set[int]) -> list[tuple[int, int]]:
+    """The (first, last) seq ranges missing before each seq of a run, given its last stored seq."""
+    found = []
+    expected = last_stored + 1
+    for seq in sorted(seqs):
+        if seq > expected:
+            found.append((expected, seq - 1))
+        expected = max(expected, seq + 1)
+    return found
+
+
+class Backoff:
+    """Bounded exponential delays with jitter, so replicas do not retry in step."""
+
+    def __init__(self, first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_MAX_SECONDS):
+        self.first = first
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * 2**self.attempt)
+        self.attempt += 1
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _stream_entries(reply: Any) -> list[Entry]:
+    """The entries of a one-stream XREADGROUP reply, in any of redis-py's reply shapes."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: entries}, with legacy responses {stream: [entries]}
+        entries = next(iter(reply.values()))
+        return entries[0] if entries and isinstance(entries[0], list) else entries
+    return reply[0][1]  # RESP2: [[stream, entries]]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unexpected(exc: Exception) -> bool:
+    """Whether a failure looks like a bug rather than an outage: worth a traceback."""
+    return not isinstance(exc, (RedisError, SQLAlchemyError, OSError))

@@ -1,0 +1,625 @@
+"""The gateway's durable store: every event once, each run's state and outcome, each task try.
+
+Redis keeps a run's replay log for a while; the store keeps it for good, so a caller who arrives
+after the log expired still gets the outcome. Writes are idempotent by (dag_id, run_id, seq) and
+safe when several gateway replicas record at once: events are inserted with ON CONFLICT DO NOTHING,
+and each run's row is locked (PostgreSQL: SELECT ... FOR UPDATE; SQLite: BEGIN IMMEDIATE) while its
+state is re-derived from all of its stored events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable, Optional, Protocol, Sequence
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, bindparam, literal, select, text, tuple_, update
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from runbell.bus.schema import Envelope, Event, EventKind, RunState, TaskState, envelope_json
+from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_SECONDS = 5.0
+INSERT_CHUNK = 1000  # rows per INSERT: well under SQLite's and asyncpg's bind-parameter limits
+NO_TRY = 0  # try_number of a task event that carries none (Airflow counts tries from 1)
+ID_LENGTH = 250  # the schema's limit on dag_id, run_id and task_id
+
+RunKey = tuple[str, str]
+
+
+# -- URLs -----------------------------------------------------------------------------------------
+
+
+def normalize_database_url(url: str) -> str:
+    """The async-driver form of a database URL: postgresql+asyncpg://, sqlite+aiosqlite://."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if scheme == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    return url
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both backends (SQLite stores naive text, so it is stored as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
+        if value is None:
+            return None
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=timezone.utc)
+
+
+JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        # Keyset paging of the runs listing (migration 0003): the order, per DAG, per backfill.
+        Index("ix_runs_keyset", "run_after", "dag_id", "run_id"),
+        Index("ix_runs_dag_keyset", "dag_id", "run_after", "run_id"),
+        Index("ix_runs_backfill_id", "backfill_id"),
+        Index("ix_runs_state_keyset", "state", "run_after", "dag_id", "run_id"),  # migration 0004
+    )
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    run_type: Mapped[Optional[str]] = mapped_column(String(64))
+    logical_date: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime())
+    backfill_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    last_seq: Mapped[int] = mapped_column(Integer)
+    last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    outcome_status: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    result_task: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
+    first_failure: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
+
+
+class TaskInstance(Base):
+    __tablename__ = "task_instances"
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    map_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    try_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    envelope: Mapped[str] = mapped_column(Text)  # the envelope JSON exactly as on the bus
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as stored. ``outcome`` is ``Outcome.model_dump(mode="json")``: the API body."""
+
+    dag_id: str
+    run_id: str
+    state: str
+    run_type: Optional[str]
+    logical_date: Optional[datetime]
+    run_after: datetime
+    backfill_id: Optional[str]
+    started_at: Optional[datetime]
+    ended_at: Optional[datetime]
+    last_seq: int
+    last_event_at: datetime
+    outcome_status: str
+    outcome: dict[str, Any]
+    result_task: Optional[dict[str, Any]]
+    first_failure: Optional[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunChange:
+    """What one recording transaction did to a run, for the outbox."""
+
+    run: RunKey
+    new: list[Envelope]  # the envelopes stored now, in seq order
+    history: list[Envelope]  # every stored envelope of the run, in seq order
+    decided: bool  # the outcome was pending before this transaction and is decided now
+
+
+RUN_STATES = ("queued", "running", "success", "failed", "unknown")  # what runs.state holds
+KEYSET_ORDER = ("run_after", "dag_id", "run_id")  # the runs listing's order; unique per run
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    """A page of the runs listing: filters (each applied in SQL), order and keyset position."""
+
+    dag_id: Optional[str] = None
+    run_types: tuple[str, ...] = ()  # any of these
+    backfill_id: Optional[str] = None
+    run_after_gte: Optional[datetime] = None
+    run_after_lte: Optional[datetime] = None
+    states: tuple[str, ...] = ()  # any of these
+    descending: bool = True  # newest run_after first
+    after: Optional[tuple[datetime, str, str]] = None  # (run_after, dag_id, run_id) of the last row seen
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class TaskInstanceRecord:
+    task_id: str
+    map_index: int
+    try_number: int
+    state: str
+    started_at: Optional[datetime]
+    ended_at: Optional[datetime]
+
+
+class Outbox(Protocol):
+    """Called inside each recording transaction (runbell.service.webhooks.outbox.WebhookOutbox)."""
+
+    async def enqueue(self, conn: AsyncConnection, changes: Sequence[RunChange]) -> int: ...
+
+    def committed(self, count: int) -> None: ...
+
+
+# -- migrations -----------------------------------------------------------------------------------
+
+
+def alembic_config(**attributes: Any) -> Config:
+    """Alembic's configuration without an alembic.ini. env.py reads ``connection`` (a sync
+    Connection, as AsyncConnection.run_sync hands out) or ``engine`` (an AsyncEngine, when no event
+    loop is running) from the attributes."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    config.attributes.update(attributes)
+    return config
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    command.upgrade(alembic_config(connection=connection), "head")
+
+
+# Alembic's `context` is process-global, so stores of one process migrate one at a time (across
+# processes, env.py's advisory lock or SQLite's BEGIN IMMEDIATE does it). One lock per event loop.
+_migration_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _migration_lock() -> asyncio.Lock:
+    return _migration_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, url: str, outbox: Optional[Outbox] = None):
+        self.url = normalize_database_url(url)
+        self.outbox = outbox  # writes webhook messages in the transaction that records their events
+        self._engine: Optional[AsyncEngine] = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("the store is not started")
+        return self._engine
+
+    async def start(self) -> None:
+        """Connect and bring the schema to the newest migration (concurrent starts are serialised)."""
+        # asyncpg waits 60 s for a connection by default: too long for a health check or a retry.
+        asyncpg = make_url(self.url).get_driver_name() == "asyncpg"
+        connect_args = {"timeout": PG_CONNECT_TIMEOUT_SECONDS} if asyncpg else {}
+        engine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+        if engine.dialect.name == "sqlite":
+            _configure_sqlite(engine)
+        self._engine = engine
+        try:
+            async with _migration_lock(), self._transaction(write=True) as conn:
+                await conn.run_sync(_upgrade_to_head)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.dispose()
+
+    async def ping(self) -> None:
+        """Raises when the database cannot be reached."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def record(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        """Store envelopes not stored yet and update their runs, in one transaction.
+
+        Returns the newly stored envelopes, in the order given (repeats within the call count once).
+        The outbox, if any, enqueues their webhook messages in the same transaction.
+        """
+        unique: dict[tuple[str, str, int], Envelope] = {}
+        for envelope in envelopes:
+            unique.setdefault(_event_key(envelope), envelope)
+        by_run: dict[RunKey, list[Envelope]] = defaultdict(list)
+        for envelope in unique.values():
+            by_run[_run_key(envelope.event)].append(envelope)
+        stored: set[tuple[str, str, int]] = set()
+        changes: list[RunChange] = []
+        enqueued = 0
+        async with self._transaction(write=True) as conn:
+            for run in sorted(by_run):  # one lock order for every writer: no deadlocks
+                seqs = await _record_run(conn, run, by_run[run], changes)
+                stored.update((*run, seq) for seq in seqs)
+            if self.outbox is not None and changes:
+                enqueued = await self.outbox.enqueue(conn, changes)
+        if enqueued and self.outbox is not None:
+            self.outbox.committed(enqueued)
+        return [envelope for key, envelope in unique.items() if key in stored]
+
+    async def events(
+        self, dag_id: str, run_id: str, after_seq: int = 0, limit: Optional[int] = None
+    ) -> list[Envelope]:
+        """The run's stored envelopes with seq > after_seq, in seq order."""
+        query = (
+            select(EventRow.envelope)
+            .where(EventRow.dag_id == dag_id, EventRow.run_id == run_id, EventRow.seq > after_seq)
+            .order_by(EventRow.seq)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).scalars().all()
+        return [Envelope.model_validate_json(row) for row in rows]
+
+    async def last_seq(self, dag_id: str, run_id: str) -> int:
+        """The highest stored seq of the run; 0 when none is stored."""
+        return (await self.last_seqs([(dag_id, run_id)])).get((dag_id, run_id), 0)
+
+    async def last_seqs(self, runs: Iterable[RunKey]) -> dict[RunKey, int]:
+        """The highest stored seq of each of these runs that has any."""
+        wanted = sorted(set(runs))
+        if not wanted:
+            return {}
+        query = select(Run.dag_id, Run.run_id, Run.last_seq).where(
+            tuple_(Run.dag_id, Run.run_id).in_(wanted)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {(row.dag_id, row.run_id): row.last_seq for row in rows}
+
+    async def get_run(self, dag_id: str, run_id: str) -> Optional[RunRecord]:
+        query = select(Run).where(Run.dag_id == dag_id, Run.run_id == run_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return RunRecord(**{column.key: getattr(row, column.key) for column in Run.__table__.columns})
+
+    async def get_runs(self, runs: Iterable[RunKey]) -> dict[RunKey, RunRecord]:
+        """The stored runs among these (the ones not stored are left out)."""
+        wanted = sorted(set(runs))
+        found: dict[RunKey, RunRecord] = {}
+        async with self.engine.connect() as conn:
+            for start in range(0, len(wanted), INSERT_CHUNK):
+                query = select(Run).where(tuple_(Run.dag_id, Run.run_id).in_(wanted[start : start + INSERT_CHUNK]))
+                for row in (await conn.execute(query)).all():
+                    found[(row.dag_id, row.run_id)] = _run_record(row)
+        return found
+
+    async def list_runs(self, query: RunQuery) -> list[RunRecord]:
+        """One page of runs in keyset order (run_after, dag_id, run_id), every filter in the WHERE.
+
+        Paging resumes strictly after ``query.after``, so runs inserted meanwhile never shift a page:
+        no row is repeated or skipped (a new run shows up if its place is still ahead)."""
+        columns = [Run.run_after, Run.dag_id, Run.run_id]
+        statement = select(Run)
+        if query.dag_id is not None:
+            statement = statement.where(Run.dag_id == query.dag_id)
+        if query.run_types:
+            statement = statement.where(Run.run_type.in_(query.run_types))
+        if query.backfill_id is not None:
+            statement = statement.where(Run.backfill_id == query.backfill_id)
+        if query.run_after_gte is not None:
+            statement = statement.where(Run.run_after >= query.run_after_gte)
+        if query.run_after_lte is not None:
+            statement = statement.where(Run.run_after <= query.run_after_lte)
+        if query.states:
+            statement = statement.where(Run.state.in_(query.states))
+        if query.after is not None:
+            statement = statement.where(_keyset_predicate(query.after, query.dag_id, query.descending))
+        order = [c.desc() for c in columns] if query.descending else [c.asc() for c in columns]
+        statement = statement.order_by(*order).limit(query.limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(statement)).all()
+        return [_run_record(row) for row in rows]
+
+    async def task_instances(self, dag_id: str, run_id: str) -> list[TaskInstanceRecord]:
+        """The run's task tries: by start (not started last), then task_id, map_index, try_number."""
+        query = (
+            select(TaskInstance)
+            .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
+            .order_by(
+                TaskInstance.started_at.is_(None),
+                TaskInstance.started_at,
+                TaskInstance.task_id,
+                TaskInstance.map_index,
+                TaskInstance.try_number,
+            )
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            TaskInstanceRecord(r.task_id, r.map_index, r.try_number, r.state, r.started_at, r.ended_at) for r in rows
+        ]
+
+    @asynccontextmanager
+    async def _transaction(self, write: bool) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            if write:
+                await conn.execution_options(runbell_write=True)
+            async with conn.begin():
+                yield conn
+
+
+def _run_record(row: Any) -> RunRecord:
+    return RunRecord(**{column.key: getattr(row, column.key) for column in Run.__table__.columns})
+
+
+def _keyset_predicate(after: tuple[datetime, str, str], dag_id: Optional[str], descending: bool) -> Any:
+    """Rows strictly past ``after`` in the listing's order: a row-value comparison, which both
+    PostgreSQL and SQLite answer from the keyset indexes. With one DAG (the cursor's own), the
+    comparison leaves dag_id out so that ix_runs_dag_keyset serves it."""
+    run_after, after_dag, after_run = after
+    at = bindparam("keyset_run_after", run_after, type_=UTCDateTime())
+    if dag_id is not None and dag_id == after_dag:
+        left, right = tuple_(Run.run_after, Run.run_id), tuple_(at, literal(after_run, String()))
+    else:
+        left = tuple_(Run.run_after, Run.dag_id, Run.run_id)
+        right = tuple_(at, literal(after_dag, String()), literal(after_run, String()))
+    return left < right if descending else left > right
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    """WAL, a busy timeout, and BEGIN IMMEDIATE for writers.
+
+    A deferred transaction that reads and then writes fails at once with SQLITE_BUSY when another
+    writer got in between; taking the write lock at BEGIN makes writers queue (busy timeout) instead.
+    sqlite3's own BEGIN handling is turned off so that SQLAlchemy's begin event decides.
+    """
+
+    @sa_event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        cursor.close()
+
+    @sa_event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("runbell_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+# -- recording one run ----------------------------------------------------------------------------
+
+
+def _insert(conn: AsyncConnection, table: type[Base]) -> Any:
+    """INSERT with ON CONFLICT support, for the connection's dialect."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+async def _record_run(
+    conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: Optional[list[RunChange]] = None
+) -> set[int]:
+    """Insert the run's new events and re-derive its row from all its events. Returns new seqs;
+    appends what changed to ``changes``."""
+    dag_id, run_id = run
+    status_before = await _lock_run(conn, run, envelopes[0].event.ts)
+    new: set[int] = set()
+    for start in range(0, len(envelopes), INSERT_CHUNK):
+        rows = [_event_row(envelope) for envelope in envelopes[start : start + INSERT_CHUNK]]
+        insert = _insert(conn, EventRow).values(rows).on_conflict_do_nothing().returning(EventRow.seq)
+        new.update((await conn.execute(insert)).scalars())
+    if not new:
+        return new
+    query = (
+        select(EventRow.envelope)
+        .where(EventRow.dag_id == dag_id, EventRow.run_id == run_id)
+        .order_by(EventRow.seq)
+    )
+    history = [Envelope.model_validate_json(raw) for raw in (await conn.execute(query)).scalars()]
+    values = _run_values(run, history)
+    await conn.execute(update(Run).where(Run.dag_id == dag_id, Run.run_id == run_id).values(**values))
+    if changes is not None:
+        pending = OutcomeStatus.PENDING.value
+        decided = status_before == pending and values["outcome_status"] != pending
+        changes.append(RunChange(run, [e for e in history if e.seq in new], history, decided))
+    touched = {_try_key(e.event) for e in envelopes if e.seq in new and e.event.kind is EventKind.TASK}
+    rows = _task_instance_rows(run, history, touched)
+    if rows:
+        insert = _insert(conn, TaskInstance).values(rows)
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=list(TaskInstance.__table__.primary_key.columns),
+                set_={name: insert.excluded[name] for name in ("state", "started_at", "ended_at")},
+            )
+        )
+    return new
+
+
+async def _lock_run(conn: AsyncConnection, run: RunKey, ts: float) -> str:
+    """Make sure the run's row exists and hold its lock until commit, so that concurrent writers of
+    one run take turns and each folds over every event committed before it. Returns the run's
+    outcome status as it stands before this transaction."""
+    dag_id, run_id = run
+    at = _utc(ts)
+    placeholder = dict(
+        dag_id=dag_id,
+        run_id=run_id,
+        state="unknown",
+        run_after=at,
+        last_seq=0,
+        last_event_at=at,
+        outcome_status="pending",
+        outcome={},
+    )
+    await conn.execute(_insert(conn, Run).values(placeholder).on_conflict_do_nothing())
+    locked = await conn.execute(
+        select(Run.outcome_status).where(Run.dag_id == dag_id, Run.run_id == run_id).with_for_update()
+    )
+    return locked.scalar_one()
+
+
+def _event_row(envelope: Envelope) -> dict[str, Any]:
+    event = envelope.event
+    return dict(
+        dag_id=event.dag_id,
+        run_id=event.run_id,
+        seq=envelope.seq,
+        kind=event.kind.value,
+        state=event.state,
+        task_id=event.task_id,
+        ts=_utc(event.ts),
+        envelope=envelope_json(envelope.seq, event.to_json()),
+    )
+
+
+def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
+    """The runs row from all of the run's events (in seq order) and their outcome."""
+    outcome: Outcome = decide(history, *run)
+    events = [envelope.event for envelope in history]
+    run_events = [e for e in events if e.kind is EventKind.RUN]
+    # Airflow's run fields: the newest value any run event carried.
+    latest = {
+        name: next((getattr(e, name) for e in reversed(run_events) if getattr(e, name)), None)
+        for name in ("run_type", "logical_date", "run_after", "backfill_id")
+    }
+    # A task event means the run is running, as the outcome rules also assume.
+    running = [e.ts for e in events if e.kind is EventKind.TASK or e.state == RunState.RUNNING.value]
+    ended = [e.ts for e in run_events if e.run_state.terminal]
+    return dict(
+        state=outcome.run_state,
+        run_type=latest["run_type"],
+        logical_date=_parse_time(latest["logical_date"]),
+        # Runs without Airflow's run_after (emit) are listed by when they were first seen.
+        run_after=_parse_time(latest["run_after"]) or _utc(min(e.ts for e in events)),
+        backfill_id=latest["backfill_id"],
+        started_at=_utc(min(running)) if running else None,
+        ended_at=_utc(ended[-1]) if ended else None,
+        last_seq=history[-1].seq,
+        last_event_at=_utc(max(e.ts for e in events)),
+        outcome_status=outcome.status.value,
+        outcome=outcome.model_dump(mode="json"),
+        result_task=outcome.result_task.model_dump(mode="json") if outcome.result_task else None,
+        first_failure=outcome.failure.model_dump(mode="json") if outcome.failure else None,
+    )
+
+
+# A try ends with its first one of these; later contradicting events do not change it.
+_TRY_ENDS = {TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED, TaskState.UP_FOR_RETRY}
+
+
+def _task_instance_rows(
+    run: RunKey, history: list[Envelope], touched: set[tuple[str, int, int]]
+) -> list[dict[str, Any]]:
+    """task_instances rows for the touched tries, each derived from all of that try's events."""
+    tries: dict[tuple[str, int, int], list[Event]] = defaultdict(list)
+    for envelope in history:
+        event = envelope.event
+        if event.kind is EventKind.TASK and _try_key(event) in touched:
+            tries[_try_key(event)].append(event)
+    rows = []
+    for (task_id, map_index, try_number), events in sorted(tries.items()):
+        end = next((e for e in events if e.task_state in _TRY_ENDS), None)
+        started = [e.ts for e in events if e.task_state is TaskState.RUNNING]
+        rows.append(
+            dict(
+                dag_id=run[0],
+                run_id=run[1],
+                task_id=task_id,
+                map_index=map_index,
+                try_number=try_number,
+                state=(end or events[-1]).state,
+                started_at=_utc(min(started)) if started else None,
+                ended_at=_utc(end.ts) if end else None,
+            )
+        )
+    return rows
+
+
+def _event_key(envelope: Envelope) -> tuple[str, str, int]:
+    return envelope.event.dag_id, envelope.event.run_id, envelope.seq
+
+
+def _run_key(event: Event) -> RunKey:
+    return event.dag_id, event.run_id
+
+
+def _try_key(event: Event) -> tuple[str, int, int]:
+    try_number = event.try_number if event.try_number is not None else NO_TRY
+    return event.task_id or "", event.map_index, try_number
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _parse_time(value: Optional[str]) -> Optional[datetime]:
+    """An ISO 8601 time from an event (naive means UTC); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+# The webhook tables belong to this metadata too (migrations are compared against it).
+import runbell.service.webhooks.outbox  # noqa: E402,F401

@@ -1,0 +1,358 @@
+"""The webhook dispatcher: one per gateway process, posting the outbox's messages to their receivers.
+
+It claims due messages with a lease (runbell.service.webhooks.outbox.WebhookStore.claim), so replicas sharing
+one database never deliver the same attempt, and a message whose worker died mid-delivery is due
+again when the lease runs out (delivery survives a restart). Each attempt follows the Standard
+Webhooks specification: headers webhook-id (the message id: stable across retries), webhook-timestamp
+(this attempt's unix seconds) and webhook-signature (one v1 signature per current signing secret), the
+payload bytes as enqueued, through the target guard's transport, redirects not followed, one timeout
+over the whole attempt, at most 4 KiB of the answer read.
+
+Verdicts: 2xx delivered; 410 disables the endpoint and cancels its pending messages; 429, 502, 503
+and 504 retry after their Retry-After (seconds or an HTTP date, bounded) when they give one; any
+other answer, a timeout, a network error or a refused target retries on the schedule (±jitter).
+After the schedule's last attempt the message is dead-lettered: one warning, a metric, and an
+operational event — a log record on the logger ``runbell.webhooks.events`` whose ``runbell_event``
+attribute is ``webhook.dead_lettered`` and whose ``webhook`` attribute holds the fields (endpoint,
+message, run, attempts, last error). An endpoint failing continuously for ``disable_after`` seconds
+is disabled (event ``webhook.endpoint_disabled``). Secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Optional, Sequence
+
+import httpx
+from sqlalchemy.exc import SQLAlchemyError
+
+from runbell.service.webhooks import signing
+from runbell.service.core.metrics import Metrics
+from runbell.service.store.recorder import Backoff
+from runbell.service.settings import DEFAULT_WEBHOOK_SCHEDULE, webhook_schedule_seconds
+from runbell.service.webhooks.target_guard import TargetPolicy, TargetRefused, check_url, guarded_transport
+from runbell.service.webhooks.outbox import Endpoint, Message, MessageStatus, Verdict, WebhookStore, utcnow
+
+log = logging.getLogger("runbell.webhooks")
+events_log = logging.getLogger("runbell.webhooks.events")
+
+DEFAULT_SCHEDULE = tuple(webhook_schedule_seconds(DEFAULT_WEBHOOK_SCHEDULE))
+RESPONSE_CAP = 4096  # bytes of a receiver's answer kept (and read at all)
+RETRY_AFTER_STATUSES = (429, 502, 503, 504)
+USER_AGENT = "runbell"
+FINISH_TRIES = 3
+
+
+class Dispatcher:
+    """Delivers due webhook messages until cancelled.
+
+    ``schedule``: its length is the number of attempts of a message; schedule[i] (i >= 1) is the
+    delay in seconds before attempt i + 1 after attempt i failed. The first attempt is made as soon
+    as the message is enqueued (schedule[0] is the specification's "immediately" and is not waited).
+    ``max_in_flight`` bounds concurrent attempts of this process, ``per_endpoint`` those to one
+    endpoint: a slow or hanging receiver holds at most ``per_endpoint`` slots, for at most
+    ``attempt_timeout`` each. ``lease_seconds`` must outlast an attempt; a message is claimed only
+    when it can start at once, so a lease never waits.
+    """
+
+    def __init__(
+        self,
+        webhooks: WebhookStore,
+        *,
+        policy: TargetPolicy,
+        worker: str,
+        metrics: Optional[Metrics] = None,
+        schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        jitter: float = 0.2,
+        attempt_timeout: float = 15.0,
+        max_in_flight: int = 64,
+        per_endpoint: int = 4,
+        lease_seconds: float = 60.0,
+        poll_seconds: float = 1.0,
+        disable_after: float = 5 * 86400,
+        retry_after_max: Optional[float] = None,
+        transport: Optional[httpx.AsyncBaseTransport] = None,
+    ):
+        if not schedule or any(delay < 0 for delay in schedule):
+            raise ValueError("the schedule needs at least one attempt and no negative delay")
+        if not 0 <= jitter < 1:
+            raise ValueError("jitter is a fraction in [0, 1)")
+        if lease_seconds <= attempt_timeout:
+            raise ValueError("lease_seconds must outlast attempt_timeout, or a slow attempt could be delivered twice")
+        if max_in_flight < 1 or per_endpoint < 1:
+            raise ValueError("max_in_flight and per_endpoint must be at least 1")
+        self.webhooks = webhooks
+        self.policy = policy
+        self.worker = worker
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.schedule = tuple(float(delay) for delay in schedule)
+        self.jitter = jitter
+        self.attempt_timeout = attempt_timeout
+        self.max_in_flight = max_in_flight
+        self.per_endpoint = per_endpoint
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.disable_after = disable_after
+        self.retry_after_max = max(self.schedule) if retry_after_max is None else retry_after_max
+        self._transport = transport
+        self._client: Optional[httpx.AsyncClient] = None
+        self._wake = asyncio.Event()
+        self._tasks: dict[asyncio.Task[None], tuple[Message, str]] = {}
+        self._in_flight: Counter[str] = Counter()  # endpoint id -> attempts running
+        self._backlog = False  # the last claim may have left due messages behind
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def wake(self, *_: Any) -> None:
+        """Look for due messages now rather than at the next poll (after the recorder enqueued)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until cancelled; then stop the attempts in flight and hand their
+        messages back. Database outages are logged and waited out."""
+        backoff = Backoff()
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    claimed = await self.step()
+                except Exception as exc:
+                    delay = backoff.next()
+                    if backoff.attempt == 1:
+                        log.warning("webhooks: claiming failed (%s: %s); retrying", type(exc).__name__, exc,
+                                    exc_info=not isinstance(exc, (SQLAlchemyError, OSError)))
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                if claimed and self._backlog and self._free_slots() > 0:
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+        finally:
+            await self.aclose()
+
+    async def step(self) -> int:
+        """Claim the due messages this process has room for and start their attempts. Returns how
+        many were claimed (their attempts run on; ``idle()`` waits for them)."""
+        free = self._free_slots()
+        if free <= 0:
+            self._backlog = True
+            return 0
+        full = sorted(endpoint for endpoint, n in self._in_flight.items() if n >= self.per_endpoint)
+        token = f"{self.worker}/{uuid.uuid4().hex[:12]}"
+        messages = await self.webhooks.claim(token, limit=free, per_endpoint=self.per_endpoint, exclude=full,
+                                             lease_seconds=self.lease_seconds)
+        # Anything claimed, or an endpoint left out as full, may mean more is due: look again as
+        # soon as an attempt ends rather than at the next poll.
+        self._backlog = bool(full) or bool(messages)
+        if not messages:
+            return 0
+        try:
+            endpoints = await self.webhooks.endpoints_by_id(m.endpoint_id for m in messages)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.webhooks.release([m.id for m in messages], token)
+            raise
+        give_back = []
+        for message in messages:
+            endpoint = endpoints.get(message.endpoint_id)
+            if endpoint is None or not endpoint.enabled:
+                await self.webhooks.cancel(message.id, token)  # deleted or disabled since it was claimed
+            elif self._in_flight[endpoint.id] >= self.per_endpoint:
+                give_back.append(message.id)
+                self._backlog = True
+            else:
+                self._start(message, endpoint, token)
+        await self.webhooks.release(give_back, token)
+        return len(messages)
+
+    async def idle(self) -> None:
+        """Wait until no attempt of this process is in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop the attempts in flight, give their messages back (due at once, for this process after
+        a restart or for another replica) and close the HTTP client."""
+        tasks = dict(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        by_token: dict[str, list[str]] = {}
+        for message, token in tasks.values():
+            by_token.setdefault(token, []).append(message.id)
+        for token, ids in by_token.items():
+            try:
+                await asyncio.wait_for(self.webhooks.release(ids, token), 5)
+            except Exception as exc:  # the lease runs out by itself
+                log.info("webhooks: could not hand back %d messages on shutdown (%s)", len(ids), type(exc).__name__)
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def _free_slots(self) -> int:
+        return self.max_in_flight - len(self._tasks)
+
+    def _start(self, message: Message, endpoint: Endpoint, token: str) -> None:
+        self._in_flight[endpoint.id] += 1
+        self.metrics.webhook_in_flight.inc()
+        task = asyncio.create_task(self._attempt(message, endpoint, token), name=f"runbell-webhook-{message.id}")
+        self._tasks[task] = (message, token)
+        task.add_done_callback(lambda done: self._done(done, endpoint.id))
+
+    def _done(self, task: asyncio.Task[None], endpoint_id: str) -> None:
+        self._tasks.pop(task, None)
+        self._in_flight[endpoint_id] -= 1
+        if self._in_flight[endpoint_id] <= 0:
+            del self._in_flight[endpoint_id]
+        self.metrics.webhook_in_flight.dec()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhooks: attempt crashed", exc_info=task.exception())
+        if self._backlog:
+            self.wake()
+
+    # -- one attempt --------------------------------------------------------------------------------
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            transport = self._transport if self._transport is not None else guarded_transport(self.policy)
+            self._client = httpx.AsyncClient(transport=transport, follow_redirects=False,
+                                             timeout=httpx.Timeout(self.attempt_timeout), trust_env=False)
+        return self._client
+
+    async def _attempt(self, message: Message, endpoint: Endpoint, token: str) -> None:
+        attempted_at = utcnow()
+        started = time.monotonic()
+        status_code: Optional[int] = None
+        error: Optional[str] = None
+        body: Optional[str] = None
+        retry_after: Optional[str] = None
+        result = "error"
+        try:
+            status_code, body, retry_after = await asyncio.wait_for(self._post(message, endpoint),
+                                                                    self.attempt_timeout)
+        except TargetRefused as refused:
+            error, result = f"target refused: {refused.reason}", "refused"
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            error, result = f"no answer within {self.attempt_timeout:g} s", "timeout"
+        except httpx.HTTPError as exc:
+            if isinstance(exc.__cause__, TargetRefused):  # refused at connect time (the guard's transport)
+                error, result = str(exc.__cause__), "refused"
+            else:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:  # a bug, or something httpx did not wrap: still a failed attempt
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("webhooks: unexpected error posting message %s to endpoint %s", message.id, endpoint.id,
+                        exc_info=True)
+        duration = time.monotonic() - started
+        if status_code is not None:
+            result = "success" if 200 <= status_code < 300 else ("gone" if status_code == 410 else "failure")
+        self.metrics.webhook_deliveries.labels(result).inc()
+        self.metrics.webhook_attempt_latency.observe(duration)
+        attempt = dict(attempted_at=attempted_at, duration_ms=round(duration * 1000, 3), status_code=status_code,
+                       error=error, response_body=body)
+        verdict = self._verdict(message, status_code, retry_after)
+        finished = None
+        for tries in range(1, FINISH_TRIES + 1):
+            try:
+                finished = await self.webhooks.finish(message, token, attempt, verdict, disable_after=self.disable_after)
+                break
+            except Exception as exc:
+                if tries == FINISH_TRIES:
+                    log.warning("webhooks: could not record the attempt of message %s (%s: %s); it is retried "
+                                "when its lease runs out", message.id, type(exc).__name__, exc)
+                    return
+                await asyncio.sleep(0.2 * tries)
+        assert finished is not None
+        if not finished.applied:
+            log.info("webhooks: message %s was taken over or removed while it was being delivered", message.id)
+            return
+        if verdict.status is MessageStatus.DEAD:
+            self._dead_lettered(message, endpoint, attempt)
+        if finished.disabled_reason is not None:
+            self._endpoint_disabled(endpoint, finished.disabled_reason, finished.cancelled)
+
+    async def _post(self, message: Message, endpoint: Endpoint) -> tuple[int, str, Optional[str]]:
+        await check_url(self.policy, endpoint.url)
+        body = message.payload.encode()
+        timestamp = int(time.time())
+        headers = {
+            "webhook-id": message.id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signing.signature_header(endpoint.signing_secrets(utcnow()), message.id,
+                                                          timestamp, body),
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "accept-encoding": "identity",  # the capped answer is kept as sent, never inflated
+        }
+        async with self.client().stream("POST", endpoint.url, content=body, headers=headers) as response:
+            kept = bytearray()
+            async for chunk in response.aiter_raw():
+                kept.extend(chunk[: RESPONSE_CAP - len(kept)])
+                if len(kept) >= RESPONSE_CAP:
+                    break  # the rest is never read: the connection is closed, not reused
+            return response.status_code, kept.decode("utf-8", "replace"), response.headers.get("retry-after")
+
+    def _verdict(self, message: Message, status_code: Optional[int], retry_after: Optional[str]) -> Verdict:
+        if status_code is not None and 200 <= status_code < 300:
+            return Verdict(MessageStatus.DELIVERED, endpoint="success")
+        if status_code == 410:
+            return Verdict(MessageStatus.CANCELLED, endpoint="gone", disable_reason="the receiver answered 410 Gone")
+        attempts = message.attempts + 1
+        if attempts >= len(self.schedule):
+            return Verdict(MessageStatus.DEAD)
+        delay = None
+        if status_code in RETRY_AFTER_STATUSES and retry_after:
+            delay = parse_retry_after(retry_after, maximum=self.retry_after_max)
+        if delay is None:
+            delay = self.schedule[attempts] * random.uniform(1 - self.jitter, 1 + self.jitter)
+        return Verdict(MessageStatus.PENDING, next_attempt_at=utcnow() + timedelta(seconds=delay))
+
+    # -- operational events -------------------------------------------------------------------------
+
+    def _dead_lettered(self, message: Message, endpoint: Endpoint, attempt: dict[str, Any]) -> None:
+        self.metrics.webhook_dead_letters.inc()
+        last = attempt["error"] or f"HTTP {attempt['status_code']}"
+        fields = dict(endpoint_id=endpoint.id, message_id=message.id, dag_id=message.dag_id, run_id=message.run_id,
+                      seq=message.seq, kind=message.kind, attempts=message.attempts + 1, last_error=last)
+        events_log.warning(
+            "webhook message %s to endpoint %s dead-lettered after %d attempts (last: %s); resend or recover it "
+            "through the API", message.id, endpoint.id, message.attempts + 1, last,
+            extra={"runbell_event": "webhook.dead_lettered", "webhook": fields},
+        )
+
+    def _endpoint_disabled(self, endpoint: Endpoint, reason: str, cancelled: int) -> None:
+        self.metrics.webhook_endpoints_disabled.inc()
+        fields = dict(endpoint_id=endpoint.id, reason=reason, cancelled_messages=cancelled)
+        events_log.warning("webhook endpoint %s disabled: %s (%d pending messages cancelled)",
+                           endpoint.id, reason, cancelled,
+                           extra={"runbell_event": "webhook.endpoint_disabled", "webhook": fields})
+
+
+def parse_retry_after(value: str, *, maximum: float, now: Optional[datetime] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), within [0, maximum];
+    None when it is neither."""
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or utcnow())).total_seconds()
+    return min(max(seconds, 0.0), maximum)
+

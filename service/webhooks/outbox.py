@@ -1,0 +1,612 @@
+"""Webhooks in the store: endpoints, the outbox of messages, and every delivery attempt.
+
+The outbox is written in the transaction that records events (``Store(url, outbox=WebhookOutbox())``):
+for every enabled endpoint whose filter matches, one message per new task or run event (when the
+endpoint subscribes to that kind) and one ``outcome`` message when the run's outcome is decided in
+that transaction. So no event is recorded without its deliveries, and since a message is unique by
+(endpoint, dag, run, seq, kind) and inserted with ON CONFLICT DO NOTHING, recording an event twice
+(two replicas, a re-delivered stream entry) enqueues nothing twice.
+
+A message's payload is fixed when it is enqueued, so every retry sends identical bytes:
+
+    {"type": "run.outcome" | "task.state" | "run.state",
+     "timestamp": "<ISO 8601 time of the event, or of the event that decided the outcome>",
+     "data": {...the outcome as GET .../result answers 200, or the event as SSE data...,
+              "seq": N, "terminal": true|false}}
+
+The dispatcher (service/webhook_delivery.py) claims due messages with a lease (claim), posts them
+and writes each attempt's verdict (finish); the admin API reads and replays through WebhookStore.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import Mapped, mapped_column
+
+from runbell.bus.schema import Envelope, EventKind
+from runbell.service.core.outcome import OutcomeStatus, decide
+from runbell.service.store.store import ID_LENGTH, Base, JSONType, RunChange, Store, UTCDateTime, _insert
+
+KEY_LENGTH = 64
+INSERT_CHUNK = 500  # message rows per INSERT: well under SQLite's bind-parameter limit
+CLAIM_SCAN = 1000  # due messages looked at per claim, before the per-endpoint cut
+
+
+class WebhookKind(str, Enum):
+    OUTCOME = "outcome"
+    TASK = "task"
+    RUN = "run"
+
+
+class MessageStatus(str, Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # every attempt of the schedule failed: dead-lettered
+    CANCELLED = "cancelled"  # never delivered: its endpoint was deleted or disabled while it waited
+
+
+DEFAULT_KINDS = [WebhookKind.OUTCOME.value]
+PAYLOAD_TYPES = {
+    WebhookKind.OUTCOME.value: "run.outcome",
+    WebhookKind.TASK.value: "task.state",
+    WebhookKind.RUN.value: "run.state",
+}
+DISABLED_BY_REQUEST = "disabled through the API"
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+class WebhookEndpointRow(Base):
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text)
+    dag_ids: Mapped[Optional[list[str]]] = mapped_column(JSONType)  # None: every DAG
+    kinds: Mapped[list[str]] = mapped_column(JSONType)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[Optional[str]] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[Optional[str]] = mapped_column(Text)
+    failing_since: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class WebhookMessageRow(Base):
+    __tablename__ = "webhook_messages"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "dag_id", "run_id", "seq", "kind", name="uq_webhook_messages_event"),
+        Index("ix_webhook_messages_due", "status", "next_attempt_at"),
+        Index("ix_webhook_messages_endpoint_created", "endpoint_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)  # the webhook-id header
+    endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    seq: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    terminal: Mapped[bool] = mapped_column(Boolean)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    locked_by: Mapped[Optional[str]] = mapped_column(String(200))  # the claim's token while leased
+    locked_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class WebhookAttemptRow(Base):
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (
+        Index("ix_webhook_attempts_message", "message_id", "id"),
+        Index("ix_webhook_attempts_endpoint", "endpoint_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
+    endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[Optional[int]] = mapped_column(Integer)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    response_body: Mapped[Optional[str]] = mapped_column(Text)
+
+
+ENDPOINTS = WebhookEndpointRow.__table__
+MESSAGES = WebhookMessageRow.__table__
+ATTEMPTS = WebhookAttemptRow.__table__
+
+
+# -- what the API sees ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str
+    url: str
+    description: str
+    dag_ids: Optional[list[str]]  # None: every DAG
+    kinds: list[str]
+    enabled: bool
+    secret: str = field(repr=False)  # never in a repr, so never in a log line by accident
+    previous_secret: Optional[str] = field(repr=False)
+    previous_secret_expires_at: Optional[datetime]
+    created_at: datetime
+    updated_at: datetime
+    disabled_reason: Optional[str]
+    failing_since: Optional[datetime]
+
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets that sign a delivery now: the current one, then the previous one while its
+        grace lasts."""
+        found = [self.secret]
+        if (self.previous_secret and self.previous_secret_expires_at is not None
+                and self.previous_secret_expires_at > now):
+            found.append(self.previous_secret)
+        return found
+
+    def matches(self, dag_id: str, kind: str) -> bool:
+        return self.enabled and kind in self.kinds and (self.dag_ids is None or dag_id in self.dag_ids)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    endpoint_id: str
+    dag_id: str
+    run_id: str
+    seq: int
+    kind: str
+    terminal: bool
+    payload: str
+    status: str
+    attempts: int
+    next_attempt_at: Optional[datetime]
+    created_at: datetime
+    delivered_at: Optional[datetime]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: int
+    message_id: str
+    endpoint_id: str
+    attempted_at: datetime
+    duration_ms: float
+    status_code: Optional[int]
+    error: Optional[str]
+    response_body: Optional[str]
+
+
+def _endpoint(row: Any) -> Endpoint:
+    return Endpoint(**{name: getattr(row, name) for name in Endpoint.__dataclass_fields__})
+
+
+def _message(row: Any) -> Message:
+    return Message(**{name: getattr(row, name) for name in Message.__dataclass_fields__})
+
+
+def _attempt(row: Any) -> Attempt:
+    return Attempt(**{name: getattr(row, name) for name in Attempt.__dataclass_fields__})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def _check_kinds(kinds: Iterable[str]) -> list[str]:
+    found = list(dict.fromkeys(WebhookKind(kind).value for kind in kinds))  # ValueError names a bad one
+    if not found:
+        raise ValueError("kinds must name at least one of: " + ", ".join(k.value for k in WebhookKind))
+    return found
+
+
+def _check_dag_ids(dag_ids: Optional[Iterable[str]]) -> Optional[list[str]]:
+    if dag_ids is None:
+        return None
+    found = list(dict.fromkeys(dag_ids))
+    if not found or not all(isinstance(d, str) and d for d in found):
+        raise ValueError("dag_ids is null (every DAG) or a non-empty list of DAG ids")
+    return found
+
+
+# -- the outbox: written in the recording transaction -----------------------------------------------
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _payload(kind: str, ts: float, data: dict[str, Any], seq: int, terminal: bool) -> str:
+    body = {"type": PAYLOAD_TYPES[kind], "timestamp": _iso(ts), "data": {**data, "seq": seq, "terminal": terminal}}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_message(envelope: Envelope) -> tuple[str, bool, str]:
+    """(kind, terminal, payload) of a task or run event: the event as SSE data, plus terminal."""
+    event = envelope.event
+    terminal = event.run_state.terminal if event.kind is EventKind.RUN else event.task_state.terminal
+    data = {"seq": envelope.seq, **event.model_dump(mode="json", exclude_none=True)}
+    return event.kind.value, terminal, _payload(event.kind.value, event.ts, data, envelope.seq, terminal)
+
+
+def outcome_message(change: RunChange) -> Optional[tuple[int, str]]:
+    """(decided_seq, payload) of the run's outcome as it stood when it was decided (as the SSE
+    `outcome` event and the result endpoint give it), or None while it is pending."""
+    outcome = decide(change.history, *change.run)
+    if outcome.status is OutcomeStatus.PENDING or outcome.decided_seq is None:
+        return None
+    seq = outcome.decided_seq
+    at_decision = decide([e for e in change.history if e.seq <= seq], *change.run)
+    ts = next(e.event.ts for e in change.history if e.seq == seq)
+    return seq, _payload(WebhookKind.OUTCOME.value, ts, at_decision.model_dump(mode="json"), seq, True)
+
+
+class WebhookOutbox:
+    """The store's outbox: ``Store(url, outbox=WebhookOutbox())``. ``on_enqueued`` is called (with
+    how many messages) after a recording transaction that enqueued something has committed: the
+    app points it at the dispatcher's ``wake``."""
+
+    def __init__(self, on_enqueued: Optional[Callable[[int], None]] = None):
+        self.on_enqueued = on_enqueued
+
+    async def enqueue(self, conn: AsyncConnection, changes: Sequence[RunChange]) -> int:
+        """Insert the messages of these runs' new events and newly decided outcomes, inside the
+        caller's transaction. Returns how many were new."""
+        query = select(ENDPOINTS).where(ENDPOINTS.c.enabled.is_(True))
+        endpoints = [_endpoint(row) for row in (await conn.execute(query)).all()]
+        if not endpoints:
+            return 0
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+
+        def add(endpoint: Endpoint, change: RunChange, seq: int, kind: str, terminal: bool, payload: str) -> None:
+            rows.append(dict(
+                id=_new_id("msg_"), endpoint_id=endpoint.id, dag_id=change.run[0], run_id=change.run[1], seq=seq,
+                kind=kind, terminal=terminal, payload=payload, status=MessageStatus.PENDING.value, attempts=0,
+                next_attempt_at=now, locked_by=None, locked_until=None, created_at=now, delivered_at=None,
+            ))
+
+        for change in changes:
+            dag_id = change.run[0]
+            wanted = [e for e in endpoints if e.dag_ids is None or dag_id in e.dag_ids]
+            if not wanted:
+                continue
+            for envelope in change.new:
+                subscribed = [e for e in wanted if envelope.event.kind.value in e.kinds]
+                if subscribed:
+                    kind, terminal, payload = event_message(envelope)
+                    for endpoint in subscribed:
+                        add(endpoint, change, envelope.seq, kind, terminal, payload)
+            if change.decided:
+                subscribed = [e for e in wanted if WebhookKind.OUTCOME.value in e.kinds]
+                decided = outcome_message(change) if subscribed else None
+                if decided is not None:
+                    for endpoint in subscribed:
+                        add(endpoint, change, decided[0], WebhookKind.OUTCOME.value, True, decided[1])
+        inserted = 0
+        for start in range(0, len(rows), INSERT_CHUNK):
+            statement = (_insert(conn, WebhookMessageRow).values(rows[start : start + INSERT_CHUNK])
+                         .on_conflict_do_nothing().returning(MESSAGES.c.id))
+            inserted += len((await conn.execute(statement)).all())
+        return inserted
+
+    def committed(self, count: int) -> None:
+        if self.on_enqueued is not None:
+            self.on_enqueued(count)
+
+
+# -- the dispatcher's side --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one attempt means for its message and endpoint (decided by the dispatcher)."""
+
+    status: MessageStatus  # the message's new status
+    next_attempt_at: Optional[datetime] = None
+    endpoint: str = "failure"  # "success" (clears failing_since), "failure", or "gone" (disable)
+    disable_reason: Optional[str] = None  # with endpoint == "gone"
+
+
+@dataclass(frozen=True)
+class Finished:
+    applied: bool  # False: the lease was lost (another worker holds the message now) or it is gone
+    disabled_reason: Optional[str] = None  # set when this attempt disabled the endpoint
+    cancelled: int = 0  # pending messages cancelled with that
+
+
+# -- the API's and the dispatcher's access --------------------------------------------------------
+
+
+RELEASED = {"locked_by": None, "locked_until": None}
+
+
+class WebhookStore:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # -- endpoints ----------------------------------------------------------------------------------
+
+    async def create_endpoint(self, *, url: str, description: str = "", dag_ids: Optional[list[str]] = None,
+                              kinds: Optional[list[str]] = None, enabled: bool = True) -> Endpoint:
+        from runbell.service.webhooks.signing import new_secret
+
+        now = utcnow()
+        values = dict(
+            id=_new_id("ep_"), url=url, description=description, dag_ids=_check_dag_ids(dag_ids),
+            kinds=_check_kinds(DEFAULT_KINDS if kinds is None else kinds), enabled=bool(enabled),
+            secret=new_secret(), previous_secret=None, previous_secret_expires_at=None, created_at=now,
+            updated_at=now, disabled_reason=None, failing_since=None,
+        )
+        async with self.store._transaction(write=True) as conn:
+            await conn.execute(insert(ENDPOINTS).values(values))
+        return Endpoint(**values)
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        async with self.store.engine.connect() as conn:
+            rows = (await conn.execute(select(ENDPOINTS).order_by(ENDPOINTS.c.created_at, ENDPOINTS.c.id))).all()
+        return [_endpoint(row) for row in rows]
+
+    async def get_endpoint(self, endpoint_id: str) -> Optional[Endpoint]:
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id))).first()
+        return _endpoint(row) if row is not None else None
+
+    async def update_endpoint(self, endpoint_id: str, **fields: Any) -> Optional[Endpoint]:
+        """Change url, description, dag_ids, kinds or enabled. Re-enabling clears disabled_reason and
+        failing_since; disabling cancels the endpoint's pending messages (recover replays them)."""
+        unknown = set(fields) - {"url", "description", "dag_ids", "kinds", "enabled"}
+        if unknown:
+            raise ValueError("cannot update " + ", ".join(sorted(unknown)))
+        values: dict[str, Any] = dict(fields)
+        if "dag_ids" in values:
+            values["dag_ids"] = _check_dag_ids(values["dag_ids"])
+        if "kinds" in values:
+            values["kinds"] = _check_kinds(values["kinds"])
+        now = utcnow()
+        async with self.store._transaction(write=True) as conn:
+            current = (await conn.execute(
+                select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).with_for_update())).first()
+            if current is None:
+                return None
+            if "enabled" in values:
+                values["enabled"] = bool(values["enabled"])
+                if values["enabled"] and not current.enabled:
+                    values.update(disabled_reason=None, failing_since=None)
+                elif not values["enabled"] and current.enabled:
+                    values.update(disabled_reason=DISABLED_BY_REQUEST)
+                    await _cancel_pending(conn, endpoint_id)
+            values["updated_at"] = now
+            row = (await conn.execute(
+                update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(values).returning(ENDPOINTS))).first()
+        return _endpoint(row)
+
+    async def delete_endpoint(self, endpoint_id: str) -> bool:
+        """Delete the endpoint; its pending messages are cancelled (kept, with their attempts)."""
+        async with self.store._transaction(write=True) as conn:
+            deleted = (await conn.execute(delete(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id))).rowcount
+            if deleted:
+                await _cancel_pending(conn, endpoint_id)
+        return bool(deleted)
+
+    async def rotate_secret(self, endpoint_id: str, grace_seconds: float) -> Optional[Endpoint]:
+        """A new secret; the current one keeps signing beside it until now + grace_seconds."""
+        from runbell.service.webhooks.signing import new_secret
+
+        now = utcnow()
+        async with self.store._transaction(write=True) as conn:
+            row = (await conn.execute(
+                update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(
+                    previous_secret=ENDPOINTS.c.secret,
+                    previous_secret_expires_at=now + timedelta(seconds=max(0.0, grace_seconds)),
+                    secret=new_secret(),
+                    updated_at=now,
+                ).returning(ENDPOINTS))).first()
+        return _endpoint(row) if row is not None else None
+
+    # -- messages and attempts ----------------------------------------------------------------------
+
+    async def get_message(self, message_id: str) -> Optional[Message]:
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(select(MESSAGES).where(MESSAGES.c.id == message_id))).first()
+        return _message(row) if row is not None else None
+
+    async def messages(self, endpoint_id: str, *, since: Optional[datetime] = None, limit: int = 100) -> list[Message]:
+        """The endpoint's messages, newest first."""
+        query = select(MESSAGES).where(MESSAGES.c.endpoint_id == endpoint_id)
+        if since is not None:
+            query = query.where(MESSAGES.c.created_at >= since)
+        query = query.order_by(MESSAGES.c.created_at.desc(), MESSAGES.c.seq.desc(), MESSAGES.c.id).limit(limit)
+        async with self.store.engine.connect() as conn:
+            return [_message(row) for row in (await conn.execute(query)).all()]
+
+    async def attempts(self, *, message_id: Optional[str] = None, endpoint_id: Optional[str] = None,
+                       limit: int = 100) -> list[Attempt]:
+        """Attempts of a message or of an endpoint (or both filters), newest first."""
+        query = select(ATTEMPTS)
+        if message_id is not None:
+            query = query.where(ATTEMPTS.c.message_id == message_id)
+        if endpoint_id is not None:
+            query = query.where(ATTEMPTS.c.endpoint_id == endpoint_id)
+        query = query.order_by(ATTEMPTS.c.id.desc()).limit(limit)
+        async with self.store.engine.connect() as conn:
+            return [_attempt(row) for row in (await conn.execute(query)).all()]
+
+    # Re-queueing drops any lease, so that an attempt still in flight cannot settle the message
+    # (its finish no longer holds the lease): the requested attempt is made whatever that one does.
+
+    async def resend(self, message_id: str) -> Optional[Message]:
+        """Back to pending, due now: one more attempt with the same webhook-id. (A message whose
+        schedule is used up gets that one attempt and is dead again if it fails.)"""
+        async with self.store._transaction(write=True) as conn:
+            row = (await conn.execute(
+                update(MESSAGES).where(MESSAGES.c.id == message_id)
+                .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED)
+                .returning(MESSAGES))).first()
+        return _message(row) if row is not None else None
+
+    async def recover(self, endpoint_id: str, since: datetime) -> int:
+        """Re-queue every message of the endpoint created since then (whatever its status), due now."""
+        async with self.store._transaction(write=True) as conn:
+            result = await conn.execute(
+                update(MESSAGES).where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.created_at >= since)
+                .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED))
+        return result.rowcount
+
+    # -- for the dispatcher -------------------------------------------------------------------------
+
+    async def claim(self, token: str, *, limit: int, per_endpoint: int, exclude: Sequence[str] = (),
+                    lease_seconds: float, now: Optional[datetime] = None) -> list[Message]:
+        """Lease up to ``limit`` due messages of enabled endpoints, at most ``per_endpoint`` of each
+        endpoint, none of the endpoints in ``exclude``; the lease is ``token`` until now + lease.
+
+        The candidates are chosen first, then leased with UPDATE ... WHERE id IN (SELECT ... WHERE
+        still due FOR UPDATE SKIP LOCKED) RETURNING on PostgreSQL, and in one BEGIN IMMEDIATE
+        transaction on SQLite; so two workers never hold one message. A lease that ran out (its
+        worker died mid-delivery) makes the message due again."""
+        if limit <= 0:
+            return []
+        now = now or utcnow()
+        due = and_(
+            MESSAGES.c.status == MessageStatus.PENDING.value,
+            MESSAGES.c.next_attempt_at <= now,
+            or_(MESSAGES.c.locked_until.is_(None), MESSAGES.c.locked_until < now),
+        )
+        scan = (
+            select(MESSAGES.c.id, MESSAGES.c.endpoint_id, MESSAGES.c.next_attempt_at)
+            .join(ENDPOINTS, ENDPOINTS.c.id == MESSAGES.c.endpoint_id)
+            .where(due, ENDPOINTS.c.enabled.is_(True))
+        )
+        if exclude:
+            scan = scan.where(MESSAGES.c.endpoint_id.not_in(list(exclude)))
+        scan = scan.order_by(MESSAGES.c.next_attempt_at, MESSAGES.c.id).limit(max(CLAIM_SCAN, limit)).subquery()
+        ranked = select(
+            scan.c.id,
+            scan.c.next_attempt_at,
+            func.row_number().over(partition_by=scan.c.endpoint_id, order_by=(scan.c.next_attempt_at, scan.c.id))
+            .label("rank"),
+        ).subquery()
+        candidates = (select(ranked.c.id).where(ranked.c.rank <= per_endpoint)
+                      .order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit))
+        async with self.store._transaction(write=True) as conn:
+            # Two steps, so that the locking one is a plain primary-key lookup whatever the planner
+            # thinks of the window query: pick candidates, then lock those still due (skipping any
+            # another worker holds: it got them first).
+            ids = list((await conn.execute(candidates)).scalars())
+            if not ids:
+                return []
+            pick = select(MESSAGES.c.id).where(MESSAGES.c.id.in_(ids), due)
+            if conn.dialect.name == "postgresql":
+                pick = pick.with_for_update(skip_locked=True)
+            statement = (update(MESSAGES).where(MESSAGES.c.id.in_(pick.scalar_subquery()))
+                         .values(locked_by=token, locked_until=now + timedelta(seconds=lease_seconds))
+                         .returning(MESSAGES))
+            rows = (await conn.execute(statement)).all()
+        return sorted((_message(row) for row in rows), key=lambda m: (m.next_attempt_at or now, m.id))
+
+    async def endpoints_by_id(self, ids: Iterable[str]) -> dict[str, Endpoint]:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        async with self.store.engine.connect() as conn:
+            rows = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id.in_(wanted)))).all()
+        return {row.id: _endpoint(row) for row in rows}
+
+    async def release(self, message_ids: Sequence[str], token: str) -> None:
+        """Give leased messages back unattempted (due again at once)."""
+        if not message_ids:
+            return
+        async with self.store._transaction(write=True) as conn:
+            await conn.execute(
+                update(MESSAGES).where(MESSAGES.c.id.in_(list(message_ids)), MESSAGES.c.locked_by == token)
+                .values(locked_by=None, locked_until=None))
+
+    async def cancel(self, message_id: str, token: str) -> None:
+        """A leased message that must not be delivered (its endpoint is gone or disabled)."""
+        async with self.store._transaction(write=True) as conn:
+            await conn.execute(
+                update(MESSAGES).where(MESSAGES.c.id == message_id, MESSAGES.c.locked_by == token)
+                .values(status=MessageStatus.CANCELLED.value, next_attempt_at=None, locked_by=None,
+                        locked_until=None))
+
+    async def finish(self, message: Message, token: str, attempt: dict[str, Any], verdict: Verdict, *,
+                     disable_after: float, now: Optional[datetime] = None) -> Finished:
+        """Record one attempt and apply its verdict, in one transaction: the message (only while this
+        lease still holds it), the endpoint's failing_since, and disabling it (410, or failing
+        continuously for disable_after seconds), which cancels its pending messages."""
+        now = now or utcnow()
+        async with self.store._transaction(write=True) as conn:
+            await conn.execute(insert(ATTEMPTS).values(message_id=message.id, endpoint_id=message.endpoint_id,
+                                                       **attempt))
+            values: dict[str, Any] = dict(status=verdict.status.value, attempts=MESSAGES.c.attempts + 1,
+                                          next_attempt_at=verdict.next_attempt_at, locked_by=None, locked_until=None)
+            if verdict.status is MessageStatus.DELIVERED:
+                values["delivered_at"] = now
+            applied = (await conn.execute(
+                update(MESSAGES).where(MESSAGES.c.id == message.id, MESSAGES.c.locked_by == token).values(values)
+            )).rowcount == 1
+            endpoint_id = message.endpoint_id
+            where = ENDPOINTS.c.id == endpoint_id
+            if verdict.endpoint == "success":
+                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_not(None))
+                                   .values(failing_since=None))
+                return Finished(applied)
+            if verdict.endpoint == "gone":
+                reason = verdict.disable_reason or "the receiver asked to stop"
+            else:
+                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_(None))
+                                   .values(failing_since=now))
+                row = (await conn.execute(select(ENDPOINTS.c.enabled, ENDPOINTS.c.failing_since).where(where))).first()
+                if row is None or not row.enabled or row.failing_since is None:
+                    return Finished(applied)
+                failing = (now - row.failing_since).total_seconds()
+                if failing < disable_after:
+                    return Finished(applied)
+                reason = (f"failing continuously since {row.failing_since.isoformat()} "
+                          f"({failing / 86400:.1f} days)")
+            disabled = (await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.enabled.is_(True))
+                                           .values(enabled=False, disabled_reason=reason, updated_at=now))).rowcount
+            if not disabled:
+                return Finished(applied)
+            cancelled = await _cancel_pending(conn, endpoint_id)
+        return Finished(applied, disabled_reason=reason, cancelled=cancelled)
+
+
+async def _cancel_pending(conn: AsyncConnection, endpoint_id: str) -> int:
+    result = await conn.execute(
+        update(MESSAGES).where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.status == MessageStatus.PENDING.value)
+        .values(status=MessageStatus.CANCELLED.value, next_attempt_at=None))
+    return result.rowcount
