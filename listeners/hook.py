@@ -28,8 +28,6 @@ from datetime import datetime
 from typing import Any, Callable, Mapping, Optional, Union
 
 import pluggy
-
-from runbell.listeners import propagation
 from runbell.bus.schema import (
     AssetEvent,
     AssetInfo,
@@ -42,7 +40,13 @@ from runbell.bus.schema import (
     Source,
     TaskState,
 )
-from runbell.listeners.publisher import Publisher, default_publisher, extra_fields, make_result
+from runbell.listeners import propagation
+from runbell.listeners.publisher import (
+    Publisher,
+    default_publisher,
+    extra_fields,
+    make_result,
+)
 
 hookimpl = pluggy.HookimplMarker("airflow")
 log = logging.getLogger("runbell.hook")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
-
 from runbell.listeners import hook
 
 
 class RunbellPlugin(AirflowPlugin):
     name = "runbell"
     # A module, not functions: Airflow registers each listener object with pluggy.
-    runbell.listeners = [hook]
+    listeners = [hook]

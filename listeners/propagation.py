@@ -16,7 +16,11 @@ from collections import deque
 from enum import Enum
 from typing import AbstractSet, Any, Iterable, Mapping, Optional, Protocol
 
-from runbell.listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
+from runbell.listeners.marks import (
+    CRITICAL_ATTR,
+    CRITICAL_TASKS_CONF_KEY,
+    RESULT_TASK_CONF_KEY,
+)
 
 
 class TaskNode(Protocol):

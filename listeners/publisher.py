@@ -22,7 +22,6 @@ from typing import Any, Optional
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
 from runbell.bus import keys
 from runbell.bus.schema import (
     AnyEvent,

@@ -10,12 +10,13 @@ import os
 from typing import Optional
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-
 from runbell.bus.keys import DEFAULT_NAMESPACE
-from runbell.service.http.auth import Role, parse_tokens
-
-
-DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"  # immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
+from runbell.service.core.roles import Role, parse_tokens
+from runbell.service.webhooks.dispatcher import (
+    DEFAULT_WEBHOOK_SCHEDULE,
+    webhook_schedule_seconds,
+)
+from runbell.service.webhooks.target_guard import TargetPolicy
 
 
 class Settings(BaseModel):
@@ -68,8 +69,6 @@ class Settings(BaseModel):
     @field_validator("webhook_allowed_hosts")
     @classmethod
     def _check_allowed_hosts(cls, value):
-        from runbell.service.webhooks.target_guard import TargetPolicy
-
         TargetPolicy.from_setting(value)  # ValueError names the bad entry
         return value
 
@@ -157,17 +156,6 @@ def load_settings(overrides: Optional[dict] = None, env: Optional[dict[str, str]
         if value is not None:
             values[key] = value
     return Settings(**values)
-
-
-def webhook_schedule_seconds(raw: str) -> list[float]:
-    """'0,5,300' -> [0.0, 5.0, 300.0]; ValueError naming what is accepted."""
-    try:
-        schedule = [float(part) for part in raw.split(",") if part.strip()]
-    except ValueError:
-        schedule = []
-    if not schedule or any(delay < 0 for delay in schedule):
-        raise ValueError("RUNBELL_WEBHOOK_SCHEDULE must be comma-separated non-negative seconds, e.g. 0,5,300")
-    return schedule
 
 
 def is_loopback(host: str) -> bool:

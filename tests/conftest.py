@@ -49,8 +49,9 @@ def redis_url() -> str:
     if require_server(REDIS_URL, "Redis"):
         yield REDIS_URL
         return
-    from fakeredis import TcpFakeServer
     import threading
+
+    from fakeredis import TcpFakeServer
 
     server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -155,10 +156,11 @@ class RunningGateway:
         return httpx.AsyncClient(base_url=self.url, headers=headers, **{"timeout": 30, **kw})
 
     def publisher(self):
-        from runbell.listeners.config import PublisherConfig
-        from runbell.listeners.publisher import Publisher
         import tempfile
         from pathlib import Path
+
+        from runbell.listeners.config import PublisherConfig
+        from runbell.listeners.publisher import Publisher
 
         return Publisher(PublisherConfig(redis_url=self.redis_url, namespace=self.namespace, spool_dir=Path(tempfile.mkdtemp())))
 
@@ -169,7 +171,6 @@ async def gateway_factory(redis_url, namespace, tmp_path, redis_cleanup):
     import asyncio
 
     import uvicorn
-
     from runbell.service.http.app import create_app
     from runbell.service.settings import Settings
 

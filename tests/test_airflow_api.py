@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import socket
 import time
 import uuid
-import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
@@ -23,11 +23,6 @@ from typing import Any, AsyncIterator, Optional
 import httpx
 import pytest
 import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
-
 from runbell.service.airflow.api import (
     AirflowAuthFailed,
     AirflowBadRequest,
@@ -39,6 +34,10 @@ from runbell.service.airflow.api import (
     NotFound,
     RunExists,
 )
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 USER, PASSWORD = "alice", "pa55-Wh1te-Rabbit"
 FIXED_TOKEN = "fixed-0123456789abcdef-token"

@@ -14,14 +14,20 @@ from urllib.parse import quote
 import pytest
 import redis
 import redis.asyncio as aioredis
-
+from runbell.bus import keys
+from runbell.bus.schema import (
+    AssetEvent,
+    AssetInfo,
+    BadEvent,
+    decode_asset_envelope,
+    decode_envelope,
+)
 from runbell.listeners import hook
 from runbell.listeners import publisher as publisher_module
-from runbell.bus import keys
-from runbell.bus.schema import AssetEvent, AssetInfo, BadEvent, decode_asset_envelope, decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, emit_asset
 from runbell.service.http.auth import issue_run_token
+
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import read_sse, until
 

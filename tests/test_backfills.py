@@ -10,16 +10,22 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
 import pytest
+from runbell.bus.schema import Envelope, Event, EventKind
+from runbell.listeners.publisher import emit
+from runbell.service.client.client import parse_sse
+from runbell.service.http import backfills
+from runbell.service.http.auth import issue_run_token
+from runbell.service.http.backfills import (
+    AirflowMetadata,
+    _airflow,
+    backfill_dag_run_table,
+    backfill_table,
+    dag_run_table,
+)
+from runbell.service.store.store import normalize_database_url
 from sqlalchemy import insert, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from runbell.bus.schema import Envelope, Event, EventKind
-from runbell.listeners.publisher import emit
-from runbell.service.http import backfills
-from runbell.service.http.auth import issue_run_token
-from runbell.service.http.backfills import AirflowMetadata, _airflow, backfill_dag_run_table, backfill_table, dag_run_table
-from runbell.service.client.client import parse_sse
-from runbell.service.store.store import normalize_database_url
 from tests.conftest import READ_TOKEN
 
 DAG = "rb_backfill"

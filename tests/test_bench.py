@@ -8,13 +8,27 @@ import json
 from pathlib import Path
 
 import pytest
-
 from runbell.service.bench import procstats
-from runbell.service.bench.delivery import Target, caller_path, collect, crowd, new_run_id, polling, spread
+from runbell.service.bench.delivery import (
+    Target,
+    caller_path,
+    collect,
+    crowd,
+    new_run_id,
+    polling,
+    spread,
+)
 from runbell.service.bench.floor import bench_fanout_floor, bench_floor
 from runbell.service.bench.loadgen import LoadGen, parse_response
 from runbell.service.bench.measure import percentiles
-from runbell.service.bench.report import GOALS, draw_charts, judge, ratios, redraw, summary
+from runbell.service.bench.report import (
+    GOALS,
+    draw_charts,
+    judge,
+    ratios,
+    redraw,
+    summary,
+)
 
 
 @pytest.fixture

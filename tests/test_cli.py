@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
+
 from tests.conftest import READ_TOKEN, TOKENS, free_port
 
 RUNBELL = [sys.executable, "-m", "runbell.service.client.cli"]

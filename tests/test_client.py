@@ -10,12 +10,22 @@ from typing import Any, Callable, Union
 
 import httpx
 import pytest
-
 from runbell.service.client import client as client_module
 from runbell.service.client.client import (
-    ATTEMPTS, AsyncRunbellClient, AuthError, Conflict, Failure, InvalidRequest, NotFound, RunbellClient, RunFailed,
-    RunPending, SseEvent, Unavailable,
+    ATTEMPTS,
+    AsyncRunbellClient,
+    AuthError,
+    Conflict,
+    Failure,
+    InvalidRequest,
+    NotFound,
+    RunbellClient,
+    RunFailed,
+    RunPending,
+    SseEvent,
+    Unavailable,
 )
+
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import DAG, publish, until, waiting
 

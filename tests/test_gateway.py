@@ -7,11 +7,11 @@ import json
 
 import pytest
 import redis.asyncio as aioredis
-
 from runbell.bus import keys
 from runbell.listeners.publisher import emit
 from runbell.service.client.client import parse_sse
 from runbell.service.live.hub import SharedBytes
+
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 
 DAG = "etl"
@@ -424,8 +424,8 @@ async def test_a_large_fan_out_runs_without_garbage_collection_and_turns_it_back
     import gc
 
     from runbell.bus.schema import Event, envelope_json
-    from runbell.service.live.hub import GC_PAUSE_FANOUT, Hub, Subscription
     from runbell.service.core.metrics import Metrics
+    from runbell.service.live.hub import GC_PAUSE_FANOUT, Hub, Subscription
 
     hub = Hub(None, None, "ns", Metrics())  # no Redis: only the in-memory fan-out is exercised
     channel = keys.run_keys("ns", "d", "r").channel

@@ -18,14 +18,18 @@ from typing import Any, Iterator, Optional
 
 import pytest
 import redis
-
-from runbell.listeners import hook
-from runbell.listeners import publisher as publisher_module
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import Event, EventKind, RunState, TaskState, decode_envelope
+from runbell.listeners import hook
+from runbell.listeners import publisher as publisher_module
 from runbell.listeners.config import PublisherConfig
-from runbell.listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
+from runbell.listeners.marks import (
+    CRITICAL_ATTR,
+    CRITICAL_TASKS_CONF_KEY,
+    RESULT_TASK_CONF_KEY,
+)
 from runbell.listeners.publisher import Publisher
+
 from tests.test_propagation import FakeTask as GraphTask
 from tests.test_propagation import dag as graph
 

@@ -7,7 +7,6 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result, ResultRef
 from runbell.service.core.outcome import DecidedBy, OutcomeFold, OutcomeStatus, decide
 

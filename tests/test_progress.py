@@ -10,9 +10,16 @@ from typing import Any
 
 import httpx
 import pytest
-
 from runbell.service.client.client import RunbellClient, SseEvent
-from runbell.service.client.progress import RunProgress, RunView, format_elapsed, redraw, render_block, run_command
+from runbell.service.client.progress import (
+    RunProgress,
+    RunView,
+    format_elapsed,
+    redraw,
+    render_block,
+    run_command,
+)
+
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_client import airflow, triggering_gateway  # noqa: F401  (fixtures)
 from tests.test_gateway import publish, until

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import pytest
-
-from runbell.listeners.marks import CRITICAL_ATTR, CRITICAL_TASKS_CONF_KEY, RESULT_TASK_CONF_KEY
+from runbell.listeners.marks import (
+    CRITICAL_ATTR,
+    CRITICAL_TASKS_CONF_KEY,
+    RESULT_TASK_CONF_KEY,
+)
 from runbell.listeners.propagation import (
     TRIGGER_RULE_PROPAGATION,
     Propagation,

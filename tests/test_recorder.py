@@ -9,15 +9,15 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
-
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
+from runbell.service.store.models import EventRow
 from runbell.service.store.recorder import BACKOFF_MAX_SECONDS, Backoff, Recorder, gaps
-from runbell.service.store.store import EventRow, Store
+from runbell.service.store.store import Store
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 DAG = "etl"
 WAIT = 20.0  # upper bound for anything that should happen at once; never reached when it works

@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 import httpx
 import pytest
-
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
 from runbell.service.http.app import create_app
 from runbell.service.settings import Settings
 from runbell.service.store.store import RUN_STATES
+
 from tests.conftest import READ_TOKEN, TOKENS
 
 BASE = datetime(2026, 3, 1, tzinfo=timezone.utc)

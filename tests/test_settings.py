@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from runbell.service.http.auth import Role, parse_tokens
+from runbell.service.core.roles import Role, parse_tokens
 from runbell.service.settings import SETTINGS_DOC, Settings, env_name, load_settings
 
 

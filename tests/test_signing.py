@@ -7,10 +7,9 @@ import json
 import time
 
 import pytest
+from runbell.service.webhooks.signing import new_secret, sign, signature_header
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
-
-from runbell.service.webhooks.signing import new_secret, sign, signature_header
 
 BODY = json.dumps({"kind": "outcome", "seq": 7, "terminal": False, "outcome": {"status": "success", "result": "é"}},
                   ensure_ascii=False).encode()

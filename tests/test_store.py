@@ -11,22 +11,14 @@ from datetime import datetime, timezone
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.script import ScriptDirectory
 from alembic.migration import MigrationContext
-from sqlalchemy import func, inspect, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
-
+from alembic.script import ScriptDirectory
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
 from runbell.service.core.outcome import decide
-from runbell.service.store.store import (
-    Base,
-    EventRow,
-    Run,
-    Store,
-    TaskInstance,
-    alembic_config,
-    normalize_database_url,
-)
+from runbell.service.store.models import Base, EventRow, Run, TaskInstance
+from runbell.service.store.store import Store, alembic_config, normalize_database_url
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 DAG, RUN = "etl", "manual__1"
 T0 = 1_700_000_000.0

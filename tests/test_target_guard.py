@@ -7,9 +7,14 @@ import ipaddress
 
 import httpx
 import pytest
-
 from runbell.service.webhooks import target_guard
-from runbell.service.webhooks.target_guard import TargetPolicy, TargetRefused, check_url, forbidden_reason, guarded_transport
+from runbell.service.webhooks.target_guard import (
+    TargetPolicy,
+    TargetRefused,
+    check_url,
+    forbidden_reason,
+    guarded_transport,
+)
 
 PUBLIC_V4, PUBLIC_V6 = "93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"
 NO_POLICY = TargetPolicy.from_setting(None)
@@ -222,7 +227,6 @@ def test_no_proxy_or_unix_socket_can_bypass_the_check(kwargs):
 
 def test_the_gateway_refuses_to_start_with_a_bad_allow_list():
     from pydantic import ValidationError
-
     from runbell.service.settings import load_settings
 
     assert load_settings(env={"RUNBELL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1, localhost"}).webhook_allowed_hosts

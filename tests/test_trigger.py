@@ -7,11 +7,11 @@ import asyncio
 import re
 
 import pytest
-
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
+
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import until
 

@@ -18,6 +18,16 @@ from typing import Any, Callable, Optional, Union
 
 import pytest
 import uvicorn
+from runbell.service.store.store import Store
+from runbell.service.webhooks.dispatcher import Dispatcher, parse_retry_after
+from runbell.service.webhooks.outbox import (
+    ENDPOINTS,
+    MessageStatus,
+    WebhookOutbox,
+    WebhookStore,
+)
+from runbell.service.webhooks.signing import new_secret
+from runbell.service.webhooks.target_guard import TargetPolicy
 from sqlalchemy import update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -25,11 +35,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from runbell.service.webhooks.signing import new_secret
-from runbell.service.store.store import Store
-from runbell.service.webhooks.target_guard import TargetPolicy
-from runbell.service.webhooks.dispatcher import Dispatcher, parse_retry_after
-from runbell.service.webhooks.outbox import ENDPOINTS, MessageStatus, WebhookOutbox, WebhookStore
 from tests.conftest import free_port
 from tests.test_webhook_store import a_run
 

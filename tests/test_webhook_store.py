@@ -9,11 +9,10 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import func, select
-
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
 from runbell.service.core.outcome import decide
-from runbell.service.store.store import EventRow, Store
+from runbell.service.store.models import EventRow
+from runbell.service.store.store import Store
 from runbell.service.webhooks.outbox import (
     MESSAGES,
     Endpoint,
@@ -23,6 +22,7 @@ from runbell.service.webhooks.outbox import (
     WebhookOutbox,
     WebhookStore,
 )
+from sqlalchemy import func, select
 
 DAG = "etl"
 T0 = 1_700_000_000.0

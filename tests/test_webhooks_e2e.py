@@ -14,10 +14,10 @@ from collections import Counter
 
 import httpx
 import pytest
-
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.bench import FastReceiver
+
 from tests.conftest import ADMIN_TOKEN, TOKENS, free_port
 
 

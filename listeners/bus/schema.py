@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
+ID_MAX = 250  # dag_id, run_id, task_id: Airflow's own limit
 ERROR_MESSAGE_MAX = 2000
 
 
@@ -100,14 +101,14 @@ class Event(BaseModel):
     v: Literal[1] = SCHEMA_VERSION
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
     kind: EventKind
-    dag_id: str = Field(min_length=1, max_length=250)
-    run_id: str = Field(min_length=1, max_length=250)
+    dag_id: str = Field(min_length=1, max_length=ID_MAX)
+    run_id: str = Field(min_length=1, max_length=ID_MAX)
     state: str
     ts: float = Field(default_factory=time.time)
     source: Source = Source.HOOK
     host: Optional[str] = None
     # task events
-    task_id: Optional[str] = Field(default=None, max_length=250)
+    task_id: Optional[str] = Field(default=None, max_length=ID_MAX)
     map_index: int = -1
     try_number: Optional[int] = None
     result_task: bool = False  # this task's value is the run's result
@@ -175,7 +176,7 @@ class AssetEvent(BaseModel):
     # (the REST API, or a hook that knew only the asset).
     source_dag_id: Optional[str] = Field(default=None, max_length=250)
     source_run_id: Optional[str] = Field(default=None, max_length=250)
-    source_task_id: Optional[str] = Field(default=None, max_length=250)
+    source_task_id: Optional[str] = Field(default=None, max_length=ID_MAX)
     source_map_index: Optional[int] = None
     partition_key: Optional[str] = None
     aliases: list[str] = Field(default_factory=list)  # names of the asset aliases it came through

@@ -1,1 +1,1 @@
-"""Airflow access: its REST API, idempotent triggering, the reconciler."""
+"""Airflow access: its REST API client and the reconciler that asks it about runs gone quiet."""

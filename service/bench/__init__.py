@@ -24,13 +24,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import redis
-
-from runbell.service.bench.delivery import Target, bench_hook_publish, capacity, crowd, polling, spread, throughput
+from runbell.service.bench.delivery import (
+    Target,
+    bench_hook_publish,
+    capacity,
+    crowd,
+    polling,
+    spread,
+    throughput,
+)
 from runbell.service.bench.floor import bench_fanout_floor, bench_floor
 from runbell.service.bench.listing import run_listing
 from runbell.service.bench.loadgen import LoadGen, raise_fd_limit
 from runbell.service.bench.measure import free_port, percentiles, start_gateway
-from runbell.service.bench.report import draw_charts, judge, median, ratio, ratios, summary
+from runbell.service.bench.report import (
+    draw_charts,
+    judge,
+    median,
+    ratio,
+    ratios,
+    summary,
+)
 from runbell.service.bench.webhooks import FastReceiver, bench_webhooks
 
 __all__ = ["FastReceiver", "Plan", "free_port", "run", "run_listing", "start_gateway", "summary"]

@@ -44,10 +44,15 @@ from pathlib import Path
 from typing import Any, Awaitable
 
 import redis
-
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import decode_envelope
-from runbell.service.bench.measure import await_outcome_long_poll, await_outcome_sse, free_port, percentiles, start_gateway
+from runbell.service.bench.measure import (
+    await_outcome_long_poll,
+    await_outcome_sse,
+    free_port,
+    percentiles,
+    start_gateway,
+)
 from runbell.service.bench.standalone import Airflow, parse_time, standalone
 
 BENCH_DAGS = Path(__file__).resolve().parent / "dags"

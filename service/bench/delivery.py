@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional
 
 import httpx
 import redis
-
 from runbell.bus import keys
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit

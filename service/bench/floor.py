@@ -21,7 +21,6 @@ import uuid
 
 import redis
 import redis.asyncio as aioredis
-
 from runbell.service.bench.loadgen import LoadGen, raise_fd_limit, run_loop
 
 STOP = b"stop"

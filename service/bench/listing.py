@@ -11,9 +11,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-
-from runbell.service.bench.measure import KeepAliveClient, free_port, percentiles, start_gateway
-
+from runbell.service.bench.measure import (
+    KeepAliveClient,
+    free_port,
+    percentiles,
+    start_gateway,
+)
 
 LISTING_RUNS = 100_000
 LISTING_DAGS = 60
@@ -64,9 +67,9 @@ def listing_rows(count: int, seed: int = 11, now: float | None = None) -> list[d
 
 async def load_listing_database(database_url: str, count: int) -> dict[str, Any]:
     """Migrate the (empty) database and bulk-insert `count` runs straight into the runs table."""
+    from runbell.service.store.models import Run
+    from runbell.service.store.store import Store
     from sqlalchemy import insert, text
-
-    from runbell.service.store.store import Run, Store
 
     store = Store(database_url)
     await store.start()

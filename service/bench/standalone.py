@@ -26,6 +26,7 @@ from urllib.error import HTTPError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
+import runbell.bus
 import runbell.listeners
 from runbell.service.bench.measure import free_port
 
@@ -54,28 +55,30 @@ def airflow_venv() -> Path:
 
 
 def check_hook_installed(venv: Path) -> None:
-    """The hook in the Airflow virtualenv must be the installed package and match the `runbell.listeners`
-    this process imports (in a checkout: this tree)."""
+    """The hook side in the Airflow virtualenv (runbell.listeners and runbell.bus) must be the installed
+    package and match what this process imports (in a checkout: this tree)."""
+    packages = {"runbell.listeners": runbell.listeners, "runbell.bus": runbell.bus}
     probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import runbell.listeners; print(runbell.listeners.__path__[0])"],
+        [str(venv / "bin" / "python"), "-c",
+         "import runbell.listeners, runbell.bus; print(runbell.listeners.__path__[0]); print(runbell.bus.__path__[0])"],
         cwd="/",
         capture_output=True,
         text=True,
         timeout=60,
     )
-    source = Path(runbell.listeners.__path__[0])
-    checkout = source.parent if (source.parent / "pyproject.toml").is_file() else None
+    sources = [Path(package.__path__[0]) for package in packages.values()]
+    checkout = sources[0].parent if (sources[0].parent / "pyproject.toml").is_file() else None
     fix = f"run tests/run, or: {venv}/bin/pip install --no-deps --force-reinstall {checkout or 'runbell'}"
     if probe.returncode != 0:
         raise AirflowError(f"runbell is not installed in {venv} ({probe.stderr.strip()[-300:]}); {fix}")
-    installed = Path(probe.stdout.strip())
     stale = [
-        str(src.relative_to(source))
-        for src in source.rglob("*")
-        if src.suffix in (".py", ".lua") and _digest(src) != _digest(installed / src.relative_to(source))
+        f"{name}: {src.name}"
+        for name, source, installed in zip(packages, sources, (Path(p) for p in probe.stdout.split()))
+        for src in source.glob("*")  # each package's own files: runbell.bus sits in listeners/bus/ in a checkout
+        if src.suffix in (".py", ".lua") and _digest(src) != _digest(installed / src.name)
     ]
     if stale:
-        raise AirflowError(f"the runbell hook in {venv} does not match {source} ({', '.join(stale)}); {fix}")
+        raise AirflowError(f"the runbell hook in {venv} does not match {checkout or 'this runbell'} ({', '.join(stale)}); {fix}")
 
 
 def _digest(path: Path) -> Optional[str]:

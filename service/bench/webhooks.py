@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 
 import httpx
-
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.bench.measure import percentiles
 

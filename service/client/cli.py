@@ -13,7 +13,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-EXIT_SUCCESS, EXIT_FAILED, EXIT_PENDING, EXIT_USAGE = 0, 1, 2, 64
+from runbell.service.client.exits import (
+    EXIT_FAILED,
+    EXIT_PENDING,
+    EXIT_SUCCESS,
+    EXIT_USAGE,
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -92,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from runbell.service.http.app import create_app
-    from runbell.service.live.broker import resolve_redis
     from runbell.service.http.server import serve
+    from runbell.service.live.broker import resolve_redis
     from runbell.service.settings import load_settings
 
     overrides = {k: getattr(args, k) for k in ("host", "port", "redis_url", "database_url", "namespace", "no_auth", "log_level")}

@@ -12,7 +12,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, AsyncIterator, Generator, Iterator, Optional, Sequence, TypeVar, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Generator,
+    Iterator,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+)
 from urllib.parse import quote
 
 import anyio

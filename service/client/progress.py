@@ -18,8 +18,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
-from runbell.service.client.cli import EXIT_FAILED, EXIT_PENDING, EXIT_SUCCESS, EXIT_USAGE
-from runbell.service.client.client import RunbellClient, RunbellError, RunPending, SseEvent, Triggered
+from runbell.service.client.client import (
+    RunbellClient,
+    RunbellError,
+    RunPending,
+    SseEvent,
+    Triggered,
+)
+from runbell.service.client.exits import (
+    EXIT_FAILED,
+    EXIT_PENDING,
+    EXIT_SUCCESS,
+    EXIT_USAGE,
+)
 
 MAX_TASK_LINES = 20  # a taller block would scroll off the terminal and break the redraw in place
 TICK = 1.0  # seconds between redraws of the elapsed time on a terminal

@@ -19,7 +19,6 @@ from enum import Enum
 from typing import Any, Iterable, Optional
 
 from pydantic import BaseModel
-
 from runbell.bus.schema import Envelope, Event, EventKind, Result, RunState, TaskState
 
 UNKNOWN_RUN_STATE = "unknown"

@@ -12,29 +12,42 @@ from dataclasses import replace
 from typing import AsyncIterator, Optional
 
 import redis.asyncio as aioredis
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher
+from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
+from runbell.service.http.idempotency import IdempotencyKeys
+from runbell.service.airflow.reconciler import Reconciler
+from runbell.service.core.metrics import Metrics
+from runbell.service.http import (
+    assets,
+    backfills,
+    dashboard,
+    health,
+    openapi,
+    runs,
+    trigger,
+)
+from runbell.service.http import run_routes as routes
+from runbell.service.http import webhooks as webhook_routes
+from runbell.service.http.errors import (
+    ApiError,
+    api_error_handler,
+    error_response,
+    http_error_handler,
+    unexpected_error_handler,
+)
+from runbell.service.live.broker import EmbeddedBroker, resolve_redis
+from runbell.service.live.hub import Hub
+from runbell.service.settings import Settings
+from runbell.service.store.recorder import Recorder
+from runbell.service.store.store import Store
+from runbell.service.webhooks.dispatcher import Dispatcher, webhook_schedule_seconds
+from runbell.service.webhooks.outbox import WebhookOutbox, WebhookStore
+from runbell.service.webhooks.target_guard import TargetPolicy
 from sqlalchemy import event as sa_event
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
-
-from runbell.listeners.config import PublisherConfig
-from runbell.listeners.publisher import Publisher
-from runbell.service.http import assets, backfills, dashboard, health, openapi, runs, trigger
-from runbell.service.http import run_routes as routes
-from runbell.service.http import webhooks as webhook_routes
-from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
-from runbell.service.live.broker import EmbeddedBroker, resolve_redis
-from runbell.service.http.errors import ApiError, api_error_handler, error_response, http_error_handler, unexpected_error_handler
-from runbell.service.airflow.idempotency import IdempotencyKeys
-from runbell.service.airflow.reconciler import Reconciler
-from runbell.service.live.hub import Hub
-from runbell.service.core.metrics import Metrics
-from runbell.service.store.recorder import Recorder
-from runbell.service.settings import Settings, webhook_schedule_seconds
-from runbell.service.store.store import Store
-from runbell.service.webhooks.target_guard import TargetPolicy
-from runbell.service.webhooks.dispatcher import Dispatcher
-from runbell.service.webhooks.outbox import WebhookOutbox, WebhookStore
 
 log = logging.getLogger("runbell.app")
 

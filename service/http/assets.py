@@ -18,25 +18,22 @@ from typing import AsyncIterator, Optional
 
 import anyio
 from redis.exceptions import RedisError
-from sse_starlette import ServerSentEvent
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
 from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
-from runbell.service.live.hub import BACKOFF_MAX_SECONDS, Hub, SubscriptionClosed
-from runbell.service.http.run_routes import (
-    BACKLOG_READ_SECONDS,
+from runbell.service.http.params import (
     LAST_EVENT_ID_PARAM,
-    PENDING_RETRY_AFTER,
-    EventStream,
-    farewell,
     hub_with_room,
     parse_last_event_id,
     parse_timeout,
 )
+from runbell.service.http.run_routes import BACKLOG_READ_SECONDS, PENDING_RETRY_AFTER
+from runbell.service.http.sse import EventStream, farewell
+from runbell.service.live.hub import BACKOFF_MAX_SECONDS, Hub, SubscriptionClosed
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 ASSET = "/v1/assets/{name}"
 AFTER_PARAM = "after"

@@ -5,45 +5,14 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from enum import Enum
 from typing import Optional
 
 import jwt
-
+from runbell.service.core.roles import Role
+from runbell.service.http.errors import ApiError
 from starlette.requests import Request
 
-from runbell.service.http.errors import ApiError
-
-
-class Role(str, Enum):
-    READ = "read"
-    PUBLISH = "publish"
-    ADMIN = "admin"
-
-    @property
-    def rank(self) -> int:
-        return _RANKS[self]
-
-
-_RANKS = {Role.READ: 0, Role.PUBLISH: 1, Role.ADMIN: 2}
 QUERY_TOKEN_PARAM = "access_token"  # EventSource cannot send headers
-
-
-def parse_tokens(raw: str) -> dict[str, Role]:
-    """'tok1:read,tok2:admin' -> {token: role}. Raises ValueError naming the bad pair (never the token)."""
-    tokens: dict[str, Role] = {}
-    for index, pair in enumerate(p.strip() for p in raw.split(",")):
-        if not pair:
-            continue
-        token, sep, role = pair.rpartition(":")
-        if not sep or not token:
-            raise ValueError(f"RUNBELL_TOKENS entry #{index + 1} is not token:role")
-        try:
-            tokens[token] = Role(role.strip())
-        except ValueError:
-            accepted = ", ".join(r.value for r in Role)
-            raise ValueError(f"RUNBELL_TOKENS entry #{index + 1} has unknown role (accepted: {accepted})") from None
-    return tokens
 
 
 @dataclass(frozen=True)

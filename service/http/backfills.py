@@ -32,6 +32,15 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Optional
 
+from runbell.service.core.outcome import OutcomeFold
+from runbell.service.http.auth import Role, authorize
+from runbell.service.http.errors import ApiError
+from runbell.service.http.params import hub_with_room
+from runbell.service.http.sse import EventStream, farewell
+from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
+from runbell.service.settings import Settings
+from runbell.service.store.models import UTCDateTime
+from runbell.service.store.store import Store, normalize_database_url
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,14 +48,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-
-from runbell.service.http.auth import Role, authorize
-from runbell.service.http.errors import ApiError
-from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
-from runbell.service.core.outcome import OutcomeFold
-from runbell.service.http.run_routes import EventStream, farewell, hub_with_room
-from runbell.service.settings import Settings
-from runbell.service.store.store import Store, UTCDateTime, normalize_database_url
 
 log = logging.getLogger("runbell.backfills")
 

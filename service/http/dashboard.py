@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Optional
 
+from runbell.service.http.errors import ApiError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-
-from runbell.service.http.errors import ApiError
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",

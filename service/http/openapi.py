@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from runbell.bus.schema import Event
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-
-from runbell.bus.schema import Event
 
 _RUN_PARAMS = [
     {"name": "dag_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 250}},

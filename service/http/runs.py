@@ -22,13 +22,19 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 from urllib.parse import urlencode
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
+from runbell.bus.schema import ID_MAX
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
-from runbell.service.http.run_routes import MAX_ID_LENGTH, run_path
-from runbell.service.store.store import RUN_STATES, RunQuery, RunRecord, Store, TaskInstanceRecord
+from runbell.service.http.params import run_path
+from runbell.service.store.store import (
+    RUN_STATES,
+    RunQuery,
+    RunRecord,
+    Store,
+    TaskInstanceRecord,
+)
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 # Airflow 3's DagRunType values (the first four are the usual ones).
@@ -130,13 +136,13 @@ def parse_query(request: Request) -> tuple[RunQuery, str]:
     dag_id = request.path_params.get("dag_id")
     if dag_id is None:
         dag_id = params.get("dag_id") or None
-    if dag_id is not None and len(dag_id) > MAX_ID_LENGTH:
-        raise ApiError(400, "bad_dag_id", f"dag_id must be 1 to {MAX_ID_LENGTH} characters")
+    if dag_id is not None and len(dag_id) > ID_MAX:
+        raise ApiError(400, "bad_dag_id", f"dag_id must be 1 to {ID_MAX} characters")
     states = multi_value(request, "status", RUN_STATES, "bad_status")
     run_types = multi_value(request, "run_type", RUN_TYPES, "bad_run_type")
     backfill_id = params.get("backfill_id") or None
-    if backfill_id is not None and len(backfill_id) > MAX_ID_LENGTH:
-        raise ApiError(400, "bad_backfill_id", f"backfill_id must be 1 to {MAX_ID_LENGTH} characters")
+    if backfill_id is not None and len(backfill_id) > ID_MAX:
+        raise ApiError(400, "bad_backfill_id", f"backfill_id must be 1 to {ID_MAX} characters")
     gte, lte = parse_time(request, "run_after_gte"), parse_time(request, "run_after_lte")
     order = params.get("order", "desc")
     if order not in ORDERS:

@@ -10,11 +10,10 @@ import socket
 from typing import Any, Optional
 
 import uvicorn
-from starlette.applications import Starlette
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
 from runbell.service.http.errors import error_response
 from runbell.service.settings import Settings
+from starlette.applications import Starlette
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 
 class DrainingServer(uvicorn.Server):

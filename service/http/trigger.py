@@ -17,15 +17,14 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import Request
-from starlette.responses import Response
-
 from runbell.bus.schema import Event, EventKind, RunState, Source
 from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
+from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
 from runbell.service.http.auth import Role, authorize, issue_run_token
 from runbell.service.http.errors import ApiError
-from runbell.service.airflow.idempotency import Claim, IdempotencyKeys, fingerprint
 from runbell.service.http.run_routes import outcome_response, wait_for_outcome
+from starlette.requests import Request
+from starlette.responses import Response
 
 RUN_ID_ATTEMPTS = 5
 SERVER_ERROR_RETRIES = 2  # Airflow on SQLite answers 500 when its database is briefly locked

@@ -15,18 +15,23 @@ from enum import Enum
 from typing import Any, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
+from runbell.bus.schema import ID_MAX
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
-from runbell.service.webhooks.target_guard import ALLOW_SETTING, TargetPolicy, TargetRefused, check_url, parse_target
 from runbell.service.webhooks.outbox import DEFAULT_KINDS, WebhookKind, WebhookStore
+from runbell.service.webhooks.target_guard import (
+    ALLOW_SETTING,
+    TargetPolicy,
+    TargetRefused,
+    check_url,
+    parse_target,
+)
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 KINDS = tuple(kind.value for kind in WebhookKind)
 SECRET_FIELDS = ("secret", "previous_secret")
 MAX_URL_LENGTH = 2048
-MAX_DAG_ID_LENGTH = 250
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 BASE = "/v1/webhooks"
 
@@ -227,8 +232,8 @@ def checked_dag_ids(dag_ids: Optional[list[str]]) -> Optional[list[str]]:
     if not dag_ids:
         raise ApiError(400, "bad_dag_ids", "dag_ids may not be empty: give null (or leave it out) for every DAG",
                        accepted="list of DAG ids, or null")
-    if any(not dag_id or len(dag_id) > MAX_DAG_ID_LENGTH for dag_id in dag_ids):
-        raise ApiError(400, "bad_dag_ids", f"each DAG id is 1 to {MAX_DAG_ID_LENGTH} characters", accepted="list of DAG ids, or null")
+    if any(not dag_id or len(dag_id) > ID_MAX for dag_id in dag_ids):
+        raise ApiError(400, "bad_dag_ids", f"each DAG id is 1 to {ID_MAX} characters", accepted="list of DAG ids, or null")
     return list(dict.fromkeys(dag_ids))
 
 

@@ -26,9 +26,14 @@ from typing import Any, AsyncIterator, Callable, Optional, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-
 from runbell.bus import keys
-from runbell.bus.schema import AssetEnvelope, BadEvent, Envelope, decode_asset_envelope, decode_envelope
+from runbell.bus.schema import (
+    AssetEnvelope,
+    BadEvent,
+    Envelope,
+    decode_asset_envelope,
+    decode_envelope,
+)
 from runbell.service.core.metrics import Metrics
 
 log = logging.getLogger("runbell.hub")

@@ -21,12 +21,11 @@ from typing import Any, Optional
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy.exc import SQLAlchemyError
-
 from runbell.bus import keys
 from runbell.bus.schema import BadEvent, Envelope, decode_envelope
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.store import RunKey, Store
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("runbell.recorder")
 

@@ -20,23 +20,26 @@ from typing import Any, AsyncIterator, Iterable, Optional, Protocol, Sequence
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, bindparam, literal, select, text, tuple_, update
-from sqlalchemy import event as sa_event
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Dialect, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
-
-from runbell.bus.schema import Envelope, Event, EventKind, RunState, TaskState, envelope_json
+from runbell.bus.schema import (
+    Envelope,
+    Event,
+    EventKind,
+    RunState,
+    TaskState,
+    envelope_json,
+)
 from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
+from runbell.service.store.models import EventRow, Run, TaskInstance, UTCDateTime, dialect_insert
+from sqlalchemy import String, bindparam, literal, select, text, tuple_, update
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_SECONDS = 5.0
 INSERT_CHUNK = 1000  # rows per INSERT: well under SQLite's and asyncpg's bind-parameter limits
 NO_TRY = 0  # try_number of a task event that carries none (Airflow counts tries from 1)
-ID_LENGTH = 250  # the schema's limit on dag_id, run_id and task_id
 
 RunKey = tuple[str, str]
 
@@ -54,87 +57,6 @@ def normalize_database_url(url: str) -> str:
     if scheme == "sqlite":
         return f"sqlite+aiosqlite://{rest}"
     return url
-
-
-# -- tables ---------------------------------------------------------------------------------------
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes on both backends (SQLite stores naive text, so it is stored as UTC)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
-        if value is None:
-            return None
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
-        if value is None or value.tzinfo is not None:
-            return value
-        return value.replace(tzinfo=timezone.utc)
-
-
-JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Run(Base):
-    __tablename__ = "runs"
-    __table_args__ = (
-        # Keyset paging of the runs listing (migration 0003): the order, per DAG, per backfill.
-        Index("ix_runs_keyset", "run_after", "dag_id", "run_id"),
-        Index("ix_runs_dag_keyset", "dag_id", "run_after", "run_id"),
-        Index("ix_runs_backfill_id", "backfill_id"),
-        Index("ix_runs_state_keyset", "state", "run_after", "dag_id", "run_id"),  # migration 0004
-    )
-
-    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16))
-    run_type: Mapped[Optional[str]] = mapped_column(String(64))
-    logical_date: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    run_after: Mapped[datetime] = mapped_column(UTCDateTime())
-    backfill_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    last_seq: Mapped[int] = mapped_column(Integer)
-    last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    outcome_status: Mapped[str] = mapped_column(String(16))
-    outcome: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    result_task: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
-    first_failure: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
-
-
-class TaskInstance(Base):
-    __tablename__ = "task_instances"
-
-    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    task_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    map_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    try_number: Mapped[int] = mapped_column(Integer, primary_key=True)
-    state: Mapped[str] = mapped_column(String(16))
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-
-
-class EventRow(Base):
-    __tablename__ = "events"
-
-    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(8))
-    state: Mapped[str] = mapped_column(String(16))
-    task_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
-    ts: Mapped[datetime] = mapped_column(UTCDateTime())
-    envelope: Mapped[str] = mapped_column(Text)  # the envelope JSON exactly as on the bus
 
 
 @dataclass(frozen=True)
@@ -448,12 +370,6 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 # -- recording one run ----------------------------------------------------------------------------
 
 
-def _insert(conn: AsyncConnection, table: type[Base]) -> Any:
-    """INSERT with ON CONFLICT support, for the connection's dialect."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
-
-
 async def _record_run(
     conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: Optional[list[RunChange]] = None
 ) -> set[int]:
@@ -464,7 +380,7 @@ async def _record_run(
     new: set[int] = set()
     for start in range(0, len(envelopes), INSERT_CHUNK):
         rows = [_event_row(envelope) for envelope in envelopes[start : start + INSERT_CHUNK]]
-        insert = _insert(conn, EventRow).values(rows).on_conflict_do_nothing().returning(EventRow.seq)
+        insert = dialect_insert(conn, EventRow).values(rows).on_conflict_do_nothing().returning(EventRow.seq)
         new.update((await conn.execute(insert)).scalars())
     if not new:
         return new
@@ -483,7 +399,7 @@ async def _record_run(
     touched = {_try_key(e.event) for e in envelopes if e.seq in new and e.event.kind is EventKind.TASK}
     rows = _task_instance_rows(run, history, touched)
     if rows:
-        insert = _insert(conn, TaskInstance).values(rows)
+        insert = dialect_insert(conn, TaskInstance).values(rows)
         await conn.execute(
             insert.on_conflict_do_update(
                 index_elements=list(TaskInstance.__table__.primary_key.columns),
@@ -509,7 +425,7 @@ async def _lock_run(conn: AsyncConnection, run: RunKey, ts: float) -> str:
         outcome_status="pending",
         outcome={},
     )
-    await conn.execute(_insert(conn, Run).values(placeholder).on_conflict_do_nothing())
+    await conn.execute(dialect_insert(conn, Run).values(placeholder).on_conflict_do_nothing())
     locked = await conn.execute(
         select(Run.outcome_status).where(Run.dag_id == dag_id, Run.run_id == run_id).with_for_update()
     )
@@ -619,7 +535,3 @@ def _parse_time(value: Optional[str]) -> Optional[datetime]:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-# The webhook tables belong to this metadata too (migrations are compared against it).
-import runbell.service.webhooks.outbox  # noqa: E402,F401

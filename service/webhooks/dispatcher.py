@@ -32,18 +32,40 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Optional, Sequence
 
 import httpx
-from sqlalchemy.exc import SQLAlchemyError
-
-from runbell.service.webhooks import signing
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.recorder import Backoff
-from runbell.service.settings import DEFAULT_WEBHOOK_SCHEDULE, webhook_schedule_seconds
-from runbell.service.webhooks.target_guard import TargetPolicy, TargetRefused, check_url, guarded_transport
-from runbell.service.webhooks.outbox import Endpoint, Message, MessageStatus, Verdict, WebhookStore, utcnow
+from runbell.service.webhooks import signing
+from runbell.service.webhooks.outbox import (
+    Endpoint,
+    Message,
+    MessageStatus,
+    Verdict,
+    WebhookStore,
+    utcnow,
+)
+from runbell.service.webhooks.target_guard import (
+    TargetPolicy,
+    TargetRefused,
+    check_url,
+    guarded_transport,
+)
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("runbell.webhooks")
 events_log = logging.getLogger("runbell.webhooks.events")
 
+def webhook_schedule_seconds(raw: str) -> list[float]:
+    """'0,5,300' -> [0.0, 5.0, 300.0]; ValueError naming what is accepted."""
+    try:
+        schedule = [float(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        schedule = []
+    if not schedule or any(delay < 0 for delay in schedule):
+        raise ValueError("RUNBELL_WEBHOOK_SCHEDULE must be comma-separated non-negative seconds, e.g. 0,5,300")
+    return schedule
+
+
+DEFAULT_WEBHOOK_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"  # immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h
 DEFAULT_SCHEDULE = tuple(webhook_schedule_seconds(DEFAULT_WEBHOOK_SCHEDULE))
 RESPONSE_CAP = 4096  # bytes of a receiver's answer kept (and read at all)
 RETRY_AFTER_STATUSES = (429, 502, 503, 504)
@@ -355,4 +377,3 @@ def parse_retry_after(value: str, *, maximum: float, now: Optional[datetime] = N
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - (now or utcnow())).total_seconds()
     return min(max(seconds, 0.0), maximum)
-

@@ -27,14 +27,17 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from runbell.bus.schema import Envelope, EventKind
+from runbell.service.core.outcome import OutcomeStatus, decide
+from runbell.service.store.models import (
+    ATTEMPTS,
+    ENDPOINTS,
+    MESSAGES,
+    WebhookMessageRow,
+    dialect_insert,
+)
+from runbell.service.store.store import RunChange, Store
 from sqlalchemy import (
-    Boolean,
-    Float,
-    Index,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
     and_,
     delete,
     func,
@@ -44,13 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.orm import Mapped, mapped_column
 
-from runbell.bus.schema import Envelope, EventKind
-from runbell.service.core.outcome import OutcomeStatus, decide
-from runbell.service.store.store import ID_LENGTH, Base, JSONType, RunChange, Store, UTCDateTime, _insert
-
-KEY_LENGTH = 64
 INSERT_CHUNK = 500  # message rows per INSERT: well under SQLite's bind-parameter limit
 CLAIM_SCAN = 1000  # due messages looked at per claim, before the per-endpoint cut
 
@@ -75,74 +72,6 @@ PAYLOAD_TYPES = {
     WebhookKind.RUN.value: "run.state",
 }
 DISABLED_BY_REQUEST = "disabled through the API"
-
-
-# -- tables ---------------------------------------------------------------------------------------
-
-
-class WebhookEndpointRow(Base):
-    __tablename__ = "webhook_endpoints"
-
-    id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
-    url: Mapped[str] = mapped_column(Text)
-    description: Mapped[str] = mapped_column(Text)
-    dag_ids: Mapped[Optional[list[str]]] = mapped_column(JSONType)  # None: every DAG
-    kinds: Mapped[list[str]] = mapped_column(JSONType)
-    enabled: Mapped[bool] = mapped_column(Boolean)
-    secret: Mapped[str] = mapped_column(Text)
-    previous_secret: Mapped[Optional[str]] = mapped_column(Text)
-    previous_secret_expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    disabled_reason: Mapped[Optional[str]] = mapped_column(Text)
-    failing_since: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-
-
-class WebhookMessageRow(Base):
-    __tablename__ = "webhook_messages"
-    __table_args__ = (
-        UniqueConstraint("endpoint_id", "dag_id", "run_id", "seq", "kind", name="uq_webhook_messages_event"),
-        Index("ix_webhook_messages_due", "status", "next_attempt_at"),
-        Index("ix_webhook_messages_endpoint_created", "endpoint_id", "created_at"),
-    )
-
-    id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)  # the webhook-id header
-    endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
-    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
-    run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
-    seq: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))
-    terminal: Mapped[bool] = mapped_column(Boolean)
-    payload: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer)
-    next_attempt_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    locked_by: Mapped[Optional[str]] = mapped_column(String(200))  # the claim's token while leased
-    locked_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    delivered_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-
-
-class WebhookAttemptRow(Base):
-    __tablename__ = "webhook_attempts"
-    __table_args__ = (
-        Index("ix_webhook_attempts_message", "message_id", "id"),
-        Index("ix_webhook_attempts_endpoint", "endpoint_id", "id"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    message_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
-    endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
-    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    duration_ms: Mapped[float] = mapped_column(Float)
-    status_code: Mapped[Optional[int]] = mapped_column(Integer)
-    error: Mapped[Optional[str]] = mapped_column(Text)
-    response_body: Mapped[Optional[str]] = mapped_column(Text)
-
-
-ENDPOINTS = WebhookEndpointRow.__table__
-MESSAGES = WebhookMessageRow.__table__
-ATTEMPTS = WebhookAttemptRow.__table__
 
 
 # -- what the API sees ----------------------------------------------------------------------------
@@ -318,7 +247,7 @@ class WebhookOutbox:
                         add(endpoint, change, decided[0], WebhookKind.OUTCOME.value, True, decided[1])
         inserted = 0
         for start in range(0, len(rows), INSERT_CHUNK):
-            statement = (_insert(conn, WebhookMessageRow).values(rows[start : start + INSERT_CHUNK])
+            statement = (dialect_insert(conn, WebhookMessageRow).values(rows[start : start + INSERT_CHUNK])
                          .on_conflict_do_nothing().returning(MESSAGES.c.id))
             inserted += len((await conn.execute(statement)).all())
         return inserted

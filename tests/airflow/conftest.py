@@ -17,7 +17,6 @@ from typing import Any, Iterator, Optional
 
 import pytest
 import redis
-
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import Envelope, decode_envelope
 from runbell.service.bench import standalone

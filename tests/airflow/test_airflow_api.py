@@ -17,9 +17,15 @@ from typing import Any
 
 import httpx
 import pytest
-
 from runbell.service.airflow import api as airflow_api
-from runbell.service.airflow.api import AirflowAuthFailed, AirflowClient, AirflowSettings, DagNotFound, NotFound, RunExists
+from runbell.service.airflow.api import (
+    AirflowAuthFailed,
+    AirflowClient,
+    AirflowSettings,
+    DagNotFound,
+    NotFound,
+    RunExists,
+)
 
 pytestmark = pytest.mark.airflow
 

@@ -18,7 +18,6 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis
-
 from runbell.bus import keys
 from runbell.bus.schema import decode_asset_envelope
 from runbell.service.bench import free_port, start_gateway

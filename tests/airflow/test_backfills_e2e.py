@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-
 from runbell.service.bench import free_port, standalone, start_gateway
 from runbell.service.client.client import SseParser
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
-
 from runbell.bus.schema import EventKind, RunState, TaskState
 from runbell.listeners.propagation import doomed_task_ids
 from runbell.service.bench import free_port, start_gateway

@@ -17,7 +17,6 @@ from urllib.error import HTTPError
 
 import httpx
 import pytest
-
 from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import RunbellClient
 

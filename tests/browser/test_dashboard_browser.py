@@ -19,10 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from runbell.bus.schema import Event, EventKind
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
+
 from tests.browser.conftest import read_console, save_screenshot
 
 WAIT_SECONDS = 20  # the longest any one change may take to show
@@ -258,9 +258,13 @@ def test_infinite_scroll_pages_through_the_cursor(browser, served_gateway, publi
 
 def airflow_backfill_db(path: Path, dag_id: str, slots: list[tuple[int, str, str | None]]) -> int:
     """Airflow's backfill tables in a SQLite file, as Airflow fills them: (ordinal, day, skip reason)."""
+    from runbell.service.http.backfills import (
+        _airflow,
+        backfill_dag_run_table,
+        backfill_table,
+        dag_run_table,
+    )
     from sqlalchemy import create_engine, insert
-
-    from runbell.service.http.backfills import _airflow, backfill_dag_run_table, backfill_table, dag_run_table
 
     engine = create_engine(f"sqlite:///{path}")
     _airflow.create_all(engine)

@@ -30,9 +30,9 @@ from typing import Awaitable, Callable, Optional
 
 import httpx
 import pytest
-
 from runbell.listeners.publisher import emit, emit_asset
 from runbell.service.client.client import SseParser
+
 from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")

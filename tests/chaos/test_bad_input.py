@@ -23,11 +23,19 @@ from typing import Any, Optional
 
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
-
 from runbell.bus import keys
-from runbell.bus.schema import AssetEvent, AssetInfo, ErrorInfo, Event, EventKind, Result, envelope_json
+from runbell.bus.schema import (
+    AssetEvent,
+    AssetInfo,
+    ErrorInfo,
+    Event,
+    EventKind,
+    Result,
+    envelope_json,
+)
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher
+
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
 

@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import httpx
-
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
-from runbell.service.client.client import AsyncRunbellClient, Outcome, SseEvent, SseParser
+from runbell.service.client.client import (
+    AsyncRunbellClient,
+    Outcome,
+    SseEvent,
+    SseParser,
+)
 
 DAG = "chaos_failover"
 RUNS = 6

@@ -27,10 +27,6 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from schemathesis.checks import not_a_server_error
-from schemathesis.generation import GenerationMode
-from sqlalchemy import create_engine
-
 from runbell.bus.schema import (
     AssetEnvelope,
     BadEvent,
@@ -38,10 +34,14 @@ from runbell.bus.schema import (
     decode_asset_envelope,
     decode_envelope,
 )
-from runbell.service.http.backfills import _airflow
 from runbell.service.core.outcome import decide
+from runbell.service.http.backfills import _airflow
 from runbell.service.http.run_routes import event_data, outcome_body
-from tests.chaos.test_bad_input import nested, publish, run, task, result
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from sqlalchemy import create_engine
+
+from tests.chaos.test_bad_input import nested, publish, result, run, task
 from tests.conftest import ADMIN_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
 

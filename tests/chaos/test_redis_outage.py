@@ -23,13 +23,13 @@ from typing import Optional
 import httpx
 import pytest
 import redis
-
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import FLUSH_BUDGET_SECONDS, Publisher, emit
 from runbell.service.client.client import AsyncRunbellClient, Outcome
 from runbell.service.store.store import Store
+
 from tests.chaos.test_failover import EventSource, holds, until
 from tests.conftest import IN_CI, free_port
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-
 from runbell.bus import keys
 from runbell.service.http.errors import ApiError
 

@@ -1,0 +1,180 @@
+"""The store's tables, all of them: runs, their events and task tries, and the webhook outbox.
+
+One metadata (Base) holds every table, so migrations are compared against the whole schema, and the
+store package owns it; webhooks/ and the recorder write through these classes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from runbell.bus.schema import ID_MAX
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+ID_LENGTH = ID_MAX  # dag_id, run_id and task_id columns hold what the bus schema accepts
+KEY_LENGTH = 64  # webhook endpoint and message ids
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both backends (SQLite stores naive text, so it is stored as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
+        if value is None:
+            return None
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=timezone.utc)
+
+
+JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        # Keyset paging of the runs listing (migration 0003): the order, per DAG, per backfill.
+        Index("ix_runs_keyset", "run_after", "dag_id", "run_id"),
+        Index("ix_runs_dag_keyset", "dag_id", "run_after", "run_id"),
+        Index("ix_runs_backfill_id", "backfill_id"),
+        Index("ix_runs_state_keyset", "state", "run_after", "dag_id", "run_id"),  # migration 0004
+    )
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    run_type: Mapped[Optional[str]] = mapped_column(String(64))
+    logical_date: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime())
+    backfill_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    last_seq: Mapped[int] = mapped_column(Integer)
+    last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    outcome_status: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    result_task: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
+    first_failure: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
+
+
+class TaskInstance(Base):
+    __tablename__ = "task_instances"
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    map_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    try_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    envelope: Mapped[str] = mapped_column(Text)  # the envelope JSON exactly as on the bus
+
+
+class WebhookEndpointRow(Base):
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text)
+    dag_ids: Mapped[Optional[list[str]]] = mapped_column(JSONType)  # None: every DAG
+    kinds: Mapped[list[str]] = mapped_column(JSONType)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[Optional[str]] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[Optional[str]] = mapped_column(Text)
+    failing_since: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class WebhookMessageRow(Base):
+    __tablename__ = "webhook_messages"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "dag_id", "run_id", "seq", "kind", name="uq_webhook_messages_event"),
+        Index("ix_webhook_messages_due", "status", "next_attempt_at"),
+        Index("ix_webhook_messages_endpoint_created", "endpoint_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)  # the webhook-id header
+    endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    seq: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    terminal: Mapped[bool] = mapped_column(Boolean)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    locked_by: Mapped[Optional[str]] = mapped_column(String(200))  # the claim's token while leased
+    locked_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+
+class WebhookAttemptRow(Base):
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (
+        Index("ix_webhook_attempts_message", "message_id", "id"),
+        Index("ix_webhook_attempts_endpoint", "endpoint_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
+    endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[Optional[int]] = mapped_column(Integer)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    response_body: Mapped[Optional[str]] = mapped_column(Text)
+
+
+ENDPOINTS = WebhookEndpointRow.__table__
+MESSAGES = WebhookMessageRow.__table__
+ATTEMPTS = WebhookAttemptRow.__table__
+
+
+def dialect_insert(conn: AsyncConnection, table: type[Base]) -> Any:
+    """INSERT with ON CONFLICT support, for the connection's dialect."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
