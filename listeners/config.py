@@ -24,7 +24,7 @@ class PublisherConfig:
     skip_dags: frozenset[str] = frozenset()  # DAGs the hook stays silent about (the reconciler still sees them)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "PublisherConfig":
+    def from_env(cls, env: dict[str, str] | None = None) -> PublisherConfig:
         env = os.environ if env is None else env
         return cls(
             redis_url=env.get("RUNBELL_REDIS_URL") or DEFAULT_REDIS_URL,

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
 
 import pluggy
+
 from runbell.bus.schema import (
     AssetEvent,
     AssetInfo,
@@ -55,7 +57,7 @@ _HOST = socket.gethostname()
 _RETURN_KEY = "return_value"
 _MAX_ALIASES = 100
 _logged: set[str] = set()
-_emitted_hook: Optional[bool] = None  # whether this Airflow has on_asset_event_emitted (3.2+)
+_emitted_hook: bool | None = None  # whether this Airflow has on_asset_event_emitted (3.2+)
 
 
 # -- hooks ----------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def on_asset_event_emitted(asset_event: Any) -> None:
     _guard("on_asset_event_emitted", lambda p: _asset_event(asset_event.asset, p, asset_event))
 
 
-def _guard(hook: str, build: Callable[[Publisher], Union[Event, AssetEvent]]) -> None:
+def _guard(hook: str, build: Callable[[Publisher], Event | AssetEvent]) -> None:
     """Build and publish one event; nothing may escape into Airflow."""
     try:
         publisher = default_publisher()
@@ -132,7 +134,7 @@ def _log_once(kind: str, msg: str, *args: Any) -> None:
 # -- run events -----------------------------------------------------------------------------------
 
 
-def _run_event(dag_run: Any, state: RunState, msg: Optional[str]) -> Event:
+def _run_event(dag_run: Any, state: RunState, msg: str | None) -> Event:
     return Event(
         kind=EventKind.RUN,
         dag_id=dag_run.dag_id,
@@ -288,12 +290,12 @@ def _map_index(ti: Any) -> int:
     return value if isinstance(value, int) else -1
 
 
-def _text(value: Any) -> Optional[str]:
+def _text(value: Any) -> str | None:
     """A str Enum's value, or the value as text; None stays None."""
     if value is None:
         return None
     return str(getattr(value, "value", value))
 
 
-def _iso(value: Any) -> Optional[str]:
+def _iso(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else _text(value)

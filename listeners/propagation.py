@@ -13,8 +13,10 @@ The rules mirror ``airflow/ti_deps/deps/trigger_rule_dep.py`` of Airflow 3.3.2.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from enum import Enum
-from typing import AbstractSet, Any, Iterable, Mapping, Optional, Protocol
+from typing import Any, Protocol
 
 from runbell.listeners.marks import (
     CRITICAL_ATTR,
@@ -80,9 +82,7 @@ def rule_propagation(trigger_rule: Any) -> Propagation:
     return TRIGGER_RULE_PROPAGATION.get(str(value), Propagation.NONE)
 
 
-def doomed_task_ids(
-    tasks: Mapping[str, TaskNode], failed_task_id: str, *, map_index: int = -1
-) -> set[str]:
+def doomed_task_ids(tasks: Mapping[str, TaskNode], failed_task_id: str, *, map_index: int = -1) -> set[str]:
     """The failed task and every task its terminal failure makes upstream_failed.
 
     A failed mapped instance (map_index >= 0) fails only part of its task, so ALL_UPSTREAMS and
@@ -103,9 +103,7 @@ def doomed_task_ids(
     return doomed
 
 
-def _direct_rule_dooms(
-    task: TaskNode, tasks: Mapping[str, TaskNode], doomed: set[str], whole: bool
-) -> bool:
+def _direct_rule_dooms(task: TaskNode, tasks: Mapping[str, TaskNode], doomed: set[str], whole: bool) -> bool:
     upstream = set(task.upstream_task_ids)
     propagation = rule_propagation(task.trigger_rule)
     if propagation is Propagation.ANY_UPSTREAM:
@@ -179,7 +177,7 @@ def _descendants_in_order(tasks: Mapping[str, TaskNode], task_id: str) -> list[s
 # -- what the run says is the result, and what is marked critical -----------------------------------
 
 
-def result_task_ids(tasks: Iterable[Any], conf: Optional[Mapping[str, Any]]) -> set[str]:
+def result_task_ids(tasks: Iterable[Any], conf: Mapping[str, Any] | None) -> set[str]:
     """Tasks marked as the DAG's result (@result, dag.add_result) plus the one the run conf names."""
     ids = {t.task_id for t in tasks if getattr(t, "returns_dag_result", False)}
     named = (conf or {}).get(RESULT_TASK_CONF_KEY)
@@ -188,7 +186,7 @@ def result_task_ids(tasks: Iterable[Any], conf: Optional[Mapping[str, Any]]) -> 
     return ids
 
 
-def conf_critical_ids(conf: Optional[Mapping[str, Any]]) -> set[str]:
+def conf_critical_ids(conf: Mapping[str, Any] | None) -> set[str]:
     """Task ids the run conf lists as critical (a single id is accepted too)."""
     listed = (conf or {}).get(CRITICAL_TASKS_CONF_KEY)
     if isinstance(listed, str):

@@ -17,11 +17,12 @@ import threading
 import time
 import weakref
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
 from runbell.bus import keys
 from runbell.bus.schema import (
     AnyEvent,
@@ -50,7 +51,7 @@ ASSET_WINDOW = 10_000  # an asset's replay log keeps this many events (publish.l
 
 
 class Publisher:
-    def __init__(self, config: PublisherConfig, client: Optional[redis.Redis] = None):
+    def __init__(self, config: PublisherConfig, client: redis.Redis | None = None):
         self.config = config
         self.spool = Spool(config.spool_dir)
         self._client = client
@@ -58,13 +59,13 @@ class Publisher:
         self._broken_until = 0.0
         self._lock = threading.Lock()
         self._logged: set[str] = set()
-        self._flusher: Optional[threading.Thread] = None
+        self._flusher: threading.Thread | None = None
         self._flusher_lock = threading.Lock()
         _publishers.add(self)
 
     # -- public ---------------------------------------------------------------------------------
 
-    def publish(self, event: AnyEvent) -> Optional[int]:
+    def publish(self, event: AnyEvent) -> int | None:
         """Publish one event. Returns its sequence number, or None when it was spooled. Never raises."""
         try:
             event_json = event.to_json()
@@ -90,7 +91,7 @@ class Publisher:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _publish_locked(self, event: AnyEvent, event_json: str) -> Optional[int]:
+    def _publish_locked(self, event: AnyEvent, event_json: str) -> int | None:
         if time.monotonic() < self._broken_until:
             self._spool_quietly(event_json)
             return None
@@ -257,9 +258,7 @@ def extra_fields(extra: Any, max_bytes: int) -> dict[str, Any]:
     return {"extra": value, "extra_size": size}
 
 
-def make_result(
-    value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int, max_bytes: int
-) -> Result:
+def make_result(value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int, max_bytes: int) -> Result:
     """The result as published: inline up to max_bytes of JSON, else a reference to Airflow's XCom."""
     encoded = json.dumps(value, default=str, separators=(",", ":"))
     size = len(encoded.encode("utf-8"))
@@ -269,7 +268,7 @@ def make_result(
     return Result(value=json.loads(encoded), size=size)
 
 
-_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+_publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -282,7 +281,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _MISSING = object()
-_default_publisher: Optional[Publisher] = None
+_default_publisher: Publisher | None = None
 
 
 def default_publisher() -> Publisher:
@@ -298,18 +297,18 @@ def emit(
     run_id: str,
     state: str,
     *,
-    task_id: Optional[str] = None,
+    task_id: str | None = None,
     map_index: int = -1,
-    try_number: Optional[int] = None,
+    try_number: int | None = None,
     result: Any = _MISSING,
     result_task: bool = False,
     critical: bool = False,
-    error: Optional[str] = None,
-    error_type: Optional[str] = None,
-    msg: Optional[str] = None,
-    publisher: Optional[Publisher] = None,
+    error: str | None = None,
+    error_type: str | None = None,
+    msg: str | None = None,
+    publisher: Publisher | None = None,
     source: Source = Source.EMIT,
-) -> Optional[int]:
+) -> int | None:
     """Publish exactly the event the Airflow hook would, for other schedulers and scripts.
 
     A task event when task_id is given, else a run event. Returns the sequence number, or None when
@@ -317,7 +316,7 @@ def emit(
     """
     publisher = publisher or default_publisher()
     kind = EventKind.TASK if task_id else EventKind.RUN
-    payload: Optional[Result] = None
+    payload: Result | None = None
     if result is not _MISSING:
         payload = make_result(
             result,
@@ -347,20 +346,19 @@ def emit(
     return publisher.publish(event)
 
 
-
 def emit_asset(
     name: str,
     *,
-    uri: Optional[str] = None,
-    group: Optional[str] = None,
+    uri: str | None = None,
+    group: str | None = None,
     extra: Any = None,
-    source_dag_id: Optional[str] = None,
-    source_run_id: Optional[str] = None,
-    source_task_id: Optional[str] = None,
-    source_map_index: Optional[int] = None,
-    publisher: Optional[Publisher] = None,
+    source_dag_id: str | None = None,
+    source_run_id: str | None = None,
+    source_task_id: str | None = None,
+    source_map_index: int | None = None,
+    publisher: Publisher | None = None,
     source: Source = Source.EMIT,
-) -> Optional[int]:
+) -> int | None:
     """Publish an asset event as the hook would (for tests and scripts). Returns the asset's seq,
     or None when Redis was unreachable and the event was spooled. Raises ValueError when invalid."""
     publisher = publisher or default_publisher()

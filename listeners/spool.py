@@ -11,9 +11,9 @@ import fcntl
 import itertools
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _counter = itertools.count()
 _SUFFIX = ".event.json"

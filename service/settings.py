@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Optional
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
+
 from runbell.bus.keys import DEFAULT_NAMESPACE
 from runbell.service.core.roles import Role, parse_tokens
 from runbell.service.webhooks.dispatcher import (
@@ -22,17 +22,17 @@ from runbell.service.webhooks.target_guard import TargetPolicy
 class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    redis_url: Optional[str] = None  # None: Redis on localhost if it answers, else the embedded broker
+    redis_url: str | None = None  # None: Redis on localhost if it answers, else the embedded broker
     database_url: str = "sqlite:///runbell.db"
     namespace: str = DEFAULT_NAMESPACE
     tokens: dict[str, Role] = Field(default_factory=dict, repr=False)
     no_auth: bool = False
-    token_secret: Optional[SecretStr] = None  # signs run-scoped tokens; None: random per process
+    token_secret: SecretStr | None = None  # signs run-scoped tokens; None: random per process
     scoped_token_ttl: float = Field(default=3600.0, gt=0)
-    airflow_url: Optional[str] = None
-    airflow_token: Optional[SecretStr] = None
-    airflow_username: Optional[str] = None
-    airflow_password: Optional[SecretStr] = None
+    airflow_url: str | None = None
+    airflow_token: SecretStr | None = None
+    airflow_username: str | None = None
+    airflow_password: SecretStr | None = None
     airflow_timeout: float = Field(default=10.0, gt=0)
     idempotency_ttl: float = Field(default=24 * 3600.0, gt=0)
     reconcile_after: float = Field(default=30.0, gt=0)
@@ -47,18 +47,19 @@ class Settings(BaseModel):
     shutdown_grace: float = Field(default=5.0, ge=0)
     recorder: bool = True
     webhooks: bool = True
-    webhook_allowed_hosts: Optional[str] = None  # hosts or CIDRs webhooks may reach despite being private
+    webhook_allowed_hosts: str | None = None  # hosts or CIDRs webhooks may reach despite being private
     webhook_secret_grace: float = Field(default=24 * 3600.0, ge=0)
     webhook_attempt_timeout: float = Field(default=15.0, gt=0)
     webhook_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
     stale_after: float = Field(default=360.0, gt=0)  # a running run silent this long is listed as stale
-    airflow_database_url: Optional[SecretStr] = None  # Airflow's metadata DB, read-only: backfill slots
+    airflow_database_url: SecretStr | None = None  # Airflow's metadata DB, read-only: backfill slots
 
     @field_validator("webhook_schedule")
     @classmethod
     def _check_schedule(cls, value: str) -> str:
         webhook_schedule_seconds(value)
         return value
+
     log_level: str = "info"
 
     @field_validator("tokens", mode="before")
@@ -121,21 +122,35 @@ SETTINGS_DOC: list[tuple[str, str]] = [
     ("subscriber_buffer", "events buffered per waiter or SSE client before it is cut off (default 1000)"),
     ("max_subscribers", "concurrent waiters plus SSE clients per process; more get 503 (default 20000)"),
     ("send_timeout", "seconds an SSE write may take before the client is dropped (default 10)"),
-    ("header_timeout", "seconds a connection may take to send a request's headers, from connecting or from its "
-     "previous response, before it is closed (default 10)"),
+    (
+        "header_timeout",
+        "seconds a connection may take to send a request's headers, from connecting or from its "
+        "previous response, before it is closed (default 10)",
+    ),
     ("shutdown_grace", "seconds given to clients to leave on SIGTERM (default 5)"),
     ("recorder", "run the recorder (global stream -> store) in this process (default true)"),
     ("webhooks", "run the webhook dispatcher (outbox -> receivers) in this process (default true)"),
-    ("webhook_allowed_hosts", "comma-separated hosts or CIDRs webhooks may reach although they resolve to "
-     "private, loopback or link-local addresses (default: none)"),
+    (
+        "webhook_allowed_hosts",
+        "comma-separated hosts or CIDRs webhooks may reach although they resolve to "
+        "private, loopback or link-local addresses (default: none)",
+    ),
     ("webhook_secret_grace", "seconds the old secret still signs, beside the new one, after a rotation (default 86400)"),
-    ("webhook_schedule", "webhook attempts: comma-separated seconds before each, after the previous one failed, "
-     "each ±20% (default 0,5,300,1800,7200,18000,36000,36000); after the last, the message is dead-lettered"),
-    ("webhook_attempt_timeout", "seconds one delivery attempt may take (default 15); the attempts of a gateway killed "
-     "mid-delivery are taken over after twice that plus 5"),
+    (
+        "webhook_schedule",
+        "webhook attempts: comma-separated seconds before each, after the previous one failed, "
+        "each ±20% (default 0,5,300,1800,7200,18000,36000,36000); after the last, the message is dead-lettered",
+    ),
+    (
+        "webhook_attempt_timeout",
+        "seconds one delivery attempt may take (default 15); the attempts of a gateway killed "
+        "mid-delivery are taken over after twice that plus 5",
+    ),
     ("stale_after", "a run still running after this many seconds without an event is listed with stale: true (default 360)"),
-    ("airflow_database_url", "SQLAlchemy URL of Airflow's metadata database, read only, for backfill slots "
-     "(GET /v1/backfills/...; unset: those answer 503)"),
+    (
+        "airflow_database_url",
+        "SQLAlchemy URL of Airflow's metadata database, read only, for backfill slots (GET /v1/backfills/...; unset: those answer 503)",
+    ),
     ("log_level", "debug, info, warning, error (default info)"),
 ]
 
@@ -144,7 +159,7 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def load_settings(overrides: Optional[dict] = None, env: Optional[dict[str, str]] = None) -> Settings:
+def load_settings(overrides: dict | None = None, env: dict[str, str] | None = None) -> Settings:
     """Settings from RUNBELL_* environment variables, then the non-None overrides (flags)."""
     env = os.environ if env is None else env
     values: dict = {}

@@ -171,6 +171,7 @@ async def gateway_factory(redis_url, namespace, tmp_path, redis_cleanup):
     import asyncio
 
     import uvicorn
+
     from runbell.service.http.app import create_app
     from runbell.service.settings import Settings
 
@@ -179,15 +180,18 @@ async def gateway_factory(redis_url, namespace, tmp_path, redis_cleanup):
     async def start(**overrides) -> RunningGateway:
         port = free_port()
         values = dict(
-            host="127.0.0.1", port=port, redis_url=redis_url, namespace=namespace, tokens=TOKENS,
-            database_url=f"sqlite:///{tmp_path / f'gw-{port}.db'}", shutdown_grace=1.0,
+            host="127.0.0.1",
+            port=port,
+            redis_url=redis_url,
+            namespace=namespace,
+            tokens=TOKENS,
+            database_url=f"sqlite:///{tmp_path / f'gw-{port}.db'}",
+            shutdown_grace=1.0,
         )
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(settings)
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3
-        )
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # pytest owns the signals
         task = asyncio.create_task(server.serve())
@@ -203,11 +207,11 @@ async def gateway_factory(redis_url, namespace, tmp_path, redis_cleanup):
         return gateway
 
     yield start
-    for server, task in started:
+    for server, _task in started:
         if hasattr(server.config.app.state, "hub"):
             server.config.app.state.hub.drain()
         server.should_exit = True
-    for server, task in started:
+    for _server, task in started:
         try:
             await asyncio.wait_for(task, 10)
         except Exception:
@@ -232,10 +236,17 @@ def served_gateway(redis_url, namespace, tmp_path, redis_cleanup):
 
     def start(auth: bool = False, **extra: str) -> ServedGateway:
         env = {
-            **os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace,
-            "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}", "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
-            "RUNBELL_SHUTDOWN_GRACE": "1", "RUNBELL_SSE_RETRY_MS": "300", "RUNBELL_WEBHOOKS": "false",
-            "RUNBELL_LOG_LEVEL": "warning", "RUNBELL_TOKEN_SECRET": "served-test-secret-of-at-least-32-bytes!", **extra,
+            **os.environ,
+            "RUNBELL_REDIS_URL": redis_url,
+            "RUNBELL_NAMESPACE": namespace,
+            "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}",
+            "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
+            "RUNBELL_SHUTDOWN_GRACE": "1",
+            "RUNBELL_SSE_RETRY_MS": "300",
+            "RUNBELL_WEBHOOKS": "false",
+            "RUNBELL_LOG_LEVEL": "warning",
+            "RUNBELL_TOKEN_SECRET": "served-test-secret-of-at-least-32-bytes!",
+            **extra,
         }
         gateway = ServedGateway(env, free_port(), tmp_path / f"gateway-{len(started)}.log", no_auth=not auth)
         started.append(gateway)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ class ServedGateway:
     def __init__(self, env: dict[str, str], port: int, log: Path, no_auth: bool = True):
         self.env, self.port, self.log, self.no_auth = env, port, log, no_auth
         self.url = f"http://127.0.0.1:{port}"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> None:
@@ -33,7 +32,11 @@ class ServedGateway:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "runbell.service.client.cli", "serve", "--port", str(self.port)]
                 + (["--no-auth"] if self.no_auth else []),
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

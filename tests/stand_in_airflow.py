@@ -29,13 +29,15 @@ class StandInAirflow:
     url: str = ""
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
-            Route("/api/v2/dags/{dag_id}", self.dag, methods=["GET", "PATCH"]),
-            Route("/api/v2/dags/{dag_id}/dagRuns", self.trigger, methods=["POST"]),
-            Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}", self.run, methods=["GET"]),
-            Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", self.tis, methods=["GET"]),
-            Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}", self.xcom, methods=["GET"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/api/v2/dags/{dag_id}", self.dag, methods=["GET", "PATCH"]),
+                Route("/api/v2/dags/{dag_id}/dagRuns", self.trigger, methods=["POST"]),
+                Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}", self.run, methods=["GET"]),
+                Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", self.tis, methods=["GET"]),
+                Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}", self.xcom, methods=["GET"]),
+            ]
+        )
 
     async def dag(self, request: Request) -> JSONResponse:
         dag = self.dags.get(request.path_params["dag_id"])

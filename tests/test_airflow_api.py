@@ -16,13 +16,19 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 from runbell.service.airflow.api import (
     AirflowAuthFailed,
     AirflowBadRequest,
@@ -34,10 +40,6 @@ from runbell.service.airflow.api import (
     NotFound,
     RunExists,
 )
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 USER, PASSWORD = "alice", "pa55-Wh1te-Rabbit"
 FIXED_TOKEN = "fixed-0123456789abcdef-token"
@@ -47,7 +49,7 @@ def b64url(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-def make_jwt(sub: str, ttl: Optional[float]) -> str:
+def make_jwt(sub: str, ttl: float | None) -> str:
     now = time.time()
     claims: dict[str, Any] = {"sub": sub, "jti": uuid.uuid4().hex, "iat": now, "nbf": now}
     if ttl is not None:
@@ -55,7 +57,7 @@ def make_jwt(sub: str, ttl: Optional[float]) -> str:
     return f"{b64url({'alg': 'none', 'typ': 'JWT'})}.{b64url(claims)}.unsigned"
 
 
-def jwt_exp(token: str) -> Optional[float]:
+def jwt_exp(token: str) -> float | None:
     payload = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))).get("exp")
 
@@ -64,14 +66,14 @@ def jwt_exp(token: str) -> Optional[float]:
 class StandIn:
     """What the stand-in Airflow does and what it saw."""
 
-    ttl: Optional[float] = 3600.0  # life of issued JWTs; None: no exp claim
+    ttl: float | None = 3600.0  # life of issued JWTs; None: no exp claim
     auth: str = "jwt"  # "jwt": tokens from /auth/token; "fixed": FIXED_TOKEN; "none": no auth at all
     revoked_status: int = 401  # how a revoked token is answered (Airflow: 401 expired, 403 invalid)
     reject_all: bool = False
     forbid: bool = False  # a valid token without the permission: 403 "Forbidden"
     issued: list[str] = field(default_factory=list)
     revoked: set[str] = field(default_factory=set)
-    seen_auth: list[Optional[str]] = field(default_factory=list)  # Authorization of each API call
+    seen_auth: list[str | None] = field(default_factory=list)  # Authorization of each API call
     rejections: int = 0
     api_calls: int = 0
     cursor_paging: bool = True
@@ -80,7 +82,7 @@ class StandIn:
     trigger_bodies: list[dict] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def check(self, request: Request) -> Optional[Response]:
+    def check(self, request: Request) -> Response | None:
         """None when the request may pass, else Airflow's answer."""
         self.api_calls += 1
         header = request.headers.get("authorization")
@@ -133,6 +135,7 @@ def make_app(s: StandIn) -> Starlette:
                 pass
             return JSONResponse({"dag_id": dag_id})
         if dag_id == "trickle":
+
             async def drip() -> AsyncIterator[bytes]:
                 yield b'{"dag_id": "trickle", "pad": "'
                 for _ in range(100):
@@ -141,6 +144,7 @@ def make_app(s: StandIn) -> Starlette:
                     await asyncio.sleep(0.2)
                     yield b"x"
                 yield b'"}'
+
             return StreamingResponse(drip(), media_type="application/json")
         if dag_id == "echo":
             # A validation error that repeats the Authorization header, and a long one.
@@ -169,8 +173,14 @@ def make_app(s: StandIn) -> Starlette:
         run_id = body.get("dag_run_id") or f"manual__{time.time()}"
         if (dag_id, run_id) in s.runs:
             return JSONResponse(
-                {"detail": {"reason": "Unique constraint violation", "statement": "hidden", "orig_error": "hidden",
-                            "message": "Serious error when handling your request."}},
+                {
+                    "detail": {
+                        "reason": "Unique constraint violation",
+                        "statement": "hidden",
+                        "orig_error": "hidden",
+                        "message": "Serious error when handling your request.",
+                    }
+                },
                 status_code=409,
             )
         run = {"dag_id": dag_id, "dag_run_id": run_id, "conf": body.get("conf"), "state": "queued", "note": body.get("note")}
@@ -197,10 +207,15 @@ def make_app(s: StandIn) -> Starlette:
             start = 0 if cursor == "" else next(i for i, ti in enumerate(items) if ti["id"] == cursor) + 1
             page = items[start : start + limit]
             more = start + limit < len(items)
-            return JSONResponse({
-                "task_instances": page, "total_entries": min(len(items), 1000), "total_entries_limit": 1000,
-                "next_cursor": page[-1]["id"] if more and page else None, "previous_cursor": None,
-            })
+            return JSONResponse(
+                {
+                    "task_instances": page,
+                    "total_entries": min(len(items), 1000),
+                    "total_entries_limit": 1000,
+                    "next_cursor": page[-1]["id"] if more and page else None,
+                    "previous_cursor": None,
+                }
+            )
         offset = int(request.query_params.get("offset", 0))
         return JSONResponse({"task_instances": items[offset : offset + limit], "total_entries": len(items)})
 
@@ -215,22 +230,26 @@ def make_app(s: StandIn) -> Starlette:
             "answer": {"answer": 42, "map_index": map_index},
             "s42": "42",
             "pair": {"__classname__": "builtins.tuple", "__version__": 1, "__data__": [1, "x"]},
-            "nested": {"s": {"__classname__": "builtins.set", "__version__": 1, "__data__": [3]},
-                       "when": {"__classname__": "datetime.datetime", "__version__": 2, "__data__": {"timestamp": 1.0}}},
+            "nested": {
+                "s": {"__classname__": "builtins.set", "__version__": 1, "__data__": [3]},
+                "when": {"__classname__": "datetime.datetime", "__version__": 2, "__data__": {"timestamp": 1.0}},
+            },
         }
         if p["task_id"] not in values:
             return JSONResponse({"detail": f"XCom entry with key: `{p['key']}` not found"}, status_code=404)
         return JSONResponse({"key": p["key"], "map_index": map_index, "value": values[p["task_id"]]})
 
     base = "/api/v2/dags/{dag_id}"
-    return Starlette(routes=[
-        Route("/auth/token", token, methods=["POST"]),
-        Route(base, dag, methods=["GET", "PATCH"]),
-        Route(base + "/dagRuns", trigger, methods=["POST"]),
-        Route(base + "/dagRuns/{run_id}", get_run, methods=["GET"]),
-        Route(base + "/dagRuns/{run_id}/taskInstances", task_instances, methods=["GET"]),
-        Route(base + "/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key:path}", xcom, methods=["GET"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/auth/token", token, methods=["POST"]),
+            Route(base, dag, methods=["GET", "PATCH"]),
+            Route(base + "/dagRuns", trigger, methods=["POST"]),
+            Route(base + "/dagRuns/{run_id}", get_run, methods=["GET"]),
+            Route(base + "/dagRuns/{run_id}/taskInstances", task_instances, methods=["GET"]),
+            Route(base + "/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key:path}", xcom, methods=["GET"]),
+        ]
+    )
 
 
 @asynccontextmanager
@@ -493,8 +512,13 @@ async def test_dags_and_runs(standin):
 async def test_task_instances_gathers_every_page(standin):
     s, url = standin
     s.task_instances = [
-        {"id": f"{i:04d}", "task_id": "mapped" if i < 230 else f"t{i}", "map_index": i if i < 230 else -1,
-         "try_number": 1 + i % 3, "state": "success"}
+        {
+            "id": f"{i:04d}",
+            "task_id": "mapped" if i < 230 else f"t{i}",
+            "map_index": i if i < 230 else -1,
+            "try_number": 1 + i % 3,
+            "state": "success",
+        }
         for i in range(250)
     ]
     async with login(url) as client:

@@ -7,13 +7,15 @@ import asyncio
 import fnmatch
 import json
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+
 from runbell.bus import keys
 from runbell.bus.schema import (
     AssetEvent,
@@ -27,7 +29,6 @@ from runbell.listeners import publisher as publisher_module
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, emit_asset
 from runbell.service.http.auth import issue_run_token
-
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import read_sse, until
 
@@ -155,8 +156,7 @@ def test_asset_log_is_a_window_with_a_ttl_and_the_seq_never_expires(bus: Publish
 
 
 def test_asset_events_spooled_while_redis_is_down_are_published_later(bus: Publisher, tmp_path) -> None:
-    down = Publisher(PublisherConfig(redis_url="redis://127.0.0.1:1/0", namespace=bus.config.namespace,
-                                     spool_dir=bus.config.spool_dir))
+    down = Publisher(PublisherConfig(redis_url="redis://127.0.0.1:1/0", namespace=bus.config.namespace, spool_dir=bus.config.spool_dir))
     assert emit_asset(NAME, extra={"n": 1}, publisher=down) is None
     assert emit("etl", "r1", "running", publisher=down) is None
     assert len(bus.spool.pending()) == 2
@@ -176,9 +176,15 @@ def fake_asset(name: str = NAME, uri: str = NAME, group: str = "asset") -> Simpl
 def fake_asset_event(asset: Any = None, **kw: Any) -> SimpleNamespace:
     """Like airflow.listeners.types.AssetEvent (3.2+)."""
     values = dict(
-        asset=asset or fake_asset(), extra={"rows": 3}, source_dag_id="producer", source_task_id="write",
-        source_run_id="manual__1", source_map_index=-1, source_aliases=[SimpleNamespace(name="orders")],
-        partition_key=None, partition_date=None,
+        asset=asset or fake_asset(),
+        extra={"rows": 3},
+        source_dag_id="producer",
+        source_task_id="write",
+        source_run_id="manual__1",
+        source_map_index=-1,
+        source_aliases=[SimpleNamespace(name="orders")],
+        partition_key=None,
+        partition_date=None,
     )
     values.update(kw)
     return SimpleNamespace(**values)
@@ -193,14 +199,21 @@ def test_emitted_asset_event_is_published_with_extra_and_source(bus: Publisher) 
     assert (event.asset.name, event.asset.uri, event.asset.group) == (NAME, NAME, "asset")
     assert event.extra == {"rows": 3} and event.extra_size == len('{"rows":3}') and not event.extra_truncated
     assert (event.source_dag_id, event.source_run_id, event.source_task_id, event.source_map_index) == (
-        "producer", "manual__1", "write", -1)
+        "producer",
+        "manual__1",
+        "write",
+        -1,
+    )
     assert event.aliases == ["orders"]
     assert started <= event.ts <= time.time()
 
 
 def test_asset_event_made_outside_a_task_has_no_source(bus: Publisher) -> None:
-    hook.on_asset_event_emitted(asset_event=fake_asset_event(
-        source_dag_id=None, source_task_id=None, source_run_id=None, source_map_index=None, source_aliases=[], extra={}))
+    hook.on_asset_event_emitted(
+        asset_event=fake_asset_event(
+            source_dag_id=None, source_task_id=None, source_run_id=None, source_map_index=None, source_aliases=[], extra={}
+        )
+    )
     event = asset_log(bus)[0].event
     assert event.source_dag_id is None and event.source_run_id is None and event.extra == {}
 
@@ -280,8 +293,7 @@ async def test_next_attached_before_the_event_gets_it_the_moment_it_lands(gatewa
     async with gateway.client() as client:
         waiter = asyncio.create_task(client.get(next_path(), params={"timeout": 20}))
         await until(waiting(gateway))
-        await publish_asset(gateway, uri=NAME, extra={"rows": 3}, source_dag_id="producer", source_run_id="r1",
-                            source_task_id="write")
+        await publish_asset(gateway, uri=NAME, extra={"rows": 3}, source_dag_id="producer", source_run_id="r1", source_task_id="write")
         response = await waiter
     assert response.status_code == 200
     body = response.json()
@@ -345,8 +357,7 @@ async def test_names_with_slashes_colons_and_escapes_reach_their_asset(gateway, 
     async with gateway.client() as client:
         encoded = await client.get(next_path(quote(name, safe="")), params={"after": 0, "timeout": 0})
         as_is = await client.get(next_path(quote(name, safe="/:")), params={"after": 0, "timeout": 0})
-        _, _, events = await read_sse(client, events_path(quote(name, safe="")), params={"last_event_id": 0},
-                                      until_event="asset")
+        _, _, events = await read_sse(client, events_path(quote(name, safe="")), params={"last_event_id": 0}, until_event="asset")
     assert encoded.status_code == 200 and encoded.json()["asset"]["name"] == name
     assert as_is.status_code == 200 and as_is.json()["asset"]["name"] == name
     assert events[-1].json()["asset"]["name"] == name
@@ -387,8 +398,7 @@ async def test_sse_replays_after_last_event_id_then_streams_live(gateway):
         _, headers, header_events = await by_header
         _, _, query_events = await by_query
     assert headers["content-type"].startswith("text/event-stream") and headers["x-accel-buffering"] == "no"
-    assert [(e.event, e.id) for e in header_events] == [
-        ("ready", "1"), ("asset", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
+    assert [(e.event, e.id) for e in header_events] == [("ready", "1"), ("asset", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
     assert [(e.event, e.id) for e in query_events] == [("ready", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
     assert [e.json()["extra"]["n"] for e in header_events[1:4]] == [1, 2, 3]
     assert header_events[1].json()["seq"] == 2 and header_events[0].json() == {"asset": NAME, "seq": 1}
@@ -432,8 +442,11 @@ async def test_sse_bad_last_event_id_is_400(gateway, value):
 
 async def test_tokens_role_query_token_and_run_scoped_tokens(gateway):
     scoped, _ = issue_run_token(gateway.app.state.token_secret, "etl", "r1", 60)
-    async with gateway.client(token=None) as anonymous, gateway.client(token=scoped) as run_token, \
-            gateway.client(token=PUBLISH_TOKEN) as publisher:
+    async with (
+        gateway.client(token=None) as anonymous,
+        gateway.client(token=scoped) as run_token,
+        gateway.client(token=PUBLISH_TOKEN) as publisher,
+    ):
         assert (await anonymous.get(next_path(), params={"timeout": 0})).status_code == 401
         by_query = await anonymous.get(next_path(), params={"timeout": 0, "access_token": READ_TOKEN})
         assert by_query.status_code == 202  # EventSource cannot send headers
@@ -460,8 +473,7 @@ async def test_a_lost_pubsub_message_is_filled_from_the_asset_log(gateway):
             _, _, events = await reader
     finally:
         await client.aclose()
-    assert [(e.event, e.id) for e in events] == [("ready", "0"), ("asset", "1"), ("asset", "2"), ("asset", "3"),
-                                                 ("shutdown", None)]
+    assert [(e.event, e.id) for e in events] == [("ready", "0"), ("asset", "1"), ("asset", "2"), ("asset", "3"), ("shutdown", None)]
     assert events[2].json()["id"] == "lost"
 
 

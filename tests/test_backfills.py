@@ -7,9 +7,12 @@ import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any
 
 import pytest
+from sqlalchemy import insert, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
 from runbell.bus.schema import Envelope, Event, EventKind
 from runbell.listeners.publisher import emit
 from runbell.service.client.client import parse_sse
@@ -23,9 +26,6 @@ from runbell.service.http.backfills import (
     dag_run_table,
 )
 from runbell.service.store.store import normalize_database_url
-from sqlalchemy import insert, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-
 from tests.conftest import READ_TOKEN
 
 DAG = "rb_backfill"
@@ -46,17 +46,31 @@ class StandInAirflowDB:
             result = await conn.execute(insert(backfill_table).values(dag_id=dag_id).returning(backfill_table.c.id))
             return result.scalar_one()
 
-    async def slot(self, backfill_id: int, ordinal: int, *, run_id: Optional[str] = None, state: str = "queued",
-                   reason: Optional[str] = None, dag_id: str = DAG) -> Optional[int]:
+    async def slot(
+        self,
+        backfill_id: int,
+        ordinal: int,
+        *,
+        run_id: str | None = None,
+        state: str = "queued",
+        reason: str | None = None,
+        dag_id: str = DAG,
+    ) -> int | None:
         async with self.engine.begin() as conn:
             run_pk = None
             if run_id is not None:
                 run_pk = self.next_run
                 self.next_run += 1
                 await conn.execute(insert(dag_run_table).values(id=run_pk, dag_id=dag_id, run_id=run_id, state=state))
-            await conn.execute(insert(backfill_dag_run_table).values(
-                backfill_id=backfill_id, dag_run_id=run_pk, exception_reason=reason, sort_ordinal=ordinal,
-                logical_date=DAY + timedelta(days=ordinal - 1)))
+            await conn.execute(
+                insert(backfill_dag_run_table).values(
+                    backfill_id=backfill_id,
+                    dag_run_id=run_pk,
+                    exception_reason=reason,
+                    sort_ordinal=ordinal,
+                    logical_date=DAY + timedelta(days=ordinal - 1),
+                )
+            )
         return run_pk
 
     async def set_state(self, run_id: str, state: str) -> None:
@@ -81,8 +95,18 @@ async def gateway(database_url, airflow_db, gateway_factory):  # stopped before 
 
 
 def run_events(run_id: str, *states: str, backfill_id: int) -> list[Envelope]:
-    events = [Event(kind=EventKind.RUN, dag_id=DAG, run_id=run_id, state=s, run_type="backfill",
-                    backfill_id=str(backfill_id), run_after=DAY.isoformat()) for s in states]
+    events = [
+        Event(
+            kind=EventKind.RUN,
+            dag_id=DAG,
+            run_id=run_id,
+            state=s,
+            run_type="backfill",
+            backfill_id=str(backfill_id),
+            run_after=DAY.isoformat(),
+        )
+        for s in states
+    ]
     return [Envelope(seq=i, event=e) for i, e in enumerate(events, start=1)]
 
 
@@ -91,8 +115,9 @@ async def publish(gateway, run_id: str, state: str, **kw) -> None:
     assert seq is not None
 
 
-async def read_events(client, path: str, headers=None, params=None, stop_after: Optional[str] = "end",
-                      started: Optional[asyncio.Event] = None) -> tuple[int, list[Any]]:
+async def read_events(
+    client, path: str, headers=None, params=None, stop_after: str | None = "end", started: asyncio.Event | None = None
+) -> tuple[int, list[Any]]:
     events: list[Any] = []
     async with client.stream("GET", path, headers=headers or {}, params=params) as response:
         if response.status_code != 200:
@@ -139,14 +164,19 @@ async def test_slots_in_order_joined_with_the_store_with_skip_reasons_and_paging
         assert response.status_code == 200, response.text
         body = response.json()
         day = lambda n: (DAY + timedelta(days=n - 1)).isoformat()  # noqa: E731
-        assert body == {"backfill_id": str(backfill_id), "dag_id": DAG, "total_entries": 6, "slots": [
-            {"sort_ordinal": 1, "logical_date": day(1), "run_id": "backfill__1", "state": "success", "exception_reason": None},
-            {"sort_ordinal": 2, "logical_date": day(2), "run_id": "backfill__2", "state": "success", "exception_reason": None},
-            {"sort_ordinal": 3, "logical_date": day(3), "run_id": None, "state": None, "exception_reason": "already exists"},
-            {"sort_ordinal": 4, "logical_date": day(4), "run_id": None, "state": None, "exception_reason": "in flight"},
-            {"sort_ordinal": 5, "logical_date": day(5), "run_id": "backfill__5", "state": "running", "exception_reason": None},
-            {"sort_ordinal": 6, "logical_date": day(6), "run_id": None, "state": None, "exception_reason": "unknown"},
-        ]}
+        assert body == {
+            "backfill_id": str(backfill_id),
+            "dag_id": DAG,
+            "total_entries": 6,
+            "slots": [
+                {"sort_ordinal": 1, "logical_date": day(1), "run_id": "backfill__1", "state": "success", "exception_reason": None},
+                {"sort_ordinal": 2, "logical_date": day(2), "run_id": "backfill__2", "state": "success", "exception_reason": None},
+                {"sort_ordinal": 3, "logical_date": day(3), "run_id": None, "state": None, "exception_reason": "already exists"},
+                {"sort_ordinal": 4, "logical_date": day(4), "run_id": None, "state": None, "exception_reason": "in flight"},
+                {"sort_ordinal": 5, "logical_date": day(5), "run_id": "backfill__5", "state": "running", "exception_reason": None},
+                {"sort_ordinal": 6, "logical_date": day(6), "run_id": None, "state": None, "exception_reason": "unknown"},
+            ],
+        }
         page = (await client.get(f"/v1/backfills/{backfill_id}/runs", params={"limit": 2, "offset": 2})).json()
         assert page["total_entries"] == 6 and [s["sort_ordinal"] for s in page["slots"]] == [3, 4]
         past = (await client.get(f"/v1/backfills/{backfill_id}/runs", params={"offset": 10})).json()
@@ -221,8 +251,13 @@ async def test_events_per_slot_and_progress_until_every_slot_ends(gateway, airfl
         assert [st for o, st in slots if o == 2] == ["running", "failed"]
         named = [e.event for e in events if e.event in ("slot", "progress", "end")]
         assert all(named[i + 1] == "progress" for i, name in enumerate(named) if name == "slot")
-        assert data(events, "slot")[0] == {"sort_ordinal": 1, "logical_date": DAY.isoformat(), "run_id": "bf_1",
-                                           "state": "running", "exception_reason": None}
+        assert data(events, "slot")[0] == {
+            "sort_ordinal": 1,
+            "logical_date": DAY.isoformat(),
+            "run_id": "bf_1",
+            "state": "running",
+            "exception_reason": None,
+        }
         end = [e for e in events if e.event == "end"]
         assert len(end) == 1 and end[0].id == "end" and json.loads(end[0].data) == progress[-1]
         # A finished backfill: a new client gets the summary and end; EventSource's reconnect gets 204.
@@ -293,8 +328,7 @@ async def test_the_stream_says_shutdown_when_the_gateway_drains(gateway, airflow
     await airflow_db.slot(backfill_id, 1, run_id="long", state="running")
     async with gateway.client() as client:
         started = asyncio.Event()
-        reader = asyncio.create_task(read_events(client, f"/v1/backfills/{backfill_id}/events", started=started,
-                                                 stop_after="shutdown"))
+        reader = asyncio.create_task(read_events(client, f"/v1/backfills/{backfill_id}/events", started=started, stop_after="shutdown"))
         await asyncio.wait_for(started.wait(), 10)
         await asyncio.sleep(0.2)
         gateway.app.state.hub.drain()

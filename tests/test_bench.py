@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from runbell.service.bench import procstats
 from runbell.service.bench.delivery import (
     Target,
@@ -80,8 +81,14 @@ def test_sse_clients_get_each_event_with_its_seq(gen, target):
     arrivals, unfinished = gen.collect(timeout=10)  # every stream ends after `end`
     assert unfinished == 0
     by_event = {(a.event, a.seq) for a in arrivals}
-    assert by_event == {("run", 1), ("task", task.seq), ("task", result.seq), ("outcome", result.seq),
-                        ("run", result.seq + 1), ("end", result.seq + 1)}
+    assert by_event == {
+        ("run", 1),
+        ("task", task.seq),
+        ("task", result.seq),
+        ("outcome", result.seq),
+        ("run", result.seq + 1),
+        ("end", result.seq + 1),
+    }
     assert len(arrivals) == 4 * len(by_event)
 
 
@@ -129,8 +136,10 @@ def report_with(**overrides):
         "long_poll": {"spread": {"callers": 10_000, "runs": 1000, "latency": latency, "ratio_to_floor": ratios(latency, latency)}},
         "sse": {"spread": {"callers": 10_000, "runs": 1000, "latency": {**latency, "p99_ms": 7.0}}},
         "capacity": {"connections_held": 10_000, "kib_per_connection": 30.0},
-        "fanout": {"by_clients": {"10000": {"median_ms": 120.0, "time_to_last_ms": [120.0]}},
-                   "largest": {"clients": 10_000, "median_ms": 120.0}},
+        "fanout": {
+            "by_clients": {"10000": {"median_ms": 120.0, "time_to_last_ms": [120.0]}},
+            "largest": {"clients": 10_000, "median_ms": 120.0},
+        },
         "resources": {"constant": {"redis_connections": True, "db_statements": True, "detail": "Redis connections [3]"}},
     }
     report.update(overrides)
@@ -158,8 +167,13 @@ def test_ratios_keep_three_significant_digits():
 
 
 def test_charts_are_png_files_and_can_be_redrawn(tmp_path: Path):
-    samples = {"floor": [0.0001, 0.0002], "long_poll_spread": [0.001, 0.002], "polling_poll_1s": [0.4, 0.9],
-               "crowd_sse_1000": [0.01, 0.05], "airflow": {"result": {"runbell": [0.01], "airflow_wait": [3.0]}}}
+    samples = {
+        "floor": [0.0001, 0.0002],
+        "long_poll_spread": [0.001, 0.002],
+        "polling_poll_1s": [0.4, 0.9],
+        "crowd_sse_1000": [0.01, 0.05],
+        "airflow": {"result": {"runbell": [0.01], "airflow_wait": [3.0]}},
+    }
     written = draw_charts(samples, tmp_path, "10000")
     assert written == ["latency_cdf.png", "fanout_cdf.png", "airflow_cdf.png"]
     for name in written:

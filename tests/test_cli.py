@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
-
 from tests.conftest import READ_TOKEN, TOKENS, free_port
 
 RUNBELL = [sys.executable, "-m", "runbell.service.client.cli"]
@@ -37,10 +37,15 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subpro
 def served(redis_url, namespace, tmp_path):
     """`runbell serve` in a subprocess, ready to answer; yields (url, process, env)."""
     port = free_port()
-    env = cli_env(redis_url, namespace, RUNBELL_TOKENS=TOKENS, RUNBELL_DATABASE_URL=f"sqlite:///{tmp_path / 'rb.db'}",
-                  RUNBELL_SHUTDOWN_GRACE="2", RUNBELL_SPOOL_DIR=str(tmp_path / "spool"))
-    process = subprocess.Popen(RUNBELL + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    env = cli_env(
+        redis_url,
+        namespace,
+        RUNBELL_TOKENS=TOKENS,
+        RUNBELL_DATABASE_URL=f"sqlite:///{tmp_path / 'rb.db'}",
+        RUNBELL_SHUTDOWN_GRACE="2",
+        RUNBELL_SPOOL_DIR=str(tmp_path / "spool"),
+    )
+    process = subprocess.Popen(RUNBELL + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -66,8 +71,9 @@ def publisher_for(redis_url: str, namespace: str, tmp_path: Path) -> Publisher:
 
 def test_emit_publishes_what_the_hook_would(redis_url, namespace, tmp_path, redis_cleanup):
     env = cli_env(redis_url, namespace, RUNBELL_SPOOL_DIR=str(tmp_path / "spool"))
-    done = run_cli(["emit", "--dag", "d", "--run", "r", "--task", "answer", "--state", "success",
-                    "--result", '{"rows": 3}', "--result-task"], env)
+    done = run_cli(
+        ["emit", "--dag", "d", "--run", "r", "--task", "answer", "--state", "success", "--result", '{"rows": 3}', "--result-task"], env
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"seq": 1}
     entries = redis.Redis.from_url(redis_url).xrange(keys.run_keys(namespace, "d", "r").log)

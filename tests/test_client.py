@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import httpx
 import pytest
+
 from runbell.service.client import client as client_module
 from runbell.service.client.client import (
     ATTEMPTS,
@@ -25,7 +27,6 @@ from runbell.service.client.client import (
     SseEvent,
     Unavailable,
 )
-
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import DAG, publish, until, waiting
 
@@ -185,7 +186,7 @@ class Proxy:
         self.connections = 0
         self.writers: set[asyncio.StreamWriter] = set()
 
-    async def __aenter__(self) -> "Proxy":
+    async def __aenter__(self) -> Proxy:
         self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
@@ -269,10 +270,10 @@ async def test_events_never_lose_an_outcome_whose_connection_dropped_after_its_e
     connections = [
         httpx.Response(503, headers={"Retry-After": "0"}, json={"error": "unavailable", "message": "draining"}),
         stream(": runbell\nretry: 10\n\n", sse("run", 1), sse("task", 2)),  # dropped before the outcome of 2
-        stream(sse("task", 2), sse("outcome", 2, {"status": "success"}), 'event: shutdown\ndata: {}\nretry: 10\n\n'),
+        stream(sse("task", 2), sse("outcome", 2, {"status": "success"}), "event: shutdown\ndata: {}\nretry: 10\n\n"),
         stream(sse("task", 2), sse("outcome", 2, {"status": "success"}), sse("run", 3), sse("end", 3)),
     ]
-    resumed_from: list[Union[str, None]] = []
+    resumed_from: list[str | None] = []
 
     def gateway(request: httpx.Request) -> httpx.Response:
         resumed_from.append(request.headers.get("last-event-id"))
@@ -345,7 +346,7 @@ async def test_requests_failing_together_move_on_once():
 
 
 async def test_events_move_to_the_next_gateway_when_one_dies(connect):
-    resumed: list[tuple[str, Union[str, None]]] = []
+    resumed: list[tuple[str, str | None]] = []
 
     def gateways(request: httpx.Request) -> httpx.Response:
         resumed.append((request.url.host, request.headers.get("last-event-id")))
@@ -375,12 +376,26 @@ def pending(run_id: str = "r1", run_state: str = "queued", token: bool = True) -
 
 
 def decided(run_id: str = "r1", *, failed: bool = False, token: bool = True) -> httpx.Response:
-    body: dict[str, Any] = {"status": "success", "dag_id": DAG, "run_id": run_id, "result": {"answer": 42},
-                            "result_task": {"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 13},
-                            "failure": None, "decided_by": "result_task", "decided_seq": 3, "run_state": "running", "seq": 3}
+    body: dict[str, Any] = {
+        "status": "success",
+        "dag_id": DAG,
+        "run_id": run_id,
+        "result": {"answer": 42},
+        "result_task": {"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 13},
+        "failure": None,
+        "decided_by": "result_task",
+        "decided_seq": 3,
+        "run_state": "running",
+        "seq": 3,
+    }
     if failed:
-        body |= {"status": "failed", "result": None, "result_task": None, "decided_by": "critical_task",
-                 "failure": {"task_id": "load", "map_index": 2, "try_number": 3, "error": {"type": "IOError", "message": "disk full"}}}
+        body |= {
+            "status": "failed",
+            "result": None,
+            "result_task": None,
+            "decided_by": "critical_task",
+            "failure": {"task_id": "load", "map_index": 2, "try_number": 3, "error": {"type": "IOError", "message": "disk full"}},
+        }
     if token:
         body |= {"token": "run.scoped.jwt", "token_expires_at": EXPIRES}
     return httpx.Response(200, json=body)
@@ -465,13 +480,16 @@ async def test_trigger_and_wait_raises_pending_at_its_timeout(connect):
     assert still.value.body["run_state"] == "running" and "token" not in still.value.body
 
 
-@pytest.mark.parametrize("status, code, error", [
-    (404, "unknown_dag", NotFound),
-    (409, "dag_paused", Conflict),
-    (409, "run_exists", Conflict),
-    (422, "idempotency_key_reused", InvalidRequest),
-    (403, "forbidden", AuthError),
-])
+@pytest.mark.parametrize(
+    "status, code, error",
+    [
+        (404, "unknown_dag", NotFound),
+        (409, "dag_paused", Conflict),
+        (409, "run_exists", Conflict),
+        (422, "idempotency_key_reused", InvalidRequest),
+        (403, "forbidden", AuthError),
+    ],
+)
 async def test_trigger_refusals_are_typed_and_not_retried(connect, status, code, error):
     gateway = StandIn([refused(status, code)])
     with pytest.raises(error) as refusal:
@@ -520,7 +538,7 @@ async def test_trigger_and_wait_against_the_gateway(triggering_gateway, airflow,
     gateway = triggering_gateway
     call = asyncio.create_task(connect(gateway.url, PUBLISH_TOKEN).call("trigger_and_wait", DAG, conf={"q": 1}, timeout=20))
     await until(lambda: airflow.runs)
-    (_, run_id), = airflow.runs  # drawn by the gateway, with ':' and '+' in it
+    ((_, run_id),) = airflow.runs  # drawn by the gateway, with ':' and '+' in it
     await publish(gateway, run_id, "success", task_id="answer", result_task=True, result={"a": 42})
     assert await call == {"a": 42}
     assert airflow.posts == [{"dag_run_id": run_id, "logical_date": None, "conf": {"q": 1}, "note": None}]

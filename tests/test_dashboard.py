@@ -43,10 +43,13 @@ async def test_the_page_names_each_asset_by_its_content_hash(gateway):
             assert plain.headers["cache-control"] == "no-cache"
 
 
-@pytest.mark.parametrize("name, content_type", [
-    ("app.js", "text/javascript; charset=utf-8"),
-    ("style.css", "text/css; charset=utf-8"),
-])
+@pytest.mark.parametrize(
+    "name, content_type",
+    [
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("style.css", "text/css; charset=utf-8"),
+    ],
+)
 async def test_assets_have_their_content_type_and_revalidate_with_the_etag(gateway, name, content_type):
     async with gateway.client(token=None) as client:
         first = await client.get(f"/ui/{name}")

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import redis.asyncio as aioredis
+
 from runbell.bus import keys
 from runbell.listeners.publisher import emit
 from runbell.service.client.client import parse_sse
 from runbell.service.live.hub import SharedBytes
-
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 
 DAG = "etl"
@@ -66,15 +66,13 @@ async def test_waiter_before_the_run_exists_gets_the_result_the_moment_it_lands(
 
 async def test_critical_failure_answers_failed_with_the_task_and_error(gateway):
     await publish(gateway, "r2", "running")
-    await publish(gateway, "r2", "failed", task_id="extract", critical=True, try_number=2,
-                  error="boom", error_type="KeyError")
+    await publish(gateway, "r2", "failed", task_id="extract", critical=True, try_number=2, error="boom", error_type="KeyError")
     async with gateway.client() as client:
         response = await client.get(result_path("r2"), params={"timeout": 5})
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "failed" and body["decided_by"] == "critical_task"
-    assert body["failure"] == {"task_id": "extract", "map_index": -1, "try_number": 2,
-                               "error": {"type": "KeyError", "message": "boom"}}
+    assert body["failure"] == {"task_id": "extract", "map_index": -1, "try_number": 2, "error": {"type": "KeyError", "message": "boom"}}
 
 
 async def test_timeout_answers_202_pending_with_retry_after(gateway):
@@ -177,8 +175,13 @@ async def test_health_readiness_and_metrics(gateway):
         metrics = await client.get("/metrics")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"redis": "ok", "database": "ok", "pubsub": "ok"}
-    for name in ("runbell_waiters", "runbell_sse_clients", "runbell_events_in_total",
-                 "runbell_decode_errors_total", "runbell_delivery_latency_seconds"):
+    for name in (
+        "runbell_waiters",
+        "runbell_sse_clients",
+        "runbell_events_in_total",
+        "runbell_decode_errors_total",
+        "runbell_delivery_latency_seconds",
+    ):
         assert name in metrics.text
 
 
@@ -227,7 +230,12 @@ async def test_sse_streams_events_outcome_then_end(gateway):
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["x-accel-buffering"] == "no"
     assert [(e.event, e.id) for e in events] == [
-        ("run", "1"), ("task", "2"), ("outcome", "2"), ("task", "3"), ("run", "4"), ("end", "4"),
+        ("run", "1"),
+        ("task", "2"),
+        ("outcome", "2"),
+        ("task", "3"),
+        ("run", "4"),
+        ("end", "4"),
     ]
     assert events[2].json()["result"] == [1, 2]
     assert events[1].json()["seq"] == 2 and events[1].json()["task_id"] == "answer"
@@ -295,8 +303,21 @@ async def test_a_lost_pubsub_message_is_filled_from_the_replay_log(gateway):
             await publish(gateway, "gap", "running")
             # seq 2 goes to the log only, as if its pub/sub message were lost
             await client.incr(k.seq)
-            lost = json.dumps({"seq": 2, "event": {"v": 1, "id": "lost", "kind": "task", "dag_id": DAG,
-                                                   "run_id": "gap", "state": "running", "task_id": "t", "ts": 0}})
+            lost = json.dumps(
+                {
+                    "seq": 2,
+                    "event": {
+                        "v": 1,
+                        "id": "lost",
+                        "kind": "task",
+                        "dag_id": DAG,
+                        "run_id": "gap",
+                        "state": "running",
+                        "task_id": "t",
+                        "ts": 0,
+                    },
+                }
+            )
             await client.xadd(k.log, {"env": lost}, id="0-2")
             await publish(gateway, "gap", "success")
             _, _, events = await reader

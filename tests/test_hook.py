@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from types import SimpleNamespace
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import redis
+
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import Event, EventKind, RunState, TaskState, decode_envelope
 from runbell.listeners import hook
@@ -29,7 +31,6 @@ from runbell.listeners.marks import (
     RESULT_TASK_CONF_KEY,
 )
 from runbell.listeners.publisher import Publisher
-
 from tests.test_propagation import FakeTask as GraphTask
 from tests.test_propagation import dag as graph
 
@@ -52,7 +53,7 @@ class FakeTask(GraphTask):
     dag: Any = None
 
 
-def make_dag(*chains: str, result: Optional[str] = None) -> dict[str, FakeTask]:
+def make_dag(*chains: str, result: str | None = None) -> dict[str, FakeTask]:
     """extract>transform>load style chains; the named task is the DAG's result task."""
     tasks = graph(*chains, task_class=FakeTask)
     dag = SimpleNamespace(task_dict=tasks)
@@ -68,14 +69,14 @@ class WorkerTI:
 
     def __init__(
         self,
-        task: Optional[FakeTask],
+        task: FakeTask | None,
         *,
         state: Any = State.RUNNING,
         map_index: int = -1,
         try_number: int = 1,
-        conf: Optional[dict] = None,
+        conf: dict | None = None,
         xcom: Any = None,
-        task_id: Optional[str] = None,
+        task_id: str | None = None,
     ):
         self.dag_id, self.run_id = DAG_ID, RUN_ID
         self.task = task
@@ -111,9 +112,7 @@ class OrmTI(WorkerTI):
 @pytest.fixture
 def bus(redis_url: str, namespace: str, tmp_path, monkeypatch) -> Iterator[Publisher]:
     """The hook's default publisher, pointed at this test's namespace."""
-    config = PublisherConfig(
-        redis_url=redis_url, namespace=namespace, spool_dir=tmp_path / "spool", result_max_bytes=MAX_BYTES
-    )
+    config = PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path / "spool", result_max_bytes=MAX_BYTES)
     publisher = Publisher(config)
     monkeypatch.setattr(publisher_module, "_default_publisher", publisher)
     monkeypatch.setattr(hook, "_logged", set())
@@ -152,9 +151,7 @@ def only(bus: Publisher) -> Event:
 )
 def test_run_events(bus: Publisher, fire, state: RunState) -> None:
     when = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    dag_run = SimpleNamespace(
-        dag_id=DAG_ID, run_id=RUN_ID, run_type=State.MANUAL, logical_date=None, run_after=when, backfill_id=7
-    )
+    dag_run = SimpleNamespace(dag_id=DAG_ID, run_id=RUN_ID, run_type=State.MANUAL, logical_date=None, run_after=when, backfill_id=7)
     fire(dag_run=dag_run, msg="task_failure")
     event = only(bus)
     assert (event.kind, event.state, event.source.value) == (EventKind.RUN, state.value, "hook")
@@ -197,9 +194,7 @@ def test_mapped_result_reads_its_own_map_index(bus: Publisher) -> None:
 
 def test_big_result_is_published_as_a_reference(bus: Publisher) -> None:
     tasks = make_dag("answer", result="answer")
-    hook.on_task_instance_success(
-        previous_state=State.RUNNING, task_instance=WorkerTI(tasks["answer"], xcom="x" * 500)
-    )
+    hook.on_task_instance_success(previous_state=State.RUNNING, task_instance=WorkerTI(tasks["answer"], xcom="x" * 500))
     result = only(bus).result
     assert result is not None and result.is_ref and result.value is None and result.size == 502
     assert (result.ref.dag_id, result.ref.run_id, result.ref.task_id) == (DAG_ID, RUN_ID, "answer")
@@ -232,9 +227,7 @@ def test_failure_that_will_be_retried_is_up_for_retry(bus: Publisher) -> None:
 def test_terminal_failure_is_failed_with_the_error(bus: Publisher) -> None:
     tasks = make_dag("extract>answer", result="answer")
     ti = WorkerTI(tasks["extract"], state=State.FAILED, try_number=3)
-    hook.on_task_instance_failed(
-        previous_state=State.RUNNING, task_instance=ti, error=KeyError("x" * 5000)
-    )
+    hook.on_task_instance_failed(previous_state=State.RUNNING, task_instance=ti, error=KeyError("x" * 5000))
     event = only(bus)
     assert (event.state, event.critical, event.try_number) == ("failed", True, 3)
     assert event.error is not None and event.error.type == "KeyError"
@@ -266,9 +259,7 @@ def test_conf_names_the_result_task_of_a_dag_without_one(bus: Publisher) -> None
     tasks = make_dag("a>b", "c")
     conf = {RESULT_TASK_CONF_KEY: "b"}
     hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(tasks["c"], conf=conf))
-    hook.on_task_instance_success(
-        previous_state=State.RUNNING, task_instance=WorkerTI(tasks["b"], conf=conf, xcom=[1, 2])
-    )
+    hook.on_task_instance_success(previous_state=State.RUNNING, task_instance=WorkerTI(tasks["b"], conf=conf, xcom=[1, 2]))
     c, b = published(bus)
     assert not c.critical and not c.result_task
     assert b.result_task and b.result is not None and b.result.value == [1, 2]
@@ -313,12 +304,8 @@ def test_orm_failure_with_conf_uses_the_serialized_structure(bus: Publisher) -> 
 
 def test_orm_instance_without_a_task_degrades(bus: Publisher) -> None:
     conf = {RESULT_TASK_CONF_KEY: "answer"}
-    hook.on_task_instance_failed(
-        previous_state=None, task_instance=OrmTI(None, task_id="answer", conf=conf), error=None
-    )
-    hook.on_task_instance_failed(
-        previous_state=None, task_instance=OrmTI(None, task_id="other", conf=conf), error=None
-    )
+    hook.on_task_instance_failed(previous_state=None, task_instance=OrmTI(None, task_id="answer", conf=conf), error=None)
+    hook.on_task_instance_failed(previous_state=None, task_instance=OrmTI(None, task_id="other", conf=conf), error=None)
     answer, other = published(bus)
     assert answer.critical and answer.result_task and not other.critical
 

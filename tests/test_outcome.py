@@ -7,6 +7,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result, ResultRef
 from runbell.service.core.outcome import DecidedBy, OutcomeFold, OutcomeStatus, decide
 
@@ -99,8 +100,7 @@ def test_non_critical_failure_does_not_decide():
 def test_up_for_retry_is_not_a_failure():
     events = envelopes(
         task_event("answer", "running", result_task=True, critical=True),
-        task_event("answer", "up_for_retry", result_task=True, critical=True, try_number=1,
-                   error=ErrorInfo(type="E", message="flaky")),
+        task_event("answer", "up_for_retry", result_task=True, critical=True, try_number=1, error=ErrorInfo(type="E", message="flaky")),
         result_success(try_number=2),
     )
     outcome = decide(events)

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from runbell.service.client.client import RunbellClient, SseEvent
 from runbell.service.client.progress import (
     RunProgress,
@@ -19,7 +20,6 @@ from runbell.service.client.progress import (
     render_block,
     run_command,
 )
-
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_client import airflow, triggering_gateway  # noqa: F401  (fixtures)
 from tests.test_gateway import publish, until
@@ -28,8 +28,17 @@ DAG, RUN = "etl", "manual__1"
 
 
 def task(seq: int, task_id: str, state: str, try_number: int = 1, map_index: int = -1, **extra: Any) -> SseEvent:
-    data = {"seq": seq, "kind": "task", "dag_id": DAG, "run_id": RUN, "task_id": task_id, "state": state,
-            "map_index": map_index, "try_number": try_number, **extra}
+    data = {
+        "seq": seq,
+        "kind": "task",
+        "dag_id": DAG,
+        "run_id": RUN,
+        "task_id": task_id,
+        "state": state,
+        "map_index": map_index,
+        "try_number": try_number,
+        **extra,
+    }
     return SseEvent("task", json.dumps(data), str(seq))
 
 
@@ -37,12 +46,28 @@ def run(seq: int, state: str) -> SseEvent:
     return SseEvent("run", json.dumps({"seq": seq, "kind": "run", "dag_id": DAG, "run_id": RUN, "state": state}), str(seq))
 
 
-SUCCESS = {"status": "success", "dag_id": DAG, "run_id": RUN, "result": {"answer": 42}, "decided_by": "result_task",
-           "run_state": "running", "seq": 12, "failure": None,
-           "result_task": {"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 13}}
-FAILED = {"status": "failed", "dag_id": DAG, "run_id": RUN, "result": None, "decided_by": "critical_task",
-          "run_state": "running", "seq": 4, "result_task": None,
-          "failure": {"task_id": "load", "map_index": 2, "try_number": 3, "error": {"type": "IOError", "message": "disk full"}}}
+SUCCESS = {
+    "status": "success",
+    "dag_id": DAG,
+    "run_id": RUN,
+    "result": {"answer": 42},
+    "decided_by": "result_task",
+    "run_state": "running",
+    "seq": 12,
+    "failure": None,
+    "result_task": {"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 13},
+}
+FAILED = {
+    "status": "failed",
+    "dag_id": DAG,
+    "run_id": RUN,
+    "result": None,
+    "decided_by": "critical_task",
+    "run_state": "running",
+    "seq": 4,
+    "result_task": None,
+    "failure": {"task_id": "load", "map_index": 2, "try_number": 3, "error": {"type": "IOError", "message": "disk full"}},
+}
 
 EVENTS = [
     run(1, "queued"),
@@ -182,7 +207,7 @@ def test_on_a_terminal_the_block_is_redrawn_in_place():
     progress.tick()
     frames = terminal.getvalue().split("\r\x1b[J")
     assert frames[0] == ""
-    for before, after in zip(frames[1:], frames[2:]):  # each frame climbs exactly over the one before
+    for before, _after in zip(frames[1:], frames[2:]):  # each frame climbs exactly over the one before
         lines, up = before.rsplit("\n", 1)
         assert up == f"\x1b[{len(lines.splitlines())}A"
     assert frames[-1].splitlines() == [
@@ -217,10 +242,17 @@ def stand_in(events: list[SseEvent] | None, post: httpx.Response | None = None, 
     return RunbellClient("http://gw", "publish-token", transport=httpx.MockTransport(answer))
 
 
-@pytest.mark.parametrize("events, code, status", [
-    (EVENTS, 0, "success"),
-    ([run(1, "queued"), task(2, "load", "failed", map_index=2, try_number=3), SseEvent("outcome", json.dumps(FAILED), "2")], 1, "failed"),
-])
+@pytest.mark.parametrize(
+    "events, code, status",
+    [
+        (EVENTS, 0, "success"),
+        (
+            [run(1, "queued"), task(2, "load", "failed", map_index=2, try_number=3), SseEvent("outcome", json.dumps(FAILED), "2")],
+            1,
+            "failed",
+        ),
+    ],
+)
 def test_run_command_follows_the_run_and_prints_its_outcome(events, code, status):
     stream, out = io.StringIO(), io.StringIO()
     with stand_in(events) as client:
@@ -271,13 +303,18 @@ async def test_run_command_against_the_gateway(triggering_gateway, airflow):
 
     done = asyncio.create_task(asyncio.to_thread(command))
     await until(lambda: airflow.runs)
-    (_, run_id), = airflow.runs
+    ((_, run_id),) = airflow.runs
     await until(lambda: gateway.app.state.hub.count >= 1)  # following the events
     await publish(gateway, run_id, "running")
     await publish(gateway, run_id, "running", task_id="answer", result_task=True)
     await publish(gateway, run_id, "success", task_id="answer", result_task=True, result={"answer": 42})
     assert await done == 0
     changes = [line.split("  ", 1)[1] for line in stream.getvalue().splitlines()]
-    assert changes == [f"etl {run_id} triggered", "run running", "task answer running", "task answer success",
-                       'outcome: success (decided by result_task): {"answer": 42}']
+    assert changes == [
+        f"etl {run_id} triggered",
+        "run running",
+        "task answer running",
+        "task answer success",
+        'outcome: success (decided by result_task): {"answer": 42}',
+    ]
     assert json.loads(out.getvalue())["result"] == {"answer": 42} and airflow.posts[0]["conf"] == {"rows": 3}

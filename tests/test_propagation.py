@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import pytest
+
 from runbell.listeners.marks import (
     CRITICAL_ATTR,
     CRITICAL_TASKS_CONF_KEY,

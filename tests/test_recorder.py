@@ -9,6 +9,9 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
@@ -16,8 +19,6 @@ from runbell.listeners.publisher import Publisher, emit
 from runbell.service.store.models import EventRow
 from runbell.service.store.recorder import BACKOFF_MAX_SECONDS, Backoff, Recorder, gaps
 from runbell.service.store.store import Store
-from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
 
 DAG = "etl"
 WAIT = 20.0  # upper bound for anything that should happen at once; never reached when it works
@@ -49,8 +50,15 @@ def publish_run(publisher: Publisher, run_id: str, tasks: int = 1) -> int:
         last = i == tasks - 1
         sent.append(emit(DAG, run_id, "running", task_id=f"t{i}", try_number=1, publisher=publisher))
         sent.append(
-            emit(DAG, run_id, "success", task_id=f"t{i}", try_number=1, publisher=publisher,
-                 **({"result": {"n": i}, "result_task": True} if last else {}))
+            emit(
+                DAG,
+                run_id,
+                "success",
+                task_id=f"t{i}",
+                try_number=1,
+                publisher=publisher,
+                **({"result": {"n": i}, "result_task": True} if last else {}),
+            )
         )
     assert None not in sent, "an event was spooled: Redis did not answer in time"
     return len(sent)
@@ -164,9 +172,7 @@ async def test_malformed_entries_are_counted_and_skipped(client, store, publishe
     assert await pending_count(client, namespace) == 0
 
 
-async def test_two_recorders_share_the_work_and_store_each_event_once(
-    client, store, publisher, namespace, redis_url, database_url
-):
+async def test_two_recorders_share_the_work_and_store_each_event_once(client, store, publisher, namespace, redis_url, database_url):
     total = sum(publish_run(publisher, f"r{i}", tasks=4) for i in range(6))
     other_client = aioredis.Redis.from_url(redis_url, socket_timeout=None)
     other_store = Store(database_url)  # a second replica: its own connections to the same database

@@ -10,15 +10,15 @@ import json
 import random
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import pytest
+
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
 from runbell.service.http.app import create_app
 from runbell.service.settings import Settings
 from runbell.service.store.store import RUN_STATES
-
 from tests.conftest import READ_TOKEN, TOKENS
 
 BASE = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -35,35 +35,66 @@ def run_envelopes(
     state: str = "success",
     *,
     run_after: datetime = BASE,
-    logical_date: Optional[datetime] = None,
-    run_type: Optional[str] = "scheduled",
-    backfill_id: Optional[str] = None,
-    last_event: Optional[float] = None,
+    logical_date: datetime | None = None,
+    run_type: str | None = "scheduled",
+    backfill_id: str | None = None,
+    last_event: float | None = None,
 ) -> list[Envelope]:
     """A run's events up to `state`: queued, running, a result task, then success or failure.
     Events are stamped `last_event` (default: now) so silence is measured from there."""
     at = time.time() if last_event is None else last_event
-    fields = dict(run_type=run_type, run_after=run_after.isoformat(),
-                  logical_date=logical_date.isoformat() if logical_date else None, backfill_id=backfill_id)
+    fields = dict(
+        run_type=run_type,
+        run_after=run_after.isoformat(),
+        logical_date=logical_date.isoformat() if logical_date else None,
+        backfill_id=backfill_id,
+    )
     events = [Event(kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state="queued", ts=at, **fields)]
     if state in ("running", "success", "failed"):
         events.append(Event(kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state="running", ts=at, **fields))
     if state == "success":
-        events.append(Event(kind=EventKind.TASK, dag_id=dag_id, run_id=run_id, task_id="answer", state="success",
-                            ts=at, try_number=1, result_task=True, result=Result(value=42, size=2)))
+        events.append(
+            Event(
+                kind=EventKind.TASK,
+                dag_id=dag_id,
+                run_id=run_id,
+                task_id="answer",
+                state="success",
+                ts=at,
+                try_number=1,
+                result_task=True,
+                result=Result(value=42, size=2),
+            )
+        )
         events.append(Event(kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state="success", ts=at, **fields))
     if state == "failed":
-        events.append(Event(kind=EventKind.TASK, dag_id=dag_id, run_id=run_id, task_id="load", state="failed", ts=at,
-                            try_number=2, error=ErrorInfo(type="KeyError", message="'id'")))
+        events.append(
+            Event(
+                kind=EventKind.TASK,
+                dag_id=dag_id,
+                run_id=run_id,
+                task_id="load",
+                state="failed",
+                ts=at,
+                try_number=2,
+                error=ErrorInfo(type="KeyError", message="'id'"),
+            )
+        )
         events.append(Event(kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state="failed", ts=at, **fields))
     return [Envelope(seq=i, event=e) for i, e in enumerate(events, start=1)]
 
 
-def single_event_run(dag_id: str, run_id: str, state: str, run_after: datetime,
-                     logical_date: Optional[datetime] = None) -> Envelope:
+def single_event_run(dag_id: str, run_id: str, state: str, run_after: datetime, logical_date: datetime | None = None) -> Envelope:
     """A run told by one run event (what the reconciler publishes for a run it finds in Airflow)."""
-    event = Event(kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state=state, run_type="scheduled",
-                  run_after=run_after.isoformat(), logical_date=logical_date.isoformat() if logical_date else None)
+    event = Event(
+        kind=EventKind.RUN,
+        dag_id=dag_id,
+        run_id=run_id,
+        state=state,
+        run_type="scheduled",
+        run_after=run_after.isoformat(),
+        logical_date=logical_date.isoformat() if logical_date else None,
+    )
     return Envelope(seq=1, event=event)
 
 
@@ -73,13 +104,12 @@ async def api(store, database_url):
     app = create_app(Settings(tokens=TOKENS, database_url=database_url, token_secret=SECRET))
     app.state.store = store
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw",
-                                 headers={"Authorization": f"Bearer {READ_TOKEN}"}) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw", headers={"Authorization": f"Bearer {READ_TOKEN}"}) as client:
         client.app = app  # type: ignore[attr-defined]
         yield client
 
 
-async def page_all(api, url: str, params: Optional[dict] = None, limit: int = 7) -> list[dict]:
+async def page_all(api, url: str, params: dict | None = None, limit: int = 7) -> list[dict]:
     """Every row by following next_cursor; checks that the Link header says the same."""
     rows: list[dict] = []
     response = await api.get(url, params={**(params or {}), "limit": limit})
@@ -123,10 +153,12 @@ async def mixed(store) -> dict[str, dict]:
     made = {}
     for i, (run_id, (dag_id, state, run_type, backfill_id, logical_date)) in enumerate(specs.items()):
         run_after = BASE + timedelta(hours=i)
-        envelopes += run_envelopes(dag_id, run_id, state, run_after=run_after, logical_date=logical_date,
-                                   run_type=run_type, backfill_id=backfill_id)
-        made[run_id] = dict(dag_id=dag_id, state=state, run_type=run_type, backfill_id=backfill_id,
-                            logical_date=logical_date, run_after=run_after)
+        envelopes += run_envelopes(
+            dag_id, run_id, state, run_after=run_after, logical_date=logical_date, run_type=run_type, backfill_id=backfill_id
+        )
+        made[run_id] = dict(
+            dag_id=dag_id, state=state, run_type=run_type, backfill_id=backfill_id, logical_date=logical_date, run_after=run_after
+        )
     await store.record(envelopes)
     return made
 
@@ -139,16 +171,28 @@ async def test_rows_newest_first_with_every_field(api, mixed):
     assert ids(body["runs"]) == list(reversed(mixed))  # run_after ascends with the spec order
     by_id = {r["run_id"]: r for r in body["runs"]}
     assert by_id["m1"] == {
-        "dag_id": "etl", "run_id": "m1", "state": "success", "logical_date": None,
-        "run_after": mixed["m1"]["run_after"].isoformat(), "run_type": "manual", "backfill_id": None,
-        "started": by_id["m1"]["started"], "ended": by_id["m1"]["ended"], "outcome": "success",
+        "dag_id": "etl",
+        "run_id": "m1",
+        "state": "success",
+        "logical_date": None,
+        "run_after": mixed["m1"]["run_after"].isoformat(),
+        "run_type": "manual",
+        "backfill_id": None,
+        "started": by_id["m1"]["started"],
+        "ended": by_id["m1"]["ended"],
+        "outcome": "success",
         "result_task": {"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 2},
-        "first_failure": None, "stale": False,
+        "first_failure": None,
+        "stale": False,
     }
     assert by_id["m1"]["started"] and by_id["m1"]["ended"]
     assert by_id["m2"]["outcome"] == "failed" and by_id["m2"]["result_task"] is None
-    assert by_id["m2"]["first_failure"] == {"task_id": "load", "map_index": -1, "try_number": 2,
-                                            "error": {"type": "KeyError", "message": "'id'"}}
+    assert by_id["m2"]["first_failure"] == {
+        "task_id": "load",
+        "map_index": -1,
+        "try_number": 2,
+        "error": {"type": "KeyError", "message": "'id'"},
+    }
     assert by_id["s2"] | {} and by_id["s2"]["outcome"] == "pending" and by_id["s2"]["started"] is None
     assert by_id["b1"]["logical_date"] == (BASE - timedelta(days=10)).isoformat()
     assert by_id["b1"]["backfill_id"] == "7"
@@ -264,8 +308,9 @@ async def test_link_header_and_next_cursor_agree(api, mixed):
     assert "limit=3" in target and httpx.URL(target).params["cursor"] == cursor
     following = await api.get(target)
     assert following.status_code == 200
-    assert ids(following.json()["runs"]) == ids((await api.get("/v1/runs", params={
-        "limit": 3, "status": "success,failed", "dag_id": "etl", "cursor": cursor})).json()["runs"])
+    assert ids(following.json()["runs"]) == ids(
+        (await api.get("/v1/runs", params={"limit": 3, "status": "success,failed", "dag_id": "etl", "cursor": cursor})).json()["runs"]
+    )
 
 
 async def test_malformed_tampered_and_foreign_cursors_are_400(api, store):
@@ -279,8 +324,18 @@ async def test_malformed_tampered_and_foreign_cursors_are_400(api, store):
     forged_payload = dict(decoded, k=[(BASE + timedelta(days=9)).isoformat(), "etl", "zzz"])
     forged = base64.urlsafe_b64encode(json.dumps(forged_payload).encode()).rstrip(b"=").decode() + "." + mac
     flipped_mac = payload + "." + ("A" if mac[0] != "A" else "B") + mac[1:]
-    for bad in ("garbage", "", "a.b.c", "!!!.???", forged, flipped_mac, payload, cursor + "x", "x" * 5000,
-                base64.urlsafe_b64encode(b"{}").decode() + "." + mac):
+    for bad in (
+        "garbage",
+        "",
+        "a.b.c",
+        "!!!.???",
+        forged,
+        flipped_mac,
+        payload,
+        cursor + "x",
+        "x" * 5000,
+        base64.urlsafe_b64encode(b"{}").decode() + "." + mac,
+    ):
         response = await api.get("/v1/runs", params={"limit": 2, "cursor": bad})
         if bad == "":
             assert response.status_code == 200  # no cursor: the first page
@@ -320,12 +375,28 @@ async def test_stale_running_runs(api, store):
     envelopes += ended + [Envelope(seq=len(ended) + 1, event=late)]
     # A failed try being retried: the run still runs (up_for_retry is not a failure of the run).
     retry = [
-        Event(kind=EventKind.RUN, dag_id="etl", run_id="retrying", state="running", ts=recently,
-              run_after=(BASE + timedelta(minutes=5)).isoformat()),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="retrying", task_id="load", state="running", ts=recently,
-              try_number=1, critical=True),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="retrying", task_id="load", state="up_for_retry",
-              ts=recently, try_number=1, critical=True, error=ErrorInfo(type="IOError", message="flaky")),
+        Event(
+            kind=EventKind.RUN,
+            dag_id="etl",
+            run_id="retrying",
+            state="running",
+            ts=recently,
+            run_after=(BASE + timedelta(minutes=5)).isoformat(),
+        ),
+        Event(
+            kind=EventKind.TASK, dag_id="etl", run_id="retrying", task_id="load", state="running", ts=recently, try_number=1, critical=True
+        ),
+        Event(
+            kind=EventKind.TASK,
+            dag_id="etl",
+            run_id="retrying",
+            task_id="load",
+            state="up_for_retry",
+            ts=recently,
+            try_number=1,
+            critical=True,
+            error=ErrorInfo(type="IOError", message="flaky"),
+        ),
     ]
     envelopes += [Envelope(seq=i, event=e) for i, e in enumerate(retry, start=1)]
     await store.record(envelopes)
@@ -432,21 +503,15 @@ async def test_ten_thousand_runs_paged_while_new_runs_arrive(api, store):
 async def test_one_run_with_its_task_instances(api, store):
     t = time.time() - 100
     events = [
-        Event(kind=EventKind.RUN, dag_id="etl", run_id="r1", state="running", ts=t, run_type="manual",
-              run_after=BASE.isoformat()),
+        Event(kind=EventKind.RUN, dag_id="etl", run_id="r1", state="running", ts=t, run_type="manual", run_after=BASE.isoformat()),
         Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="extract", state="running", ts=t + 1, try_number=1),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="extract", state="up_for_retry", ts=t + 2,
-              try_number=1),
+        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="extract", state="up_for_retry", ts=t + 2, try_number=1),
         Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="extract", state="running", ts=t + 3, try_number=2),
         Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="extract", state="success", ts=t + 4, try_number=2),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="fan", state="running", ts=t + 5, try_number=1,
-              map_index=1),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="fan", state="running", ts=t + 5, try_number=1,
-              map_index=0),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="fan", state="success", ts=t + 6, try_number=1,
-              map_index=0),
-        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="skipped", state="skipped", ts=t + 7,
-              try_number=1),
+        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="fan", state="running", ts=t + 5, try_number=1, map_index=1),
+        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="fan", state="running", ts=t + 5, try_number=1, map_index=0),
+        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="fan", state="success", ts=t + 6, try_number=1, map_index=0),
+        Event(kind=EventKind.TASK, dag_id="etl", run_id="r1", task_id="skipped", state="skipped", ts=t + 7, try_number=1),
     ]
     await store.record([Envelope(seq=i, event=e) for i, e in enumerate(events, start=1)])
     response = await api.get("/v1/dags/etl/runs/r1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from runbell.service.core.roles import Role, parse_tokens
 from runbell.service.settings import SETTINGS_DOC, Settings, env_name, load_settings
 
@@ -24,8 +25,7 @@ def test_environment_then_flags():
 
 
 def test_tokens_parse_and_errors_never_echo_the_token():
-    assert parse_tokens("t1:read, t2:admin,t:with:colon:publish") == {
-        "t1": Role.READ, "t2": Role.ADMIN, "t:with:colon": Role.PUBLISH}
+    assert parse_tokens("t1:read, t2:admin,t:with:colon:publish") == {"t1": Role.READ, "t2": Role.ADMIN, "t:with:colon": Role.PUBLISH}
     with pytest.raises(ValueError) as bad_role:
         parse_tokens("s3cret:root")
     assert "s3cret" not in str(bad_role.value) and "read, publish, admin" in str(bad_role.value)
@@ -33,8 +33,9 @@ def test_tokens_parse_and_errors_never_echo_the_token():
         parse_tokens("no-role")
 
 
-@pytest.mark.parametrize("host, allowed", [("127.0.0.1", True), ("::1", True), ("localhost", True),
-                                           ("0.0.0.0", False), ("10.0.0.5", False)])
+@pytest.mark.parametrize(
+    "host, allowed", [("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False), ("10.0.0.5", False)]
+)
 def test_no_auth_only_on_loopback(host, allowed):
     settings = Settings(host=host, no_auth=True)
     if allowed:

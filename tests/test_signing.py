@@ -7,12 +7,14 @@ import json
 import time
 
 import pytest
-from runbell.service.webhooks.signing import new_secret, sign, signature_header
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-BODY = json.dumps({"kind": "outcome", "seq": 7, "terminal": False, "outcome": {"status": "success", "result": "é"}},
-                  ensure_ascii=False).encode()
+from runbell.service.webhooks.signing import new_secret, sign, signature_header
+
+BODY = json.dumps(
+    {"kind": "outcome", "seq": 7, "terminal": False, "outcome": {"status": "success", "result": "é"}}, ensure_ascii=False
+).encode()
 
 
 def headers(msg_id: str, timestamp: int, signature: str) -> dict[str, str]:
@@ -20,15 +22,14 @@ def headers(msg_id: str, timestamp: int, signature: str) -> dict[str, str]:
 
 
 def test_the_specifications_published_test_vector():
-    signature = sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
-                     b'{"test": 2432232314}')
+    signature = sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
 def test_a_new_secret_is_whsec_and_32_random_bytes():
     secret = new_secret()
     assert secret.startswith("whsec_")
-    assert len(base64.b64decode(secret[len("whsec_"):], validate=True)) == 32
+    assert len(base64.b64decode(secret[len("whsec_") :], validate=True)) == 32
     assert secret != new_secret()
 
 

@@ -13,12 +13,13 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
 from runbell.service.core.outcome import decide
 from runbell.service.store.models import Base, EventRow, Run, TaskInstance
 from runbell.service.store.store import Store, alembic_config, normalize_database_url
-from sqlalchemy import func, inspect, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 DAG, RUN = "etl", "manual__1"
 T0 = 1_700_000_000.0
@@ -29,8 +30,7 @@ def run_event(state: str, *, run_id: str = RUN, ts: float = T0, **kw) -> Event:
 
 
 def task_event(task_id: str, state: str, *, run_id: str = RUN, ts: float = T0, try_number: int = 1, **kw):
-    return Event(kind=EventKind.TASK, dag_id=DAG, run_id=run_id, task_id=task_id, state=state, ts=ts,
-                 try_number=try_number, **kw)
+    return Event(kind=EventKind.TASK, dag_id=DAG, run_id=run_id, task_id=task_id, state=state, ts=ts, try_number=try_number, **kw)
 
 
 def numbered(*events: Event, start: int = 1) -> list[Envelope]:
@@ -44,8 +44,9 @@ def a_run(run_id: str = RUN, length: int = 6) -> list[Envelope]:
         state = "running" if i % 2 == 0 else "success"
         events.append(task_event(f"t{i}", state, run_id=run_id, ts=T0 + i + 1))
     events.append(
-        task_event("answer", "success", run_id=run_id, ts=T0 + length, result_task=True, critical=True,
-                   result=Result(value={"rows": 3}, size=10))
+        task_event(
+            "answer", "success", run_id=run_id, ts=T0 + length, result_task=True, critical=True, result=Result(value={"rows": 3}, size=10)
+        )
     )
     return numbered(*events)
 
@@ -115,8 +116,9 @@ async def test_outcome_kept_in_runs_row_whatever_the_arrival_order(store):
 async def test_first_failure_and_run_fields(store):
     error = ErrorInfo(type="KeyError", message="'id'")
     envelopes = numbered(
-        run_event("queued", ts=T0, run_type="manual", logical_date="2024-05-01T00:00:00+00:00",
-                  run_after="2024-05-01T00:05:00Z", backfill_id="7"),
+        run_event(
+            "queued", ts=T0, run_type="manual", logical_date="2024-05-01T00:00:00+00:00", run_after="2024-05-01T00:05:00Z", backfill_id="7"
+        ),
         run_event("running", ts=T0 + 1),
         task_event("load", "running", ts=T0 + 2, critical=True),
         task_event("load", "failed", ts=T0 + 3, critical=True, error=error),
@@ -126,8 +128,7 @@ async def test_first_failure_and_run_fields(store):
     run = await store.get_run(DAG, RUN)
     assert run.state == "failed"
     assert run.outcome_status == "failed"
-    assert run.first_failure == {"task_id": "load", "map_index": -1, "try_number": 1,
-                                 "error": {"type": "KeyError", "message": "'id'"}}
+    assert run.first_failure == {"task_id": "load", "map_index": -1, "try_number": 1, "error": {"type": "KeyError", "message": "'id'"}}
     assert run.run_type == "manual"
     assert run.backfill_id == "7"
     assert run.logical_date == datetime(2024, 5, 1, tzinfo=timezone.utc)
@@ -155,11 +156,15 @@ async def test_task_instances_one_row_per_try(store):
     )
     await store.record(envelopes[:3] + envelopes[3:])
     # The try's first end wins; a late contradicting event does not change it.
-    await store.record(numbered(task_event("extract", "success", ts=T0 + 5, try_number=2),
-                                task_event("extract", "failed", ts=T0 + 6, try_number=2), start=6))
+    await store.record(
+        numbered(
+            task_event("extract", "success", ts=T0 + 5, try_number=2), task_event("extract", "failed", ts=T0 + 6, try_number=2), start=6
+        )
+    )
     async with store.engine.connect() as conn:
-        rows = (await conn.execute(select(TaskInstance).order_by(
-            TaskInstance.task_id, TaskInstance.map_index, TaskInstance.try_number))).all()
+        rows = (
+            await conn.execute(select(TaskInstance).order_by(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.try_number))
+        ).all()
     summary = [(r.task_id, r.map_index, r.try_number, r.state) for r in rows]
     assert summary == [
         ("extract", -1, 1, "up_for_retry"),
@@ -231,10 +236,7 @@ async def test_processes_starting_together_migrate_once(database_url):
         "    await store.close()\n"
         "asyncio.run(main())\n"
     )
-    procs = [
-        await asyncio.create_subprocess_exec(sys.executable, "-c", script, database_url, stderr=PIPE)
-        for _ in range(3)
-    ]
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", script, database_url, stderr=PIPE) for _ in range(3)]
     results = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout=60)
     for proc, (_, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr.decode()[-2000:]
@@ -277,7 +279,7 @@ async def test_ping(store, database_url):
             await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     finally:
         await admin.dispose()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (the driver's error for a dropped database varies by version)
         await asyncio.wait_for(store.ping(), timeout=10)
 
 

@@ -7,6 +7,7 @@ import ipaddress
 
 import httpx
 import pytest
+
 from runbell.service.webhooks import target_guard
 from runbell.service.webhooks.target_guard import (
     TargetPolicy,
@@ -48,12 +49,25 @@ def dns(monkeypatch):
 # -- what is refused --------------------------------------------------------------------------------
 
 REFUSED = [
-    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
-    ("192.168.1.1", "private"), ("169.254.169.254", "link-local"), ("0.0.0.0", "unspecified"),
-    ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"),
+    ("127.0.0.1", "loopback"),
+    ("127.8.9.10", "loopback"),
+    ("10.1.2.3", "private"),
+    ("172.16.0.1", "private"),
+    ("192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"),
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "reserved"),
     ("100.64.0.1", "not publicly routable"),
-    ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fc00::1", "private"),
-    ("fd12:3456::1", "private"), ("ff02::1", "multicast"), ("fec0::1", "site-local"), ("2001:db8::1", "private"),
+    ("::1", "loopback"),
+    ("::", "unspecified"),
+    ("fe80::1", "link-local"),
+    ("fc00::1", "private"),
+    ("fd12:3456::1", "private"),
+    ("ff02::1", "multicast"),
+    ("fec0::1", "site-local"),
+    ("2001:db8::1", "private"),
     ("::ffff:127.0.0.1", "loopback IPv4 127.0.0.1 wrapped in IPv6"),
     ("::ffff:10.0.0.1", "private IPv4 10.0.0.1 wrapped in IPv6"),
     ("::ffff:169.254.169.254", "link-local IPv4 169.254.169.254 wrapped in IPv6"),
@@ -101,16 +115,19 @@ async def test_a_host_that_does_not_resolve_is_refused(dns):
         await check_url(NO_POLICY, "https://nowhere.example/hook")
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("ftp://example.com/hook", "scheme must be http or https"),
-    ("file:///etc/passwd", "scheme must be http or https"),
-    ("gopher://example.com/", "scheme must be http or https"),
-    ("example.com/hook", "scheme must be http or https"),
-    ("https://user:pw@example.com/hook", "credentials"),
-    ("https://user@example.com/hook", "credentials"),
-    ("https:///hook", "no host"),
-    ("http://exa mple.com/", "not a valid host name"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("ftp://example.com/hook", "scheme must be http or https"),
+        ("file:///etc/passwd", "scheme must be http or https"),
+        ("gopher://example.com/", "scheme must be http or https"),
+        ("example.com/hook", "scheme must be http or https"),
+        ("https://user:pw@example.com/hook", "credentials"),
+        ("https://user@example.com/hook", "credentials"),
+        ("https:///hook", "no host"),
+        ("http://exa mple.com/", "not a valid host name"),
+    ],
+)
 async def test_bad_schemes_userinfo_and_malformed_urls(url, reason):
     with pytest.raises(TargetRefused, match=reason):
         await check_url(NO_POLICY, url)
@@ -227,6 +244,7 @@ def test_no_proxy_or_unix_socket_can_bypass_the_check(kwargs):
 
 def test_the_gateway_refuses_to_start_with_a_bad_allow_list():
     from pydantic import ValidationError
+
     from runbell.service.settings import load_settings
 
     assert load_settings(env={"RUNBELL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1, localhost"}).webhook_allowed_hosts

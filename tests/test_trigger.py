@@ -7,11 +7,11 @@ import asyncio
 import re
 
 import pytest
+
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
-
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
 from tests.test_gateway import until
 
@@ -37,7 +37,7 @@ async def test_trigger_and_wait_returns_the_result_and_a_scoped_token(gateway, a
     async with gateway.client(PUBLISH_TOKEN) as client:
         call = asyncio.create_task(client.post(TRIGGER, params={"wait": 20}, json={"conf": {"q": 1}}))
         await until(lambda: airflow.runs)
-        (_, run_id), = airflow.runs
+        ((_, run_id),) = airflow.runs
         await publish(gateway, run_id, "success", task_id="answer", result_task=True, result={"a": 42})
         response = await call
     body = response.json()
@@ -167,7 +167,10 @@ async def test_reconciler_settles_a_silent_run_from_airflow(gateway, airflow):
     log = gateway.publisher()._redis().xrange(keys.run_keys(gateway.namespace, "etl", "lost").log)
     events = [decode_envelope(fields[b"env"]).event for _, fields in log]
     assert [(e.task_id, e.state, e.source.value) for e in events] == [
-        ("extract", "success", "reconciler"), ("load", "failed", "reconciler"), (None, "failed", "reconciler")]
+        ("extract", "success", "reconciler"),
+        ("load", "failed", "reconciler"),
+        (None, "failed", "reconciler"),
+    ]
     assert again.json()["seq"] == 3  # asking again published nothing twice
 
 
@@ -187,8 +190,9 @@ async def test_without_airflow_a_silent_run_is_simply_waited_on(gateway_factory)
 
 
 async def test_a_result_too_large_for_the_bus_is_fetched_from_airflow(gateway, airflow, tmp_path):
-    small_cap = Publisher(PublisherConfig(redis_url=gateway.redis_url, namespace=gateway.namespace,
-                                          spool_dir=tmp_path, result_max_bytes=10))
+    small_cap = Publisher(
+        PublisherConfig(redis_url=gateway.redis_url, namespace=gateway.namespace, spool_dir=tmp_path, result_max_bytes=10)
+    )
     big = {"rows": list(range(100))}
     airflow.xcoms[("etl", "big", "answer", -1)] = big
     await asyncio.to_thread(emit, "etl", "big", "success", task_id="answer", result_task=True, result=big, publisher=small_cap)

@@ -11,13 +11,21 @@ import contextlib
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 import pytest
 import uvicorn
+from sqlalchemy import update
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
 from runbell.service.store.store import Store
 from runbell.service.webhooks.dispatcher import Dispatcher, parse_retry_after
 from runbell.service.webhooks.outbox import (
@@ -28,13 +36,6 @@ from runbell.service.webhooks.outbox import (
 )
 from runbell.service.webhooks.signing import new_secret
 from runbell.service.webhooks.target_guard import TargetPolicy
-from sqlalchemy import update
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
 from tests.conftest import free_port
 from tests.test_webhook_store import a_run
 
@@ -76,7 +77,7 @@ class Receiver:
     def at(self, path: str) -> str:
         return f"{self.url}{path}"
 
-    def on(self, path: str, *answers: Answer, default: Optional[Answer] = None) -> str:
+    def on(self, path: str, *answers: Answer, default: Answer | None = None) -> str:
         self.script[path].extend(answers)
         if default is not None:
             self.default[path] = default
@@ -104,8 +105,7 @@ async def receiver():
     receiver = Receiver()
     app = Starlette(routes=[Route("/{path:path}", receiver.handle, methods=["POST"])])
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=1)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # pytest owns the signals
     task = asyncio.create_task(server.serve())
@@ -138,8 +138,15 @@ async def dispatchers():
     background: list[asyncio.Task] = []
 
     def make(webhooks: WebhookStore, *, run: bool = False, **kw) -> Dispatcher:
-        options = dict(policy=LOOPBACK, worker=f"test-{len(made)}", schedule=TINY, jitter=0.0,
-                       attempt_timeout=5.0, lease_seconds=10.0, poll_seconds=0.05)
+        options = dict(
+            policy=LOOPBACK,
+            worker=f"test-{len(made)}",
+            schedule=TINY,
+            jitter=0.0,
+            attempt_timeout=5.0,
+            lease_seconds=10.0,
+            poll_seconds=0.05,
+        )
         options.update(kw)
         dispatcher = Dispatcher(webhooks, **options)
         made.append(dispatcher)
@@ -230,8 +237,7 @@ async def test_500s_are_retried_on_the_schedule_with_the_same_id_and_bytes(webho
     for hit in receiver.hits:
         hit.verify(endpoint.secret)
     attempts = await webhooks.attempts(message_id=message.id)
-    assert [(a.status_code, a.response_body) for a in reversed(attempts)] == [
-        (500, "down"), (500, "still down"), (200, "ok")]
+    assert [(a.status_code, a.response_body) for a in reversed(attempts)] == [(500, "down"), (500, "still down"), (200, "ok")]
     assert (await webhooks.get_message(message.id)).attempts == 3
     assert (await webhooks.get_endpoint(endpoint.id)).failing_since is None  # cleared by the success
 
@@ -259,11 +265,13 @@ async def test_retry_after_is_honoured_on_429_and_503_only(webhooks, store, rece
 
     # 503 with an HTTP date two days ahead: bounded by retry_after_max
     later = format_datetime(datetime.now(timezone.utc) + timedelta(days=2), usegmt=True)
-    _, unavailable = await outcome_message(webhooks, store, receiver.on("/maint", (503, {"retry-after": later}, b"")),
-                                           run_id="maint", dag_id="maint")
+    _, unavailable = await outcome_message(
+        webhooks, store, receiver.on("/maint", (503, {"retry-after": later}, b"")), run_id="maint", dag_id="maint"
+    )
     # 500 with a Retry-After: the schedule, not the header
-    _, broken = await outcome_message(webhooks, store, receiver.on("/broken", (500, {"retry-after": "1"}, b"")),
-                                      run_id="broken", dag_id="broken")
+    _, broken = await outcome_message(
+        webhooks, store, receiver.on("/broken", (500, {"retry-after": "1"}, b"")), run_id="broken", dag_id="broken"
+    )
     await drive(dispatcher, lambda: receiver.hits_at("/maint") and receiver.hits_at("/broken"))
     await dispatcher.idle()
     for message, low, high in ((unavailable, 590, 660), (broken, 3600 * 0.99, 3600 * 1.01 + 60)):
@@ -282,8 +290,7 @@ def test_parse_retry_after():
     assert parse_retry_after("soon", maximum=600, now=now) is None
 
 
-async def test_410_disables_the_endpoint_and_cancels_its_pending_messages(webhooks, store, receiver, dispatchers,
-                                                                            caplog):
+async def test_410_disables_the_endpoint_and_cancels_its_pending_messages(webhooks, store, receiver, dispatchers, caplog):
     dispatcher = dispatchers(webhooks, per_endpoint=1, max_in_flight=1)
     url = receiver.on("/gone", default=(410, {}, b"unsubscribed"))
     endpoint = await webhooks.create_endpoint(url=url, kinds=["task", "run"])
@@ -321,8 +328,9 @@ async def test_a_redirect_is_a_failure_and_is_not_followed(webhooks, store, rece
 
 
 async def test_a_hanging_receiver_is_cut_and_does_not_stall_another_endpoint(webhooks, store, receiver, dispatchers):
-    dispatcher = dispatchers(webhooks, run=True, attempt_timeout=3.0, lease_seconds=10.0, per_endpoint=1,
-                             max_in_flight=4, schedule=(0, 3600))
+    dispatcher = dispatchers(
+        webhooks, run=True, attempt_timeout=3.0, lease_seconds=10.0, per_endpoint=1, max_in_flight=4, schedule=(0, 3600)
+    )
     slow = await webhooks.create_endpoint(url=receiver.on("/hang", default=("hang", {}, 30)), kinds=["task", "run"])
     fast = await webhooks.create_endpoint(url=receiver.on("/fast"), kinds=["task", "run"])
     await store.record(a_run())  # 7 messages each
@@ -350,8 +358,16 @@ async def test_a_message_is_dead_lettered_after_the_schedule(webhooks, store, re
     assert (dead.status, dead.attempts, dead.next_attempt_at) == ("dead", 3, None)
     events = [r for r in caplog.records if getattr(r, "runbell_event", None) == "webhook.dead_lettered"]
     assert len(events) == 1 and events[0].levelno == logging.WARNING
-    assert events[0].webhook == dict(endpoint_id=endpoint.id, message_id=message.id, dag_id="etl", run_id="r1",
-                                     seq=message.seq, kind="outcome", attempts=3, last_error="HTTP 500")
+    assert events[0].webhook == dict(
+        endpoint_id=endpoint.id,
+        message_id=message.id,
+        dag_id="etl",
+        run_id="r1",
+        seq=message.seq,
+        kind="outcome",
+        attempts=3,
+        last_error="HTTP 500",
+    )
     assert endpoint.secret not in caplog.text
     assert dispatcher.metrics.webhook_dead_letters._value.get() == 1
     # a resend is one more attempt (the schedule is used up)
@@ -379,8 +395,9 @@ async def test_an_endpoint_failing_continuously_is_disabled(webhooks, store, rec
     assert (await webhooks.get_endpoint(endpoint.id)).enabled
     # as if the failures had gone on for six days
     async with store._transaction(write=True) as conn:
-        await conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint.id)
-                           .values(failing_since=datetime.now(timezone.utc) - timedelta(days=6)))
+        await conn.execute(
+            update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint.id).values(failing_since=datetime.now(timezone.utc) - timedelta(days=6))
+        )
     with caplog.at_level(logging.WARNING, logger="runbell.webhooks.events"):
         await store.record(a_run(run_id="d"))
         await drive(dispatcher, lambda: len(receiver.hits) == 4)
@@ -415,8 +432,7 @@ async def test_only_4_kib_of_an_answer_is_kept(webhooks, store, receiver, dispat
 # -- leases, replicas, restarts ---------------------------------------------------------------------
 
 
-async def test_a_message_claimed_by_a_worker_that_died_is_delivered_by_another_after_the_lease(
-        webhooks, store, receiver, dispatchers):
+async def test_a_message_claimed_by_a_worker_that_died_is_delivered_by_another_after_the_lease(webhooks, store, receiver, dispatchers):
     _, message = await outcome_message(webhooks, store, receiver.on("/hook"))
     # a worker claims it and dies before posting (or mid-post): nobody finishes its lease
     [claimed] = await webhooks.claim("dead-worker/1", limit=10, per_endpoint=10, lease_seconds=0.5)
@@ -465,8 +481,10 @@ async def test_two_dispatchers_on_one_database_deliver_each_attempt_once(databas
             attempts = await one.attempts(endpoint_id=endpoint.id, limit=1000)
             assert Counter(a.message_id for a in attempts) == Counter({m: 2 for m in {a.message_id for a in attempts}})
             assert len(attempts) == 2 * 4 * 8
-        assert a.metrics.webhook_deliveries.labels("success")._value.get() + \
-            b.metrics.webhook_deliveries.labels("success")._value.get() == total
+        assert (
+            a.metrics.webhook_deliveries.labels("success")._value.get() + b.metrics.webhook_deliveries.labels("success")._value.get()
+            == total
+        )
     finally:
         await other_store.close()
 
@@ -496,8 +514,7 @@ async def test_during_a_rotation_both_signatures_are_sent_and_each_verifies(webh
         after.verify(rotated.secret)
 
 
-async def test_wake_sends_a_new_message_at_once_rather_than_at_the_next_poll(webhooks, store, receiver,
-                                                                             dispatchers):
+async def test_wake_sends_a_new_message_at_once_rather_than_at_the_next_poll(webhooks, store, receiver, dispatchers):
     dispatcher = dispatchers(webhooks, run=True, poll_seconds=3600)
     store.outbox.on_enqueued = dispatcher.wake
     await asyncio.sleep(0.1)  # the dispatcher has looked once and now sleeps for an hour
@@ -506,8 +523,7 @@ async def test_wake_sends_a_new_message_at_once_rather_than_at_the_next_poll(web
     assert receiver.hits[0].webhook_id == message.id
 
 
-async def test_a_backlog_beyond_the_per_endpoint_bound_drains_without_waiting_for_the_poll(
-        webhooks, store, receiver, dispatchers):
+async def test_a_backlog_beyond_the_per_endpoint_bound_drains_without_waiting_for_the_poll(webhooks, store, receiver, dispatchers):
     dispatcher = dispatchers(webhooks, run=True, poll_seconds=3600, per_endpoint=2)
     store.outbox.on_enqueued = dispatcher.wake
     endpoint = await webhooks.create_endpoint(url=receiver.on("/hook"), kinds=["task", "run"])

@@ -48,7 +48,12 @@ async def test_create_answers_the_endpoint_with_its_secret_which_is_never_shown_
     assert response.headers["location"] == f"/v1/webhooks/{created['id']}"
     assert created["secret"].startswith("whsec_")
     assert {k: created[k] for k in ("url", "description", "dag_ids", "kinds", "enabled")} == {
-        "url": HOOK_URL, "description": "billing", "dag_ids": None, "kinds": ["outcome"], "enabled": True}
+        "url": HOOK_URL,
+        "description": "billing",
+        "dag_ids": None,
+        "kinds": ["outcome"],
+        "enabled": True,
+    }
     assert "previous_secret" not in created
     listed = (await admin.get("/v1/webhooks")).json()["webhooks"]
     fetched = (await admin.get(f"/v1/webhooks/{created['id']}")).json()
@@ -84,9 +89,14 @@ async def test_patch_checks_the_new_url_and_refuses_nonsense(admin):
     path = f"/v1/webhooks/{created['id']}"
     refused = await admin.patch(path, json={"url": "http://10.1.2.3/hook"})
     assert refused.status_code == 422 and refused.json()["error"] == "target_refused"
-    for body, code in (({}, "bad_body"), ({"url": None}, "bad_body"), ({"enabled": None}, "bad_body"),
-                       ({"secret": "whsec_x"}, "bad_body"), ({"kinds": ["everything"]}, "unknown_kind"),
-                       ({"url": "ftp://example.com/"}, "bad_url")):
+    for body, code in (
+        ({}, "bad_body"),
+        ({"url": None}, "bad_body"),
+        ({"enabled": None}, "bad_body"),
+        ({"secret": "whsec_x"}, "bad_body"),
+        ({"kinds": ["everything"]}, "unknown_kind"),
+        ({"url": "ftp://example.com/"}, "bad_url"),
+    ):
         response = await admin.patch(path, json=body)
         assert (response.status_code, response.json()["error"]) == (400, code), body
     assert (await admin.get(path)).json()["url"] == HOOK_URL
@@ -148,20 +158,27 @@ async def test_the_grace_period_setting_is_the_default(gateway_factory):
 # -- validation -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, code, says", [
-    ({"url": "ftp://example.com/hook"}, "bad_url", "http or https"),
-    ({"url": "https://user:pw@example.com/hook"}, "bad_url", "credentials"),
-    ({"url": "not a url"}, "bad_url", "scheme"),
-    ({"url": ""}, "bad_body", "url"),
-    ({"url": "http://127.0.0.1:9/", "kinds": ["outcome", "everything"]}, "unknown_kind", "'everything': accepted are outcome, task, run"),
-    ({"url": "http://127.0.0.1:9/", "kinds": []}, "unknown_kind", "may not be empty"),
-    ({"url": "http://127.0.0.1:9/", "dag_ids": []}, "bad_dag_ids", "null"),
-    ({"url": "http://127.0.0.1:9/", "dag_ids": ["x" * 251]}, "bad_dag_ids", "250"),
-    ({"url": "http://127.0.0.1:9/", "dag_ids": "etl"}, "bad_body", "dag_ids"),
-    ({"url": "http://127.0.0.1:9/", "enabled": "maybe"}, "bad_body", "enabled"),
-    ({"url": "http://127.0.0.1:9/", "secret": "whsec_mine"}, "bad_body", "secret"),
-    ({"description": "no url"}, "bad_body", "url"),
-])
+@pytest.mark.parametrize(
+    "body, code, says",
+    [
+        ({"url": "ftp://example.com/hook"}, "bad_url", "http or https"),
+        ({"url": "https://user:pw@example.com/hook"}, "bad_url", "credentials"),
+        ({"url": "not a url"}, "bad_url", "scheme"),
+        ({"url": ""}, "bad_body", "url"),
+        (
+            {"url": "http://127.0.0.1:9/", "kinds": ["outcome", "everything"]},
+            "unknown_kind",
+            "'everything': accepted are outcome, task, run",
+        ),
+        ({"url": "http://127.0.0.1:9/", "kinds": []}, "unknown_kind", "may not be empty"),
+        ({"url": "http://127.0.0.1:9/", "dag_ids": []}, "bad_dag_ids", "null"),
+        ({"url": "http://127.0.0.1:9/", "dag_ids": ["x" * 251]}, "bad_dag_ids", "250"),
+        ({"url": "http://127.0.0.1:9/", "dag_ids": "etl"}, "bad_body", "dag_ids"),
+        ({"url": "http://127.0.0.1:9/", "enabled": "maybe"}, "bad_body", "enabled"),
+        ({"url": "http://127.0.0.1:9/", "secret": "whsec_mine"}, "bad_body", "secret"),
+        ({"description": "no url"}, "bad_body", "url"),
+    ],
+)
 async def test_bad_subscriptions_are_400_saying_what_is_accepted(admin, body, code, says):
     response = await admin.post("/v1/webhooks", json=body)
     assert response.status_code == 400, response.text
@@ -179,13 +196,16 @@ async def test_a_body_that_is_not_json_is_400(admin):
         assert (response.status_code, response.json()["error"]) == (400, "bad_body"), content
 
 
-@pytest.mark.parametrize("url, address", [
-    ("http://127.0.0.1:8080/hook", "127.0.0.1 (loopback)"),
-    ("http://localhost:8080/hook", "(loopback)"),
-    ("http://169.254.169.254/latest/meta-data", "169.254.169.254 (link-local)"),
-    ("http://10.0.0.1/hook", "10.0.0.1 (private)"),
-    ("http://[::ffff:127.0.0.1]/hook", "loopback IPv4 127.0.0.1 wrapped in IPv6"),
-])
+@pytest.mark.parametrize(
+    "url, address",
+    [
+        ("http://127.0.0.1:8080/hook", "127.0.0.1 (loopback)"),
+        ("http://localhost:8080/hook", "(loopback)"),
+        ("http://169.254.169.254/latest/meta-data", "169.254.169.254 (link-local)"),
+        ("http://10.0.0.1/hook", "10.0.0.1 (private)"),
+        ("http://[::ffff:127.0.0.1]/hook", "loopback IPv4 127.0.0.1 wrapped in IPv6"),
+    ],
+)
 async def test_a_target_inside_the_network_is_refused_unless_allowed(gateway_factory, url, address):
     gateway = await gateway_factory(webhooks=False)  # no allow-list
     async with gateway.client(ADMIN_TOKEN) as admin:
@@ -211,10 +231,12 @@ async def test_the_allow_list_permits_by_host_or_by_cidr(gateway_factory):
 async def test_bad_query_parameters_are_400(admin):
     created = await create(admin)
     base = f"/v1/webhooks/{created['id']}"
-    for path, params, code in ((base + "/attempts", {"limit": "0"}, "bad_limit"),
-                               (base + "/attempts", {"limit": "many"}, "bad_limit"),
-                               (base + "/messages", {"limit": "1001"}, "bad_limit"),
-                               (base + "/messages", {"since": "yesterday"}, "bad_since")):
+    for path, params, code in (
+        (base + "/attempts", {"limit": "0"}, "bad_limit"),
+        (base + "/attempts", {"limit": "many"}, "bad_limit"),
+        (base + "/messages", {"limit": "1001"}, "bad_limit"),
+        (base + "/messages", {"since": "yesterday"}, "bad_since"),
+    ):
         response = await admin.get(path, params=params)
         assert (response.status_code, response.json()["error"]) == (400, code), (path, params)
     for body in ({}, {"since": "yesterday"}, {"since": "2026-01-01T00:00:00Z", "until": "now"}):
@@ -247,19 +269,24 @@ async def test_an_endpoint_without_traffic_has_no_messages_or_attempts(admin):
 # -- auth -----------------------------------------------------------------------------------------
 
 EVERY_ROUTE = [
-    ("POST", "/v1/webhooks"), ("GET", "/v1/webhooks"), ("GET", "/v1/webhooks/{endpoint_id}"),
-    ("PATCH", "/v1/webhooks/{endpoint_id}"), ("DELETE", "/v1/webhooks/{endpoint_id}"),
-    ("POST", "/v1/webhooks/{endpoint_id}/rotate-secret"), ("GET", "/v1/webhooks/{endpoint_id}/attempts"),
-    ("GET", "/v1/webhooks/{endpoint_id}/messages"), ("POST", "/v1/webhooks/{endpoint_id}/recover"),
-    ("GET", "/v1/webhooks/messages/{message_id}"), ("POST", "/v1/webhooks/messages/{message_id}/resend"),
+    ("POST", "/v1/webhooks"),
+    ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{endpoint_id}"),
+    ("PATCH", "/v1/webhooks/{endpoint_id}"),
+    ("DELETE", "/v1/webhooks/{endpoint_id}"),
+    ("POST", "/v1/webhooks/{endpoint_id}/rotate-secret"),
+    ("GET", "/v1/webhooks/{endpoint_id}/attempts"),
+    ("GET", "/v1/webhooks/{endpoint_id}/messages"),
+    ("POST", "/v1/webhooks/{endpoint_id}/recover"),
+    ("GET", "/v1/webhooks/messages/{message_id}"),
+    ("POST", "/v1/webhooks/messages/{message_id}/resend"),
 ]
 
 
 async def test_every_webhook_route_needs_the_admin_role(gateway, admin):
     from runbell.service.http.app import ROUTES
 
-    served = {(method, route.path) for route in ROUTES if route.path.startswith("/v1/webhooks")
-              for method in route.methods - {"HEAD"}}
+    served = {(method, route.path) for route in ROUTES if route.path.startswith("/v1/webhooks") for method in route.methods - {"HEAD"}}
     assert served == set(EVERY_ROUTE)
     created = await create(admin)
     for token, status in ((READ_TOKEN, 403), (PUBLISH_TOKEN, 403), (None, 401)):
@@ -315,7 +342,7 @@ class Receiver:
         self.deliveries.append(Delivery(headers, body, verified_by))
         return Response(status_code=self.status)
 
-    async def __aenter__(self) -> "Receiver":
+    async def __aenter__(self) -> Receiver:
         import uvicorn
         from starlette.applications import Starlette
         from starlette.routing import Route
@@ -361,7 +388,12 @@ async def test_an_outcome_is_posted_signed_and_resend_and_recover_redeliver_it(d
         assert payload["type"] == "run.outcome"
         data = payload["data"]
         assert (data["status"], data["result"], data["decided_by"], data["seq"], data["terminal"]) == (
-            "success", {"answer": 42}, "result_task", seq, True)
+            "success",
+            {"answer": 42},
+            "result_task",
+            seq,
+            True,
+        )
         assert (data["dag_id"], data["run_id"]) == ("etl", "r1")
 
         listed = (await admin.get(f"/v1/webhooks/{endpoint['id']}/messages")).json()["messages"]
@@ -388,8 +420,7 @@ async def test_an_outcome_is_posted_signed_and_resend_and_recover_redeliver_it(d
         assert len(third.headers["webhook-signature"].split(" ")) == 2
         assert third.verified_by == [rotated["secret"], endpoint["secret"]]  # each secret verifies on its own
 
-        attempts = await until_json(admin, f"/v1/webhooks/{endpoint['id']}/attempts",
-                                    lambda body: len(body["attempts"]) == 3)
+        attempts = await until_json(admin, f"/v1/webhooks/{endpoint['id']}/attempts", lambda body: len(body["attempts"]) == 3)
         assert {a["message_id"] for a in attempts["attempts"]} == {message_id}
         assert len(receiver.deliveries) == 3  # nothing for the other endpoint, nothing twice
 
@@ -408,7 +439,9 @@ async def test_an_endpoint_of_run_events_gets_each_in_order_with_its_seq_and_ter
     assert all(d.verified_by == [endpoint["secret"]] for d in deliveries)
     payloads = sorted((d.payload for d in deliveries), key=lambda p: p["data"]["seq"])
     assert [(p["type"], p["data"]["state"], p["data"]["seq"], p["data"]["terminal"]) for p in payloads] == [
-        ("run.state", "running", 1, False), ("run.state", "success", 3, True)]
+        ("run.state", "running", 1, False),
+        ("run.state", "success", 3, True),
+    ]
     assert len({d.headers["webhook-id"] for d in deliveries}) == 2
 
 

@@ -9,6 +9,8 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import func, select
+
 from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
 from runbell.service.core.outcome import decide
 from runbell.service.store.models import EventRow
@@ -22,7 +24,6 @@ from runbell.service.webhooks.outbox import (
     WebhookOutbox,
     WebhookStore,
 )
-from sqlalchemy import func, select
 
 DAG = "etl"
 T0 = 1_700_000_000.0
@@ -34,8 +35,7 @@ def run_event(state: str, *, run_id: str = "r1", dag_id: str = DAG, ts: float = 
 
 
 def task_event(task_id: str, state: str, *, run_id: str = "r1", dag_id: str = DAG, ts: float = T0, **kw) -> Event:
-    return Event(kind=EventKind.TASK, dag_id=dag_id, run_id=run_id, task_id=task_id, state=state, ts=ts,
-                 try_number=1, **kw)
+    return Event(kind=EventKind.TASK, dag_id=dag_id, run_id=run_id, task_id=task_id, state=state, ts=ts, try_number=1, **kw)
 
 
 def numbered(*events: Event, start: int = 1) -> list[Envelope]:
@@ -50,8 +50,9 @@ def a_run(run_id: str = "r1", dag_id: str = DAG) -> list[Envelope]:
         task_event("extract", "running", run_id=run_id, dag_id=dag_id, ts=T0 + 1),
         task_event("extract", "success", run_id=run_id, dag_id=dag_id, ts=T0 + 2),
         task_event("answer", "running", run_id=run_id, dag_id=dag_id, ts=T0 + 3, result_task=True),
-        task_event("answer", "success", run_id=run_id, dag_id=dag_id, ts=T0 + 4, result_task=True,
-                   result=Result(value={"rows": 3}, size=10)),
+        task_event(
+            "answer", "success", run_id=run_id, dag_id=dag_id, ts=T0 + 4, result_task=True, result=Result(value={"rows": 3}, size=10)
+        ),
         task_event("cleanup", "success", run_id=run_id, dag_id=dag_id, ts=T0 + 5),
         run_event("success", run_id=run_id, dag_id=dag_id, ts=T0 + 6),
     )
@@ -81,7 +82,15 @@ async def test_recording_an_event_enqueues_its_messages_in_the_same_transaction(
     await outbox_store.record(envelopes)
     messages = await all_messages(webhooks, endpoint)
     assert [(m.seq, m.kind) for m in messages] == [
-        (1, "run"), (2, "task"), (3, "task"), (4, "task"), (5, "outcome"), (5, "task"), (6, "task"), (7, "run")]
+        (1, "run"),
+        (2, "task"),
+        (3, "task"),
+        (4, "task"),
+        (5, "outcome"),
+        (5, "task"),
+        (6, "task"),
+        (7, "run"),
+    ]
     assert all(m.status == "pending" and m.attempts == 0 and m.id.startswith("msg_") for m in messages)
     assert len({m.id for m in messages}) == len(messages)
     assert [m.terminal for m in messages] == [False, False, True, False, True, True, True, True]
@@ -121,7 +130,15 @@ async def test_recording_twice_enqueues_once(webhooks, outbox_store, database_ur
         await other.close()
     messages = await all_messages(webhooks, endpoint)
     assert [(m.seq, m.kind) for m in messages] == [
-        (1, "run"), (2, "task"), (3, "task"), (4, "task"), (5, "outcome"), (5, "task"), (6, "task"), (7, "run")]
+        (1, "run"),
+        (2, "task"),
+        (3, "task"),
+        (4, "task"),
+        (5, "outcome"),
+        (5, "task"),
+        (6, "task"),
+        (7, "run"),
+    ]
 
 
 async def test_the_outcome_is_enqueued_exactly_once_when_decided(webhooks, outbox_store):
@@ -143,8 +160,7 @@ async def test_a_failed_run_decided_by_its_critical_task_and_by_the_run(webhooks
     endpoint = await webhooks.create_endpoint(url="https://example.com/hook")
     critical = numbered(
         run_event("running", run_id="c"),
-        task_event("load", "failed", run_id="c", ts=T0 + 1, critical=True,
-                   error=ErrorInfo(type="KeyError", message="'id'")),
+        task_event("load", "failed", run_id="c", ts=T0 + 1, critical=True, error=ErrorInfo(type="KeyError", message="'id'")),
         run_event("failed", run_id="c", ts=T0 + 2),
     )
     by_run = numbered(run_event("running", run_id="f"), run_event("failed", run_id="f", ts=T0 + 1, msg="timed out"))
@@ -212,8 +228,9 @@ async def test_committed_is_told_after_commit_only_when_something_was_enqueued(w
 
 
 async def test_endpoint_lifecycle(webhooks):
-    created = await webhooks.create_endpoint(url="https://example.com/hook", description="ops", dag_ids=["etl"],
-                                             kinds=["task", "outcome", "task"])
+    created = await webhooks.create_endpoint(
+        url="https://example.com/hook", description="ops", dag_ids=["etl"], kinds=["task", "outcome", "task"]
+    )
     assert created.id.startswith("ep_") and created.secret.startswith("whsec_")
     assert created.kinds == ["task", "outcome"] and created.dag_ids == ["etl"] and created.enabled
     assert created.secret not in repr(created)
@@ -229,8 +246,7 @@ async def test_endpoint_lifecycle(webhooks):
         await webhooks.update_endpoint(created.id, secret="mine")
 
     updated = await webhooks.update_endpoint(created.id, url="https://example.com/v2", dag_ids=None, kinds=["run"])
-    assert (updated.url, updated.dag_ids, updated.kinds, updated.secret) == (
-        "https://example.com/v2", None, ["run"], created.secret)
+    assert (updated.url, updated.dag_ids, updated.kinds, updated.secret) == ("https://example.com/v2", None, ["run"], created.secret)
     assert updated.updated_at >= created.updated_at
     assert await webhooks.update_endpoint("ep_nope", description="x") is None
 
@@ -322,8 +338,7 @@ async def test_finish_applies_only_under_the_lease_and_records_every_attempt(web
     endpoint = await webhooks.create_endpoint(url="https://a.example/h", kinds=["task"])
     await outbox_store.record(a_run()[:2])
     [message] = await webhooks.claim("w1", limit=10, per_endpoint=10, lease_seconds=60)
-    attempt = dict(attempted_at=datetime.now(timezone.utc), duration_ms=12.5, status_code=500, error=None,
-                   response_body="oops")
+    attempt = dict(attempted_at=datetime.now(timezone.utc), duration_ms=12.5, status_code=500, error=None, response_body="oops")
     retry_at = datetime.now(timezone.utc) + timedelta(seconds=5)
     done = await webhooks.finish(message, "w1", attempt, Verdict(MessageStatus.PENDING, retry_at), disable_after=3600)
     assert done.applied and done.disabled_reason is None
@@ -332,8 +347,9 @@ async def test_finish_applies_only_under_the_lease_and_records_every_attempt(web
     assert abs((stored.next_attempt_at - retry_at).total_seconds()) < 0.01
     assert (await webhooks.get_endpoint(endpoint.id)).failing_since is not None
     # a finish under a lease that is not held (any more) is recorded but changes nothing
-    late = await webhooks.finish(message, "w-old", {**attempt, "status_code": 200}, Verdict(MessageStatus.DELIVERED,
-                                 endpoint="success"), disable_after=3600)
+    late = await webhooks.finish(
+        message, "w-old", {**attempt, "status_code": 200}, Verdict(MessageStatus.DELIVERED, endpoint="success"), disable_after=3600
+    )
     assert not late.applied and (await webhooks.get_message(message.id)).status == "pending"
     attempts = await webhooks.attempts(message_id=message.id)
     assert [a.status_code for a in attempts] == [200, 500]  # newest first
@@ -345,11 +361,9 @@ async def test_resend_and_recover(webhooks, outbox_store):
     endpoint = await webhooks.create_endpoint(url="https://a.example/h", kinds=["task"])
     await outbox_store.record(a_run()[:3])
     claimed = await webhooks.claim("w1", limit=10, per_endpoint=10, lease_seconds=60)
-    attempt = dict(attempted_at=datetime.now(timezone.utc), duration_ms=1.0, status_code=200, error=None,
-                   response_body="")
+    attempt = dict(attempted_at=datetime.now(timezone.utc), duration_ms=1.0, status_code=200, error=None, response_body="")
     for message in claimed:
-        await webhooks.finish(message, "w1", attempt, Verdict(MessageStatus.DELIVERED, endpoint="success"),
-                              disable_after=3600)
+        await webhooks.finish(message, "w1", attempt, Verdict(MessageStatus.DELIVERED, endpoint="success"), disable_after=3600)
     assert {m.status for m in await webhooks.messages(endpoint.id)} == {"delivered"}
     resent = await webhooks.resend(claimed[0].id)
     assert resent.status == "pending" and resent.id == claimed[0].id and resent.attempts == 1
@@ -372,10 +386,8 @@ async def test_a_resend_during_an_attempt_in_flight_is_not_undone_by_its_finish(
     await outbox_store.record(a_run()[:2])
     [in_flight] = await webhooks.claim("w1", limit=10, per_endpoint=10, lease_seconds=60)
     await webhooks.resend(in_flight.id)  # asked for while that attempt is still out
-    attempt = dict(attempted_at=datetime.now(timezone.utc), duration_ms=1.0, status_code=200, error=None,
-                   response_body="")
-    done = await webhooks.finish(in_flight, "w1", attempt, Verdict(MessageStatus.DELIVERED, endpoint="success"),
-                                 disable_after=3600)
+    attempt = dict(attempted_at=datetime.now(timezone.utc), duration_ms=1.0, status_code=200, error=None, response_body="")
+    done = await webhooks.finish(in_flight, "w1", attempt, Verdict(MessageStatus.DELIVERED, endpoint="success"), disable_after=3600)
     assert not done.applied  # the resend took the lease away
     assert (await webhooks.get_message(in_flight.id)).status == "pending"
     assert [m.id for m in await webhooks.claim("w2", limit=10, per_endpoint=10, lease_seconds=60)] == [in_flight.id]

@@ -14,10 +14,10 @@ from collections import Counter
 
 import httpx
 import pytest
+
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.bench import FastReceiver
-
 from tests.conftest import ADMIN_TOKEN, TOKENS, free_port
 
 
@@ -32,8 +32,13 @@ async def receiving():
 
 
 def serve(env: dict, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "runbell.service.client.cli", "serve", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runbell.service.client.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -55,9 +60,16 @@ async def until(predicate, timeout: float = 30.0) -> None:
 
 async def test_a_gateway_killed_mid_delivery_delivers_after_restart(redis_url, namespace, tmp_path, redis_cleanup):
     port = free_port()
-    env = {**os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace, "RUNBELL_TOKENS": TOKENS,
-           "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'gw.db'}", "RUNBELL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-           "RUNBELL_WEBHOOK_ATTEMPT_TIMEOUT": "1", "RUNBELL_SPOOL_DIR": str(tmp_path / "spool")}
+    env = {
+        **os.environ,
+        "RUNBELL_REDIS_URL": redis_url,
+        "RUNBELL_NAMESPACE": namespace,
+        "RUNBELL_TOKENS": TOKENS,
+        "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'gw.db'}",
+        "RUNBELL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "RUNBELL_WEBHOOK_ATTEMPT_TIMEOUT": "1",
+        "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
+    }
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with receiving() as receiver:
         gateway = serve(env, port)
@@ -83,8 +95,7 @@ async def test_a_gateway_killed_mid_delivery_delivers_after_restart(redis_url, n
 @pytest.mark.parametrize("replicas", [2])
 async def test_two_replicas_deliver_each_message_once(gateway_factory, database_url, replicas):
     async with receiving() as receiver:
-        gateways = [await gateway_factory(database_url=database_url, webhook_allowed_hosts="127.0.0.1")
-                    for _ in range(replicas)]
+        gateways = [await gateway_factory(database_url=database_url, webhook_allowed_hosts="127.0.0.1") for _ in range(replicas)]
         async with gateways[0].client(ADMIN_TOKEN) as client:
             assert (await client.post("/v1/webhooks", json={"url": receiver.url})).status_code == 201
         publisher = gateways[0].publisher()

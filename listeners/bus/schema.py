@@ -17,7 +17,7 @@ import json
 import time
 import uuid
 from enum import Enum
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -66,7 +66,7 @@ class ErrorInfo(BaseModel):
     message: str
 
     @classmethod
-    def from_exception(cls, error: BaseException | str | None) -> "ErrorInfo":
+    def from_exception(cls, error: BaseException | str | None) -> ErrorInfo:
         if error is None:
             return cls(type="unknown", message="")
         if isinstance(error, BaseException):
@@ -87,7 +87,7 @@ class Result(BaseModel):
     """The result task's value, inline, or a reference when it is larger than the cap."""
 
     value: Any = None
-    ref: Optional[ResultRef] = None
+    ref: ResultRef | None = None
     size: int = 0  # bytes of the JSON-encoded value
 
     @property
@@ -106,30 +106,30 @@ class Event(BaseModel):
     state: str
     ts: float = Field(default_factory=time.time)
     source: Source = Source.HOOK
-    host: Optional[str] = None
+    host: str | None = None
     # task events
-    task_id: Optional[str] = Field(default=None, max_length=ID_MAX)
+    task_id: str | None = Field(default=None, max_length=ID_MAX)
     map_index: int = -1
-    try_number: Optional[int] = None
+    try_number: int | None = None
     result_task: bool = False  # this task's value is the run's result
     critical: bool = False  # a terminal failure of this task decides the run as failed
-    result: Optional[Result] = None
-    error: Optional[ErrorInfo] = None
+    result: Result | None = None
+    error: ErrorInfo | None = None
     # run events
-    run_type: Optional[str] = None
-    logical_date: Optional[str] = None
-    run_after: Optional[str] = None
-    backfill_id: Optional[str] = None
-    msg: Optional[str] = None
+    run_type: str | None = None
+    logical_date: str | None = None
+    run_after: str | None = None
+    backfill_id: str | None = None
+    msg: str | None = None
 
     @model_validator(mode="after")
-    def _state_fits_kind(self) -> "Event":
+    def _state_fits_kind(self) -> Event:
         states = TaskState if self.kind is EventKind.TASK else RunState
         try:
             states(self.state)
         except ValueError:
             accepted = ", ".join(s.value for s in states)
-            raise ValueError(f"state {self.state!r} is not a {self.kind.value} state ({accepted})")
+            raise ValueError(f"state {self.state!r} is not a {self.kind.value} state ({accepted})") from None
         if self.kind is EventKind.TASK and not self.task_id:
             raise ValueError("a task event needs task_id")
         return self
@@ -156,8 +156,8 @@ class AssetInfo(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     name: str = Field(min_length=1, max_length=ASSET_NAME_MAX)
-    uri: Optional[str] = Field(default=None, max_length=ASSET_NAME_MAX)
-    group: Optional[str] = Field(default=None, max_length=ASSET_NAME_MAX)
+    uri: str | None = Field(default=None, max_length=ASSET_NAME_MAX)
+    group: str | None = Field(default=None, max_length=ASSET_NAME_MAX)
 
 
 class AssetEvent(BaseModel):
@@ -169,20 +169,20 @@ class AssetEvent(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
     kind: Literal["asset"] = ASSET_KIND
     asset: AssetInfo
-    extra: Optional[dict[str, Any]] = None  # the event's extra; None (left out on the wire) when larger than the cap
+    extra: dict[str, Any] | None = None  # the event's extra; None (left out on the wire) when larger than the cap
     extra_size: int = 0  # bytes of the JSON-encoded extra
     extra_truncated: bool = False  # the extra was larger than the cap and is not carried
     # Where Airflow says the event came from (a task's outlet); all None for an event made otherwise
     # (the REST API, or a hook that knew only the asset).
-    source_dag_id: Optional[str] = Field(default=None, max_length=250)
-    source_run_id: Optional[str] = Field(default=None, max_length=250)
-    source_task_id: Optional[str] = Field(default=None, max_length=ID_MAX)
-    source_map_index: Optional[int] = None
-    partition_key: Optional[str] = None
+    source_dag_id: str | None = Field(default=None, max_length=250)
+    source_run_id: str | None = Field(default=None, max_length=250)
+    source_task_id: str | None = Field(default=None, max_length=ID_MAX)
+    source_map_index: int | None = None
+    partition_key: str | None = None
     aliases: list[str] = Field(default_factory=list)  # names of the asset aliases it came through
     ts: float = Field(default_factory=time.time)
     source: Source = Source.HOOK
-    host: Optional[str] = None
+    host: str | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

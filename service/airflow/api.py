@@ -26,9 +26,10 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Optional
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -46,9 +47,9 @@ REFRESH_MARGIN_SHARE = 0.1  # ...but never earlier than half-way, so a short tok
 @dataclass
 class AirflowSettings:
     base_url: str
-    token: Optional[str] = None
-    username: Optional[str] = None
-    password: Optional[str] = None
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
     timeout: float = 10.0
 
     def __repr__(self) -> str:  # dataclass' repr would print the secrets
@@ -61,7 +62,7 @@ class AirflowError(Exception):
     status = 502
     code = "airflow_error"
 
-    def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None):
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         if status is not None:
@@ -99,7 +100,7 @@ class AirflowBadRequest(AirflowError):
 
 
 class AirflowClient:
-    def __init__(self, settings: AirflowSettings, *, transport: Optional[httpx.AsyncBaseTransport] = None):
+    def __init__(self, settings: AirflowSettings, *, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
         self._base = settings.base_url.rstrip("/")
         self._where = _display_url(self._base)
@@ -112,12 +113,12 @@ class AirflowClient:
         # byte at a time would otherwise reset the read timeout forever).
         self._exchange_bound = 2 * settings.timeout
         self._use_login = bool(settings.username) and settings.password is not None and not settings.token
-        self._jwt: Optional[str] = None
-        self._old_jwt: Optional[str] = None  # still redacted: a message may echo the one just replaced
+        self._jwt: str | None = None
+        self._old_jwt: str | None = None  # still redacted: a message may echo the one just replaced
         self._refresh_at = 0.0  # time.monotonic() after which the cached JWT is replaced
         self._token_lock = asyncio.Lock()
 
-    async def __aenter__(self) -> "AirflowClient":
+    async def __aenter__(self) -> AirflowClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -143,10 +144,10 @@ class AirflowClient:
         self,
         dag_id: str,
         *,
-        run_id: Optional[str] = None,
-        conf: Optional[dict[str, Any]] = None,
+        run_id: str | None = None,
+        conf: dict[str, Any] | None = None,
         logical_date: datetime | str | None = None,
-        note: Optional[str] = None,
+        note: str | None = None,
     ) -> dict:
         """Create a manual run. `logical_date` None makes a run without one (Airflow 3's default for
         manual runs); the field itself is required by Airflow, so it is always sent."""
@@ -169,7 +170,7 @@ class AirflowClient:
         )
         return _json_object(resp, self._where)
 
-    async def get_run(self, dag_id: str, run_id: str) -> Optional[dict]:
+    async def get_run(self, dag_id: str, run_id: str) -> dict | None:
         path = f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}"
         resp = await self._call("GET", path)
         if resp.status_code == 404:
@@ -180,11 +181,12 @@ class AirflowClient:
     async def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         """Every task instance of the run (current try each; mapped ones one per map_index), all pages."""
         path = f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances"
+
         def not_found(detail: str) -> NotFound:
             return NotFound(f"Airflow knows no run {run_id!r} of DAG {dag_id!r}", code="unknown_run")
 
         found: list[dict] = []
-        cursor: Optional[str] = ""  # keyset paging: stable while the run adds mapped instances
+        cursor: str | None = ""  # keyset paging: stable while the run adds mapped instances
         for _ in range(MAX_PAGES):
             params: dict[str, Any] = {"limit": PAGE_LIMIT, "order_by": "id"}
             if cursor is not None:
@@ -210,9 +212,7 @@ class AirflowClient:
                 return found
         raise _bad_answer(self._where, f"kept paging task instances past {MAX_PAGES} pages")
 
-    async def xcom_value(
-        self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, key: str = "return_value"
-    ) -> Any:
+    async def xcom_value(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, key: str = "return_value") -> Any:
         """The XCom value as JSON, as the hook would have published it: tuples and sets (which the
         task SDK stores as serde envelopes) become lists; other non-JSON types stay as Airflow's
         serde envelopes."""
@@ -222,9 +222,7 @@ class AirflowClient:
             resp,
             "GET",
             path,
-            not_found=lambda m: NotFound(
-                f"no XCom {key!r} of {dag_id}/{run_id}/{task_id}[{map_index}] in Airflow: {m}", code="no_xcom"
-            ),
+            not_found=lambda m: NotFound(f"no XCom {key!r} of {dag_id}/{run_id}/{task_id}[{map_index}] in Airflow: {m}", code="no_xcom"),
         )
         entry = _json_object(resp, self._where)
         if "value" not in entry:
@@ -262,7 +260,7 @@ class AirflowClient:
         log.debug("%s %s -> %s", method, path, resp.status_code)
         return resp
 
-    async def _bearer(self) -> Optional[str]:
+    async def _bearer(self) -> str | None:
         if self.settings.token:
             return self.settings.token
         if not self._use_login:
@@ -272,7 +270,7 @@ class AirflowClient:
                 await self._fetch_token()
             return self._jwt
 
-    def _invalidate(self, token: Optional[str]) -> None:
+    def _invalidate(self, token: str | None) -> None:
         if token is not None and token == self._jwt:  # a concurrent caller may have refreshed already
             self._refresh_at = 0.0
 
@@ -297,9 +295,7 @@ class AirflowClient:
             if not isinstance(token, str) or not token:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise AirflowAuthFailed(
-                f"Airflow at {self._where} answered POST {TOKEN_PATH} without an access_token"
-            ) from None
+            raise AirflowAuthFailed(f"Airflow at {self._where} answered POST {TOKEN_PATH} without an access_token") from None
         now = time.monotonic()
         self._old_jwt, self._jwt = self._jwt, token
         self._refresh_at = now + _refresh_after(token)
@@ -311,8 +307,8 @@ class AirflowClient:
         method: str,
         path: str,
         *,
-        not_found: Optional[Callable[[str], AirflowError]] = None,
-        conflict: Optional[Callable[[str], AirflowError]] = None,
+        not_found: Callable[[str], AirflowError] | None = None,
+        conflict: Callable[[str], AirflowError] | None = None,
     ) -> None:
         """Nothing for a 2xx; else the typed error (the factories get Airflow's redacted detail)."""
         status = resp.status_code
@@ -326,9 +322,12 @@ class AirflowClient:
             raise conflict(detail)
         if status in (401, 403):
             why = (
-                "(forbidden: does the Airflow user lack the permission?)" if not _token_rejected(resp)
-                else "even after a fresh token" if self._use_login
-                else "with the configured token" if self.settings.token
+                "(forbidden: does the Airflow user lack the permission?)"
+                if not _token_rejected(resp)
+                else "even after a fresh token"
+                if self._use_login
+                else "with the configured token"
+                if self.settings.token
                 else "without credentials (configure a token or username/password)"
             )
             raise AirflowAuthFailed(f"Airflow at {self._where} {said} {why}: {detail}")
@@ -405,11 +404,7 @@ def _unwrap_collections(value: Any) -> Any:
     if isinstance(value, list):
         return [_unwrap_collections(v) for v in value]
     if isinstance(value, dict):
-        if (
-            value.keys() == _SERDE_KEYS
-            and value["__classname__"] in _SERDE_COLLECTIONS
-            and isinstance(value["__data__"], list)
-        ):
+        if value.keys() == _SERDE_KEYS and value["__classname__"] in _SERDE_COLLECTIONS and isinstance(value["__data__"], list):
             return [_unwrap_collections(v) for v in value["__data__"]]
         return {k: _unwrap_collections(v) for k, v in value.items()}
     return value
@@ -428,10 +423,7 @@ def _detail(resp: httpx.Response) -> str:
     elif isinstance(detail, dict) and ("reason" in detail or "message" in detail):
         text = ": ".join(str(detail[k]) for k in ("reason", "message") if detail.get(k))
     elif isinstance(detail, list):
-        text = "; ".join(
-            f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', '')}" if isinstance(e, dict) else str(e)
-            for e in detail
-        )
+        text = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', '')}" if isinstance(e, dict) else str(e) for e in detail)
     else:
         text = json.dumps(detail)
     return text if len(text) <= DETAIL_MAX else text[: DETAIL_MAX - 1] + "…"

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from runbell.bus.schema import ErrorInfo, Event, EventKind, RunState, Source, TaskState
 from runbell.listeners.publisher import Publisher
@@ -100,28 +100,42 @@ def events_from_airflow(dag_id: str, run_id: str, run: dict[str, Any], task_inst
             error = ErrorInfo(type="task_failed", message=f"Airflow reports the task {state.value} (the hook sent nothing)")
         events.append(
             _event(
-                dag_id, run_id, EventKind.TASK, state.value,
-                task_id=ti["task_id"], map_index=ti.get("map_index", -1), try_number=ti.get("try_number"), error=error,
+                dag_id,
+                run_id,
+                EventKind.TASK,
+                state.value,
+                task_id=ti["task_id"],
+                map_index=ti.get("map_index", -1),
+                try_number=ti.get("try_number"),
+                error=error,
             )
         )
     run_state = RUN_STATES.get(run.get("state") or "")
     if run_state is not None:
         events.append(
             _event(
-                dag_id, run_id, EventKind.RUN, run_state.value,
-                run_type=run.get("run_type"), logical_date=run.get("logical_date"), run_after=run.get("run_after"),
-                backfill_id=_text(run.get("backfill_id")), msg="reconciled from Airflow's REST API",
+                dag_id,
+                run_id,
+                EventKind.RUN,
+                run_state.value,
+                run_type=run.get("run_type"),
+                logical_date=run.get("logical_date"),
+                run_after=run.get("run_after"),
+                backfill_id=_text(run.get("backfill_id")),
+                msg="reconciled from Airflow's REST API",
             )
         )
     return events
 
 
 def _event(dag_id: str, run_id: str, kind: EventKind, state: str, **fields: Any) -> Event:
-    identity = "|".join(str(x) for x in ("reconciler", dag_id, run_id, kind.value, state,
-                                         fields.get("task_id"), fields.get("map_index"), fields.get("try_number")))
+    identity = "|".join(
+        str(x)
+        for x in ("reconciler", dag_id, run_id, kind.value, state, fields.get("task_id"), fields.get("map_index"), fields.get("try_number"))
+    )
     event_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
     return Event(id=event_id, kind=kind, dag_id=dag_id, run_id=run_id, state=state, source=Source.RECONCILER, **fields)
 
 
-def _text(value: Any) -> Optional[str]:
+def _text(value: Any) -> str | None:
     return None if value is None else str(value)

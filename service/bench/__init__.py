@@ -19,11 +19,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import redis
+
 from runbell.service.bench.delivery import (
     Target,
     bench_hook_publish,
@@ -72,13 +74,42 @@ class Plan:
     webhook_burst: int
 
 
-QUICK = Plan(hook_publishes=500, first_in_process=3, floor_messages=300, single_rounds=30, crowds=(100, 1000),
-             crowd_rounds=1, fanout_events=2, spread=(1000, 100), sparse=(1000, 200), spread_gap=0.003, capacity_steps=(1000, 2000),
-             burst=(100, 10, 1000), polling=(8, 2), resources_window=1.0, webhook_rounds=20, webhook_burst=200)
-FULL = Plan(hook_publishes=5000, first_in_process=10, floor_messages=2000, single_rounds=200, crowds=(1000, 10_000),
-            crowd_rounds=2, fanout_events=5, spread=(10_000, 1000), sparse=(10_000, 1000), spread_gap=0.003,
-            capacity_steps=(5000, 10_000, 15_000, 18_000), burst=(1000, 100, 5000), polling=(8, 5),
-            resources_window=3.0, webhook_rounds=100, webhook_burst=1000)
+QUICK = Plan(
+    hook_publishes=500,
+    first_in_process=3,
+    floor_messages=300,
+    single_rounds=30,
+    crowds=(100, 1000),
+    crowd_rounds=1,
+    fanout_events=2,
+    spread=(1000, 100),
+    sparse=(1000, 200),
+    spread_gap=0.003,
+    capacity_steps=(1000, 2000),
+    burst=(100, 10, 1000),
+    polling=(8, 2),
+    resources_window=1.0,
+    webhook_rounds=20,
+    webhook_burst=200,
+)
+FULL = Plan(
+    hook_publishes=5000,
+    first_in_process=10,
+    floor_messages=2000,
+    single_rounds=200,
+    crowds=(1000, 10_000),
+    crowd_rounds=2,
+    fanout_events=5,
+    spread=(10_000, 1000),
+    sparse=(10_000, 1000),
+    spread_gap=0.003,
+    capacity_steps=(5000, 10_000, 15_000, 18_000),
+    burst=(1000, 100, 5000),
+    polling=(8, 5),
+    resources_window=3.0,
+    webhook_rounds=100,
+    webhook_burst=1000,
+)
 
 
 SPARSE_GAP = 0.05  # seconds between the sparse floor's publishes: as far apart as one-caller rounds
@@ -91,10 +122,14 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()  # inherited by the gateway and the load generators
     started = time.monotonic()
-    report: dict[str, Any] = {"quick": quick, "plan": plan.__dict__, "machine": machine(redis_url),
-                              "database": database_url or "sqlite (a fresh file per gateway)",
-                              "clock": "time.perf_counter() in every process: CLOCK_MONOTONIC on Linux, one clock "
-                                       "for the machine, so a publish and an arrival in two processes subtract"}
+    report: dict[str, Any] = {
+        "quick": quick,
+        "plan": plan.__dict__,
+        "machine": machine(redis_url),
+        "database": database_url or "sqlite (a fresh file per gateway)",
+        "clock": "time.perf_counter() in every process: CLOCK_MONOTONIC on Linux, one clock "
+        "for the machine, so a publish and an arrival in two processes subtract",
+    }
     samples: dict[str, Any] = {}
     say("hook publish cost and the Redis floor")
     hook_namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -107,8 +142,10 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
     report["floor"] = percentiles(samples["floor"])
     report["floor_sparse"] = {**percentiles(samples["floor_sparse"]), "publish_gap_ms": SPARSE_GAP * 1e3}
     report["floor"]["publish_gap_ms"] = plan.spread_gap * 1e3
-    with gateway(redis_url, database_url) as target, \
-            LoadGen.for_connections(target.host, target.port, max(plan.spread[0], plan.sparse[0], *plan.crowds)) as gen:
+    with (
+        gateway(redis_url, database_url) as target,
+        LoadGen.for_connections(target.host, target.port, max(plan.spread[0], plan.sparse[0], *plan.crowds)) as gen,
+    ):
         report["resources"] = {"long_poll": {"0": target.resources(plan.resources_window)}}
         # Polling first: the store lags while the recorder works through the later phases' events.
         say("Runbell against polling the store every 1 s and 0.1 s")
@@ -120,12 +157,12 @@ def run(out: Path, redis_url: str, quick: bool, database_url: str | None = None,
         say("events per second: a burst")
         report["throughput"] = throughput(gen, target, *plan.burst)
         say("webhooks")
-        report["webhooks"] = asyncio.run(bench_webhooks(f"http://{target.host}:{target.port}", target.publisher,
-                                                        plan.webhook_rounds, plan.webhook_burst))
+        report["webhooks"] = asyncio.run(
+            bench_webhooks(f"http://{target.host}:{target.port}", target.publisher, plan.webhook_rounds, plan.webhook_burst)
+        )
     # Capacity on a gateway of its own: memory from the phases above would blur the per-connection growth.
     say(f"idle SSE connections up to {plan.capacity_steps[-1]}")
-    with gateway(redis_url, database_url) as target, \
-            LoadGen.for_connections(target.host, target.port, plan.capacity_steps[-1]) as gen:
+    with gateway(redis_url, database_url) as target, LoadGen.for_connections(target.host, target.port, plan.capacity_steps[-1]) as gen:
         report["capacity"] = capacity(gen, target, plan.capacity_steps)
     if bench_airflow is not None:
         say("Runbell against Airflow's /wait on a real Airflow")
@@ -149,13 +186,15 @@ def say(what: str) -> None:
 def bench_polling(gen: LoadGen, target: Target, plan: Plan, samples: dict[str, Any]) -> dict[str, Any]:
     figures, heard = polling(gen, target, *plan.polling, 0.05, (1.0, 0.1))
     samples.update({f"polling_{kind}": v for kind, v in heard.items()})
-    figures["ratios"] = {f"{runbell}/{poll}": ratios(figures[runbell], figures[poll])
-                         for runbell in ("long-poll", "sse") for poll in ("poll_1s", "poll_0.1s")}
+    figures["ratios"] = {
+        f"{runbell}/{poll}": ratios(figures[runbell], figures[poll])
+        for runbell in ("long-poll", "sse")
+        for poll in ("poll_1s", "poll_0.1s")
+    }
     return figures
 
 
-def bench_callers(gen: LoadGen, target: Target, via: str, plan: Plan, report: dict[str, Any],
-                  samples: dict[str, Any]) -> dict[str, Any]:
+def bench_callers(gen: LoadGen, target: Target, via: str, plan: Plan, report: dict[str, Any], samples: dict[str, Any]) -> dict[str, Any]:
     """Publish → caller over `via`: one caller, crowds on one run, callers spread over runs. Each against
     the floor of its pace: one publish at a time (after the callers settle) or one every spread_gap."""
     key = via.replace("-", "_")
@@ -199,8 +238,7 @@ class gateway:
     def __enter__(self) -> Target:
         self.namespace = f"bench-{uuid.uuid4().hex[:8]}"
         port = free_port()
-        env = {"RUNBELL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
-               **({"RUNBELL_DATABASE_URL": self.database_url} if self.database_url else {})}
+        env = {"RUNBELL_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", **({"RUNBELL_DATABASE_URL": self.database_url} if self.database_url else {})}
         self.process = start_gateway(self.redis_url, self.namespace, port, Path(tempfile.mkdtemp()), extra_env=env)
         self.target = Target.of(self.process, port, self.redis_url, self.namespace)
         return self.target
@@ -247,14 +285,19 @@ def resources(report: dict[str, Any]) -> dict[str, Any]:
                 levels[via][n] = figures.pop("resources")
     idle = levels["long_poll"]["0"]
     connections, statements = True, 0.0
-    for via, rows in levels.items():
+    for rows in levels.values():
         crowds = [rows[n] for n in sorted((n for n in rows if n != "0"), key=int)]
         connections &= crowds[-1]["redis_connections"] <= crowds[0]["redis_connections"]
         statements = max([statements] + [row["db_statements_per_s"] - idle["db_statements_per_s"] for row in crowds])
     seen = sorted({row["redis_connections"] for rows in levels.values() for row in rows.values()})
-    return {**levels, "constant": {
-        "redis_connections": connections, "db_statements": statements < 1.0,
-        "detail": f"Redis connections {seen}; SQL statements/s at most {statements:+.2f} over idle"}}
+    return {
+        **levels,
+        "constant": {
+            "redis_connections": connections,
+            "db_statements": statements < 1.0,
+            "detail": f"Redis connections {seen}; SQL statements/s at most {statements:+.2f} over idle",
+        },
+    }
 
 
 def fanout(sse: dict[str, Any], crowds: tuple[int, ...], rounds: int) -> dict[str, Any]:
@@ -265,9 +308,14 @@ def fanout(sse: dict[str, Any], crowds: tuple[int, ...], rounds: int) -> dict[st
         say(f"fan-out floor: a bare server's frame to {n} sockets")
         times = sse[str(n)]["time_to_last_ms"]
         floor = [round(s * 1e3, 3) for s in bench_fanout_floor(n, rounds)]
-        by_clients[str(n)] = {"time_to_last_ms": times, "median_ms": median(times), "max_ms": max(times),
-                              "floor_ms": floor, "floor_median_ms": median(floor),
-                              "ratio_to_floor": ratio(median(times), median(floor))}
+        by_clients[str(n)] = {
+            "time_to_last_ms": times,
+            "median_ms": median(times),
+            "max_ms": max(times),
+            "floor_ms": floor,
+            "floor_median_ms": median(floor),
+            "ratio_to_floor": ratio(median(times), median(floor)),
+        }
     return {"by_clients": by_clients, "largest": {"clients": crowds[-1], **by_clients[str(crowds[-1])]}}
 
 
@@ -275,5 +323,10 @@ def machine(redis_url: str) -> dict[str, Any]:
     client = redis.Redis.from_url(redis_url)
     info = client.info("server")
     client.close()
-    return {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "redis": info.get("redis_version")}
+    return {
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "redis": info.get("redis_version"),
+    }

@@ -39,11 +39,13 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any
 
 import redis
+
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import decode_envelope
 from runbell.service.bench.measure import (
@@ -148,19 +150,13 @@ def _median_lead(later: list[float], earlier: list[float]) -> float:
 async def _one_run(airflow: Airflow, port: int, case: Case, bus: redis.Redis) -> dict[str, float]:
     """One triggered run, its three callers; seconds from the reference moment to each one knowing."""
     run_id = f"bench__{uuid.uuid4().hex[:12]}"
-    long_poll = asyncio.create_task(
-        _arrival(await_outcome_long_poll("127.0.0.1", port, run_id, case.dag_id, LONG_POLL_TIMEOUT))
-    )
+    long_poll = asyncio.create_task(_arrival(await_outcome_long_poll("127.0.0.1", port, run_id, case.dag_id, LONG_POLL_TIMEOUT)))
     sse = asyncio.create_task(_arrival(await_outcome_sse("127.0.0.1", port, run_id, case.dag_id)))
     try:
         await asyncio.sleep(0.2)  # both are waiting on the gateway before the run exists
         await asyncio.to_thread(airflow.trigger, case.dag_id, None, run_id)
-        lines = await asyncio.to_thread(
-            airflow.wait_endpoint, case.dag_id, run_id, WAIT_INTERVAL, WAIT_RESULT, RUN_TIMEOUT
-        )
-        (polled_at, polled), (streamed_at, streamed) = await asyncio.wait_for(
-            asyncio.gather(long_poll, sse), RUN_TIMEOUT
-        )
+        lines = await asyncio.to_thread(airflow.wait_endpoint, case.dag_id, run_id, WAIT_INTERVAL, WAIT_RESULT, RUN_TIMEOUT)
+        (polled_at, polled), (streamed_at, streamed) = await asyncio.wait_for(asyncio.gather(long_poll, sse), RUN_TIMEOUT)
     finally:
         for task in (long_poll, sse):
             task.cancel()
@@ -193,12 +189,17 @@ async def _arrival(receive: Awaitable[bytes]) -> tuple[float, bytes]:
 
 def _check(case: Case, run_id: str, ti: dict[str, Any], polled: Any, streamed: Any, waited: Any) -> None:
     """Every side must have told the right thing, else its time means nothing."""
-    expected = {"reference task state": case.reference_state,
-                "runbell": (case.status, case.decided_by), "runbell_sse": (case.status, case.decided_by),
-                "airflow_wait": case.wait_state}
-    seen = {"reference task state": ti["state"],
-            "runbell": (polled["status"], polled["decided_by"]),
-            "runbell_sse": (streamed["status"], streamed["decided_by"]),
-            "airflow_wait": waited.get("state")}
+    expected = {
+        "reference task state": case.reference_state,
+        "runbell": (case.status, case.decided_by),
+        "runbell_sse": (case.status, case.decided_by),
+        "airflow_wait": case.wait_state,
+    }
+    seen = {
+        "reference task state": ti["state"],
+        "runbell": (polled["status"], polled["decided_by"]),
+        "runbell_sse": (streamed["status"], streamed["decided_by"]),
+        "airflow_wait": waited.get("state"),
+    }
     if seen != expected:
         raise RuntimeError(f"{case.dag_id}/{run_id}: expected {expected}, saw {seen} (/wait said {waited})")

@@ -16,12 +16,14 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import httpx
 import redis
+
 from runbell.bus import keys
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
@@ -74,10 +76,16 @@ class Target:
     host: str = "127.0.0.1"
 
     @staticmethod
-    def of(process: subprocess.Popen, port: int, redis_url: str, namespace: str) -> "Target":
+    def of(process: subprocess.Popen, port: int, redis_url: str, namespace: str) -> Target:
         publisher = Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=Path(tempfile.mkdtemp())))
-        return Target(port, process.pid, httpx.URL(redis_url).port or 6379, publisher,
-                      httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30), redis.Redis.from_url(redis_url))
+        return Target(
+            port,
+            process.pid,
+            httpx.URL(redis_url).port or 6379,
+            publisher,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30),
+            redis.Redis.from_url(redis_url),
+        )
 
     def publish(self, run_id: str, state: str, **fields: Any) -> Published:
         t = time.perf_counter()
@@ -131,8 +139,11 @@ class Target:
         before = self.metric("runbell_db_statements_total")
         time.sleep(window)
         statements = self.metric("runbell_db_statements_total") - before
-        return {"redis_connections": procstats.tcp_connections_to(self.pid, self.redis_port),
-                "db_statements_per_s": round(statements / window, 2), "rss_kib": procstats.rss_kib(self.pid)}
+        return {
+            "redis_connections": procstats.tcp_connections_to(self.pid, self.redis_port),
+            "db_statements_per_s": round(statements / window, 2),
+            "rss_kib": procstats.rss_kib(self.pid),
+        }
 
 
 def caller_path(via: str, run_id: str) -> str:
@@ -171,8 +182,9 @@ def outcome_latencies(arrivals: list[Arrival], published_at: dict[int, float]) -
     return got, len(published_at) - len(got)
 
 
-def crowd(gen: LoadGen, target: Target, via: str, callers: int, rounds: int, fanout_events: int = 0,
-          resources_window: float = 0.0) -> tuple[dict[str, Any], Samples]:
+def crowd(
+    gen: LoadGen, target: Target, via: str, callers: int, rounds: int, fanout_events: int = 0, resources_window: float = 0.0
+) -> tuple[dict[str, Any], Samples]:
     """`callers` wait on one run whose result is then published: latency, and time until the last caller
     has it (fan-out). SSE clients first get `fanout_events` task events, one at a time, each to all."""
     latencies, to_last, fanout, missing = [], [], [], 0
@@ -200,15 +212,22 @@ def crowd(gen: LoadGen, target: Target, via: str, callers: int, rounds: int, fan
                 per_event[a.seq].append(a.t - by_seq[a.seq])
         for seq in sorted(per_event):
             fanout.append(max(per_event[seq]))
-    figures = {"callers": callers, "runs": 1, "rounds": rounds, "latency": percentiles(latencies), "missing": missing,
-               "time_to_last_ms": [round(s * 1e3, 3) for s in to_last + fanout]}
+    figures = {
+        "callers": callers,
+        "runs": 1,
+        "rounds": rounds,
+        "latency": percentiles(latencies),
+        "missing": missing,
+        "time_to_last_ms": [round(s * 1e3, 3) for s in to_last + fanout],
+    }
     if resources is not None:
         figures["resources"] = resources
     return figures, {"latency": latencies}
 
 
-def spread(gen: LoadGen, target: Target, via: str, callers: int, runs: int, gap: float,
-           decided: Optional[int] = None) -> tuple[dict[str, Any], Samples]:
+def spread(
+    gen: LoadGen, target: Target, via: str, callers: int, runs: int, gap: float, decided: int | None = None
+) -> tuple[dict[str, Any], Samples]:
     """`callers` wait spread evenly over `runs` runs; the results of `decided` of the runs (all by
     default) are published one every `gap` seconds (sparse completions): the latency each of their
     callers sees while all the callers wait."""
@@ -218,22 +237,29 @@ def spread(gen: LoadGen, target: Target, via: str, callers: int, runs: int, gap:
     mine = [run_ids[i % runs] for i in range(callers)]
     attach(gen, target, via, mine)
     published = {}
-    for run_id in run_ids[:decided or runs]:
+    for run_id in run_ids[: decided or runs]:
         published[run_id] = target.publish_result(run_id).t
         time.sleep(gap)
     at = {i: published[run_id] for i, run_id in enumerate(mine) if run_id in published}
     gen.await_paths("outcome", set(at), timeout=LONG_POLL_TIMEOUT)
     if via == "long-poll":  # a waiter whose caller left waits out its timeout: end the other runs now
-        for run_id in run_ids[len(published):]:
+        for run_id in run_ids[len(published) :]:
             target.publish(run_id, "success")
     arrivals, _ = gen.collect(timeout=0 if via == "sse" else LONG_POLL_TIMEOUT + 5)
     got, lost = outcome_latencies(arrivals, at)
-    return {"callers": callers, "runs": runs, "decided_runs": len(published), "publish_gap_ms": gap * 1e3,
-            "latency": percentiles(got), "missing": lost}, {"latency": got}
+    return {
+        "callers": callers,
+        "runs": runs,
+        "decided_runs": len(published),
+        "publish_gap_ms": gap * 1e3,
+        "latency": percentiles(got),
+        "missing": lost,
+    }, {"latency": got}
 
 
-def polling(gen: LoadGen, target: Target, runs: int, rounds: int, gap: float,
-            intervals: tuple[float, ...]) -> tuple[dict[str, Any], Samples]:
+def polling(
+    gen: LoadGen, target: Target, runs: int, rounds: int, gap: float, intervals: tuple[float, ...]
+) -> tuple[dict[str, Any], Samples]:
     """The same published outcomes, heard four ways at once: a Runbell long-poll waiter, an SSE client,
     and pollers that read the run from the store (GET /v1/dags/{dag}/runs/{run}, as a hand-written
     loop would) every `interval` seconds, each starting at a random phase. In rounds of `runs` runs:
@@ -244,8 +270,12 @@ def polling(gen: LoadGen, target: Target, runs: int, rounds: int, gap: float,
     for _ in range(rounds):
         for kind, heard in polling_round(gen, target, runs, gap, intervals).items():
             samples[kinds[kind]] += heard
-    figures: dict[str, Any] = {"runs": runs * rounds, "runs_at_once": runs, "store_read": "GET /v1/dags/{dag_id}/runs/{run_id}",
-                               **{kind: percentiles(s) for kind, s in samples.items()}}
+    figures: dict[str, Any] = {
+        "runs": runs * rounds,
+        "runs_at_once": runs,
+        "store_read": "GET /v1/dags/{dag_id}/runs/{run_id}",
+        **{kind: percentiles(s) for kind, s in samples.items()},
+    }
     return figures, samples
 
 
@@ -289,12 +319,18 @@ def throughput(gen: LoadGen, target: Target, clients: int, runs: int, events: in
     tasks = [a.t for a in arrivals if a.event == "task"]
     seconds = max(tasks) - start
     total = per_run * runs
-    return {"clients": clients, "runs": runs, "events": total, "deliveries": len(tasks),
-            "all_delivered": reached and len(tasks) == clients * per_run,
-            "seconds": round(seconds, 3), "events_per_s": round(total / seconds, 1),
-            "deliveries_per_s": round(len(tasks) / seconds, 1),
-            "publish_events_per_s": round(total / (published - start), 1),
-            "publisher_bound": (published - start) > 0.9 * seconds}
+    return {
+        "clients": clients,
+        "runs": runs,
+        "events": total,
+        "deliveries": len(tasks),
+        "all_delivered": reached and len(tasks) == clients * per_run,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(total / seconds, 1),
+        "deliveries_per_s": round(len(tasks) / seconds, 1),
+        "publish_events_per_s": round(total / (published - start), 1),
+        "publisher_bound": (published - start) > 0.9 * seconds,
+    }
 
 
 def capacity(gen: LoadGen, target: Target, steps: tuple[int, ...]) -> dict[str, Any]:
@@ -309,7 +345,7 @@ def capacity(gen: LoadGen, target: Target, steps: tuple[int, ...]) -> dict[str, 
         if opened["failed"]:
             rows.append({"connections": held, "failed": opened["failed"], "error": opened["error"]})
             break
-        target.wait_for_metric(GAUGES["sse"], lambda value: value >= held)
+        target.wait_for_metric(GAUGES["sse"], lambda value, held=held: value >= held)
         target.settle(step)
         rows.append({"connections": held, "rss_kib": procstats.rss_kib(target.pid)})
     measured = [row for row in rows if "rss_kib" in row]
@@ -318,6 +354,11 @@ def capacity(gen: LoadGen, target: Target, steps: tuple[int, ...]) -> dict[str, 
     # The first connections cost more (the allocator's arenas, the hub's tables growing): the average over
     # all is what the goal is judged on; the marginal cost, between the first step and the last, is beside it.
     marginal = (last["rss_kib"] - first["rss_kib"]) / (last["connections"] - first["connections"]) if len(measured) > 1 else None
-    return {"connections_held": held, "rss_before_kib": rss_before, "rss_after_kib": last["rss_kib"],
-            "kib_per_connection": round((last["rss_kib"] - rss_before) / last["connections"], 2) if last["connections"] else None,
-            "marginal_kib_per_connection": round(marginal, 2) if marginal is not None else None, "steps": rows}
+    return {
+        "connections_held": held,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": last["rss_kib"],
+        "kib_per_connection": round((last["rss_kib"] - rss_before) / last["connections"], 2) if last["connections"] else None,
+        "marginal_kib_per_connection": round(marginal, 2) if marginal is not None else None,
+        "steps": rows,
+    }

@@ -21,6 +21,7 @@ import uuid
 
 import redis
 import redis.asyncio as aioredis
+
 from runbell.service.bench.loadgen import LoadGen, raise_fd_limit, run_loop
 
 STOP = b"stop"
@@ -52,8 +53,7 @@ async def subscribe(url: str, channel: str) -> None:
 def bench_floor(redis_url: str, count: int, gap: float = 0.001) -> list[float]:
     """Publish→receive latencies (seconds) of `count` messages, one every `gap` seconds."""
     channel = f"runbell-bench-floor-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, redis_url, channel],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, redis_url, channel], stdout=subprocess.PIPE, text=True)
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the floor subscriber did not start")
@@ -127,4 +127,3 @@ def bench_fanout_floor(clients: int, rounds: int) -> list[float]:
     finally:
         proc.stdin.close()
         proc.wait(10)
-

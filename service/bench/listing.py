@@ -51,25 +51,40 @@ def listing_rows(count: int, seed: int = 11, now: float | None = None) -> list[d
         started = run_after + timedelta(seconds=rng.uniform(1, 30)) if state != "queued" else None
         ended = started + timedelta(seconds=rng.uniform(5, 900)) if state in ("success", "failed") and started else None
         outcome = {"success": "success", "failed": "failed"}.get(state, "pending")
-        failure = ({"task_id": "load", "map_index": -1, "try_number": 2,
-                    "error": {"type": "KeyError", "message": "'id'"}} if state == "failed" else None)
-        result_task = ({"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 12}
-                       if state == "success" else None)
-        rows.append(dict(
-            dag_id=dag_id, run_id=f"{run_type}__{run_after.isoformat()}_{i:06d}", state=state, run_type=run_type,
-            logical_date=logical, run_after=run_after, backfill_id=backfill_id, started_at=started, ended_at=ended,
-            last_seq=4, last_event_at=ended or started or run_after, outcome_status=outcome,
-            outcome={"status": outcome, "dag_id": dag_id, "run_state": state}, result_task=result_task,
-            first_failure=failure,
-        ))
+        failure = (
+            {"task_id": "load", "map_index": -1, "try_number": 2, "error": {"type": "KeyError", "message": "'id'"}}
+            if state == "failed"
+            else None
+        )
+        result_task = {"task_id": "answer", "map_index": -1, "try_number": 1, "is_ref": False, "size": 12} if state == "success" else None
+        rows.append(
+            dict(
+                dag_id=dag_id,
+                run_id=f"{run_type}__{run_after.isoformat()}_{i:06d}",
+                state=state,
+                run_type=run_type,
+                logical_date=logical,
+                run_after=run_after,
+                backfill_id=backfill_id,
+                started_at=started,
+                ended_at=ended,
+                last_seq=4,
+                last_event_at=ended or started or run_after,
+                outcome_status=outcome,
+                outcome={"status": outcome, "dag_id": dag_id, "run_state": state},
+                result_task=result_task,
+                first_failure=failure,
+            )
+        )
     return rows
 
 
 async def load_listing_database(database_url: str, count: int) -> dict[str, Any]:
     """Migrate the (empty) database and bulk-insert `count` runs straight into the runs table."""
+    from sqlalchemy import insert, text
+
     from runbell.service.store.models import Run
     from runbell.service.store.store import Store
-    from sqlalchemy import insert, text
 
     store = Store(database_url)
     await store.start()
@@ -135,8 +150,9 @@ async def bench_listing_queries(port: int, now: float, rounds: int, pages: int, 
     return {"all": percentiles(every), "by_query": report}
 
 
-def run_listing(out: Path, redis_url: str, database_url: str, runs: int = LISTING_RUNS, rounds: int = 20,
-                pages: int = 5, limit: int = 50) -> dict[str, Any]:
+def run_listing(
+    out: Path, redis_url: str, database_url: str, runs: int = LISTING_RUNS, rounds: int = 20, pages: int = 5, limit: int = 50
+) -> dict[str, Any]:
     """`runbell bench --listing --database-url postgresql://...`: a scratch database is made on that
     PostgreSQL server (and dropped after), `runs` runs are bulk-inserted into its runs table, and a
     gateway in its own process answers filtered, paged listings over HTTP; p50/p99 per request."""
@@ -162,8 +178,12 @@ def run_listing(out: Path, redis_url: str, database_url: str, runs: int = LISTIN
 
     out.mkdir(parents=True, exist_ok=True)
     asyncio.run(admin_sql(f'CREATE DATABASE "{scratch}"'))
-    report: dict[str, Any] = {"database": f"{parts.hostname}:{parts.port or 5432} (scratch database {scratch})",
-                              "limit": limit, "pages_followed": pages, "rounds": rounds}
+    report: dict[str, Any] = {
+        "database": f"{parts.hostname}:{parts.port or 5432} (scratch database {scratch})",
+        "limit": limit,
+        "pages_followed": pages,
+        "rounds": rounds,
+    }
     try:
         now = time.time()
         report["load"] = asyncio.run(load_listing_database(scratch_url, runs))

@@ -28,8 +28,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, Optional
+from typing import Any
 
 CONNECT_CONCURRENCY = 200  # connects in flight per worker: more overflows the gateway's listen backlog
 DECIDED = (b'"outcome":"success"', b'"outcome":"failed"')  # in GET /v1/dags/{d}/runs/{r} (compact JSON)
@@ -58,16 +59,16 @@ class Worker:
         self.totals: dict[str, int] = {}  # arrivals by event name, over all connections
         self.connections: list[Connection] = []
         self.ended = 0
-        self.watch: Optional[tuple[str, int]] = None  # (event, count) an await is waiting for
+        self.watch: tuple[str, int] | None = None  # (event, count) an await is waiting for
         self.satisfied = 0  # connections that have had it (or ended)
         self.changed = asyncio.Event()
 
-    def satisfies(self, connection: "Connection") -> bool:
+    def satisfies(self, connection: Connection) -> bool:
         assert self.watch is not None
         event, count = self.watch
         return connection.finished or connection.counts.get(event, 0) >= count
 
-    def progress(self, connection: "Connection", was_satisfied: bool) -> None:
+    def progress(self, connection: Connection, was_satisfied: bool) -> None:
         """After an arrival or an end: kept incrementally, as a scan per arrival would be quadratic."""
         if self.watch is not None and not was_satisfied and self.satisfies(connection):
             self.satisfied += 1
@@ -107,7 +108,7 @@ class Worker:
                 return done()
         return True
 
-    async def await_events(self, event: str, count: int, timeout: float, total: Optional[int] = None) -> dict[str, Any]:
+    async def await_events(self, event: str, count: int, timeout: float, total: int | None = None) -> dict[str, Any]:
         if total is not None:  # that many arrivals in all, whichever connections they came on
             return {"reached": await self.until(lambda: self.totals.get(event, 0) >= total, timeout)}
         self.watch = (event, count)
@@ -132,7 +133,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, worker: Worker, index: int, path: str, interval: float):
         self.worker, self.index, self.path, self.interval = worker, index, path, interval
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.buffer = b""
         self.finished = False
@@ -173,11 +174,11 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.finish()
 
 
-def parse_response(buffer: bytes) -> Optional[tuple[int, bytes, bytes]]:
+def parse_response(buffer: bytes) -> tuple[int, bytes, bytes] | None:
     """(status, body, rest) once a whole Content-Length response is in the buffer, else None."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
@@ -192,7 +193,7 @@ def parse_response(buffer: bytes) -> Optional[tuple[int, bytes, bytes]]:
     end = head_end + 4 + length
     if len(buffer) < end:
         return None
-    return status, buffer[head_end + 4:end], buffer[end:]
+    return status, buffer[head_end + 4 : end], buffer[end:]
 
 
 def response_event(status: int) -> str:
@@ -326,17 +327,18 @@ class LoadGen:
 
     def __init__(self, host: str, port: int, workers: int):
         raise_fd_limit()
-        self.procs = [subprocess.Popen([sys.executable, "-c", WORKER, host, str(port)],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                      for _ in range(workers)]
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", WORKER, host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(workers)
+        ]
         self.indexes: list[list[int]] = [[] for _ in self.procs]  # per worker: its connections' path indexes
         self.opened = 0
 
     @staticmethod
-    def for_connections(host: str, port: int, connections: int) -> "LoadGen":
+    def for_connections(host: str, port: int, connections: int) -> LoadGen:
         return LoadGen(host, port, max(1, -(-connections // CONNECTIONS_PER_WORKER)))
 
-    def _ask(self, commands: list[Optional[dict[str, Any]]]) -> list[dict[str, Any]]:
+    def _ask(self, commands: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
         """Send each worker its command (None: nothing), then read the replies."""
         for proc, command in zip(self.procs, commands):
             if command is not None:
@@ -359,21 +361,27 @@ class LoadGen:
             shares[w].append(path)
             self.indexes[w].append(self.opened + i)
         self.opened += len(paths)
-        replies = self._ask([{"cmd": "open", "mode": mode, "paths": share, "interval": interval} if share else None
-                             for share in shares])
+        replies = self._ask([{"cmd": "open", "mode": mode, "paths": share, "interval": interval} if share else None for share in shares])
         errors = [r["error"] for r in replies if r["error"]]
-        return {"opened": sum(r["opened"] for r in replies), "failed": sum(r["failed"] for r in replies),
-                "error": errors[0] if errors else None}
+        return {
+            "opened": sum(r["opened"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "error": errors[0] if errors else None,
+        }
 
     def await_events(self, event: str, count: int = 1, timeout: float = 60.0) -> bool:
         """Until every open connection has had `count` events of this name; False at the timeout."""
-        replies = self._ask([{"cmd": "await", "event": event, "count": count, "timeout": timeout}
-                             if self.indexes[w] else None for w in range(len(self.procs))])
+        replies = self._ask(
+            [
+                {"cmd": "await", "event": event, "count": count, "timeout": timeout} if self.indexes[w] else None
+                for w in range(len(self.procs))
+            ]
+        )
         return all(r["reached"] for r in replies)
 
     def await_paths(self, event: str, paths: set[int], timeout: float = 60.0) -> bool:
         """Until the connections of these paths (indexes as given to open) have had the event, once each."""
-        commands: list[Optional[dict[str, Any]]] = []
+        commands: list[dict[str, Any] | None] = []
         for indexes in self.indexes:
             total = sum(1 for i in indexes if i in paths)
             commands.append({"cmd": "await", "event": event, "count": 1, "total": total, "timeout": timeout} if total else None)
@@ -382,8 +390,7 @@ class LoadGen:
     def collect(self, timeout: float = 60.0) -> tuple[list[Arrival], int]:
         """Every arrival since the last collect, and how many connections had not ended; closes them all."""
         replies = self._ask([{"cmd": "collect", "timeout": timeout} for _ in self.procs])
-        arrivals = [Arrival(self.indexes[w][i], seq, event, t)
-                    for w, reply in enumerate(replies) for i, seq, event, t in reply["records"]]
+        arrivals = [Arrival(self.indexes[w][i], seq, event, t) for w, reply in enumerate(replies) for i, seq, event, t in reply["records"]]
         unfinished = sum(r["unfinished"] for r in replies)
         self.indexes, self.opened = [[] for _ in self.procs], 0
         return arrivals, unfinished
@@ -401,7 +408,7 @@ class LoadGen:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    def __enter__(self) -> "LoadGen":
+    def __enter__(self) -> LoadGen:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,8 +17,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     """p50/p99/max in milliseconds."""
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"n": len(ordered), "p50_ms": round(pick(0.5) * 1e3, 3), "p99_ms": round(pick(0.99) * 1e3, 3),
-            "max_ms": round(ordered[-1] * 1e3, 3), "mean_ms": round(statistics.fmean(ordered) * 1e3, 3)}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(pick(0.5) * 1e3, 3),
+        "p99_ms": round(pick(0.99) * 1e3, 3),
+        "max_ms": round(ordered[-1] * 1e3, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
+    }
 
 
 def free_port() -> int:
@@ -30,8 +35,14 @@ def free_port() -> int:
 
 
 def start_gateway(redis_url: str, namespace: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "RUNBELL_REDIS_URL": redis_url, "RUNBELL_NAMESPACE": namespace,
-           "RUNBELL_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}", "RUNBELL_LOG_LEVEL": "warning", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "RUNBELL_REDIS_URL": redis_url,
+        "RUNBELL_NAMESPACE": namespace,
+        "RUNBELL_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
+        "RUNBELL_LOG_LEVEL": "warning",
+        **(extra_env or {}),
+    }
     process = subprocess.Popen([sys.executable, "-m", "runbell.service.client.cli", "serve", "--no-auth", "--port", str(port)], env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

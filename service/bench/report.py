@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 # Sample series drawn on the main chart, in this order: (key in samples.json, legend).
 LATENCY_SERIES = (
@@ -36,8 +37,8 @@ class Goal:
     name: str
     target: float
     unit: str
-    read: Callable[[dict[str, Any]], Optional[float]]  # the measured figure, from the report
-    at: Callable[[dict[str, Any]], Optional[int]]  # how many callers it was measured with (the goals say 10,000)
+    read: Callable[[dict[str, Any]], float | None]  # the measured figure, from the report
+    at: Callable[[dict[str, Any]], int | None]  # how many callers it was measured with (the goals say 10,000)
     at_least: bool = False  # the target is a floor (connections held), not a ceiling
 
 
@@ -52,7 +53,7 @@ def dig(report: dict[str, Any], *path: str | int) -> Any:
     return node
 
 
-def median(values: list[float]) -> Optional[float]:
+def median(values: list[float]) -> float | None:
     finite = sorted(v for v in values if not math.isnan(v))
     return finite[len(finite) // 2] if finite else None
 
@@ -60,19 +61,44 @@ def median(values: list[float]) -> Optional[float]:
 def latency_goal(via: str, case: str, q: str, target: float) -> Goal:
     name = {"long_poll": "long-poll", "sse": "SSE"}[via]
     where = {"sparse": "one caller per run", "spread": "10 callers per run"}[case]
-    return Goal(f"publish→waiter {q}, {name}, {where}, all on one process", target, "ms",
-                lambda r: dig(r, via, case, "latency", f"{q}_ms"), lambda r: dig(r, via, case, "callers"))
+    return Goal(
+        f"publish→waiter {q}, {name}, {where}, all on one process",
+        target,
+        "ms",
+        lambda r: dig(r, via, case, "latency", f"{q}_ms"),
+        lambda r: dig(r, via, case, "callers"),
+    )
 
 
 GOALS = (
-    *(latency_goal(via, case, q, target) for case in ("sparse", "spread") for via in ("long_poll", "sse")
-      for q, target in (("p50", 1.0), ("p99", 5.0))),
-    Goal("idle SSE connections held by one process", 10_000, "connections",
-         lambda r: dig(r, "capacity", "connections_held"), lambda r: dig(r, "plan", "capacity_steps", -1), at_least=True),
-    Goal("resident memory per idle SSE connection", 25.0, "KiB", lambda r: dig(r, "capacity", "kib_per_connection"),
-         lambda r: dig(r, "capacity", "connections_held")),
-    Goal("one event to every SSE client of one run, until the last has it (median)", 150.0, "ms",
-         lambda r: dig(r, "fanout", "largest", "median_ms"), lambda r: dig(r, "fanout", "largest", "clients")),
+    *(
+        latency_goal(via, case, q, target)
+        for case in ("sparse", "spread")
+        for via in ("long_poll", "sse")
+        for q, target in (("p50", 1.0), ("p99", 5.0))
+    ),
+    Goal(
+        "idle SSE connections held by one process",
+        10_000,
+        "connections",
+        lambda r: dig(r, "capacity", "connections_held"),
+        lambda r: dig(r, "plan", "capacity_steps", -1),
+        at_least=True,
+    ),
+    Goal(
+        "resident memory per idle SSE connection",
+        25.0,
+        "KiB",
+        lambda r: dig(r, "capacity", "kib_per_connection"),
+        lambda r: dig(r, "capacity", "connections_held"),
+    ),
+    Goal(
+        "one event to every SSE client of one run, until the last has it (median)",
+        150.0,
+        "ms",
+        lambda r: dig(r, "fanout", "largest", "median_ms"),
+        lambda r: dig(r, "fanout", "largest", "clients"),
+    ),
     Goal("hook publish p99 (warm)", 1.0, "ms", lambda r: dig(r, "hook_publish", "warm", "p99_ms"), lambda r: None),
 )
 
@@ -83,22 +109,39 @@ def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
     for goal in GOALS:
         measured = goal.read(report)
         met = None if measured is None else (measured >= goal.target if goal.at_least else measured < goal.target)
-        rows.append({"goal": goal.name, "target": goal.target, "unit": goal.unit, "at_callers": goal.at(report),
-                     "comparison": ">=" if goal.at_least else "<", "measured": measured, "met": met})
+        rows.append(
+            {
+                "goal": goal.name,
+                "target": goal.target,
+                "unit": goal.unit,
+                "at_callers": goal.at(report),
+                "comparison": ">=" if goal.at_least else "<",
+                "measured": measured,
+                "met": met,
+            }
+        )
     constant = dig(report, "resources", "constant")
     if constant is not None:
-        rows.append({"goal": "Redis connections and SQL statements per second do not grow with waiters",
-                     "target": "constant", "unit": "", "comparison": "", "at_callers": None, "measured": constant["detail"],
-                     "met": constant["redis_connections"] and constant["db_statements"]})
+        rows.append(
+            {
+                "goal": "Redis connections and SQL statements per second do not grow with waiters",
+                "target": "constant",
+                "unit": "",
+                "comparison": "",
+                "at_callers": None,
+                "measured": constant["detail"],
+                "met": constant["redis_connections"] and constant["db_statements"],
+            }
+        )
     return rows
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: float | None, b: float | None) -> float | None:
     """a / b to three significant digits (ratios against polling are small)."""
     return float(f"{a / b:.3g}") if a is not None and b else None
 
 
-def ratios(figures: dict[str, Any], base: dict[str, Any]) -> dict[str, Optional[float]]:
+def ratios(figures: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
     """p50 and p99 of `figures` over those of `base` (both percentiles() dicts)."""
     return {q: ratio(figures.get(f"{q}_ms"), base.get(f"{q}_ms")) for q in ("p50", "p99")}
 
@@ -110,7 +153,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]
     """(figure, p50 ms, p99 ms, ratio of p50 to its reference, note)."""
     rows: list[tuple[str, Any, Any, Any, str]] = []
 
-    def add(name: str, figures: Optional[dict[str, Any]], ref: Optional[str] = None, note: str = "") -> None:
+    def add(name: str, figures: dict[str, Any] | None, ref: str | None = None, note: str = "") -> None:
         if figures:
             r = figures.get("ratio_to_floor", {}).get("p50") if ref == "floor" else figures.get("ratio_p50")
             rows.append((name, figures.get("p50_ms"), figures.get("p99_ms"), r, note))
@@ -121,41 +164,71 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]
     add("hook publish, warm", dig(report, "hook_publish", "warm"))
     add("hook publish, first in process", dig(report, "hook_publish", "first_in_process"))
     for via in ("long_poll", "sse"):
-        for key, figures in (report.get(via) or {}).items():
+        for figures in (report.get(via) or {}).values():
             latency = dict(figures["latency"], ratio_to_floor=figures.get("ratio_to_floor", {}))
             where = f"{figures['callers']} on {figures['runs']} run{'s' if figures['runs'] > 1 else ''}"
             if figures.get("decided_runs", figures["runs"]) < figures["runs"]:
                 where += f", {figures['decided_runs']} decided"
-            add(f"{via.replace('_', '-')} publish→waiter, {where}", latency, "floor",
-                f"max {figures['latency']['max_ms']} ms")
+            add(f"{via.replace('_', '-')} publish→waiter, {where}", latency, "floor", f"max {figures['latency']['max_ms']} ms")
     for n, fan in (dig(report, "fanout", "by_clients") or {}).items():
-        rows.append((f"SSE fan-out to {n}: time to last (median)", fan["median_ms"], None, fan.get("ratio_to_floor"),
-                     f"rounds {fan['time_to_last_ms']}"))
+        rows.append(
+            (
+                f"SSE fan-out to {n}: time to last (median)",
+                fan["median_ms"],
+                None,
+                fan.get("ratio_to_floor"),
+                f"rounds {fan['time_to_last_ms']}",
+            )
+        )
         if "floor_median_ms" in fan:
-            rows.append((f"fan-out floor: bare server to {n} sockets", fan["floor_median_ms"], None, None,
-                         f"rounds {fan['floor_ms']}"))
+            rows.append((f"fan-out floor: bare server to {n} sockets", fan["floor_median_ms"], None, None, f"rounds {fan['floor_ms']}"))
     polling = report.get("polling") or {}
-    for kind, label in (("long-poll", "long-poll beside pollers"), ("sse", "SSE beside pollers"),
-                        ("poll_0.1s", "poll store every 0.1 s"), ("poll_1s", "poll store every 1 s")):
+    for kind, label in (
+        ("long-poll", "long-poll beside pollers"),
+        ("sse", "SSE beside pollers"),
+        ("poll_0.1s", "poll store every 0.1 s"),
+        ("poll_1s", "poll store every 1 s"),
+    ):
         if kind in polling:
             rows.append((label, polling[kind]["p50_ms"], polling[kind]["p99_ms"], None, ""))
     for name, r in (polling.get("ratios") or {}).items():
         rows.append((f"ratio {name}", r["p50"], r["p99"], None, "p50 / p99 ratios"))
     capacity = report.get("capacity")
     if capacity:
-        rows.append(("idle SSE connections held", capacity["connections_held"], None, None,
-                     f"{capacity['kib_per_connection']} KiB each on average, "
-                     f"{capacity.get('marginal_kib_per_connection')} KiB each beyond the first step"))
+        rows.append(
+            (
+                "idle SSE connections held",
+                capacity["connections_held"],
+                None,
+                None,
+                f"{capacity['kib_per_connection']} KiB each on average, "
+                f"{capacity.get('marginal_kib_per_connection')} KiB each beyond the first step",
+            )
+        )
     burst = report.get("throughput")
     if burst:
-        rows.append(("events/s in, fanned out", burst["events_per_s"], None, None,
-                     f"{burst['deliveries_per_s']} deliveries/s to {burst['clients']} SSE clients"
-                     + (" (publisher-bound)" if burst["publisher_bound"] else "")))
+        rows.append(
+            (
+                "events/s in, fanned out",
+                burst["events_per_s"],
+                None,
+                None,
+                f"{burst['deliveries_per_s']} deliveries/s to {burst['clients']} SSE clients"
+                + (" (publisher-bound)" if burst["publisher_bound"] else ""),
+            )
+        )
     for case, figures in (dig(report, "airflow", "cases") or {}).items():
         for caller in AIRFLOW_CALLERS.values():
             if caller in figures:
-                rows.append((f"airflow {case}: {caller}", figures[caller]["p50_ms"], figures[caller]["p99_ms"], None,
-                             "from the deciding task's end"))
+                rows.append(
+                    (
+                        f"airflow {case}: {caller}",
+                        figures[caller]["p50_ms"],
+                        figures[caller]["p99_ms"],
+                        None,
+                        "from the deciding task's end",
+                    )
+                )
         rows.append((f"airflow {case}: /wait over Runbell long-poll, p50", figures.get("ratio_p50"), None, None, ""))
     return rows
 
@@ -177,8 +250,10 @@ def summary(report: dict[str, Any]) -> str:
     for goal in report.get("goals", []):
         target = f"{goal['comparison']} {goal['target']:g} {goal['unit']}" if goal["unit"] else goal["target"]
         measured = goal["measured"] if not isinstance(goal["measured"], str) else "see below"
-        lines.append(f"{goal['goal']:<72} {target:>17} {cell(measured):>10} {cell(goal.get('at_callers')):>8}  "
-                     f"{'yes' if goal['met'] else 'no' if goal['met'] is False else '-'}")
+        lines.append(
+            f"{goal['goal']:<72} {target:>17} {cell(measured):>10} {cell(goal.get('at_callers')):>8}  "
+            f"{'yes' if goal['met'] else 'no' if goal['met'] is False else '-'}"
+        )
         if isinstance(goal["measured"], str):
             lines.append(f"    {goal['measured']}")
     return "\n".join(lines)
@@ -203,8 +278,9 @@ def draw_charts(samples: dict[str, Any], out: Path, spread: str = "") -> list[st
 
     written = []
 
-    def chart(name: str, title: str, series: list[tuple[list[float], str]], unit: str = "ms", scale: float = 1e3,
-              since: str = "publish") -> None:
+    def chart(
+        name: str, title: str, series: list[tuple[list[float], str]], unit: str = "ms", scale: float = 1e3, since: str = "publish"
+    ) -> None:
         figure, axes = pyplot.subplots(figsize=(10, 6))
         for seconds, label in series:
             cdf(axes, seconds, label, scale)
@@ -219,18 +295,27 @@ def draw_charts(samples: dict[str, Any], out: Path, spread: str = "") -> list[st
         pyplot.close(figure)
         written.append(name)
 
-    chart("latency_cdf.png", "Runbell against the Redis floor and polling baselines (one run of the bench)",
-          [(samples[key], label.format(spread=spread)) for key, label in LATENCY_SERIES if samples.get(key)])
-    crowds = [(seconds, key.replace("crowd_", "").replace("_", " ") + " on one run")
-              for key, seconds in samples.items() if key.startswith("crowd_") and seconds]
+    chart(
+        "latency_cdf.png",
+        "Runbell against the Redis floor and polling baselines (one run of the bench)",
+        [(samples[key], label.format(spread=spread)) for key, label in LATENCY_SERIES if samples.get(key)],
+    )
+    crowds = [
+        (seconds, key.replace("crowd_", "").replace("_", " ") + " on one run")
+        for key, seconds in samples.items()
+        if key.startswith("crowd_") and seconds
+    ]
     if crowds:
         chart("fanout_cdf.png", "One event to every caller of one run: arrival times (fan-out)", crowds)
     airflow = samples.get("airflow") or {}
-    series = [(callers[key], f"{case}: {AIRFLOW_CALLERS[key]}") for case, callers in airflow.items()
-              for key in AIRFLOW_CALLERS if callers.get(key)]
+    series = [
+        (callers[key], f"{case}: {AIRFLOW_CALLERS[key]}")
+        for case, callers in airflow.items()
+        for key in AIRFLOW_CALLERS
+        if callers.get(key)
+    ]
     if series:
-        chart("airflow_cdf.png", "Runbell against Airflow's /wait (interval=1), real Airflow", series, "s", 1.0,
-              "the deciding task's end")
+        chart("airflow_cdf.png", "Runbell against Airflow's /wait (interval=1), real Airflow", series, "s", 1.0, "the deciding task's end")
     return written
 
 

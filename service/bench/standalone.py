@@ -17,11 +17,12 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 from urllib.error import HTTPError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
@@ -59,8 +60,11 @@ def check_hook_installed(venv: Path) -> None:
     package and match what this process imports (in a checkout: this tree)."""
     packages = {"runbell.listeners": runbell.listeners, "runbell.bus": runbell.bus}
     probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import runbell.listeners, runbell.bus; print(runbell.listeners.__path__[0]); print(runbell.bus.__path__[0])"],
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import runbell.listeners, runbell.bus; print(runbell.listeners.__path__[0]); print(runbell.bus.__path__[0])",
+        ],
         cwd="/",
         capture_output=True,
         text=True,
@@ -81,7 +85,7 @@ def check_hook_installed(venv: Path) -> None:
         raise AirflowError(f"the runbell hook in {venv} does not match {checkout or 'this runbell'} ({', '.join(stale)}); {fix}")
 
 
-def _digest(path: Path) -> Optional[str]:
+def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
@@ -128,7 +132,7 @@ class Airflow:
                     raise
             time.sleep(0.5)
 
-    def trigger(self, dag_id: str, conf: Optional[dict[str, Any]] = None, run_id: Optional[str] = None) -> str:
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         """Trigger with a run id of ours, so that a 500 (Airflow's SQLite briefly locked under load)
         can be retried safely: a 409 on the retry means the first attempt did create the run."""
         run_id = run_id or f"e2e__{uuid.uuid4().hex[:12]}"
@@ -148,9 +152,9 @@ class Airflow:
     def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
         return self.request("GET", f"{run_path(dag_id, run_id)}/taskInstances/{quote(task_id, safe='')}")
 
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, Optional[str]]:
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
         """task_id -> state of every (unmapped) task instance of the run (Airflow pages by 100)."""
-        states: dict[str, Optional[str]] = {}
+        states: dict[str, str | None] = {}
         while True:
             page = self.request("GET", f"{run_path(dag_id, run_id)}/taskInstances?limit=100&offset={len(states)}")
             states.update((ti["task_id"], ti["state"]) for ti in page["task_instances"])
@@ -162,7 +166,7 @@ class Airflow:
         dag_id: str,
         run_id: str,
         interval: float = 1,
-        result: Optional[list[str]] = None,
+        result: list[str] | None = None,
         timeout: float = 120.0,
     ) -> list[WaitLine]:
         """Read Airflow's own /wait stream to its end; each line with the time it arrived."""
@@ -188,7 +192,7 @@ class Standalone:
     airflow: Airflow
     log_path: Path
     ready_seconds: float
-    stopped_seconds: Optional[float] = None
+    stopped_seconds: float | None = None
 
 
 @contextmanager
@@ -197,7 +201,7 @@ def standalone(
     dags: list[Path],
     redis_url: str,
     namespace: str,
-    extra_env: Optional[dict[str, str]] = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Standalone]:
     """Start `airflow standalone` in `workdir` with the DAG files `dags` (files, or folders whose
     contents are copied), stop its whole process group on the way out."""
@@ -270,10 +274,7 @@ def _wait_ready(base_url: str, proc: subprocess.Popen, log_path: Path) -> None:
         try:
             with urlopen(f"{base_url}/api/v2/monitor/health", timeout=2) as resp:
                 health = json.loads(resp.read())
-            if all(
-                (health.get(part) or {}).get("status") == "healthy"
-                for part in ("metadatabase", "scheduler", "dag_processor")
-            ):
+            if all((health.get(part) or {}).get("status") == "healthy" for part in ("metadatabase", "scheduler", "dag_processor")):
                 return
         except (OSError, ValueError):
             pass

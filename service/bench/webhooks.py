@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import httpx
+
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.bench.measure import percentiles
 
@@ -89,5 +90,9 @@ async def bench_webhooks(url: str, publisher: Publisher, rounds: int, burst: int
         await receiver.until(burst_ids)
         seconds = max(receiver.arrivals[run_id] for run_id in burst_ids) - start
     receiver.stop()
-    return {"latency": percentiles(latencies), "burst": burst, "burst_seconds": round(seconds, 3),
-            "deliveries_per_second": round(burst / seconds, 1)}
+    return {
+        "latency": percentiles(latencies),
+        "burst": burst,
+        "burst_seconds": round(seconds, 3),
+        "deliveries_per_second": round(burst / seconds, 1),
+    }

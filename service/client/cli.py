@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from runbell.service.client.exits import (
     EXIT_FAILED,
@@ -21,7 +21,7 @@ from runbell.service.client.exits import (
 )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", dest="redis_url")
     serve.add_argument("--database-url", dest="database_url")
     serve.add_argument("--namespace")
-    serve.add_argument("--no-auth", dest="no_auth", action="store_true", default=None,
-                       help="turn auth off (refused unless bound to loopback)")
+    serve.add_argument(
+        "--no-auth", dest="no_auth", action="store_true", default=None, help="turn auth off (refused unless bound to loopback)"
+    )
     serve.add_argument("--log-level", dest="log_level")
     serve.set_defaults(handler=cmd_serve)
 
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--dag", required=True)
     emit.add_argument("--run", required=True)
     emit.add_argument("--task", help="task id: a task event (else a run event)")
-    emit.add_argument("--state", required=True,
-                      help="run: queued, running, success, failed; task: running, success, failed, up_for_retry, skipped")
+    emit.add_argument(
+        "--state", required=True, help="run: queued, running, success, failed; task: running, success, failed, up_for_retry, skipped"
+    )
     emit.add_argument("--map-index", type=int, default=-1)
     emit.add_argument("--try-number", type=int)
     emit.add_argument("--result", help="the result value as JSON")
@@ -60,18 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--error-type", help="error type of a failure (default: error)")
     emit.set_defaults(handler=cmd_emit)
 
-    bench = sub.add_parser("bench", help="measure the gateway against the Redis floor and polling on this machine; "
-                           "writes DIR/report.json, DIR/samples.json and PNG charts")
+    bench = sub.add_parser(
+        "bench",
+        help="measure the gateway against the Redis floor and polling on this machine; "
+        "writes DIR/report.json, DIR/samples.json and PNG charts",
+    )
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--quick", action="store_true", help="smaller counts: under a minute")
-    bench.add_argument("--airflow", action="store_true",
-                       help="add the comparison with Airflow's own /wait on a real Airflow (minutes more)")
+    bench.add_argument(
+        "--airflow", action="store_true", help="add the comparison with Airflow's own /wait on a real Airflow (minutes more)"
+    )
     bench.add_argument("--redraw", action="store_true", help="only draw the charts of --out DIR again from its samples.json")
     bench.add_argument("--redis-url", dest="redis_url", default=os.environ.get("RUNBELL_REDIS_URL", "redis://127.0.0.1:6379/0"))
     bench.add_argument("--database-url", dest="database_url", help="the gateway's store (default: SQLite in DIR)")
-    bench.add_argument("--listing", action="store_true",
-                       help="instead: p50/p99 of filtered, paged GET /v1/runs over 100,000 runs bulk-loaded into a "
-                       "scratch database on the PostgreSQL server of --database-url; writes DIR/listing.json")
+    bench.add_argument(
+        "--listing",
+        action="store_true",
+        help="instead: p50/p99 of filtered, paged GET /v1/runs over 100,000 runs bulk-loaded into a "
+        "scratch database on the PostgreSQL server of --database-url; writes DIR/listing.json",
+    )
     bench.set_defaults(handler=cmd_bench)
 
     run = sub.add_parser("run", help="trigger a run and show its progress; exit 0 success, 1 failed, 2 pending")
@@ -82,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the publish role")
     run.set_defaults(handler=cmd_run)
 
-    for name, handler, text in (("wait", cmd_wait, "wait for a run's outcome; exit 0 success, 1 failed, 2 pending"),
-                                ("tail", cmd_tail, "follow a run's events")):
+    for name, handler, text in (
+        ("wait", cmd_wait, "wait for a run's outcome; exit 0 success, 1 failed, 2 pending"),
+        ("tail", cmd_tail, "follow a run's events"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("dag_id")
         p.add_argument("run_id")
@@ -127,8 +138,17 @@ def cmd_emit(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         seq = emit(
-            args.dag, args.run, args.state, task_id=args.task, map_index=args.map_index, try_number=args.try_number,
-            result_task=args.result_task, critical=args.critical, error=args.error, error_type=args.error_type, **kwargs,
+            args.dag,
+            args.run,
+            args.state,
+            task_id=args.task,
+            map_index=args.map_index,
+            try_number=args.try_number,
+            result_task=args.result_task,
+            critical=args.critical,
+            error=args.error,
+            error_type=args.error_type,
+            **kwargs,
         )
     except ValueError as exc:
         print(f"runbell emit: {exc}", file=sys.stderr)

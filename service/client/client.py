@@ -10,17 +10,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import (
     Any,
-    AsyncIterator,
-    Generator,
-    Iterator,
-    Optional,
-    Sequence,
     TypeVar,
-    Union,
 )
 from urllib.parse import quote
 
@@ -50,8 +45,8 @@ T = TypeVar("T")
 class SseEvent:
     event: str = "message"
     data: str = ""
-    id: Optional[str] = None
-    retry: Optional[int] = None
+    id: str | None = None
+    retry: int | None = None
 
     def json(self) -> Any:
         return json.loads(self.data)
@@ -59,9 +54,9 @@ class SseEvent:
 
 @dataclass(frozen=True)
 class Failure:
-    task_id: Optional[str]  # None when the run itself failed with no failed task seen
+    task_id: str | None  # None when the run itself failed with no failed task seen
     map_index: int
-    try_number: Optional[int]
+    try_number: int | None
     error_type: str
     message: str
 
@@ -70,7 +65,7 @@ class Failure:
 class ResultTask:
     task_id: str
     map_index: int
-    try_number: Optional[int]
+    try_number: int | None
     is_ref: bool  # the value was too large for the bus: `result` is where Airflow keeps it
     size: int
 
@@ -81,9 +76,9 @@ class Outcome:
     dag_id: str
     run_id: str
     result: Any
-    result_task: Optional[ResultTask]
-    failure: Optional[Failure]
-    decided_by: Optional[str]  # result_task | critical_task | run
+    result_task: ResultTask | None
+    failure: Failure | None
+    decided_by: str | None  # result_task | critical_task | run
     run_state: str
     seq: int
     body: dict = field(repr=False, compare=False)  # as the gateway sent it, e.g. to print
@@ -99,13 +94,13 @@ class Triggered:
     run_id: str
     token: str  # may read this run's result and events only; hand it to whoever else waits
     token_expires_at: datetime
-    outcome: Optional[Outcome]  # set when the outcome landed within the trigger's wait
+    outcome: Outcome | None  # set when the outcome landed within the trigger's wait
 
 
 class RunbellError(Exception):
     """The gateway said no (status, code and message from its JSON error body), or did not answer (status None)."""
 
-    def __init__(self, message: str, *, status: Optional[int] = None, code: str = "error", body: Optional[dict] = None):
+    def __init__(self, message: str, *, status: int | None = None, code: str = "error", body: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.body = body if body is not None else {"error": code, "message": message}
@@ -135,8 +130,12 @@ class RunFailed(RunbellError):
     def __init__(self, outcome: Outcome):
         failure = outcome.failure or Failure(None, -1, None, "unknown", "")
         where = f"task {failure.task_id} (try {failure.try_number})" if failure.task_id else "the run"
-        super().__init__(f"{outcome.dag_id}/{outcome.run_id} failed in {where}: {failure.error_type}: {failure.message}",
-                         status=200, code="failed", body=outcome.body)
+        super().__init__(
+            f"{outcome.dag_id}/{outcome.run_id} failed in {where}: {failure.error_type}: {failure.message}",
+            status=200,
+            code="failed",
+            body=outcome.body,
+        )
         self.outcome, self.failure = outcome, failure
 
 
@@ -145,12 +144,21 @@ class RunPending(RunbellError):
 
     def __init__(self, body: dict):
         body = without_run_token(body)
-        super().__init__(f"{body.get('dag_id')}/{body.get('run_id')} is still pending (run {body.get('run_state')})",
-                         status=202, code="pending", body=body)
+        super().__init__(
+            f"{body.get('dag_id')}/{body.get('run_id')} is still pending (run {body.get('run_state')})",
+            status=202,
+            code="pending",
+            body=body,
+        )
 
 
 ERRORS_BY_STATUS: dict[int, type[RunbellError]] = {
-    400: InvalidRequest, 422: InvalidRequest, 401: AuthError, 403: AuthError, 404: NotFound, 409: Conflict,
+    400: InvalidRequest,
+    422: InvalidRequest,
+    401: AuthError,
+    403: AuthError,
+    404: NotFound,
+    409: Conflict,
 }
 
 
@@ -169,11 +177,20 @@ def parse_outcome(body: dict) -> Outcome:
         dag_id=body["dag_id"],
         run_id=body["run_id"],
         result=body.get("result"),
-        result_task=ResultTask(task["task_id"], task.get("map_index", -1), task.get("try_number"),
-                               bool(task.get("is_ref")), task.get("size", 0)) if task else None,
-        failure=Failure(failure.get("task_id"), failure.get("map_index", -1), failure.get("try_number"),
-                        failure.get("error", {}).get("type", ""), failure.get("error", {}).get("message", ""))
-        if failure else None,
+        result_task=ResultTask(
+            task["task_id"], task.get("map_index", -1), task.get("try_number"), bool(task.get("is_ref")), task.get("size", 0)
+        )
+        if task
+        else None,
+        failure=Failure(
+            failure.get("task_id"),
+            failure.get("map_index", -1),
+            failure.get("try_number"),
+            failure.get("error", {}).get("type", ""),
+            failure.get("error", {}).get("message", ""),
+        )
+        if failure
+        else None,
         decided_by=body.get("decided_by"),
         run_state=body.get("run_state", "unknown"),
         seq=body.get("seq", 0),
@@ -192,7 +209,7 @@ def parse_triggered(response: httpx.Response) -> Triggered:
     )
 
 
-def error_body(response: httpx.Response) -> Optional[dict]:
+def error_body(response: httpx.Response) -> dict | None:
     try:
         body = response.json()
     except ValueError:
@@ -207,12 +224,12 @@ def error_from(response: httpx.Response) -> RunbellError:
     return kind(str(body.get("message", "")), status=status, code=str(body["error"]), body=body)
 
 
-def retry_after(response: httpx.Response) -> Optional[float]:
+def retry_after(response: httpx.Response) -> float | None:
     raw = response.headers.get("retry-after", "")
     return min(float(raw), MAX_DELAY) if raw.isdigit() else None  # an HTTP-date is not worth parsing here
 
 
-def retry_delay(answer: Union[httpx.Response, httpx.TransportError], attempt: int) -> Optional[float]:
+def retry_delay(answer: httpx.Response | httpx.TransportError, attempt: int) -> float | None:
     """Seconds before trying again when the failure is momentary, else None."""
     backoff = min(BACKOFF * 2 ** (attempt - 1), MAX_DELAY)
     if isinstance(answer, httpx.TransportError):
@@ -224,7 +241,7 @@ def retry_delay(answer: Union[httpx.Response, httpx.TransportError], attempt: in
     return None
 
 
-def accepted_max(response: httpx.Response, asked: float) -> Optional[float]:
+def accepted_max(response: httpx.Response, asked: float) -> float | None:
     """The gateway's largest long-poll when `asked` was over it (its maximum is configurable)."""
     body = error_body(response) if response.status_code == 400 else None
     accepted = body.get("accepted") if body else None
@@ -251,7 +268,7 @@ class Sleep:
     seconds: float
 
 
-Flow = Generator[Union[Call, Sleep], Any, T]
+Flow = Generator[Call | Sleep, Any, T]
 
 
 def dag_path(dag_id: str) -> str:
@@ -275,10 +292,20 @@ def send(call: Call) -> Flow[httpx.Response]:
     return answer
 
 
-def trigger_flow(dag_id: str, *, conf: Optional[dict], run_id: Optional[str], logical_date: Union[datetime, str, None],
-                 note: Optional[str], idempotency_key: Optional[str], wait: float) -> Flow[Triggered]:
-    body: dict[str, Any] = {"conf": conf or {},
-                            "logical_date": logical_date.isoformat() if isinstance(logical_date, datetime) else logical_date}
+def trigger_flow(
+    dag_id: str,
+    *,
+    conf: dict | None,
+    run_id: str | None,
+    logical_date: datetime | str | None,
+    note: str | None,
+    idempotency_key: str | None,
+    wait: float,
+) -> Flow[Triggered]:
+    body: dict[str, Any] = {
+        "conf": conf or {},
+        "logical_date": logical_date.isoformat() if isinstance(logical_date, datetime) else logical_date,
+    }
     if run_id is not None:
         body["run_id"] = run_id
     if note is not None:
@@ -317,13 +344,18 @@ def wait_flow(dag_id: str, run_id: str, timeout: float, poll: float) -> Flow[Out
             yield Sleep(min(1.0 if hinted is None else hinted, deadline - now))
 
 
-def trigger_and_wait_flow(dag_id: str, *, conf: Optional[dict], timeout: float, run_id: Optional[str],
-                          idempotency_key: Optional[str]) -> Flow[Any]:
+def trigger_and_wait_flow(dag_id: str, *, conf: dict | None, timeout: float, run_id: str | None, idempotency_key: str | None) -> Flow[Any]:
     deadline = time.monotonic() + timeout
     # A key of our own, so that retrying a POST whose answer was lost cannot start a second run.
-    triggered = yield from trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=None, note=None,
-                                        idempotency_key=idempotency_key or uuid.uuid4().hex,
-                                        wait=min(timeout, POLL_MAX))
+    triggered = yield from trigger_flow(
+        dag_id,
+        conf=conf,
+        run_id=run_id,
+        logical_date=None,
+        note=None,
+        idempotency_key=idempotency_key or uuid.uuid4().hex,
+        wait=min(timeout, POLL_MAX),
+    )
     outcome = triggered.outcome
     if outcome is None:
         outcome = yield from wait_flow(dag_id, triggered.run_id, max(0.0, deadline - time.monotonic()), POLL_MAX)
@@ -339,13 +371,13 @@ class SseParser:
     """The text/event-stream format, a line at a time: fields until a blank line; comments (':') ignored."""
 
     def __init__(self) -> None:
-        self.retry: Optional[int] = None  # the last `retry:` seen, also from a block that is not an event
+        self.retry: int | None = None  # the last `retry:` seen, also from a block that is not an event
         self._start()
 
     def _start(self) -> None:
         self._event, self._data, self._seen = SseEvent(), [], False
 
-    def feed(self, line: str) -> Optional[SseEvent]:
+    def feed(self, line: str) -> SseEvent | None:
         """The event a blank line completes, else None."""
         if line == "":
             event, seen = self._event, self._seen
@@ -392,7 +424,7 @@ class SseFollow:
         self.done = False  # `end` seen, or 204: the stream is over
         self.closing = False  # this connection is over (done, or the gateway said reconnect)
         self.parser = SseParser()
-        self.hint: Optional[float] = None  # Retry-After of a refused connection
+        self.hint: float | None = None  # Retry-After of a refused connection
 
     def call(self) -> Call:
         resume = self.last_id - 1 if self.names_at_last else self.last_id
@@ -412,7 +444,7 @@ class SseFollow:
         self.hint = retry_after(response)
         return False
 
-    def feed(self, line: str) -> Optional[SseEvent]:
+    def feed(self, line: str) -> SseEvent | None:
         """The event to hand out for this line, if any."""
         event = self.parser.feed(line)
         if self.parser.retry is not None:
@@ -434,7 +466,7 @@ class SseFollow:
             self.done = self.closing = True
         return event
 
-    def reconnect_delay(self, error: Optional[Exception] = None) -> float:
+    def reconnect_delay(self, error: Exception | None = None) -> float:
         """Seconds before the next connection; raises Unavailable after too many that brought nothing."""
         self.failures += 1
         if self.failures > SSE_MAX_FAILURES:
@@ -449,7 +481,7 @@ class _Base:
     """`base_url` is one gateway (or a load balancer), or several replicas tried in turn: a request that a
     gateway does not answer, or answers 502/503/504, moves the client on to the next one."""
 
-    def __init__(self, base_url: Union[str, Sequence[str]], token: Optional[str], timeout: float):
+    def __init__(self, base_url: str | Sequence[str], token: str | None, timeout: float):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
             raise ValueError("base_url: at least one gateway URL")
@@ -463,11 +495,17 @@ class _Base:
         """The gateway the next request goes to."""
         return self.base_urls[self._current]
 
-    def _request(self, http: Union[httpx.Client, httpx.AsyncClient], call: Call) -> httpx.Request:
-        return http.build_request(call.method, self.base_url + call.path, params=call.params, json=call.json,
-                                  headers=call.headers, timeout=httpx.Timeout(self.timeout, read=self.timeout + call.hold))
+    def _request(self, http: httpx.Client | httpx.AsyncClient, call: Call) -> httpx.Request:
+        return http.build_request(
+            call.method,
+            self.base_url + call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            timeout=httpx.Timeout(self.timeout, read=self.timeout + call.hold),
+        )
 
-    def _answered(self, request: httpx.Request, answer: Union[httpx.Response, httpx.TransportError]) -> None:
+    def _answered(self, request: httpx.Request, answer: httpx.Response | httpx.TransportError) -> None:
         """After a gateway did not answer or said it is unavailable, the next request goes to the next one:
         once, however many requests in flight saw the same gateway fail."""
         failed = isinstance(answer, httpx.TransportError) or answer.status_code in RETRYABLE_STATUSES
@@ -478,34 +516,49 @@ class _Base:
 class RunbellClient(_Base):
     """The blocking client. Use as a context manager, or call close()."""
 
-    def __init__(self, base_url: Union[str, Sequence[str]] = DEFAULT_URL, token: Optional[str] = None, *,
-                 timeout: float = 10.0, transport: Optional[httpx.BaseTransport] = None):
+    def __init__(
+        self,
+        base_url: str | Sequence[str] = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         super().__init__(base_url, token, timeout)
         self._http = httpx.Client(headers=self.headers, transport=transport)
 
-    def trigger(self, dag_id: str, *, conf: Optional[dict] = None, run_id: Optional[str] = None,
-                logical_date: Union[datetime, str, None] = None, note: Optional[str] = None,
-                idempotency_key: Optional[str] = None, wait: float = 0) -> Triggered:
+    def trigger(
+        self,
+        dag_id: str,
+        *,
+        conf: dict | None = None,
+        run_id: str | None = None,
+        logical_date: datetime | str | None = None,
+        note: str | None = None,
+        idempotency_key: str | None = None,
+        wait: float = 0,
+    ) -> Triggered:
         """Start a run; with `wait`, hold up to that long (capped by the gateway) for its outcome.
         Retried on a lost connection only with an idempotency_key."""
-        return self._drive(trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=logical_date, note=note,
-                                        idempotency_key=idempotency_key, wait=wait))
+        return self._drive(
+            trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=logical_date, note=note, idempotency_key=idempotency_key, wait=wait)
+        )
 
     def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX) -> Outcome:
         """The decided outcome (success or failed); RunPending once `timeout` seconds have passed."""
         return self._drive(wait_flow(dag_id, run_id, timeout, poll))
 
-    def trigger_and_wait(self, dag_id: str, *, conf: Optional[dict] = None, timeout: float = 300,
-                         run_id: Optional[str] = None, idempotency_key: Optional[str] = None) -> Any:
+    def trigger_and_wait(
+        self, dag_id: str, *, conf: dict | None = None, timeout: float = 300, run_id: str | None = None, idempotency_key: str | None = None
+    ) -> Any:
         """The run's result value; RunFailed with the failure, or RunPending at the timeout."""
-        return self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id,
-                                                 idempotency_key=idempotency_key))
+        return self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key))
 
     def events(self, dag_id: str, run_id: str, *, last_event_id: int = 0) -> Iterator[SseEvent]:
         """The run's events (task, run, outcome, end) each once, across reconnects, until `end`."""
         follow = SseFollow(dag_id, run_id, last_event_id)
         while True:
-            error: Optional[Exception] = None
+            error: Exception | None = None
             request = self._request(self._http, follow.call())
             try:
                 response = self._http.send(request, stream=True)
@@ -531,7 +584,7 @@ class RunbellClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "RunbellClient":
+    def __enter__(self) -> RunbellClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -559,29 +612,44 @@ class RunbellClient(_Base):
 class AsyncRunbellClient(_Base):
     """The asyncio (or trio) client: the same methods, awaited. Use as an async context manager, or aclose()."""
 
-    def __init__(self, base_url: Union[str, Sequence[str]] = DEFAULT_URL, token: Optional[str] = None, *,
-                 timeout: float = 10.0, transport: Optional[httpx.AsyncBaseTransport] = None):
+    def __init__(
+        self,
+        base_url: str | Sequence[str] = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         super().__init__(base_url, token, timeout)
         self._http = httpx.AsyncClient(headers=self.headers, transport=transport)
 
-    async def trigger(self, dag_id: str, *, conf: Optional[dict] = None, run_id: Optional[str] = None,
-                      logical_date: Union[datetime, str, None] = None, note: Optional[str] = None,
-                      idempotency_key: Optional[str] = None, wait: float = 0) -> Triggered:
-        return await self._drive(trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=logical_date, note=note,
-                                              idempotency_key=idempotency_key, wait=wait))
+    async def trigger(
+        self,
+        dag_id: str,
+        *,
+        conf: dict | None = None,
+        run_id: str | None = None,
+        logical_date: datetime | str | None = None,
+        note: str | None = None,
+        idempotency_key: str | None = None,
+        wait: float = 0,
+    ) -> Triggered:
+        return await self._drive(
+            trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=logical_date, note=note, idempotency_key=idempotency_key, wait=wait)
+        )
 
     async def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX) -> Outcome:
         return await self._drive(wait_flow(dag_id, run_id, timeout, poll))
 
-    async def trigger_and_wait(self, dag_id: str, *, conf: Optional[dict] = None, timeout: float = 300,
-                               run_id: Optional[str] = None, idempotency_key: Optional[str] = None) -> Any:
-        return await self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id,
-                                                       idempotency_key=idempotency_key))
+    async def trigger_and_wait(
+        self, dag_id: str, *, conf: dict | None = None, timeout: float = 300, run_id: str | None = None, idempotency_key: str | None = None
+    ) -> Any:
+        return await self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key))
 
     async def events(self, dag_id: str, run_id: str, *, last_event_id: int = 0) -> AsyncIterator[SseEvent]:
         follow = SseFollow(dag_id, run_id, last_event_id)
         while True:
-            error: Optional[Exception] = None
+            error: Exception | None = None
             request = self._request(self._http, follow.call())
             try:
                 response = await self._http.send(request, stream=True)
@@ -607,7 +675,7 @@ class AsyncRunbellClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncRunbellClient":
+    async def __aenter__(self) -> AsyncRunbellClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -630,4 +698,3 @@ class AsyncRunbellClient(_Base):
             except httpx.TransportError as exc:
                 answer = exc
             self._answered(request, answer)
-

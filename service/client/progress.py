@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TextIO
+from typing import TextIO
 
 from runbell.service.client.client import (
     RunbellClient,
@@ -45,7 +46,7 @@ STATE_ORDER = ("failed", "up_for_retry", "running", "success", "skipped")  # in 
 @dataclass(frozen=True)
 class TaskInstance:
     state: str
-    try_number: Optional[int]
+    try_number: int | None
 
 
 @dataclass
@@ -56,9 +57,9 @@ class RunView:
     run_id: str
     run_state: str = "queued"
     tasks: dict[str, dict[int, TaskInstance]] = field(default_factory=dict)  # task_id -> map_index -> instance
-    outcome: Optional[dict] = None  # the outcome's body, or the pending answer at the timeout
+    outcome: dict | None = None  # the outcome's body, or the pending answer at the timeout
 
-    def apply(self, event: SseEvent) -> Optional[str]:
+    def apply(self, event: SseEvent) -> str | None:
         """Fold one event in. The change it made, as one line, or None when it changed nothing."""
         if event.event == "outcome":
             return self.settle(event.json())
@@ -80,7 +81,7 @@ class RunView:
         reason = f": {error.get('type')}: {error.get('message')}" if error else ""
         return f"task {task_label(data['task_id'], map_index)} {instance.state}{try_text(instance.try_number, ' (try {})')}{reason}"
 
-    def settle(self, body: dict) -> Optional[str]:
+    def settle(self, body: dict) -> str | None:
         """The outcome, or the pending answer at the timeout: the first one told is kept."""
         if self.outcome is not None:
             return None
@@ -99,7 +100,7 @@ def task_label(task_id: str, map_index: int) -> str:
     return task_id if map_index < 0 else f"{task_id}[{map_index}]"
 
 
-def try_text(try_number: Optional[int], template: str = "try {}") -> str:
+def try_text(try_number: int | None, template: str = "try {}") -> str:
     return template.format(try_number) if try_number else ""
 
 
@@ -152,8 +153,7 @@ def visible_tasks(view: RunView, limit: int) -> tuple[list[str], int]:
 def render_block(view: RunView, elapsed: float, width: int, max_tasks: int = MAX_TASK_LINES) -> list[str]:
     """The status block: the run, one line per task, the outcome once known; each line cut to `width`."""
     done, running, failed = view.counts()
-    lines = [f"{view.dag_id} {view.run_id}  {view.run_state}  {format_elapsed(elapsed)}  "
-             f"({done} done, {running} running, {failed} failed)"]
+    lines = [f"{view.dag_id} {view.run_id}  {view.run_state}  {format_elapsed(elapsed)}  ({done} done, {running} running, {failed} failed)"]
     names, hidden = visible_tasks(view, max_tasks)
     name_width = max((len(n) for n in names), default=0)
     lines += [task_line(name, view.tasks[name], name_width) for name in names]
@@ -174,8 +174,16 @@ class RunProgress:
     """Shows a run's progress on `stream` as its events come in: a block redrawn in place on a
     terminal, one line per state change elsewhere."""
 
-    def __init__(self, stream: TextIO, dag_id: str, run_id: str, *, clock: Callable[[], float] = time.monotonic,
-                 width: Optional[int] = None, max_tasks: int = MAX_TASK_LINES):
+    def __init__(
+        self,
+        stream: TextIO,
+        dag_id: str,
+        run_id: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        width: int | None = None,
+        max_tasks: int = MAX_TASK_LINES,
+    ):
         self.stream, self.clock, self.max_tasks = stream, clock, max_tasks
         self.view = RunView(dag_id, run_id)
         self.started = clock()
@@ -198,7 +206,7 @@ class RunProgress:
         if self.tty:
             self._redraw()
 
-    def _show(self, change: Optional[str]) -> None:
+    def _show(self, change: str | None) -> None:
         if change is None:
             return
         if self.tty:
@@ -217,8 +225,9 @@ class RunProgress:
 # -- the command ------------------------------------------------------------------------------------
 
 
-def run_command(client: RunbellClient, dag_id: str, conf: Optional[dict], timeout: float,
-                stream: TextIO = sys.stderr, out: TextIO = sys.stdout) -> int:
+def run_command(
+    client: RunbellClient, dag_id: str, conf: dict | None, timeout: float, stream: TextIO = sys.stderr, out: TextIO = sys.stdout
+) -> int:
     """Trigger the run, show its progress on `stream` until its outcome or `timeout` seconds, print
     the outcome (or the pending answer) as JSON on `out`. Exit 0 success, 1 failed, 2 still pending,
     64 when the gateway refused (why, on `stream`)."""
@@ -250,10 +259,10 @@ def outcome_body(client: RunbellClient, progress: RunProgress, triggered: Trigge
         return pending.body
 
 
-def follow(client: RunbellClient, progress: RunProgress, dag_id: str, run_id: str, deadline: float) -> Optional[dict]:
+def follow(client: RunbellClient, progress: RunProgress, dag_id: str, run_id: str, deadline: float) -> dict | None:
     """Feed the run's events to the display until the outcome (its body), or None at the deadline or
     when the stream gave out. The stream is read in a thread, so the deadline and the clock keep time."""
-    events: queue.Queue[Optional[SseEvent]] = queue.Queue()
+    events: queue.Queue[SseEvent | None] = queue.Queue()
     stop = threading.Event()
     threading.Thread(target=pump, args=(client, dag_id, run_id, events, stop), daemon=True).start()
     try:

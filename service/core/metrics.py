@@ -19,12 +19,12 @@ class Metrics:
         self.waiters = Gauge("runbell_waiters", "Long-poll callers waiting now", registry=r)
         self.sse_clients = Gauge("runbell_sse_clients", "Server-Sent Events clients connected now", registry=r)
         self.events_in = Counter("runbell_events_in_total", "Envelopes received on pub/sub for local subscribers", registry=r)
-        self.decode_errors = Counter(
-            "runbell_decode_errors_total", "Messages dropped as not valid events", ["reason"], registry=r
-        )
+        self.decode_errors = Counter("runbell_decode_errors_total", "Messages dropped as not valid events", ["reason"], registry=r)
         self.recorder_skipped = Counter(
-            "runbell_recorder_skipped_total", "Global stream entries acknowledged unrecorded as not valid events",
-            ["reason"], registry=r,
+            "runbell_recorder_skipped_total",
+            "Global stream entries acknowledged unrecorded as not valid events",
+            ["reason"],
+            registry=r,
         )
         self.delivery_latency = Histogram(
             "runbell_delivery_latency_seconds",
@@ -34,7 +34,8 @@ class Metrics:
         )
         self.overflows = Counter("runbell_subscriber_overflows_total", "Subscribers cut off as too slow", registry=r)
         self.sse_send_timeouts = Counter(
-            "runbell_sse_send_timeouts_total", "SSE clients dropped as a write took longer than the send timeout",
+            "runbell_sse_send_timeouts_total",
+            "SSE clients dropped as a write took longer than the send timeout",
             registry=r,
         )
         self.resubscribes = Counter("runbell_resubscribes_total", "Pub/sub (re)subscriptions", registry=r)
@@ -52,7 +53,9 @@ class Metrics:
             registry=r,
         )
         self.webhook_attempt_latency = Histogram(
-            "runbell_webhook_attempt_seconds", "Duration of one webhook delivery attempt", buckets=WEBHOOK_BUCKETS,
+            "runbell_webhook_attempt_seconds",
+            "Duration of one webhook delivery attempt",
+            buckets=WEBHOOK_BUCKETS,
             registry=r,
         )
         self.webhook_dead_letters = Counter(
@@ -60,6 +63,7 @@ class Metrics:
         )
         self.webhook_in_flight = Gauge("runbell_webhook_in_flight", "Webhook delivery attempts running now", registry=r)
         self.webhook_endpoints_disabled = Counter(
-            "runbell_webhook_endpoints_disabled_total", "Webhook endpoints disabled (410, or failing for days)",
+            "runbell_webhook_endpoints_disabled_total",
+            "Webhook endpoints disabled (410, or failing for days)",
             registry=r,
         )

@@ -15,10 +15,12 @@ The rules, in order of precedence:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from pydantic import BaseModel
+
 from runbell.bus.schema import Envelope, Event, EventKind, Result, RunState, TaskState
 
 UNKNOWN_RUN_STATE = "unknown"
@@ -37,16 +39,16 @@ class DecidedBy(str, Enum):
 
 
 class Failure(BaseModel):
-    task_id: Optional[str] = None
+    task_id: str | None = None
     map_index: int = -1
-    try_number: Optional[int] = None
+    try_number: int | None = None
     error: dict[str, str]
 
 
 class ResultTask(BaseModel):
     task_id: str
     map_index: int = -1
-    try_number: Optional[int] = None
+    try_number: int | None = None
     is_ref: bool = False  # the value is too large for the bus: `result` holds a reference
     size: int = 0
 
@@ -57,11 +59,11 @@ class Outcome(BaseModel):
     status: OutcomeStatus = OutcomeStatus.PENDING
     run_state: str = UNKNOWN_RUN_STATE
     seq: int = 0  # the last sequence number applied
-    decided_seq: Optional[int] = None  # the event that decided the outcome
-    decided_by: Optional[DecidedBy] = None
+    decided_seq: int | None = None  # the event that decided the outcome
+    decided_by: DecidedBy | None = None
     result: Any = None
-    result_task: Optional[ResultTask] = None
-    failure: Optional[Failure] = None
+    result_task: ResultTask | None = None
+    failure: Failure | None = None
 
     @property
     def decided(self) -> bool:
@@ -81,12 +83,12 @@ class OutcomeFold:
 
     def __init__(self, dag_id: str = "", run_id: str = ""):
         self.outcome = Outcome(dag_id=dag_id, run_id=run_id)
-        self._terminal: dict[tuple[str, int, Optional[int]], TaskState] = {}
+        self._terminal: dict[tuple[str, int, int | None], TaskState] = {}
         self._result_tasks: set[str] = set()  # ids flagged as the result task by any event
         self._critical_tasks: set[str] = set()  # ids flagged critical by any event (e.g. running)
         self._mapped_values: dict[int, Any] = {}
-        self._mapped_task: Optional[ResultTask] = None
-        self._first_failed: Optional[Event] = None
+        self._mapped_task: ResultTask | None = None
+        self._first_failed: Event | None = None
         self._run_terminal = False
 
     def apply(self, envelope: Envelope) -> bool:

@@ -8,14 +8,18 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import AsyncIterator, Optional
 
 import redis.asyncio as aioredis
+from sqlalchemy import event as sa_event
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
-from runbell.service.http.idempotency import IdempotencyKeys
 from runbell.service.airflow.reconciler import Reconciler
 from runbell.service.core.metrics import Metrics
 from runbell.service.http import (
@@ -36,6 +40,7 @@ from runbell.service.http.errors import (
     http_error_handler,
     unexpected_error_handler,
 )
+from runbell.service.http.idempotency import IdempotencyKeys
 from runbell.service.live.broker import EmbeddedBroker, resolve_redis
 from runbell.service.live.hub import Hub
 from runbell.service.settings import Settings
@@ -44,10 +49,6 @@ from runbell.service.store.store import Store
 from runbell.service.webhooks.dispatcher import Dispatcher, webhook_schedule_seconds
 from runbell.service.webhooks.outbox import WebhookOutbox, WebhookStore
 from runbell.service.webhooks.target_guard import TargetPolicy
-from sqlalchemy import event as sa_event
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.routing import Route
 
 log = logging.getLogger("runbell.app")
 
@@ -84,7 +85,7 @@ ROUTES = [
 ]
 
 
-def create_app(settings: Settings, *, embedded: Optional[EmbeddedBroker] = None) -> Starlette:
+def create_app(settings: Settings, *, embedded: EmbeddedBroker | None = None) -> Starlette:
     """The ASGI app. Everything that talks to Redis or the database starts in the lifespan."""
     app = Starlette(
         routes=[*ROUTES, *dashboard.ROUTES],  # the dashboard: its page at / and files under /ui/
@@ -106,19 +107,26 @@ def create_app(settings: Settings, *, embedded: Optional[EmbeddedBroker] = None)
 def token_secret(settings: Settings) -> str:
     if settings.token_secret is not None:
         return settings.token_secret.get_secret_value()
-    log.warning("RUNBELL_TOKEN_SECRET is not set: run-scoped tokens are signed with a random key of this "
-                "process and are not accepted by other replicas or after a restart")
+    log.warning(
+        "RUNBELL_TOKEN_SECRET is not set: run-scoped tokens are signed with a random key of this "
+        "process and are not accepted by other replicas or after a restart"
+    )
     return secrets.token_urlsafe(32)
 
 
-def airflow_client(settings: Settings) -> Optional[AirflowClient]:
+def airflow_client(settings: Settings) -> AirflowClient | None:
     if not settings.airflow_url:
         return None
     reveal = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
-    return AirflowClient(AirflowSettings(
-        base_url=settings.airflow_url, token=reveal(settings.airflow_token), username=settings.airflow_username,
-        password=reveal(settings.airflow_password), timeout=settings.airflow_timeout,
-    ))
+    return AirflowClient(
+        AirflowSettings(
+            base_url=settings.airflow_url,
+            token=reveal(settings.airflow_token),
+            username=settings.airflow_username,
+            password=reveal(settings.airflow_password),
+            timeout=settings.airflow_timeout,
+        )
+    )
 
 
 async def airflow_error_handler(request, exc: Exception):
@@ -137,8 +145,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # recorder's blocking reads (no socket timeout: redis-py would retry a long XREAD and skip entries).
     # Commands share a bounded pool: a crowd of arriving waiters queues for a connection instead of
     # opening one each, so the process's connections to Redis do not grow with its waiters.
-    state.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-        redis_url, max_connections=REDIS_COMMAND_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=2))
+    state.redis = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=REDIS_COMMAND_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=2
+        )
+    )
     pubsub_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
     recorder_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
     # Every recording process writes the webhook outbox, whether or not it delivers (settings.webhooks).
@@ -175,9 +186,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if settings.webhooks:
         worker = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"
         timeout = settings.webhook_attempt_timeout
-        state.dispatcher = Dispatcher(state.webhooks, policy=state.webhook_policy, worker=worker, metrics=state.metrics,
-                                      attempt_timeout=timeout, lease_seconds=2 * timeout + 5,  # a lease outlasts an attempt
-                                      schedule=webhook_schedule_seconds(settings.webhook_schedule))
+        state.dispatcher = Dispatcher(
+            state.webhooks,
+            policy=state.webhook_policy,
+            worker=worker,
+            metrics=state.metrics,
+            attempt_timeout=timeout,
+            lease_seconds=2 * timeout + 5,  # a lease outlasts an attempt
+            schedule=webhook_schedule_seconds(settings.webhook_schedule),
+        )
         outbox.on_enqueued = state.dispatcher.wake  # after each committed batch that enqueued something
         tasks.append(asyncio.create_task(state.dispatcher.run(), name="runbell-webhooks"))
     log.info("runbell gateway ready (namespace %r)", settings.namespace)

@@ -14,10 +14,15 @@ is (``/v1/assets/s3://bucket/key/next``) or as one encoded segment
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 import anyio
 from redis.exceptions import RedisError
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
@@ -30,10 +35,6 @@ from runbell.service.http.params import (
 from runbell.service.http.run_routes import BACKLOG_READ_SECONDS, PENDING_RETRY_AFTER
 from runbell.service.http.sse import EventStream, farewell
 from runbell.service.live.hub import BACKOFF_MAX_SECONDS, Hub, SubscriptionClosed
-from sse_starlette import ServerSentEvent
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 ASSET = "/v1/assets/{name}"
 AFTER_PARAM = "after"
@@ -86,7 +87,7 @@ async def asset_next(request: Request) -> Response:
     return pending_response(name, await pending_seq(hub, name, after))
 
 
-def pending_response(name: str, seq: Optional[int]) -> Response:
+def pending_response(name: str, seq: int | None) -> Response:
     body = {"status": "pending", "asset": name, "seq": seq}
     return JSONResponse(body, status_code=202, headers={"Retry-After": PENDING_RETRY_AFTER})
 
@@ -95,7 +96,7 @@ def event_response(envelope: AssetEnvelope) -> Response:
     return JSONResponse(json.loads(event_data(envelope)))
 
 
-async def pending_seq(hub: Hub, name: str, known: Optional[int]) -> Optional[int]:
+async def pending_seq(hub: Hub, name: str, known: int | None) -> int | None:
     """The asset's current seq for a 202 (what to pass as `after` next); null when Redis cannot say
     and the caller gave no `after`."""
     with anyio.move_on_after(BACKLOG_READ_SECONDS):
@@ -130,7 +131,7 @@ async def asset_events(request: Request) -> Response:
     return EventStream(request, asset_sse_stream(request, hub, name, last_id))
 
 
-async def asset_sse_stream(request: Request, hub: Hub, name: str, last_id: Optional[int]) -> AsyncIterator[ServerSentEvent]:
+async def asset_sse_stream(request: Request, hub: Hub, name: str, last_id: int | None) -> AsyncIterator[ServerSentEvent]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     metrics.sse_clients.inc()
     try:
@@ -164,7 +165,7 @@ def asset_name(request: Request) -> str:
     return name
 
 
-def parse_after(request: Request) -> Optional[int]:
+def parse_after(request: Request) -> int | None:
     """`after`: a sequence number (integer >= 0); None when not given (then: the current seq)."""
     raw = request.query_params.get(AFTER_PARAM)
     if raw is None:
@@ -174,7 +175,7 @@ def parse_after(request: Request) -> Optional[int]:
     return int(raw)
 
 
-def parse_asset_last_event_id(request: Request) -> Optional[int]:
+def parse_asset_last_event_id(request: Request) -> int | None:
     """As a run's (header, else ?last_event_id=), but None when neither is given: start from now."""
     if not request.headers.get("last-event-id") and not request.query_params.get(LAST_EVENT_ID_PARAM):
         return None

@@ -5,25 +5,23 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Optional
 
 import jwt
+from starlette.requests import Request
+
 from runbell.service.core.roles import Role
 from runbell.service.http.errors import ApiError
-from starlette.requests import Request
 
 QUERY_TOKEN_PARAM = "access_token"  # EventSource cannot send headers
 
 
 @dataclass(frozen=True)
 class Principal:
-    role: Optional[Role]  # None when auth is off
-    run: Optional[tuple[str, str]] = None  # set for a run-scoped token: the one run it may read
+    role: Role | None  # None when auth is off
+    run: tuple[str, str] | None = None  # set for a run-scoped token: the one run it may read
 
 
-def authorize(
-    request: Request, needed: Role, *, run: Optional[tuple[str, str]] = None, query_token: bool = False
-) -> Principal:
+def authorize(request: Request, needed: Role, *, run: tuple[str, str] | None = None, query_token: bool = False) -> Principal:
     """Check the caller's token against the needed role.
 
     Endpoints of one run pass `run`: they also take the token as ?access_token= (EventSource cannot
@@ -56,15 +54,20 @@ def issue_run_token(secret: str, dag_id: str, run_id: str, ttl: float) -> tuple[
     """A short-lived token that may read one run's result and events, and nothing else."""
     now = datetime.now(timezone.utc)
     expires = now + timedelta(seconds=ttl)
-    claims = {"iss": SCOPED_ISSUER, "scope": SCOPED_SCOPE, "dag_id": dag_id, "run_id": run_id,
-              "iat": int(now.timestamp()), "exp": int(expires.timestamp())}
+    claims = {
+        "iss": SCOPED_ISSUER,
+        "scope": SCOPED_SCOPE,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "iat": int(now.timestamp()),
+        "exp": int(expires.timestamp()),
+    }
     return jwt.encode(claims, secret, algorithm="HS256"), expires
 
 
-def _authorize_scoped(secret: str, presented: str, needed: Role, run: Optional[tuple[str, str]]) -> Principal:
+def _authorize_scoped(secret: str, presented: str, needed: Role, run: tuple[str, str] | None) -> Principal:
     try:
-        claims = jwt.decode(presented, secret, algorithms=["HS256"], issuer=SCOPED_ISSUER,
-                            options={"require": ["exp", "iss"]})
+        claims = jwt.decode(presented, secret, algorithms=["HS256"], issuer=SCOPED_ISSUER, options={"require": ["exp", "iss"]})
     except jwt.ExpiredSignatureError:
         raise ApiError(401, "token_expired", "the run-scoped token has expired") from None
     except jwt.InvalidTokenError:
@@ -76,7 +79,7 @@ def _authorize_scoped(secret: str, presented: str, needed: Role, run: Optional[t
     return Principal(role=Role.READ, run=run)
 
 
-def _presented_token(request: Request, allow_query_token: bool) -> Optional[str]:
+def _presented_token(request: Request, allow_query_token: bool) -> str | None:
     header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
@@ -88,9 +91,9 @@ def _presented_token(request: Request, allow_query_token: bool) -> Optional[str]
     return None
 
 
-def _lookup(tokens: dict[str, Role], presented: str) -> Optional[Role]:
+def _lookup(tokens: dict[str, Role], presented: str) -> Role | None:
     # Compare against every token in constant time, so timing does not reveal a prefix.
-    found: Optional[Role] = None
+    found: Role | None = None
     for token, role in tokens.items():
         if hmac.compare_digest(token.encode(), presented.encode()):
             found = role

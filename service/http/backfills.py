@@ -28,9 +28,18 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Optional
+from typing import Any
+
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from runbell.service.core.outcome import OutcomeFold
 from runbell.service.http.auth import Role, authorize
@@ -41,13 +50,6 @@ from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
 from runbell.service.settings import Settings
 from runbell.service.store.models import UTCDateTime
 from runbell.service.store.store import Store, normalize_database_url
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sse_starlette import ServerSentEvent
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 log = logging.getLogger("runbell.backfills")
 
@@ -64,13 +66,15 @@ _RANK = {"unknown": -1, "queued": 0, "running": 1, "success": 2, "failed": 2}
 
 _airflow = MetaData()
 backfill_table = Table(
-    "backfill", _airflow,
+    "backfill",
+    _airflow,
     Column("id", Integer, primary_key=True),
     Column("dag_id", String(250)),
     Column("completed_at", UTCDateTime()),
 )
 backfill_dag_run_table = Table(
-    "backfill_dag_run", _airflow,
+    "backfill_dag_run",
+    _airflow,
     Column("id", Integer, primary_key=True),
     Column("backfill_id", Integer),
     Column("dag_run_id", Integer),
@@ -79,7 +83,8 @@ backfill_dag_run_table = Table(
     Column("sort_ordinal", Integer),
 )
 dag_run_table = Table(
-    "dag_run", _airflow,
+    "dag_run",
+    _airflow,
     Column("id", Integer, primary_key=True),
     Column("dag_id", String(250)),
     Column("run_id", String(250)),
@@ -96,11 +101,11 @@ class Backfill:
 @dataclass(frozen=True)
 class Slot:
     sort_ordinal: int
-    logical_date: Optional[datetime]
+    logical_date: datetime | None
     dag_id: str
-    run_id: Optional[str]  # None: Airflow made no run for this slot
-    exception_reason: Optional[str]  # why not, as Airflow recorded it
-    state: Optional[str]  # the run's state (the store's, else Airflow's); None without a run
+    run_id: str | None  # None: Airflow made no run for this slot
+    exception_reason: str | None  # why not, as Airflow recorded it
+    state: str | None  # the run's state (the store's, else Airflow's); None without a run
 
     @property
     def terminal(self) -> bool:
@@ -124,8 +129,7 @@ class AirflowMetadata:
         connect_args: dict[str, Any] = {}
         driver = make_url(self.url).get_driver_name()
         if driver == "asyncpg":
-            connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS,
-                            "server_settings": {"default_transaction_read_only": "on"}}
+            connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS, "server_settings": {"default_transaction_read_only": "on"}}
         elif driver == "aiosqlite":
             connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS}  # waits while Airflow holds its write lock
         self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
@@ -133,13 +137,13 @@ class AirflowMetadata:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def backfill(self, backfill_id: int) -> Optional[Backfill]:
+    async def backfill(self, backfill_id: int) -> Backfill | None:
         query = select(backfill_table.c.id, backfill_table.c.dag_id).where(backfill_table.c.id == backfill_id)
         async with self._connect() as conn:
             row = (await conn.execute(query)).first()
         return Backfill(row.id, row.dag_id) if row else None
 
-    async def slots(self, backfill: Backfill, limit: Optional[int] = None, offset: int = 0) -> tuple[int, list[Slot]]:
+    async def slots(self, backfill: Backfill, limit: int | None = None, offset: int = 0) -> tuple[int, list[Slot]]:
         """(total_entries, the slots in sort_ordinal order from offset) with Airflow's run states."""
         bdr, dr = backfill_dag_run_table, dag_run_table
         count = select(func.count()).select_from(bdr).where(bdr.c.backfill_id == backfill.id)
@@ -154,10 +158,7 @@ class AirflowMetadata:
         async with self._connect() as conn:
             total = (await conn.execute(count)).scalar_one()
             rows = (await conn.execute(query)).all()
-        slots = [
-            Slot(r.sort_ordinal, r.logical_date, r.dag_id or backfill.dag_id, r.run_id, r.exception_reason, r.state)
-            for r in rows
-        ]
+        slots = [Slot(r.sort_ordinal, r.logical_date, r.dag_id or backfill.dag_id, r.run_id, r.exception_reason, r.state) for r in rows]
         return total, slots
 
     @contextlib.asynccontextmanager
@@ -166,9 +167,12 @@ class AirflowMetadata:
             async with self.engine.connect() as conn:
                 yield conn
         except (SQLAlchemyError, OSError) as exc:
-            raise ApiError(503, "airflow_database_unavailable",
-                           f"Airflow's metadata database could not be read ({type(exc).__name__})",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503,
+                "airflow_database_unavailable",
+                f"Airflow's metadata database could not be read ({type(exc).__name__})",
+                headers={"Retry-After": "5"},
+            ) from None
 
 
 def read_only_url(url: str) -> str:
@@ -182,7 +186,7 @@ def read_only_url(url: str) -> str:
     return url
 
 
-def source_from(settings: Settings) -> Optional[AirflowMetadata]:
+def source_from(settings: Settings) -> AirflowMetadata | None:
     if settings.airflow_database_url is None:
         return None
     return AirflowMetadata(settings.airflow_database_url.get_secret_value())
@@ -215,8 +219,9 @@ async def backfill_runs(request: Request) -> Response:
     limit, offset = parse_paging(request)
     total, slots = await source.slots(backfill, limit, offset)
     slots = await with_store_states(request.app.state.store, slots)
-    return JSONResponse({"backfill_id": str(backfill.id), "dag_id": backfill.dag_id, "total_entries": total,
-                         "slots": [s.row() for s in slots]})
+    return JSONResponse(
+        {"backfill_id": str(backfill.id), "dag_id": backfill.dag_id, "total_entries": total, "slots": [s.row() for s in slots]}
+    )
 
 
 async def backfill_events(request: Request) -> Response:
@@ -237,11 +242,14 @@ async def backfill_events(request: Request) -> Response:
 
 
 async def find_backfill(request: Request) -> tuple[AirflowMetadata, Backfill]:
-    source: Optional[AirflowMetadata] = getattr(request.app.state, "backfills", None)
+    source: AirflowMetadata | None = getattr(request.app.state, "backfills", None)
     if source is None:
-        raise ApiError(503, "airflow_database_not_configured",
-                       "backfill slots are read from Airflow's metadata database: set RUNBELL_AIRFLOW_DATABASE_URL "
-                       "(Airflow's REST API does not list a backfill's slots)")
+        raise ApiError(
+            503,
+            "airflow_database_not_configured",
+            "backfill slots are read from Airflow's metadata database: set RUNBELL_AIRFLOW_DATABASE_URL "
+            "(Airflow's REST API does not list a backfill's slots)",
+        )
     raw = request.path_params["backfill_id"]
     backfill = await source.backfill(int(raw)) if raw.isdigit() and len(raw) < 19 else None
     if backfill is None:
@@ -253,8 +261,12 @@ def parse_paging(request: Request) -> tuple[int, int]:
     params = request.query_params
     raw_limit, raw_offset = params.get("limit") or str(DEFAULT_LIMIT), params.get("offset") or "0"
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise ApiError(400, "bad_limit", f"limit must be an integer from 1 to {MAX_LIMIT}",
-                       accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT})
+        raise ApiError(
+            400,
+            "bad_limit",
+            f"limit must be an integer from 1 to {MAX_LIMIT}",
+            accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT},
+        )
     if not raw_offset.isdigit() or len(raw_offset) > 12:
         raise ApiError(400, "bad_offset", "offset must be a non-negative integer", accepted={"min": 0})
     return int(raw_limit), int(raw_offset)
@@ -288,7 +300,7 @@ class Progress:
             "total": len(self.slots),
         }
 
-    def update(self, ordinal: int, state: str, authoritative: bool) -> Optional[Slot]:
+    def update(self, ordinal: int, state: str, authoritative: bool) -> Slot | None:
         """Apply a state seen for a slot's run; the slot if it changed."""
         slot = self.slots.get(ordinal)
         if slot is None or slot.run_id is None or state == slot.state or state not in _RANK:
@@ -306,8 +318,9 @@ def progress_event(tracker: Progress) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(tracker.summary()), event="progress")
 
 
-async def backfill_stream(request: Request, hub: Hub, source: AirflowMetadata, backfill: Backfill,
-                          tracker: Progress) -> AsyncIterator[ServerSentEvent]:
+async def backfill_stream(
+    request: Request, hub: Hub, source: AirflowMetadata, backfill: Backfill, tracker: Progress
+) -> AsyncIterator[ServerSentEvent]:
     settings = request.app.state.settings
     metrics = request.app.state.metrics
     yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
@@ -329,8 +342,11 @@ async def backfill_stream(request: Request, hub: Hub, source: AirflowMetadata, b
             if tracker.finished:
                 yield end_event(tracker)
                 return
-            tasks = [asyncio.create_task(follow_run(o, sub, fold, changes)) for o, sub, fold in followed
-                     if fold.outcome.run_state not in TERMINAL]
+            tasks = [
+                asyncio.create_task(follow_run(o, sub, fold, changes))
+                for o, sub, fold in followed
+                if fold.outcome.run_state not in TERMINAL
+            ]
             tasks.append(asyncio.create_task(poll_airflow(source, backfill, changes)))
             while True:
                 kind, item = await changes.get()
@@ -339,8 +355,9 @@ async def backfill_stream(request: Request, hub: Hub, source: AirflowMetadata, b
                         continue  # Airflow has no such run any more: its slot keeps its last state
                     yield farewell(item, settings.sse_retry_ms)
                     return
-                updates = [(item[0], item[1], True)] if kind == "run" else [
-                    (s.sort_ordinal, s.state, False) for s in item if s.state is not None]
+                updates = (
+                    [(item[0], item[1], True)] if kind == "run" else [(s.sort_ordinal, s.state, False) for s in item if s.state is not None]
+                )
                 changed = [c for c in (tracker.update(*u) for u in updates) if c is not None]
                 for slot in changed:
                     yield ServerSentEvent(data=json.dumps(slot.row()), event="slot")

@@ -14,12 +14,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Optional
 
-from runbell.service.http.errors import ApiError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from runbell.service.http.errors import ApiError
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -33,8 +33,10 @@ CONTENT_TYPES = {
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 # The page runs only its own script and style, and talks only to its own origin.
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # ?token= must not leak to other sites
@@ -63,7 +65,7 @@ def _load_assets() -> dict[str, Asset]:
     return assets
 
 
-_ASSETS: Optional[dict[str, Asset]] = None
+_ASSETS: dict[str, Asset] | None = None
 
 
 def assets() -> dict[str, Asset]:
@@ -91,7 +93,7 @@ def _not_modified(request: Request, asset: Asset) -> bool:
     return tags.strip() == "*" or asset.etag in (t.strip().removeprefix("W/") for t in tags.split(","))
 
 
-def _serve(request: Request, asset: Asset, cache_control: str, extra: Optional[dict] = None) -> Response:
+def _serve(request: Request, asset: Asset, cache_control: str, extra: dict | None = None) -> Response:
     headers = {"ETag": asset.etag, "Cache-Control": cache_control, **SECURITY_HEADERS, **(extra or {})}
     if _not_modified(request, asset):
         return Response(status_code=304, headers=headers)
@@ -104,8 +106,7 @@ def _serve(request: Request, asset: Asset, cache_control: str, extra: Optional[d
 
 async def index(request: Request) -> Response:
     """The page. Its routes live in the URL's fragment (#/runs/{dag}/{run}), so `/` serves them all."""
-    return _serve(request, assets()["index.html"], REVALIDATE, {"Content-Security-Policy": PAGE_POLICY,
-                                                                 "X-Frame-Options": "DENY"})
+    return _serve(request, assets()["index.html"], REVALIDATE, {"Content-Security-Policy": PAGE_POLICY, "X-Frame-Options": "DENY"})
 
 
 async def asset(request: Request) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -10,12 +10,12 @@ from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, accepted: Any = None, headers: Optional[dict] = None):
+    def __init__(self, status: int, code: str, message: str, *, accepted: Any = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.accepted, self.headers = status, code, message, accepted, headers
 
 
-def error_response(status: int, code: str, message: str, accepted: Any = None, headers: Optional[dict] = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, accepted: Any = None, headers: dict | None = None) -> JSONResponse:
     body: dict[str, Any] = {"error": code, "message": message}
     if accepted is not None:
         body["accepted"] = accepted

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from runbell.service.http.auth import Role, authorize
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from runbell.service.http.auth import Role, authorize
 
 READY_CHECK_TIMEOUT = 2.0
 

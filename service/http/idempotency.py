@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+
 from runbell.bus import keys
 from runbell.service.http.errors import ApiError
 
@@ -65,8 +66,12 @@ class IdempotencyKeys:
             if found["state"] == "done":
                 return Claim(found["run_id"], must_trigger=False)
             if found["lease_until"] > time.time():
-                raise ApiError(409, "idempotency_in_progress", "the first call with this Idempotency-Key is still triggering",
-                               headers={"Retry-After": "1"})
+                raise ApiError(
+                    409,
+                    "idempotency_in_progress",
+                    "the first call with this Idempotency-Key is still triggering",
+                    headers={"Retry-After": "1"},
+                )
             takeover = _record(print_, found["run_id"], "triggering")
             if await self._cas(keys=[name], args=[raw, takeover]):
                 return Claim(found["run_id"], must_trigger=True, resumed=True)

@@ -6,12 +6,12 @@ Every endpoint parses its input here, so a bad value gets the same 400 everywher
 from __future__ import annotations
 
 import math
-from typing import Optional
+
+from starlette.requests import Request
 
 from runbell.bus.schema import ID_MAX
 from runbell.service.http.errors import ApiError
 from runbell.service.live.hub import Hub
-from starlette.requests import Request
 
 LAST_EVENT_ID_PARAM = "last_event_id"  # EventSource sends the header only on reconnects
 
@@ -40,11 +40,13 @@ def parse_timeout(request: Request) -> float:
 
 
 def parse_last_event_id(request: Request) -> int:
-    raw: Optional[str] = request.headers.get("last-event-id") or request.query_params.get(LAST_EVENT_ID_PARAM)
+    raw: str | None = request.headers.get("last-event-id") or request.query_params.get(LAST_EVENT_ID_PARAM)
     if raw is None or raw == "":
         return 0
     if not raw.isdigit() or len(raw) > 18:
-        raise ApiError(400, "bad_last_event_id", "Last-Event-ID must be a sequence number (a non-negative integer)", accepted="integer >= 0")
+        raise ApiError(
+            400, "bad_last_event_id", "Last-Event-ID must be a sequence number (a non-negative integer)", accepted="integer >= 0"
+        )
     return int(raw)
 
 

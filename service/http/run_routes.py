@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 import anyio
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+from sse_starlette import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 from runbell.bus.schema import Envelope, Event, EventKind
 from runbell.service.core.outcome import Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
@@ -21,9 +25,6 @@ from runbell.service.http.params import (
 )
 from runbell.service.http.sse import EventStream, farewell
 from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
-from sse_starlette import ServerSentEvent
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 PENDING_RETRY_AFTER = "1"
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
@@ -73,7 +74,7 @@ async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: 
     return fold.outcome
 
 
-async def outcome_response(request: Request, outcome: Outcome, extra: Optional[dict] = None, headers: Optional[dict] = None) -> Response:
+async def outcome_response(request: Request, outcome: Outcome, extra: dict | None = None, headers: dict | None = None) -> Response:
     """200 with the decided outcome (a large result fetched from Airflow), else 202 pending."""
     if not outcome.decided:
         headers = {"Retry-After": PENDING_RETRY_AFTER, **(headers or {})}
@@ -109,8 +110,7 @@ def outcome_body(outcome: Outcome) -> dict:
 
 def outcome_json(hub: Hub, outcome: Outcome) -> bytes:
     """The 200 body of a decided outcome, as JSONResponse renders it."""
-    return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq),
-                          lambda: JSONResponse(outcome_body(outcome)).body)
+    return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq), lambda: JSONResponse(outcome_body(outcome)).body)
 
 
 def pending_body(outcome: Outcome) -> dict:
@@ -168,6 +168,7 @@ def frames(hub: Hub, envelope: Envelope, outcome: Outcome, decided: bool, end: b
     """The event's frame (`id:` its seq, `event:` task or run), then `outcome` when it decided the run
     and `end` when it ended it, with the same id: one write per client, built once per event (whether
     an event decides or ends the run is the same for every client, all fold the same events)."""
+
     def build() -> bytes:
         seq = str(envelope.seq)
         parts = [ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=seq).encode()]
@@ -218,8 +219,12 @@ async def publish_event(request: Request) -> Response:
         body = await request.body()
         event = Event.model_validate_json(body)
     except ValidationError as exc:
-        raise ApiError(422, "bad_event", "the body is not a valid event",
-                       accepted=exc.errors(include_url=False, include_context=False, include_input=False)) from None
+        raise ApiError(
+            422,
+            "bad_event",
+            "the body is not a valid event",
+            accepted=exc.errors(include_url=False, include_context=False, include_input=False),
+        ) from None
     publisher = request.app.state.publisher
     seq = await asyncio.to_thread(publisher.publish, event)
     if seq is None:

@@ -19,8 +19,11 @@ import re
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from runbell.bus.schema import ID_MAX
 from runbell.service.http.auth import Role, authorize
@@ -33,8 +36,6 @@ from runbell.service.store.store import (
     Store,
     TaskInstanceRecord,
 )
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 # Airflow 3's DagRunType values (the first four are the usual ones).
@@ -123,7 +124,7 @@ def task_instance_row(ti: TaskInstanceRecord) -> dict[str, Any]:
     }
 
 
-def iso(value: Optional[datetime]) -> Optional[str]:
+def iso(value: datetime | None) -> str | None:
     return value.astimezone(timezone.utc).isoformat() if value is not None else None
 
 
@@ -148,8 +149,16 @@ def parse_query(request: Request) -> tuple[RunQuery, str]:
     if order not in ORDERS:
         raise ApiError(400, "bad_order", "order must be desc (newest first) or asc", accepted=list(ORDERS))
     limit = parse_limit(request)
-    query = RunQuery(dag_id=dag_id, run_types=run_types, backfill_id=backfill_id, run_after_gte=gte,
-                     run_after_lte=lte, states=states, descending=order == "desc", limit=limit)
+    query = RunQuery(
+        dag_id=dag_id,
+        run_types=run_types,
+        backfill_id=backfill_id,
+        run_after_gte=gte,
+        run_after_lte=lte,
+        states=states,
+        descending=order == "desc",
+        limit=limit,
+    )
     canonical = json.dumps([dag_id, run_types, backfill_id, iso(gte), iso(lte), states, order], separators=(",", ":"))
     return query, hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -159,15 +168,16 @@ def multi_value(request: Request, name: str, accepted: tuple[str, ...], code: st
     values = {v.strip() for raw in request.query_params.getlist(name) for v in raw.split(",") if v.strip()}
     unknown = sorted(values - set(accepted))
     if unknown:
-        raise ApiError(400, code, f"unknown {name} {', '.join(map(repr, unknown))}; accepted: {', '.join(accepted)}",
-                       accepted=list(accepted))
+        raise ApiError(
+            400, code, f"unknown {name} {', '.join(map(repr, unknown))}; accepted: {', '.join(accepted)}", accepted=list(accepted)
+        )
     return tuple(sorted(values))
 
 
 _SPACED_OFFSET = re.compile(r" (\d{2}:?\d{2})$")
 
 
-def parse_time(request: Request, name: str) -> Optional[datetime]:
+def parse_time(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
@@ -176,8 +186,9 @@ def parse_time(request: Request, name: str) -> Optional[datetime]:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise ApiError(400, f"bad_{name}", f"{name} must be an ISO-8601 date or time (naive means UTC)",
-                       accepted="ISO-8601, e.g. 2026-05-01T00:00:00Z") from None
+        raise ApiError(
+            400, f"bad_{name}", f"{name} must be an ISO-8601 date or time (naive means UTC)", accepted="ISO-8601, e.g. 2026-05-01T00:00:00Z"
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
@@ -186,8 +197,12 @@ def parse_limit(request: Request) -> int:
     if raw is None or raw == "":
         return DEFAULT_LIMIT
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, "bad_limit", f"limit must be an integer from 1 to {MAX_LIMIT}",
-                       accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT})
+        raise ApiError(
+            400,
+            "bad_limit",
+            f"limit must be an integer from 1 to {MAX_LIMIT}",
+            accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT},
+        )
     return int(raw)
 
 
@@ -204,8 +219,12 @@ def cursor_key(request: Request) -> bytes:
 def encode_cursor(key: bytes, fingerprint: str, descending: bool, position: tuple[datetime, str, str]) -> str:
     run_after, dag_id, run_id = position
     payload = json.dumps(
-        {"v": CURSOR_VERSION, "q": fingerprint, "o": "desc" if descending else "asc",
-         "k": [run_after.astimezone(timezone.utc).isoformat(), dag_id, run_id]},
+        {
+            "v": CURSOR_VERSION,
+            "q": fingerprint,
+            "o": "desc" if descending else "asc",
+            "k": [run_after.astimezone(timezone.utc).isoformat(), dag_id, run_id],
+        },
         separators=(",", ":"),
     ).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()[:CURSOR_MAC_BYTES]
@@ -214,8 +233,12 @@ def encode_cursor(key: bytes, fingerprint: str, descending: bool, position: tupl
 
 def decode_cursor(key: bytes, cursor: str) -> dict[str, Any]:
     """The cursor's payload; ApiError 400 bad_cursor when it is malformed or its MAC is wrong."""
-    bad = ApiError(400, "bad_cursor", "the cursor is malformed or was altered; use next_cursor exactly as given",
-                   accepted="the next_cursor of a previous page of the same query")
+    bad = ApiError(
+        400,
+        "bad_cursor",
+        "the cursor is malformed or was altered; use next_cursor exactly as given",
+        accepted="the next_cursor of a previous page of the same query",
+    )
     if len(cursor) > CURSOR_MAX_LENGTH or cursor.count(".") != 1:
         raise bad
     raw_payload, raw_mac = cursor.split(".")
@@ -243,8 +266,12 @@ def apply_cursor(request: Request, query: RunQuery, fingerprint: str) -> RunQuer
         return query
     data = decode_cursor(cursor_key(request), raw)
     if data["q"] != fingerprint or data["o"] != ("desc" if query.descending else "asc"):
-        raise ApiError(400, "bad_cursor", "the cursor belongs to another query: keep the filters and order of the "
-                       "page that gave it", accepted="the next_cursor of a previous page of the same query")
+        raise ApiError(
+            400,
+            "bad_cursor",
+            "the cursor belongs to another query: keep the filters and order of the page that gave it",
+            accepted="the next_cursor of a previous page of the same query",
+        )
     return replace(query, after=data["k"])
 
 

@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import gc
 import socket
-from typing import Any, Optional
+from typing import Any
 
 import uvicorn
-from runbell.service.http.errors import error_response
-from runbell.service.settings import Settings
 from starlette.applications import Starlette
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from runbell.service.http.errors import error_response
+from runbell.service.settings import Settings
 
 
 class DrainingServer(uvicorn.Server):
@@ -53,14 +54,14 @@ class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.unacked_timeout * 1000))
-        self._header_timer: Optional[asyncio.TimerHandle] = None
+        self._header_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._arm_header_timer()  # the next request's headers are bound by it too
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
         super().connection_lost(exc)
@@ -78,8 +79,7 @@ class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
 
 def guarded_http(settings: Settings) -> type[asyncio.Protocol]:
-    return type("GuardedHttp", (GuardedHttp,), {
-        "header_timeout": settings.header_timeout, "unacked_timeout": settings.unacked_timeout})
+    return type("GuardedHttp", (GuardedHttp,), {"header_timeout": settings.header_timeout, "unacked_timeout": settings.unacked_timeout})
 
 
 class InFlightLimit:
@@ -97,8 +97,7 @@ class InFlightLimit:
             return
         if self.in_flight >= self.limit:
             self.app.state.metrics.rejected.inc()
-            response = error_response(503, "unavailable", "too many requests in flight on this process",
-                                      headers={"Retry-After": "1"})
+            response = error_response(503, "unavailable", "too many requests in flight on this process", headers={"Retry-After": "1"})
             await response(scope, receive, send)
             return
         self.in_flight += 1

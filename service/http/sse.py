@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 import anyio
-from runbell.service.live.hub import Signal
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
+
+from runbell.service.live.hub import Signal
 
 
 class EventStream(Response):
@@ -40,8 +41,8 @@ class EventStream(Response):
         self.every = min(self.heartbeat, self.send_timeout) / 2
         self.cancel = anyio.CancelScope()  # cancelled when the client leaves or a write is stuck
         self.left = False
-        self.sending_since: Optional[float] = None  # loop time a write began, while it has not gone
-        self.pinging: Optional[asyncio.Future] = None
+        self.sending_since: float | None = None  # loop time a write began, while it has not gone
+        self.pinging: asyncio.Future | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["method"] == "HEAD":  # headers only: a stream would never end

@@ -13,18 +13,19 @@ import re
 import secrets
 import string
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from runbell.bus.schema import Event, EventKind, RunState, Source
-from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
-from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
-from runbell.service.http.auth import Role, authorize, issue_run_token
-from runbell.service.http.errors import ApiError
-from runbell.service.http.run_routes import outcome_response, wait_for_outcome
 from starlette.requests import Request
 from starlette.responses import Response
+
+from runbell.bus.schema import Event, EventKind, RunState, Source
+from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
+from runbell.service.http.auth import Role, authorize, issue_run_token
+from runbell.service.http.errors import ApiError
+from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
+from runbell.service.http.run_routes import outcome_response, wait_for_outcome
 
 RUN_ID_ATTEMPTS = 5
 SERVER_ERROR_RETRIES = 2  # Airflow on SQLite answers 500 when its database is briefly locked
@@ -37,15 +38,15 @@ class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     conf: dict[str, Any] = Field(default_factory=dict)
-    logical_date: Optional[datetime] = None
-    run_id: Optional[str] = Field(default=None, pattern=RUN_ID_PATTERN.pattern)
-    note: Optional[str] = Field(default=None, max_length=1000)
+    logical_date: datetime | None = None
+    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN.pattern)
+    note: str | None = Field(default=None, max_length=1000)
 
 
 async def trigger_run(request: Request) -> Response:
     authorize(request, Role.PUBLISH)
     dag_id = request.path_params["dag_id"]
-    airflow: Optional[AirflowClient] = request.app.state.airflow
+    airflow: AirflowClient | None = request.app.state.airflow
     if airflow is None:
         raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
     body = await parse_body(request)
@@ -89,8 +90,12 @@ async def check_dag(airflow: AirflowClient, dag_id: str, *, unpause: bool) -> No
     dag = await airflow.get_dag(dag_id)  # DagNotFound -> 404
     if dag.get("is_paused"):
         if not unpause:
-            raise ApiError(409, "dag_paused", f"DAG {dag_id!r} is paused: its runs would wait until it is unpaused. "
-                           "Unpause it in Airflow, or pass ?unpause=true to have the gateway unpause it.")
+            raise ApiError(
+                409,
+                "dag_paused",
+                f"DAG {dag_id!r} is paused: its runs would wait until it is unpaused. "
+                "Unpause it in Airflow, or pass ?unpause=true to have the gateway unpause it.",
+            )
         await airflow.unpause(dag_id)
 
 
@@ -100,9 +105,13 @@ async def trigger(airflow: AirflowClient, dag_id: str, body: TriggerRequest, run
     server_errors = 0
     for _ in range(RUN_ID_ATTEMPTS):
         try:
-            await airflow.trigger_run(dag_id, run_id=run_id, conf=body.conf,
-                                      logical_date=body.logical_date.isoformat() if body.logical_date else None,
-                                      note=body.note)
+            await airflow.trigger_run(
+                dag_id,
+                run_id=run_id,
+                conf=body.conf,
+                logical_date=body.logical_date.isoformat() if body.logical_date else None,
+                note=body.note,
+            )
             return run_id
         except AirflowUnavailable as exc:
             server_errors += 1
@@ -128,8 +137,9 @@ def new_run_id() -> str:
 def queued_event(dag_id: str, run_id: str) -> Event:
     """Airflow has no listener hook for a queued run: the gateway says it, once (a stable id)."""
     event_id = hashlib.sha256(f"gateway|{dag_id}|{run_id}|queued".encode()).hexdigest()[:32]
-    return Event(id=event_id, kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state=RunState.QUEUED.value,
-                 source=Source.GATEWAY, run_type="manual")
+    return Event(
+        id=event_id, kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state=RunState.QUEUED.value, source=Source.GATEWAY, run_type="manual"
+    )
 
 
 async def parse_body(request: Request) -> TriggerRequest:
@@ -137,8 +147,7 @@ async def parse_body(request: Request) -> TriggerRequest:
     try:
         return TriggerRequest.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        accepted = {"conf": "object", "logical_date": "ISO-8601 datetime or null", "run_id": RUN_ID_PATTERN.pattern,
-                    "note": "string"}
+        accepted = {"conf": "object", "logical_date": "ISO-8601 datetime or null", "run_id": RUN_ID_PATTERN.pattern, "note": "string"}
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise ApiError(400, "bad_body", f"the body is not a valid trigger request: {errors}", accepted=accepted) from None
 
@@ -154,8 +163,12 @@ def parse_wait(request: Request) -> tuple[float, bool]:
         except ValueError:
             value = -1.0
         if not 0 <= value <= maximum:
-            raise ApiError(400, "bad_wait", f"wait must be a number of seconds from 0 to {maximum:g}",
-                           accepted={"min": 0, "max": maximum, "unit": "seconds"})
+            raise ApiError(
+                400,
+                "bad_wait",
+                f"wait must be a number of seconds from 0 to {maximum:g}",
+                accepted={"min": 0, "max": maximum, "unit": "seconds"},
+            )
         return value, False
     for preference in re.split(r"[,;]", request.headers.get("prefer", "")):
         name, _, value = preference.strip().partition("=")

@@ -12,9 +12,12 @@ import dataclasses
 import json
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 from runbell.bus.schema import ID_MAX
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
@@ -26,8 +29,6 @@ from runbell.service.webhooks.target_guard import (
     check_url,
     parse_target,
 )
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 KINDS = tuple(kind.value for kind in WebhookKind)
 SECRET_FIELDS = ("secret", "previous_secret")
@@ -43,7 +44,7 @@ class EndpointCreate(BaseModel):
 
     url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
     description: str = Field(default="", max_length=1000)
-    dag_ids: Optional[list[str]] = Field(default=None, max_length=1000)
+    dag_ids: list[str] | None = Field(default=None, max_length=1000)
     kinds: list[str] = Field(default_factory=lambda: list(DEFAULT_KINDS))
     enabled: bool = True
 
@@ -51,17 +52,17 @@ class EndpointCreate(BaseModel):
 class EndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: Optional[str] = Field(default=None, min_length=1, max_length=MAX_URL_LENGTH)
-    description: Optional[str] = Field(default=None, max_length=1000)
-    dag_ids: Optional[list[str]] = Field(default=None, max_length=1000)
-    kinds: Optional[list[str]] = None
-    enabled: Optional[bool] = None
+    url: str | None = Field(default=None, min_length=1, max_length=MAX_URL_LENGTH)
+    description: str | None = Field(default=None, max_length=1000)
+    dag_ids: list[str] | None = Field(default=None, max_length=1000)
+    kinds: list[str] | None = None
+    enabled: bool | None = None
 
 
 class Rotation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    grace_seconds: Optional[float] = Field(default=None, ge=0, le=30 * 24 * 3600)
+    grace_seconds: float | None = Field(default=None, ge=0, le=30 * 24 * 3600)
 
 
 class Recovery(BaseModel):
@@ -70,8 +71,13 @@ class Recovery(BaseModel):
     since: datetime
 
 
-CREATE_ACCEPTED = {"url": "http(s) URL", "description": "string", "dag_ids": "list of DAG ids, or null for every DAG",
-                   "kinds": f"non-empty subset of {list(KINDS)} (default {DEFAULT_KINDS})", "enabled": "boolean"}
+CREATE_ACCEPTED = {
+    "url": "http(s) URL",
+    "description": "string",
+    "dag_ids": "list of DAG ids, or null for every DAG",
+    "kinds": f"non-empty subset of {list(KINDS)} (default {DEFAULT_KINDS})",
+    "enabled": "boolean",
+}
 UPDATE_ACCEPTED = {**CREATE_ACCEPTED, "kinds": f"non-empty subset of {list(KINDS)}"}
 
 
@@ -83,10 +89,8 @@ async def create_webhook(request: Request) -> Response:
     body = await parse_body(request, EndpointCreate, CREATE_ACCEPTED, required=True)
     dag_ids, kinds = checked_dag_ids(body.dag_ids), checked_kinds(body.kinds)
     await check_target(request, body.url)
-    endpoint = await store.create_endpoint(url=body.url, description=body.description, dag_ids=dag_ids, kinds=kinds,
-                                           enabled=body.enabled)
-    return JSONResponse(endpoint_body(endpoint, with_secret=True), status_code=201,
-                        headers={"Location": f"{BASE}/{endpoint.id}"})
+    endpoint = await store.create_endpoint(url=body.url, description=body.description, dag_ids=dag_ids, kinds=kinds, enabled=body.enabled)
+    return JSONResponse(endpoint_body(endpoint, with_secret=True), status_code=201, headers={"Location": f"{BASE}/{endpoint.id}"})
 
 
 async def list_webhooks(request: Request) -> Response:
@@ -104,8 +108,9 @@ async def update_webhook(request: Request) -> Response:
     body = await parse_body(request, EndpointUpdate, UPDATE_ACCEPTED, required=True)
     given = body.model_fields_set
     if not given:
-        raise ApiError(400, "bad_body", "nothing to change: give any of url, description, dag_ids, kinds, enabled",
-                       accepted=UPDATE_ACCEPTED)
+        raise ApiError(
+            400, "bad_body", "nothing to change: give any of url, description, dag_ids, kinds, enabled", accepted=UPDATE_ACCEPTED
+        )
     fields: dict[str, Any] = {}
     for name in sorted(given):
         value = getattr(body, name)
@@ -139,12 +144,14 @@ async def rotate_secret(request: Request) -> Response:
     endpoint = await store.rotate_secret(endpoint_id(request), grace)
     if endpoint is None:
         raise unknown_endpoint(request)
-    return JSONResponse({
-        "id": endpoint.id,
-        "secret": endpoint.secret,
-        "previous_secret_expires_at": jsonable(endpoint.previous_secret_expires_at),
-        "grace_seconds": grace,
-    })
+    return JSONResponse(
+        {
+            "id": endpoint.id,
+            "secret": endpoint.secret,
+            "previous_secret_expires_at": jsonable(endpoint.previous_secret_expires_at),
+            "grace_seconds": grace,
+        }
+    )
 
 
 # -- inspect and replay ---------------------------------------------------------------------------
@@ -213,8 +220,9 @@ async def check_target(request: Request, url: str) -> None:
     try:
         await check_url(policy, url)
     except TargetRefused as refused:
-        raise ApiError(422, "target_refused", f"url: {refused.reason}",
-                       accepted={"allowed_hosts": policy.allowed, "setting": ALLOW_SETTING}) from None
+        raise ApiError(
+            422, "target_refused", f"url: {refused.reason}", accepted={"allowed_hosts": policy.allowed, "setting": ALLOW_SETTING}
+        ) from None
 
 
 def checked_kinds(kinds: list[str]) -> list[str]:
@@ -226,12 +234,13 @@ def checked_kinds(kinds: list[str]) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def checked_dag_ids(dag_ids: Optional[list[str]]) -> Optional[list[str]]:
+def checked_dag_ids(dag_ids: list[str] | None) -> list[str] | None:
     if dag_ids is None:
         return None
     if not dag_ids:
-        raise ApiError(400, "bad_dag_ids", "dag_ids may not be empty: give null (or leave it out) for every DAG",
-                       accepted="list of DAG ids, or null")
+        raise ApiError(
+            400, "bad_dag_ids", "dag_ids may not be empty: give null (or leave it out) for every DAG", accepted="list of DAG ids, or null"
+        )
     if any(not dag_id or len(dag_id) > ID_MAX for dag_id in dag_ids):
         raise ApiError(400, "bad_dag_ids", f"each DAG id is 1 to {ID_MAX} characters", accepted="list of DAG ids, or null")
     return list(dict.fromkeys(dag_ids))
@@ -246,8 +255,10 @@ async def parse_body(request: Request, model: type[Model], accepted: dict, *, re
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'body'}: {error['msg']}"
-                             for error in exc.errors(include_url=False, include_context=False, include_input=False))
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_context=False, include_input=False)
+        )
         raise ApiError(400, "bad_body", f"the body is not valid: {problems}", accepted=accepted) from None
 
 
@@ -260,7 +271,7 @@ def parse_limit(request: Request) -> int:
     return int(raw)
 
 
-def parse_since(raw: Optional[str]) -> Optional[datetime]:
+def parse_since(raw: str | None) -> datetime | None:
     if raw is None or raw == "":
         return None
     try:

@@ -6,7 +6,6 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Optional
 from urllib.parse import urlparse
 
 from runbell.listeners.config import DEFAULT_REDIS_URL
@@ -28,7 +27,7 @@ class EmbeddedBroker:
         self.server.server_close()
 
 
-def resolve_redis(configured: Optional[str]) -> tuple[str, Optional[EmbeddedBroker]]:
+def resolve_redis(configured: str | None) -> tuple[str, EmbeddedBroker | None]:
     """The configured URL; else localhost:6379 when it answers; else a new embedded broker."""
     if configured:
         return configured, None
@@ -40,7 +39,10 @@ def resolve_redis(configured: Optional[str]) -> tuple[str, Optional[EmbeddedBrok
         "No Redis configured and none answering on %s:%s: started an EMBEDDED development broker at %s."
         " It is for development only (in memory, slower); set RUNBELL_REDIS_URL for anything else."
         " A local Airflow's hook publishes to it with RUNBELL_REDIS_URL=%s",
-        default.hostname, default.port, broker.url, broker.url,
+        default.hostname,
+        default.port,
+        broker.url,
+        broker.url,
     )
     return broker.url, broker
 

@@ -20,12 +20,14 @@ import gc
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from enum import Enum
-from typing import Any, AsyncIterator, Callable, Optional, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
 from runbell.bus import keys
 from runbell.bus.schema import (
     AssetEnvelope,
@@ -49,7 +51,7 @@ GC_PAUSE_FANOUT = 100  # subscribers of one run from which a fan-out runs withou
 class EventArchive(Protocol):
     """Where events older than the replay log are found (the SQL store)."""
 
-    async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: Optional[int] = None) -> list[Envelope]: ...
+    async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[Envelope]: ...
 
 
 class Signal(Enum):
@@ -68,7 +70,7 @@ class SubscriptionClosed(Exception):
 class ReplayLog:
     """Reads a run's envelopes after a sequence number: Redis's replay log, else the store."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, archive: Optional[EventArchive], metrics: Metrics):
+    def __init__(self, client: aioredis.Redis, namespace: str, archive: EventArchive | None, metrics: Metrics):
         self.client, self.namespace, self.archive, self.metrics = client, namespace, archive, metrics
         self._logged: set[str] = set()
         self._inflight: dict[tuple[str, str, int], asyncio.Future[list[Envelope]]] = {}
@@ -100,7 +102,7 @@ class ReplayLog:
             envelopes = [e for e in older if first is None or e.seq < first] + envelopes
         return envelopes
 
-    def _decode(self, fields: dict) -> Optional[Envelope]:
+    def _decode(self, fields: dict) -> Envelope | None:
         try:
             return decode_envelope(fields.get(b"env", b""))
         except BadEvent as exc:
@@ -136,7 +138,7 @@ class AssetReplayLog:
         raw = await self.client.get(keys.asset_keys(self.namespace, name).seq)
         return int(raw) if raw is not None else 0
 
-    def _decode(self, fields: dict) -> Optional[AssetEnvelope]:
+    def _decode(self, fields: dict) -> AssetEnvelope | None:
         try:
             return decode_asset_envelope(fields.get(b"env", b""))
         except BadEvent as exc:
@@ -155,18 +157,18 @@ def count_bad_event(metrics: Metrics, logged: set[str], exc: BadEvent) -> None:
 class Subscription:
     """One waiter's or SSE client's view of a run: envelopes in seq order, gap-free, each once."""
 
-    def __init__(self, hub: "Hub", dag_id: str, run_id: str, after_seq: int):
+    def __init__(self, hub: Hub, dag_id: str, run_id: str, after_seq: int):
         self.hub, self.dag_id, self.run_id = hub, dag_id, run_id
         self.last_seq = after_seq
         # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
         # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
         self.queue: deque[Envelope | Signal] = deque()
-        self._waiter: Optional[asyncio.Future[None]] = None
+        self._waiter: asyncio.Future[None] | None = None
         self._ready: deque[Envelope] = deque()
         self._needs_replay = True  # the first read comes from the log
-        self._closed: Optional[Signal] = None
+        self._closed: Signal | None = None
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Envelope:
@@ -260,7 +262,7 @@ class Subscription:
 class AssetSubscription(Subscription):
     """One waiter's or SSE client's view of an asset: its envelopes in seq order, gap-free, each once."""
 
-    def __init__(self, hub: "Hub", name: str, after_seq: int):
+    def __init__(self, hub: Hub, name: str, after_seq: int):
         super().__init__(hub, "", "", after_seq)
         self.name = name
 
@@ -301,7 +303,7 @@ class Hub:
         pubsub_client: aioredis.Redis,
         namespace: str,
         metrics: Metrics,
-        archive: Optional[EventArchive] = None,
+        archive: EventArchive | None = None,
         buffer: int = 1000,
         max_subscribers: int = 20_000,
     ):
@@ -314,14 +316,14 @@ class Hub:
         self.replay = ReplayLog(client, namespace, archive, metrics)
         self.asset_replay = AssetReplayLog(client, namespace, metrics)
         self.shared = SharedBytes()  # encoded events and outcomes, for the routes
-        self._asset_prefix = keys.asset_channel_pattern(namespace)[:-len("*:ch")]
+        self._asset_prefix = keys.asset_channel_pattern(namespace)[: -len("*:ch")]
         self.subscribers: dict[str, set[Subscription]] = {}  # by channel name
         self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds
         self.heard: dict[str, float] = {}  # channel -> when its last event (or first subscriber) came
         self.count = 0
         self.connected = asyncio.Event()
         self.draining = False
-        self._task: Optional[asyncio.Task] = None
+        self._task: asyncio.Task | None = None
         self._logged: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ store package owns it; webhooks/ and the recorder write through these classes.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any
 
-from runbell.bus.schema import ID_MAX
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -27,6 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from runbell.bus.schema import ID_MAX
+
 ID_LENGTH = ID_MAX  # dag_id, run_id and task_id columns hold what the bus schema accepts
 KEY_LENGTH = 64  # webhook endpoint and message ids
 
@@ -37,13 +38,13 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         value = value.astimezone(timezone.utc)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: Optional[datetime], dialect: Dialect) -> Optional[datetime]:
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None or value.tzinfo is not None:
             return value
         return value.replace(tzinfo=timezone.utc)
@@ -69,18 +70,18 @@ class Run(Base):
     dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     state: Mapped[str] = mapped_column(String(16))
-    run_type: Mapped[Optional[str]] = mapped_column(String(64))
-    logical_date: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    run_type: Mapped[str | None] = mapped_column(String(64))
+    logical_date: Mapped[datetime | None] = mapped_column(UTCDateTime())
     run_after: Mapped[datetime] = mapped_column(UTCDateTime())
-    backfill_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    backfill_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_seq: Mapped[int] = mapped_column(Integer)
     last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
     outcome_status: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    result_task: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
-    first_failure: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
+    result_task: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    first_failure: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class TaskInstance(Base):
@@ -92,8 +93,8 @@ class TaskInstance(Base):
     map_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     try_number: Mapped[int] = mapped_column(Integer, primary_key=True)
     state: Mapped[str] = mapped_column(String(16))
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    ended_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class EventRow(Base):
@@ -104,7 +105,7 @@ class EventRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(8))
     state: Mapped[str] = mapped_column(String(16))
-    task_id: Mapped[Optional[str]] = mapped_column(String(ID_LENGTH))
+    task_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     ts: Mapped[datetime] = mapped_column(UTCDateTime())
     envelope: Mapped[str] = mapped_column(Text)  # the envelope JSON exactly as on the bus
 
@@ -115,16 +116,16 @@ class WebhookEndpointRow(Base):
     id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
     url: Mapped[str] = mapped_column(Text)
     description: Mapped[str] = mapped_column(Text)
-    dag_ids: Mapped[Optional[list[str]]] = mapped_column(JSONType)  # None: every DAG
+    dag_ids: Mapped[list[str] | None] = mapped_column(JSONType)  # None: every DAG
     kinds: Mapped[list[str]] = mapped_column(JSONType)
     enabled: Mapped[bool] = mapped_column(Boolean)
     secret: Mapped[str] = mapped_column(Text)
-    previous_secret: Mapped[Optional[str]] = mapped_column(Text)
-    previous_secret_expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    disabled_reason: Mapped[Optional[str]] = mapped_column(Text)
-    failing_since: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class WebhookMessageRow(Base):
@@ -145,11 +146,11 @@ class WebhookMessageRow(Base):
     payload: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer)
-    next_attempt_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
-    locked_by: Mapped[Optional[str]] = mapped_column(String(200))  # the claim's token while leased
-    locked_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    locked_by: Mapped[str | None] = mapped_column(String(200))  # the claim's token while leased
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    delivered_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class WebhookAttemptRow(Base):
@@ -164,9 +165,9 @@ class WebhookAttemptRow(Base):
     endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime())
     duration_ms: Mapped[float] = mapped_column(Float)
-    status_code: Mapped[Optional[int]] = mapped_column(Integer)
-    error: Mapped[Optional[str]] = mapped_column(Text)
-    response_body: Mapped[Optional[str]] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[str | None] = mapped_column(Text)
 
 
 ENDPOINTS = WebhookEndpointRow.__table__

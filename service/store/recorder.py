@@ -17,15 +17,16 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from typing import Any, Optional
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.exc import SQLAlchemyError
+
 from runbell.bus import keys
 from runbell.bus.schema import BadEvent, Envelope, decode_envelope
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.store import RunKey, Store
-from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("runbell.recorder")
 
@@ -60,7 +61,7 @@ class Recorder:
         count: int = COUNT,
         claim_idle_ms: int = CLAIM_IDLE_MS,
         claim_interval: float = CLAIM_INTERVAL_SECONDS,
-        metrics: Optional[Metrics] = None,
+        metrics: Metrics | None = None,
     ):
         self.redis = redis
         self.store = store
@@ -88,9 +89,7 @@ class Recorder:
             except Exception as exc:  # anything but cancellation: log, wait, resume
                 delay = backoff.next()
                 if backoff.attempt == 1:
-                    log.warning(
-                        "recorder: %s: %s; retrying", type(exc).__name__, exc, exc_info=_unexpected(exc)
-                    )
+                    log.warning("recorder: %s: %s; retrying", type(exc).__name__, exc, exc_info=_unexpected(exc))
                 else:
                     log.debug("recorder: still failing (%s); next try in %.1f s", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
@@ -133,10 +132,8 @@ class Recorder:
                 raise
         self._group_ready = True
 
-    async def _read(self, start: str, block: Optional[int]) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: start}, count=self.count, block=block
-        )
+    async def _read(self, start: str, block: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.count, block=block)
         return _stream_entries(reply)
 
     async def _claim(self) -> list[Entry]:
@@ -165,7 +162,7 @@ class Recorder:
             await self.redis.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
         return len(entries)
 
-    def _decode(self, fields: Optional[dict[Any, Any]]) -> Optional[Envelope]:
+    def _decode(self, fields: dict[Any, Any] | None) -> Envelope | None:
         if not fields:
             return None  # the entry was trimmed or deleted while pending: nothing to record
         raw = fields.get(b"env", fields.get("env"))
@@ -197,8 +194,7 @@ class Recorder:
             for first, last in gaps(stored.get(run, 0), run_seqs):
                 found = await self._read_log(run, first, last)
                 missing.extend(found)
-                log.info("recorder: %s/%s: seq %d-%d missing from the stream, %d found in the replay log",
-                         *run, first, last, len(found))
+                log.info("recorder: %s/%s: seq %d-%d missing from the stream, %d found in the replay log", *run, first, last, len(found))
         return missing
 
     async def _read_log(self, run: RunKey, first: int, last: int) -> list[Envelope]:

@@ -12,14 +12,20 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import String, bindparam, literal, select, text, tuple_, update
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
 from runbell.bus.schema import (
     Envelope,
     Event,
@@ -30,10 +36,6 @@ from runbell.bus.schema import (
 )
 from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
 from runbell.service.store.models import EventRow, Run, TaskInstance, UTCDateTime, dialect_insert
-from sqlalchemy import String, bindparam, literal, select, text, tuple_, update
-from sqlalchemy import event as sa_event
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -66,18 +68,18 @@ class RunRecord:
     dag_id: str
     run_id: str
     state: str
-    run_type: Optional[str]
-    logical_date: Optional[datetime]
+    run_type: str | None
+    logical_date: datetime | None
     run_after: datetime
-    backfill_id: Optional[str]
-    started_at: Optional[datetime]
-    ended_at: Optional[datetime]
+    backfill_id: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
     last_seq: int
     last_event_at: datetime
     outcome_status: str
     outcome: dict[str, Any]
-    result_task: Optional[dict[str, Any]]
-    first_failure: Optional[dict[str, Any]]
+    result_task: dict[str, Any] | None
+    first_failure: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,14 @@ KEYSET_ORDER = ("run_after", "dag_id", "run_id")  # the runs listing's order; un
 class RunQuery:
     """A page of the runs listing: filters (each applied in SQL), order and keyset position."""
 
-    dag_id: Optional[str] = None
+    dag_id: str | None = None
     run_types: tuple[str, ...] = ()  # any of these
-    backfill_id: Optional[str] = None
-    run_after_gte: Optional[datetime] = None
-    run_after_lte: Optional[datetime] = None
+    backfill_id: str | None = None
+    run_after_gte: datetime | None = None
+    run_after_lte: datetime | None = None
     states: tuple[str, ...] = ()  # any of these
     descending: bool = True  # newest run_after first
-    after: Optional[tuple[datetime, str, str]] = None  # (run_after, dag_id, run_id) of the last row seen
+    after: tuple[datetime, str, str] | None = None  # (run_after, dag_id, run_id) of the last row seen
     limit: int = 50
 
 
@@ -115,8 +117,8 @@ class TaskInstanceRecord:
     map_index: int
     try_number: int
     state: str
-    started_at: Optional[datetime]
-    ended_at: Optional[datetime]
+    started_at: datetime | None
+    ended_at: datetime | None
 
 
 class Outbox(Protocol):
@@ -147,9 +149,7 @@ def _upgrade_to_head(connection: Connection) -> None:
 
 # Alembic's `context` is process-global, so stores of one process migrate one at a time (across
 # processes, env.py's advisory lock or SQLite's BEGIN IMMEDIATE does it). One lock per event loop.
-_migration_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
+_migration_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def _migration_lock() -> asyncio.Lock:
@@ -160,10 +160,10 @@ def _migration_lock() -> asyncio.Lock:
 
 
 class Store:
-    def __init__(self, url: str, outbox: Optional[Outbox] = None):
+    def __init__(self, url: str, outbox: Outbox | None = None):
         self.url = normalize_database_url(url)
         self.outbox = outbox  # writes webhook messages in the transaction that records their events
-        self._engine: Optional[AsyncEngine] = None
+        self._engine: AsyncEngine | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -222,9 +222,7 @@ class Store:
             self.outbox.committed(enqueued)
         return [envelope for key, envelope in unique.items() if key in stored]
 
-    async def events(
-        self, dag_id: str, run_id: str, after_seq: int = 0, limit: Optional[int] = None
-    ) -> list[Envelope]:
+    async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[Envelope]:
         """The run's stored envelopes with seq > after_seq, in seq order."""
         query = (
             select(EventRow.envelope)
@@ -245,14 +243,12 @@ class Store:
         wanted = sorted(set(runs))
         if not wanted:
             return {}
-        query = select(Run.dag_id, Run.run_id, Run.last_seq).where(
-            tuple_(Run.dag_id, Run.run_id).in_(wanted)
-        )
+        query = select(Run.dag_id, Run.run_id, Run.last_seq).where(tuple_(Run.dag_id, Run.run_id).in_(wanted))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return {(row.dag_id, row.run_id): row.last_seq for row in rows}
 
-    async def get_run(self, dag_id: str, run_id: str) -> Optional[RunRecord]:
+    async def get_run(self, dag_id: str, run_id: str) -> RunRecord | None:
         query = select(Run).where(Run.dag_id == dag_id, Run.run_id == run_id)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
@@ -313,9 +309,7 @@ class Store:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            TaskInstanceRecord(r.task_id, r.map_index, r.try_number, r.state, r.started_at, r.ended_at) for r in rows
-        ]
+        return [TaskInstanceRecord(r.task_id, r.map_index, r.try_number, r.state, r.started_at, r.ended_at) for r in rows]
 
     @asynccontextmanager
     async def _transaction(self, write: bool) -> AsyncIterator[AsyncConnection]:
@@ -330,7 +324,7 @@ def _run_record(row: Any) -> RunRecord:
     return RunRecord(**{column.key: getattr(row, column.key) for column in Run.__table__.columns})
 
 
-def _keyset_predicate(after: tuple[datetime, str, str], dag_id: Optional[str], descending: bool) -> Any:
+def _keyset_predicate(after: tuple[datetime, str, str], dag_id: str | None, descending: bool) -> Any:
     """Rows strictly past ``after`` in the listing's order: a row-value comparison, which both
     PostgreSQL and SQLite answer from the keyset indexes. With one DAG (the cursor's own), the
     comparison leaves dag_id out so that ix_runs_dag_keyset serves it."""
@@ -370,9 +364,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 # -- recording one run ----------------------------------------------------------------------------
 
 
-async def _record_run(
-    conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: Optional[list[RunChange]] = None
-) -> set[int]:
+async def _record_run(conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: list[RunChange] | None = None) -> set[int]:
     """Insert the run's new events and re-derive its row from all its events. Returns new seqs;
     appends what changed to ``changes``."""
     dag_id, run_id = run
@@ -384,11 +376,7 @@ async def _record_run(
         new.update((await conn.execute(insert)).scalars())
     if not new:
         return new
-    query = (
-        select(EventRow.envelope)
-        .where(EventRow.dag_id == dag_id, EventRow.run_id == run_id)
-        .order_by(EventRow.seq)
-    )
+    query = select(EventRow.envelope).where(EventRow.dag_id == dag_id, EventRow.run_id == run_id).order_by(EventRow.seq)
     history = [Envelope.model_validate_json(raw) for raw in (await conn.execute(query)).scalars()]
     values = _run_values(run, history)
     await conn.execute(update(Run).where(Run.dag_id == dag_id, Run.run_id == run_id).values(**values))
@@ -426,9 +414,7 @@ async def _lock_run(conn: AsyncConnection, run: RunKey, ts: float) -> str:
         outcome={},
     )
     await conn.execute(dialect_insert(conn, Run).values(placeholder).on_conflict_do_nothing())
-    locked = await conn.execute(
-        select(Run.outcome_status).where(Run.dag_id == dag_id, Run.run_id == run_id).with_for_update()
-    )
+    locked = await conn.execute(select(Run.outcome_status).where(Run.dag_id == dag_id, Run.run_id == run_id).with_for_update())
     return locked.scalar_one()
 
 
@@ -481,9 +467,7 @@ def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
 _TRY_ENDS = {TaskState.SUCCESS, TaskState.FAILED, TaskState.SKIPPED, TaskState.UP_FOR_RETRY}
 
 
-def _task_instance_rows(
-    run: RunKey, history: list[Envelope], touched: set[tuple[str, int, int]]
-) -> list[dict[str, Any]]:
+def _task_instance_rows(run: RunKey, history: list[Envelope], touched: set[tuple[str, int, int]]) -> list[dict[str, Any]]:
     """task_instances rows for the touched tries, each derived from all of that try's events."""
     tries: dict[tuple[str, int, int], list[Event]] = defaultdict(list)
     for envelope in history:
@@ -526,7 +510,7 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-def _parse_time(value: Optional[str]) -> Optional[datetime]:
+def _parse_time(value: str | None) -> datetime | None:
     """An ISO 8601 time from an event (naive means UTC); None when absent or unreadable."""
     if not value:
         return None

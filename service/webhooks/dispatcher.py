@@ -27,11 +27,14 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
+
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.recorder import Backoff
 from runbell.service.webhooks import signing
@@ -49,10 +52,10 @@ from runbell.service.webhooks.target_guard import (
     check_url,
     guarded_transport,
 )
-from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger("runbell.webhooks")
 events_log = logging.getLogger("runbell.webhooks.events")
+
 
 def webhook_schedule_seconds(raw: str) -> list[float]:
     """'0,5,300' -> [0.0, 5.0, 300.0]; ValueError naming what is accepted."""
@@ -91,7 +94,7 @@ class Dispatcher:
         *,
         policy: TargetPolicy,
         worker: str,
-        metrics: Optional[Metrics] = None,
+        metrics: Metrics | None = None,
         schedule: Sequence[float] = DEFAULT_SCHEDULE,
         jitter: float = 0.2,
         attempt_timeout: float = 15.0,
@@ -100,8 +103,8 @@ class Dispatcher:
         lease_seconds: float = 60.0,
         poll_seconds: float = 1.0,
         disable_after: float = 5 * 86400,
-        retry_after_max: Optional[float] = None,
-        transport: Optional[httpx.AsyncBaseTransport] = None,
+        retry_after_max: float | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         if not schedule or any(delay < 0 for delay in schedule):
             raise ValueError("the schedule needs at least one attempt and no negative delay")
@@ -125,7 +128,7 @@ class Dispatcher:
         self.disable_after = disable_after
         self.retry_after_max = max(self.schedule) if retry_after_max is None else retry_after_max
         self._transport = transport
-        self._client: Optional[httpx.AsyncClient] = None
+        self._client: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], tuple[Message, str]] = {}
         self._in_flight: Counter[str] = Counter()  # endpoint id -> attempts running
@@ -149,8 +152,12 @@ class Dispatcher:
                 except Exception as exc:
                     delay = backoff.next()
                     if backoff.attempt == 1:
-                        log.warning("webhooks: claiming failed (%s: %s); retrying", type(exc).__name__, exc,
-                                    exc_info=not isinstance(exc, (SQLAlchemyError, OSError)))
+                        log.warning(
+                            "webhooks: claiming failed (%s: %s); retrying",
+                            type(exc).__name__,
+                            exc,
+                            exc_info=not isinstance(exc, (SQLAlchemyError, OSError)),
+                        )
                     await asyncio.sleep(delay)
                     continue
                 backoff.reset()
@@ -170,8 +177,9 @@ class Dispatcher:
             return 0
         full = sorted(endpoint for endpoint, n in self._in_flight.items() if n >= self.per_endpoint)
         token = f"{self.worker}/{uuid.uuid4().hex[:12]}"
-        messages = await self.webhooks.claim(token, limit=free, per_endpoint=self.per_endpoint, exclude=full,
-                                             lease_seconds=self.lease_seconds)
+        messages = await self.webhooks.claim(
+            token, limit=free, per_endpoint=self.per_endpoint, exclude=full, lease_seconds=self.lease_seconds
+        )
         # Anything claimed, or an endpoint left out as full, may mean more is due: look again as
         # soon as an attempt ends rather than at the next poll.
         self._backlog = bool(full) or bool(messages)
@@ -247,21 +255,21 @@ class Dispatcher:
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             transport = self._transport if self._transport is not None else guarded_transport(self.policy)
-            self._client = httpx.AsyncClient(transport=transport, follow_redirects=False,
-                                             timeout=httpx.Timeout(self.attempt_timeout), trust_env=False)
+            self._client = httpx.AsyncClient(
+                transport=transport, follow_redirects=False, timeout=httpx.Timeout(self.attempt_timeout), trust_env=False
+            )
         return self._client
 
     async def _attempt(self, message: Message, endpoint: Endpoint, token: str) -> None:
         attempted_at = utcnow()
         started = time.monotonic()
-        status_code: Optional[int] = None
-        error: Optional[str] = None
-        body: Optional[str] = None
-        retry_after: Optional[str] = None
+        status_code: int | None = None
+        error: str | None = None
+        body: str | None = None
+        retry_after: str | None = None
         result = "error"
         try:
-            status_code, body, retry_after = await asyncio.wait_for(self._post(message, endpoint),
-                                                                    self.attempt_timeout)
+            status_code, body, retry_after = await asyncio.wait_for(self._post(message, endpoint), self.attempt_timeout)
         except TargetRefused as refused:
             error, result = f"target refused: {refused.reason}", "refused"
         except (asyncio.TimeoutError, httpx.TimeoutException):
@@ -273,15 +281,15 @@ class Dispatcher:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except Exception as exc:  # a bug, or something httpx did not wrap: still a failed attempt
             error = f"{type(exc).__name__}: {exc}"
-            log.warning("webhooks: unexpected error posting message %s to endpoint %s", message.id, endpoint.id,
-                        exc_info=True)
+            log.warning("webhooks: unexpected error posting message %s to endpoint %s", message.id, endpoint.id, exc_info=True)
         duration = time.monotonic() - started
         if status_code is not None:
             result = "success" if 200 <= status_code < 300 else ("gone" if status_code == 410 else "failure")
         self.metrics.webhook_deliveries.labels(result).inc()
         self.metrics.webhook_attempt_latency.observe(duration)
-        attempt = dict(attempted_at=attempted_at, duration_ms=round(duration * 1000, 3), status_code=status_code,
-                       error=error, response_body=body)
+        attempt = dict(
+            attempted_at=attempted_at, duration_ms=round(duration * 1000, 3), status_code=status_code, error=error, response_body=body
+        )
         verdict = self._verdict(message, status_code, retry_after)
         finished = None
         for tries in range(1, FINISH_TRIES + 1):
@@ -290,8 +298,12 @@ class Dispatcher:
                 break
             except Exception as exc:
                 if tries == FINISH_TRIES:
-                    log.warning("webhooks: could not record the attempt of message %s (%s: %s); it is retried "
-                                "when its lease runs out", message.id, type(exc).__name__, exc)
+                    log.warning(
+                        "webhooks: could not record the attempt of message %s (%s: %s); it is retried when its lease runs out",
+                        message.id,
+                        type(exc).__name__,
+                        exc,
+                    )
                     return
                 await asyncio.sleep(0.2 * tries)
         assert finished is not None
@@ -303,15 +315,14 @@ class Dispatcher:
         if finished.disabled_reason is not None:
             self._endpoint_disabled(endpoint, finished.disabled_reason, finished.cancelled)
 
-    async def _post(self, message: Message, endpoint: Endpoint) -> tuple[int, str, Optional[str]]:
+    async def _post(self, message: Message, endpoint: Endpoint) -> tuple[int, str, str | None]:
         await check_url(self.policy, endpoint.url)
         body = message.payload.encode()
         timestamp = int(time.time())
         headers = {
             "webhook-id": message.id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": signing.signature_header(endpoint.signing_secrets(utcnow()), message.id,
-                                                          timestamp, body),
+            "webhook-signature": signing.signature_header(endpoint.signing_secrets(utcnow()), message.id, timestamp, body),
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             "accept-encoding": "identity",  # the capped answer is kept as sent, never inflated
@@ -324,7 +335,7 @@ class Dispatcher:
                     break  # the rest is never read: the connection is closed, not reused
             return response.status_code, kept.decode("utf-8", "replace"), response.headers.get("retry-after")
 
-    def _verdict(self, message: Message, status_code: Optional[int], retry_after: Optional[str]) -> Verdict:
+    def _verdict(self, message: Message, status_code: int | None, retry_after: str | None) -> Verdict:
         if status_code is not None and 200 <= status_code < 300:
             return Verdict(MessageStatus.DELIVERED, endpoint="success")
         if status_code == 410:
@@ -344,23 +355,38 @@ class Dispatcher:
     def _dead_lettered(self, message: Message, endpoint: Endpoint, attempt: dict[str, Any]) -> None:
         self.metrics.webhook_dead_letters.inc()
         last = attempt["error"] or f"HTTP {attempt['status_code']}"
-        fields = dict(endpoint_id=endpoint.id, message_id=message.id, dag_id=message.dag_id, run_id=message.run_id,
-                      seq=message.seq, kind=message.kind, attempts=message.attempts + 1, last_error=last)
+        fields = dict(
+            endpoint_id=endpoint.id,
+            message_id=message.id,
+            dag_id=message.dag_id,
+            run_id=message.run_id,
+            seq=message.seq,
+            kind=message.kind,
+            attempts=message.attempts + 1,
+            last_error=last,
+        )
         events_log.warning(
-            "webhook message %s to endpoint %s dead-lettered after %d attempts (last: %s); resend or recover it "
-            "through the API", message.id, endpoint.id, message.attempts + 1, last,
+            "webhook message %s to endpoint %s dead-lettered after %d attempts (last: %s); resend or recover it through the API",
+            message.id,
+            endpoint.id,
+            message.attempts + 1,
+            last,
             extra={"runbell_event": "webhook.dead_lettered", "webhook": fields},
         )
 
     def _endpoint_disabled(self, endpoint: Endpoint, reason: str, cancelled: int) -> None:
         self.metrics.webhook_endpoints_disabled.inc()
         fields = dict(endpoint_id=endpoint.id, reason=reason, cancelled_messages=cancelled)
-        events_log.warning("webhook endpoint %s disabled: %s (%d pending messages cancelled)",
-                           endpoint.id, reason, cancelled,
-                           extra={"runbell_event": "webhook.endpoint_disabled", "webhook": fields})
+        events_log.warning(
+            "webhook endpoint %s disabled: %s (%d pending messages cancelled)",
+            endpoint.id,
+            reason,
+            cancelled,
+            extra={"runbell_event": "webhook.endpoint_disabled", "webhook": fields},
+        )
 
 
-def parse_retry_after(value: str, *, maximum: float, now: Optional[datetime] = None) -> Optional[float]:
+def parse_retry_after(value: str, *, maximum: float, now: datetime | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), within [0, maximum];
     None when it is neither."""
     value = value.strip()

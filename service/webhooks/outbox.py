@@ -22,10 +22,22 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbell.bus.schema import Envelope, EventKind
 from runbell.service.core.outcome import OutcomeStatus, decide
@@ -37,16 +49,6 @@ from runbell.service.store.models import (
     dialect_insert,
 )
 from runbell.service.store.store import RunChange, Store
-from sqlalchemy import (
-    and_,
-    delete,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 INSERT_CHUNK = 500  # message rows per INSERT: well under SQLite's bind-parameter limit
 CLAIM_SCAN = 1000  # due messages looked at per claim, before the per-endpoint cut
@@ -82,23 +84,22 @@ class Endpoint:
     id: str
     url: str
     description: str
-    dag_ids: Optional[list[str]]  # None: every DAG
+    dag_ids: list[str] | None  # None: every DAG
     kinds: list[str]
     enabled: bool
     secret: str = field(repr=False)  # never in a repr, so never in a log line by accident
-    previous_secret: Optional[str] = field(repr=False)
-    previous_secret_expires_at: Optional[datetime]
+    previous_secret: str | None = field(repr=False)
+    previous_secret_expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
-    disabled_reason: Optional[str]
-    failing_since: Optional[datetime]
+    disabled_reason: str | None
+    failing_since: datetime | None
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The secrets that sign a delivery now: the current one, then the previous one while its
         grace lasts."""
         found = [self.secret]
-        if (self.previous_secret and self.previous_secret_expires_at is not None
-                and self.previous_secret_expires_at > now):
+        if self.previous_secret and self.previous_secret_expires_at is not None and self.previous_secret_expires_at > now:
             found.append(self.previous_secret)
         return found
 
@@ -118,9 +119,9 @@ class Message:
     payload: str
     status: str
     attempts: int
-    next_attempt_at: Optional[datetime]
+    next_attempt_at: datetime | None
     created_at: datetime
-    delivered_at: Optional[datetime]
+    delivered_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,9 @@ class Attempt:
     endpoint_id: str
     attempted_at: datetime
     duration_ms: float
-    status_code: Optional[int]
-    error: Optional[str]
-    response_body: Optional[str]
+    status_code: int | None
+    error: str | None
+    response_body: str | None
 
 
 def _endpoint(row: Any) -> Endpoint:
@@ -162,7 +163,7 @@ def _check_kinds(kinds: Iterable[str]) -> list[str]:
     return found
 
 
-def _check_dag_ids(dag_ids: Optional[Iterable[str]]) -> Optional[list[str]]:
+def _check_dag_ids(dag_ids: Iterable[str] | None) -> list[str] | None:
     if dag_ids is None:
         return None
     found = list(dict.fromkeys(dag_ids))
@@ -191,7 +192,7 @@ def event_message(envelope: Envelope) -> tuple[str, bool, str]:
     return event.kind.value, terminal, _payload(event.kind.value, event.ts, data, envelope.seq, terminal)
 
 
-def outcome_message(change: RunChange) -> Optional[tuple[int, str]]:
+def outcome_message(change: RunChange) -> tuple[int, str] | None:
     """(decided_seq, payload) of the run's outcome as it stood when it was decided (as the SSE
     `outcome` event and the result endpoint give it), or None while it is pending."""
     outcome = decide(change.history, *change.run)
@@ -208,7 +209,7 @@ class WebhookOutbox:
     how many messages) after a recording transaction that enqueued something has committed: the
     app points it at the dispatcher's ``wake``."""
 
-    def __init__(self, on_enqueued: Optional[Callable[[int], None]] = None):
+    def __init__(self, on_enqueued: Callable[[int], None] | None = None):
         self.on_enqueued = on_enqueued
 
     async def enqueue(self, conn: AsyncConnection, changes: Sequence[RunChange]) -> int:
@@ -222,11 +223,25 @@ class WebhookOutbox:
         rows: list[dict[str, Any]] = []
 
         def add(endpoint: Endpoint, change: RunChange, seq: int, kind: str, terminal: bool, payload: str) -> None:
-            rows.append(dict(
-                id=_new_id("msg_"), endpoint_id=endpoint.id, dag_id=change.run[0], run_id=change.run[1], seq=seq,
-                kind=kind, terminal=terminal, payload=payload, status=MessageStatus.PENDING.value, attempts=0,
-                next_attempt_at=now, locked_by=None, locked_until=None, created_at=now, delivered_at=None,
-            ))
+            rows.append(
+                dict(
+                    id=_new_id("msg_"),
+                    endpoint_id=endpoint.id,
+                    dag_id=change.run[0],
+                    run_id=change.run[1],
+                    seq=seq,
+                    kind=kind,
+                    terminal=terminal,
+                    payload=payload,
+                    status=MessageStatus.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    locked_by=None,
+                    locked_until=None,
+                    created_at=now,
+                    delivered_at=None,
+                )
+            )
 
         for change in changes:
             dag_id = change.run[0]
@@ -247,8 +262,12 @@ class WebhookOutbox:
                         add(endpoint, change, decided[0], WebhookKind.OUTCOME.value, True, decided[1])
         inserted = 0
         for start in range(0, len(rows), INSERT_CHUNK):
-            statement = (dialect_insert(conn, WebhookMessageRow).values(rows[start : start + INSERT_CHUNK])
-                         .on_conflict_do_nothing().returning(MESSAGES.c.id))
+            statement = (
+                dialect_insert(conn, WebhookMessageRow)
+                .values(rows[start : start + INSERT_CHUNK])
+                .on_conflict_do_nothing()
+                .returning(MESSAGES.c.id)
+            )
             inserted += len((await conn.execute(statement)).all())
         return inserted
 
@@ -265,15 +284,15 @@ class Verdict:
     """What one attempt means for its message and endpoint (decided by the dispatcher)."""
 
     status: MessageStatus  # the message's new status
-    next_attempt_at: Optional[datetime] = None
+    next_attempt_at: datetime | None = None
     endpoint: str = "failure"  # "success" (clears failing_since), "failure", or "gone" (disable)
-    disable_reason: Optional[str] = None  # with endpoint == "gone"
+    disable_reason: str | None = None  # with endpoint == "gone"
 
 
 @dataclass(frozen=True)
 class Finished:
     applied: bool  # False: the lease was lost (another worker holds the message now) or it is gone
-    disabled_reason: Optional[str] = None  # set when this attempt disabled the endpoint
+    disabled_reason: str | None = None  # set when this attempt disabled the endpoint
     cancelled: int = 0  # pending messages cancelled with that
 
 
@@ -289,16 +308,26 @@ class WebhookStore:
 
     # -- endpoints ----------------------------------------------------------------------------------
 
-    async def create_endpoint(self, *, url: str, description: str = "", dag_ids: Optional[list[str]] = None,
-                              kinds: Optional[list[str]] = None, enabled: bool = True) -> Endpoint:
+    async def create_endpoint(
+        self, *, url: str, description: str = "", dag_ids: list[str] | None = None, kinds: list[str] | None = None, enabled: bool = True
+    ) -> Endpoint:
         from runbell.service.webhooks.signing import new_secret
 
         now = utcnow()
         values = dict(
-            id=_new_id("ep_"), url=url, description=description, dag_ids=_check_dag_ids(dag_ids),
-            kinds=_check_kinds(DEFAULT_KINDS if kinds is None else kinds), enabled=bool(enabled),
-            secret=new_secret(), previous_secret=None, previous_secret_expires_at=None, created_at=now,
-            updated_at=now, disabled_reason=None, failing_since=None,
+            id=_new_id("ep_"),
+            url=url,
+            description=description,
+            dag_ids=_check_dag_ids(dag_ids),
+            kinds=_check_kinds(DEFAULT_KINDS if kinds is None else kinds),
+            enabled=bool(enabled),
+            secret=new_secret(),
+            previous_secret=None,
+            previous_secret_expires_at=None,
+            created_at=now,
+            updated_at=now,
+            disabled_reason=None,
+            failing_since=None,
         )
         async with self.store._transaction(write=True) as conn:
             await conn.execute(insert(ENDPOINTS).values(values))
@@ -309,12 +338,12 @@ class WebhookStore:
             rows = (await conn.execute(select(ENDPOINTS).order_by(ENDPOINTS.c.created_at, ENDPOINTS.c.id))).all()
         return [_endpoint(row) for row in rows]
 
-    async def get_endpoint(self, endpoint_id: str) -> Optional[Endpoint]:
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
         async with self.store.engine.connect() as conn:
             row = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id))).first()
         return _endpoint(row) if row is not None else None
 
-    async def update_endpoint(self, endpoint_id: str, **fields: Any) -> Optional[Endpoint]:
+    async def update_endpoint(self, endpoint_id: str, **fields: Any) -> Endpoint | None:
         """Change url, description, dag_ids, kinds or enabled. Re-enabling clears disabled_reason and
         failing_since; disabling cancels the endpoint's pending messages (recover replays them)."""
         unknown = set(fields) - {"url", "description", "dag_ids", "kinds", "enabled"}
@@ -327,8 +356,7 @@ class WebhookStore:
             values["kinds"] = _check_kinds(values["kinds"])
         now = utcnow()
         async with self.store._transaction(write=True) as conn:
-            current = (await conn.execute(
-                select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).with_for_update())).first()
+            current = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).with_for_update())).first()
             if current is None:
                 return None
             if "enabled" in values:
@@ -339,8 +367,7 @@ class WebhookStore:
                     values.update(disabled_reason=DISABLED_BY_REQUEST)
                     await _cancel_pending(conn, endpoint_id)
             values["updated_at"] = now
-            row = (await conn.execute(
-                update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(values).returning(ENDPOINTS))).first()
+            row = (await conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(values).returning(ENDPOINTS))).first()
         return _endpoint(row)
 
     async def delete_endpoint(self, endpoint_id: str) -> bool:
@@ -351,29 +378,35 @@ class WebhookStore:
                 await _cancel_pending(conn, endpoint_id)
         return bool(deleted)
 
-    async def rotate_secret(self, endpoint_id: str, grace_seconds: float) -> Optional[Endpoint]:
+    async def rotate_secret(self, endpoint_id: str, grace_seconds: float) -> Endpoint | None:
         """A new secret; the current one keeps signing beside it until now + grace_seconds."""
         from runbell.service.webhooks.signing import new_secret
 
         now = utcnow()
         async with self.store._transaction(write=True) as conn:
-            row = (await conn.execute(
-                update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(
-                    previous_secret=ENDPOINTS.c.secret,
-                    previous_secret_expires_at=now + timedelta(seconds=max(0.0, grace_seconds)),
-                    secret=new_secret(),
-                    updated_at=now,
-                ).returning(ENDPOINTS))).first()
+            row = (
+                await conn.execute(
+                    update(ENDPOINTS)
+                    .where(ENDPOINTS.c.id == endpoint_id)
+                    .values(
+                        previous_secret=ENDPOINTS.c.secret,
+                        previous_secret_expires_at=now + timedelta(seconds=max(0.0, grace_seconds)),
+                        secret=new_secret(),
+                        updated_at=now,
+                    )
+                    .returning(ENDPOINTS)
+                )
+            ).first()
         return _endpoint(row) if row is not None else None
 
     # -- messages and attempts ----------------------------------------------------------------------
 
-    async def get_message(self, message_id: str) -> Optional[Message]:
+    async def get_message(self, message_id: str) -> Message | None:
         async with self.store.engine.connect() as conn:
             row = (await conn.execute(select(MESSAGES).where(MESSAGES.c.id == message_id))).first()
         return _message(row) if row is not None else None
 
-    async def messages(self, endpoint_id: str, *, since: Optional[datetime] = None, limit: int = 100) -> list[Message]:
+    async def messages(self, endpoint_id: str, *, since: datetime | None = None, limit: int = 100) -> list[Message]:
         """The endpoint's messages, newest first."""
         query = select(MESSAGES).where(MESSAGES.c.endpoint_id == endpoint_id)
         if since is not None:
@@ -382,8 +415,7 @@ class WebhookStore:
         async with self.store.engine.connect() as conn:
             return [_message(row) for row in (await conn.execute(query)).all()]
 
-    async def attempts(self, *, message_id: Optional[str] = None, endpoint_id: Optional[str] = None,
-                       limit: int = 100) -> list[Attempt]:
+    async def attempts(self, *, message_id: str | None = None, endpoint_id: str | None = None, limit: int = 100) -> list[Attempt]:
         """Attempts of a message or of an endpoint (or both filters), newest first."""
         query = select(ATTEMPTS)
         if message_id is not None:
@@ -397,28 +429,35 @@ class WebhookStore:
     # Re-queueing drops any lease, so that an attempt still in flight cannot settle the message
     # (its finish no longer holds the lease): the requested attempt is made whatever that one does.
 
-    async def resend(self, message_id: str) -> Optional[Message]:
+    async def resend(self, message_id: str) -> Message | None:
         """Back to pending, due now: one more attempt with the same webhook-id. (A message whose
         schedule is used up gets that one attempt and is dead again if it fails.)"""
         async with self.store._transaction(write=True) as conn:
-            row = (await conn.execute(
-                update(MESSAGES).where(MESSAGES.c.id == message_id)
-                .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED)
-                .returning(MESSAGES))).first()
+            row = (
+                await conn.execute(
+                    update(MESSAGES)
+                    .where(MESSAGES.c.id == message_id)
+                    .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED)
+                    .returning(MESSAGES)
+                )
+            ).first()
         return _message(row) if row is not None else None
 
     async def recover(self, endpoint_id: str, since: datetime) -> int:
         """Re-queue every message of the endpoint created since then (whatever its status), due now."""
         async with self.store._transaction(write=True) as conn:
             result = await conn.execute(
-                update(MESSAGES).where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.created_at >= since)
-                .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED))
+                update(MESSAGES)
+                .where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.created_at >= since)
+                .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED)
+            )
         return result.rowcount
 
     # -- for the dispatcher -------------------------------------------------------------------------
 
-    async def claim(self, token: str, *, limit: int, per_endpoint: int, exclude: Sequence[str] = (),
-                    lease_seconds: float, now: Optional[datetime] = None) -> list[Message]:
+    async def claim(
+        self, token: str, *, limit: int, per_endpoint: int, exclude: Sequence[str] = (), lease_seconds: float, now: datetime | None = None
+    ) -> list[Message]:
         """Lease up to ``limit`` due messages of enabled endpoints, at most ``per_endpoint`` of each
         endpoint, none of the endpoints in ``exclude``; the lease is ``token`` until now + lease.
 
@@ -445,11 +484,9 @@ class WebhookStore:
         ranked = select(
             scan.c.id,
             scan.c.next_attempt_at,
-            func.row_number().over(partition_by=scan.c.endpoint_id, order_by=(scan.c.next_attempt_at, scan.c.id))
-            .label("rank"),
+            func.row_number().over(partition_by=scan.c.endpoint_id, order_by=(scan.c.next_attempt_at, scan.c.id)).label("rank"),
         ).subquery()
-        candidates = (select(ranked.c.id).where(ranked.c.rank <= per_endpoint)
-                      .order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit))
+        candidates = select(ranked.c.id).where(ranked.c.rank <= per_endpoint).order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit)
         async with self.store._transaction(write=True) as conn:
             # Two steps, so that the locking one is a plain primary-key lookup whatever the planner
             # thinks of the window query: pick candidates, then lock those still due (skipping any
@@ -460,9 +497,12 @@ class WebhookStore:
             pick = select(MESSAGES.c.id).where(MESSAGES.c.id.in_(ids), due)
             if conn.dialect.name == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
-            statement = (update(MESSAGES).where(MESSAGES.c.id.in_(pick.scalar_subquery()))
-                         .values(locked_by=token, locked_until=now + timedelta(seconds=lease_seconds))
-                         .returning(MESSAGES))
+            statement = (
+                update(MESSAGES)
+                .where(MESSAGES.c.id.in_(pick.scalar_subquery()))
+                .values(locked_by=token, locked_until=now + timedelta(seconds=lease_seconds))
+                .returning(MESSAGES)
+            )
             rows = (await conn.execute(statement)).all()
         return sorted((_message(row) for row in rows), key=lambda m: (m.next_attempt_at or now, m.id))
 
@@ -480,54 +520,64 @@ class WebhookStore:
             return
         async with self.store._transaction(write=True) as conn:
             await conn.execute(
-                update(MESSAGES).where(MESSAGES.c.id.in_(list(message_ids)), MESSAGES.c.locked_by == token)
-                .values(locked_by=None, locked_until=None))
+                update(MESSAGES)
+                .where(MESSAGES.c.id.in_(list(message_ids)), MESSAGES.c.locked_by == token)
+                .values(locked_by=None, locked_until=None)
+            )
 
     async def cancel(self, message_id: str, token: str) -> None:
         """A leased message that must not be delivered (its endpoint is gone or disabled)."""
         async with self.store._transaction(write=True) as conn:
             await conn.execute(
-                update(MESSAGES).where(MESSAGES.c.id == message_id, MESSAGES.c.locked_by == token)
-                .values(status=MessageStatus.CANCELLED.value, next_attempt_at=None, locked_by=None,
-                        locked_until=None))
+                update(MESSAGES)
+                .where(MESSAGES.c.id == message_id, MESSAGES.c.locked_by == token)
+                .values(status=MessageStatus.CANCELLED.value, next_attempt_at=None, locked_by=None, locked_until=None)
+            )
 
-    async def finish(self, message: Message, token: str, attempt: dict[str, Any], verdict: Verdict, *,
-                     disable_after: float, now: Optional[datetime] = None) -> Finished:
+    async def finish(
+        self, message: Message, token: str, attempt: dict[str, Any], verdict: Verdict, *, disable_after: float, now: datetime | None = None
+    ) -> Finished:
         """Record one attempt and apply its verdict, in one transaction: the message (only while this
         lease still holds it), the endpoint's failing_since, and disabling it (410, or failing
         continuously for disable_after seconds), which cancels its pending messages."""
         now = now or utcnow()
         async with self.store._transaction(write=True) as conn:
-            await conn.execute(insert(ATTEMPTS).values(message_id=message.id, endpoint_id=message.endpoint_id,
-                                                       **attempt))
-            values: dict[str, Any] = dict(status=verdict.status.value, attempts=MESSAGES.c.attempts + 1,
-                                          next_attempt_at=verdict.next_attempt_at, locked_by=None, locked_until=None)
+            await conn.execute(insert(ATTEMPTS).values(message_id=message.id, endpoint_id=message.endpoint_id, **attempt))
+            values: dict[str, Any] = dict(
+                status=verdict.status.value,
+                attempts=MESSAGES.c.attempts + 1,
+                next_attempt_at=verdict.next_attempt_at,
+                locked_by=None,
+                locked_until=None,
+            )
             if verdict.status is MessageStatus.DELIVERED:
                 values["delivered_at"] = now
-            applied = (await conn.execute(
-                update(MESSAGES).where(MESSAGES.c.id == message.id, MESSAGES.c.locked_by == token).values(values)
-            )).rowcount == 1
+            applied = (
+                await conn.execute(update(MESSAGES).where(MESSAGES.c.id == message.id, MESSAGES.c.locked_by == token).values(values))
+            ).rowcount == 1
             endpoint_id = message.endpoint_id
             where = ENDPOINTS.c.id == endpoint_id
             if verdict.endpoint == "success":
-                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_not(None))
-                                   .values(failing_since=None))
+                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_not(None)).values(failing_since=None))
                 return Finished(applied)
             if verdict.endpoint == "gone":
                 reason = verdict.disable_reason or "the receiver asked to stop"
             else:
-                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_(None))
-                                   .values(failing_since=now))
+                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_(None)).values(failing_since=now))
                 row = (await conn.execute(select(ENDPOINTS.c.enabled, ENDPOINTS.c.failing_since).where(where))).first()
                 if row is None or not row.enabled or row.failing_since is None:
                     return Finished(applied)
                 failing = (now - row.failing_since).total_seconds()
                 if failing < disable_after:
                     return Finished(applied)
-                reason = (f"failing continuously since {row.failing_since.isoformat()} "
-                          f"({failing / 86400:.1f} days)")
-            disabled = (await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.enabled.is_(True))
-                                           .values(enabled=False, disabled_reason=reason, updated_at=now))).rowcount
+                reason = f"failing continuously since {row.failing_since.isoformat()} ({failing / 86400:.1f} days)"
+            disabled = (
+                await conn.execute(
+                    update(ENDPOINTS)
+                    .where(where, ENDPOINTS.c.enabled.is_(True))
+                    .values(enabled=False, disabled_reason=reason, updated_at=now)
+                )
+            ).rowcount
             if not disabled:
                 return Finished(applied)
             cancelled = await _cancel_pending(conn, endpoint_id)
@@ -536,6 +586,8 @@ class WebhookStore:
 
 async def _cancel_pending(conn: AsyncConnection, endpoint_id: str) -> int:
     result = await conn.execute(
-        update(MESSAGES).where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.status == MessageStatus.PENDING.value)
-        .values(status=MessageStatus.CANCELLED.value, next_attempt_at=None))
+        update(MESSAGES)
+        .where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.status == MessageStatus.PENDING.value)
+        .values(status=MessageStatus.CANCELLED.value, next_attempt_at=None)
+    )
     return result.rowcount

@@ -19,8 +19,9 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Union
 
 import anyio
 import httpcore
@@ -65,7 +66,7 @@ class TargetPolicy:
                 self._hosts.add(_normal_host(entry))
 
     @classmethod
-    def from_setting(cls, raw: Optional[str]) -> "TargetPolicy":
+    def from_setting(cls, raw: str | None) -> TargetPolicy:
         """'hooks.internal, 10.0.0.0/8, 127.0.0.1' -> a policy; ValueError names a bad entry."""
         entries = [entry.strip() for entry in (raw or "").split(",") if entry.strip()]
         for index, entry in enumerate(entries):
@@ -79,11 +80,10 @@ class TargetPolicy:
     def allows_address(self, address: IPAddress) -> bool:
         inner = _embedded_ipv4(address)
         candidates = [address] if inner is None else [address, inner]
-        return any(candidate in network for candidate in candidates for network in self._networks
-                   if candidate.version == network.version)
+        return any(candidate in network for candidate in candidates for network in self._networks if candidate.version == network.version)
 
 
-def forbidden_reason(address: IPAddress) -> Optional[str]:
+def forbidden_reason(address: IPAddress) -> str | None:
     """Why the address may not be a target by default, or None when it is publicly routable."""
     inner = _embedded_ipv4(address)
     if inner is not None:
@@ -93,10 +93,14 @@ def forbidden_reason(address: IPAddress) -> Optional[str]:
         if address.ipv4_mapped is not None or address in NAT64:  # type: ignore[union-attr]
             return None  # nothing but the public IPv4 it carries
     checks = (
-        ("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local), ("multicast", address.is_multicast),
-        ("reserved", address.is_reserved), ("private", address.is_private),
-        ("site-local", getattr(address, "is_site_local", False)), ("not publicly routable", not address.is_global),
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("reserved", address.is_reserved),
+        ("private", address.is_private),
+        ("site-local", getattr(address, "is_site_local", False)),
+        ("not publicly routable", not address.is_global),
     )
     return next((name for name, hit in checks if hit), None)
 
@@ -129,7 +133,7 @@ async def resolve(host: str, port: int) -> list[str]:
     return addresses
 
 
-def refusal(policy: TargetPolicy, host: str, addresses: Iterable[str]) -> Optional[str]:
+def refusal(policy: TargetPolicy, host: str, addresses: Iterable[str]) -> str | None:
     """Why connecting to the host at these addresses is refused, or None when every one is fine."""
     if policy.allows_host(host):
         return None
@@ -139,8 +143,7 @@ def refusal(policy: TargetPolicy, host: str, addresses: Iterable[str]) -> Option
             return f"{host} resolves to {raw!r}, which is not an IP address"
         reason = forbidden_reason(address)
         if reason is not None and not policy.allows_address(address):
-            return (f"{host} resolves to {address} ({reason}); allow it with "
-                    f"{ALLOW_SETTING} (the host name or a CIDR) if it is meant")
+            return f"{host} resolves to {address} ({reason}); allow it with {ALLOW_SETTING} (the host name or a CIDR) if it is meant"
     return None
 
 
@@ -170,12 +173,13 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the policy applied: resolve, check every address, then connect
     to one of exactly those addresses (never resolving the name a second time)."""
 
-    def __init__(self, policy: TargetPolicy, inner: Optional[httpcore.AsyncNetworkBackend] = None):
+    def __init__(self, policy: TargetPolicy, inner: httpcore.AsyncNetworkBackend | None = None):
         self.policy = policy
         self.inner = inner or httpcore.AnyIOBackend()
 
-    async def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None,
-                          local_address: Optional[str] = None, socket_options=None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options=None
+    ) -> httpcore.AsyncNetworkStream:
         try:
             with anyio.fail_after(timeout):
                 addresses = await resolve(host, port)
@@ -186,17 +190,18 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         reason = refusal(self.policy, host, addresses)
         if reason is not None:
             raise RefusedAtConnect(f"target refused: {reason}")
-        last: Optional[Exception] = None
+        last: Exception | None = None
         for address in addresses:
             try:
-                return await self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
-                                                    socket_options=socket_options)
+                return await self.inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
         assert last is not None
         raise last
 
-    async def connect_unix_socket(self, path: str, timeout: Optional[float] = None, socket_options=None):
+    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
         raise RefusedAtConnect("target refused: webhooks are not delivered over Unix sockets")
 
     async def sleep(self, seconds: float) -> None:
@@ -226,7 +231,7 @@ def guarded_transport(policy: TargetPolicy, **transport_kwargs) -> httpx.AsyncHT
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _embedded_ipv4(address: IPAddress) -> Optional[ipaddress.IPv4Address]:
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address carries: mapped (::ffff:a.b.c.d), NAT64 or 6to4."""
     if address.version != 6:
         return None
@@ -237,14 +242,14 @@ def _embedded_ipv4(address: IPAddress) -> Optional[ipaddress.IPv4Address]:
     return address.sixtofour  # type: ignore[union-attr]
 
 
-def _as_address(text: str) -> Optional[IPAddress]:
+def _as_address(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 scope id is not part of the address
     except ValueError:
         return None
 
 
-def _as_network(entry: str) -> Optional[IPNetwork]:
+def _as_network(entry: str) -> IPNetwork | None:
     text = entry.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -267,4 +272,3 @@ def _normal_host(host: str) -> str:
 def _connect_host(parsed: httpx.URL) -> str:
     """The host as httpcore hands it to the network backend (IDNA-encoded, no brackets)."""
     return parsed.raw_host.decode("ascii")
-

@@ -11,12 +11,14 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 import redis
+
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import Envelope, decode_envelope
 from runbell.service.bench import standalone
@@ -50,14 +52,14 @@ def _require_airflow_and_redis() -> None:
 class Airflow(standalone.Airflow):
     """The standalone's REST API, plus the run's replay log in the test Redis."""
 
-    _redis: Optional[redis.Redis] = field(default=None, repr=False)
+    _redis: redis.Redis | None = field(default=None, repr=False)
 
     def log(self, dag_id: str, run_id: str) -> list[Envelope]:
         assert self._redis is not None
         entries = self._redis.xrange(run_keys(self.namespace, dag_id, run_id).log)
         return [decode_envelope(entry[b"env"]) for _, entry in entries]
 
-    def watch(self, dag_id: str, run_id: str) -> "LogWatcher":
+    def watch(self, dag_id: str, run_id: str) -> LogWatcher:
         return LogWatcher(self, dag_id, run_id)
 
 
@@ -88,7 +90,7 @@ class LogWatcher:
             time.sleep(self.poll)
         raise TimeoutError(f"no event {match} in the log of {self.dag_id}/{self.run_id}: {self.events()}")
 
-    def events(self) -> list[tuple[Optional[str], str]]:
+    def events(self) -> list[tuple[str | None, str]]:
         return [(env.event.task_id, env.event.state) for _, env in self.seen]
 
     def stop(self) -> None:
@@ -108,8 +110,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Airflow]:
     _require_airflow_and_redis()
     namespace = f"rbe2e-{uuid.uuid4().hex[:12]}"
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    started: Optional[standalone.Standalone] = None
-    failure: Optional[str] = None
+    started: standalone.Standalone | None = None
+    failure: str | None = None
     try:
         with standalone.standalone(
             tmp_path_factory.mktemp("airflow"),

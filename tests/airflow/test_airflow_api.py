@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from runbell.service.airflow import api as airflow_api
 from runbell.service.airflow.api import (
     AirflowAuthFailed,
@@ -182,7 +183,12 @@ async def test_mapped_task_instances_across_pages(airflow, client, monkeypatch):
     monkeypatch.setattr(client, "_send", counting_send)
     tis = await client.task_instances(MAPPED_DAG, run_id)
     assert sorted((ti["task_id"], ti["map_index"], ti["try_number"]) for ti in tis) == [
-        ("double", 0, 1), ("double", 1, 1), ("double", 2, 1), ("items", -1, 1), ("pair", -1, 1), ("s42", -1, 1),
+        ("double", 0, 1),
+        ("double", 1, 1),
+        ("double", 2, 1),
+        ("items", -1, 1),
+        ("pair", -1, 1),
+        ("s42", -1, 1),
     ]
     assert len(calls) >= 3 and calls[0]["cursor"] == "" and all(c.get("cursor") for c in calls[1:])
 
@@ -196,4 +202,3 @@ async def test_mapped_task_instances_across_pages(airflow, client, monkeypatch):
         base = f"{airflow.base_url}/api/v2/dags/{MAPPED_DAG}/dagRuns/{run_id}/taskInstances"
         shown = {t: (await http.get(f"{base}/{t}/xcomEntries/return_value?deserialize=true")).json()["value"] for t in ("s42", "pair")}
     assert shown == {"s42": 42, "pair": "(1,x)"}
-

@@ -10,14 +10,16 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
 import redis
+
 from runbell.bus import keys
 from runbell.bus.schema import decode_asset_envelope
 from runbell.service.bench import free_port, start_gateway
@@ -66,13 +68,13 @@ def _first_asset_event(gateway: str) -> list[tuple[str, str, dict]]:
 
 def _waiters(gateway: str) -> float:
     metrics = httpx.get(f"{gateway}/metrics", timeout=10).text
-    line = next(l for l in metrics.splitlines() if l.startswith("runbell_waiters "))
+    line = next(entry for entry in metrics.splitlines() if entry.startswith("runbell_waiters "))
     return float(line.split()[1])
 
 
 def _sse_clients(gateway: str) -> float:
     metrics = httpx.get(f"{gateway}/metrics", timeout=10).text
-    line = next(l for l in metrics.splitlines() if l.startswith("runbell_sse_clients "))
+    line = next(entry for entry in metrics.splitlines() if entry.startswith("runbell_sse_clients "))
     return float(line.split()[1])
 
 

@@ -12,11 +12,13 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
+
 from runbell.service.bench import free_port, standalone, start_gateway
 from runbell.service.client.client import SseParser
 
@@ -45,9 +47,13 @@ def airflow_cli(airflow: Any, *args: str) -> subprocess.CompletedProcess:
     airflow.cfg points at the same SQLite database as the running standalone)."""
     venv = standalone.airflow_venv()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTHON", "RUNBELL", "VIRTUAL_ENV"))}
-    env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", AIRFLOW_HOME=str(airflow.home),
-               AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(airflow.home / "dags"),
-               AIRFLOW__CORE__PLUGINS_FOLDER=str(airflow.home / "plugins"))
+    env.update(
+        PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+        AIRFLOW_HOME=str(airflow.home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(airflow.home / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(airflow.home / "plugins"),
+    )
     return subprocess.run([str(venv / "bin" / "airflow"), *args], env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -98,8 +104,21 @@ def test_a_real_backfill_with_skipped_slots_listed_and_streamed_to_its_end(airfl
 
     created = None
     for _ in range(3):  # Airflow on SQLite may find its database locked by the scheduler
-        created = airflow_cli(airflow, "backfill", "create", "--dag-id", DAG_ID, "--from-date", DAYS[0],
-                              "--to-date", DAYS[-1], "--max-active-runs", "1", "--dag-run-conf", '{"sleep": 2}')
+        created = airflow_cli(
+            airflow,
+            "backfill",
+            "create",
+            "--dag-id",
+            DAG_ID,
+            "--from-date",
+            DAYS[0],
+            "--to-date",
+            DAYS[-1],
+            "--max-active-runs",
+            "1",
+            "--dag-run-conf",
+            '{"sleep": 2}',
+        )
         if created.returncode == 0:
             break
         time.sleep(2)
@@ -137,6 +156,7 @@ def test_a_real_backfill_with_skipped_slots_listed_and_streamed_to_its_end(airfl
 
         after = client.get(f"/v1/backfills/{backfill_id}/runs", params={"limit": 2, "offset": 2}).json()
         assert [(s["sort_ordinal"], s["state"]) for s in after["slots"]] == [(3, "success"), (4, None)]
+
         # The hook's events, stored by the recorder, make the runs listable by backfill.
         def listed_done() -> list[dict] | None:
             params = {"backfill_id": str(backfill_id), "run_type": "backfill", "status": "success"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from runbell.service.bench.airflow import CASES, bench_airflow
 
 pytestmark = pytest.mark.airflow

@@ -14,12 +14,14 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
+
 from runbell.bus.schema import EventKind, RunState, TaskState
 from runbell.listeners.propagation import doomed_task_ids
 from runbell.service.bench import free_port, start_gateway
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.airflow
 RUN_TIMEOUT = 90.0  # the slowest DAG (8 s teardown) ends in ~20 s
 
 # dag_id -> the result task ids to ask /wait for
-DAGS: dict[str, Optional[list[str]]] = {
+DAGS: dict[str, list[str] | None] = {
     "rb_result_then_slow": ["answer"],
     "rb_critical_teardown": ["answer"],
     "rb_retry_once": ["flaky"],
@@ -103,9 +105,7 @@ def runs(airflow: Any, gateway: str) -> Iterator[dict[str, Run]]:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _start(
-    airflow: Any, gateway: str, pool: ThreadPoolExecutor, dag_id: str, result: Optional[list[str]]
-) -> Run:
+def _start(airflow: Any, gateway: str, pool: ThreadPoolExecutor, dag_id: str, result: list[str] | None) -> Run:
     # Callers may wait before the run exists: attach the gateway's callers first, then trigger.
     run_id = f"e2e__{uuid.uuid4().hex[:12]}"
     long_poll = pool.submit(_long_poll, gateway, dag_id, run_id)
@@ -126,7 +126,7 @@ def _long_poll(gateway: str, dag_id: str, run_id: str) -> Arrival:
 
 
 def _follow(gateway: str, dag_id: str, run_id: str) -> tuple[Arrival, list[tuple[str, str]]]:
-    outcome: Optional[Arrival] = None
+    outcome: Arrival | None = None
     stream: list[tuple[str, str]] = []
     with RunbellClient(gateway) as client:
         for event in client.events(dag_id, run_id):
@@ -254,9 +254,7 @@ class SpecTask:
     is_teardown: bool = False
 
 
-def test_trigger_rule_table_predicts_what_airflow_marks_upstream_failed(
-    runs: dict[str, Run], airflow: Any, gateway: str
-) -> None:
+def test_trigger_rule_table_predicts_what_airflow_marks_upstream_failed(runs: dict[str, Run], airflow: Any, gateway: str) -> None:
     for other in runs.values():
         other.wait_lines()
     with ThreadPoolExecutor(3) as pool:
@@ -267,9 +265,7 @@ def test_trigger_rule_table_predicts_what_airflow_marks_upstream_failed(
             run.log.stop()
     spec = json.loads(TRIGGER_RULES_SPEC.read_text())
     tasks = {
-        tid: SpecTask(
-            tid, s["rule"], set(s["up"]), is_setup=s.get("setup", False), is_teardown=s.get("teardown", False)
-        )
+        tid: SpecTask(tid, s["rule"], set(s["up"]), is_setup=s.get("setup", False), is_teardown=s.get("teardown", False))
         for tid, s in spec.items()
     }
     for task in tasks.values():

@@ -11,12 +11,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.error import HTTPError
 
 import httpx
 import pytest
+
 from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import RunbellClient
 
@@ -69,8 +71,7 @@ def test_trigger_and_wait_returns_the_result_sooner_than_trigger_plus_wait(airfl
         final, seconds = airflow_trigger_and_wait(airflow, "rb_trivial", ["answer"])
         assert final == {"state": "success", "results": {"answer": "pong"}}
         theirs.append(seconds)
-    print(f"\n[trigger-to-outcome] rb_trivial through the gateway: {_fmt(ours)}; "
-          f"Airflow trigger + /wait (interval=1): {_fmt(theirs)}")
+    print(f"\n[trigger-to-outcome] rb_trivial through the gateway: {_fmt(ours)}; Airflow trigger + /wait (interval=1): {_fmt(theirs)}")
 
 
 def test_a_failing_dag_answers_the_critical_failure_before_wait_says_failed(airflow: Any, gateway: str) -> None:

@@ -12,7 +12,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -24,14 +23,22 @@ CHROMEDRIVER = os.environ.get("RUNBELL_CHROMEDRIVER", "/usr/bin/chromedriver")
 # As /work/.library/env/machines/python-svc.md says: without the background-networking flags
 # Chromium keeps trying Google's hosts, which this closed network refuses.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1360,900", "--lang=en-US",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1360,900",
+    "--lang=en-US",
 ]
 BROWSER_START_SECONDS = 30
 
 
-def _missing_browser() -> Optional[str]:
+def _missing_browser() -> str | None:
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -110,5 +117,3 @@ def read_console(driver) -> list[dict]:
     entries = driver.get_log("browser")
     driver.console.extend(entries)
     return entries
-
-

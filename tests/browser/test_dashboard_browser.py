@@ -19,10 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from runbell.bus.schema import Event, EventKind
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
-
 from tests.browser.conftest import read_console, save_screenshot
 
 WAIT_SECONDS = 20  # the longest any one change may take to show
@@ -52,19 +52,28 @@ def shown_seqs(driver) -> list[int]:
 def wait_for_seqs(driver, last: int, what: str) -> None:
     """The event log shows 1..last, each exactly once, in order."""
     expected = list(range(1, last + 1))
-    wait_for(driver, "[...document.querySelectorAll('#events li')].map(li => Number(li.dataset.seq))",
-             lambda seqs: seqs == expected or (len(seqs) > len(expected)), what)
+    wait_for(
+        driver,
+        "[...document.querySelectorAll('#events li')].map(li => Number(li.dataset.seq))",
+        lambda seqs: seqs == expected or (len(seqs) > len(expected)),
+        what,
+    )
     assert shown_seqs(driver) == expected, f"{what}: events shown {shown_seqs(driver)}"
 
 
 def task_state(driver, task_id: str) -> str:
     return driver.execute_script(
-        "const tr = document.querySelector(`#tasks tr[data-task='${arguments[0]}']`); return tr && tr.dataset.state;", task_id)
+        "const tr = document.querySelector(`#tasks tr[data-task='${arguments[0]}']`); return tr && tr.dataset.state;", task_id
+    )
 
 
 def runs_shown(driver) -> list[tuple[str, str, str]]:
-    return [tuple(row) for row in driver.execute_script(
-        "return [...document.querySelectorAll('#runs tbody tr')].map(tr => [tr.dataset.dag, tr.dataset.run, tr.dataset.state]);")]
+    return [
+        tuple(row)
+        for row in driver.execute_script(
+            "return [...document.querySelectorAll('#runs tbody tr')].map(tr => [tr.dataset.dag, tr.dataset.run, tr.dataset.state]);"
+        )
+    ]
 
 
 def conn_state(driver) -> str:
@@ -74,6 +83,7 @@ def conn_state(driver) -> str:
 @contextlib.contextmanager
 def answering(port: int, status: int):
     """Something other than the gateway on its port, answering every request with `status`."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(status)
@@ -108,8 +118,11 @@ def screenshot(driver, name: str) -> Path:
 def no_script_errors(driver) -> None:
     """The page threw nothing (refused connections while the gateway is down are expected)."""
     read_console(driver)
-    errors = [e for e in driver.console if e.get("level") == "SEVERE" and e.get("source") != "network"
-              and "ERR_CONNECTION_REFUSED" not in e.get("message", "")]
+    errors = [
+        e
+        for e in driver.console
+        if e.get("level") == "SEVERE" and e.get("source") != "network" and "ERR_CONNECTION_REFUSED" not in e.get("message", "")
+    ]
     assert not errors, errors
 
 
@@ -119,8 +132,17 @@ def test_runs_appear_and_a_run_goes_live_through_reload_and_restarts(browser, se
     emit("etl", "r1", "running", publisher=publisher)
     emit("etl", "r1", "running", task_id="extract", try_number=1, publisher=publisher)
     emit("etl", "bad", "running", publisher=publisher)
-    emit("etl", "bad", "failed", task_id="load", try_number=2, critical=True, error="no such table: orders",
-         error_type="OperationalError", publisher=publisher)
+    emit(
+        "etl",
+        "bad",
+        "failed",
+        task_id="load",
+        try_number=2,
+        critical=True,
+        error="no such table: orders",
+        error_type="OperationalError",
+        publisher=publisher,
+    )
 
     browser.get(gateway.url + "/")
     wait_for(browser, "document.querySelectorAll('#runs tbody tr').length", lambda n: n == 2, "both runs listed")
@@ -129,18 +151,30 @@ def test_runs_appear_and_a_run_goes_live_through_reload_and_restarts(browser, se
     # Filter chips: multi-select, reflected in the address as ?status=a,b.
     browser.find_element("css selector", "#status-chips [data-status='failed']").click()
     wait_for(browser, "location.hash", lambda h: h == "#/?status=failed", "the failed chip in the address")
-    wait_for(browser, "document.querySelector('#runs-status').textContent", lambda t: t == "No runs match.",
-             "no failed run yet (the failure was critical, the run has not ended)")
+    wait_for(
+        browser,
+        "document.querySelector('#runs-status').textContent",
+        lambda t: t == "No runs match.",
+        "no failed run yet (the failure was critical, the run has not ended)",
+    )
     browser.find_element("css selector", "#status-chips [data-status='running']").click()
     wait_for(browser, "location.hash", lambda h: h == "#/?status=running,failed", "two chips")
     wait_for(browser, "document.querySelectorAll('#runs tbody tr').length", lambda n: n == 2, "running or failed")
     emit("etl", "late", "queued", publisher=publisher)  # a new run shows up without a reload...
     browser.find_element("css selector", "#status-chips [data-status='queued']").click()
-    wait_for(browser, "[...document.querySelectorAll('#runs tbody tr')].map(tr => tr.dataset.run).join()",
-             lambda runs: "late" in runs.split(","), "a queued run under the queued chip")
+    wait_for(
+        browser,
+        "[...document.querySelectorAll('#runs tbody tr')].map(tr => tr.dataset.run).join()",
+        lambda runs: "late" in runs.split(","),
+        "a queued run under the queued chip",
+    )
     emit("etl", "late2", "queued", publisher=publisher)  # ...and without touching anything
-    wait_for(browser, "[...document.querySelectorAll('#runs tbody tr')].map(tr => tr.dataset.run).join()",
-             lambda runs: "late2" in runs.split(","), "a run published while the table is open")
+    wait_for(
+        browser,
+        "[...document.querySelectorAll('#runs tbody tr')].map(tr => tr.dataset.run).join()",
+        lambda runs: "late2" in runs.split(","),
+        "a run published while the table is open",
+    )
     screenshot(browser, "dashboard.png")
 
     # A row opens the run view; what happened so far is replayed.
@@ -164,8 +198,12 @@ def test_runs_appear_and_a_run_goes_live_through_reload_and_restarts(browser, se
 
     # SIGTERM: the gateway says shutdown; the outcome is published while it is away.
     assert gateway.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
-    wait_for(browser, "document.getElementById('conn').dataset.state", lambda s: s in ("reconnecting", "connecting"),
-             "the page notices the gateway went away")
+    wait_for(
+        browser,
+        "document.getElementById('conn').dataset.state",
+        lambda s: s in ("reconnecting", "connecting"),
+        "the page notices the gateway went away",
+    )
     result = {"answer": 42, "rows": [1, 2, 3], "note": "näive <b>not html</b>"}
     emit("etl", "r1", "success", task_id="answer", try_number=1, result_task=True, result=result, publisher=publisher)
     gateway.start()
@@ -211,8 +249,17 @@ def publish_runs(publisher, dag_id: str, numbers) -> None:
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     for n in numbers:
         when = (start + timedelta(hours=n)).isoformat()
-        publisher.publish(Event(kind=EventKind.RUN, dag_id=dag_id, run_id=f"m{n:03d}", state="success",
-                                run_type="scheduled", logical_date=when, run_after=when))
+        publisher.publish(
+            Event(
+                kind=EventKind.RUN,
+                dag_id=dag_id,
+                run_id=f"m{n:03d}",
+                state="success",
+                run_type="scheduled",
+                logical_date=when,
+                run_after=when,
+            )
+        )
 
 
 def wait_recorded(url: str, dag_id: str, count: int) -> None:
@@ -258,13 +305,14 @@ def test_infinite_scroll_pages_through_the_cursor(browser, served_gateway, publi
 
 def airflow_backfill_db(path: Path, dag_id: str, slots: list[tuple[int, str, str | None]]) -> int:
     """Airflow's backfill tables in a SQLite file, as Airflow fills them: (ordinal, day, skip reason)."""
+    from sqlalchemy import create_engine, insert
+
     from runbell.service.http.backfills import (
         _airflow,
         backfill_dag_run_table,
         backfill_table,
         dag_run_table,
     )
-    from sqlalchemy import create_engine, insert
 
     engine = create_engine(f"sqlite:///{path}")
     _airflow.create_all(engine)
@@ -273,11 +321,18 @@ def airflow_backfill_db(path: Path, dag_id: str, slots: list[tuple[int, str, str
         for ordinal, day, reason in slots:
             run_pk = None
             if reason is None:
-                run_pk = conn.execute(insert(dag_run_table).values(dag_id=dag_id, run_id=f"backfill__{day}", state="queued")
-                                      .returning(dag_run_table.c.id)).scalar_one()
-            conn.execute(insert(backfill_dag_run_table).values(
-                backfill_id=backfill_id, dag_run_id=run_pk, exception_reason=reason, sort_ordinal=ordinal,
-                logical_date=datetime.fromisoformat(f"{day}T00:00:00+00:00")))
+                run_pk = conn.execute(
+                    insert(dag_run_table).values(dag_id=dag_id, run_id=f"backfill__{day}", state="queued").returning(dag_run_table.c.id)
+                ).scalar_one()
+            conn.execute(
+                insert(backfill_dag_run_table).values(
+                    backfill_id=backfill_id,
+                    dag_run_id=run_pk,
+                    exception_reason=reason,
+                    sort_ordinal=ordinal,
+                    logical_date=datetime.fromisoformat(f"{day}T00:00:00+00:00"),
+                )
+            )
     engine.dispose()
     return backfill_id
 
@@ -285,12 +340,15 @@ def airflow_backfill_db(path: Path, dag_id: str, slots: list[tuple[int, str, str
 def test_a_backfill_shows_its_slots_and_live_progress_through_a_restart(browser, served_gateway, publisher, tmp_path):
     days = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
     airflow_db = tmp_path / "airflow.db"
-    backfill_id = airflow_backfill_db(airflow_db, "daily", [(1, days[0], None), (2, days[1], "already exists"),
-                                                            (3, days[2], None), (4, days[3], None)])
+    backfill_id = airflow_backfill_db(
+        airflow_db, "daily", [(1, days[0], None), (2, days[1], "already exists"), (3, days[2], None), (4, days[3], None)]
+    )
     gateway = served_gateway(RUNBELL_AIRFLOW_DATABASE_URL=f"sqlite:///{airflow_db}")
     browser.get(gateway.url + f"/#/backfills/{backfill_id}")
-    progress = ("(() => { const d = document.getElementById('progress').dataset;"
-                " return [d.done, d.failed, d.running, d.skipped, d.total].join(); })()")
+    progress = (
+        "(() => { const d = document.getElementById('progress').dataset;"
+        " return [d.done, d.failed, d.running, d.skipped, d.total].join(); })()"
+    )
     slot_states = "[...document.querySelectorAll('#slots tbody tr')].map(tr => tr.dataset.state).join()"
     wait_for(browser, progress, lambda p: p == "0,0,0,1,4", "three queued slots and one skipped")
     assert browser.execute_script(f"return {slot_states}") == "queued,skipped,queued,queued"
@@ -299,8 +357,17 @@ def test_a_backfill_shows_its_slots_and_live_progress_through_a_restart(browser,
     wait_for(browser, "document.getElementById('conn').dataset.state", lambda s: s == "live", "the stream open")
 
     def run(day: str, state: str) -> None:
-        publisher.publish(Event(kind=EventKind.RUN, dag_id="daily", run_id=f"backfill__{day}", state=state,
-                                run_type="backfill", backfill_id=str(backfill_id), logical_date=f"{day}T00:00:00+00:00"))
+        publisher.publish(
+            Event(
+                kind=EventKind.RUN,
+                dag_id="daily",
+                run_id=f"backfill__{day}",
+                state=state,
+                run_type="backfill",
+                backfill_id=str(backfill_id),
+                logical_date=f"{day}T00:00:00+00:00",
+            )
+        )
 
     run(days[0], "running")
     wait_for(browser, progress, lambda p: p == "0,0,1,1,4", "a slot running, live")

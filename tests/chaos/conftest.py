@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -24,14 +23,16 @@ class ScenarioSummary:
     outcomes_delivered: int = 0
     lost: int = 0
     duplicated: int = 0
-    recover_seconds: Optional[float] = None  # from the fault until the last caller had its answer
+    recover_seconds: float | None = None  # from the fault until the last caller had its answer
     extra: dict[str, object] = field(default_factory=dict)  # scenario-specific counts (drops, 503s, ...)
 
     def line(self) -> str:
         recover = "-" if self.recover_seconds is None else f"{self.recover_seconds:.2f}s"
         extra = "".join(f" {key}={value}" for key, value in self.extra.items())
-        return (f"chaos {self.scenario}: runs={self.runs} outcomes_delivered={self.outcomes_delivered}"
-                f" lost={self.lost} duplicated={self.duplicated} recovered_in={recover}{extra}")
+        return (
+            f"chaos {self.scenario}: runs={self.runs} outcomes_delivered={self.outcomes_delivered}"
+            f" lost={self.lost} duplicated={self.duplicated} recovered_in={recover}{extra}"
+        )
 
 
 SUMMARIES: list[ScenarioSummary] = []

@@ -25,14 +25,14 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
 
 import httpx
 import pytest
+
 from runbell.listeners.publisher import emit, emit_asset
 from runbell.service.client.client import SseParser
-
 from tests.conftest import RunningGateway
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
@@ -61,7 +61,7 @@ def held_connections(pid: int, port: int) -> int:
         except OSError:
             continue  # closed meanwhile
         if link.startswith("socket:["):
-            inodes.add(link[len("socket:["):-1])
+            inodes.add(link[len("socket:[") : -1])
     held = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as rows:
@@ -87,7 +87,7 @@ async def metrics(url: str) -> dict[str, float]:
     return values
 
 
-async def until(condition: Callable[[], "bool | Awaitable[bool]"], what: str, timeout: float = 30.0) -> float:
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 30.0) -> float:
     """Poll a condition of the gateway (bounded); the seconds it took."""
     start = time.monotonic()
     while not await holds(condition):
@@ -97,16 +97,18 @@ async def until(condition: Callable[[], "bool | Awaitable[bool]"], what: str, ti
     return time.monotonic() - start
 
 
-async def holds(condition: Callable[[], "bool | Awaitable[bool]"]) -> bool:
+async def holds(condition: Callable[[], bool | Awaitable[bool]]) -> bool:
     result = condition()
     return await result if inspect.isawaitable(result) else result
 
 
 def gauges_are(url: str, **expected: float) -> Callable[[], Awaitable[bool]]:
     """runbell_<name> == value for every name given (waiters=0, sse_clients=3, ...)."""
+
     async def check() -> bool:
         now = await metrics(url)
         return all(now.get(f"runbell_{name}") == value for name, value in expected.items())
+
     return check
 
 
@@ -133,8 +135,15 @@ class Reading:
         return [data for _, got, data in self.events if got == name]
 
 
-async def read_stream(http: httpx.AsyncClient, path: str, *, start: int = 0, paired: bool = True,
-                      stop: Optional[Callable[[Reading], bool]] = None, connections: int = 20) -> Reading:
+async def read_stream(
+    http: httpx.AsyncClient,
+    path: str,
+    *,
+    start: int = 0,
+    paired: bool = True,
+    stop: Callable[[Reading], bool] | None = None,
+    connections: int = 20,
+) -> Reading:
     """Read an SSE stream as a well-behaved client: after `error`/`shutdown`, or a dropped connection,
     reconnect with Last-Event-ID. A run's `outcome` and `end` carry the id of the event that caused
     them (paired), so a resume asks from the id before the last one and the event at that id, already
@@ -182,7 +191,7 @@ async def read_stream(http: httpx.AsyncClient, path: str, *, start: int = 0, pai
 class SlowReader:
     """An SSE client that asks for a stream and never reads: a receive buffer of a few KiB, soon full."""
 
-    def __init__(self, port: int, path: str, headers: Optional[dict[str, str]] = None):
+    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
         self.sock.connect(("127.0.0.1", port))
@@ -198,7 +207,6 @@ def run_path(run_id: str, what: str) -> str:
 
 
 # -- slow SSE readers ---------------------------------------------------------------------------------
-
 
 
 def send_buffer_max() -> int:
@@ -221,8 +229,7 @@ def publish_run(publisher, run_id: str) -> int:
     blob = "x" * BLOB_BYTES
     for n in range(BLOBS_PER_STREAM):
         assert emit(DAG, run_id, "success", task_id=f"t{n}", result={"blob": blob}, publisher=publisher)
-    assert emit(DAG, run_id, "success", task_id="answer", result={"answer": run_id}, result_task=True,
-                publisher=publisher)
+    assert emit(DAG, run_id, "success", task_id="answer", result={"answer": run_id}, result_task=True, publisher=publisher)
     return emit(DAG, run_id, "success", publisher=publisher)
 
 
@@ -236,7 +243,8 @@ def publish_asset(publisher, name: str) -> int:
 
 
 async def test_slow_sse_readers_are_cut_off_memory_stays_flat_and_normal_readers_get_everything(
-        served_gateway, namespace, redis_url, chaos_summary):
+    served_gateway, namespace, redis_url, chaos_summary
+):
     served = served_gateway(RUNBELL_SUBSCRIBER_BUFFER="8", RUNBELL_SEND_TIMEOUT="1", RUNBELL_MAX_SUBSCRIBERS="200")
     pid, publisher = served.process.pid, publisher_for(served, namespace, redis_url)
     asset = f"s3://abuse/{uuid.uuid4().hex[:8]}"
@@ -246,21 +254,25 @@ async def test_slow_sse_readers_are_cut_off_memory_stays_flat_and_normal_readers
     for round_no in range(ROUNDS):
         runs = [f"slow-{round_no}-{n}" for n in range(RUNS_PER_ROUND)]
         slow = [SlowReader(served.port, run_path(run_id, "events")) for run_id in runs for _ in range(SLOW_PER_RUN)]
-        slow += [SlowReader(served.port, f"/v1/assets/{asset}/events", {"Last-Event-ID": str(asset_seq)})
-                 for _ in range(SLOW_PER_ASSET)]
+        slow += [SlowReader(served.port, f"/v1/assets/{asset}/events", {"Last-Event-ID": str(asset_seq)}) for _ in range(SLOW_PER_ASSET)]
         slow_total += len(slow)
         limits = httpx.Limits(max_connections=None)
         async with httpx.AsyncClient(base_url=served.url, timeout=30, limits=limits) as http:
-            streams = [asyncio.create_task(read_stream(http, run_path(run_id, "events")))
-                       for run_id in runs for _ in range(NORMAL_PER_RUN)]
+            streams = [asyncio.create_task(read_stream(http, run_path(run_id, "events"))) for run_id in runs for _ in range(NORMAL_PER_RUN)]
             first, last_asset = asset_seq + 1, asset_seq + BLOBS_PER_STREAM
-            asset_reader = asyncio.create_task(read_stream(  # from an explicit seq, 0 included: not "from now"
-                http, f"/v1/assets/{asset}/events?last_event_id={asset_seq}", start=asset_seq, paired=False,
-                stop=lambda r: bool(r.events) and r.events[-1][0] >= last_asset))
-            waiters = [asyncio.create_task(http.get(run_path(run_id, "result"), params={"timeout": 30}))
-                       for run_id in runs]
-            await until(gauges_are(served.url, sse_clients=len(slow) + len(streams) + 1, waiters=len(runs)),
-                        "every reader and waiter connected")
+            asset_reader = asyncio.create_task(
+                read_stream(  # from an explicit seq, 0 included: not "from now"
+                    http,
+                    f"/v1/assets/{asset}/events?last_event_id={asset_seq}",
+                    start=asset_seq,
+                    paired=False,
+                    stop=lambda r: bool(r.events) and r.events[-1][0] >= last_asset,
+                )
+            )
+            waiters = [asyncio.create_task(http.get(run_path(run_id, "result"), params={"timeout": 30})) for run_id in runs]
+            await until(
+                gauges_are(served.url, sse_clients=len(slow) + len(streams) + 1, waiters=len(runs)), "every reader and waiter connected"
+            )
             for run_id in runs:
                 assert await asyncio.to_thread(publish_run, publisher, run_id) == BLOBS_PER_STREAM + 2
             asset_seq = await asyncio.to_thread(publish_asset, publisher, asset)
@@ -294,8 +306,7 @@ async def test_slow_sse_readers_are_cut_off_memory_stays_flat_and_normal_readers
         # The slow ones are cut off by the gateway itself: their subscriptions end, and their sockets
         # (each with megabytes the client never took) are let go while the clients still hold them.
         await until(gauges_are(served.url, sse_clients=0, waiters=0), "slow readers' streams ended")
-        await until(lambda: held_connections(pid, served.port) == 0,
-                    "the gateway let go of the slow readers' connections")
+        await until(lambda: held_connections(pid, served.port) == 0, "the gateway let go of the slow readers' connections")
         recover.append(time.monotonic() - published)
         for reader in slow:
             reader.close()
@@ -313,11 +324,18 @@ async def test_slow_sse_readers_are_cut_off_memory_stays_flat_and_normal_readers
     assert rss[-1] - rss[-2] < 32 * MIB, [r // MIB for r in rss]
     assert rss[-1] - rss[0] < 96 * MIB + slow_total * MIB, [r // MIB for r in rss]
     chaos_summary(
-        runs=ROUNDS * RUNS_PER_ROUND, outcomes_delivered=delivered, lost=lost, duplicated=duplicated,
+        runs=ROUNDS * RUNS_PER_ROUND,
+        outcomes_delivered=delivered,
+        lost=lost,
+        duplicated=duplicated,
         recover_seconds=max(recover),
-        extra={"slow_readers": slow_total, "overflows": int(now["runbell_subscriber_overflows_total"]),
-               "send_timeouts": int(now.get("runbell_sse_send_timeouts_total", 0)), "reconnects": reconnects,
-               "rss_mib": "/".join(str(r // MIB) for r in rss)},
+        extra={
+            "slow_readers": slow_total,
+            "overflows": int(now["runbell_subscriber_overflows_total"]),
+            "send_timeouts": int(now.get("runbell_sse_send_timeouts_total", 0)),
+            "reconnects": reconnects,
+            "rss_mib": "/".join(str(r // MIB) for r in rss),
+        },
     )
 
 
@@ -327,7 +345,7 @@ CAP = 50
 FLOOD_WAVES, FLOOD_PER_WAVE = 3, 200
 
 
-async def refused(http: httpx.AsyncClient, path: str, params: Optional[dict] = None) -> int:
+async def refused(http: httpx.AsyncClient, path: str, params: dict | None = None) -> int:
     """1 when the request is refused as beyond the cap (a JSON 503 with Retry-After), else 0."""
     async with http.stream("GET", path, params=params) as response:
         body = await response.aread()
@@ -339,21 +357,24 @@ async def refused(http: httpx.AsyncClient, path: str, params: Optional[dict] = N
 
 
 async def test_a_flood_beyond_the_cap_is_refused_without_memory_growth_and_callers_are_admitted_again(
-        served_gateway, namespace, redis_url, chaos_summary):
+    served_gateway, namespace, redis_url, chaos_summary
+):
     served = served_gateway(RUNBELL_MAX_SUBSCRIBERS=str(CAP))
     pid, publisher = served.process.pid, publisher_for(served, namespace, redis_url)
     runs = [f"flood-{n}" for n in range(5)]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=served.url, timeout=30, limits=limits) as http:
         per_run = CAP // 2 // len(runs)
-        waiters = [asyncio.create_task(http.get(run_path(run_id, "result"), params={"timeout": 30}))
-                   for run_id in runs for _ in range(per_run)]
-        streams = [asyncio.create_task(read_stream(http, run_path(run_id, "events"), connections=1))
-                   for run_id in runs for _ in range(per_run)]
+        waiters = [
+            asyncio.create_task(http.get(run_path(run_id, "result"), params={"timeout": 30})) for run_id in runs for _ in range(per_run)
+        ]
+        streams = [
+            asyncio.create_task(read_stream(http, run_path(run_id, "events"), connections=1)) for run_id in runs for _ in range(per_run)
+        ]
         await until(gauges_are(served.url, waiters=len(waiters), sse_clients=len(streams)), "the cap is reached")
 
         rss, rejected = [rss_bytes(pid)], 0
-        for wave in range(FLOOD_WAVES):
+        for _wave in range(FLOOD_WAVES):
             flood = []
             for n in range(FLOOD_PER_WAVE):
                 run_id = runs[n % len(runs)]
@@ -371,8 +392,7 @@ async def test_a_flood_beyond_the_cap_is_refused_without_memory_growth_and_calle
 
         for run_id in runs:
             emit(DAG, run_id, "running", task_id="answer", publisher=publisher)
-            emit(DAG, run_id, "success", task_id="answer", result={"answer": run_id}, result_task=True,
-                 publisher=publisher)
+            emit(DAG, run_id, "success", task_id="answer", result={"answer": run_id}, result_task=True, publisher=publisher)
             emit(DAG, run_id, "success", publisher=publisher)
         delivered = lost = duplicated = 0
         for index, waiter in enumerate(waiters):
@@ -384,22 +404,25 @@ async def test_a_flood_beyond_the_cap_is_refused_without_memory_growth_and_calle
             got = reading.seqs("task", "run")
             lost += len({1, 2, 3} - set(got))
             duplicated += reading.duplicated
-            assert got == [1, 2, 3] and [o["result"] for o in reading.data("outcome")] == [
-                {"answer": runs[index // per_run]}]
+            assert got == [1, 2, 3] and [o["result"] for o in reading.data("outcome")] == [{"answer": runs[index // per_run]}]
             delivered += 1
 
         # Recovery: the slots are free again, and a whole cap's worth of new callers is admitted.
         await until(gauges_are(served.url, waiters=0, sse_clients=0), "slots released")
-        again = await asyncio.gather(*(http.get(run_path(runs[n % len(runs)], "result"), params={"timeout": 5})
-                                       for n in range(CAP)))
+        again = await asyncio.gather(*(http.get(run_path(runs[n % len(runs)], "result"), params={"timeout": 5}) for n in range(CAP)))
         assert [a.status_code for a in again] == [200] * CAP
         recover = time.monotonic() - flood_ended
         delivered += CAP
         assert (await metrics(served.url))["runbell_rejected_total"] == rejected
     assert lost == 0 and duplicated == 0
-    chaos_summary(runs=len(runs), outcomes_delivered=delivered, lost=lost, duplicated=duplicated,
-                  recover_seconds=recover,
-                  extra={"cap": CAP, "rejected": rejected, "rss_mib": "/".join(str(r // MIB) for r in rss)})
+    chaos_summary(
+        runs=len(runs),
+        outcomes_delivered=delivered,
+        lost=lost,
+        duplicated=duplicated,
+        recover_seconds=recover,
+        extra={"cap": CAP, "rejected": rejected, "rss_mib": "/".join(str(r // MIB) for r in rss)},
+    )
 
 
 # -- connections that never send a request ------------------------------------------------------------
@@ -418,7 +441,8 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 
 async def test_a_flood_of_idle_connections_does_not_stop_requests_and_is_closed_after_the_header_timeout(
-        served_gateway, namespace, redis_url, chaos_summary):
+    served_gateway, namespace, redis_url, chaos_summary
+):
     served = served_gateway(RUNBELL_MAX_SUBSCRIBERS=str(CAP), RUNBELL_HEADER_TIMEOUT="6")
     pid, publisher = served.process.pid, publisher_for(served, namespace, redis_url)
     before = rss_bytes(pid)
@@ -430,8 +454,7 @@ async def test_a_flood_of_idle_connections_does_not_stop_requests_and_is_closed_
         idle.append(sock)
     flooded = time.monotonic()
     try:
-        await until(lambda: held_connections(pid, served.port) == len(idle),
-                    "the gateway accepted every idle connection")
+        await until(lambda: held_connections(pid, served.port) == len(idle), "the gateway accepted every idle connection")
         held_rss = rss_bytes(pid)
 
         # While they are all held, requests are served as usual (not 503): a long-poll, a stream, health.
@@ -450,24 +473,33 @@ async def test_a_flood_of_idle_connections_does_not_stop_requests_and_is_closed_
         assert sum(1 for sock in idle if not closed_by_peer(sock)) == len(idle), "served only once some had gone"
 
         # The header timeout closes every one of them, whether it sent nothing or half a request.
-        await until(lambda: all(closed_by_peer(sock) for sock in idle) and held_connections(pid, served.port) == 0,
-                    "idle connections closed by the gateway", timeout=30)
+        await until(
+            lambda: all(closed_by_peer(sock) for sock in idle) and held_connections(pid, served.port) == 0,
+            "idle connections closed by the gateway",
+            timeout=30,
+        )
         recover = time.monotonic() - flooded
     finally:
         for sock in idle:
             sock.close()
     # Memory held per idle connection is small (no request, no task): a generous 64 KiB each.
     assert held_rss - before < 16 * MIB + len(idle) * 64 * 1024, (before // MIB, held_rss // MIB)
-    chaos_summary(runs=1, outcomes_delivered=2, lost=0, duplicated=0, recover_seconds=recover,
-                  extra={"idle_connections": len(idle), "partial_requests": PARTIAL,
-                         "rss_mib": f"{before // MIB}/{held_rss // MIB}"})
+    chaos_summary(
+        runs=1,
+        outcomes_delivered=2,
+        lost=0,
+        duplicated=0,
+        recover_seconds=recover,
+        extra={"idle_connections": len(idle), "partial_requests": PARTIAL, "rss_mib": f"{before // MIB}/{held_rss // MIB}"},
+    )
 
 
 # -- long-poll timeouts at the cap ------------------------------------------------------------------------
 
 
 async def test_long_poll_waiters_at_the_cap_all_time_out_free_their_slots_and_new_ones_are_admitted(
-        served_gateway, namespace, redis_url, chaos_summary):
+    served_gateway, namespace, redis_url, chaos_summary
+):
     served = served_gateway(RUNBELL_MAX_SUBSCRIBERS=str(CAP))
     publisher = publisher_for(served, namespace, redis_url)
     runs = [f"lp-{n}" for n in range(CAP)]
@@ -480,17 +512,16 @@ async def test_long_poll_waiters_at_the_cap_all_time_out_free_their_slots_and_ne
         timed_out = time.monotonic()
         for run_id, answer in zip(runs, answers):
             assert answer.status_code == 202 and answer.headers["retry-after"] == "1", answer.text
-            assert answer.json() == {"status": "pending", "dag_id": DAG, "run_id": run_id,
-                                     "run_state": "unknown", "seq": 0}
+            assert answer.json() == {"status": "pending", "dag_id": DAG, "run_id": run_id, "run_state": "unknown", "seq": 0}
         await until(gauges_are(served.url, waiters=0, sse_clients=0), "slots released")
 
         for run_id in runs:
-            emit(DAG, run_id, "success", task_id="answer", result={"answer": run_id}, result_task=True,
-                 publisher=publisher)
+            emit(DAG, run_id, "success", task_id="answer", result={"answer": run_id}, result_task=True, publisher=publisher)
         again = await asyncio.gather(*(http.get(run_path(run_id, "result"), params={"timeout": 10}) for run_id in runs))
         recover = time.monotonic() - timed_out
         assert [a.status_code for a in again] == [200] * CAP
         assert [a.json()["result"] for a in again] == [{"answer": run_id} for run_id in runs]
         assert (await metrics(served.url))["runbell_rejected_total"] == 1
-    chaos_summary(runs=CAP, outcomes_delivered=CAP, lost=0, duplicated=0, recover_seconds=recover,
-                  extra={"cap": CAP, "timed_out": CAP, "rejected": 1})
+    chaos_summary(
+        runs=CAP, outcomes_delivered=CAP, lost=0, duplicated=0, recover_seconds=recover, extra={"cap": CAP, "timed_out": CAP, "rejected": 1}
+    )

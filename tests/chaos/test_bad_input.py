@@ -19,10 +19,11 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
+
 from runbell.bus import keys
 from runbell.bus.schema import (
     AssetEvent,
@@ -35,7 +36,6 @@ from runbell.bus.schema import (
 )
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher
-
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
 
@@ -63,27 +63,40 @@ def result(value: Any) -> Result:
 # What each kind of run publishes, and what its callers must be told (fields of the outcome).
 SCRIPTS = {
     "result": (
-        lambda r: [run(r, "running"), task(r, "answer", "running", result_task=True),
-                   task(r, "answer", "success", result_task=True, result=result({"run": r})),
-                   task(r, "cleanup", "success"), run(r, "success")],
+        lambda r: [
+            run(r, "running"),
+            task(r, "answer", "running", result_task=True),
+            task(r, "answer", "success", result_task=True, result=result({"run": r})),
+            task(r, "cleanup", "success"),
+            run(r, "success"),
+        ],
         lambda r: {"status": "success", "decided_by": "result_task", "decided_seq": 3, "result": {"run": r}},
     ),
     "critical": (
-        lambda r: [run(r, "running"), task(r, "extract", "running", critical=True),
-                   task(r, "extract", "failed", critical=True, error=ErrorInfo(type="KeyError", message="'id'")),
-                   run(r, "failed")],
-        lambda r: {"status": "failed", "decided_by": "critical_task", "decided_seq": 3,
-                   "failure": {"task_id": "extract", "map_index": -1, "try_number": 1,
-                               "error": {"type": "KeyError", "message": "'id'"}}},
+        lambda r: [
+            run(r, "running"),
+            task(r, "extract", "running", critical=True),
+            task(r, "extract", "failed", critical=True, error=ErrorInfo(type="KeyError", message="'id'")),
+            run(r, "failed"),
+        ],
+        lambda r: {
+            "status": "failed",
+            "decided_by": "critical_task",
+            "decided_seq": 3,
+            "failure": {"task_id": "extract", "map_index": -1, "try_number": 1, "error": {"type": "KeyError", "message": "'id'"}},
+        },
     ),
     "run": (
         lambda r: [run(r, "running"), task(r, "a", "success"), run(r, "success")],
         lambda r: {"status": "success", "decided_by": "run", "decided_seq": 3, "result": None},
     ),
     "never_flips": (  # decided by the result task; a later critical failure and a failed run change nothing
-        lambda r: [run(r, "running"), task(r, "answer", "success", result_task=True, result=result(1)),
-                   task(r, "load", "failed", critical=True, error=ErrorInfo(type="OSError", message="disk")),
-                   run(r, "failed")],
+        lambda r: [
+            run(r, "running"),
+            task(r, "answer", "success", result_task=True, result=result(1)),
+            task(r, "load", "failed", critical=True, error=ErrorInfo(type="OSError", message="disk")),
+            run(r, "failed"),
+        ],
         lambda r: {"status": "success", "decided_by": "result_task", "decided_seq": 2, "result": 1},
     ),
 }
@@ -96,8 +109,8 @@ class Watched:
     run_id: str
     kind: str
     events: list[Event]
-    waiter: Optional[asyncio.Task] = None
-    stream: Optional[asyncio.Task] = None
+    waiter: asyncio.Task | None = None
+    stream: asyncio.Task | None = None
     done_at: dict[str, float] = field(default_factory=dict)  # caller -> monotonic time it had its answer
 
     @property
@@ -129,7 +142,7 @@ async def attached(gateway, http, runs: list[Watched], others: int = 0) -> None:
     await until(lambda: gateway.app.state.hub.count >= 2 * len(runs) + others)
 
 
-def release(runs: list[Watched], *others: Optional[asyncio.Task]) -> None:
+def release(runs: list[Watched], *others: asyncio.Task | None) -> None:
     """After a failure: stop the callers still waiting, and take the errors of those that ended."""
     for t in [task for w in runs for task in (w.waiter, w.stream)] + list(others):
         if t is None:
@@ -176,15 +189,19 @@ async def settle(runs: list[Watched]) -> Tally:
     return tally
 
 
-_publishers: "weakref.WeakKeyDictionary[Any, Publisher]" = weakref.WeakKeyDictionary()
+_publishers: weakref.WeakKeyDictionary[Any, Publisher] = weakref.WeakKeyDictionary()
 
 
 async def publish(gateway, event: Event | AssetEvent) -> int:
     """Publish as the hook does, through one publisher per gateway with a generous timeout (a
     publish that spooled on a busy machine would leave the callers waiting for nothing)."""
     if gateway not in _publishers:
-        config = PublisherConfig(redis_url=gateway.redis_url, namespace=gateway.namespace,
-                                 spool_dir=Path(tempfile.mkdtemp(prefix="rb-chaos-spool-")), timeout_seconds=5)
+        config = PublisherConfig(
+            redis_url=gateway.redis_url,
+            namespace=gateway.namespace,
+            spool_dir=Path(tempfile.mkdtemp(prefix="rb-chaos-spool-")),
+            timeout_seconds=5,
+        )
         _publishers[gateway] = Publisher(config)
     seq = await asyncio.to_thread(_publishers[gateway].publish, event)
     assert seq is not None, "Redis must accept the event"
@@ -199,8 +216,16 @@ def raw_envelope(seq: Any, event: dict) -> bytes:
 
 
 def event_dict(run_id: str, state: str = "success", dag_id: str = DAG, **kw: Any) -> dict:
-    return {"v": 1, "id": f"forged-{run_id}-{state}", "kind": "run", "dag_id": dag_id, "run_id": run_id,
-            "state": state, "ts": time.time(), **kw}
+    return {
+        "v": 1,
+        "id": f"forged-{run_id}-{state}",
+        "kind": "run",
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "state": state,
+        "ts": time.time(),
+        **kw,
+    }
 
 
 def nested(depth: int) -> Any:
@@ -346,10 +371,18 @@ async def test_junk_and_misrouted_messages_on_run_and_asset_channels(gateway, ch
     assert dropped == injected, (dropped, injected)
     assert value(after, "runbell_resubscribes_total") == value(before, "runbell_resubscribes_total")
     assert tally.lost == 0 and tally.duplicated == 0
-    chaos_summary(runs=len(runs), outcomes_delivered=tally.outcomes_delivered + 1, lost=tally.lost,
-                  duplicated=tally.duplicated, recover_seconds=recovered,
-                  extra={"injected": sum(injected.values()), "dropped": sum(dropped.values()),
-                         **{f"dropped_{reason}": n for reason, n in sorted(dropped.items())}})
+    chaos_summary(
+        runs=len(runs),
+        outcomes_delivered=tally.outcomes_delivered + 1,
+        lost=tally.lost,
+        duplicated=tally.duplicated,
+        recover_seconds=recovered,
+        extra={
+            "injected": sum(injected.values()),
+            "dropped": sum(dropped.values()),
+            **{f"dropped_{reason}": n for reason, n in sorted(dropped.items())},
+        },
+    )
 
 
 async def test_oversized_messages_do_not_crash_or_stall_the_hub(gateway, chaos_summary):
@@ -397,11 +430,19 @@ async def test_oversized_messages_do_not_crash_or_stall_the_hub(gateway, chaos_s
         await redis.aclose()
     dropped = grew(before, after, "runbell_decode_errors_total")
     assert dropped == Counter(reason for _, reason in oversized), dropped
-    chaos_summary(runs=len(runs), outcomes_delivered=tally.outcomes_delivered, lost=tally.lost,
-                  duplicated=tally.duplicated, recover_seconds=recovered,
-                  extra={"injected_8mib": len(oversized), "dropped": sum(dropped.values()),
-                         "cut_off_40mib": 1, "resubscribed": int(value(after, "runbell_resubscribes_total")
-                                                                  - value(before, "runbell_resubscribes_total"))})
+    chaos_summary(
+        runs=len(runs),
+        outcomes_delivered=tally.outcomes_delivered,
+        lost=tally.lost,
+        duplicated=tally.duplicated,
+        recover_seconds=recovered,
+        extra={
+            "injected_8mib": len(oversized),
+            "dropped": sum(dropped.values()),
+            "cut_off_40mib": 1,
+            "resubscribed": int(value(after, "runbell_resubscribes_total") - value(before, "runbell_resubscribes_total")),
+        },
+    )
 
 
 async def test_duplicated_reordered_and_replayed_envelopes_change_nothing(gateway, chaos_summary):
@@ -467,9 +508,14 @@ async def test_duplicated_reordered_and_replayed_envelopes_change_nothing(gatewa
         await redis.aclose()
     lost, duplicated = tally.lost + late_tally.lost, tally.duplicated + late_tally.duplicated
     assert lost == 0 and duplicated == 0
-    chaos_summary(runs=len(runs), outcomes_delivered=tally.outcomes_delivered + late_tally.outcomes_delivered,
-                  lost=lost, duplicated=duplicated, recover_seconds=recovered,
-                  extra={"republished": injected, "late_callers": 2 * len(late)})
+    chaos_summary(
+        runs=len(runs),
+        outcomes_delivered=tally.outcomes_delivered + late_tally.outcomes_delivered,
+        lost=lost,
+        duplicated=duplicated,
+        recover_seconds=recovered,
+        extra={"republished": injected, "late_callers": 2 * len(late)},
+    )
 
 
 async def caught_up(redis: aioredis.Redis, namespace: str) -> bool:
@@ -526,9 +572,14 @@ async def test_events_for_runs_nobody_waits_on(gateway, chaos_summary):
     assert grew(before, after, "runbell_decode_errors_total") == Counter()
     in_for_watched = sum(len(w.events) for w in runs)
     assert value(after, "runbell_events_in_total") - value(before, "runbell_events_in_total") == in_for_watched
-    chaos_summary(runs=len(runs), outcomes_delivered=tally.outcomes_delivered, lost=tally.lost,
-                  duplicated=tally.duplicated, recover_seconds=recovered,
-                  extra={"flood_messages": flood, "unknown_runs": len(strangers)})
+    chaos_summary(
+        runs=len(runs),
+        outcomes_delivered=tally.outcomes_delivered,
+        lost=tally.lost,
+        duplicated=tally.duplicated,
+        recover_seconds=recovered,
+        extra={"flood_messages": flood, "unknown_runs": len(strangers)},
+    )
 
 
 async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gateway, chaos_summary):
@@ -591,6 +642,11 @@ async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gat
         await redis.aclose()
     skipped = grew(before, after, "runbell_recorder_skipped_total")
     assert skipped == injected, (skipped, injected)
-    chaos_summary(runs=len(runs), outcomes_delivered=delivered, lost=lost, duplicated=duplicated,
-                  recover_seconds=recovered, extra={"junk_entries": sum(injected.values()),
-                                                    "skipped": sum(skipped.values())})
+    chaos_summary(
+        runs=len(runs),
+        outcomes_delivered=delivered,
+        lost=lost,
+        duplicated=duplicated,
+        recover_seconds=recovered,
+        extra={"junk_entries": sum(injected.values()), "skipped": sum(skipped.values())},
+    )

@@ -16,9 +16,9 @@ import inspect
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import httpx
+
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.client.client import (
@@ -53,12 +53,16 @@ def opening(i: int) -> list[dict]:
 def closing(i: int) -> list[dict]:
     """seq 4-6, published after the kill: seq 5 decides the outcome, seq 6 ends the run."""
     if succeeds(i):
-        return [dict(state="running", task_id="answer", result_task=True),
-                dict(state="success", task_id="answer", result_task=True, result={"run": i}),
-                dict(state="success")]
-    return [dict(state="running", task_id="load", critical=True),
-            dict(state="failed", task_id="load", critical=True, error="disk full", error_type="IOError"),
-            dict(state="failed")]
+        return [
+            dict(state="running", task_id="answer", result_task=True),
+            dict(state="success", task_id="answer", result_task=True, result={"run": i}),
+            dict(state="success"),
+        ]
+    return [
+        dict(state="running", task_id="load", critical=True),
+        dict(state="failed", task_id="load", critical=True, error="disk full", error_type="IOError"),
+        dict(state="failed"),
+    ]
 
 
 EXPECTED_SSE = [("run", 1), ("task", 2), ("task", 3), ("task", 4), ("task", 5), ("outcome", 5), ("run", 6), ("end", 6)]
@@ -68,10 +72,19 @@ def correct(i: int, outcome: dict) -> bool:
     """The outcome's body (the result endpoint's 200, or an SSE `outcome`) is the one run i must have."""
     if succeeds(i):
         return (outcome["status"], outcome["result"], outcome["decided_by"], outcome["decided_seq"]) == (
-            "success", {"run": i}, "result_task", 5)
+            "success",
+            {"run": i},
+            "result_task",
+            5,
+        )
     failure = outcome.get("failure") or {}
     return (outcome["status"], outcome["decided_by"], outcome["decided_seq"], failure.get("task_id"), failure.get("error")) == (
-        "failed", "critical_task", 5, "load", {"type": "IOError", "message": "disk full"})
+        "failed",
+        "critical_task",
+        5,
+        "load",
+        {"type": "IOError", "message": "disk full"},
+    )
 
 
 # -- callers --------------------------------------------------------------------------------------
@@ -85,11 +98,11 @@ class EventSource:
     def __init__(self, http: httpx.AsyncClient, urls: list[str], path: str):
         self.http, self.urls, self.path = http, urls, path
         self.current = 0
-        self.last_id: Optional[str] = None
+        self.last_id: str | None = None
         self.retry = 1.0  # a browser's default is a few seconds; the gateway's retry: replaces it
         self.events: list[SseEvent] = []
         self.reconnects = 0
-        self.outcome_at: Optional[float] = None
+        self.outcome_at: float | None = None
 
     async def run(self) -> None:
         while True:
@@ -129,16 +142,16 @@ class Caller:
     kind: str  # waiter | follower | eventsource
     run: int
     first_gateway: int
-    task: Optional[asyncio.Task] = None
-    outcome: Optional[Outcome] = None
+    task: asyncio.Task | None = None
+    outcome: Outcome | None = None
     events: list[SseEvent] = field(default_factory=list)
-    source: Optional[EventSource] = None
-    outcome_at: Optional[float] = None
+    source: EventSource | None = None
+    outcome_at: float | None = None
 
     def seen(self) -> list[SseEvent]:
         return self.source.events if self.source is not None else self.events
 
-    def answer(self) -> Optional[dict]:
+    def answer(self) -> dict | None:
         """The outcome this caller was given (a waiter's result, an SSE client's `outcome` event)."""
         if self.kind == "waiter":
             return self.outcome.body if self.outcome is not None else None
@@ -201,8 +214,7 @@ async def publish(publisher: Publisher, i: int, event: dict) -> int:
 # -- the scenario ---------------------------------------------------------------------------------
 
 
-async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgres_url, redis_url, namespace, tmp_path,
-                                                        chaos_summary):
+async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgres_url, redis_url, namespace, tmp_path, chaos_summary):
     gateways = [served_gateway(RUNBELL_DATABASE_URL=postgres_url) for _ in range(GATEWAYS)]
     urls = [g.url for g in gateways]
     victim = gateways[0]
@@ -276,8 +288,12 @@ async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgre
         lost=len(callers) - len(delivered) + sse_missing,
         duplicated=duplicated,
         recover_seconds=max(at for at in answered_at if at is not None) - killed_at if delivered else None,
-        extra={"gateways": GATEWAYS, "callers": len(callers), "on_killed": 3 * RUNS,
-               "eventsource_reconnects": sum(c.source.reconnects for c in callers if c.source is not None)},
+        extra={
+            "gateways": GATEWAYS,
+            "callers": len(callers),
+            "on_killed": 3 * RUNS,
+            "eventsource_reconnects": sum(c.source.reconnects for c in callers if c.source is not None),
+        },
     )
 
     assert not failures, failures
@@ -285,7 +301,11 @@ async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgre
     assert not wrong, wrong
     for caller in sse_callers:  # each event once, in sequence order, no gaps; the outcome once, then the end
         assert [(e.event, int(e.id)) for e in caller.seen() if e.id is not None] == EXPECTED_SSE, (
-            caller.kind, caller.run, caller.first_gateway, caller.seen())
+            caller.kind,
+            caller.run,
+            caller.first_gateway,
+            caller.seen(),
+        )
     # The victim's callers really moved: the library clients now talk to a survivor, the raw ones reconnected.
     assert moved_on[0] != victim.url and moved_on[1:] == urls[1:]
     assert all(c.source.reconnects >= 1 for c in sse_callers if c.source is not None and c.first_gateway == 0)

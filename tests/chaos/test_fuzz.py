@@ -27,6 +27,10 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from sqlalchemy import create_engine
+
 from runbell.bus.schema import (
     AssetEnvelope,
     BadEvent,
@@ -37,10 +41,6 @@ from runbell.bus.schema import (
 from runbell.service.core.outcome import decide
 from runbell.service.http.backfills import _airflow
 from runbell.service.http.run_routes import event_data, outcome_body
-from schemathesis.checks import not_a_server_error
-from schemathesis.generation import GenerationMode
-from sqlalchemy import create_engine
-
 from tests.chaos.test_bad_input import nested, publish, result, run, task
 from tests.conftest import ADMIN_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
@@ -49,23 +49,71 @@ from tests.test_gateway import events_path, read_sse, result_path, until
 
 REASONS = {"json", "shape", "version", "schema", "depth"}
 DECODE_EXAMPLES = 400
-DECODE_SETTINGS = settings(max_examples=DECODE_EXAMPLES, derandomize=True, database=None, deadline=None,
-                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+DECODE_SETTINGS = settings(
+    max_examples=DECODE_EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=20,
 )
-EVENT_FIELDS = ["v", "id", "kind", "dag_id", "run_id", "state", "ts", "source", "host", "task_id", "map_index",
-                "try_number", "result_task", "critical", "result", "error", "run_type", "logical_date", "msg",
-                "asset", "extra", "extra_size", "aliases", "source_map_index"]
+EVENT_FIELDS = [
+    "v",
+    "id",
+    "kind",
+    "dag_id",
+    "run_id",
+    "state",
+    "ts",
+    "source",
+    "host",
+    "task_id",
+    "map_index",
+    "try_number",
+    "result_task",
+    "critical",
+    "result",
+    "error",
+    "run_type",
+    "logical_date",
+    "msg",
+    "asset",
+    "extra",
+    "extra_size",
+    "aliases",
+    "source_map_index",
+]
 VALID_EVENTS = [
     {"v": 1, "id": "e1", "kind": "run", "dag_id": "d", "run_id": "r", "state": "success", "ts": 1.0},
-    {"v": 1, "id": "e2", "kind": "task", "dag_id": "d", "run_id": "r", "state": "success", "task_id": "t",
-     "result_task": True, "result": {"value": {"n": 1}, "size": 7}, "ts": 1.0},
-    {"v": 1, "id": "e3", "kind": "task", "dag_id": "d", "run_id": "r", "state": "failed", "task_id": "t",
-     "critical": True, "error": {"type": "E", "message": "m"}, "ts": 1.0},
+    {
+        "v": 1,
+        "id": "e2",
+        "kind": "task",
+        "dag_id": "d",
+        "run_id": "r",
+        "state": "success",
+        "task_id": "t",
+        "result_task": True,
+        "result": {"value": {"n": 1}, "size": 7},
+        "ts": 1.0,
+    },
+    {
+        "v": 1,
+        "id": "e3",
+        "kind": "task",
+        "dag_id": "d",
+        "run_id": "r",
+        "state": "failed",
+        "task_id": "t",
+        "critical": True,
+        "error": {"type": "E", "message": "m"},
+        "ts": 1.0,
+    },
     {"v": 1, "id": "a1", "kind": "asset", "asset": {"name": "s3://b/k"}, "extra": {"rows": 1}, "ts": 1.0},
 ]
 
@@ -87,9 +135,11 @@ def deep_envelopes(draw) -> bytes:
     depth = draw(st.integers(min_value=1, max_value=3000))
     body = "[" * depth + "]" * depth
     if draw(st.booleans()):
-        return ('{"seq":1,"event":{"v":1,"kind":"task","dag_id":"d","run_id":"r","state":"success","task_id":"t",'
-                '"result_task":true,"result":{"value":' + body + '}}}').encode()
-    return '{"seq":1,"event":{"v":1,"kind":"asset","asset":{"name":"a"},"extra":{"x":' .encode() + body.encode() + b"}}}"
+        return (
+            '{"seq":1,"event":{"v":1,"kind":"task","dag_id":"d","run_id":"r","state":"success","task_id":"t",'
+            '"result_task":true,"result":{"value":' + body + "}}}"
+        ).encode()
+    return b'{"seq":1,"event":{"v":1,"kind":"asset","asset":{"name":"a"},"extra":{"x":' + body.encode() + b"}}}"
 
 
 bus_messages = st.one_of(
@@ -135,8 +185,9 @@ def test_decoding_fuzzed_gives_an_envelope_or_a_documented_bad_event(chaos_summa
     @DECODE_SETTINGS
     @given(raw=bus_messages)
     @example(raw=b"[" * 100_000)
-    @example(raw=b'{"seq":1,"event":{"v":1,"kind":"run","dag_id":"d","run_id":"r","state":"success","msg":"'
-             + b"x" * (4 * 1024 * 1024) + b'"}}')
+    @example(
+        raw=b'{"seq":1,"event":{"v":1,"kind":"run","dag_id":"d","run_id":"r","state":"success","msg":"' + b"x" * (4 * 1024 * 1024) + b'"}}'
+    )
     @example(raw=json.dumps({"seq": 1, "event": {**VALID_EVENTS[1], "result": {"value": nested(255)}}}).encode())
     @example(raw=json.dumps({"seq": 1, "event": {**VALID_EVENTS[1], "result": {"value": nested(256)}}}).encode())
     @example(raw=b'{"seq":' + b"9" * 5000 + b',"event":{"v":1}}')
@@ -147,9 +198,15 @@ def test_decoding_fuzzed_gives_an_envelope_or_a_documented_bad_event(chaos_summa
 
     decoding()
     assert tally.accepted and set(tally.reasons) == REASONS  # the fuzz reached every outcome
-    chaos_summary(recover_seconds=None, extra={"decoded": tally.examples, "accepted": tally.accepted,
-                                               "elapsed_s": round(time.monotonic() - started, 2),
-                                               **{f"bad_{k}": v for k, v in sorted(tally.reasons.items())}})
+    chaos_summary(
+        recover_seconds=None,
+        extra={
+            "decoded": tally.examples,
+            "accepted": tally.accepted,
+            "elapsed_s": round(time.monotonic() - started, 2),
+            **{f"bad_{k}": v for k, v in sorted(tally.reasons.items())},
+        },
+    )
 
 
 # -- the HTTP API ---------------------------------------------------------------------------------
@@ -213,8 +270,14 @@ def fuzz(base_url: str, tally: FuzzTally) -> int:
         timeout = STREAM_SECONDS if operation.path in STREAMS else REQUEST_TIMEOUT
         for mode, examples in ((GenerationMode.POSITIVE, POSITIVE_EXAMPLES), (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES)):
 
-            @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=examples,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def call(case: schemathesis.Case) -> None:
                 tame(case)
@@ -229,7 +292,7 @@ def fuzz(base_url: str, tally: FuzzTally) -> int:
             except Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE, operation.label
                 tally.no_invalid_input.append(operation.label)  # nothing in it can be made invalid (GET /healthz)
-            except (Exception, BaseExceptionGroup) as exc:  # every operation is fuzzed; all failures reported together
+            except (Exception, BaseExceptionGroup) as exc:  # noqa: F821 (Python 3.11+, as the tests run)  # every operation is fuzzed; all failures reported together
                 tally.failures.append(f"{operation.label} ({mode.value}): {type(exc).__name__}: {str(exc)[:1500]}")
     return len(operations)
 
@@ -243,16 +306,19 @@ async def wait_for_outcome(http, run_id: str) -> dict:
             return response.json()
 
 
-async def test_http_api_fuzzed_from_its_openapi_document(gateway_factory, stand_in_airflow, tmp_path, monkeypatch,
-                                                         chaos_summary):
+async def test_http_api_fuzzed_from_its_openapi_document(gateway_factory, stand_in_airflow, tmp_path, monkeypatch, chaos_summary):
     monkeypatch.setenv("RUNBELL_SPOOL_DIR", str(tmp_path / "spool"))  # the gateway's publisher, if Redis is slow
     airflow_db = tmp_path / "airflow.db"
     engine = create_engine(f"sqlite:///{airflow_db}")
     _airflow.create_all(engine)
     engine.dispose()
     gateway = await gateway_factory(
-        airflow_url=stand_in_airflow.url, airflow_token="stand-in", airflow_database_url=f"sqlite:///{airflow_db}",
-        webhooks=False, heartbeat_seconds=0.2, long_poll_default=LONG_POLL_SECONDS,  # a call without a timeout is short too
+        airflow_url=stand_in_airflow.url,
+        airflow_token="stand-in",
+        airflow_database_url=f"sqlite:///{airflow_db}",
+        webhooks=False,
+        heartbeat_seconds=0.2,
+        long_poll_default=LONG_POLL_SECONDS,  # a call without a timeout is short too
         reconcile_after=3600,  # the run waited on all along is not one the stand-in Airflow knows
         token_secret="fuzz-token-secret-of-at-least-32-bytes",
     )
@@ -283,6 +349,13 @@ async def test_http_api_fuzzed_from_its_openapi_document(gateway_factory, stand_
     assert [(e.event, e.id) for e in events] == [("run", "1"), ("task", "2"), ("outcome", "2"), ("run", "3"), ("end", "3")]
     assert ready.status_code == 200, ready.text
     assert all(status < 500 for _, status in tally.by_status)
-    chaos_summary(runs=1, outcomes_delivered=2, extra={
-        "operations": operations, "calls": tally.calls, "fuzz_s": round(elapsed, 1),
-        **{f"{mode}_{status}": n for (mode, status), n in sorted(tally.by_status.items())}})
+    chaos_summary(
+        runs=1,
+        outcomes_delivered=2,
+        extra={
+            "operations": operations,
+            "calls": tally.calls,
+            "fuzz_s": round(elapsed, 1),
+            **{f"{mode}_{status}": n for (mode, status), n in sorted(tally.by_status.items())},
+        },
+    )

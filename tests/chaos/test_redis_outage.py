@@ -18,18 +18,17 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import pytest
 import redis
+
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import FLUSH_BUDGET_SECONDS, Publisher, emit
 from runbell.service.client.client import AsyncRunbellClient, Outcome
 from runbell.service.store.store import Store
-
 from tests.chaos.test_failover import EventSource, holds, until
 from tests.conftest import IN_CI, free_port
 
@@ -60,8 +59,7 @@ def closing(i: int) -> list[dict]:
     done = dict(state="success", task_id="extract")
     if succeeds(i):
         return [done, dict(state="success", task_id="answer", result_task=True, result={"run": i}), dict(state="success")]
-    return [done, dict(state="failed", task_id="load", critical=True, error="disk full", error_type="IOError"),
-            dict(state="failed")]
+    return [done, dict(state="failed", task_id="load", critical=True, error="disk full", error_type="IOError"), dict(state="failed")]
 
 
 def events_of(i: int) -> list[dict]:
@@ -74,10 +72,18 @@ EXPECTED_SSE = [("run", 1), ("task", 2), ("task", 3), ("task", 4), ("outcome", 4
 def correct(i: int, outcome: dict) -> bool:
     if succeeds(i):
         return (outcome["status"], outcome["result"], outcome["decided_by"], outcome["decided_seq"]) == (
-            "success", {"run": i}, "result_task", 4)
+            "success",
+            {"run": i},
+            "result_task",
+            4,
+        )
     failure = outcome.get("failure") or {}
     return (outcome["status"], outcome["decided_by"], outcome["decided_seq"], failure.get("task_id")) == (
-        "failed", "critical_task", 4, "load")
+        "failed",
+        "critical_task",
+        4,
+        "load",
+    )
 
 
 class RedisServer:
@@ -87,15 +93,33 @@ class RedisServer:
     def __init__(self, directory: Path):
         self.directory, self.port = directory, free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--logfile", str(self.directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + 20
         try:
@@ -138,7 +162,7 @@ def own_redis(tmp_path):
         server.kill()
 
 
-async def timed_emit(publisher: Publisher, i: int, event: dict) -> tuple[Optional[int], float]:
+async def timed_emit(publisher: Publisher, i: int, event: dict) -> tuple[int | None, float]:
     started = time.monotonic()
     seq = await asyncio.to_thread(emit, DAG, run_id(i), publisher=publisher, **event)
     return seq, time.monotonic() - started
@@ -160,8 +184,7 @@ def logged_seqs(server: RedisServer, namespace: str, i: int) -> tuple[list[int],
     return [e.seq for e in envelopes], len({e.event.id for e in envelopes})
 
 
-async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gateway, postgres_url, namespace, tmp_path,
-                                                         chaos_summary):
+async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gateway, postgres_url, namespace, tmp_path, chaos_summary):
     gateway = served_gateway(RUNBELL_REDIS_URL=own_redis.url, RUNBELL_DATABASE_URL=postgres_url)
     config = PublisherConfig(redis_url=own_redis.url, namespace=namespace, spool_dir=tmp_path / "hook-spool")
     publisher = Publisher(config)  # the hook's, as configured from the environment but for the URL and spool
@@ -187,13 +210,12 @@ async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gate
         sources = {i: EventSource(http, [gateway.url], f"/v1/dags/{DAG}/runs/{run_id(i)}/events") for i in IN_FLIGHT}
         tasks = [*waiters.values(), *(asyncio.create_task(s.run()) for s in sources.values())]
         await until(lambda: holds(http, gateway.url, 2 * len(IN_FLIGHT)), "waiters and EventSources attached")
-        await until(lambda: all(any(e.id == "2" for e in s.events) for s in sources.values()),
-                    "every EventSource has seq 2")
+        await until(lambda: all(any(e.id == "2" for e in s.events) for s in sources.values()), "every EventSource has seq 2")
 
         # The fault: Redis hangs (a publish meets its command timeout), then dies (connection refused).
         own_redis.hang()
         fault_at = time.monotonic()
-        outage: list[tuple[Optional[int], float]] = []
+        outage: list[tuple[int | None, float]] = []
         for i in IN_FLIGHT:
             outage.append(await timed_emit(publisher, i, closing(i)[0]))
         own_redis.kill()
@@ -207,7 +229,8 @@ async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gate
         restarted_at = time.monotonic()
         done, pending = await asyncio.wait(tasks, timeout=SETTLE_SECONDS)
         answers: dict[int, tuple[Outcome, float]] = {
-            i: task.result() for i, task in waiters.items() if task.done() and task.exception() is None}
+            i: task.result() for i, task in waiters.items() if task.done() and task.exception() is None
+        }
         failures = [repr(t.exception()) for t in done if t.exception() is not None]
         await until(lambda: not publisher.spool.pending(), "the spool is empty")
 
@@ -238,22 +261,26 @@ async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gate
     expected_seqs = {i: list(range(1, len(events_of(i)) + 1)) for i in (*RECORDED, *IN_FLIGHT)}
     sse = {i: [(e.event, int(e.id)) for e in s.events if e.id is not None] for i, s in sources.items()}
     sse_missing = sum(1 for i in IN_FLIGHT for pair in EXPECTED_SSE if pair not in sse[i])
-    duplicated = (sum(len(seen) - len(set(seen)) for seen in sse.values())
-                  + sum(len(seqs) - ids for seqs, ids in logs.values())  # an event id logged twice
-                  + sum(len(seqs) - len(set(seqs)) for seqs in stored.values()))
-    lost_events = sum(len(set(expected_seqs[i]) - set(stored[i])) + len(set(expected_seqs[i]) - set(logs[i][0]))
-                      for i in expected_seqs)
+    duplicated = (
+        sum(len(seen) - len(set(seen)) for seen in sse.values())
+        + sum(len(seqs) - ids for seqs, ids in logs.values())  # an event id logged twice
+        + sum(len(seqs) - len(set(seqs)) for seqs in stored.values())
+    )
+    lost_events = sum(len(set(expected_seqs[i]) - set(stored[i])) + len(set(expected_seqs[i]) - set(logs[i][0])) for i in expected_seqs)
     delivered = len(answers) + sum(1 for i in IN_FLIGHT if ("outcome", 4) in sse[i])
-    last_answer = max([at for _, at in answers.values()] + [s.outcome_at for s in sources.values() if s.outcome_at],
-                      default=None)
+    last_answer = max([at for _, at in answers.values()] + [s.outcome_at for s in sources.values() if s.outcome_at], default=None)
     chaos_summary(
         runs=len(RECORDED) + len(IN_FLIGHT),
         outcomes_delivered=delivered,
         lost=2 * len(IN_FLIGHT) - delivered + sse_missing + lost_events,
         duplicated=duplicated,
         recover_seconds=None if last_answer is None else last_answer - fault_at,
-        extra={"spooled": spooled, "after_restart": "-" if last_answer is None else f"{last_answer - restarted_at:.2f}s",
-               "slowest_publish": f"{max(t for _, t in outage):.2f}s", "publish_bound": f"{bound:.2f}s"},
+        extra={
+            "spooled": spooled,
+            "after_restart": "-" if last_answer is None else f"{last_answer - restarted_at:.2f}s",
+            "slowest_publish": f"{max(t for _, t in outage):.2f}s",
+            "publish_bound": f"{bound:.2f}s",
+        },
     )
 
     # The hooks: every publish during the outage spooled, within its bound.

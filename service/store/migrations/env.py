@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from runbell.service.store.models import Base
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runbell.service.store.models import Base
 
 VERSION_TABLE = "runbell_alembic_version"  # not alembic_version: the database may be shared
 MIGRATION_LOCK = 0x72756E62656C6C  # pg_advisory_xact_lock key ("runbell")

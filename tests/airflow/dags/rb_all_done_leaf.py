@@ -3,6 +3,7 @@ all_done leaf run after it, so Airflow ends the run SUCCESS. The result task wai
 task (all_done) so the failure always lands first: run side by side, the result could win the race."""
 
 from airflow.sdk import dag, result, task
+
 from runbell.listeners.marks import critical
 
 
