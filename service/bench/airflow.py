@@ -55,7 +55,8 @@ from runbell.service.bench.measure import (
     percentiles,
     start_gateway,
 )
-from runbell.service.bench.standalone import Airflow, parse_time, standalone
+from runbell.service.bench.standalone import Airflow, standalone
+from runbell.service.core import clock
 
 BENCH_DAGS = Path(__file__).resolve().parent / "dags"
 WAIT_INTERVAL = 1  # seconds: /wait's `interval`, as the baseline asks
@@ -162,7 +163,7 @@ async def _one_run(airflow: Airflow, port: int, case: Case, bus: redis.Redis) ->
             task.cancel()
     ti = await asyncio.to_thread(airflow.task_instance, case.dag_id, run_id, case.reference_task)
     _check(case, run_id, ti, json.loads(polled), json.loads(streamed), lines[-1].data)
-    end_date, hook_ts = parse_time(ti["end_date"]), _hook_ts(bus, airflow.namespace, case, run_id)
+    end_date, hook_ts = clock.parse(ti["end_date"]).timestamp(), _hook_ts(bus, airflow.namespace, case, run_id)
     reference = min(end_date, hook_ts)
     return {
         "runbell": polled_at - reference,

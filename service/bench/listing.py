@@ -17,6 +17,7 @@ from runbell.service.bench.measure import (
     percentiles,
     start_gateway,
 )
+from runbell.service.core import clock
 
 LISTING_RUNS = 100_000
 LISTING_DAGS = 60
@@ -29,10 +30,10 @@ def listing_rows(count: int, seed: int = 11, now: float | None = None) -> list[d
     busy DAGs and a long tail; mostly scheduled, some manual (no logical_date), asset-triggered and
     backfill runs (a few backfills); mostly succeeded, some failed, a few running or queued (recent)."""
     import random
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
     rng = random.Random(seed)
-    end = datetime.fromtimestamp(now or time.time(), tz=timezone.utc)
+    end = clock.from_epoch(now or time.time())
     start = end - timedelta(days=LISTING_DAYS)
     dags = [f"dag_{i:02d}" for i in range(LISTING_DAGS)]
     weights = [1 / (i + 1) for i in range(LISTING_DAGS)]  # Zipf-like: dag_00 is the busiest
@@ -104,9 +105,9 @@ async def load_listing_database(database_url: str, count: int) -> dict[str, Any]
 
 def listing_queries(now: float) -> list[tuple[str, dict[str, str]]]:
     """Filter combinations a dashboard or a script asks for (each followed across pages)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
-    week_ago = (datetime.fromtimestamp(now, tz=timezone.utc) - timedelta(days=7)).isoformat()
+    week_ago = clock.iso(clock.from_epoch(now) - timedelta(days=7))
     return [
         ("newest", {}),
         ("status=failed", {"status": "failed"}),

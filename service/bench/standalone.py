@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
@@ -91,11 +90,6 @@ def _digest(path: Path) -> str | None:
 
 def run_path(dag_id: str, run_id: str) -> str:
     return f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}"
-
-
-def parse_time(value: str) -> float:
-    """An Airflow REST timestamp (ISO 8601, UTC) as seconds since the epoch, like time.time()."""
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass

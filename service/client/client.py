@@ -22,6 +22,8 @@ from urllib.parse import quote
 import anyio
 import httpx
 
+from runbell.service.core import clock
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 POLL_MAX = 60.0  # the gateway's default long-poll maximum; a smaller configured one is learnt from its 400
 ATTEMPTS = 4  # tries of one request, when a retry is safe (GET, or POST with an idempotency key)
@@ -204,7 +206,7 @@ def parse_triggered(response: httpx.Response) -> Triggered:
         dag_id=body["dag_id"],
         run_id=body["run_id"],
         token=body["token"],
-        token_expires_at=datetime.fromisoformat(body["token_expires_at"].replace("Z", "+00:00")),
+        token_expires_at=clock.parse(body["token_expires_at"]),
         outcome=parse_outcome(body) if response.status_code == 200 else None,
     )
 

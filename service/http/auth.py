@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import jwt
 from starlette.requests import Request
 
+from runbell.service.core import clock
 from runbell.service.core.roles import Role
 from runbell.service.http.errors import ApiError
 
@@ -52,7 +53,7 @@ SCOPED_SCOPE = "run:read"
 
 def issue_run_token(secret: str, dag_id: str, run_id: str, ttl: float) -> tuple[str, datetime]:
     """A short-lived token that may read one run's result and events, and nothing else."""
-    now = datetime.now(timezone.utc)
+    now = clock.now()
     expires = now + timedelta(seconds=ttl)
     claims = {
         "iss": SCOPED_ISSUER,

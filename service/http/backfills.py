@@ -30,7 +30,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
@@ -41,6 +41,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from runbell.service.core import clock
 from runbell.service.core.outcome import OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
@@ -114,7 +115,7 @@ class Slot:
     def row(self) -> dict[str, Any]:
         return {
             "sort_ordinal": self.sort_ordinal,
-            "logical_date": self.logical_date.astimezone(timezone.utc).isoformat() if self.logical_date else None,
+            "logical_date": clock.iso(self.logical_date),
             "run_id": self.run_id,
             "state": self.state,
             "exception_reason": self.exception_reason,

@@ -18,7 +18,7 @@ import json
 import re
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runbell.bus.schema import ID_MAX
+from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import run_path
@@ -93,12 +94,12 @@ def run_row(run: RunRecord, now: float, stale_after: float) -> dict[str, Any]:
         "dag_id": run.dag_id,
         "run_id": run.run_id,
         "state": run.state,
-        "logical_date": iso(run.logical_date),
-        "run_after": iso(run.run_after),
+        "logical_date": clock.iso(run.logical_date),
+        "run_after": clock.iso(run.run_after),
         "run_type": run.run_type,
         "backfill_id": run.backfill_id,
-        "started": iso(run.started_at),
-        "ended": iso(run.ended_at),
+        "started": clock.iso(run.started_at),
+        "ended": clock.iso(run.ended_at),
         "outcome": run.outcome_status,
         "result_task": run.result_task,
         "first_failure": run.first_failure,
@@ -119,13 +120,9 @@ def task_instance_row(ti: TaskInstanceRecord) -> dict[str, Any]:
         "map_index": ti.map_index,
         "try_number": ti.try_number,
         "state": ti.state,
-        "started": iso(ti.started_at),
-        "ended": iso(ti.ended_at),
+        "started": clock.iso(ti.started_at),
+        "ended": clock.iso(ti.ended_at),
     }
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat() if value is not None else None
 
 
 # -- query parsing --------------------------------------------------------------------------------
@@ -159,7 +156,7 @@ def parse_query(request: Request) -> tuple[RunQuery, str]:
         descending=order == "desc",
         limit=limit,
     )
-    canonical = json.dumps([dag_id, run_types, backfill_id, iso(gte), iso(lte), states, order], separators=(",", ":"))
+    canonical = json.dumps([dag_id, run_types, backfill_id, clock.iso(gte), clock.iso(lte), states, order], separators=(",", ":"))
     return query, hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -174,22 +171,16 @@ def multi_value(request: Request, name: str, accepted: tuple[str, ...], code: st
     return tuple(sorted(values))
 
 
-_SPACED_OFFSET = re.compile(r" (\d{2}:?\d{2})$")
-
-
 def parse_time(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
-    # An unencoded '+' of a UTC offset arrives as a space: "…T00:00:00 00:00".
-    value = _SPACED_OFFSET.sub(r"+\1", raw.strip())
     try:
-        parsed = datetime.fromisoformat(value)
+        return clock.parse(raw)
     except ValueError:
         raise ApiError(
             400, f"bad_{name}", f"{name} must be an ISO-8601 date or time (naive means UTC)", accepted="ISO-8601, e.g. 2026-05-01T00:00:00Z"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def parse_limit(request: Request) -> int:
@@ -223,7 +214,7 @@ def encode_cursor(key: bytes, fingerprint: str, descending: bool, position: tupl
             "v": CURSOR_VERSION,
             "q": fingerprint,
             "o": "desc" if descending else "asc",
-            "k": [run_after.astimezone(timezone.utc).isoformat(), dag_id, run_id],
+            "k": [clock.iso(run_after), dag_id, run_id],
         },
         separators=(",", ":"),
     ).encode()
@@ -251,7 +242,7 @@ def decode_cursor(key: bytes, cursor: str) -> dict[str, Any]:
         raise bad
     try:
         data = json.loads(payload)
-        run_after = datetime.fromisoformat(data["k"][0])
+        run_after = clock.parse(data["k"][0])
         dag_id, run_id = data["k"][1], data["k"][2]
         if data["v"] != CURSOR_VERSION or not isinstance(dag_id, str) or not isinstance(run_id, str):
             raise ValueError

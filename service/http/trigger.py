@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 import string
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from runbell.bus.schema import Event, EventKind, RunState, Source
 from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
+from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize, issue_run_token
 from runbell.service.http.errors import ApiError
 from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
@@ -54,7 +55,7 @@ async def trigger_run(request: Request) -> Response:
     run_id = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
     state = request.app.state
     token, expires = issue_run_token(state.token_secret, dag_id, run_id, state.settings.scoped_token_ttl)
-    extra = {"token": token, "token_expires_at": expires.isoformat()}
+    extra = {"token": token, "token_expires_at": clock.iso(expires)}
     outcome = await wait_for_outcome(request, dag_id, run_id, wait)
     headers = {"Location": result_location(dag_id, run_id)}
     if applied:
@@ -131,7 +132,7 @@ async def trigger(airflow: AirflowClient, dag_id: str, body: TriggerRequest, run
 def new_run_id() -> str:
     """manual__<run_after ISO-8601>_<8 random [A-Za-z0-9]>: Airflow's manual shape, made unique."""
     suffix = "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(8))
-    return f"manual__{datetime.now(timezone.utc).isoformat()}_{suffix}"
+    return f"manual__{clock.iso(clock.now())}_{suffix}"
 
 
 def queued_event(dag_id: str, run_id: str) -> Event:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runbell.bus.schema import ID_MAX
+from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
 from runbell.service.webhooks.outbox import DEFAULT_KINDS, WebhookKind, WebhookStore
@@ -68,7 +69,7 @@ class Rotation(BaseModel):
 class Recovery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: datetime
+    since: Annotated[datetime, AfterValidator(clock.as_utc)]  # out of range: a 400, not an OverflowError
 
 
 CREATE_ACCEPTED = {
@@ -195,7 +196,7 @@ async def recover_endpoint(request: Request) -> Response:
     store = webhook_store(request)
     body = await parse_body(request, Recovery, {"since": "ISO-8601 date-time"}, required=True)
     endpoint = await known_endpoint(store, request)
-    requeued = await store.recover(endpoint.id, as_utc(body.since))
+    requeued = await store.recover(endpoint.id, body.since)
     return JSONResponse({"requeued": requeued}, status_code=202)
 
 
@@ -275,14 +276,9 @@ def parse_since(raw: str | None) -> datetime | None:
     if raw is None or raw == "":
         return None
     try:
-        return as_utc(datetime.fromisoformat(raw))
+        return clock.parse(raw)
     except ValueError:
         raise ApiError(400, "bad_since", "since must be an ISO-8601 date-time", accepted="e.g. 2026-05-01T12:00:00Z") from None
-
-
-def as_utc(moment: datetime) -> datetime:
-    """A time without a zone is taken as UTC."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def endpoint_id(request: Request) -> str:
@@ -331,7 +327,7 @@ def record_body(record, leave_out: tuple[str, ...] = ()) -> dict:
 
 def jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        return as_utc(value).isoformat()
+        return clock.iso(value)
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, bytes):

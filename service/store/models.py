@@ -6,7 +6,7 @@ store package owns it; webhooks/ and the recorder write through these classes.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from runbell.bus.schema import ID_MAX
+from runbell.service.core import clock
 
 ID_LENGTH = ID_MAX  # dag_id, run_id and task_id columns hold what the bus schema accepts
 KEY_LENGTH = 64  # webhook endpoint and message ids
@@ -41,13 +42,13 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        value = value.astimezone(timezone.utc)
+        value = clock.as_utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None or value.tzinfo is not None:
             return value
-        return value.replace(tzinfo=timezone.utc)
+        return clock.as_utc(value)
 
 
 JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")

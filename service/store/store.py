@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from runbell.bus.schema import (
     TaskState,
     envelope_json,
 )
+from runbell.service.core import clock
 from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
 from runbell.service.store.models import EventRow, Run, TaskInstance, UTCDateTime, dialect_insert
 
@@ -402,7 +403,7 @@ async def _lock_run(conn: AsyncConnection, run: RunKey, ts: float) -> str:
     one run take turns and each folds over every event committed before it. Returns the run's
     outcome status as it stands before this transaction."""
     dag_id, run_id = run
-    at = _utc(ts)
+    at = clock.from_epoch(ts)
     placeholder = dict(
         dag_id=dag_id,
         run_id=run_id,
@@ -427,7 +428,7 @@ def _event_row(envelope: Envelope) -> dict[str, Any]:
         kind=event.kind.value,
         state=event.state,
         task_id=event.task_id,
-        ts=_utc(event.ts),
+        ts=clock.from_epoch(event.ts),
         envelope=envelope_json(envelope.seq, event.to_json()),
     )
 
@@ -450,12 +451,12 @@ def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
         run_type=latest["run_type"],
         logical_date=_parse_time(latest["logical_date"]),
         # Runs without Airflow's run_after (emit) are listed by when they were first seen.
-        run_after=_parse_time(latest["run_after"]) or _utc(min(e.ts for e in events)),
+        run_after=_parse_time(latest["run_after"]) or clock.from_epoch(min(e.ts for e in events)),
         backfill_id=latest["backfill_id"],
-        started_at=_utc(min(running)) if running else None,
-        ended_at=_utc(ended[-1]) if ended else None,
+        started_at=clock.from_epoch(min(running)) if running else None,
+        ended_at=clock.from_epoch(ended[-1]) if ended else None,
         last_seq=history[-1].seq,
-        last_event_at=_utc(max(e.ts for e in events)),
+        last_event_at=clock.from_epoch(max(e.ts for e in events)),
         outcome_status=outcome.status.value,
         outcome=outcome.model_dump(mode="json"),
         result_task=outcome.result_task.model_dump(mode="json") if outcome.result_task else None,
@@ -486,8 +487,8 @@ def _task_instance_rows(run: RunKey, history: list[Envelope], touched: set[tuple
                 map_index=map_index,
                 try_number=try_number,
                 state=(end or events[-1]).state,
-                started_at=_utc(min(started)) if started else None,
-                ended_at=_utc(end.ts) if end else None,
+                started_at=clock.from_epoch(min(started)) if started else None,
+                ended_at=clock.from_epoch(end.ts) if end else None,
             )
         )
     return rows
@@ -506,16 +507,11 @@ def _try_key(event: Event) -> tuple[str, int, int]:
     return event.task_id or "", event.map_index, try_number
 
 
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
 def _parse_time(value: str | None) -> datetime | None:
-    """An ISO 8601 time from an event (naive means UTC); None when absent or unreadable."""
+    """A time the hook sent as text; None when absent or unreadable (it must not stop the recording)."""
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        return clock.parse(value)
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -28,13 +28,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
+from runbell.service.core import clock
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.recorder import Backoff
 from runbell.service.webhooks import signing
@@ -44,7 +45,6 @@ from runbell.service.webhooks.outbox import (
     MessageStatus,
     Verdict,
     WebhookStore,
-    utcnow,
 )
 from runbell.service.webhooks.target_guard import (
     TargetPolicy,
@@ -261,7 +261,7 @@ class Dispatcher:
         return self._client
 
     async def _attempt(self, message: Message, endpoint: Endpoint, token: str) -> None:
-        attempted_at = utcnow()
+        attempted_at = clock.now()
         started = time.monotonic()
         status_code: int | None = None
         error: str | None = None
@@ -322,7 +322,7 @@ class Dispatcher:
         headers = {
             "webhook-id": message.id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": signing.signature_header(endpoint.signing_secrets(utcnow()), message.id, timestamp, body),
+            "webhook-signature": signing.signature_header(endpoint.signing_secrets(clock.now()), message.id, timestamp, body),
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             "accept-encoding": "identity",  # the capped answer is kept as sent, never inflated
@@ -348,7 +348,7 @@ class Dispatcher:
             delay = parse_retry_after(retry_after, maximum=self.retry_after_max)
         if delay is None:
             delay = self.schedule[attempts] * random.uniform(1 - self.jitter, 1 + self.jitter)
-        return Verdict(MessageStatus.PENDING, next_attempt_at=utcnow() + timedelta(seconds=delay))
+        return Verdict(MessageStatus.PENDING, next_attempt_at=clock.now() + timedelta(seconds=delay))
 
     # -- operational events -------------------------------------------------------------------------
 
@@ -394,12 +394,8 @@ def parse_retry_after(value: str, *, maximum: float, now: datetime | None = None
         seconds = float(value)
     else:
         try:
-            when = parsedate_to_datetime(value)
+            when = clock.as_utc(parsedate_to_datetime(value))  # ValueError also when out of range
         except (TypeError, ValueError, IndexError):
             return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - (now or utcnow())).total_seconds()
+        seconds = (when - (now or clock.now())).total_seconds()
     return min(max(seconds, 0.0), maximum)

@@ -24,7 +24,7 @@ import json
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbell.bus.schema import Envelope, EventKind
+from runbell.service.core import clock
 from runbell.service.core.outcome import OutcomeStatus, decide
 from runbell.service.store.models import (
     ATTEMPTS,
@@ -148,10 +149,6 @@ def _attempt(row: Any) -> Attempt:
     return Attempt(**{name: getattr(row, name) for name in Attempt.__dataclass_fields__})
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
@@ -175,12 +172,12 @@ def _check_dag_ids(dag_ids: Iterable[str] | None) -> list[str] | None:
 # -- the outbox: written in the recording transaction -----------------------------------------------
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def _payload(kind: str, ts: float, data: dict[str, Any], seq: int, terminal: bool) -> str:
-    body = {"type": PAYLOAD_TYPES[kind], "timestamp": _iso(ts), "data": {**data, "seq": seq, "terminal": terminal}}
+    body = {
+        "type": PAYLOAD_TYPES[kind],
+        "timestamp": clock.iso(clock.from_epoch(ts), zulu=True),
+        "data": {**data, "seq": seq, "terminal": terminal},
+    }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -219,7 +216,7 @@ class WebhookOutbox:
         endpoints = [_endpoint(row) for row in (await conn.execute(query)).all()]
         if not endpoints:
             return 0
-        now = utcnow()
+        now = clock.now()
         rows: list[dict[str, Any]] = []
 
         def add(endpoint: Endpoint, change: RunChange, seq: int, kind: str, terminal: bool, payload: str) -> None:
@@ -313,7 +310,7 @@ class WebhookStore:
     ) -> Endpoint:
         from runbell.service.webhooks.signing import new_secret
 
-        now = utcnow()
+        now = clock.now()
         values = dict(
             id=_new_id("ep_"),
             url=url,
@@ -354,7 +351,7 @@ class WebhookStore:
             values["dag_ids"] = _check_dag_ids(values["dag_ids"])
         if "kinds" in values:
             values["kinds"] = _check_kinds(values["kinds"])
-        now = utcnow()
+        now = clock.now()
         async with self.store._transaction(write=True) as conn:
             current = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).with_for_update())).first()
             if current is None:
@@ -382,7 +379,7 @@ class WebhookStore:
         """A new secret; the current one keeps signing beside it until now + grace_seconds."""
         from runbell.service.webhooks.signing import new_secret
 
-        now = utcnow()
+        now = clock.now()
         async with self.store._transaction(write=True) as conn:
             row = (
                 await conn.execute(
@@ -437,7 +434,7 @@ class WebhookStore:
                 await conn.execute(
                     update(MESSAGES)
                     .where(MESSAGES.c.id == message_id)
-                    .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED)
+                    .values(status=MessageStatus.PENDING.value, next_attempt_at=clock.now(), **RELEASED)
                     .returning(MESSAGES)
                 )
             ).first()
@@ -449,7 +446,7 @@ class WebhookStore:
             result = await conn.execute(
                 update(MESSAGES)
                 .where(MESSAGES.c.endpoint_id == endpoint_id, MESSAGES.c.created_at >= since)
-                .values(status=MessageStatus.PENDING.value, next_attempt_at=utcnow(), **RELEASED)
+                .values(status=MessageStatus.PENDING.value, next_attempt_at=clock.now(), **RELEASED)
             )
         return result.rowcount
 
@@ -467,7 +464,7 @@ class WebhookStore:
         worker died mid-delivery) makes the message due again."""
         if limit <= 0:
             return []
-        now = now or utcnow()
+        now = now or clock.now()
         due = and_(
             MESSAGES.c.status == MessageStatus.PENDING.value,
             MESSAGES.c.next_attempt_at <= now,
@@ -540,7 +537,7 @@ class WebhookStore:
         """Record one attempt and apply its verdict, in one transaction: the message (only while this
         lease still holds it), the endpoint's failing_since, and disabling it (410, or failing
         continuously for disable_after seconds), which cancels its pending messages."""
-        now = now or utcnow()
+        now = now or clock.now()
         async with self.store._transaction(write=True) as conn:
             await conn.execute(insert(ATTEMPTS).values(message_id=message.id, endpoint_id=message.endpoint_id, **attempt))
             values: dict[str, Any] = dict(
