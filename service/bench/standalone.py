@@ -31,8 +31,12 @@ import runbell.listeners
 from runbell.service.bench.measure import free_port
 
 DEFAULT_VENV = Path.home() / ".cache" / "runbell" / "airflow-3.3.2"
-START_TIMEOUT = 120.0  # standalone is ready in ~11 s; a cold first start migrates the database too
-HTTP_TIMEOUT = 30.0  # a bound against hangs; a loaded api-server on SQLite can stall for seconds
+# Bounds against hangs, sized for a busy 2-core machine (one shared by parallel test runs), where the
+# api-server on SQLite once took more than 10 s to answer one request.
+START_TIMEOUT = 300.0  # standalone is ready in ~11 s idle; a cold first start migrates the database too
+HEALTH_TIMEOUT = 10.0  # one readiness probe; a slow answer still counts, a hung one is retried
+HTTP_TIMEOUT = 60.0  # one REST request
+PARSE_TIMEOUT = 180.0  # a DAG file is parsed within the 5 s refresh interval when idle
 
 
 class AirflowError(RuntimeError):
@@ -114,7 +118,7 @@ class Airflow:
         with urlopen(req, timeout=HTTP_TIMEOUT) as resp:
             return json.loads(resp.read() or b"null")
 
-    def unpause(self, dag_id: str, timeout: float = 60.0) -> None:
+    def unpause(self, dag_id: str, timeout: float = PARSE_TIMEOUT) -> None:
         """Unpause a DAG, waiting (bounded) until the dag-processor has parsed it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -122,8 +126,10 @@ class Airflow:
                 self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
                 return
             except HTTPError as exc:
-                if exc.code != 404 or time.monotonic() > deadline:
+                if exc.code != 404:
                     raise
+                if time.monotonic() > deadline:
+                    raise AirflowError(f"the dag-processor had not parsed {dag_id} after {timeout:g} s") from exc
             time.sleep(0.5)
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None) -> str:
@@ -261,19 +267,24 @@ def airflow_env(venv: Path, home: Path, port: int, namespace: str, redis_url: st
 
 
 def _wait_ready(base_url: str, proc: subprocess.Popen, log_path: Path) -> None:
+    url, parts = f"{base_url}/api/v2/monitor/health", ("metadatabase", "scheduler", "dag_processor")
     deadline = time.monotonic() + START_TIMEOUT
+    last: object = "no answer yet"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AirflowError(f"airflow standalone exited ({proc.returncode}):\n{_tail(log_path)}")
         try:
-            with urlopen(f"{base_url}/api/v2/monitor/health", timeout=2) as resp:
-                health = json.loads(resp.read())
-            if all((health.get(part) or {}).get("status") == "healthy" for part in ("metadatabase", "scheduler", "dag_processor")):
+            with urlopen(url, timeout=HEALTH_TIMEOUT) as resp:
+                last = health = json.loads(resp.read())
+            if all((health.get(part) or {}).get("status") == "healthy" for part in parts):
                 return
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.5)
-    raise AirflowError(f"airflow standalone not ready after {START_TIMEOUT} s:\n{_tail(log_path)}")
+    raise AirflowError(
+        f"airflow standalone not ready after {START_TIMEOUT:g} s: {url} did not report {', '.join(parts)} healthy "
+        f"(last: {last}):\n{_tail(log_path)}"
+    )
 
 
 def _tail(path: Path, lines: int = 40) -> str:
