@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -174,14 +173,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
     state.airflow = airflow_client(settings)
     state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
-    tasks = []
+    loops = []  # the background loops besides the hub's listener, each started and stopped the same way
     if state.airflow is not None:
-        reconciler = Reconciler(state.hub, state.airflow, state.publisher, settings.reconcile_after)
-        tasks.append(asyncio.create_task(reconciler.run(), name="runbell-reconciler"))
+        loops.append(Reconciler(state.hub, state.airflow, state.publisher, settings.reconcile_after).loop)
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
-        recorder = Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics)
-        tasks.append(asyncio.create_task(recorder.run(), name="runbell-recorder"))
+        loops.append(Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics).loop)
     state.dispatcher = None
     if settings.webhooks:
         worker = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"
@@ -196,16 +193,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             schedule=webhook_schedule_seconds(settings.webhook_schedule),
         )
         outbox.on_enqueued = state.dispatcher.wake  # after each committed batch that enqueued something
-        tasks.append(asyncio.create_task(state.dispatcher.run(), name="runbell-webhooks"))
+        loops.append(state.dispatcher.loop)
+    for loop in loops:
+        loop.start()
+    state.loops = [state.hub.listener, *loops]  # their states, for readiness and metrics
     log.info("runbell gateway ready (namespace %r)", settings.namespace)
     try:
         yield
     finally:
         await state.hub.stop()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop in loops:
+            await loop.stop()
         if state.airflow is not None:
             await state.airflow.aclose()
         if state.backfills is not None:

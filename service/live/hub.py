@@ -36,6 +36,7 @@ from runbell.bus.schema import (
     decode_asset_envelope,
     decode_envelope,
 )
+from runbell.service.core.loops import Backoff, Once, Supervised
 from runbell.service.core.metrics import Metrics
 
 log = logging.getLogger("runbell.hub")
@@ -323,22 +324,24 @@ class Hub:
         self.count = 0
         self.connected = asyncio.Event()
         self.draining = False
-        self._task: asyncio.Task | None = None
         self._logged: set[str] = set()
+        self.log_once = Once(log)
+        self.listener = Supervised(
+            "runbell-hub-listener",
+            self._listen,
+            backoff=Backoff(cap=BACKOFF_MAX_SECONDS),
+            logger=log,
+            expected=(RedisError, OSError, TimeoutError),
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name="runbell-hub-listener")
+        self.listener.start()
 
     async def stop(self) -> None:
         self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self.listener.stop()
 
     def drain(self) -> None:
         """Shutdown has begun: every subscriber is told to leave (SSE farewell, long-poll 202)."""
@@ -415,21 +418,6 @@ class Hub:
 
     # -- the listener ---------------------------------------------------------------------------
 
-    async def _supervise(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._listen()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, TimeoutError) as exc:
-                self.log_once("listen-" + type(exc).__name__, "pub/sub connection lost (%r); re-subscribing", exc)
-            except Exception:
-                log.exception("hub listener failed; restarting it")
-            self.connected.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
-
     async def _listen(self) -> None:
         pubsub = self.pubsub_client.pubsub()
         pattern = keys.channel_pattern(self.namespace)
@@ -449,6 +437,7 @@ class Hub:
                     last_ping = now
                     await pubsub.ping()
         finally:
+            self.connected.clear()
             await pubsub.aclose()
 
     def _handle(self, message: dict) -> None:
@@ -460,6 +449,7 @@ class Hub:
             # published meanwhile is only in the logs, so every subscriber re-reads its log.
             self.metrics.resubscribes.inc()
             self.connected.set()
+            self.listener.ok()
             self._broadcast(Signal.RESYNC)
 
     def _is_asset_pattern(self, pattern: Any) -> bool:
@@ -510,10 +500,3 @@ class Hub:
         for subs in list(self.subscribers.values()):
             for sub in list(subs):
                 sub.offer(signal)
-
-    def log_once(self, kind: str, msg: str, *args) -> None:
-        if kind not in self._logged:
-            self._logged.add(kind)
-            log.warning(msg, *args)
-        else:
-            log.debug(msg, *args)
