@@ -18,7 +18,7 @@ from runbell.bus.schema import ErrorInfo, Event, EventKind, RunState, Source, Ta
 from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowAuthFailed, AirflowClient, AirflowError, AirflowUnavailable
 from runbell.service.core.loops import Backoff, Once, Supervised
-from runbell.service.live.hub import Hub
+from runbell.service.live.topics import RunTopic
 
 log = logging.getLogger("runbell.reconciler")
 
@@ -46,8 +46,8 @@ class Reconciler:
     loop backs off and logs the outage once, and its end. Any other error is about one run: logged
     once per error code, and that run is asked again at its next interval."""
 
-    def __init__(self, hub: Hub, airflow: AirflowClient, publisher: Publisher, after: float):
-        self.hub, self.airflow, self.publisher, self.after = hub, airflow, publisher, after
+    def __init__(self, runs: RunTopic, airflow: AirflowClient, publisher: Publisher, after: float):
+        self.runs, self.airflow, self.publisher, self.after = runs, airflow, publisher, after
         self._next: dict[tuple[str, str], tuple[float, float]] = {}  # run -> (due, interval)
         self._run_errors = Once(log)
         self.loop = Supervised(
@@ -66,7 +66,7 @@ class Reconciler:
     async def step(self) -> int:
         """Reconcile every silent run that is due. Returns how many were asked about."""
         now, asked = time.monotonic(), 0
-        silent = {(dag, run) for dag, run, _ in self.hub.silent_runs(self.after)}
+        silent = {(dag, run) for dag, run, _ in self.runs.silent(self.after)}
         for run in list(self._next):
             if run not in silent:
                 del self._next[run]  # heard from again, or nobody waits any more
@@ -85,7 +85,7 @@ class Reconciler:
         try:
             run = await self.airflow.get_run(dag_id, run_id)
             if run is None:
-                self.hub.mark_missing(dag_id, run_id)
+                self.runs.mark_missing(dag_id, run_id)
                 return []
             task_instances = await self.airflow.task_instances(dag_id, run_id)
         except (AirflowUnavailable, AirflowAuthFailed):

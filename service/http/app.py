@@ -42,6 +42,7 @@ from runbell.service.http.errors import (
 from runbell.service.http.idempotency import IdempotencyKeys
 from runbell.service.live.broker import EmbeddedBroker, resolve_redis
 from runbell.service.live.hub import Hub
+from runbell.service.live.topics import AssetTopic, RunTopic
 from runbell.service.settings import Settings
 from runbell.service.store.recorder import Recorder
 from runbell.service.store.store import Store
@@ -158,15 +159,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     sa_event.listen(state.store.engine.sync_engine, "before_cursor_execute", lambda *_: state.metrics.db_statements.inc())
     state.webhooks = WebhookStore(state.store)
     state.webhook_policy = TargetPolicy.from_setting(settings.webhook_allowed_hosts)
-    state.hub = Hub(
-        state.redis,
-        pubsub_client,
-        settings.namespace,
-        state.metrics,
-        archive=state.store,
-        buffer=settings.subscriber_buffer,
-        max_subscribers=settings.max_subscribers,
-    )
+    state.hub = Hub(pubsub_client, state.metrics, buffer=settings.subscriber_buffer, max_subscribers=settings.max_subscribers)
+    state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store)
+    state.assets = AssetTopic(state.hub, state.redis, settings.namespace)
     await state.hub.start()
     publisher_config = replace(PublisherConfig.from_env(), redis_url=redis_url, namespace=settings.namespace)
     state.publisher = Publisher(publisher_config)
@@ -175,7 +170,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
     loops = []  # the background loops besides the hub's listener, each started and stopped the same way
     if state.airflow is not None:
-        loops.append(Reconciler(state.hub, state.airflow, state.publisher, settings.reconcile_after).loop)
+        loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
         loops.append(Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics).loop)
