@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runbell.bus.schema import ErrorInfo, Event, EventKind, RunState, Source, TaskState
@@ -46,8 +47,11 @@ class Reconciler:
     loop backs off and logs the outage once, and its end. Any other error is about one run: logged
     once per error code, and that run is asked again at its next interval."""
 
-    def __init__(self, runs: RunTopic, airflow: AirflowClient, publisher: Publisher, after: float):
+    def __init__(
+        self, runs: RunTopic, airflow: AirflowClient, publisher: Publisher, after: float, *, clock: Callable[[], float] = time.monotonic
+    ):
         self.runs, self.airflow, self.publisher, self.after = runs, airflow, publisher, after
+        self.clock = clock  # monotonic seconds (tests pass their own)
         self._next: dict[tuple[str, str], tuple[float, float]] = {}  # run -> (due, interval)
         self._run_errors = Once(log)
         self.loop = Supervised(
@@ -65,7 +69,7 @@ class Reconciler:
 
     async def step(self) -> int:
         """Reconcile every silent run that is due. Returns how many were asked about."""
-        now, asked = time.monotonic(), 0
+        now, asked = self.clock(), 0
         silent = {(dag, run) for dag, run, _ in self.runs.silent(self.after)}
         for run in list(self._next):
             if run not in silent:
@@ -77,7 +81,7 @@ class Reconciler:
             asked += 1
             await self.reconcile(dag_id, run_id)
             interval = min(interval * 2, MAX_INTERVAL_SECONDS)  # backing off while it stays silent
-            self._next[(dag_id, run_id)] = (time.monotonic() + interval, interval)
+            self._next[(dag_id, run_id)] = (self.clock() + interval, interval)
         return asked
 
     async def reconcile(self, dag_id: str, run_id: str) -> list[Event]:

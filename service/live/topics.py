@@ -8,8 +8,9 @@ keeps runs).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -20,6 +21,7 @@ from runbell.service.live.hub import Hub, SharedReads, Signal, Subscription, Top
 MISSING_HOLD_SECONDS = 60.0
 
 RunKey = tuple[str, str]  # (dag_id, run_id)
+E = TypeVar("E")
 
 
 class EventArchive(Protocol):
@@ -28,12 +30,12 @@ class EventArchive(Protocol):
     async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[Envelope]: ...
 
 
-def _decoded(hub: Hub, decode: Any, entries: list[tuple[Any, dict[Any, Any]]]) -> list[Any]:
+def _decoded(hub: Hub, decode: Callable[[bytes], E], entries: Sequence[tuple[object, Mapping[Any, Any] | None]] | None) -> list[E]:
     """The valid envelopes of replay-log entries (the others are counted and logged once)."""
     found = []
-    for _, fields in entries:
+    for _, fields in entries or ():
         try:
-            found.append(decode(fields.get(b"env", b"")))
+            found.append(decode((fields or {}).get(b"env", b"")))
         except BadEvent as exc:
             hub.bad_event(exc)
     return found
@@ -63,7 +65,7 @@ class RunTopic(Topic[RunKey, Envelope]):
 
     async def _read(self, key: RunKey, after_seq: int) -> list[Envelope]:
         entries = await self.client.xrange(keys.run_keys(self.namespace, *key).log, min=f"(0-{after_seq}", max="+")
-        envelopes: list[Envelope] = _decoded(self.hub, decode_envelope, entries)
+        envelopes = _decoded(self.hub, decode_envelope, entries)
         first = envelopes[0].seq if envelopes else None
         if self.archive is not None and (first is None or first > after_seq + 1):
             # The log does not start where we need it (expired, or never existed): ask the store.
