@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from runbell.service.core.loops import Backoff, LoopState, Once, Supervised
+from runbell.service.core.loops import Backoff, LoopState, Once, Supervised, keep_trying
 
 LOGGER = "runbell.test.loops"
 WAIT = 20.0  # upper bound for what should happen at once; never reached when it works
@@ -72,6 +72,32 @@ def test_once_warns_on_the_first_of_each_kind_and_counts_the_rest(caplog):
     assert records(caplog, logging.WARNING) == ["first a 1", "first b"]
     assert records(caplog, logging.DEBUG) == ["second a 2"]
     assert once.counts == {"a": 2, "b": 1}
+
+
+# -- keep_trying ---------------------------------------------------------------------------------------
+
+
+async def test_keep_trying_retries_what_it_is_told_logs_each_type_once_and_returns_the_result(caplog):
+    failures = [ConnectionError("a"), ConnectionError("b"), OSError("c")]
+
+    async def read() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "value"
+
+    once = Once(logging.getLogger(LOGGER))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert await keep_trying(read, retry_on=(OSError,), log_once=once, what="log", backoff=tiny()) == "value"
+    assert [m.split(" (")[0] for m in records(caplog, logging.WARNING)] == ["log unreadable", "log unreadable"]
+    assert once.counts == {"log-ConnectionError": 2, "log-OSError": 1}
+
+
+async def test_keep_trying_lets_other_errors_through():
+    async def read() -> str:
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError):
+        await keep_trying(read, retry_on=(OSError,), log_once=Once(logging.getLogger(LOGGER)), what="log", backoff=tiny())
 
 
 # -- Supervised ----------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ error is a warning again, and the first success after failures is one info line,
 N failures". Only cancellation (``stop()``) ends the loop.
 
 ``Once`` is the same rule for failures that are not a loop's: the first of each kind is a warning,
-the rest are counted and logged at debug.
+the rest are counted and logged at debug. ``keep_trying`` is the same backoff for one read that a
+caller's own timeout bounds (a waiter's read of a replay log while Redis is down).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from enum import Enum
+from typing import TypeVar
 
 log = logging.getLogger("runbell.loops")
+
+R = TypeVar("R")
 
 
 class Backoff:
@@ -59,6 +63,20 @@ class Once:
         first = self.counts[kind] == 1
         self.logger.log(logging.WARNING if first else logging.DEBUG, msg, *args)
         return first
+
+
+async def keep_trying(
+    call: Callable[[], Awaitable[R]], *, retry_on: tuple[type[Exception], ...], log_once: Once, what: str, backoff: Backoff | None = None
+) -> R:
+    """``call()``'s result, calling again after each failure of a ``retry_on`` type (logged once per
+    type, backed off): for a caller whose own timeout bounds the wait, as a waiter's does."""
+    backoff = backoff if backoff is not None else Backoff(first=0.05)
+    while True:
+        try:
+            return await call()
+        except retry_on as exc:
+            log_once(f"{what}-{type(exc).__name__}", "%s unreadable (%r); retrying", what, exc)
+            await asyncio.sleep(backoff.next())
 
 
 class LoopState(Enum):

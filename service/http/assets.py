@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
+from runbell.service.core.loops import keep_trying
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
@@ -34,7 +35,7 @@ from runbell.service.http.params import (
 )
 from runbell.service.http.run_routes import BACKLOG_READ_SECONDS, PENDING_RETRY_AFTER
 from runbell.service.http.sse import EventStream, farewell
-from runbell.service.live.hub import SubscriptionClosed, keep_trying
+from runbell.service.live.hub import REDIS_DOWN, SubscriptionClosed
 from runbell.service.live.topics import AssetTopic
 
 ASSET = "/v1/assets/{name}"
@@ -111,7 +112,7 @@ async def pending_seq(assets: AssetTopic, name: str, known: int | None) -> int |
 
 async def current_seq(assets: AssetTopic, name: str) -> int:
     """The asset's current seq; while Redis is down, keep trying (the caller's scope bounds it)."""
-    return await keep_trying(lambda: assets.current_seq(name), assets.hub.log_once, "asset seq")
+    return await keep_trying(lambda: assets.current_seq(name), retry_on=REDIS_DOWN, log_once=assets.hub.log_once, what="asset seq")
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from runbell.bus.schema import BadEvent
-from runbell.service.core.loops import Backoff, Once, Supervised
+from runbell.service.core.loops import Backoff, Once, Supervised, keep_trying
 from runbell.service.core.metrics import Metrics
 
 log = logging.getLogger("runbell.hub")
@@ -41,6 +41,7 @@ PING_EVERY_SECONDS = 5.0  # an idle pub/sub connection is pinged this often...
 DEAD_AFTER_SECONDS = 15.0  # ...and dropped and re-made when nothing at all was heard for this long
 BACKOFF_MAX_SECONDS = 5.0
 GC_PAUSE_FANOUT = 100  # subscribers of one channel from which a fan-out runs without garbage collection
+REDIS_DOWN = (RedisError, OSError)  # what a read retries until the caller's timeout
 
 
 class Stamped(Protocol):
@@ -119,18 +120,6 @@ class SharedReads(Generic[R]):
         return await asyncio.shield(future)
 
 
-async def keep_trying(read: Callable[[], Awaitable[R]], log_once: Once, what: str) -> R:
-    """``read()`` again and again while Redis is down, backing off; the caller's own timeout bounds
-    the wait (a waiter gets 202, never an error)."""
-    backoff = Backoff(first=0.05, cap=BACKOFF_MAX_SECONDS)
-    while True:
-        try:
-            return await read()
-        except (RedisError, OSError) as exc:
-            log_once(f"{what}-{type(exc).__name__}", "%s unreadable (%r); retrying", what, exc)
-            await asyncio.sleep(backoff.next())
-
-
 class Subscription(Generic[K, T]):
     """One waiter's or SSE client's view of one stream: items in seq order, gap-free, each once."""
 
@@ -186,8 +175,13 @@ class Subscription(Generic[K, T]):
         return items
 
     async def _replay(self) -> None:
-        """Read the log after last_seq into the ready queue (while Redis is down, keep trying)."""
-        self._ready.extend(await keep_trying(lambda: self.topic.read(self.key, self.last_seq), self.hub.log_once, "replay log"))
+        """Read the log after last_seq into the ready queue (while Redis is down, keep trying: the
+        caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
+        self._ready.extend(
+            await keep_trying(
+                lambda: self.topic.read(self.key, self.last_seq), retry_on=REDIS_DOWN, log_once=self.hub.log_once, what="replay log"
+            )
+        )
 
     async def _offered(self) -> T | Signal:
         """The next item the listener offered, waiting for one."""
