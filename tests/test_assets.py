@@ -515,9 +515,10 @@ async def test_malformed_asset_messages_are_counted_and_dropped(gateway):
 
 
 async def test_asset_waiters_are_not_reported_as_silent_runs(gateway):
-    hub = gateway.app.state.hub
-    async with hub.subscribe_asset(NAME):
-        assert hub.silent_runs(longer_than=-1) == []
+    hub, assets, runs = gateway.app.state.hub, gateway.app.state.assets, gateway.app.state.runs
+    async with assets.subscribe(NAME):
+        assert runs.silent(longer_than=-1) == []
+        assert [key for key, _ in hub.silent(assets, longer_than=-1)] == [NAME]
     assert hub.count == 0 and hub.subscribers == {}
 
 

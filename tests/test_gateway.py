@@ -349,7 +349,7 @@ async def test_slow_subscriber_is_cut_off_and_memory_released(gateway_factory):
     hub = gateway.app.state.hub
     from runbell.service.live.hub import Signal, SubscriptionClosed
 
-    async with hub.subscribe(DAG, "slow") as subscription:
+    async with gateway.app.state.runs.subscribe(DAG, "slow") as subscription:
         for _ in range(5):
             await publish(gateway, "slow", "running", task_id="t")
         await until(lambda: len(subscription.queue) == 1 and subscription._closed is Signal.OVERFLOW)
@@ -447,12 +447,14 @@ async def test_a_large_fan_out_runs_without_garbage_collection_and_turns_it_back
     from runbell.bus.schema import Event, envelope_json
     from runbell.service.core.metrics import Metrics
     from runbell.service.live.hub import GC_PAUSE_FANOUT, Hub, Subscription
+    from runbell.service.live.topics import RunTopic
 
-    hub = Hub(None, None, "ns", Metrics())  # no Redis: only the in-memory fan-out is exercised
-    channel = keys.run_keys("ns", "d", "r").channel
-    subs = hub.subscribers[channel] = {Subscription(hub, "d", "r", 0) for _ in range(GC_PAUSE_FANOUT)}
+    hub = Hub(None, Metrics())  # no Redis: only the in-memory fan-out is exercised
+    runs = RunTopic(hub, None, "ns")
+    channel = runs.channel(("d", "r"))
+    subs = hub.subscribers[channel] = {Subscription(hub, runs, ("d", "r"), 0) for _ in range(GC_PAUSE_FANOUT)}
     event = Event(kind="run", dag_id="d", run_id="r", state="running", source="emit", host="h")
-    hub._dispatch(channel.encode(), envelope_json(1, event.to_json()).encode())
+    hub._dispatch(runs, channel, envelope_json(1, event.to_json()).encode())
     assert not gc.isenabled() and all(len(sub.queue) == 1 for sub in subs)
     await asyncio.sleep(0)  # the woken subscribers run first, then collection is back on
     assert gc.isenabled()

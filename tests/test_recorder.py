@@ -17,7 +17,7 @@ from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.store.models import EventRow
-from runbell.service.store.recorder import BACKOFF_MAX_SECONDS, Backoff, Recorder, gaps
+from runbell.service.store.recorder import Recorder, gaps
 from runbell.service.store.store import Store
 
 DAG = "etl"
@@ -100,15 +100,6 @@ def test_gaps():
     assert gaps(0, {3}) == [(1, 2)]
     assert gaps(4, {6, 9, 10}) == [(5, 5), (7, 8)]
     assert gaps(5, {3, 4, 6}) == []
-
-
-def test_backoff_is_bounded_and_resets():
-    backoff = Backoff()
-    delays = [backoff.next() for _ in range(30)]
-    assert all(0 < d <= BACKOFF_MAX_SECONDS for d in delays)
-    assert max(delays[-5:]) > max(delays[:2])  # it grows
-    backoff.reset()
-    assert backoff.next() <= delays[0] * 2
 
 
 async def test_records_what_was_published(client, store, publisher, namespace):

@@ -12,17 +12,20 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runbell.bus.schema import ErrorInfo, Event, EventKind, RunState, Source, TaskState
 from runbell.listeners.publisher import Publisher
-from runbell.service.airflow.api import AirflowClient, AirflowError
-from runbell.service.live.hub import Hub
+from runbell.service.airflow.api import AirflowAuthFailed, AirflowClient, AirflowError, AirflowUnavailable
+from runbell.service.core.loops import Backoff, Once, Supervised
+from runbell.service.live.topics import RunTopic
 
 log = logging.getLogger("runbell.reconciler")
 
 TICK_SECONDS = 1.0
 MAX_INTERVAL_SECONDS = 300.0
+OUTAGE_BACKOFF_MAX_SECONDS = 60.0  # while Airflow is unreachable or refuses our credentials
 
 # Airflow's task states that are events on the bus; the others (scheduled, queued, deferred,
 # upstream_failed, removed...) mean the task did not run, or has not yet.
@@ -37,23 +40,37 @@ RUN_STATES = {s.value: s for s in RunState}
 
 
 class Reconciler:
-    def __init__(self, hub: Hub, airflow: AirflowClient, publisher: Publisher, after: float):
-        self.hub, self.airflow, self.publisher, self.after = hub, airflow, publisher, after
+    """Asks Airflow about the runs waited on here that were silent for ``after`` seconds, each again
+    at a doubling interval while it stays silent.
+
+    An Airflow that cannot be reached (or refuses the gateway's credentials) fails the whole step: the
+    loop backs off and logs the outage once, and its end. Any other error is about one run: logged
+    once per error code, and that run is asked again at its next interval."""
+
+    def __init__(
+        self, runs: RunTopic, airflow: AirflowClient, publisher: Publisher, after: float, *, clock: Callable[[], float] = time.monotonic
+    ):
+        self.runs, self.airflow, self.publisher, self.after = runs, airflow, publisher, after
+        self.clock = clock  # monotonic seconds (tests pass their own)
         self._next: dict[tuple[str, str], tuple[float, float]] = {}  # run -> (due, interval)
-        self._logged: set[str] = set()
+        self._run_errors = Once(log)
+        self.loop = Supervised(
+            "runbell-reconciler",
+            self.step,
+            backoff=Backoff(first=TICK_SECONDS, cap=OUTAGE_BACKOFF_MAX_SECONDS),
+            pause=TICK_SECONDS,
+            logger=log,
+            expected=(AirflowError,),
+        )
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.step()
-            except Exception:  # a bad answer from Airflow must not end reconciling
-                log.exception("reconciler step failed")
-            await asyncio.sleep(TICK_SECONDS)
+        """Reconcile until cancelled."""
+        await self.loop.run()
 
     async def step(self) -> int:
         """Reconcile every silent run that is due. Returns how many were asked about."""
-        now, asked = time.monotonic(), 0
-        silent = {(dag, run) for dag, run, _ in self.hub.silent_runs(self.after)}
+        now, asked = self.clock(), 0
+        silent = {(dag, run) for dag, run, _ in self.runs.silent(self.after)}
         for run in list(self._next):
             if run not in silent:
                 del self._next[run]  # heard from again, or nobody waits any more
@@ -64,7 +81,7 @@ class Reconciler:
             asked += 1
             await self.reconcile(dag_id, run_id)
             interval = min(interval * 2, MAX_INTERVAL_SECONDS)  # backing off while it stays silent
-            self._next[(dag_id, run_id)] = (time.monotonic() + interval, interval)
+            self._next[(dag_id, run_id)] = (self.clock() + interval, interval)
         return asked
 
     async def reconcile(self, dag_id: str, run_id: str) -> list[Event]:
@@ -72,13 +89,13 @@ class Reconciler:
         try:
             run = await self.airflow.get_run(dag_id, run_id)
             if run is None:
-                self.hub.mark_missing(dag_id, run_id)
+                self.runs.mark_missing(dag_id, run_id)
                 return []
             task_instances = await self.airflow.task_instances(dag_id, run_id)
+        except (AirflowUnavailable, AirflowAuthFailed):
+            raise  # not about this run: the loop backs off
         except AirflowError as exc:
-            if exc.code not in self._logged:
-                self._logged.add(exc.code)
-                log.warning("cannot reconcile %s/%s: %s", dag_id, run_id, exc)
+            self._run_errors(exc.code, "cannot reconcile %s/%s: %s", dag_id, run_id, exc)
             return []
         events = events_from_airflow(dag_id, run_id, run, task_instances)
         for event in events:

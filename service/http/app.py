@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -43,6 +42,7 @@ from runbell.service.http.errors import (
 from runbell.service.http.idempotency import IdempotencyKeys
 from runbell.service.live.broker import EmbeddedBroker, resolve_redis
 from runbell.service.live.hub import Hub
+from runbell.service.live.topics import AssetTopic, RunTopic
 from runbell.service.settings import Settings
 from runbell.service.store.recorder import Recorder
 from runbell.service.store.store import Store
@@ -159,29 +159,21 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     sa_event.listen(state.store.engine.sync_engine, "before_cursor_execute", lambda *_: state.metrics.db_statements.inc())
     state.webhooks = WebhookStore(state.store)
     state.webhook_policy = TargetPolicy.from_setting(settings.webhook_allowed_hosts)
-    state.hub = Hub(
-        state.redis,
-        pubsub_client,
-        settings.namespace,
-        state.metrics,
-        archive=state.store,
-        buffer=settings.subscriber_buffer,
-        max_subscribers=settings.max_subscribers,
-    )
+    state.hub = Hub(pubsub_client, state.metrics, buffer=settings.subscriber_buffer, max_subscribers=settings.max_subscribers)
+    state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store)
+    state.assets = AssetTopic(state.hub, state.redis, settings.namespace)
     await state.hub.start()
     publisher_config = replace(PublisherConfig.from_env(), redis_url=redis_url, namespace=settings.namespace)
     state.publisher = Publisher(publisher_config)
     state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
     state.airflow = airflow_client(settings)
     state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
-    tasks = []
+    loops = []  # the background loops besides the hub's listener, each started and stopped the same way
     if state.airflow is not None:
-        reconciler = Reconciler(state.hub, state.airflow, state.publisher, settings.reconcile_after)
-        tasks.append(asyncio.create_task(reconciler.run(), name="runbell-reconciler"))
+        loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
-        recorder = Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics)
-        tasks.append(asyncio.create_task(recorder.run(), name="runbell-recorder"))
+        loops.append(Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics).loop)
     state.dispatcher = None
     if settings.webhooks:
         worker = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"
@@ -196,16 +188,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             schedule=webhook_schedule_seconds(settings.webhook_schedule),
         )
         outbox.on_enqueued = state.dispatcher.wake  # after each committed batch that enqueued something
-        tasks.append(asyncio.create_task(state.dispatcher.run(), name="runbell-webhooks"))
+        loops.append(state.dispatcher.loop)
+    for loop in loops:
+        loop.start()
+    state.loops = [state.hub.listener, *loops]  # their states, for readiness and metrics
     log.info("runbell gateway ready (namespace %r)", settings.namespace)
     try:
         yield
     finally:
         await state.hub.stop()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop in loops:
+            await loop.stop()
         if state.airflow is not None:
             await state.airflow.aclose()
         if state.backfills is not None:

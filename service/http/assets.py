@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
+from runbell.service.core.loops import keep_trying
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
@@ -34,7 +35,8 @@ from runbell.service.http.params import (
 )
 from runbell.service.http.run_routes import BACKLOG_READ_SECONDS, PENDING_RETRY_AFTER
 from runbell.service.http.sse import EventStream, farewell
-from runbell.service.live.hub import BACKOFF_MAX_SECONDS, Hub, SubscriptionClosed
+from runbell.service.live.hub import REDIS_DOWN, SubscriptionClosed
+from runbell.service.live.topics import AssetTopic
 
 ASSET = "/v1/assets/{name}"
 AFTER_PARAM = "after"
@@ -58,7 +60,8 @@ async def asset_next(request: Request) -> Response:
     authorize(request, Role.READ, query_token=True)
     after = parse_after(request)
     timeout = parse_timeout(request)
-    hub = hub_with_room(request)
+    hub_with_room(request)
+    assets: AssetTopic = request.app.state.assets
     metrics = request.app.state.metrics
     deadline = anyio.current_time() + timeout
     metrics.waiters.inc()
@@ -67,10 +70,10 @@ async def asset_next(request: Request) -> Response:
             # "From now": the current seq read before subscribing, so whatever is published after
             # the read is in the log the subscription reads first. Read even with timeout=0.
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
-                after = await current_seq(hub, name)
+                after = await current_seq(assets, name)
             if after is None:  # Redis unreadable all along
                 return pending_response(name, None)
-        async with hub.subscribe_asset(name, after) as subscription:
+        async with assets.subscribe(name, after) as subscription:
             # What is stored is always read, even with timeout=0 (unless Redis is down that long).
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
                 backlog = await subscription.backlog()
@@ -84,7 +87,7 @@ async def asset_next(request: Request) -> Response:
                     pass  # shutdown, or too slow: the caller asks again
     finally:
         metrics.waiters.dec()
-    return pending_response(name, await pending_seq(hub, name, after))
+    return pending_response(name, await pending_seq(assets, name, after))
 
 
 def pending_response(name: str, seq: int | None) -> Response:
@@ -96,27 +99,20 @@ def event_response(envelope: AssetEnvelope) -> Response:
     return JSONResponse(json.loads(event_data(envelope)))
 
 
-async def pending_seq(hub: Hub, name: str, known: int | None) -> int | None:
+async def pending_seq(assets: AssetTopic, name: str, known: int | None) -> int | None:
     """The asset's current seq for a 202 (what to pass as `after` next); null when Redis cannot say
     and the caller gave no `after`."""
     with anyio.move_on_after(BACKLOG_READ_SECONDS):
         try:
-            return await hub.asset_replay.current_seq(name)
+            return await assets.current_seq(name)
         except (RedisError, OSError):
             pass
     return known
 
 
-async def current_seq(hub: Hub, name: str) -> int:
+async def current_seq(assets: AssetTopic, name: str) -> int:
     """The asset's current seq; while Redis is down, keep trying (the caller's scope bounds it)."""
-    delay = 0.05
-    while True:
-        try:
-            return await hub.asset_replay.current_seq(name)
-        except (RedisError, OSError) as exc:
-            hub.log_once("asset-seq-" + type(exc).__name__, "asset seq unreadable (%r); retrying", exc)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+    return await keep_trying(lambda: assets.current_seq(name), retry_on=REDIS_DOWN, log_once=assets.hub.log_once, what="asset seq")
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------
@@ -127,18 +123,18 @@ async def asset_events(request: Request) -> Response:
     name = asset_name(request)
     authorize(request, Role.READ, query_token=True)
     last_id = parse_asset_last_event_id(request)
-    hub = hub_with_room(request)
-    return EventStream(request, asset_sse_stream(request, hub, name, last_id))
+    hub_with_room(request)
+    return EventStream(request, asset_sse_stream(request, request.app.state.assets, name, last_id))
 
 
-async def asset_sse_stream(request: Request, hub: Hub, name: str, last_id: int | None) -> AsyncIterator[ServerSentEvent]:
+async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last_id: int | None) -> AsyncIterator[ServerSentEvent]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     metrics.sse_clients.inc()
     try:
         yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
         if last_id is None:  # from now: read before subscribing (see asset_next)
-            last_id = await current_seq(hub, name)
-        async with hub.subscribe_asset(name, last_id) as subscription:
+            last_id = await current_seq(assets, name)
+        async with assets.subscribe(name, last_id) as subscription:
             # Where this stream starts, as an id: a reconnect before the first event resumes here.
             yield ServerSentEvent(data=json.dumps({"asset": name, "seq": last_id}), event="ready", id=str(last_id))
             try:

@@ -48,6 +48,7 @@ from runbell.service.http.errors import ApiError
 from runbell.service.http.params import hub_with_room
 from runbell.service.http.sse import EventStream, farewell
 from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
+from runbell.service.live.topics import RunTopic
 from runbell.service.settings import Settings
 from runbell.service.store.models import UTCDateTime
 from runbell.service.store.store import Store, normalize_database_url
@@ -234,7 +235,7 @@ async def backfill_events(request: Request) -> Response:
     tracker = Progress(await with_store_states(request.app.state.store, slots))
     if request.headers.get("last-event-id") == END_ID:
         if not tracker.finished:  # the store may lag behind the runs' events: ask their logs
-            await refresh_from_logs(hub, tracker)
+            await refresh_from_logs(request.app.state.runs, tracker)
         if tracker.finished:
             return Response(status_code=204)  # it already ended for this client: EventSource stops
     if hub.count + len(tracker.live()) > hub.max_subscribers:
@@ -334,7 +335,7 @@ async def backfill_stream(
             # progress is as fresh as the events (the store may lag behind them) and nothing is missed.
             followed = []
             for slot in tracker.live():
-                subscription = await stack.enter_async_context(hub.subscribe(slot.dag_id, slot.run_id))
+                subscription = await stack.enter_async_context(request.app.state.runs.subscribe(slot.dag_id, slot.run_id))
                 followed.append((slot.sort_ordinal, subscription, OutcomeFold(slot.dag_id, slot.run_id)))
             await asyncio.gather(*(replay(subscription, fold) for _, subscription, fold in followed))
             for ordinal, _, fold in followed:
@@ -374,12 +375,12 @@ async def backfill_stream(
         metrics.sse_clients.dec()
 
 
-async def refresh_from_logs(hub: Hub, tracker: Progress) -> None:
+async def refresh_from_logs(runs: RunTopic, tracker: Progress) -> None:
     async def one(slot: Slot) -> None:
         fold = OutcomeFold(slot.dag_id, slot.run_id or "")
         with contextlib.suppress(Exception):  # unreadable now: the stream will tell
             async with asyncio.timeout(REPLAY_SECONDS):
-                for envelope in await hub.replay.read(slot.dag_id, slot.run_id or "", 0):
+                for envelope in await runs.read((slot.dag_id, slot.run_id or ""), 0):
                     fold.apply(envelope)
         tracker.update(slot.sort_ordinal, fold.outcome.run_state, authoritative=True)
 

@@ -25,6 +25,7 @@ from runbell.service.http.params import (
 )
 from runbell.service.http.sse import EventStream, farewell
 from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
+from runbell.service.live.topics import RunTopic
 
 PENDING_RETRY_AFTER = "1"
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
@@ -44,15 +45,16 @@ async def run_result(request: Request) -> Response:
 
 async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: float) -> Outcome:
     """Follow the run until its outcome is decided or the timeout passes; the outcome either way."""
-    hub = hub_with_room(request)
-    if hub.is_missing(dag_id, run_id):
+    hub_with_room(request)
+    runs: RunTopic = request.app.state.runs
+    if runs.is_missing(dag_id, run_id):
         raise run_not_found(dag_id, run_id)
     metrics = request.app.state.metrics
     fold = OutcomeFold(dag_id, run_id)
     deadline = anyio.current_time() + timeout
     metrics.waiters.inc()
     try:
-        async with hub.subscribe(dag_id, run_id) as subscription:
+        async with runs.subscribe(dag_id, run_id) as subscription:
             # anyio's scopes, not asyncio.timeout: they compose with the anyio scopes of the server.
             # What is stored is always read, even with timeout=0 (unless Redis is down that long).
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
@@ -132,9 +134,10 @@ async def run_events(request: Request) -> Response:
     authorize(request, Role.READ, run=(dag_id, run_id))
     last_id = parse_last_event_id(request)
     hub = hub_with_room(request)
-    if hub.is_missing(dag_id, run_id):
+    runs: RunTopic = request.app.state.runs
+    if runs.is_missing(dag_id, run_id):
         raise run_not_found(dag_id, run_id)  # EventSource stops on a 404
-    if last_id > 0 and await stream_already_ended(hub, dag_id, run_id, last_id):
+    if last_id > 0 and await stream_already_ended(runs, dag_id, run_id, last_id):
         return Response(status_code=204)  # EventSource stops reconnecting on 204
     return EventStream(request, sse_stream(request, hub, dag_id, run_id, last_id))
 
@@ -145,7 +148,7 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
     metrics.sse_clients.inc()
     try:
         # The whole history is folded so the outcome is known, but only what is after last_id is sent.
-        async with hub.subscribe(dag_id, run_id) as subscription:
+        async with request.app.state.runs.subscribe(dag_id, run_id) as subscription:
             yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
             try:
                 async for envelope in subscription:
@@ -195,10 +198,10 @@ def is_run_end(envelope: Envelope) -> bool:
     return event.kind is EventKind.RUN and event.run_state.terminal
 
 
-async def stream_already_ended(hub: Hub, dag_id: str, run_id: str, last_id: int) -> bool:
+async def stream_already_ended(runs: RunTopic, dag_id: str, run_id: str, last_id: int) -> bool:
     """True when the client has already been sent the run's end (its terminal run event)."""
     try:
-        history = await hub.replay.read(dag_id, run_id, 0)
+        history = await runs.read((dag_id, run_id), 0)
     except (RedisError, OSError):
         return False  # cannot tell now: stream, and the subscription retries the log
     for envelope in history:

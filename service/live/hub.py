@@ -8,9 +8,10 @@ without its gaps:
 - a subscriber registers before it reads the log (subscribe first, then replay), de-duplicates by
   sequence number, and fills any gap in the sequence from the log.
 
-Runs and assets: the listener holds two patterns on its one connection (``keys.channel_pattern``
-for runs, ``keys.asset_channel_pattern`` for assets). An asset's subscription (``AssetSubscription``)
-is a Subscription whose log is the asset's (``AssetReplayLog``, Redis only: the store keeps runs).
+The hub does not know what it carries. A ``Topic`` is one kind of stream (runs, assets: see
+runbell.service.live.topics): its pub/sub pattern, the channel of a key, how a message decodes into
+an item with a sequence number, and its replay log. Topics register with the hub before it starts;
+the listener holds all their patterns on its one connection.
 """
 
 from __future__ import annotations
@@ -19,23 +20,18 @@ import asyncio
 import gc
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from enum import Enum
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from runbell.bus import keys
-from runbell.bus.schema import (
-    AssetEnvelope,
-    BadEvent,
-    Envelope,
-    decode_asset_envelope,
-    decode_envelope,
-)
+from runbell.bus.schema import BadEvent
+from runbell.service.core.loops import Backoff, Once, Supervised, keep_trying
 from runbell.service.core.metrics import Metrics
 
 log = logging.getLogger("runbell.hub")
@@ -44,21 +40,35 @@ LISTEN_POLL_SECONDS = 1.0  # get_message timeout: how often the listener looks u
 PING_EVERY_SECONDS = 5.0  # an idle pub/sub connection is pinged this often...
 DEAD_AFTER_SECONDS = 15.0  # ...and dropped and re-made when nothing at all was heard for this long
 BACKOFF_MAX_SECONDS = 5.0
-MISSING_HOLD_SECONDS = 60.0
-GC_PAUSE_FANOUT = 100  # subscribers of one run from which a fan-out runs without garbage collection
+GC_PAUSE_FANOUT = 100  # subscribers of one channel from which a fan-out runs without garbage collection
+REDIS_DOWN = (RedisError, OSError)  # what a read retries until the caller's timeout
 
 
-class EventArchive(Protocol):
-    """Where events older than the replay log are found (the SQL store)."""
+class Stamped(Protocol):
+    @property
+    def ts(self) -> float: ...  # when the publisher sent it (its clock)
 
-    async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[Envelope]: ...
+
+class Item(Protocol):
+    """What a topic's messages decode into: an event numbered within its stream."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def event(self) -> Stamped: ...
+
+
+K = TypeVar("K", bound=Hashable)  # what names one stream of a topic: (dag_id, run_id), an asset name
+T = TypeVar("T", bound=Item)
+R = TypeVar("R")
 
 
 class Signal(Enum):
     RESYNC = "resync"  # the connection was (re)made: re-read the log
     OVERFLOW = "overflow"  # the subscriber fell too far behind
     DRAIN = "drain"  # the process is shutting down
-    NOT_FOUND = "not_found"  # Airflow says the run does not exist (the reconciler asked)
+    NOT_FOUND = "not_found"  # the stream's source says it does not exist (a run Airflow does not have)
 
 
 class SubscriptionClosed(Exception):
@@ -67,164 +77,113 @@ class SubscriptionClosed(Exception):
         self.reason = reason
 
 
-class ReplayLog:
-    """Reads a run's envelopes after a sequence number: Redis's replay log, else the store."""
+class Topic(ABC, Generic[K, T]):
+    """One kind of stream the hub carries. A subclass registers itself with ``hub`` (before hub.start)."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, archive: EventArchive | None, metrics: Metrics):
-        self.client, self.namespace, self.archive, self.metrics = client, namespace, archive, metrics
-        self._logged: set[str] = set()
-        self._inflight: dict[tuple[str, str, int], asyncio.Future[list[Envelope]]] = {}
+    def __init__(self, hub: Hub, pattern: str):
+        self.hub = hub
+        self.pattern = pattern  # the PSUBSCRIBE pattern matching the channel of every key
+        hub.register(self)
 
-    async def read(self, dag_id: str, run_id: str, after_seq: int) -> list[Envelope]:
-        """The same read asked by many subscribers at once (a crowd waiting on one run) is made once."""
-        key = (dag_id, run_id, after_seq)
+    @abstractmethod
+    def channel(self, key: K) -> str:
+        """The pub/sub channel of one stream."""
+
+    @abstractmethod
+    def decode(self, data: bytes) -> T:
+        """One message into an item; raises BadEvent when it is not one."""
+
+    @abstractmethod
+    def channel_of(self, item: T) -> str:
+        """The channel the item's own stream publishes on (a message on another is dropped)."""
+
+    @abstractmethod
+    async def read(self, key: K, after_seq: int) -> list[T]:
+        """The stream's items after a sequence number, from its replay log."""
+
+    def published(self, channel: str) -> None:
+        """Called for every message on the pattern, before anything else (subscribed to or not)."""
+
+
+class SharedReads(Generic[R]):
+    """The same read asked by many callers at once (a crowd waiting on one run) is made once."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[Hashable, asyncio.Future[R]] = {}
+
+    async def __call__(self, key: Hashable, read: Callable[[], Awaitable[R]]) -> R:
         future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(self._read(dag_id, run_id, after_seq))
+            future = asyncio.ensure_future(read())
             self._inflight[key] = future
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
-    async def _read(self, dag_id: str, run_id: str, after_seq: int) -> list[Envelope]:
-        log_key = keys.run_keys(self.namespace, dag_id, run_id).log
-        entries = await self.client.xrange(log_key, min=f"(0-{after_seq}", max="+")
-        envelopes = [e for e in (self._decode(fields) for _, fields in entries) if e is not None]
-        first = envelopes[0].seq if envelopes else None
-        if self.archive is not None and (first is None or first > after_seq + 1):
-            # The log does not start where we need it (expired, or never existed): ask the store.
-            try:
-                older = await self.archive.events(dag_id, run_id, after_seq=after_seq)
-            except Exception as exc:  # the store being down must not fail a waiter: Redis may suffice
-                if "archive" not in self._logged:
-                    self._logged.add("archive")
-                    log.warning("store unreadable (%s); serving from Redis only", type(exc).__name__)
-                return envelopes
-            envelopes = [e for e in older if first is None or e.seq < first] + envelopes
-        return envelopes
 
-    def _decode(self, fields: dict) -> Envelope | None:
-        try:
-            return decode_envelope(fields.get(b"env", b""))
-        except BadEvent as exc:
-            count_bad_event(self.metrics, self._logged, exc)
-            return None
+class Subscription(Generic[K, T]):
+    """One waiter's or SSE client's view of one stream: items in seq order, gap-free, each once."""
 
-
-class AssetReplayLog:
-    """Reads an asset's envelopes after a sequence number from its replay log in Redis."""
-
-    def __init__(self, client: aioredis.Redis, namespace: str, metrics: Metrics):
-        self.client, self.namespace, self.metrics = client, namespace, metrics
-        self._logged: set[str] = set()
-        self._inflight: dict[tuple[str, int], asyncio.Future[list[AssetEnvelope]]] = {}
-
-    async def read(self, name: str, after_seq: int) -> list[AssetEnvelope]:
-        """The same read asked by many subscribers at once is made once (as ReplayLog.read)."""
-        key = (name, after_seq)
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._read(name, after_seq))
-            self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(future)
-
-    async def _read(self, name: str, after_seq: int) -> list[AssetEnvelope]:
-        log_key = keys.asset_keys(self.namespace, name).log
-        entries = await self.client.xrange(log_key, min=f"(0-{after_seq}", max="+")
-        return [e for e in (self._decode(fields) for _, fields in entries) if e is not None]
-
-    async def current_seq(self, name: str) -> int:
-        """The asset's last sequence number (0 before its first event)."""
-        raw = await self.client.get(keys.asset_keys(self.namespace, name).seq)
-        return int(raw) if raw is not None else 0
-
-    def _decode(self, fields: dict) -> AssetEnvelope | None:
-        try:
-            return decode_asset_envelope(fields.get(b"env", b""))
-        except BadEvent as exc:
-            count_bad_event(self.metrics, self._logged, exc)
-            return None
-
-
-def count_bad_event(metrics: Metrics, logged: set[str], exc: BadEvent) -> None:
-    """Count a dropped message by reason; log the first of each reason only."""
-    metrics.decode_errors.labels(exc.reason).inc()
-    if exc.reason not in logged:
-        logged.add(exc.reason)
-        log.warning("dropping a message that is not a valid event (%s); further ones are only counted", exc)
-
-
-class Subscription:
-    """One waiter's or SSE client's view of a run: envelopes in seq order, gap-free, each once."""
-
-    def __init__(self, hub: Hub, dag_id: str, run_id: str, after_seq: int):
-        self.hub, self.dag_id, self.run_id = hub, dag_id, run_id
+    def __init__(self, hub: Hub, topic: Topic[K, T], key: K, after_seq: int):
+        self.hub, self.topic, self.key = hub, topic, key
         self.last_seq = after_seq
         # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
         # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
-        self.queue: deque[Envelope | Signal] = deque()
+        self.queue: deque[T | Signal] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._ready: deque[Envelope] = deque()
+        self._ready: deque[T] = deque()
         self._needs_replay = True  # the first read comes from the log
         self._closed: Signal | None = None
 
-    def __aiter__(self) -> Subscription:
+    def __aiter__(self) -> Subscription[K, T]:
         return self
 
-    async def __anext__(self) -> Envelope:
+    async def __anext__(self) -> T:
         while True:
             if self._ready:
-                envelope = self._ready.popleft()
-                if envelope.seq <= self.last_seq:
+                item = self._ready.popleft()
+                if item.seq <= self.last_seq:
                     continue  # already delivered (the log and pub/sub overlap)
                 # In order; a hole that neither the log nor the store could fill is stepped over.
-                self.last_seq = envelope.seq
-                return envelope
+                self.last_seq = item.seq
+                return item
             if self._needs_replay:
                 await self._replay()
                 self._needs_replay = False
                 continue
-            item = await self._offered()
-            if isinstance(item, Signal):
-                if item is Signal.RESYNC:
+            offered = await self._offered()
+            if isinstance(offered, Signal):
+                if offered is Signal.RESYNC:
                     self._needs_replay = True
                     continue
-                raise SubscriptionClosed(item)
-            if item.seq <= self.last_seq:
+                raise SubscriptionClosed(offered)
+            if offered.seq <= self.last_seq:
                 continue
-            if item.seq > self.last_seq + 1:  # a gap: fetch what is missing from the log first
+            if offered.seq > self.last_seq + 1:  # a gap: fetch what is missing from the log first
                 await self._replay()
-            self._ready.append(item)
+            self._ready.append(offered)
 
-    async def backlog(self) -> list[Envelope]:
+    async def backlog(self) -> list[T]:
         """What the log already holds after last_seq: the first read, which never waits for news."""
         await self._replay()
         self._needs_replay = False
-        envelopes = []
+        items = []
         while self._ready:
-            envelope = self._ready.popleft()
-            if envelope.seq > self.last_seq:
-                self.last_seq = envelope.seq
-                envelopes.append(envelope)
-        return envelopes
+            item = self._ready.popleft()
+            if item.seq > self.last_seq:
+                self.last_seq = item.seq
+                items.append(item)
+        return items
 
     async def _replay(self) -> None:
-        """Read the log after last_seq into the ready queue; while Redis is down, keep trying
-        (the caller's own timeout bounds the wait: a waiter gets 202, never an error)."""
-        delay = 0.05
-        while True:
-            try:
-                self._ready.extend(await self._read_log())
-                return
-            except (RedisError, OSError) as exc:
-                self.hub.log_once("replay-" + type(exc).__name__, "replay log unreadable (%r); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+        """Read the log after last_seq into the ready queue (while Redis is down, keep trying: the
+        caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
+        self._ready.extend(
+            await keep_trying(
+                lambda: self.topic.read(self.key, self.last_seq), retry_on=REDIS_DOWN, log_once=self.hub.log_once, what="replay log"
+            )
+        )
 
-    async def _read_log(self) -> list[Envelope]:
-        return await self.hub.replay.read(self.dag_id, self.run_id, self.last_seq)
-
-    async def _offered(self) -> Envelope | Signal:
+    async def _offered(self) -> T | Signal:
         """The next item the listener offered, waiting for one."""
         while not self.queue:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -234,7 +193,7 @@ class Subscription:
                 self._waiter = None
         return self.queue.popleft()
 
-    def offer(self, item: Envelope | Signal) -> None:
+    def offer(self, item: T | Signal) -> None:
         """Called by the listener: never blocks. A full queue cuts the subscriber off."""
         if self._closed is not None:
             return
@@ -259,24 +218,10 @@ class Subscription:
             self._waiter.set_result(None)
 
 
-class AssetSubscription(Subscription):
-    """One waiter's or SSE client's view of an asset: its envelopes in seq order, gap-free, each once."""
-
-    def __init__(self, hub: Hub, name: str, after_seq: int):
-        super().__init__(hub, "", "", after_seq)
-        self.name = name
-
-    async def _read_log(self) -> list[AssetEnvelope]:  # type: ignore[override]
-        return await self.hub.asset_replay.read(self.name, self.last_seq)
-
-
-SubscriptionT = TypeVar("SubscriptionT", bound=Subscription)
-
-
 class SharedBytes:
-    """Bytes built once and shared by every subscriber of a run, so that a crowd's fan-out encodes an
-    event and its outcome once, not once per caller. Bounded in bytes (results can be 256 KiB): the
-    oldest entries go first; an entry is needed only while its event fans out.
+    """Bytes built once and shared by every subscriber of a stream, so that a crowd's fan-out encodes
+    an event and its outcome once, not once per caller. Bounded in bytes (results can be 256 KiB):
+    the oldest entries go first; an entry is needed only while its event fans out.
 
     Keys hold what fixes the bytes: a run's events are numbered by Redis and a number is never reused
     while the run's events exist, so the event at (dag, run, seq), and the outcome folded up to it, are
@@ -284,9 +229,9 @@ class SharedBytes:
 
     def __init__(self, max_bytes: int = 4 * 1024 * 1024):
         self.max_bytes, self.held = max_bytes, 0
-        self._items: dict[tuple, bytes] = {}  # insertion-ordered: the first key is the oldest
+        self._items: dict[Hashable, bytes] = {}  # insertion-ordered: the first key is the oldest
 
-    def get(self, key: tuple, build: Callable[[], bytes]) -> bytes:
+    def get(self, key: Hashable, build: Callable[[], bytes]) -> bytes:
         found = self._items.get(key)
         if found is None:
             found = self._items[key] = build()
@@ -297,109 +242,59 @@ class SharedBytes:
 
 
 class Hub:
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        pubsub_client: aioredis.Redis,
-        namespace: str,
-        metrics: Metrics,
-        archive: EventArchive | None = None,
-        buffer: int = 1000,
-        max_subscribers: int = 20_000,
-    ):
-        self.client = client
+    def __init__(self, pubsub_client: aioredis.Redis, metrics: Metrics, buffer: int = 1000, max_subscribers: int = 20_000):
         self.pubsub_client = pubsub_client  # its own connection with socket_timeout=None
-        self.namespace = namespace
         self.metrics = metrics
         self.buffer = buffer
         self.max_subscribers = max_subscribers
-        self.replay = ReplayLog(client, namespace, archive, metrics)
-        self.asset_replay = AssetReplayLog(client, namespace, metrics)
+        self.topics: dict[str, Topic[Any, Any]] = {}  # by pattern, in registration order
         self.shared = SharedBytes()  # encoded events and outcomes, for the routes
-        self._asset_prefix = keys.asset_channel_pattern(namespace)[: -len("*:ch")]
-        self.subscribers: dict[str, set[Subscription]] = {}  # by channel name
-        self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds
+        self.subscribers: dict[str, set[Subscription[Any, Any]]] = {}  # by channel name
         self.heard: dict[str, float] = {}  # channel -> when its last event (or first subscriber) came
         self.count = 0
         self.connected = asyncio.Event()
         self.draining = False
-        self._task: asyncio.Task | None = None
-        self._logged: set[str] = set()
+        self.log_once = Once(log)
+        self.listener = Supervised(
+            "runbell-hub-listener",
+            self._listen,
+            backoff=Backoff(cap=BACKOFF_MAX_SECONDS),
+            logger=log,
+            expected=(RedisError, OSError, TimeoutError),
+        )
+
+    def register(self, topic: Topic[Any, Any]) -> None:
+        """Carry one more kind of stream; its pattern is subscribed at the next (re)connection."""
+        self.topics[topic.pattern] = topic
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise(), name="runbell-hub-listener")
+        self.listener.start()
 
     async def stop(self) -> None:
         self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self.listener.stop()
 
     def drain(self) -> None:
         """Shutdown has begun: every subscriber is told to leave (SSE farewell, long-poll 202)."""
         self.draining = True
-        for subs in list(self.subscribers.values()):
-            for sub in list(subs):
-                sub.close(Signal.DRAIN)
+        self._broadcast(Signal.DRAIN, close=True)
 
     # -- subscribers ----------------------------------------------------------------------------
-
-    def silent_runs(self, longer_than: float) -> list[tuple[str, str, float]]:
-        """(dag_id, run_id, seconds silent) of the runs waited on here that had no event for a while."""
-        now, found = time.monotonic(), []
-        for channel, subs in self.subscribers.items():
-            silent = now - self.heard.get(channel, now)
-            if subs and silent > longer_than:
-                sub = next(iter(subs))
-                if isinstance(sub, AssetSubscription):
-                    continue  # assets have no run to reconcile
-                found.append((sub.dag_id, sub.run_id, silent))
-        return found
-
-    def mark_missing(self, dag_id: str, run_id: str, hold_seconds: float = MISSING_HOLD_SECONDS) -> None:
-        """Airflow has no such run: its subscribers are told, and new ones get 404 for a while
-        (until an event for it arrives: a caller may trigger it after all)."""
-        channel = keys.run_keys(self.namespace, dag_id, run_id).channel
-        self.missing[channel] = time.monotonic() + hold_seconds
-        for sub in list(self.subscribers.get(channel, ())):
-            sub.close(Signal.NOT_FOUND)
-
-    def is_missing(self, dag_id: str, run_id: str) -> bool:
-        channel = keys.run_keys(self.namespace, dag_id, run_id).channel
-        until = self.missing.get(channel)
-        if until is not None and until < time.monotonic():
-            del self.missing[channel]
-            until = None
-        return until is not None
 
     def has_room(self) -> bool:
         return self.count < self.max_subscribers and not self.draining
 
     @asynccontextmanager
-    async def subscribe(self, dag_id: str, run_id: str, after_seq: int = 0) -> AsyncIterator[Subscription]:
-        """Register a subscriber for a run (before its log is read), and always unregister it."""
-        channel = keys.run_keys(self.namespace, dag_id, run_id).channel
-        self.heard.setdefault(channel, time.monotonic())
-        async with self._registered(channel, Subscription(self, dag_id, run_id, after_seq)) as sub:
-            yield sub
-
-    @asynccontextmanager
-    async def subscribe_asset(self, name: str, after_seq: int = 0) -> AsyncIterator[AssetSubscription]:
-        """Register a subscriber for an asset (before its log is read), and always unregister it."""
-        channel = keys.asset_keys(self.namespace, name).channel
-        async with self._registered(channel, AssetSubscription(self, name, after_seq)) as sub:
-            yield sub
-
-    @asynccontextmanager
-    async def _registered(self, channel: str, sub: SubscriptionT) -> AsyncIterator[SubscriptionT]:
-        """Add a subscriber to its channel (closed at once while draining); always take it out again."""
+    async def subscribe(self, topic: Topic[K, T], key: K, after_seq: int = 0) -> AsyncIterator[Subscription[K, T]]:
+        """Register a subscriber to one stream (before its log is read; closed at once while
+        draining), and always unregister it."""
+        channel = topic.channel(key)
+        sub = Subscription(self, topic, key, after_seq)
         if self.draining:
             sub.close(Signal.DRAIN)
+        self.heard.setdefault(channel, time.monotonic())
         self.subscribers.setdefault(channel, set()).add(sub)
         self.count += 1
         try:
@@ -413,29 +308,34 @@ class Hub:
                     del self.subscribers[channel]
                     self.heard.pop(channel, None)
 
-    # -- the listener ---------------------------------------------------------------------------
+    def silent(self, topic: Topic[K, Any], longer_than: float) -> list[tuple[K, float]]:
+        """(key, seconds silent) of the topic's streams waited on here that had no item for a while."""
+        now, found = time.monotonic(), []
+        for channel, subs in self.subscribers.items():
+            silent = now - self.heard.get(channel, now)
+            if subs and silent > longer_than:
+                sub = next(iter(subs))
+                if sub.topic is topic:
+                    found.append((sub.key, silent))
+        return found
 
-    async def _supervise(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._listen()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, TimeoutError) as exc:
-                self.log_once("listen-" + type(exc).__name__, "pub/sub connection lost (%r); re-subscribing", exc)
-            except Exception:
-                log.exception("hub listener failed; restarting it")
-            self.connected.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+    def close_channel(self, channel: str, reason: Signal) -> None:
+        """Tell every subscriber of one stream to leave, with the reason."""
+        for sub in list(self.subscribers.get(channel, ())):
+            sub.close(reason)
+
+    def bad_event(self, exc: BadEvent) -> None:
+        """Count a dropped message by reason; log the first of each reason only."""
+        self.metrics.decode_errors.labels(exc.reason).inc()
+        self.log_once("bad-" + exc.reason, "dropping a message that is not a valid event (%s); further ones are only counted", exc)
+
+    # -- the listener ---------------------------------------------------------------------------
 
     async def _listen(self) -> None:
         pubsub = self.pubsub_client.pubsub()
-        pattern = keys.channel_pattern(self.namespace)
         try:
-            # One command, so both patterns hold before either confirmation arrives.
-            await pubsub.psubscribe(pattern, keys.asset_channel_pattern(self.namespace))
+            # One command, so every pattern holds before any confirmation arrives.
+            await pubsub.psubscribe(*self.topics)
             last_heard = last_ping = time.monotonic()
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=LISTEN_POLL_SECONDS)
@@ -449,71 +349,61 @@ class Hub:
                     last_ping = now
                     await pubsub.ping()
         finally:
-            await pubsub.aclose()
+            self.connected.clear()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
 
-    def _handle(self, message: dict) -> None:
+    def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "pmessage":
-            self._dispatch(message["channel"], message["data"])
-        elif kind == "psubscribe" and not self._is_asset_pattern(message.get("channel")):
+            topic = self.topics.get(_text(message["pattern"]))
+            if topic is not None:
+                self._dispatch(topic, _text(message["channel"]), message["data"])
+        elif kind == "psubscribe" and _text(message["channel"]) == next(iter(self.topics), None):
             # (Re)subscribed, perhaps silently by redis-py after a short outage: whatever was
-            # published meanwhile is only in the logs, so every subscriber re-reads its log.
+            # published meanwhile is only in the logs, so every subscriber re-reads its log. The first
+            # pattern's confirmation stands for all: they were subscribed by the same PSUBSCRIBE.
             self.metrics.resubscribes.inc()
             self.connected.set()
+            self.listener.ok()
             self._broadcast(Signal.RESYNC)
 
-    def _is_asset_pattern(self, pattern: Any) -> bool:
-        """The asset pattern's confirmation: the run pattern's, from the same PSUBSCRIBE, resyncs all."""
-        if isinstance(pattern, bytes):
-            pattern = pattern.decode("utf-8", "replace")
-        return pattern == keys.asset_channel_pattern(self.namespace)
-
-    def _dispatch(self, channel: bytes, data: bytes) -> None:
-        name = channel.decode("utf-8", "replace")
-        if self.missing:
-            self.missing.pop(name, None)  # it exists after all
-        subs = self.subscribers.get(name)
+    def _dispatch(self, topic: Topic[Any, Any], channel: str, data: bytes) -> None:
+        topic.published(channel)
+        subs = self.subscribers.get(channel)
         if not subs:
-            return  # nobody here waits on this run: not even decoded
-        self.heard[name] = time.monotonic()
-        decode = decode_asset_envelope if name.startswith(self._asset_prefix) else decode_envelope
+            return  # nobody here waits on this stream: not even decoded
+        self.heard[channel] = time.monotonic()
         try:
-            envelope = decode(data)
+            item = topic.decode(data)
         except BadEvent as exc:
-            count_bad_event(self.metrics, self._logged, exc)
+            self.bad_event(exc)
             return
-        if self._channel_of(envelope) != name:  # another run's or asset's event, misread as this one's if let in
-            count_bad_event(self.metrics, self._logged, BadEvent("channel", f"an event of another stream on {name}"))
+        if topic.channel_of(item) != channel:  # another stream's event, misread as this one's if let in
+            self.bad_event(BadEvent("channel", f"an event of another stream on {channel}"))
             return
         self.metrics.events_in.inc()
-        self.metrics.delivery_latency.observe(max(0.0, time.time() - envelope.event.ts))
+        self.metrics.delivery_latency.observe(max(0.0, time.time() - item.event.ts))
         if len(subs) < GC_PAUSE_FANOUT:
             for sub in list(subs):
-                sub.offer(envelope)
+                sub.offer(item)
             return
         # A collection in the middle of a fan-out stalls every subscriber after it: collect after. The
         # subscribers run in the order they were woken, and gc.enable is queued behind them.
         gc.disable()
         try:
             for sub in list(subs):
-                sub.offer(envelope)
+                sub.offer(item)
         finally:
             asyncio.get_running_loop().call_soon(gc.enable)
 
-    def _channel_of(self, envelope: Envelope | AssetEnvelope) -> str:
-        """The channel the envelope's own run or asset publishes on."""
-        if isinstance(envelope, AssetEnvelope):
-            return keys.asset_keys(self.namespace, envelope.event.asset.name).channel
-        return keys.run_keys(self.namespace, envelope.event.dag_id, envelope.event.run_id).channel
-
-    def _broadcast(self, signal: Signal) -> None:
+    def _broadcast(self, signal: Signal, close: bool = False) -> None:
         for subs in list(self.subscribers.values()):
             for sub in list(subs):
-                sub.offer(signal)
+                if close:
+                    sub.close(signal)
+                else:
+                    sub.offer(signal)
 
-    def log_once(self, kind: str, msg: str, *args) -> None:
-        if kind not in self._logged:
-            self._logged.add(kind)
-            log.warning(msg, *args)
-        else:
-            log.debug(msg, *args)
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -12,9 +12,7 @@ from the run's replay log first.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -25,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from runbell.bus import keys
 from runbell.bus.schema import BadEvent, Envelope, decode_envelope
+from runbell.service.core.loops import Backoff, Once, Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.store import RunKey, Store
 
@@ -34,7 +33,6 @@ BLOCK_MS = 1000
 COUNT = 200
 CLAIM_IDLE_MS = 60_000  # an entry unacknowledged this long belongs to a dead consumer
 CLAIM_INTERVAL_SECONDS = 30.0
-BACKOFF_FIRST_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
 
 Entry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns them
@@ -73,30 +71,25 @@ class Recorder:
         self.count = count
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval = claim_interval
-        self.decode_errors: Counter[str] = Counter()  # malformed entries skipped, by reason
+        self._skipped = Once(log)
+        self.decode_errors: Counter[str] = self._skipped.counts  # malformed entries skipped, by reason
         self.metrics = metrics  # runbell_recorder_skipped_total counts them too
         self._group_ready = False
         self._own_pending_done = False  # re-read after start and after every failed step
         self._claim_cursor = "0-0"
         self._next_claim = 0.0  # monotonic time; 0: claim on the first step
+        # step is looked up at each run, not bound here: tests replace it on the instance.
+        self.loop = Supervised(
+            "runbell-recorder",
+            lambda: self.step(),
+            backoff=Backoff(cap=BACKOFF_MAX_SECONDS),
+            logger=log,
+            expected=(RedisError, SQLAlchemyError, OSError),
+        )
 
     async def run(self) -> None:
         """Record until cancelled. Outages of Redis or the database are logged and waited out."""
-        backoff = Backoff()
-        while True:
-            try:
-                await self.step()
-            except Exception as exc:  # anything but cancellation: log, wait, resume
-                delay = backoff.next()
-                if backoff.attempt == 1:
-                    log.warning("recorder: %s: %s; retrying", type(exc).__name__, exc, exc_info=_unexpected(exc))
-                else:
-                    log.debug("recorder: still failing (%s); next try in %.1f s", type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-            else:
-                if backoff.attempt:
-                    log.info("recorder: resumed after %d failed attempts", backoff.attempt)
-                backoff.reset()
+        await self.loop.run()
 
     async def step(self) -> int:
         """One read/record/ack cycle: own pending entries first, then idle entries of dead
@@ -176,11 +169,9 @@ class Recorder:
             return None
 
     def _bad(self, reason: str, detail: str) -> None:
-        self.decode_errors[reason] += 1
         if self.metrics is not None:
             self.metrics.recorder_skipped.labels(reason).inc()
-        if self.decode_errors[reason] == 1:
-            log.warning("recorder: skipping malformed entries (%s), first: %s", reason, detail[:300])
+        self._skipped(reason, "recorder: skipping malformed entries (%s): %s", reason, detail[:300])
 
     async def _fill_gaps(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Envelopes missing between the store's last seq of each run and the seqs in this batch,
@@ -214,23 +205,6 @@ def gaps(last_stored: int, seqs: set[int]) -> list[tuple[int, int]]:
     return found
 
 
-class Backoff:
-    """Bounded exponential delays with jitter, so replicas do not retry in step."""
-
-    def __init__(self, first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_MAX_SECONDS):
-        self.first = first
-        self.cap = cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.first * 2**self.attempt)
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 def _stream_entries(reply: Any) -> list[Entry]:
     """The entries of a one-stream XREADGROUP reply, in any of redis-py's reply shapes."""
     if not reply:
@@ -243,8 +217,3 @@ def _stream_entries(reply: Any) -> list[Entry]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _unexpected(exc: Exception) -> bool:
-    """Whether a failure looks like a bug rather than an outage: worth a traceback."""
-    return not isinstance(exc, (RedisError, SQLAlchemyError, OSError))

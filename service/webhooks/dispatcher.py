@@ -36,8 +36,8 @@ import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from runbell.service.core import clock
+from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
-from runbell.service.store.recorder import Backoff
 from runbell.service.webhooks import signing
 from runbell.service.webhooks.outbox import (
     Endpoint,
@@ -133,6 +133,9 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task[None], tuple[Message, str]] = {}
         self._in_flight: Counter[str] = Counter()  # endpoint id -> attempts running
         self._backlog = False  # the last claim may have left due messages behind
+        # Database outages are logged and waited out; when the loop stops, the attempts in flight stop
+        # and their messages are handed back.
+        self.loop = Supervised("runbell-webhooks", self._round, logger=log, expected=(SQLAlchemyError, OSError), on_stop=self.aclose)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -143,30 +146,17 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim and deliver until cancelled; then stop the attempts in flight and hand their
         messages back. Database outages are logged and waited out."""
-        backoff = Backoff()
-        try:
-            while True:
-                self._wake.clear()
-                try:
-                    claimed = await self.step()
-                except Exception as exc:
-                    delay = backoff.next()
-                    if backoff.attempt == 1:
-                        log.warning(
-                            "webhooks: claiming failed (%s: %s); retrying",
-                            type(exc).__name__,
-                            exc,
-                            exc_info=not isinstance(exc, (SQLAlchemyError, OSError)),
-                        )
-                    await asyncio.sleep(delay)
-                    continue
-                backoff.reset()
-                if claimed and self._backlog and self._free_slots() > 0:
-                    continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-        finally:
-            await self.aclose()
+        await self.loop.run()
+
+    async def _round(self) -> None:
+        """One claim, then a wait for a wake-up or the next poll (none while due messages are left
+        behind and there is room for them)."""
+        self._wake.clear()
+        claimed = await self.step()
+        if claimed and self._backlog and self._free_slots() > 0:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
     async def step(self) -> int:
         """Claim the due messages this process has room for and start their attempts. Returns how
