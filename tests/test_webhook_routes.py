@@ -91,8 +91,8 @@ async def test_patch_checks_the_new_url_and_refuses_nonsense(admin):
     assert refused.status_code == 422 and refused.json()["error"] == "target_refused"
     for body, says in (
         ({}, "nothing to change"),
-        ({"url": None}, "url may not be null"),
-        ({"enabled": None}, "enabled may not be null"),
+        ({"url": None}, "url: Input should be a valid string"),
+        ({"enabled": None}, "enabled: Input should be a valid boolean"),
         ({"secret": "whsec_x"}, "secret"),
         ({"kinds": ["everything"]}, "'outcome', 'task' or 'run'"),
         ({"url": "ftp://example.com/"}, "http or https"),

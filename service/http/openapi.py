@@ -118,7 +118,7 @@ def failure(description: str) -> Answer:
 class Operation:
     summary: str
     role: Role | None  # None: open to anyone
-    answers: dict[int | str, Answer]
+    answers: dict[int, Answer]
     description: str = ""
     parameters: tuple[Param, ...] = ()
     body: type[BaseModel] | None = None
@@ -573,7 +573,7 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             answers.setdefault(BAD_BODY_STATUS, failure(BAD_BODY))
         if operation.role is not None:
             answers = {**answers, **AUTH_ERRORS}
-        out["responses"] = {str(status): respond(answer) for status, answer in sorted(answers.items(), key=lambda item: str(item[0]))}
+        out["responses"] = {str(status): respond(answer) for status, answer in sorted(answers.items())}
         return out
 
     def respond(answer: Answer) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def _distinct_dag_ids(dag_ids: list[str]) -> list[str]:
     return list(dict.fromkeys(dag_ids))
 
 
-Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(_target_shape)]
+Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_extra={"format": "uri"}), AfterValidator(_target_shape)]
 URL_SAYS = "http or https, no credentials"
 Kinds = Annotated[list[WebhookKind], Field(min_length=1), AfterValidator(_distinct_kinds)]
 KINDS_SAYS = "outcome: the run's outcome once decided; task, run: every such event"
@@ -75,23 +75,23 @@ class EndpointCreate(BaseModel):
 
 
 class EndpointUpdate(BaseModel):
-    """PATCH /v1/webhooks/{endpoint_id}: any of the fields; only dag_ids may be null (every DAG)."""
+    """PATCH /v1/webhooks/{endpoint_id}: any of the fields; only dag_ids may be null (every DAG).
+
+    A field left out is None and not in model_fields_set; the defaults are not validated, so a null
+    sent for any field but dag_ids fails its type (and the schema says so)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
-    url: Url | None = Field(default=None, description=URL_SAYS)
-    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_LENGTH)
+    url: Url = Field(default=None, description=URL_SAYS)
+    description: str = Field(default=None, max_length=MAX_DESCRIPTION_LENGTH)
     dag_ids: DagIds | None = Field(default=None, description=DAG_IDS_SAYS)
-    kinds: Kinds | None = Field(default=None, description=KINDS_SAYS)
-    enabled: bool | None = None
+    kinds: Kinds = Field(default=None, description=KINDS_SAYS)
+    enabled: bool = Field(default=None)
 
     @model_validator(mode="after")
     def _something_to_change(self) -> EndpointUpdate:
         if not self.model_fields_set:
             raise ValueError("nothing to change: give any of " + ", ".join(UPDATABLE))
-        nulls = sorted(name for name in self.model_fields_set if getattr(self, name) is None and name != "dag_ids")
-        if nulls:
-            raise ValueError(f"{', '.join(nulls)} may not be null")
         return self
 
     def changes(self) -> dict[str, Any]:
