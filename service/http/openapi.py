@@ -107,11 +107,14 @@ class Answer:
     body: type[BaseModel] | None = None  # a JSON body of this model
     stream: bool = False  # text/event-stream
     media: str | None = None  # another media type, its body a string
-    headers: dict[str, str] = field(default_factory=dict)  # name: description
+    headers: dict[str, str] = field(default_factory=dict)  # name: description (a string, but see HEADER_SCHEMAS)
 
 
-def failure(description: str) -> Answer:
-    return Answer(description, ErrorBody)
+def failure(description: str, headers: dict[str, str] | None = None) -> Answer:
+    return Answer(description, ErrorBody, headers=headers or {})
+
+
+HEADER_SCHEMAS = {"Retry-After": {"type": "integer", "minimum": 0}}  # answer headers that are not plain strings
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ RUNS_FILTERS = (
 
 # -- answers said more than once ----------------------------------------------------------------------
 
-BUSY = {503: failure("Subscriber cap reached or shutting down")}
+BUSY = {503: failure("Subscriber cap reached or shutting down", {"Retry-After": "seconds"})}
 UNKNOWN_ENDPOINT = {404: failure("No such webhook endpoint")}
 UNKNOWN_MESSAGE = {404: failure("No such webhook message")}
 TARGET_REFUSED = {
@@ -579,7 +582,9 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
     def respond(answer: Answer) -> dict[str, Any]:
         out: dict[str, Any] = {"description": answer.description}
         if answer.headers:
-            out["headers"] = {name: {"schema": {"type": "string"}, "description": says} for name, says in answer.headers.items()}
+            out["headers"] = {
+                name: {"schema": HEADER_SCHEMAS.get(name, {"type": "string"}), "description": says} for name, says in answer.headers.items()
+            }
         if answer.body is not None:
             out["content"] = {"application/json": {"schema": ref(answer.body, "serialization")}}
         elif answer.stream:
