@@ -136,7 +136,8 @@ async def test_unknown_and_paused_dags_and_bad_requests(gateway, airflow):
     assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_dag"
     assert paused.status_code == 409 and paused.json()["error"] == "dag_paused" and "unpause" in paused.json()["message"]
     assert unpaused.status_code == 202 and airflow.dags["sleepy"]["is_paused"] is False
-    assert bad_body.status_code == 400 and bad_body.json()["error"] == "bad_body" and "conf" in bad_body.json()["accepted"]
+    assert bad_body.status_code == 422 and bad_body.json()["error"] == "bad_body"
+    assert sorted(problem["loc"] for problem in bad_body.json()["accepted"]) == [["colour"], ["conf"]]
     assert bad_wait.status_code == 400 and bad_wait.json()["error"] == "bad_wait"
     assert read_only.status_code == 403
 

@@ -244,6 +244,14 @@ async def test_endpoint_lifecycle(webhooks):
         await webhooks.create_endpoint(url="https://example.com/hook", kinds=[])
     with pytest.raises(ValueError):
         await webhooks.update_endpoint(created.id, secret="mine")
+    # The API's rules (service/webhooks/rules.py), whoever calls the store.
+    for bad in ({"url": "https://user:pw@example.com/hook"}, {"url": "ftp://example.com/"}, {"dag_ids": []}, {"dag_ids": ["x" * 251]}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            await webhooks.create_endpoint(**{"url": "https://example.com/hook", **bad})
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            await webhooks.update_endpoint(created.id, **bad)
+    with pytest.raises(ValueError, match="enabled"):
+        await webhooks.update_endpoint(created.id, enabled=None)
 
     updated = await webhooks.update_endpoint(created.id, url="https://example.com/v2", dag_ids=None, kinds=["run"])
     assert (updated.url, updated.dag_ids, updated.kinds, updated.secret) == ("https://example.com/v2", None, ["run"], created.secret)

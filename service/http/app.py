@@ -83,12 +83,13 @@ ROUTES = [
     Route("/metrics", health.metrics, methods=["GET"], name="metrics"),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"], name="openapi"),
 ]
+APP_ROUTES = [*ROUTES, *dashboard.ROUTES]  # the dashboard: its page at / and files under /ui/
 
 
 def create_app(settings: Settings, *, embedded: EmbeddedBroker | None = None) -> Starlette:
     """The ASGI app. Everything that talks to Redis or the database starts in the lifespan."""
     app = Starlette(
-        routes=[*ROUTES, *dashboard.ROUTES],  # the dashboard: its page at / and files under /ui/
+        routes=APP_ROUTES,
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
 from runbell.service.core.loops import keep_trying
 from runbell.service.http.auth import Role, authorize
+from runbell.service.http.contract import AssetEventBody, AssetPending
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
     LAST_EVENT_ID_PARAM,
@@ -91,12 +92,18 @@ async def asset_next(request: Request) -> Response:
 
 
 def pending_response(name: str, seq: int | None) -> Response:
-    body = {"status": "pending", "asset": name, "seq": seq}
+    body = AssetPending(asset=name, seq=seq).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Retry-After": PENDING_RETRY_AFTER})
 
 
 def event_response(envelope: AssetEnvelope) -> Response:
     return JSONResponse(json.loads(event_data(envelope)))
+
+
+def event_data(envelope: AssetEnvelope) -> str:
+    """The event with its seq: the long-poll answer and the SSE `asset` event's data."""
+    body = AssetEventBody(**dict(envelope.event), seq=envelope.seq)
+    return json.dumps(body.model_dump(mode="json", exclude_none=True))
 
 
 async def pending_seq(assets: AssetTopic, name: str, known: int | None) -> int | None:
@@ -144,11 +151,6 @@ async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last
                 yield farewell(closed.reason, settings.sse_retry_ms)
     finally:
         metrics.sse_clients.dec()
-
-
-def event_data(envelope: AssetEnvelope) -> str:
-    body = envelope.event.model_dump(mode="json", exclude_none=True)
-    return json.dumps({"seq": envelope.seq, **body})
 
 
 # -- input parsing --------------------------------------------------------------------------------

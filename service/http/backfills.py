@@ -41,9 +41,9 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.service.core import clock
 from runbell.service.core.outcome import OutcomeFold
 from runbell.service.http.auth import Role, authorize
+from runbell.service.http.contract import BackfillProgress, BackfillSlot, BackfillSlots
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import hub_with_room
 from runbell.service.http.sse import EventStream, farewell
@@ -114,13 +114,7 @@ class Slot:
         return self.run_id is None or self.state in TERMINAL
 
     def row(self) -> dict[str, Any]:
-        return {
-            "sort_ordinal": self.sort_ordinal,
-            "logical_date": clock.iso(self.logical_date),
-            "run_id": self.run_id,
-            "state": self.state,
-            "exception_reason": self.exception_reason,
-        }
+        return BackfillSlot.model_validate(self, from_attributes=True).model_dump(mode="json")
 
 
 class AirflowMetadata:
@@ -221,9 +215,8 @@ async def backfill_runs(request: Request) -> Response:
     limit, offset = parse_paging(request)
     total, slots = await source.slots(backfill, limit, offset)
     slots = await with_store_states(request.app.state.store, slots)
-    return JSONResponse(
-        {"backfill_id": str(backfill.id), "dag_id": backfill.dag_id, "total_entries": total, "slots": [s.row() for s in slots]}
-    )
+    page = BackfillSlots(backfill_id=str(backfill.id), dag_id=backfill.dag_id, total_entries=total, slots=[s.row() for s in slots])
+    return JSONResponse(page.model_dump(mode="json"))
 
 
 async def backfill_events(request: Request) -> Response:
@@ -294,13 +287,14 @@ class Progress:
 
     def summary(self) -> dict[str, int]:
         states = [s.state for s in self.slots.values() if s.run_id is not None]
-        return {
-            "done": states.count("success"),
-            "failed": states.count("failed"),
-            "running": states.count("running"),
-            "skipped": sum(1 for s in self.slots.values() if s.run_id is None),
-            "total": len(self.slots),
-        }
+        progress = BackfillProgress(
+            done=states.count("success"),
+            failed=states.count("failed"),
+            running=states.count("running"),
+            skipped=sum(1 for s in self.slots.values() if s.run_id is None),
+            total=len(self.slots),
+        )
+        return progress.model_dump(mode="json")
 
     def update(self, ordinal: int, state: str, authoritative: bool) -> Slot | None:
         """Apply a state seen for a slot's run; the slot if it changed."""

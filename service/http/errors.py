@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -15,10 +16,16 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.accepted, self.headers = status, code, message, accepted, headers
 
 
+class ErrorBody(BaseModel):
+    """Every error answer (4xx and 5xx)."""
+
+    error: str = Field(description="a code, e.g. bad_body, bad_timeout, run_not_found")
+    message: str = Field(description="what was wrong, for a person")
+    accepted: Any = Field(default=None, description="what is accepted instead; for a malformed body, its problems (type, loc, msg)")
+
+
 def error_response(status: int, code: str, message: str, accepted: Any = None, headers: dict | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": code, "message": message}
-    if accepted is not None:
-        body["accepted"] = accepted
+    body = ErrorBody(error=code, message=message, accepted=accepted).model_dump(mode="json", exclude_none=True)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -1,12 +1,15 @@
-"""Reading what a request says: path ids, timeouts, Last-Event-ID, and whether the hub has room.
+"""Reading what a request says: its JSON body, path ids, timeouts, Last-Event-ID, and whether the hub has room.
 
-Every endpoint parses its input here, so a bad value gets the same 400 everywhere.
+Every endpoint parses its input here, so a bad value gets the same answer everywhere: a bad query
+parameter, header or path id a 400, a malformed body a 422.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from runbell.bus.schema import ID_MAX
@@ -14,6 +17,28 @@ from runbell.service.http.errors import ApiError
 from runbell.service.live.hub import Hub
 
 LAST_EVENT_ID_PARAM = "last_event_id"  # EventSource sends the header only on reconnects
+BAD_BODY_STATUS = 422
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[Body], *, required: bool = True, code: str = "bad_body") -> Body:
+    """The request's JSON body as the model. Not JSON, not an object, a wrong type or a bad value:
+    ApiError 422 `code`, the message naming each problem and `accepted` listing them (type, loc,
+    msg: never the input, which may be large or secret). An empty optional body is `{}`."""
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise ApiError(
+                BAD_BODY_STATUS, code, "a JSON body is required", accepted=[{"type": "missing", "loc": [], "msg": "a JSON body"}]
+            )
+        raw = b"{}"
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}" for error in errors)
+        raise ApiError(BAD_BODY_STATUS, code, f"the body is not valid: {problems}", accepted=errors) from None
 
 
 def run_path(request: Request) -> tuple[str, str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
@@ -16,11 +16,22 @@ from starlette.responses import JSONResponse, Response
 from runbell.bus.schema import Envelope, Event, EventKind
 from runbell.service.core.outcome import Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
+from runbell.service.http.contract import (
+    Published,
+    RunEnd,
+    RunOutcome,
+    RunPending,
+    RunToken,
+    Spooled,
+    TriggeredOutcome,
+    TriggeredPending,
+)
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
     hub_with_room,
     parse_last_event_id,
     parse_timeout,
+    read_body,
     run_path,
 )
 from runbell.service.http.sse import EventStream, farewell
@@ -76,30 +87,34 @@ async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: 
     return fold.outcome
 
 
-async def outcome_response(request: Request, outcome: Outcome, extra: dict | None = None, headers: dict | None = None) -> Response:
-    """200 with the decided outcome (a large result fetched from Airflow), else 202 pending."""
+async def outcome_response(request: Request, outcome: Outcome, token: RunToken | None = None, headers: dict | None = None) -> Response:
+    """200 with the decided outcome (a large result fetched from Airflow), else 202 pending; with the
+    run-scoped token when given (the trigger endpoint's answer)."""
     if not outcome.decided:
         headers = {"Retry-After": PENDING_RETRY_AFTER, **(headers or {})}
-        return JSONResponse({**pending_body(outcome), **(extra or {})}, status_code=202, headers=headers)
+        pending = RunPending.of(outcome)
+        if token is not None:
+            pending = TriggeredPending(**pending.model_dump(), **token.model_dump())
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202, headers=headers)
     request.app.state.metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
-    if extra is None and headers is None and not (outcome.result_task and outcome.result_task.is_ref):
+    if token is None and headers is None and not (outcome.result_task and outcome.result_task.is_ref):
         return Response(outcome_json(request.app.state.hub, outcome), media_type="application/json")
-    body = await with_fetched_result(request, outcome_body(outcome))
-    return JSONResponse({**body, **(extra or {})}, headers=headers)
+    fields = {**outcome.model_dump(), **await fetched_result(request, outcome)}
+    answer = RunOutcome(**fields) if token is None else TriggeredOutcome(**fields, **token.model_dump())
+    return JSONResponse(answer.body(), headers=headers)
 
 
-async def with_fetched_result(request: Request, body: dict) -> dict:
-    """A result published as a reference (too large for the bus) is read from Airflow's XCom."""
-    info, airflow = body.get("result_task") or {}, request.app.state.airflow
-    if not info.get("is_ref") or airflow is None or not isinstance(body.get("result"), dict):
-        return body
-    ref = body["result"]
+async def fetched_result(request: Request, outcome: Outcome) -> dict[str, Any]:
+    """A result published as a reference (too large for the bus) is read from Airflow's XCom: the
+    fields of the answer that change (none when there is nothing to read)."""
+    ref, airflow = outcome.result, request.app.state.airflow
+    if not (outcome.result_task and outcome.result_task.is_ref) or airflow is None or not isinstance(ref, dict):
+        return {}
     try:
         value = await airflow.xcom_value(ref["dag_id"], ref["run_id"], ref["task_id"], ref.get("map_index", -1))
     except Exception as exc:  # the reference still says where the value is
-        body["result_error"] = f"{type(exc).__name__}: the value could not be read from Airflow"
-        return body
-    return {**body, "result": value, "result_ref": ref}
+        return {"result_error": f"{type(exc).__name__}: the value could not be read from Airflow"}
+    return {"result": value, "result_ref": ref}
 
 
 def run_not_found(dag_id: str, run_id: str) -> ApiError:
@@ -113,16 +128,6 @@ def outcome_body(outcome: Outcome) -> dict:
 def outcome_json(hub: Hub, outcome: Outcome) -> bytes:
     """The 200 body of a decided outcome, as JSONResponse renders it."""
     return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq), lambda: JSONResponse(outcome_body(outcome)).body)
-
-
-def pending_body(outcome: Outcome) -> dict:
-    return {
-        "status": "pending",
-        "dag_id": outcome.dag_id,
-        "run_id": outcome.run_id,
-        "run_state": outcome.run_state,
-        "seq": outcome.seq,
-    }
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def event_data(envelope: Envelope) -> str:
 
 
 def end_body(outcome: Outcome) -> dict:
-    return {"run_state": outcome.run_state, "status": outcome.status.value, "seq": outcome.seq}
+    return RunEnd(run_state=outcome.run_state, status=outcome.status, seq=outcome.seq).model_dump(mode="json")
 
 
 def is_run_end(envelope: Envelope) -> bool:
@@ -218,18 +223,9 @@ async def stream_already_ended(runs: RunTopic, dag_id: str, run_id: str, last_id
 async def publish_event(request: Request) -> Response:
     """Publish one event over HTTP, exactly as `runbell emit` would (role: publish)."""
     authorize(request, Role.PUBLISH)
-    try:
-        body = await request.body()
-        event = Event.model_validate_json(body)
-    except ValidationError as exc:
-        raise ApiError(
-            422,
-            "bad_event",
-            "the body is not a valid event",
-            accepted=exc.errors(include_url=False, include_context=False, include_input=False),
-        ) from None
+    event = await read_body(request, Event, code="bad_event")
     publisher = request.app.state.publisher
     seq = await asyncio.to_thread(publisher.publish, event)
     if seq is None:
-        return JSONResponse({"id": event.id, "spooled": True}, status_code=202)
-    return JSONResponse({"id": event.id, "seq": seq}, status_code=201)
+        return JSONResponse(Spooled(id=event.id).model_dump(mode="json"), status_code=202)
+    return JSONResponse(Published(id=event.id, seq=seq).model_dump(mode="json"), status_code=201)

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from runbell.bus.schema import ID_MAX
 from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize
+from runbell.service.http.contract import RunDetail, RunRow, RunsPage, TaskInstanceRow
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import run_path
 from runbell.service.store.store import (
@@ -62,14 +63,13 @@ async def list_runs(request: Request) -> Response:
     rows = rows[: query.limit]
     now = time.time()
     stale_after = request.app.state.settings.stale_after
-    body: dict[str, Any] = {"runs": [run_row(r, now, stale_after) for r in rows], "next_cursor": None}
-    headers = {}
+    cursor, headers = None, {}
     if more and rows:
         last = rows[-1]
         cursor = encode_cursor(cursor_key(request), fingerprint, query.descending, (last.run_after, last.dag_id, last.run_id))
-        body["next_cursor"] = cursor
         headers["Link"] = f'<{next_url(request, cursor)}>; rel="next"'
-    return JSONResponse(body, headers=headers)
+    page = RunsPage(runs=[run_row(r, now, stale_after) for r in rows], next_cursor=cursor)
+    return JSONResponse(page.model_dump(mode="json"), headers=headers)
 
 
 async def get_run(request: Request) -> Response:
@@ -81,30 +81,30 @@ async def get_run(request: Request) -> Response:
     if run is None:
         raise ApiError(404, "run_not_found", f"the gateway has no record of run {run_id!r} of DAG {dag_id!r}")
     tries = await store.task_instances(dag_id, run_id)
-    body = run_row(run, time.time(), request.app.state.settings.stale_after)
-    body["task_instances"] = [task_instance_row(t) for t in tries]
-    return JSONResponse(body)
+    row = run_row(run, time.time(), request.app.state.settings.stale_after)
+    detail = RunDetail(**dict(row), task_instances=[task_instance_row(t) for t in tries])
+    return JSONResponse(detail.model_dump(mode="json"))
 
 
 # -- rows -----------------------------------------------------------------------------------------
 
 
-def run_row(run: RunRecord, now: float, stale_after: float) -> dict[str, Any]:
-    return {
-        "dag_id": run.dag_id,
-        "run_id": run.run_id,
-        "state": run.state,
-        "logical_date": clock.iso(run.logical_date),
-        "run_after": clock.iso(run.run_after),
-        "run_type": run.run_type,
-        "backfill_id": run.backfill_id,
-        "started": clock.iso(run.started_at),
-        "ended": clock.iso(run.ended_at),
-        "outcome": run.outcome_status,
-        "result_task": run.result_task,
-        "first_failure": run.first_failure,
-        "stale": is_stale(run, now, stale_after),
-    }
+def run_row(run: RunRecord, now: float, stale_after: float) -> RunRow:
+    return RunRow(
+        dag_id=run.dag_id,
+        run_id=run.run_id,
+        state=run.state,
+        logical_date=run.logical_date,
+        run_after=run.run_after,
+        run_type=run.run_type,
+        backfill_id=run.backfill_id,
+        started=run.started_at,
+        ended=run.ended_at,
+        outcome=run.outcome_status,
+        result_task=run.result_task,
+        first_failure=run.first_failure,
+        stale=is_stale(run, now, stale_after),
+    )
 
 
 def is_stale(run: RunRecord, now: float, stale_after: float) -> bool:
@@ -114,15 +114,10 @@ def is_stale(run: RunRecord, now: float, stale_after: float) -> bool:
     return run.state == "running" and now - run.last_event_at.timestamp() > stale_after
 
 
-def task_instance_row(ti: TaskInstanceRecord) -> dict[str, Any]:
-    return {
-        "task_id": ti.task_id,
-        "map_index": ti.map_index,
-        "try_number": ti.try_number,
-        "state": ti.state,
-        "started": clock.iso(ti.started_at),
-        "ended": clock.iso(ti.ended_at),
-    }
+def task_instance_row(ti: TaskInstanceRecord) -> TaskInstanceRow:
+    return TaskInstanceRow(
+        task_id=ti.task_id, map_index=ti.map_index, try_number=ti.try_number, state=ti.state, started=ti.started_at, ended=ti.ended_at
+    )
 
 
 # -- query parsing --------------------------------------------------------------------------------

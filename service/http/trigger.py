@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -24,8 +24,10 @@ from runbell.bus.schema import Event, EventKind, RunState, Source
 from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
 from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize, issue_run_token
+from runbell.service.http.contract import RunToken
 from runbell.service.http.errors import ApiError
 from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
+from runbell.service.http.params import read_body
 from runbell.service.http.run_routes import outcome_response, wait_for_outcome
 
 RUN_ID_ATTEMPTS = 5
@@ -36,31 +38,32 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.~:+-]{1,250}$")  # Airflow's default 
 
 
 class TriggerRequest(BaseModel):
+    """The body of POST /v1/dags/{dag_id}/runs (optional: an empty body is {})."""
+
     model_config = ConfigDict(extra="forbid")
 
-    conf: dict[str, Any] = Field(default_factory=dict)
+    conf: dict[str, Any] = Field(default_factory=dict, description="the run's conf")
     logical_date: datetime | None = None
-    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN.pattern)
+    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN.pattern, description="default: the gateway names the run")
     note: str | None = Field(default=None, max_length=1000)
 
 
 async def trigger_run(request: Request) -> Response:
     authorize(request, Role.PUBLISH)
     dag_id = request.path_params["dag_id"]
+    body = await read_body(request, TriggerRequest, required=False)  # a bad request is the caller's, whatever the gateway lacks
     airflow: AirflowClient | None = request.app.state.airflow
     if airflow is None:
         raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
-    body = await parse_body(request)
     wait, applied = parse_wait(request)
     run_id = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
     state = request.app.state
     token, expires = issue_run_token(state.token_secret, dag_id, run_id, state.settings.scoped_token_ttl)
-    extra = {"token": token, "token_expires_at": clock.iso(expires)}
     outcome = await wait_for_outcome(request, dag_id, run_id, wait)
     headers = {"Location": result_location(dag_id, run_id)}
     if applied:
         headers["Preference-Applied"] = f"wait={wait:g}"
-    return await outcome_response(request, outcome, extra=extra, headers=headers)
+    return await outcome_response(request, outcome, RunToken(token=token, token_expires_at=expires), headers=headers)
 
 
 async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body: TriggerRequest) -> str:
@@ -141,16 +144,6 @@ def queued_event(dag_id: str, run_id: str) -> Event:
     return Event(
         id=event_id, kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state=RunState.QUEUED.value, source=Source.GATEWAY, run_type="manual"
     )
-
-
-async def parse_body(request: Request) -> TriggerRequest:
-    raw = await request.body()
-    try:
-        return TriggerRequest.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        accepted = {"conf": "object", "logical_date": "ISO-8601 datetime or null", "run_id": RUN_ID_PATTERN.pattern, "note": "string"}
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        raise ApiError(400, "bad_body", f"the body is not a valid trigger request: {errors}", accepted=accepted) from None
 
 
 def parse_wait(request: Request) -> tuple[float, bool]:

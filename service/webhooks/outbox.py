@@ -50,15 +50,12 @@ from runbell.service.store.models import (
     dialect_insert,
 )
 from runbell.service.store.store import RunChange, Store
+from runbell.service.webhooks.rules import DEFAULT_KINDS, EndpointCreate, EndpointUpdate, WebhookKind
+
+__all__ = ["DEFAULT_KINDS", "WebhookKind"]  # defined with the rules; many import them from here
 
 INSERT_CHUNK = 500  # message rows per INSERT: well under SQLite's bind-parameter limit
 CLAIM_SCAN = 1000  # due messages looked at per claim, before the per-endpoint cut
-
-
-class WebhookKind(str, Enum):
-    OUTCOME = "outcome"
-    TASK = "task"
-    RUN = "run"
 
 
 class MessageStatus(str, Enum):
@@ -68,7 +65,6 @@ class MessageStatus(str, Enum):
     CANCELLED = "cancelled"  # never delivered: its endpoint was deleted or disabled while it waited
 
 
-DEFAULT_KINDS = [WebhookKind.OUTCOME.value]
 PAYLOAD_TYPES = {
     WebhookKind.OUTCOME.value: "run.outcome",
     WebhookKind.TASK.value: "task.state",
@@ -151,22 +147,6 @@ def _attempt(row: Any) -> Attempt:
 
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
-
-
-def _check_kinds(kinds: Iterable[str]) -> list[str]:
-    found = list(dict.fromkeys(WebhookKind(kind).value for kind in kinds))  # ValueError names a bad one
-    if not found:
-        raise ValueError("kinds must name at least one of: " + ", ".join(k.value for k in WebhookKind))
-    return found
-
-
-def _check_dag_ids(dag_ids: Iterable[str] | None) -> list[str] | None:
-    if dag_ids is None:
-        return None
-    found = list(dict.fromkeys(dag_ids))
-    if not found or not all(isinstance(d, str) and d for d in found):
-        raise ValueError("dag_ids is null (every DAG) or a non-empty list of DAG ids")
-    return found
 
 
 # -- the outbox: written in the recording transaction -----------------------------------------------
@@ -310,14 +290,14 @@ class WebhookStore:
     ) -> Endpoint:
         from runbell.service.webhooks.signing import new_secret
 
+        # The API's rules (pydantic's ValidationError is a ValueError naming the bad field).
+        checked = EndpointCreate(
+            url=url, description=description, dag_ids=dag_ids, kinds=DEFAULT_KINDS if kinds is None else kinds, enabled=enabled
+        )
         now = clock.now()
         values = dict(
             id=_new_id("ep_"),
-            url=url,
-            description=description,
-            dag_ids=_check_dag_ids(dag_ids),
-            kinds=_check_kinds(DEFAULT_KINDS if kinds is None else kinds),
-            enabled=bool(enabled),
+            **checked.model_dump(mode="json"),
             secret=new_secret(),
             previous_secret=None,
             previous_secret_expires_at=None,
@@ -343,21 +323,13 @@ class WebhookStore:
     async def update_endpoint(self, endpoint_id: str, **fields: Any) -> Endpoint | None:
         """Change url, description, dag_ids, kinds or enabled. Re-enabling clears disabled_reason and
         failing_since; disabling cancels the endpoint's pending messages (recover replays them)."""
-        unknown = set(fields) - {"url", "description", "dag_ids", "kinds", "enabled"}
-        if unknown:
-            raise ValueError("cannot update " + ", ".join(sorted(unknown)))
-        values: dict[str, Any] = dict(fields)
-        if "dag_ids" in values:
-            values["dag_ids"] = _check_dag_ids(values["dag_ids"])
-        if "kinds" in values:
-            values["kinds"] = _check_kinds(values["kinds"])
+        values: dict[str, Any] = EndpointUpdate.model_validate(fields).changes()  # the API's rules; ValueError
         now = clock.now()
         async with self.store._transaction(write=True) as conn:
             current = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).with_for_update())).first()
             if current is None:
                 return None
             if "enabled" in values:
-                values["enabled"] = bool(values["enabled"])
                 if values["enabled"] and not current.enabled:
                     values.update(disabled_reason=None, failing_since=None)
                 elif not values["enabled"] and current.enabled:

@@ -1,0 +1,277 @@
+"""The bodies the API answers with, as pydantic models: each handler builds its answer through one of
+these, and the OpenAPI document (service/http/openapi.py) takes their schemas from them, so what is
+documented is what is served.
+
+Times are ISO-8601 in UTC with an explicit offset (``2026-05-01T12:00:00+00:00``), as the API has
+always written them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
+
+from runbell.bus.schema import AssetEvent, ResultRef
+from runbell.service.core import clock
+from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, Outcome, OutcomeStatus, ResultTask
+from runbell.service.store.store import RUN_STATES
+from runbell.service.webhooks.outbox import Attempt, Endpoint, Message, MessageStatus, WebhookKind
+
+UtcTime = Annotated[
+    datetime,
+    PlainSerializer(clock.iso, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+RunStateName = Annotated[str, WithJsonSchema({"type": "string", "enum": list(RUN_STATES)})]  # RunState, or unknown
+
+
+# -- a run's outcome --------------------------------------------------------------------------------
+
+
+class RunOutcome(Outcome):
+    """200 of GET .../result: the decided outcome. A result published as a reference (too large for
+    the bus) is read from Airflow: `result` is then the value and `result_ref` where it came from, or
+    `result_error` says why it could not be read."""
+
+    run_state: RunStateName = UNKNOWN_RUN_STATE  # Outcome's str, documented with its values
+    result_ref: ResultRef | None = Field(default=None, description="only when the result was read from Airflow")
+    result_error: str | None = Field(default=None, description="only when the referenced result could not be read")
+
+    def body(self) -> dict[str, Any]:
+        # The optional fields appear only when given: the rest is every field of the Outcome.
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class RunPending(BaseModel):
+    """202: not decided yet."""
+
+    status: Literal["pending"] = "pending"
+    dag_id: str
+    run_id: str
+    run_state: RunStateName
+    seq: int = Field(description="the last sequence number applied")
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> RunPending:
+        return cls(dag_id=outcome.dag_id, run_id=outcome.run_id, run_state=outcome.run_state, seq=outcome.seq)
+
+
+class RunToken(BaseModel):
+    token: str = Field(description="a token scoped to this run: it may read the run's result and events")
+    token_expires_at: UtcTime
+
+
+class TriggeredOutcome(RunOutcome, RunToken):
+    """200 of POST /v1/dags/{dag_id}/runs: decided within the wait."""
+
+
+class TriggeredPending(RunPending, RunToken):
+    """202 of POST /v1/dags/{dag_id}/runs: triggered, still pending."""
+
+
+class RunEnd(BaseModel):
+    """The data of the SSE `end` event."""
+
+    run_state: RunStateName
+    status: OutcomeStatus
+    seq: int
+
+
+# -- publishing ---------------------------------------------------------------------------------------
+
+
+class Published(BaseModel):
+    id: str = Field(description="the event's id")
+    seq: int = Field(description="its sequence number in the run")
+
+
+class Spooled(BaseModel):
+    id: str
+    spooled: Literal[True] = Field(default=True, description="Redis was unreachable: the event is spooled and published later")
+
+
+# -- recorded runs ------------------------------------------------------------------------------------
+
+
+class RunRow(BaseModel):
+    dag_id: str
+    run_id: str
+    state: RunStateName = Field(
+        description="the run's state from its events; a terminal run event is final, a try being retried reads as running"
+    )
+    logical_date: UtcTime | None = Field(description="null for runs without one")
+    run_after: UtcTime = Field(description="the listing's order")
+    run_type: str | None
+    backfill_id: str | None
+    started: UtcTime | None
+    ended: UtcTime | None
+    outcome: OutcomeStatus
+    result_task: ResultTask | None = Field(description="as in the Outcome")
+    first_failure: Failure | None = Field(description="as the Outcome's failure")
+    stale: bool = Field(description="running, but no event for longer than RUNBELL_STALE_AFTER")
+
+
+class RunsPage(BaseModel):
+    runs: list[RunRow]
+    next_cursor: str | None = Field(description="null on the last page")
+
+
+class TaskInstanceRow(BaseModel):
+    task_id: str
+    map_index: int
+    try_number: int
+    state: str
+    started: UtcTime | None
+    ended: UtcTime | None
+
+
+class RunDetail(RunRow):
+    task_instances: list[TaskInstanceRow] = Field(description="one per try: by start, then task_id, map_index, try_number")
+
+
+# -- backfills ----------------------------------------------------------------------------------------
+
+
+class BackfillSlot(BaseModel):
+    sort_ordinal: int
+    logical_date: UtcTime | None
+    run_id: str | None = Field(description="null: Airflow made no run for this slot")
+    state: RunStateName | None = Field(description="the run's state in the gateway's store, else Airflow's; null without a run")
+    exception_reason: str | None = Field(description="why Airflow skipped the slot: already exists, in flight, unknown")
+
+
+class BackfillSlots(BaseModel):
+    backfill_id: str
+    dag_id: str
+    total_entries: int
+    slots: list[BackfillSlot]
+
+
+class BackfillProgress(BaseModel):
+    """The data of the backfill stream's `progress` and `end` events."""
+
+    done: int = Field(description="runs succeeded")
+    failed: int
+    running: int
+    skipped: int = Field(description="slots without a run")
+    total: int = Field(description="slots")
+
+
+# -- assets -------------------------------------------------------------------------------------------
+
+
+class AssetEventBody(AssetEvent):
+    """An asset event with the asset's sequence number, as long-poll answers it and SSE sends it."""
+
+    seq: int = Field(ge=1, description="the asset's sequence number (gap-free, its own)")
+
+
+class AssetPending(BaseModel):
+    status: Literal["pending"] = "pending"
+    asset: str
+    seq: int | None = Field(description="the asset's current seq, to pass as after (null: Redis unreadable and no after given)")
+
+
+# -- webhooks -----------------------------------------------------------------------------------------
+
+
+class WebhookEndpoint(BaseModel):
+    """An endpoint as the API shows it: never its secrets."""
+
+    id: str
+    url: str
+    description: str
+    dag_ids: list[str] | None = Field(description="only these DAGs; null: every DAG")
+    kinds: list[WebhookKind]
+    enabled: bool
+    previous_secret_expires_at: UtcTime | None = Field(description="until then the secret before the last rotation signs too")
+    created_at: UtcTime
+    updated_at: UtcTime
+    disabled_reason: str | None = Field(description="why the gateway disabled it (410, failing for days)")
+    failing_since: UtcTime | None
+
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> WebhookEndpoint:
+        return cls.model_validate(endpoint, from_attributes=True)
+
+
+class CreatedWebhook(WebhookEndpoint):
+    """The answer that creates an endpoint: the only one that shows its secret."""
+
+    secret: str = Field(description="whsec_...: sign-verification secret, shown only here (and by a rotation)")
+
+
+class WebhookAttempt(BaseModel):
+    id: int
+    message_id: str
+    endpoint_id: str
+    attempted_at: UtcTime
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    response_body: str | None = Field(description="the start of the receiver's answer")
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> WebhookAttempt:
+        return cls.model_validate(attempt, from_attributes=True)
+
+
+class WebhookMessage(BaseModel):
+    id: str = Field(description="the webhook-id header, the same on every attempt and resend")
+    endpoint_id: str
+    dag_id: str
+    run_id: str
+    seq: int
+    kind: WebhookKind
+    terminal: bool
+    payload: Any = Field(description="the body delivered (see the webhooks section), parsed")
+    status: MessageStatus
+    attempts: int
+    next_attempt_at: UtcTime | None
+    created_at: UtcTime
+    delivered_at: UtcTime | None
+
+    @classmethod
+    def of(cls, message: Message) -> WebhookMessage:
+        # The payload is stored as the exact text delivered; the API shows it parsed.
+        return cls.model_validate({**dataclasses.asdict(message), "payload": _parsed(message.payload)})
+
+
+class WebhookMessageWithAttempts(WebhookMessage):
+    """GET /v1/webhooks/messages/{message_id}: the message with its latest attempts."""
+
+    attempt_log: list[WebhookAttempt] = Field(description="newest first")
+
+
+def _parsed(payload: str) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return payload
+
+
+class WebhookList(BaseModel):
+    webhooks: list[WebhookEndpoint]
+
+
+class AttemptList(BaseModel):
+    attempts: list[WebhookAttempt]
+
+
+class MessageList(BaseModel):
+    messages: list[WebhookMessage]
+
+
+class RotatedSecret(BaseModel):
+    id: str
+    secret: str = Field(description="the new secret")
+    previous_secret_expires_at: UtcTime | None = Field(description="until then the old secret signs too")
+    grace_seconds: float
+
+
+class Recovered(BaseModel):
+    requeued: int = Field(description="how many messages were queued again")

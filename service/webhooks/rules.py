@@ -1,0 +1,127 @@
+"""What a webhook subscription may say: the request models and their rules, in one place.
+
+The API validates request bodies with these models and the store validates what it is asked to
+save with the same ones, so a rule (the kinds, the DAG ids, the URL's shape) is written once. Whether
+a target may be reached (private addresses, the allow-list) is the target guard's call: the model
+checks the URL's shape with it, and `check_target` asks it about the network before an endpoint is
+saved.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from runbell.bus.schema import ID_MAX
+from runbell.service.core import clock
+from runbell.service.webhooks.target_guard import TargetPolicy, TargetRefused, check_url, parse_target
+
+MAX_URL_LENGTH = 2048
+MAX_DESCRIPTION_LENGTH = 1000
+MAX_DAG_IDS = 1000
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+
+
+class WebhookKind(str, Enum):
+    OUTCOME = "outcome"
+    TASK = "task"
+    RUN = "run"
+
+
+DEFAULT_KINDS = [WebhookKind.OUTCOME.value]
+UPDATABLE = ("url", "description", "dag_ids", "kinds", "enabled")
+
+
+def _target_shape(url: str) -> str:
+    try:
+        parse_target(url)
+    except TargetRefused as refused:
+        raise ValueError(f"{refused.reason} (give an http or https URL without credentials)") from None
+    return url
+
+
+def _distinct_kinds(kinds: list[WebhookKind]) -> list[WebhookKind]:
+    return list(dict.fromkeys(kinds))
+
+
+def _distinct_dag_ids(dag_ids: list[str]) -> list[str]:
+    return list(dict.fromkeys(dag_ids))
+
+
+Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_extra={"format": "uri"}), AfterValidator(_target_shape)]
+URL_SAYS = "http or https, no credentials"
+Kinds = Annotated[list[WebhookKind], Field(min_length=1), AfterValidator(_distinct_kinds)]
+KINDS_SAYS = "outcome: the run's outcome once decided; task, run: every such event"
+DagIds = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=ID_MAX)]],
+    Field(min_length=1, max_length=MAX_DAG_IDS),
+    AfterValidator(_distinct_dag_ids),
+]
+DAG_IDS_SAYS = "only these DAGs; null (or left out): every DAG"
+
+
+class EndpointCreate(BaseModel):
+    """POST /v1/webhooks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Url = Field(description=URL_SAYS)
+    description: str = Field(default="", max_length=MAX_DESCRIPTION_LENGTH)
+    dag_ids: DagIds | None = Field(default=None, description=DAG_IDS_SAYS)
+    kinds: Kinds = Field(default_factory=lambda: [WebhookKind(kind) for kind in DEFAULT_KINDS], description=KINDS_SAYS)
+    enabled: bool = True
+
+
+class EndpointUpdate(BaseModel):
+    """PATCH /v1/webhooks/{endpoint_id}: any of the fields; only dag_ids may be null (every DAG).
+
+    A field left out is None and not in model_fields_set; the defaults are not validated, so a null
+    sent for any field but dag_ids fails its type (and the schema says so)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    url: Url = Field(default=None, description=URL_SAYS)
+    description: str = Field(default=None, max_length=MAX_DESCRIPTION_LENGTH)
+    dag_ids: DagIds | None = Field(default=None, description=DAG_IDS_SAYS)
+    kinds: Kinds = Field(default=None, description=KINDS_SAYS)
+    enabled: bool = Field(default=None)
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> EndpointUpdate:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give any of " + ", ".join(UPDATABLE))
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields given, as the store saves them (JSON values)."""
+        return self.model_dump(mode="json", include=self.model_fields_set)
+
+
+class Rotation(BaseModel):
+    """POST /v1/webhooks/{endpoint_id}/rotate-secret (the body is optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_GRACE_SECONDS,
+        description="seconds the old secret still signs beside the new one; default RUNBELL_WEBHOOK_SECRET_GRACE, 0 revokes it at once",
+    )
+
+
+class Recovery(BaseModel):
+    """POST /v1/webhooks/{endpoint_id}/recover."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # clock.as_utc: a time out of range is a 422 naming the field, not an OverflowError
+    since: Annotated[datetime, AfterValidator(clock.as_utc)] = Field(description="messages created since then (ISO-8601; naive means UTC)")
+
+
+async def check_target(policy: TargetPolicy, url: str) -> None:
+    """TargetRefused (with the reason) when the URL leads where webhooks may not go."""
+    await check_url(policy, url)
