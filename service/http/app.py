@@ -88,7 +88,7 @@ ROUTES = [
 def create_app(settings: Settings, *, embedded: EmbeddedBroker | None = None) -> Starlette:
     """The ASGI app. Everything that talks to Redis or the database starts in the lifespan."""
     app = Starlette(
-        routes=[*ROUTES, *dashboard.ROUTES],  # the dashboard: its page at / and files under /ui/
+        routes=[*ROUTES, *dashboard.ROUTES],  # type: ignore[attr-defined]  # mypy takes the dashboard/ folder of page files for the module; Python imports dashboard.py; the dashboard: its page at / and files under /ui/
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

@@ -333,8 +333,8 @@ async def backfill_stream(
             # progress is as fresh as the events (the store may lag behind them) and nothing is missed.
             followed = []
             for slot in tracker.live():
-                subscription = await stack.enter_async_context(hub.subscribe(slot.dag_id, slot.run_id))
-                followed.append((slot.sort_ordinal, subscription, OutcomeFold(slot.dag_id, slot.run_id)))
+                subscription = await stack.enter_async_context(hub.subscribe(slot.dag_id, slot.run_id))  # type: ignore[arg-type]  # live() yields slots whose run exists (run_id set)
+                followed.append((slot.sort_ordinal, subscription, OutcomeFold(slot.dag_id, slot.run_id)))  # type: ignore[arg-type]
             await asyncio.gather(*(replay(subscription, fold) for _, subscription, fold in followed))
             for ordinal, _, fold in followed:
                 tracker.update(ordinal, fold.outcome.run_state, authoritative=True)
@@ -377,7 +377,7 @@ async def refresh_from_logs(hub: Hub, tracker: Progress) -> None:
     async def one(slot: Slot) -> None:
         fold = OutcomeFold(slot.dag_id, slot.run_id or "")
         with contextlib.suppress(Exception):  # unreadable now: the stream will tell
-            async with asyncio.timeout(REPLAY_SECONDS):
+            async with asyncio.timeout(REPLAY_SECONDS):  # type: ignore[attr-defined]  # asyncio.timeout is Python 3.11+: this breaks on 3.10, which requires-python allows
                 for envelope in await hub.replay.read(slot.dag_id, slot.run_id or "", 0):
                     fold.apply(envelope)
         tracker.update(slot.sort_ordinal, fold.outcome.run_state, authoritative=True)
@@ -392,7 +392,7 @@ def end_event(tracker: Progress) -> ServerSentEvent:
 async def replay(subscription: Any, fold: OutcomeFold) -> None:
     """What the run's log holds now (bounded: a Redis outage must not hold the stream's start)."""
     with contextlib.suppress(TimeoutError, SubscriptionClosed):
-        async with asyncio.timeout(REPLAY_SECONDS):
+        async with asyncio.timeout(REPLAY_SECONDS):  # type: ignore[attr-defined]
             for envelope in await subscription.backlog():
                 fold.apply(envelope)
 

@@ -108,7 +108,7 @@ WEBHOOK_UPDATE_SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "minProperties": 1,
-    "properties": {**WEBHOOK_CREATE_SCHEMA["properties"], "kinds": _KINDS},
+    "properties": {**WEBHOOK_CREATE_SCHEMA["properties"], "kinds": _KINDS},  # type: ignore[dict-item]  # the schema dicts are inferred as dict[str, object]
 }
 
 WEBHOOK_SCHEMA = {
@@ -673,7 +673,7 @@ def runs_paths() -> dict:
             },
         },
     }
-    detail = {**RUN_ROW_SCHEMA, "properties": {**RUN_ROW_SCHEMA["properties"], "task_instances": tries}}
+    detail = {**RUN_ROW_SCHEMA, "properties": {**RUN_ROW_SCHEMA["properties"], "task_instances": tries}}  # type: ignore[dict-item]
     return {
         "/v1/runs": {"get": runs_list_get(with_dag_id=True)},
         "/v1/dags/{dag_id}/runs/{run_id}": {

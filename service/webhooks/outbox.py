@@ -314,7 +314,7 @@ class WebhookStore:
         from runbell.service.webhooks.signing import new_secret
 
         now = utcnow()
-        values = dict(
+        values: dict[str, Any] = dict(
             id=_new_id("ep_"),
             url=url,
             description=description,
@@ -473,7 +473,7 @@ class WebhookStore:
             MESSAGES.c.next_attempt_at <= now,
             or_(MESSAGES.c.locked_until.is_(None), MESSAGES.c.locked_until < now),
         )
-        scan = (
+        scan: Any = (  # a Select, then its subquery
             select(MESSAGES.c.id, MESSAGES.c.endpoint_id, MESSAGES.c.next_attempt_at)
             .join(ENDPOINTS, ENDPOINTS.c.id == MESSAGES.c.endpoint_id)
             .where(due, ENDPOINTS.c.enabled.is_(True))
