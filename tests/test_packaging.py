@@ -37,9 +37,9 @@ HOOK_MODULES = [
 ]
 
 
-def run(args: list[str | Path], cwd: Path | str = "/", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run(args: list[str | Path], cwd: Path | str = "/", timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess[str]:
     """Run a command without this process's PYTHON* variables (no PYTHONPATH leading into the repo)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | env_vars
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -143,6 +143,17 @@ def test_the_bus_contract_alone_loads_no_redis_and_no_publisher(hook_venv: Path)
         """,
     )
     assert loaded == []
+
+
+def test_runbell_emit_works_in_a_hook_only_install(hook_venv: Path, tmp_path: Path) -> None:
+    """The README promises `runbell emit` with the base install (here Redis is down: it spools)."""
+    done = run(
+        [hook_venv / "bin" / "runbell", "emit", "--dag", "d", "--run", "r", "--state", "running"],
+        RUNBELL_REDIS_URL="redis://127.0.0.1:1/0",
+        RUNBELL_SPOOL_DIR=str(tmp_path),
+    )
+    assert json.loads(done.stdout) == {"spooled": True}
+    assert len(list(tmp_path.glob("*.event.json"))) == 1
 
 
 def test_there_is_no_top_level_service_or_listeners(hook_venv: Path) -> None:
