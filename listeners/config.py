@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class PublisherConfig:
     skip_dags: frozenset[str] = frozenset()  # DAGs the hook stays silent about (the reconciler still sees them)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> PublisherConfig:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PublisherConfig:
         env = os.environ if env is None else env
         return cls(
             redis_url=env.get("RUNBELL_REDIS_URL") or DEFAULT_REDIS_URL,
@@ -39,7 +40,7 @@ class PublisherConfig:
         )
 
 
-def _default_spool_dir(env) -> Path:
+def _default_spool_dir(env: Mapping[str, str]) -> Path:
     home = env.get("AIRFLOW_HOME")
     base = Path(home) if home else Path.home() / ".runbell"
     return base / "runbell-spool"

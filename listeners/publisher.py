@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from runbell.bus import keys
@@ -55,7 +56,7 @@ class Publisher:
         self.config = config
         self.spool = Spool(config.spool_dir)
         self._client = client
-        self._script = None
+        self._script: Script | None = None
         self._broken_until = 0.0
         self._lock = threading.Lock()
         self._logged: set[str] = set()
@@ -117,9 +118,11 @@ class Publisher:
         ns = self.config.namespace
         # One event (the hook's case) runs the script directly: one EVALSHA. A pipeline would first
         # ask SCRIPT EXISTS, a round trip more; it pays off only for a batch (a spool flush).
-        target = client if len(batch) == 1 else client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False) if len(batch) > 1 else None
+        target = client if pipe is None else pipe
         replies = []
         for event, event_json in batch:
+            k: keys.RunKeys | keys.AssetKeys
             if isinstance(event, AssetEvent):
                 k = keys.asset_keys(ns, event.asset.name)
                 window = [ASSET_WINDOW]
@@ -133,8 +136,8 @@ class Publisher:
                     client=target,
                 )
             )
-        if target is not client:
-            replies = target.execute()
+        if pipe is not None:
+            replies = pipe.execute()
         seqs = [int(reply[0]) for reply in replies]
         # The global stream has its own slot (Redis Cluster), so it cannot be in the script. A re-sent
         # event is added again: the stream's readers de-duplicate by (run, seq).
@@ -190,7 +193,7 @@ class Publisher:
             )
         return self._client
 
-    def _publish_script(self, client: redis.Redis):
+    def _publish_script(self, client: redis.Redis) -> Script:
         if self._script is None:
             # Loaded up front, once per process: EVALSHA then never meets NOSCRIPT (which also trips
             # the embedded development broker while a pattern subscriber is attached).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
@@ -159,7 +160,7 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def load_settings(overrides: dict | None = None, env: dict[str, str] | None = None) -> Settings:
+def load_settings(overrides: dict | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Settings from RUNBELL_* environment variables, then the non-None overrides (flags)."""
     env = os.environ if env is None else env
     values: dict = {}

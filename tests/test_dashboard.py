@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "service" / "http" / "dashboard"
+DASHBOARD = Path(__file__).resolve().parents[1] / "service" / "http" / "ui"
 
 
 async def test_the_page_loads_without_a_token(gateway):
@@ -80,5 +80,5 @@ async def test_only_the_dashboard_files_are_served(gateway, path):
 def test_the_dashboard_files_are_package_data():
     """A wheel carries the page: pyproject's package-data names the folder."""
     package_data = (DASHBOARD.parents[2] / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
-    assert '"dashboard/*"' in package_data.split("\n[")[0]
+    assert '"ui/*"' in package_data.split("\n[")[0]
     assert {p.name for p in DASHBOARD.iterdir()} >= {"index.html", "app.js", "style.css"}

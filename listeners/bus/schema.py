@@ -17,11 +17,11 @@ import json
 import time
 import uuid
 from enum import Enum
-from typing import Any, Literal, Union
+from typing import Any, Final, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 ID_MAX = 250  # dag_id, run_id, task_id: Airflow's own limit
 ERROR_MESSAGE_MAX = 2000
 
@@ -146,7 +146,7 @@ class Event(BaseModel):
         return self.model_dump_json(exclude_none=True)
 
 
-ASSET_KIND = "asset"
+ASSET_KIND: Final = "asset"
 ASSET_NAME_MAX = 1500  # Airflow's limit on an asset's name and uri
 
 
@@ -247,7 +247,10 @@ def _envelope_data(raw: bytes | str) -> dict[str, Any]:
     return data
 
 
-def _validated(model: type[Envelope] | type[AssetEnvelope], data: dict[str, Any]) -> Any:
+_AnyEnvelope = TypeVar("_AnyEnvelope", Envelope, AssetEnvelope)
+
+
+def _validated(model: type[_AnyEnvelope], data: dict[str, Any]) -> _AnyEnvelope:
     try:
         envelope = model.model_validate(data)
     except ValidationError as exc:

@@ -176,8 +176,8 @@ async def _one_run(airflow: Airflow, port: int, case: Case, bus: redis.Redis) ->
 
 def _hook_ts(bus: redis.Redis, namespace: str, case: Case, run_id: str) -> float:
     """The `ts` of the hook's event for the deciding task's end, from the run's replay log."""
-    for _, fields in bus.xrange(run_keys(namespace, case.dag_id, run_id).log):
-        event = decode_envelope(fields[b"env"]).event
+    for _, fields in bus.xrange(run_keys(namespace, case.dag_id, run_id).log):  # type: ignore[union-attr]  # xrange returns a list of (id, fields)
+        event = decode_envelope(fields[b"env"]).event  # type: ignore[index]
         if event.task_id == case.reference_task and event.state == case.reference_state:
             return event.ts
     raise RuntimeError(f"{case.dag_id}/{run_id}: no hook event {case.reference_task} {case.reference_state}")

@@ -345,7 +345,7 @@ def capacity(gen: LoadGen, target: Target, steps: tuple[int, ...]) -> dict[str, 
         if opened["failed"]:
             rows.append({"connections": held, "failed": opened["failed"], "error": opened["error"]})
             break
-        target.wait_for_metric(GAUGES["sse"], lambda value, held=held: value >= held)
+        target.wait_for_metric(GAUGES["sse"], lambda value, held=held: value >= held)  # type: ignore[misc]  # a default argument binds held per step
         target.settle(step)
         rows.append({"connections": held, "rss_kib": procstats.rss_kib(target.pid)})
     measured = [row for row in rows if "rss_kib" in row]

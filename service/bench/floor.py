@@ -55,7 +55,7 @@ def bench_floor(redis_url: str, count: int, gap: float = 0.001) -> list[float]:
     channel = f"runbell-bench-floor-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, redis_url, channel], stdout=subprocess.PIPE, text=True)
     try:
-        if proc.stdout.readline().strip() != "ready":
+        if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]  # started with stdout=PIPE
             raise RuntimeError("the floor subscriber did not start")
         client = redis.Redis.from_url(redis_url)
         client.ping()  # connected before the first timed publish
@@ -65,7 +65,7 @@ def bench_floor(redis_url: str, count: int, gap: float = 0.001) -> list[float]:
             client.publish(channel, i)
             time.sleep(gap)
         client.publish(channel, STOP)
-        arrivals = json.loads(proc.stdout.readline())
+        arrivals = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
         client.close()
     finally:
         proc.wait(10)
@@ -109,15 +109,15 @@ def bench_fanout_floor(clients: int, rounds: int) -> list[float]:
     """Seconds until the last of `clients` load-generator streams had a frame a bare server wrote to all."""
     proc = subprocess.Popen([sys.executable, "-c", FANOUT_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        port = int(proc.stdout.readline())
+        port = int(proc.stdout.readline())  # type: ignore[union-attr]  # started with stdin and stdout PIPEs
         with LoadGen.for_connections("127.0.0.1", port, clients) as gen:
             gen.open("sse", ["/"] * clients)
             sent = []
             for r in range(rounds):
                 time.sleep(0.2)  # as the gateway's rounds: each event after a pause
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-                sent.append(float(proc.stdout.readline()))
+                proc.stdin.write("go\n")  # type: ignore[union-attr]
+                proc.stdin.flush()  # type: ignore[union-attr]
+                sent.append(float(proc.stdout.readline()))  # type: ignore[union-attr]
                 gen.await_events("task", r + 1)
             arrivals, _ = gen.collect(timeout=0)
         last: dict[int, float] = {}
@@ -125,5 +125,5 @@ def bench_fanout_floor(clients: int, rounds: int) -> list[float]:
             last[a.seq] = max(last.get(a.seq, 0.0), a.t)
         return [last[seq] - sent[seq - 1] for seq in sorted(last)]
     finally:
-        proc.stdin.close()
+        proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(10)

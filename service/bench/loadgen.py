@@ -143,8 +143,8 @@ class Connection(asyncio.Protocol):
         return f"GET {self.path} HTTP/1.1\r\nHost: {self.worker.host}\r\n\r\n".encode()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is not an asyncio.Transport)
-        transport.write(self.request())
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transport is not an asyncio.Transport
+        transport.write(self.request())  # type: ignore[attr-defined]  # it is a Transport (see above)
         self.on_connected()
 
     def on_connected(self) -> None:
@@ -248,7 +248,7 @@ class Poller(Connection):
         self.set_ready()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is not an asyncio.Transport)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transport is not an asyncio.Transport
         loop = asyncio.get_running_loop()
         self.handle = loop.call_later(random.uniform(0, self.interval), self.poll)  # a random phase
         self.on_connected()
@@ -342,12 +342,12 @@ class LoadGen:
         """Send each worker its command (None: nothing), then read the replies."""
         for proc, command in zip(self.procs, commands):
             if command is not None:
-                proc.stdin.write(json.dumps(command) + "\n")
-                proc.stdin.flush()
+                proc.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]  # the workers are started with stdin and stdout PIPEs
+                proc.stdin.flush()  # type: ignore[union-attr]
         replies = []
         for proc, command in zip(self.procs, commands):
             if command is not None:
-                line = proc.stdout.readline()
+                line = proc.stdout.readline()  # type: ignore[union-attr]
                 if not line:
                     raise RuntimeError("a load generator worker died")
                 replies.append(json.loads(line))
@@ -398,8 +398,8 @@ class LoadGen:
     def close(self) -> None:
         for proc in self.procs:
             try:
-                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                proc.stdin.close()
+                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
             except (BrokenPipeError, ValueError):
                 pass
         for proc in self.procs:

@@ -33,7 +33,7 @@ class FastReceiver:
 
     def stop(self) -> None:
         self.hold.clear()
-        self.server.close()
+        self.server.close()  # type: ignore[union-attr]  # stop() follows start()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -62,7 +62,7 @@ class FastReceiver:
 
     async def until(self, run_ids: set[str], timeout: float = 120.0) -> None:
         """Until a webhook for each of these runs has arrived (others may come too: earlier runs)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout):  # type: ignore[attr-defined]  # asyncio.timeout is Python 3.11+: this breaks on 3.10, which requires-python allows
             while not run_ids <= self.arrivals.keys():
                 self.changed.clear()
                 await self.changed.wait()

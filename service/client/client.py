@@ -372,6 +372,8 @@ def trigger_and_wait_flow(dag_id: str, *, conf: dict | None, timeout: float, run
 class SseParser:
     """The text/event-stream format, a line at a time: fields until a blank line; comments (':') ignored."""
 
+    _data: list[str]
+
     def __init__(self) -> None:
         self.retry: int | None = None  # the last `retry:` seen, also from a block that is not an event
         self._start()

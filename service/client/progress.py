@@ -285,7 +285,7 @@ def follow(client: RunbellClient, progress: RunProgress, dag_id: str, run_id: st
 def pump(client: RunbellClient, dag_id: str, run_id: str, into: queue.Queue, stop: threading.Event) -> None:
     """Hand the run's events over until told to stop; None when the stream is over or gave out."""
     try:
-        with contextlib.closing(client.events(dag_id, run_id)) as events:
+        with contextlib.closing(client.events(dag_id, run_id)) as events:  # type: ignore[type-var]  # events() is a generator, which has close()
             for event in events:
                 if stop.is_set():
                     return

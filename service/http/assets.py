@@ -79,11 +79,11 @@ async def asset_next(request: Request) -> Response:
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
                 backlog = await subscription.backlog()
                 if backlog:
-                    return event_response(backlog[0])
+                    return event_response(backlog[0])  # type: ignore[arg-type]  # the hub's Subscription is typed for run envelopes; an asset subscription carries AssetEnvelopes
             with anyio.move_on_at(deadline):
                 try:
                     async for envelope in subscription:
-                        return event_response(envelope)
+                        return event_response(envelope)  # type: ignore[arg-type]
                 except SubscriptionClosed:
                     pass  # shutdown, or too slow: the caller asks again
     finally:
@@ -146,7 +146,7 @@ async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last
             yield ServerSentEvent(data=json.dumps({"asset": name, "seq": last_id}), event="ready", id=str(last_id))
             try:
                 async for envelope in subscription:
-                    yield ServerSentEvent(data=event_data(envelope), event="asset", id=str(envelope.seq))
+                    yield ServerSentEvent(data=event_data(envelope), event="asset", id=str(envelope.seq))  # type: ignore[arg-type]  # the hub's Subscription is typed for run envelopes; an asset subscription carries AssetEnvelopes
             except SubscriptionClosed as closed:
                 yield farewell(closed.reason, settings.sse_retry_ms)
     finally:

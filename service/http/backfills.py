@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import anyio
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -113,8 +114,8 @@ class Slot:
     def terminal(self) -> bool:
         return self.run_id is None or self.state in TERMINAL
 
-    def row(self) -> dict[str, Any]:
-        return BackfillSlot.model_validate(self, from_attributes=True).model_dump(mode="json")
+    def model(self) -> BackfillSlot:
+        return BackfillSlot.model_validate(self, from_attributes=True)
 
 
 class AirflowMetadata:
@@ -215,7 +216,7 @@ async def backfill_runs(request: Request) -> Response:
     limit, offset = parse_paging(request)
     total, slots = await source.slots(backfill, limit, offset)
     slots = await with_store_states(request.app.state.store, slots)
-    page = BackfillSlots(backfill_id=str(backfill.id), dag_id=backfill.dag_id, total_entries=total, slots=[s.row() for s in slots])
+    page = BackfillSlots(backfill_id=str(backfill.id), dag_id=backfill.dag_id, total_entries=total, slots=[s.model() for s in slots])
     return JSONResponse(page.model_dump(mode="json"))
 
 
@@ -329,8 +330,8 @@ async def backfill_stream(
             # progress is as fresh as the events (the store may lag behind them) and nothing is missed.
             followed = []
             for slot in tracker.live():
-                subscription = await stack.enter_async_context(request.app.state.runs.subscribe(slot.dag_id, slot.run_id))
-                followed.append((slot.sort_ordinal, subscription, OutcomeFold(slot.dag_id, slot.run_id)))
+                subscription = await stack.enter_async_context(request.app.state.runs.subscribe(slot.dag_id, slot.run_id))  # type: ignore[arg-type]  # live(): slots with a run
+                followed.append((slot.sort_ordinal, subscription, OutcomeFold(slot.dag_id, slot.run_id)))  # type: ignore[arg-type]  # live(): slots with a run
             await asyncio.gather(*(replay(subscription, fold) for _, subscription, fold in followed))
             for ordinal, _, fold in followed:
                 tracker.update(ordinal, fold.outcome.run_state, authoritative=True)
@@ -356,7 +357,7 @@ async def backfill_stream(
                 )
                 changed = [c for c in (tracker.update(*u) for u in updates) if c is not None]
                 for slot in changed:
-                    yield ServerSentEvent(data=json.dumps(slot.row()), event="slot")
+                    yield ServerSentEvent(data=json.dumps(slot.model().model_dump(mode="json")), event="slot")
                 if changed:
                     yield progress_event(tracker)
                 if tracker.finished:
@@ -373,7 +374,7 @@ async def refresh_from_logs(runs: RunTopic, tracker: Progress) -> None:
     async def one(slot: Slot) -> None:
         fold = OutcomeFold(slot.dag_id, slot.run_id or "")
         with contextlib.suppress(Exception):  # unreadable now: the stream will tell
-            async with asyncio.timeout(REPLAY_SECONDS):
+            with anyio.fail_after(REPLAY_SECONDS):  # anyio: asyncio.timeout is Python 3.11+
                 for envelope in await runs.read((slot.dag_id, slot.run_id or ""), 0):
                     fold.apply(envelope)
         tracker.update(slot.sort_ordinal, fold.outcome.run_state, authoritative=True)
@@ -388,7 +389,7 @@ def end_event(tracker: Progress) -> ServerSentEvent:
 async def replay(subscription: Any, fold: OutcomeFold) -> None:
     """What the run's log holds now (bounded: a Redis outage must not hold the stream's start)."""
     with contextlib.suppress(TimeoutError, SubscriptionClosed):
-        async with asyncio.timeout(REPLAY_SECONDS):
+        with anyio.fail_after(REPLAY_SECONDS):  # anyio: asyncio.timeout is Python 3.11+
             for envelope in await subscription.backlog():
                 fold.apply(envelope)
 

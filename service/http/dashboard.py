@@ -1,4 +1,4 @@
-"""The live dashboard: one static page (service/dashboard/) served at `/`, its assets under `/ui/`.
+"""The live dashboard: one static page (service/http/ui/) served at `/`, its assets under `/ui/`.
 
 Loading the page needs no token: it is the same for everyone and holds no data. Every data call
 the page makes (`/v1/...`) is authorized as usual; the page asks for a token when one is refused.
@@ -54,7 +54,7 @@ class Asset:
 
 def _load_assets() -> dict[str, Asset]:
     assets: dict[str, Asset] = {}
-    folder = resources.files("runbell.service.http") / "dashboard"
+    folder = resources.files("runbell.service.http") / "ui"
     for entry in folder.iterdir():
         suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
         if not entry.is_file() or suffix not in CONTENT_TYPES or entry.name.startswith("."):

@@ -127,7 +127,7 @@ def outcome_body(outcome: Outcome) -> dict:
 
 def outcome_json(hub: Hub, outcome: Outcome) -> bytes:
     """The 200 body of a decided outcome, as JSONResponse renders it."""
-    return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq), lambda: JSONResponse(outcome_body(outcome)).body)
+    return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq), lambda: JSONResponse(outcome_body(outcome)).body)  # type: ignore[arg-type,return-value]  # JSONResponse.body is bytes (typed bytes | memoryview)
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------

@@ -90,20 +90,22 @@ async def get_run(request: Request) -> Response:
 
 
 def run_row(run: RunRecord, now: float, stale_after: float) -> RunRow:
-    return RunRow(
-        dag_id=run.dag_id,
-        run_id=run.run_id,
-        state=run.state,
-        logical_date=run.logical_date,
-        run_after=run.run_after,
-        run_type=run.run_type,
-        backfill_id=run.backfill_id,
-        started=run.started_at,
-        ended=run.ended_at,
-        outcome=run.outcome_status,
-        result_task=run.result_task,
-        first_failure=run.first_failure,
-        stale=is_stale(run, now, stale_after),
+    return RunRow.model_validate(  # the stored outcome parts (JSON) validated into their models
+        {
+            "dag_id": run.dag_id,
+            "run_id": run.run_id,
+            "state": run.state,
+            "logical_date": run.logical_date,
+            "run_after": run.run_after,
+            "run_type": run.run_type,
+            "backfill_id": run.backfill_id,
+            "started": run.started_at,
+            "ended": run.ended_at,
+            "outcome": run.outcome_status,
+            "result_task": run.result_task,
+            "first_failure": run.first_failure,
+            "stale": is_stale(run, now, stale_after),
+        }
     )
 
 

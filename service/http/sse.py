@@ -70,7 +70,7 @@ class EventStream(Response):
             self.timer.cancel()
             if self.pinging is not None:
                 self.pinging.cancel()
-            await self.stream.aclose()  # a stream stopped at a yield (a write timed out) releases its subscription
+            await self.stream.aclose()  # type: ignore[attr-defined]  # the stream is an async generator, which has aclose(); a stream stopped at a yield (a write timed out) releases its subscription
 
     async def _send(self, send, message: dict) -> None:
         self.sending_since = self.loop.time()

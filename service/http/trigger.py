@@ -165,10 +165,10 @@ def parse_wait(request: Request) -> tuple[float, bool]:
             )
         return value, False
     for preference in re.split(r"[,;]", request.headers.get("prefer", "")):
-        name, _, value = preference.strip().partition("=")
+        name, _, value = preference.strip().partition("=")  # type: ignore[assignment]  # value is reused for the Prefer header's text
         if name.strip().lower() == "wait":
             try:
-                return min(max(float(value.strip()), 0.0), maximum), True
+                return min(max(float(value.strip()), 0.0), maximum), True  # type: ignore[attr-defined]
             except ValueError:
                 break  # RFC 7240: a preference that cannot be honoured is ignored
     return 0.0, False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -18,7 +19,7 @@ class EmbeddedBroker:
     """fakeredis's TCP server in a thread: speaks pub/sub, streams and Lua, but pushes messages
     about 10 ms late (it polls). For development only, never for production or measurements."""
 
-    server: object
+    server: socketserver.BaseServer
     thread: threading.Thread
     url: str
 
@@ -32,9 +33,9 @@ def resolve_redis(configured: str | None) -> tuple[str, EmbeddedBroker | None]:
     if configured:
         return configured, None
     default = urlparse(DEFAULT_REDIS_URL)
-    if port_answers(default.hostname, default.port):
+    if port_answers(default.hostname, default.port):  # type: ignore[arg-type]  # DEFAULT_REDIS_URL names a host and a port
         return DEFAULT_REDIS_URL, None
-    broker = start_embedded(default.hostname, default.port)
+    broker = start_embedded(default.hostname, default.port)  # type: ignore[arg-type]
     log.warning(
         "No Redis configured and none answering on %s:%s: started an EMBEDDED development broker at %s."
         " It is for development only (in memory, slower); set RUNBELL_REDIS_URL for anything else."
@@ -61,7 +62,7 @@ def start_embedded(host: str, preferred_port: int) -> EmbeddedBroker:
     thread = threading.Thread(target=server.serve_forever, name="runbell-embedded-redis", daemon=True)
     thread.start()
     bound_host, bound_port = server.server_address[:2]
-    return EmbeddedBroker(server=server, thread=thread, url=f"redis://{bound_host}:{bound_port}/0")
+    return EmbeddedBroker(server=server, thread=thread, url=f"redis://{bound_host}:{bound_port}/0")  # type: ignore[str-bytes-safe]  # a TCP server's address is (host, port), never bytes
 
 
 def port_answers(host: str, port: int, timeout: float = 0.3) -> bool:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -171,9 +172,10 @@ class WebhookAttemptRow(Base):
     response_body: Mapped[str | None] = mapped_column(Text)
 
 
-ENDPOINTS = WebhookEndpointRow.__table__
-MESSAGES = WebhookMessageRow.__table__
-ATTEMPTS = WebhookAttemptRow.__table__
+# __table__ is typed FromClause; a declarative model's is a Table.
+ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[assignment]
+MESSAGES: Table = WebhookMessageRow.__table__  # type: ignore[assignment]
+ATTEMPTS: Table = WebhookAttemptRow.__table__  # type: ignore[assignment]
 
 
 def dialect_insert(conn: AsyncConnection, table: type[Base]) -> Any:

@@ -191,7 +191,7 @@ class Recorder:
     async def _read_log(self, run: RunKey, first: int, last: int) -> list[Envelope]:
         log_key = keys.run_keys(self.namespace, *run).log
         entries = await self.redis.xrange(log_key, min=f"0-{first}", max=f"0-{last}")
-        return [envelope for _, fields in entries if (envelope := self._decode(fields))]
+        return [envelope for _, fields in entries if (envelope := self._decode(fields))]  # type: ignore[union-attr]  # xreadgroup returns a list here (typed Optional)
 
 
 def gaps(last_stored: int, seqs: set[int]) -> list[tuple[int, int]]:

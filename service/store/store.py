@@ -391,7 +391,7 @@ async def _record_run(conn: AsyncConnection, run: RunKey, envelopes: list[Envelo
         insert = dialect_insert(conn, TaskInstance).values(rows)
         await conn.execute(
             insert.on_conflict_do_update(
-                index_elements=list(TaskInstance.__table__.primary_key.columns),
+                index_elements=list(TaskInstance.__table__.primary_key.columns),  # type: ignore[attr-defined]  # __table__ is typed FromClause; it is a Table
                 set_={name: insert.excluded[name] for name in ("state", "started_at", "ended_at")},
             )
         )

@@ -291,8 +291,14 @@ class WebhookStore:
         from runbell.service.webhooks.signing import new_secret
 
         # The API's rules (pydantic's ValidationError is a ValueError naming the bad field).
-        checked = EndpointCreate(
-            url=url, description=description, dag_ids=dag_ids, kinds=DEFAULT_KINDS if kinds is None else kinds, enabled=enabled
+        checked = EndpointCreate.model_validate(
+            {
+                "url": url,
+                "description": description,
+                "dag_ids": dag_ids,
+                "kinds": DEFAULT_KINDS if kinds is None else kinds,
+                "enabled": enabled,
+            }
         )
         now = clock.now()
         values = dict(
@@ -442,7 +448,7 @@ class WebhookStore:
             MESSAGES.c.next_attempt_at <= now,
             or_(MESSAGES.c.locked_until.is_(None), MESSAGES.c.locked_until < now),
         )
-        scan = (
+        scan: Any = (  # a Select, then its subquery
             select(MESSAGES.c.id, MESSAGES.c.endpoint_id, MESSAGES.c.next_attempt_at)
             .join(ENDPOINTS, ENDPOINTS.c.id == MESSAGES.c.endpoint_id)
             .where(due, ENDPOINTS.c.enabled.is_(True))

@@ -1,0 +1,170 @@
+"""runbell.listeners.publisher on its own, against the real Redis: what a publish writes, and what it
+does while Redis cannot be reached (the hook's view of it is in test_hook.py, assets in test_assets.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from runbell.bus import keys
+from runbell.bus.schema import Event, EventKind, decode_envelope
+from runbell.listeners import publisher as publisher_module
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher
+from tests.conftest import free_port
+
+DAG = "etl"
+
+
+def run_event(run_id: str, state: str = "running") -> Event:
+    return Event(kind=EventKind.RUN, dag_id=DAG, run_id=run_id, state=state)
+
+
+@pytest.fixture
+def client(redis_url: str, redis_cleanup: None) -> Iterator[redis.Redis]:
+    """A client of the test's Redis (the test's keys are deleted afterwards)."""
+    with redis.Redis.from_url(redis_url) as client:
+        yield client
+
+
+def make_publisher(redis_url: str, namespace: str, spool_dir: Path) -> Publisher:
+    return Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=spool_dir))
+
+
+def run_log(client: redis.Redis, namespace: str, run_id: str) -> list[tuple[bytes, int, str]]:
+    """(entry id, seq, event id) of each entry of a run's replay log."""
+    entries = client.xrange(keys.run_keys(namespace, DAG, run_id).log)
+    return [(entry_id, (env := decode_envelope(fields[b"env"])).seq, env.event.id) for entry_id, fields in entries]
+
+
+def test_each_run_numbers_its_events_in_publish_order(client, redis_url, namespace, tmp_path) -> None:
+    publisher = make_publisher(redis_url, namespace, tmp_path)
+    a = [run_event("a", s) for s in ("queued", "running", "success")]
+    b = [run_event("b", s) for s in ("queued", "running")]
+    order = [a[0], b[0], a[1], b[1], a[2]]  # interleaved: each run still counts from 1
+    assert [publisher.publish(e) for e in order] == [1, 1, 2, 2, 3]
+    assert run_log(client, namespace, "a") == [(f"0-{i + 1}".encode(), i + 1, e.id) for i, e in enumerate(a)]
+    assert run_log(client, namespace, "b") == [(f"0-{i + 1}".encode(), i + 1, e.id) for i, e in enumerate(b)]
+    ids = client.hgetall(keys.run_keys(namespace, DAG, "a").ids)
+    assert ids == {e.id.encode(): str(i + 1).encode() for i, e in enumerate(a)}
+
+
+def test_every_event_goes_to_the_global_stream_with_its_seq(client, redis_url, namespace, tmp_path) -> None:
+    publisher = make_publisher(redis_url, namespace, tmp_path)
+    events = [run_event("a"), run_event("b"), run_event("a", "success")]
+    for event in events:
+        publisher.publish(event)
+    stream = [decode_envelope(fields[b"env"]) for _, fields in client.xrange(keys.global_stream(namespace))]
+    assert [(env.event.run_id, env.seq, env.event.id) for env in stream] == [
+        ("a", 1, events[0].id),
+        ("b", 1, events[1].id),
+        ("a", 2, events[2].id),
+    ]
+
+
+def test_a_resent_run_event_keeps_its_seq_and_is_logged_once(client, redis_url, namespace, tmp_path) -> None:
+    publisher = make_publisher(redis_url, namespace, tmp_path)
+    event = run_event("a")
+    assert publisher.publish(event) == 1
+    assert publisher.publish(event) == 1
+    assert publisher.publish(run_event("a", "success")) == 2
+    assert [seq for _, seq, _ in run_log(client, namespace, "a")] == [1, 2]
+    # The global stream has no de-duplication of its own: its readers drop a repeated (run, seq).
+    assert client.xlen(keys.global_stream(namespace)) == 3
+
+
+class Forwarder:
+    """A TCP port that forwards to Redis, opened when the test says: Redis "comes back" on the very
+    address the publisher was configured with."""
+
+    def __init__(self, port: int, redis_url: str):
+        self.port = port
+        target = redis.connection.parse_url(redis_url)
+        self.target = (target.get("host", "127.0.0.1"), int(target.get("port", 6379)))
+        self.server: socket.socket | None = None
+
+    def start(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(self.target)
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_while_redis_is_unreachable_events_spool_and_go_out_in_order_when_it_answers(
+    client, redis_url, namespace, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(publisher_module, "BREAKER_SECONDS", 0.0)  # every publish tries Redis again
+    monkeypatch.setattr(publisher_module, "RETRY_SPOOL_SECONDS", 3600.0)  # the spool's thread stays out of it
+    forwarder = Forwarder(free_port(), redis_url)  # nothing listens on its port yet
+    publisher = make_publisher(f"redis://127.0.0.1:{forwarder.port}/0", namespace, tmp_path / "spool")
+    events = [run_event("a", s) for s in ("queued", "running", "success")]
+    try:
+        assert [publisher.publish(e) for e in events[:2]] == [None, None]  # spooled; nothing raised
+        assert [p.read_text() for p in publisher.spool.pending()] == [e.to_json() for e in events[:2]]
+        assert run_log(client, namespace, "a") == []
+        forwarder.start()
+        assert publisher.publish(events[2]) == 3  # behind the two spooled ones
+    finally:
+        forwarder.close()
+    assert [event_id for _, _, event_id in run_log(client, namespace, "a")] == [e.id for e in events]
+    assert publisher.spool.pending() == []
+
+
+def test_a_redis_that_never_answers_costs_one_timeout_then_the_breaker_spools(namespace, tmp_path, monkeypatch) -> None:
+    """Bounded: the publish gives up after the command timeout, and the next ones do not connect again."""
+    monkeypatch.setattr(publisher_module, "BREAKER_SECONDS", 3600.0)
+    monkeypatch.setattr(publisher_module, "RETRY_SPOOL_SECONDS", 3600.0)
+    # Never accepted, never answered: the kernel completes each connection into the backlog, where
+    # they are counted afterwards.
+    silent = socket.create_server(("127.0.0.1", 0))
+    publisher = make_publisher(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", namespace, tmp_path / "spool")
+    results: list[int | None] = []
+    worker = threading.Thread(target=lambda: results.extend(publisher.publish(run_event("a", s)) for s in ("queued", "running", "success")))
+    connections = []
+    try:
+        worker.start()
+        worker.join(60)  # only a hang guard: each publish is bounded by timeout_seconds
+        assert not worker.is_alive(), "a publish to a silent Redis did not return"
+        silent.setblocking(False)
+        while True:
+            try:
+                connections.append(silent.accept()[0])
+            except BlockingIOError:
+                break
+    finally:
+        silent.close()
+        for conn in connections:
+            conn.close()
+    assert results == [None, None, None]
+    assert len(connections) == 1  # the breaker: no connection after the first failure
+    assert len(publisher.spool.pending()) == 3
