@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium against a real `runbell serve`.
 
 Events are published the way the hook publishes them (runbell.listeners.publisher into the gateway's
-namespace); the page must show them: runs appear in the table, the run view's tasks and outcome
+namespace); the page must show them: runs appear in the table (the README's screenshot,
+tests/browser/dashboard.png, is taken here), the run view's tasks and outcome
 change live, a reload shows the same, and after the gateway is stopped (SIGTERM, then SIGKILL) and
 started again on the same port the page carries on by itself, every event shown exactly once.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import threading
 import time
@@ -26,6 +28,7 @@ from runbell.listeners.publisher import Publisher, emit
 from tests.browser.conftest import read_console, save_screenshot
 
 WAIT_SECONDS = 20  # the longest any one change may take to show
+README_SCREENSHOT = Path(__file__).resolve().parent / "dashboard.png"  # the README shows it; committed
 
 
 @pytest.fixture
@@ -175,7 +178,7 @@ def test_runs_appear_and_a_run_goes_live_through_reload_and_restarts(browser, se
         lambda runs: "late2" in runs.split(","),
         "a run published while the table is open",
     )
-    screenshot(browser, "dashboard.png")
+    shutil.copy(screenshot(browser, "dashboard.png"), README_SCREENSHOT)
 
     # A row opens the run view; what happened so far is replayed.
     browser.find_element("css selector", "#runs tbody tr[data-run='r1']").click()
