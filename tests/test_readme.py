@@ -2,7 +2,8 @@
 
 Only the address differs: the gateway of a test listens on a free port, not 8080, so
 http://127.0.0.1:8080 is replaced by its URL (and `runbell` finds it through RUNBELL_URL). The
-Airflow DAG block is loaded by Airflow itself in tests/airflow/test_readme.py.
+Airflow DAG block is loaded by Airflow itself in tests/airflow/test_readme.py, the EventSource block
+runs in Chromium in tests/browser/test_dashboard_browser.py.
 """
 
 from __future__ import annotations
@@ -208,4 +209,5 @@ def test_every_shell_and_python_block_is_run_by_a_test():
     tested_python = {"@dag", "standardwebhooks", "RunbellClient("}
     assert all(sum(text in block for text in tested_python) == 1 for block in code_blocks("python"))
     assert len(code_blocks("sh")) == 5 and len(code_blocks("python")) == 3
+    assert len(code_blocks("js")) == 1  # run in Chromium by tests/browser/test_dashboard_browser.py
     assert not code_blocks("bash") and not code_blocks("")  # unlabelled fences would escape the check

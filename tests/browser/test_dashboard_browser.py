@@ -416,3 +416,26 @@ def test_the_page_asks_for_a_token_and_uses_it(browser, served_gateway, publishe
     assert "token" not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('runbell.token')") == READ_TOKEN
     no_script_errors(browser)
+
+
+def test_the_readme_eventsource_block_runs_in_a_browser(browser, served_gateway, publisher):
+    from tests.conftest import READ_TOKEN, TOKENS
+    from tests.readme_blocks import code_blocks
+
+    (block,) = code_blocks("js")
+    gateway = served_gateway(auth=True, RUNBELL_TOKENS=TOKENS)
+    run_id = "manual__2026-05-01T12:00:00+00:00_readme02"
+    emit("answer_question", run_id, "running", task_id="answer", try_number=1, publisher=publisher)
+    browser.get(gateway.url + "/healthz")  # a page of the gateway's origin, with nothing else on it
+    browser.execute_script(
+        "window.logged = []; console.log = (...args) => window.logged.push(args);window.runId = arguments[0]; window.token = arguments[1];",
+        run_id,
+        READ_TOKEN,
+    )
+    browser.execute_script(block)
+    logged = "window.logged.map(([kind, data]) => `${kind}:${data.state || data.status}`).join()"
+    wait_for(browser, logged, lambda text: text == "task:running", "the task event replayed")
+    emit("answer_question", run_id, "success", task_id="answer", try_number=1, result_task=True, result={"answer": 42}, publisher=publisher)
+    emit("answer_question", run_id, "success", publisher=publisher)
+    wait_for(browser, logged, lambda text: text == "task:running,task:success,outcome:success", "the outcome, live")
+    assert browser.execute_script("return window.logged[2][1].result") == {"answer": 42}
