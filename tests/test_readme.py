@@ -25,6 +25,7 @@ from tests.conftest import ADMIN_TOKEN, READ_TOKEN, TOKENS
 from tests.readme_blocks import code_blocks, commands
 
 README_URL = "http://127.0.0.1:8080"
+REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "manual__2026-05-01T12:00:00+00:00_readme01"
 ASSET = "s3://lake/orders"
 
@@ -211,3 +212,17 @@ def test_every_shell_and_python_block_is_run_by_a_test():
     assert len(code_blocks("sh")) == 5 and len(code_blocks("python")) == 3
     assert len(code_blocks("js")) == 1  # run in Chromium by tests/browser/test_dashboard_browser.py
     assert not code_blocks("bash") and not code_blocks("")  # unlabelled fences would escape the check
+
+
+def test_the_files_and_functions_the_readme_names_exist():
+    import importlib
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    named = re.findall(r"[`(]((?:deploy|listeners|service|tests)(?:/[\w.-]+)+)[`)]", readme)
+    # source files, scripts, folders and the screenshot; generated ones (openapi.json, artifacts) come from commands
+    paths = {p for p in named if Path(p).suffix in ("", ".py", ".lua", ".png")}
+    assert {"deploy/serve", "listeners/bus/schema.py", "tests/run", "tests/browser/dashboard.png"} <= paths  # the pattern still finds them
+    assert sorted(p for p in paths if not (REPO / p).exists()) == []
+    module, _, name = "runbell.service.core.outcome.decide".rpartition(".")
+    assert "`runbell.service.core.outcome.decide`" in readme and callable(getattr(importlib.import_module(module), name))
