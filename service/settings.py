@@ -220,10 +220,11 @@ CLIENT_SETTINGS_DOC: list[tuple[str, str, str]] = [
     ("RUNBELL_TOKEN", "--token", "the bearer token they send (`runbell run` needs the publish role, the others read)"),
 ]
 
-# Read by tests/run, the test suite and `runbell bench` only.
+# Read by tests/run, the test suite and `runbell bench` only (not by a deployed gateway or hook).
 TOOLS_SETTINGS_DOC: list[tuple[str, str, str]] = [
     ("RUNBELL_AIRFLOW_VERSION", "tests/run", "Airflow version of the test virtualenv (default 3.3.2)"),
     ("RUNBELL_AIRFLOW_VENV", "tests/run, tests, bench", "the Airflow virtualenv (default ~/.cache/runbell/airflow-3.3.2)"),
+    ("RUNBELL_REDIS_URL", "`runbell bench`", "the Redis it measures (its --redis-url; default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_REDIS_URL", "tests", "the Redis the tests use (default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_POSTGRES_URL", "tests", "the PostgreSQL server the tests make their databases on"),
     ("RUNBELL_CHROMIUM", "tests/browser", "the Chromium binary (default /usr/bin/chromium)"),
