@@ -33,7 +33,7 @@ def test_the_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     assert TABLE_START in readme and TABLE_END in readme
     held = readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
-    assert held == settings_table(), "regenerate it: python -m runbell.service.settings --markdown"
+    assert held == settings_table(), "put the output of `python -m runbell.service.settings --markdown` between the markers"
     assert {f for f, _ in SETTINGS_DOC} == set(Settings.model_fields)
 
 
