@@ -218,3 +218,15 @@ async def test_run_unpauses_a_paused_dag_only_when_asked(gateway_factory, stand_
     assert unpaused.returncode == 2, unpaused.stderr  # triggered, and still pending at the timeout
     assert json.loads(unpaused.stdout)["status"] == "pending"
     assert stand_in_airflow.dags["sleepy"]["is_paused"] is False and len(stand_in_airflow.posts) == 1
+
+
+def test_the_parser_loads_the_settings_model_only_for_serve():
+    """`runbell emit` runs on a hook-only install, which lacks what the settings model imports."""
+    probe = (
+        "import sys; from runbell.service.client import cli; "
+        "cli.build_parser().parse_args(['emit', '--dag', 'd', '--run', 'r', '--state', 'queued']); "
+        "assert 'runbell.service.settings' not in sys.modules and 'sqlalchemy' not in sys.modules; "
+        "cli.build_parser().parse_args(['serve', '--no-recorder']); assert 'runbell.service.settings' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
