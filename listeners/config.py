@@ -11,6 +11,24 @@ from runbell.bus.keys import DEFAULT_NAMESPACE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+# (env var, meaning) of every setting read below: the README's settings table is generated from it
+# (runbell.service.settings.settings_table), and a test holds it to the names from_env reads.
+HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
+    (
+        "RUNBELL_REDIS_URL",
+        "where to publish (default redis://127.0.0.1:6379/0); set it on every Airflow component that "
+        "runs the hook: scheduler, api-server, dag-processor, triggerer and every worker",
+    ),
+    ("RUNBELL_NAMESPACE", "key prefix; the gateway's must be the same (default runbell)"),
+    ("RUNBELL_SPOOL_DIR", "where events wait while Redis is unreachable (default `$AIRFLOW_HOME/runbell-spool`)"),
+    ("RUNBELL_RESULT_MAX_BYTES", "results larger than this are published as a reference (default 262144)"),
+    ("RUNBELL_PUBLISH_TIMEOUT", "connect and command timeout of a publish, seconds (default 0.25)"),
+    ("RUNBELL_LOG_TTL_SECONDS", "replay log lifetime after a run's last event, seconds (default 604800)"),
+    ("RUNBELL_STREAM_MAXLEN", "approximate cap of the global stream (default 1000000)"),
+    ("RUNBELL_HOOK_ENABLED", "`false` turns the hook off on that host (default true)"),
+    ("RUNBELL_HOOK_SKIP_DAGS", "comma-separated DAG ids the hook stays silent about (the reconciler still sees them)"),
+]
+
 
 @dataclass(frozen=True)
 class PublisherConfig:

@@ -1,17 +1,24 @@
 """The gateway's settings: environment variables, overridden by command-line flags.
 
-SETTINGS_DOC is the one description of every setting: a test holds the README table to it.
+SETTINGS_DOC is the one description of every gateway setting; settings_table() adds the hook's
+(runbell.listeners.config.HOOK_SETTINGS_DOC), the client's and the test tools' into the one table the
+README holds (`python -m runbell.service.settings --markdown` prints it; a test keeps them equal).
+`runbell serve` takes its flags from SETTINGS_DOC too: one per setting, except ENV_ONLY.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
+import sys
 from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from runbell.bus.keys import DEFAULT_NAMESPACE
+from runbell.listeners.config import HOOK_SETTINGS_DOC
 from runbell.service.core.roles import Role, parse_tokens
 from runbell.service.webhooks.dispatcher import (
     DEFAULT_WEBHOOK_SCHEDULE,
@@ -98,16 +105,23 @@ class Settings(BaseModel):
 
 ENV_PREFIX = "RUNBELL_"
 
-# (field, env var, meaning) for the README table and --help.
+# (field, meaning) for the README table and `runbell serve --help`; the env var is env_name(field).
 SETTINGS_DOC: list[tuple[str, str]] = [
     ("host", "address to bind (default 127.0.0.1)"),
     ("port", "port to bind (default 8080)"),
     ("redis_url", "Redis URL; unset: localhost:6379 if it answers, else an embedded development broker"),
     ("database_url", "SQLAlchemy URL of the store (postgresql://... in production; default sqlite:///runbell.db)"),
     ("namespace", "prefix of every Redis key; hook and gateway must agree (default runbell)"),
-    ("tokens", "bearer tokens as comma-separated token:role pairs; roles read, publish, admin"),
+    (
+        "tokens",
+        "bearer tokens as comma-separated token:role pairs; roles read, publish, admin (a `$TOKEN` of the README is one of these tokens)",
+    ),
     ("no_auth", "turn auth off (only allowed when bound to loopback)"),
-    ("token_secret", "secret that signs run-scoped tokens; replicas must share it (default: random per process)"),
+    (
+        "token_secret",
+        "secret that signs run-scoped tokens and list cursors, at least 32 bytes (the gateway refuses to "
+        "start with a shorter one); replicas must share it (default: random per process)",
+    ),
     ("scoped_token_ttl", "lifetime of a run-scoped token, seconds (default 3600)"),
     ("airflow_url", "Airflow's base URL, for triggering and reconciling (unset: neither)"),
     ("airflow_token", "a fixed bearer token for Airflow's REST API"),
@@ -160,6 +174,111 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+# Settings that are environment variables only, never `runbell serve` flags: a flag's value is in the
+# process's command line, which any user of the host can read (ps, /proc/PID/cmdline).
+ENV_ONLY: dict[str, str] = {
+    "tokens": "bearer tokens",
+    "token_secret": "a signing key",
+    "airflow_token": "a bearer token",
+    "airflow_password": "a password",
+    "airflow_database_url": "a database URL, usually with its password",
+}
+
+
+def flag_name(field: str) -> str | None:
+    """The `runbell serve` flag of a setting (None: ENV_ONLY). A boolean is a switch away from its default."""
+    if field in ENV_ONLY:
+        return None
+    name = field.replace("_", "-")
+    if Settings.model_fields[field].annotation is bool and Settings.model_fields[field].default is True:
+        return f"--no-{name}"
+    return f"--{name}"
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (SETTINGS_DOC), dest the field; unset flags are None, so the environment holds."""
+    for field, meaning in SETTINGS_DOC:
+        flag = flag_name(field)
+        if flag is None:
+            continue
+        info = Settings.model_fields[field]
+        text = f"{meaning} [{env_name(field)}]".replace("%", "%%")  # argparse formats help with %
+        if info.annotation is bool:
+            action = "store_false" if info.default is True else "store_true"
+            parser.add_argument(flag, dest=field, action=action, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=field, metavar=field.upper(), help=text)
+
+
+def serve_overrides(args: argparse.Namespace) -> dict:
+    """The flags given on the command line, for load_settings."""
+    return {field: getattr(args, field) for field, _ in SETTINGS_DOC if flag_name(field) is not None}
+
+
+# Read by `runbell run`, `wait` and `tail` (runbell.service.client.cli), besides their flags.
+CLIENT_SETTINGS_DOC: list[tuple[str, str, str]] = [
+    ("RUNBELL_URL", "--url", "the gateway's base URL (default http://127.0.0.1:8080)"),
+    ("RUNBELL_TOKEN", "--token", "the bearer token they send (`runbell run` needs the publish role, the others read)"),
+]
+
+# Read by tests/run, the test suite and `runbell bench` only (not by a deployed gateway or hook).
+TOOLS_SETTINGS_DOC: list[tuple[str, str, str]] = [
+    ("RUNBELL_AIRFLOW_VERSION", "tests/run", "Airflow version of the test virtualenv (default 3.3.2)"),
+    ("RUNBELL_AIRFLOW_VENV", "tests/run, tests, bench", "the Airflow virtualenv (default ~/.cache/runbell/airflow-3.3.2)"),
+    ("RUNBELL_REDIS_URL", "`runbell bench`", "the Redis it measures (its --redis-url; default redis://127.0.0.1:6379/0)"),
+    ("RUNBELL_TEST_REDIS_URL", "tests", "the Redis the tests use (default redis://127.0.0.1:6379/0)"),
+    ("RUNBELL_TEST_POSTGRES_URL", "tests", "the PostgreSQL server the tests make their databases on"),
+    ("RUNBELL_CHROMIUM", "tests/browser", "the Chromium binary (default /usr/bin/chromium)"),
+    ("RUNBELL_CHROMEDRIVER", "tests/browser", "its chromedriver (default /usr/bin/chromedriver)"),
+]
+
+TOKEN_DOC = (
+    "not read by Runbell: what the README's snippets send as the bearer token. One of the tokens in "
+    "`RUNBELL_TOKENS` (with the role the endpoint needs: read to wait), or the run-scoped token a "
+    "trigger answers with; `$ADMIN_TOKEN` is one with the admin role"
+)
+GATEWAY_READERS = "gateway (`runbell serve`)"
+HOOK_READERS = "hook, `runbell emit`"
+CLIENT_READERS = "`runbell run`, `wait`, `tail`"
+
+
+def settings_table() -> str:
+    """The README's settings table, in Markdown: every RUNBELL_* variable, which side reads it, and its flag."""
+    rows = [("`$TOKEN`", "—", "you", TOKEN_DOC)]
+    for field, meaning in SETTINGS_DOC:
+        flag = flag_name(field)
+        rows.append((f"`{env_name(field)}`", f"`{flag}`" if flag else "env only", GATEWAY_READERS, meaning))
+    rows += [(f"`{name}`", "—", HOOK_READERS, meaning) for name, meaning in HOOK_SETTINGS_DOC]
+    rows += [(f"`{name}`", f"`{flag}`", CLIENT_READERS, meaning) for name, flag, meaning in CLIENT_SETTINGS_DOC]
+    rows += [(f"`{name}`", "—", readers, meaning) for name, readers, meaning in TOOLS_SETTINGS_DOC]
+    lines = ["| variable | flag | read by | meaning |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def without_password(url: str) -> str:
+    """A URL fit for a log line: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def startup_line(settings: Settings, redis_url: str, embedded: bool) -> str:
+    """What this gateway runs on, for the one log line at start: Redis, database, auth. No secrets."""
+    redis = f"the EMBEDDED development broker at {redis_url}" if embedded else f"Redis at {without_password(redis_url)}"
+    if settings.no_auth:
+        auth = "auth OFF (--no-auth)"
+    else:
+        auth = f"auth on ({len(settings.tokens)} tokens)"
+    return f"runbell gateway on {settings.host}:{settings.port}: {redis}; database {without_password(settings.database_url)}; {auth}"
+
+
 def load_settings(overrides: dict | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Settings from RUNBELL_* environment variables, then the non-None overrides (flags)."""
     env = os.environ if env is None else env
@@ -185,3 +304,9 @@ def is_loopback(host: str) -> bool:
 
 def _parse_bool(raw: str) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m runbell.service.settings --markdown  (prints the README's settings table)")
+    print(settings_table(), end="")

@@ -107,6 +107,8 @@ def test_serve_refuses_unsafe_settings(redis_url, namespace):
     open_auth = run_cli(["serve", "--no-auth", "--host", "0.0.0.0"], cli_env(redis_url, namespace))
     assert no_tokens.returncode == 64 and "RUNBELL_TOKENS" in no_tokens.stderr
     assert open_auth.returncode == 64 and "loopback" in open_auth.stderr
+    short_secret = run_cli(["serve", "--no-auth"], {**cli_env(redis_url, namespace), "RUNBELL_TOKEN_SECRET": "too-short"})
+    assert short_secret.returncode == 64 and "RUNBELL_TOKEN_SECRET must be at least 32 bytes" in short_secret.stderr
 
 
 def test_wait_and_tail_against_a_served_gateway(served, redis_url, namespace, tmp_path, redis_cleanup):
@@ -197,3 +199,34 @@ def test_run_reports_a_refusal_with_its_code(served):
     assert "airflow_not_configured" in done.stderr
     bad_conf = run_cli(["run", "etl", "--conf", "{", "--url", url], env)
     assert bad_conf.returncode == 64 and "not JSON" in bad_conf.stderr
+
+
+async def test_run_unpauses_a_paused_dag_only_when_asked(gateway_factory, stand_in_airflow):
+    import asyncio
+
+    from tests.conftest import PUBLISH_TOKEN
+
+    stand_in_airflow.dags["sleepy"] = {"dag_id": "sleepy", "is_paused": True}
+    gateway = await gateway_factory(airflow_url=stand_in_airflow.url)
+    env = {**os.environ, "RUNBELL_URL": gateway.url, "RUNBELL_TOKEN": PUBLISH_TOKEN}
+
+    refused = await asyncio.to_thread(run_cli, ["run", "sleepy", "--timeout", "1"], env)
+    assert refused.returncode == 64 and "dag_paused" in refused.stderr and "--unpause" in refused.stderr
+    assert stand_in_airflow.posts == [] and stand_in_airflow.dags["sleepy"]["is_paused"] is True
+
+    unpaused = await asyncio.to_thread(run_cli, ["run", "sleepy", "--timeout", "1", "--unpause"], env)
+    assert unpaused.returncode == 2, unpaused.stderr  # triggered, and still pending at the timeout
+    assert json.loads(unpaused.stdout)["status"] == "pending"
+    assert stand_in_airflow.dags["sleepy"]["is_paused"] is False and len(stand_in_airflow.posts) == 1
+
+
+def test_the_parser_loads_the_settings_model_only_for_serve():
+    """`runbell emit` runs on a hook-only install, which lacks what the settings model imports."""
+    probe = (
+        "import sys; from runbell.service.client import cli; "
+        "cli.build_parser().parse_args(['emit', '--dag', 'd', '--run', 'r', '--state', 'queued']); "
+        "assert 'runbell.service.settings' not in sys.modules and 'sqlalchemy' not in sys.modules; "
+        "cli.build_parser().parse_args(['serve', '--no-recorder']); assert 'runbell.service.settings' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

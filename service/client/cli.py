@@ -20,6 +20,8 @@ from runbell.service.client.exits import (
     EXIT_USAGE,
 )
 
+log = logging.getLogger("runbell.serve")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -30,20 +32,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.handler(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose arguments may be added only when it is used (`add_later`)."""
+
+    def __init__(self, *args, add_later=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_later = add_later
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_later is not None:
+            add, self._add_later = self._add_later, None
+            add(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _serve_flags(parser: argparse.ArgumentParser) -> None:
+    # The settings model imports gateway dependencies, which a hook-only install (`runbell emit`) lacks.
+    from runbell.service.settings import add_serve_flags
+
+    add_serve_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runbell", description="Push Airflow run outcomes to whoever waits on them.")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    serve = sub.add_parser("serve", help="run the gateway (settings: flags or RUNBELL_* environment variables)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--redis-url", dest="redis_url")
-    serve.add_argument("--database-url", dest="database_url")
-    serve.add_argument("--namespace")
-    serve.add_argument(
-        "--no-auth", dest="no_auth", action="store_true", default=None, help="turn auth off (refused unless bound to loopback)"
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway (settings: flags or RUNBELL_* environment variables)",
+        description="Run the gateway. Every setting is a flag or its RUNBELL_* environment variable (the flag wins); "
+        "tokens, secrets and Airflow's password and database URL are environment variables only.",
+        add_later=_serve_flags,
     )
-    serve.add_argument("--log-level", dest="log_level")
     serve.set_defaults(handler=cmd_serve)
 
     emit = sub.add_parser("emit", help="publish one event exactly as the Airflow hook would")
@@ -87,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("dag_id")
     run.add_argument("--conf", default="{}", help="the run's conf as JSON")
     run.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in all (default 300)")
+    run.add_argument("--unpause", action="store_true", help="unpause the DAG first if it is paused (else a paused DAG is refused)")
     run.add_argument("--url", default=os.environ.get("RUNBELL_URL", "http://127.0.0.1:8080"))
     run.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the publish role")
     run.set_defaults(handler=cmd_run)
@@ -110,17 +131,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runbell.service.http.app import create_app
     from runbell.service.http.server import serve
     from runbell.service.live.broker import resolve_redis
-    from runbell.service.settings import load_settings
+    from runbell.service.settings import load_settings, serve_overrides, startup_line
 
-    overrides = {k: getattr(args, k) for k in ("host", "port", "redis_url", "database_url", "namespace", "no_auth", "log_level")}
     try:
-        settings = load_settings(overrides)
+        settings = load_settings(serve_overrides(args))
         settings.check()
     except ValueError as exc:
         print(f"runbell serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redis_url, embedded = resolve_redis(settings.redis_url)
+    log.info("%s", startup_line(settings, redis_url, embedded is not None))
     app = create_app(settings.model_copy(update={"redis_url": redis_url}), embedded=embedded)
     serve(app, settings)
     return EXIT_SUCCESS
@@ -183,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"runbell run: --conf is not JSON: {exc}", file=sys.stderr)
         return EXIT_USAGE
     with RunbellClient(args.url, args.token) as client:
-        return run_command(client, args.dag_id, conf, args.timeout)
+        return run_command(client, args.dag_id, conf, args.timeout, unpause=args.unpause)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

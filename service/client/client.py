@@ -303,6 +303,7 @@ def trigger_flow(
     note: str | None,
     idempotency_key: str | None,
     wait: float,
+    unpause: bool = False,
 ) -> Flow[Triggered]:
     body: dict[str, Any] = {
         "conf": conf or {},
@@ -316,7 +317,8 @@ def trigger_flow(
     headers = {"Prefer": f"wait={wait:g}"}
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
-    call = Call("POST", dag_path(dag_id), json=body, headers=headers, hold=wait, retry_safe=bool(idempotency_key))
+    params = {"unpause": "true"} if unpause else {}  # a paused DAG is refused (409 dag_paused) unless so asked
+    call = Call("POST", dag_path(dag_id), params=params, json=body, headers=headers, hold=wait, retry_safe=bool(idempotency_key))
     response = yield from send(call)
     if response.status_code not in (200, 202):
         raise error_from(response)
@@ -541,11 +543,21 @@ class RunbellClient(_Base):
         note: str | None = None,
         idempotency_key: str | None = None,
         wait: float = 0,
+        unpause: bool = False,
     ) -> Triggered:
-        """Start a run; with `wait`, hold up to that long (capped by the gateway) for its outcome.
-        Retried on a lost connection only with an idempotency_key."""
+        """Start a run; with `wait`, hold up to that long (capped by the gateway) for its outcome;
+        with `unpause`, unpause a paused DAG first. Retried on a lost connection only with an idempotency_key."""
         return self._drive(
-            trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=logical_date, note=note, idempotency_key=idempotency_key, wait=wait)
+            trigger_flow(
+                dag_id,
+                conf=conf,
+                run_id=run_id,
+                logical_date=logical_date,
+                note=note,
+                idempotency_key=idempotency_key,
+                wait=wait,
+                unpause=unpause,
+            )
         )
 
     def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX) -> Outcome:
@@ -637,9 +649,19 @@ class AsyncRunbellClient(_Base):
         note: str | None = None,
         idempotency_key: str | None = None,
         wait: float = 0,
+        unpause: bool = False,
     ) -> Triggered:
         return await self._drive(
-            trigger_flow(dag_id, conf=conf, run_id=run_id, logical_date=logical_date, note=note, idempotency_key=idempotency_key, wait=wait)
+            trigger_flow(
+                dag_id,
+                conf=conf,
+                run_id=run_id,
+                logical_date=logical_date,
+                note=note,
+                idempotency_key=idempotency_key,
+                wait=wait,
+                unpause=unpause,
+            )
         )
 
     async def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX) -> Outcome:

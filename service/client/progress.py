@@ -226,7 +226,14 @@ class RunProgress:
 
 
 def run_command(
-    client: RunbellClient, dag_id: str, conf: dict | None, timeout: float, stream: TextIO = sys.stderr, out: TextIO = sys.stdout
+    client: RunbellClient,
+    dag_id: str,
+    conf: dict | None,
+    timeout: float,
+    stream: TextIO = sys.stderr,
+    out: TextIO = sys.stdout,
+    *,
+    unpause: bool = False,
 ) -> int:
     """Trigger the run, show its progress on `stream` until its outcome or `timeout` seconds, print
     the outcome (or the pending answer) as JSON on `out`. Exit 0 success, 1 failed, 2 still pending,
@@ -234,12 +241,14 @@ def run_command(
     deadline = time.monotonic() + timeout
     try:
         # A key of our own: a POST retried after a lost answer cannot start a second run.
-        triggered = client.trigger(dag_id, conf=conf, idempotency_key=uuid.uuid4().hex)
+        triggered = client.trigger(dag_id, conf=conf, idempotency_key=uuid.uuid4().hex, unpause=unpause)
         progress = RunProgress(stream, dag_id, triggered.run_id)
         progress.begin()
         body = outcome_body(client, progress, triggered, deadline)
     except RunbellError as error:
         print(f"runbell run: {error.message} ({error.code})", file=stream)
+        if error.code == "dag_paused":  # the message names the HTTP API's ?unpause=true
+            print("runbell run: or run again with --unpause", file=stream)
         return EXIT_USAGE
     progress.finish(body)
     print(json.dumps(body, indent=2), file=out)

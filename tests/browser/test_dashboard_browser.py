@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium against a real `runbell serve`.
 
 Events are published the way the hook publishes them (runbell.listeners.publisher into the gateway's
-namespace); the page must show them: runs appear in the table, the run view's tasks and outcome
+namespace); the page must show them: runs appear in the table (the README's screenshot,
+tests/browser/dashboard.png, is taken here), the run view's tasks and outcome
 change live, a reload shows the same, and after the gateway is stopped (SIGTERM, then SIGKILL) and
 started again on the same port the page carries on by itself, every event shown exactly once.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import threading
 import time
@@ -26,6 +28,7 @@ from runbell.listeners.publisher import Publisher, emit
 from tests.browser.conftest import read_console, save_screenshot
 
 WAIT_SECONDS = 20  # the longest any one change may take to show
+README_SCREENSHOT = Path(__file__).resolve().parent / "dashboard.png"  # the README shows it; committed
 
 
 @pytest.fixture
@@ -175,7 +178,7 @@ def test_runs_appear_and_a_run_goes_live_through_reload_and_restarts(browser, se
         lambda runs: "late2" in runs.split(","),
         "a run published while the table is open",
     )
-    screenshot(browser, "dashboard.png")
+    shutil.copy(screenshot(browser, "dashboard.png"), README_SCREENSHOT)
 
     # A row opens the run view; what happened so far is replayed.
     browser.find_element("css selector", "#runs tbody tr[data-run='r1']").click()
@@ -413,3 +416,26 @@ def test_the_page_asks_for_a_token_and_uses_it(browser, served_gateway, publishe
     assert "token" not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('runbell.token')") == READ_TOKEN
     no_script_errors(browser)
+
+
+def test_the_readme_eventsource_block_runs_in_a_browser(browser, served_gateway, publisher):
+    from tests.conftest import READ_TOKEN, TOKENS
+    from tests.readme_blocks import code_blocks
+
+    (block,) = code_blocks("js")
+    gateway = served_gateway(auth=True, RUNBELL_TOKENS=TOKENS)
+    run_id = "manual__2026-05-01T12:00:00+00:00_readme02"
+    emit("answer_question", run_id, "running", task_id="answer", try_number=1, publisher=publisher)
+    browser.get(gateway.url + "/healthz")  # a page of the gateway's origin, with nothing else on it
+    browser.execute_script(
+        "window.logged = []; console.log = (...args) => window.logged.push(args);window.runId = arguments[0]; window.token = arguments[1];",
+        run_id,
+        READ_TOKEN,
+    )
+    browser.execute_script(block)
+    logged = "window.logged.map(([kind, data]) => `${kind}:${data.state || data.status}`).join()"
+    wait_for(browser, logged, lambda text: text == "task:running", "the task event replayed")
+    emit("answer_question", run_id, "success", task_id="answer", try_number=1, result_task=True, result={"answer": 42}, publisher=publisher)
+    emit("answer_question", run_id, "success", publisher=publisher)
+    wait_for(browser, logged, lambda text: text == "task:running,task:success,outcome:success", "the outcome, live")
+    assert browser.execute_script("return window.logged[2][1].result") == {"answer": 42}
