@@ -230,6 +230,11 @@ TOOLS_SETTINGS_DOC: list[tuple[str, str, str]] = [
     ("RUNBELL_TEST_POSTGRES_URL", "tests", "the PostgreSQL server the tests make their databases on"),
     ("RUNBELL_CHROMIUM", "tests/browser", "the Chromium binary (default /usr/bin/chromium)"),
     ("RUNBELL_CHROMEDRIVER", "tests/browser", "its chromedriver (default /usr/bin/chromedriver)"),
+    (
+        "RUNBELL_UPDATE_SCREENSHOT",
+        "tests/browser",
+        "set: the dashboard test also writes the README's screenshot (tests/browser/dashboard.png)",
+    ),
 ]
 
 TOKEN_DOC = (
