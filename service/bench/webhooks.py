@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 import httpx
 
 from runbell.listeners.publisher import Publisher, emit
@@ -62,7 +63,7 @@ class FastReceiver:
 
     async def until(self, run_ids: set[str], timeout: float = 120.0) -> None:
         """Until a webhook for each of these runs has arrived (others may come too: earlier runs)."""
-        async with asyncio.timeout(timeout):  # type: ignore[attr-defined]  # asyncio.timeout is Python 3.11+: this breaks on 3.10, which requires-python allows
+        with anyio.fail_after(timeout):  # anyio: asyncio.timeout is Python 3.11+, and requires-python allows 3.10
             while not run_ids <= self.arrivals.keys():
                 self.changed.clear()
                 await self.changed.wait()
