@@ -31,6 +31,9 @@ from typing import Any
 import pluggy
 
 from runbell.bus.schema import (
+    ALIASES_MAX,
+    HOST_MAX,
+    MSG_MAX,
     AssetEvent,
     AssetInfo,
     ErrorInfo,
@@ -41,6 +44,7 @@ from runbell.bus.schema import (
     RunState,
     Source,
     TaskState,
+    truncate,
 )
 from runbell.listeners import propagation
 from runbell.listeners.publisher import (
@@ -53,9 +57,8 @@ from runbell.listeners.publisher import (
 hookimpl = pluggy.HookimplMarker("airflow")
 log = logging.getLogger("runbell.hook")
 
-_HOST = socket.gethostname()
+_HOST = socket.gethostname()[:HOST_MAX]
 _RETURN_KEY = "return_value"
-_MAX_ALIASES = 100
 _logged: set[str] = set()
 _emitted_hook: bool | None = None  # whether this Airflow has on_asset_event_emitted (3.2+)
 
@@ -146,7 +149,7 @@ def _run_event(dag_run: Any, state: RunState, msg: str | None) -> Event:
         logical_date=_iso(getattr(dag_run, "logical_date", None)),
         run_after=_iso(getattr(dag_run, "run_after", None)),
         backfill_id=_text(getattr(dag_run, "backfill_id", None)),
-        msg=str(msg) if msg else None,
+        msg=truncate(str(msg), MSG_MAX) if msg else None,  # bounded like an error message
     )
 
 
@@ -171,7 +174,7 @@ def _asset_event(asset: Any, publisher: Publisher, emitted: Any = None) -> Asset
     if emitted is None:
         return AssetEvent(asset=info, source=Source.HOOK, host=_HOST)
     map_index = getattr(emitted, "source_map_index", None)
-    aliases = [_text(getattr(a, "name", a)) for a in (getattr(emitted, "source_aliases", None) or [])[:_MAX_ALIASES]]
+    aliases = [_text(getattr(a, "name", a)) for a in (getattr(emitted, "source_aliases", None) or [])[:ALIASES_MAX]]
     return AssetEvent(
         asset=info,
         source_dag_id=_text(getattr(emitted, "source_dag_id", None)),

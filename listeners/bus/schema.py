@@ -16,14 +16,56 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Final, Literal, TypeVar, Union
+from typing import Annotated, Any, Final, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 SCHEMA_VERSION: Final = 1
+
+# Every field the store keeps is bounded here, so that an event the gateway accepts is one every
+# store can hold (issue 11: one event the store refused stopped the recorder for good).
 ID_MAX = 250  # dag_id, run_id, task_id: Airflow's own limit
+EVENT_ID_MAX = 64
 ERROR_MESSAGE_MAX = 2000
+ERROR_TYPE_MAX = 250
+MSG_MAX = ERROR_MESSAGE_MAX
+STATE_MAX = 16  # the store's state columns
+RUN_TYPE_MAX = 64  # the store's run_type column
+HOST_MAX = 255  # a host name
+DATE_MAX = 64  # an ISO 8601 time as text
+INT_MAX: Final = 2**31 - 1  # PostgreSQL's INTEGER (SQLite's holds 64 bits): map_index, try_number
+SIZE_MAX: Final = 2**53 - 1  # sizes live in JSON only: the largest integer every JSON reader keeps exactly
+TS_MIN: Final = -62135596800.0  # 0001-01-01T00:00:00Z: times are held to years 1 to 9999 in UTC,
+TS_MAX: Final = 253402300799.0  # 9999-12-31T23:59:59Z  what Python's datetime (so both stores) can hold
+# No control characters in ids and names: PostgreSQL cannot hold NUL in text, and the rest would land
+# in logs, headers and file names. Free text (messages, results) may hold anything: it is kept as JSON.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
+
+
+def _utc_time(text: str) -> str:
+    """Time text the store reads (ISO 8601, no zone meaning UTC) must lie in years 1 to 9999 in UTC."""
+    value = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    moment = datetime.fromisoformat(value)  # ValueError when it is not ISO 8601
+    try:
+        moment.astimezone(timezone.utc)  # a naive time is UTC; an offset may push it out of range
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside years 1 to 9999 in UTC") from None
+    return text
+
+
+# Ids and names: bounded, without control characters.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX, pattern=NO_CONTROL_CHARACTERS)]
+EventId = Annotated[str, StringConstraints(min_length=1, max_length=EVENT_ID_MAX, pattern=NO_CONTROL_CHARACTERS)]
+Name = Annotated[str, StringConstraints(max_length=ID_MAX, pattern=NO_CONTROL_CHARACTERS)]
+HostName = Annotated[str, StringConstraints(max_length=HOST_MAX, pattern=NO_CONTROL_CHARACTERS)]
+RunType = Annotated[str, StringConstraints(max_length=RUN_TYPE_MAX, pattern=NO_CONTROL_CHARACTERS)]
+Timestamp = Annotated[float, Field(ge=TS_MIN, le=TS_MAX, allow_inf_nan=False)]  # seconds since the epoch
+TimeText = Annotated[str, Field(max_length=DATE_MAX), AfterValidator(_utc_time)]
+MapIndex = Annotated[int, Field(ge=-1, le=INT_MAX)]
+TryNumber = Annotated[int, Field(ge=0, le=INT_MAX)]
+Size = Annotated[int, Field(ge=0, le=SIZE_MAX)]
 
 
 class EventKind(str, Enum):
@@ -62,25 +104,25 @@ class Source(str, Enum):
 
 
 class ErrorInfo(BaseModel):
-    type: str
-    message: str
+    type: str = Field(max_length=ERROR_TYPE_MAX)
+    message: str = Field(max_length=ERROR_MESSAGE_MAX)
 
     @classmethod
     def from_exception(cls, error: BaseException | str | None) -> ErrorInfo:
         if error is None:
             return cls(type="unknown", message="")
         if isinstance(error, BaseException):
-            return cls(type=type(error).__name__, message=truncate(str(error)))
+            return cls(type=truncate(type(error).__name__, ERROR_TYPE_MAX), message=truncate(str(error)))
         return cls(type="error", message=truncate(str(error)))
 
 
 class ResultRef(BaseModel):
     """Where a result too large for the bus can be read (Airflow's XCom endpoint)."""
 
-    dag_id: str
-    run_id: str
-    task_id: str
-    map_index: int = -1
+    dag_id: Id
+    run_id: Id
+    task_id: Id
+    map_index: MapIndex = -1
 
 
 class Result(BaseModel):
@@ -88,7 +130,7 @@ class Result(BaseModel):
 
     value: Any = None
     ref: ResultRef | None = None
-    size: int = 0  # bytes of the JSON-encoded value
+    size: Size = 0  # bytes of the JSON-encoded value
 
     @property
     def is_ref(self) -> bool:
@@ -99,28 +141,28 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     v: Literal[1] = SCHEMA_VERSION
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    id: EventId = Field(default_factory=lambda: uuid.uuid4().hex)
     kind: EventKind
-    dag_id: str = Field(min_length=1, max_length=ID_MAX)
-    run_id: str = Field(min_length=1, max_length=ID_MAX)
-    state: str
-    ts: float = Field(default_factory=time.time)
+    dag_id: Id
+    run_id: Id
+    state: str = Field(max_length=STATE_MAX)
+    ts: Timestamp = Field(default_factory=time.time)
     source: Source = Source.HOOK
-    host: str | None = None
+    host: HostName | None = None
     # task events
-    task_id: str | None = Field(default=None, max_length=ID_MAX)
-    map_index: int = -1
-    try_number: int | None = None
+    task_id: Id | None = None
+    map_index: MapIndex = -1
+    try_number: TryNumber | None = None
     result_task: bool = False  # this task's value is the run's result
     critical: bool = False  # a terminal failure of this task decides the run as failed
     result: Result | None = None
     error: ErrorInfo | None = None
     # run events
-    run_type: str | None = None
-    logical_date: str | None = None
-    run_after: str | None = None
-    backfill_id: str | None = None
-    msg: str | None = None
+    run_type: RunType | None = None
+    logical_date: TimeText | None = None
+    run_after: TimeText | None = None
+    backfill_id: Name | None = None
+    msg: str | None = Field(default=None, max_length=MSG_MAX)
 
     @model_validator(mode="after")
     def _state_fits_kind(self) -> Event:
@@ -148,6 +190,8 @@ class Event(BaseModel):
 
 ASSET_KIND: Final = "asset"
 ASSET_NAME_MAX = 1500  # Airflow's limit on an asset's name and uri
+ALIASES_MAX = 100
+AssetText = Annotated[str, StringConstraints(max_length=ASSET_NAME_MAX, pattern=NO_CONTROL_CHARACTERS)]
 
 
 class AssetInfo(BaseModel):
@@ -155,9 +199,9 @@ class AssetInfo(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    name: str = Field(min_length=1, max_length=ASSET_NAME_MAX)
-    uri: str | None = Field(default=None, max_length=ASSET_NAME_MAX)
-    group: str | None = Field(default=None, max_length=ASSET_NAME_MAX)
+    name: Annotated[AssetText, Field(min_length=1)]
+    uri: AssetText | None = None
+    group: AssetText | None = None
 
 
 class AssetEvent(BaseModel):
@@ -166,23 +210,23 @@ class AssetEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     v: Literal[1] = SCHEMA_VERSION
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    id: EventId = Field(default_factory=lambda: uuid.uuid4().hex)
     kind: Literal["asset"] = ASSET_KIND
     asset: AssetInfo
     extra: dict[str, Any] | None = None  # the event's extra; None (left out on the wire) when larger than the cap
-    extra_size: int = 0  # bytes of the JSON-encoded extra
+    extra_size: Size = 0  # bytes of the JSON-encoded extra
     extra_truncated: bool = False  # the extra was larger than the cap and is not carried
     # Where Airflow says the event came from (a task's outlet); all None for an event made otherwise
     # (the REST API, or a hook that knew only the asset).
-    source_dag_id: str | None = Field(default=None, max_length=250)
-    source_run_id: str | None = Field(default=None, max_length=250)
-    source_task_id: str | None = Field(default=None, max_length=ID_MAX)
-    source_map_index: int | None = None
-    partition_key: str | None = None
-    aliases: list[str] = Field(default_factory=list)  # names of the asset aliases it came through
-    ts: float = Field(default_factory=time.time)
+    source_dag_id: Id | None = None
+    source_run_id: Id | None = None
+    source_task_id: Id | None = None
+    source_map_index: MapIndex | None = None
+    partition_key: AssetText | None = None
+    aliases: list[AssetText] = Field(default_factory=list, max_length=ALIASES_MAX)  # names of the asset aliases it came through
+    ts: Timestamp = Field(default_factory=time.time)
     source: Source = Source.HOOK
-    host: str | None = None
+    host: HostName | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
@@ -255,15 +299,14 @@ def _validated(model: type[_AnyEnvelope], data: dict[str, Any]) -> _AnyEnvelope:
         envelope = model.model_validate(data)
     except ValidationError as exc:
         raise BadEvent("schema", str(exc.errors(include_url=False)[:3])[:300]) from None
-    event = envelope.event
-    free_form = event.extra if isinstance(event, AssetEvent) else event.result
-    if free_form is not None:
-        # A value nested deeper than pydantic encodes (no publisher can have sent it: it encodes
-        # before it publishes) would fail later wherever the event is encoded: the store, SSE, a 200.
-        try:
-            event.to_json()
-        except ValueError as exc:
-            raise BadEvent("depth", str(exc)[:200]) from None
+    # An event that cannot be encoded again (no publisher can have sent it: it encodes before it
+    # publishes) would fail later wherever it is encoded: the store, SSE, a 200. Two ways: a value
+    # nested deeper than pydantic encodes, or a lone surrogate (json.loads reads "\\ud800").
+    try:
+        envelope.event.to_json()
+    except ValueError as exc:
+        reason = "schema" if isinstance(exc.__cause__ or exc.__context__, UnicodeError) or "surrogate" in str(exc) else "depth"
+        raise BadEvent(reason, str(exc)[:200]) from None
     return envelope
 
 
