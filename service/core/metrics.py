@@ -26,6 +26,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.recorder_dead_letters = Counter(
+            "runbell_recorder_dead_letters_total",
+            "Global stream entries the store refused on their own, moved to the dead-letter table and acknowledged",
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "runbell_delivery_latency_seconds",
             "Event timestamp (publisher clock) to hand-off to local subscribers",

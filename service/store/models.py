@@ -6,6 +6,7 @@ store package owns it; webhooks/ and the recorder write through these classes.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -52,7 +53,41 @@ class UTCDateTime(TypeDecorator[datetime]):
         return clock.as_utc(value)
 
 
-JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+WRAPPED_JSON_KEY = "$runbell.json"
+
+
+class StoredJSON(TypeDecorator[Any]):
+    """JSON (jsonb on PostgreSQL) that keeps every value exactly, NUL characters included.
+
+    PostgreSQL's jsonb refuses ``\\u0000`` in any string, and a task's result or an error message may
+    hold one. Such a value is stored as ``{"$runbell.json": "<its JSON text>"}``: in that text the NUL
+    is the six characters of its escape, which jsonb keeps, and reading unwraps it. A value that would
+    itself read as a wrapper is wrapped too, so that every value comes back as it went in.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        return dialect.type_descriptor(postgresql.JSONB() if dialect.name == "postgresql" else JSON())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        text = json.dumps(value)
+        if "\\u0000" in text or _looks_wrapped(value):  # also a literal backslash-u0000: wrapping is harmless
+            return {WRAPPED_JSON_KEY: text}
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return json.loads(value[WRAPPED_JSON_KEY]) if _looks_wrapped(value) else value
+
+
+def _looks_wrapped(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(WRAPPED_JSON_KEY), str)
+
+
+JSONType = StoredJSON()
 
 
 class Base(DeclarativeBase):
@@ -170,6 +205,24 @@ class WebhookAttemptRow(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     response_body: Mapped[str | None] = mapped_column(Text)
+
+
+class DeadLetterRow(Base):
+    """A stream entry the store refused on its own (migration 0005): kept, with why, until re-driven."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (UniqueConstraint("event_id", name="uq_dead_letters_event_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(KEY_LENGTH))  # the event's id: a re-delivered entry is one row
+    stream_id: Mapped[str | None] = mapped_column(String(KEY_LENGTH))  # None: read from the run's replay log
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    payload: Mapped[str] = mapped_column(Text)  # the envelope JSON as it came off the bus
+    error: Mapped[str] = mapped_column(Text)  # why the store refused it, the last time it was tried
+    attempts: Mapped[int] = mapped_column(Integer)
+    dead_lettered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 # __table__ is typed FromClause; a declarative model's is a Table.

@@ -8,6 +8,10 @@ re-delivers it (to this consumer on restart, or to another one through XAUTOCLAI
 The global stream is capped and publishers may fail between their two writes, so it can miss
 events: when an envelope's seq jumps past what the store has for its run, the missing range is read
 from the run's replay log first.
+
+One entry the store refuses never stops the recording: the batch is bisected, the rest recorded, and
+that entry moved to the dead-letter table (runbell.service.store.dead_letters). An outage of the
+database is retried with backoff instead, its entries left pending.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from runbell.bus import keys
 from runbell.bus.schema import BadEvent, Envelope, decode_envelope
 from runbell.service.core.loops import Backoff, Once, Supervised
 from runbell.service.core.metrics import Metrics
+from runbell.service.store.dead_letters import DeadLetters, Letter
 from runbell.service.store.store import RunKey, Store
 
 log = logging.getLogger("runbell.recorder")
@@ -34,6 +39,7 @@ COUNT = 200
 CLAIM_IDLE_MS = 60_000  # an entry unacknowledged this long belongs to a dead consumer
 CLAIM_INTERVAL_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 5.0
+STREAM_SEQ_MAX = 2**64 - 1  # the sequence part of a Redis stream id
 
 Entry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns them
 
@@ -74,6 +80,7 @@ class Recorder:
         self._skipped = Once(log)
         self.decode_errors: Counter[str] = self._skipped.counts  # malformed entries skipped, by reason
         self.metrics = metrics  # runbell_recorder_skipped_total counts them too
+        self.dead_letters = DeadLetters(store, metrics)
         self._group_ready = False
         self._own_pending_done = False  # re-read after start and after every failed step
         self._claim_cursor = "0-0"
@@ -147,15 +154,15 @@ class Recorder:
     # -- recording ------------------------------------------------------------------------------
 
     async def _handle(self, entries: list[Entry]) -> int:
-        envelopes = [envelope for _, fields in entries if (envelope := self._decode(fields))]
-        if envelopes:
-            missing = await self._fill_gaps(envelopes)
-            await self.store.record(missing + envelopes)
+        letters = [letter for entry_id, fields in entries if (letter := self._decode(fields, _text(entry_id)))]
+        if letters:
+            missing = await self._fill_gaps([letter.envelope for letter in letters])
+            await self.dead_letters.record(missing + letters)  # raises on an outage: nothing acknowledged
         if entries:
             await self.redis.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
         return len(entries)
 
-    def _decode(self, fields: dict[Any, Any] | None) -> Envelope | None:
+    def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | None:
         if not fields:
             return None  # the entry was trimmed or deleted while pending: nothing to record
         raw = fields.get(b"env", fields.get("env"))
@@ -163,7 +170,7 @@ class Recorder:
             self._bad("field", "no 'env' field")
             return None
         try:
-            return decode_envelope(raw)
+            return Letter(decode_envelope(raw), _payload(raw), stream_id)
         except BadEvent as exc:
             self._bad(exc.reason, str(exc))
             return None
@@ -173,14 +180,14 @@ class Recorder:
             self.metrics.recorder_skipped.labels(reason).inc()
         self._skipped(reason, "recorder: skipping malformed entries (%s): %s", reason, detail[:300])
 
-    async def _fill_gaps(self, envelopes: list[Envelope]) -> list[Envelope]:
+    async def _fill_gaps(self, envelopes: list[Envelope]) -> list[Letter]:
         """Envelopes missing between the store's last seq of each run and the seqs in this batch,
         read from the runs' replay logs (whatever of them is still there)."""
         seqs: dict[RunKey, set[int]] = defaultdict(set)
         for envelope in envelopes:
             seqs[(envelope.event.dag_id, envelope.event.run_id)].add(envelope.seq)
         stored = await self.store.last_seqs(seqs)
-        missing: list[Envelope] = []
+        missing: list[Letter] = []
         for run, run_seqs in seqs.items():
             for first, last in gaps(stored.get(run, 0), run_seqs):
                 found = await self._read_log(run, first, last)
@@ -188,10 +195,13 @@ class Recorder:
                 log.info("recorder: %s/%s: seq %d-%d missing from the stream, %d found in the replay log", *run, first, last, len(found))
         return missing
 
-    async def _read_log(self, run: RunKey, first: int, last: int) -> list[Envelope]:
+    async def _read_log(self, run: RunKey, first: int, last: int) -> list[Letter]:
         log_key = keys.run_keys(self.namespace, *run).log
+        last = min(last, STREAM_SEQ_MAX)  # a seq beyond a stream id's (a bad entry) is no Redis error
+        if first > last:
+            return []
         entries = await self.redis.xrange(log_key, min=f"0-{first}", max=f"0-{last}")
-        return [envelope for _, fields in entries if (envelope := self._decode(fields))]  # type: ignore[union-attr]  # xreadgroup returns a list here (typed Optional)
+        return [letter for _, fields in entries if (letter := self._decode(fields))]  # type: ignore[union-attr]  # xreadgroup returns a list here (typed Optional)
 
 
 def gaps(last_stored: int, seqs: set[int]) -> list[tuple[int, int]]:
@@ -213,6 +223,12 @@ def _stream_entries(reply: Any) -> list[Entry]:
         entries = next(iter(reply.values()))
         return entries[0] if entries and isinstance(entries[0], list) else entries
     return reply[0][1]  # RESP2: [[stream, entries]]
+
+
+def _payload(raw: bytes | str) -> str:
+    """The entry as text for the dead-letter table (it decoded as JSON: UTF-8, any NUL escaped)."""
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
+    return text.replace("\x00", "\\x00")  # JSON in UTF-16, which json.loads reads too
 
 
 def _text(value: Any) -> str:

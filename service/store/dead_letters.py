@@ -1,0 +1,224 @@
+"""Dead letters: the entries the store refuses on their own, kept aside so that recording goes on.
+
+The schema bounds what the store keeps, so an accepted event should always be storable; this is the
+net under that rule. When a batch fails with an error about its data, the recorder bisects it:
+every part that records is recorded, and an entry that fails alone, while the database answers, is
+moved here with its payload, stream id and error, counted, and acknowledged.
+
+An outage is not poison: the database down, unreachable, full, read-only, restarting, or a lock or
+serialization conflict fails every entry alike, so its errors are raised for the recorder to retry
+with backoff, entries left pending. Before an entry is dead-lettered the database must answer a
+ping, so an outage that surfaces as an unexpected error does not empty the stream into this table.
+
+A re-drive records a dead letter through the same path; if it fails again it stays, with the new error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, SQLAlchemyError, StatementError
+
+from runbell.bus.schema import ERROR_MESSAGE_MAX, BadEvent, Envelope, decode_envelope, truncate
+from runbell.service.core import clock
+from runbell.service.core.metrics import Metrics
+from runbell.service.store.models import DeadLetterRow, dialect_insert
+from runbell.service.store.store import Store
+
+log = logging.getLogger("runbell.dead_letters")
+
+# SQLSTATE classes that say the database cannot be used now, whatever is written: connection (08),
+# invalid transaction state (25: read-only after a failover), invalid authorization (28), no such
+# database (3D), transaction rollback (40: serialization, deadlock), insufficient resources (53: disk
+# full), object not in prerequisite state (55: lock not available), operator intervention (57:
+# shutdown, cancelled), system error (58), internal error (XX).
+OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "25", "28", "3D", "40", "53", "55", "57", "58", "XX"})
+
+
+@dataclass(frozen=True)
+class Letter:
+    """An entry to record: the envelope, its payload as it came off the bus, and its stream id."""
+
+    envelope: Envelope
+    payload: str
+    stream_id: str | None = None  # None: read from the run's replay log
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    event_id: str
+    stream_id: str | None
+    dag_id: str
+    run_id: str
+    seq: int | None
+    payload: str
+    error: str
+    attempts: int
+    dead_lettered_at: datetime
+    last_attempt_at: datetime
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be used now (retry later), rather than that the
+    data written was refused (poison, if one entry fails alone)."""
+    if isinstance(exc, (OSError, asyncio.TimeoutError)):  # refused, reset, timed out
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError, InternalError)):
+            return True
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(state, str) and state[:2] in OUTAGE_SQLSTATE_CLASSES
+    if isinstance(exc, StatementError):  # an error raised while the statement was made: its cause decides
+        return exc.orig is not None and is_outage(exc.orig)
+    return isinstance(exc, SQLAlchemyError)  # the pool's TimeoutError, a closed engine, ...
+
+
+def error_text(exc: BaseException) -> str:
+    """The error as kept and shown: bounded, and without NUL (PostgreSQL's text cannot hold it)."""
+    return truncate(f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00"), ERROR_MESSAGE_MAX)
+
+
+class DeadLetters:
+    """Records letters, isolating the poison among them, and keeps the dead letters of ``store``."""
+
+    def __init__(self, store: Store, metrics: Metrics | None = None):
+        self.store = store
+        self.metrics = metrics  # runbell_recorder_dead_letters_total
+
+    # -- recording ------------------------------------------------------------------------------
+
+    async def record(self, letters: Sequence[Letter]) -> int:
+        """Record the letters; dead-letter each that fails on its own. Returns how many were
+        dead-lettered. Raises on an outage (nothing is dead-lettered then)."""
+        if not letters:
+            return 0
+        error = await self._try_record(letters)
+        if error is None:
+            return 0
+        if len(letters) == 1:
+            await self._dead_letter(letters[0], error)
+            return 1
+        middle = len(letters) // 2
+        return await self.record(letters[:middle]) + await self.record(letters[middle:])
+
+    async def _try_record(self, letters: Sequence[Letter]) -> BaseException | None:
+        """None when recorded; the error when the store refused the data. Raises on an outage."""
+        try:
+            await self.store.record([letter.envelope for letter in letters])
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            return exc
+        return None
+
+    async def _dead_letter(self, letter: Letter, error: BaseException) -> None:
+        await self.store.ping()  # raises if the database is gone: then it is an outage, not this entry
+        event = letter.envelope.event
+        now = clock.now()
+        error_shown = error_text(error)
+        row: dict[str, object] = dict(
+            event_id=event.id,
+            stream_id=letter.stream_id,
+            dag_id=event.dag_id,
+            run_id=event.run_id,
+            payload=letter.payload,
+            error=error_shown,
+            attempts=1,
+            dead_lettered_at=now,
+            last_attempt_at=now,
+        )
+        async with self.store._transaction(write=True) as conn:
+            insert = dialect_insert(conn, DeadLetterRow).values(row)
+            # A re-delivered entry (a crash before its ack) is the same dead letter, tried once more.
+            await conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[DeadLetterRow.event_id],
+                    set_=dict(
+                        stream_id=insert.excluded.stream_id,
+                        payload=insert.excluded.payload,
+                        error=insert.excluded.error,
+                        attempts=DeadLetterRow.attempts + 1,
+                        last_attempt_at=insert.excluded.last_attempt_at,
+                    ),
+                )
+            )
+        if self.metrics is not None:
+            self.metrics.recorder_dead_letters.inc()
+        log.warning(
+            "recorder: dead-lettered event %s of %s/%s seq %d (stream entry %s): %s",
+            event.id,
+            event.dag_id,
+            event.run_id,
+            letter.envelope.seq,
+            letter.stream_id,
+            error_shown[:300],
+        )
+
+    # -- reading and re-driving -----------------------------------------------------------------
+
+    async def list(self, *, after: int = 0, limit: int = 50) -> list[DeadLetter]:
+        """Dead letters with id > after, oldest first."""
+        query = select(DeadLetterRow).where(DeadLetterRow.id > after).order_by(DeadLetterRow.id).limit(limit)
+        async with self.store.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_dead_letter(row) for row in rows]
+
+    async def get(self, letter_id: int) -> DeadLetter | None:
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(select(DeadLetterRow).where(DeadLetterRow.id == letter_id))).first()
+        return None if row is None else _dead_letter(row)
+
+    async def count(self) -> int:
+        async with self.store.engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(DeadLetterRow))).scalar_one())
+
+    async def redrive(self, letter: DeadLetter) -> DeadLetter | None:
+        """Record the dead letter again. None when it is recorded now (and gone from the table); else
+        the dead letter with the new error. Raises on an outage."""
+        error: BaseException | None
+        try:
+            envelope = decode_envelope(letter.payload)
+        except BadEvent as exc:  # the schema changed since: it cannot be recorded as it is
+            error = exc
+        else:
+            error = await self._try_record([Letter(envelope, letter.payload, letter.stream_id)])
+        async with self.store._transaction(write=True) as conn:
+            if error is None:
+                await conn.execute(delete(DeadLetterRow).where(DeadLetterRow.id == letter.id))
+                return None
+            values = dict(error=error_text(error), attempts=letter.attempts + 1, last_attempt_at=clock.now())
+            await conn.execute(update(DeadLetterRow).where(DeadLetterRow.id == letter.id).values(**values))
+        return DeadLetter(**{**letter.__dict__, **values})
+
+
+def _dead_letter(row: Any) -> DeadLetter:
+    return DeadLetter(
+        id=row.id,
+        event_id=row.event_id,
+        stream_id=row.stream_id,
+        dag_id=row.dag_id,
+        run_id=row.run_id,
+        seq=_seq(row.payload),
+        payload=row.payload,
+        error=row.error,
+        attempts=row.attempts,
+        dead_lettered_at=row.dead_lettered_at,
+        last_attempt_at=row.last_attempt_at,
+    )
+
+
+def _seq(payload: str) -> int | None:
+    """The envelope's seq, read from the payload (it may be the value the store refused)."""
+    try:
+        seq: Any = json.loads(payload).get("seq")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
