@@ -1,4 +1,4 @@
-"""The `runbell` command: serve, emit, wait, tail.
+"""The `runbell` command: serve, emit, wait, tail, run, bench, dead-letters.
 
 `emit` works with the base install (the hook side, e.g. inside an Airflow environment); the others
 need the gateway extra and import it only when called.
@@ -112,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the publish role")
     run.set_defaults(handler=cmd_run)
 
+    dead = sub.add_parser("dead-letters", help="list or re-drive the recorder's dead letters (admin token)")
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    listing = dead_sub.add_parser("list", help="the dead letters, oldest first, as JSON")
+    listing.add_argument("--after", type=int, default=0, help="only those with a larger id (next_after of a previous page)")
+    listing.add_argument("--limit", type=int, default=50)
+    redrive = dead_sub.add_parser("redrive", help="record dead letters again; exit 1 if any is refused again")
+    which = redrive.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=int, help="the dead letter's id")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    for p in (listing, redrive):
+        p.add_argument("--url", default=os.environ.get("RUNBELL_URL", "http://127.0.0.1:8080"))
+        p.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the admin role")
+    dead.set_defaults(handler=cmd_dead_letters)
+
     for name, handler, text in (
         ("wait", cmd_wait, "wait for a run's outcome; exit 0 success, 1 failed, 2 pending"),
         ("tail", cmd_tail, "follow a run's events"),
@@ -214,6 +228,32 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for event in client.events(args.dag_id, args.run_id):
             print(f"{event.id or '-':>5} {event.event:<8} {event.data}", flush=True)
     return EXIT_SUCCESS
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from runbell.service.client.client import RunbellClient, RunbellError
+
+    with RunbellClient(args.url, args.token) as client:
+        try:
+            if args.action == "list":
+                print(json.dumps(client.dead_letters(after=args.after, limit=args.limit), indent=2))
+                return EXIT_SUCCESS
+            if not args.all:
+                answer = client.redrive(args.id)
+                print(json.dumps(answer, indent=2))
+                return EXIT_SUCCESS if answer["recorded"] else EXIT_FAILED
+            totals, after = {"recorded": 0, "failed": 0}, 0
+            while True:  # page by page: each call is bounded
+                answer = client.redrive(after=after)
+                totals = {key: totals[key] + answer[key] for key in totals}
+                if answer["next_after"] is None:
+                    break
+                after = answer["next_after"]
+            print(json.dumps({**totals, "remaining": answer["remaining"]}, indent=2))
+            return EXIT_FAILED if totals["failed"] else EXIT_SUCCESS
+        except RunbellError as error:
+            print(f"runbell dead-letters: {error}", file=sys.stderr)
+            return EXIT_USAGE
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -371,6 +371,26 @@ def trigger_and_wait_flow(dag_id: str, *, conf: dict | None, timeout: float, run
 # -- Server-Sent Events -----------------------------------------------------------------------------
 
 
+def dead_letters_flow(after: int, limit: int) -> Flow[dict]:
+    """A page of the recorder's dead letters (admin)."""
+    response = yield from send(Call("GET", "/v1/dead-letters", params={"after": after, "limit": limit}))
+    if response.status_code != 200:
+        raise error_from(response)
+    return response.json()
+
+
+def redrive_flow(letter_id: int | None, after: int = 0, limit: int = 50) -> Flow[dict]:
+    """Record one dead letter again (letter_id), or those after `after`, up to limit (None) (admin)."""
+    if letter_id is None:
+        call = Call("POST", "/v1/dead-letters/redrive", params={"after": after, "limit": limit}, retry_safe=False)
+    else:
+        call = Call("POST", f"/v1/dead-letters/{letter_id}/redrive", retry_safe=False)
+    response = yield from send(call)
+    if response.status_code != 200:
+        raise error_from(response)
+    return response.json()
+
+
 class SseParser:
     """The text/event-stream format, a line at a time: fields until a blank line; comments (':') ignored."""
 
@@ -597,6 +617,14 @@ class RunbellClient(_Base):
                 return
             time.sleep(follow.reconnect_delay(error))
 
+    def dead_letters(self, *, after: int = 0, limit: int = 50) -> dict:
+        """A page of the recorder's dead letters, oldest first (admin): {dead_letters, next_after}."""
+        return self._drive(dead_letters_flow(after, limit))
+
+    def redrive(self, letter_id: int | None = None, *, after: int = 0, limit: int = 50) -> dict:
+        """Record a dead letter again; without letter_id, those after `after`, up to limit of them (admin)."""
+        return self._drive(redrive_flow(letter_id, after, limit))
+
     def close(self) -> None:
         self._http.close()
 
@@ -671,6 +699,12 @@ class AsyncRunbellClient(_Base):
         self, dag_id: str, *, conf: dict | None = None, timeout: float = 300, run_id: str | None = None, idempotency_key: str | None = None
     ) -> Any:
         return await self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key))
+
+    async def dead_letters(self, *, after: int = 0, limit: int = 50) -> dict:
+        return await self._drive(dead_letters_flow(after, limit))
+
+    async def redrive(self, letter_id: int | None = None, *, after: int = 0, limit: int = 50) -> dict:
+        return await self._drive(redrive_flow(letter_id, after, limit))
 
     async def events(self, dag_id: str, run_id: str, *, last_event_id: int = 0) -> AsyncIterator[SseEvent]:
         follow = SseFollow(dag_id, run_id, last_event_id)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
 from runbell.bus.schema import AssetEvent, ResultRef
 from runbell.service.core import clock
 from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, Outcome, OutcomeStatus, ResultTask
+from runbell.service.store.dead_letters import DeadLetter
 from runbell.service.store.store import RUN_STATES
 from runbell.service.webhooks.outbox import Attempt, Endpoint, Message, MessageStatus, WebhookKind
 
@@ -275,3 +276,44 @@ class RotatedSecret(BaseModel):
 
 class Recovered(BaseModel):
     requeued: int = Field(description="how many messages were queued again")
+
+
+# -- dead letters (the recorder's) --------------------------------------------------------------------
+
+
+class DeadLetterView(BaseModel):
+    """A stream entry the store refused on its own, set aside so that recording went on."""
+
+    id: int
+    event_id: str
+    stream_id: str | None = Field(description="the entry's id on the global stream; null: read from the run's replay log")
+    dag_id: str
+    run_id: str
+    seq: int | None
+    envelope: Any = Field(description="the entry as it came off the bus, parsed ({seq, event})")
+    error: str = Field(description="why the store refused it, the last time it was tried")
+    attempts: int = Field(description="how many times it was tried (the first, re-deliveries and re-drives)")
+    dead_lettered_at: UtcTime
+    last_attempt_at: UtcTime
+
+    @classmethod
+    def of(cls, letter: DeadLetter) -> DeadLetterView:
+        return cls.model_validate({**dataclasses.asdict(letter), "envelope": _parsed(letter.payload)})
+
+
+class DeadLetterList(BaseModel):
+    dead_letters: list[DeadLetterView] = Field(description="oldest first")
+    next_after: int | None = Field(description="pass as after for the next page; null: this was the last page")
+
+
+class Redriven(BaseModel):
+    id: int
+    recorded: bool = Field(description="true: recorded now and removed from the dead letters")
+    dead_letter: DeadLetterView | None = Field(description="when not recorded: the dead letter with the new error")
+
+
+class RedrivenAll(BaseModel):
+    recorded: int = Field(description="recorded now and removed")
+    failed: int = Field(description="refused again: still dead-lettered, with the new error")
+    remaining: int = Field(description="dead letters left (those refused again, and any past this call's limit)")
+    next_after: int | None = Field(description="pass as after to re-drive the next ones; null: none are left past these")

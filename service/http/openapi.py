@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Route
 
 from runbell.bus.schema import ASSET_NAME_MAX, ID_MAX, Event, RunState, TaskState
 from runbell.service.core.roles import Role
-from runbell.service.http import backfills, runs, webhooks
+from runbell.service.http import backfills, dead_letters, runs, webhooks
 from runbell.service.http.assets import AFTER_PARAM
 from runbell.service.http.auth import QUERY_TOKEN_PARAM
 from runbell.service.http.contract import (
@@ -40,9 +40,12 @@ from runbell.service.http.contract import (
     BackfillProgress,
     BackfillSlots,
     CreatedWebhook,
+    DeadLetterList,
     MessageList,
     Published,
     Recovered,
+    Redriven,
+    RedrivenAll,
     RotatedSecret,
     RunDetail,
     RunEnd,
@@ -151,6 +154,10 @@ LAST_EVENT_ID = (
 ENDPOINT_ID = Param("endpoint_id", "path", {"type": "string"})
 MESSAGE_ID = Param("message_id", "path", {"type": "string"})
 WEBHOOK_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": webhooks.MAX_LIMIT, "default": webhooks.DEFAULT_LIMIT})
+DEAD_LETTER_PAGE = (
+    Param("after", "query", {"type": "integer", "minimum": 0}, "a dead letter's id: those after it (next_after of the previous call)"),
+    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": dead_letters.MAX_LIMIT, "default": dead_letters.DEFAULT_LIMIT}),
+)
 ASSET_NAME = Param(
     "name",
     "path",
@@ -192,6 +199,7 @@ RUNS_FILTERS = (
 
 BUSY = {503: failure("Subscriber cap reached or shutting down", {"Retry-After": "seconds"})}
 UNKNOWN_ENDPOINT = {404: failure("No such webhook endpoint")}
+STORE_DOWN = {503: failure("The store cannot be reached (nothing was changed)", {"Retry-After": "seconds"})}
 UNKNOWN_MESSAGE = {404: failure("No such webhook message")}
 TARGET_REFUSED = {
     422: failure(
@@ -433,6 +441,30 @@ OPERATIONS: dict[str, Operation] = {
         {202: Answer("Queued again", Recovered), **UNKNOWN_ENDPOINT},
         parameters=(ENDPOINT_ID,),
         body=Recovery,
+    ),
+    "list_dead_letters": Operation(
+        "The recorder's dead letters: stream entries the store refused on their own, oldest first",
+        Role.ADMIN,
+        {200: Answer("A page of dead letters", DeadLetterList), 400: failure("Bad after or limit"), **STORE_DOWN},
+        parameters=DEAD_LETTER_PAGE,
+    ),
+    "redrive_dead_letters": Operation(
+        "Record the dead letters after `after` again, oldest first, up to limit of them; those refused again stay, with the new error",
+        Role.ADMIN,
+        {200: Answer("How many were recorded, failed, remain", RedrivenAll), 400: failure("Bad after or limit"), **STORE_DOWN},
+        "Repeat with after=next_after until next_after is null to re-drive them all.",
+        parameters=DEAD_LETTER_PAGE,
+    ),
+    "redrive_dead_letter": Operation(
+        "Record one dead letter again; refused again, it stays with the new error",
+        Role.ADMIN,
+        {
+            200: Answer("Recorded (and removed), or the dead letter with the new error", Redriven),
+            400: failure("Bad id"),
+            404: failure("No such dead letter"),
+            **STORE_DOWN,
+        },
+        parameters=(Param("letter_id", "path", {"type": "integer", "minimum": 1}),),
     ),
     "healthz": Operation("Liveness", None, {200: Answer("Up")}),
     "readyz": Operation(

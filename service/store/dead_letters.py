@@ -159,7 +159,7 @@ class DeadLetters:
             event.run_id,
             letter.envelope.seq,
             letter.stream_id,
-            error_shown[:300],
+            error_shown.split("\n", 1)[0][:300],  # the first line: not the statement and its parameters
         )
 
     # -- reading and re-driving -----------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""The recorder's dead letters (role admin): list them, and re-drive one or all.
+
+A dead letter is a stream entry the store refused on its own (runbell.service.store.dead_letters).
+A re-drive records it through the same path as the recorder: recorded, it leaves the table; refused
+again, it stays with the new error. While the database is down the answer is a 503 and nothing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from runbell.service.http.auth import Role, authorize
+from runbell.service.http.contract import DeadLetterList, DeadLetterView, Redriven, RedrivenAll
+from runbell.service.http.errors import ApiError
+from runbell.service.store.dead_letters import DeadLetters, is_outage
+
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+ID_DIGITS = 18  # an id beyond this is no row's (and no int the database takes)
+
+T = TypeVar("T")
+
+
+async def list_dead_letters(request: Request) -> Response:
+    dead = dead_letters(request)
+    after, limit = parse_page(request)
+    letters = await unless_outage(dead.list(after=after, limit=limit))
+    next_after = letters[-1].id if len(letters) == limit else None
+    return JSONResponse(DeadLetterList(dead_letters=[DeadLetterView.of(d) for d in letters], next_after=next_after).model_dump(mode="json"))
+
+
+async def redrive_dead_letter(request: Request) -> Response:
+    dead = dead_letters(request)
+    raw = request.path_params["letter_id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > ID_DIGITS:
+        raise ApiError(400, "bad_dead_letter_id", "a dead letter's id is a positive integer", accepted="integer >= 1")
+    letter = await unless_outage(dead.get(int(raw)))
+    if letter is None:
+        raise ApiError(404, "unknown_dead_letter", f"there is no dead letter {raw}")
+    again = await unless_outage(dead.redrive(letter))
+    body = Redriven(id=letter.id, recorded=again is None, dead_letter=None if again is None else DeadLetterView.of(again))
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def redrive_all(request: Request) -> Response:
+    """Re-drive the dead letters after ``after``, oldest first, up to limit of them: a bounded call,
+    repeated with after=next_after until next_after is null."""
+    dead = dead_letters(request)
+    after, limit = parse_page(request)
+    letters = await unless_outage(dead.list(after=after, limit=limit))
+    recorded = failed = 0
+    for letter in letters:
+        if await unless_outage(dead.redrive(letter)) is None:
+            recorded += 1
+        else:
+            failed += 1
+    remaining = await unless_outage(dead.count())
+    next_after = letters[-1].id if len(letters) == limit else None
+    return JSONResponse(RedrivenAll(recorded=recorded, failed=failed, remaining=remaining, next_after=next_after).model_dump(mode="json"))
+
+
+def dead_letters(request: Request) -> DeadLetters:
+    """Authorize (admin) and return the dead letters of this gateway's store."""
+    authorize(request, Role.ADMIN)
+    return DeadLetters(request.app.state.store)
+
+
+async def unless_outage(awaitable: Awaitable[T]) -> T:
+    """The awaitable's result; a 503 when the database cannot be used now."""
+    try:
+        return await awaitable
+    except Exception as exc:
+        if is_outage(exc):
+            raise ApiError(503, "store_unavailable", "the store cannot be reached; try again later", headers={"Retry-After": "5"}) from None
+        raise
+
+
+def parse_page(request: Request) -> tuple[int, int]:
+    """after (a dead letter's id: those after it) and limit."""
+    after = parse_int(request, "after", default=0, low=0, high=10**ID_DIGITS - 1)
+    return after, parse_int(request, "limit", default=DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
+
+
+def parse_int(request: Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > ID_DIGITS or not low <= int(raw) <= high:
+        raise ApiError(400, f"bad_{name}", f"{name} must be an integer from {low} to {high}", accepted={"min": low, "max": high})
+    return int(raw)
