@@ -116,7 +116,7 @@ async def test_dead_letters_are_listed_and_re_driven_by_an_admin(gateway_factory
             return page if len(page["dead_letters"]) == 2 else None
 
         page = await wait_for(two_letters)
-        assert await store.last_seq(DAG, "good") == 1  # recorded beside them
+        assert await wait_for(lambda: store.last_seq(DAG, "good")) == 1  # recorded beside them
         huge, flaky = page["dead_letters"]
         assert (huge["run_id"], huge["seq"], huge["envelope"]["seq"], huge["attempts"]) == ("huge-seq", 2**63, 2**63, 1)
         assert (flaky["event_id"], flaky["stream_id"] is not None) == ("flaky", True)

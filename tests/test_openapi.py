@@ -131,7 +131,9 @@ async def test_each_operation_s_role_is_the_one_its_handler_demands(gateway):
             role = OPERATIONS[route.name].role
             if role is None:
                 continue
-            path = route.path.format(dag_id="d", run_id="r", endpoint_id="ep_x", message_id="msg_x", backfill_id="1", name="a", letter_id="1")
+            path = route.path.format(
+                dag_id="d", run_id="r", endpoint_id="ep_x", message_id="msg_x", backfill_id="1", name="a", letter_id="1"
+            )
             [method] = route.methods - {"HEAD"}
             assert (await anonymous.request(method, path)).status_code == 401, route.name
             if role in below:

@@ -138,19 +138,19 @@ class DeadLetters:
         async with self.store._transaction(write=True) as conn:
             insert = dialect_insert(conn, DeadLetterRow).values(row)
             # A re-delivered entry (a crash before its ack) is the same dead letter, tried once more.
-            await conn.execute(
-                insert.on_conflict_do_update(
-                    index_elements=[DeadLetterRow.event_id],
-                    set_=dict(
-                        stream_id=insert.excluded.stream_id,
-                        payload=insert.excluded.payload,
-                        error=insert.excluded.error,
-                        attempts=DeadLetterRow.attempts + 1,
-                        last_attempt_at=insert.excluded.last_attempt_at,
-                    ),
-                )
+            # (Or read again to fill a gap before a later event of its run.)
+            upsert = insert.on_conflict_do_update(
+                index_elements=[DeadLetterRow.event_id],
+                set_=dict(
+                    stream_id=func.coalesce(insert.excluded.stream_id, DeadLetterRow.stream_id),
+                    payload=insert.excluded.payload,
+                    error=insert.excluded.error,
+                    attempts=DeadLetterRow.attempts + 1,
+                    last_attempt_at=insert.excluded.last_attempt_at,
+                ),
             )
-        if self.metrics is not None:
+            attempts = (await conn.execute(upsert.returning(DeadLetterRow.attempts))).scalar_one()
+        if attempts == 1 and self.metrics is not None:  # each dead letter counted once
             self.metrics.recorder_dead_letters.inc()
         log.warning(
             "recorder: dead-lettered event %s of %s/%s seq %d (stream entry %s): %s",
