@@ -18,7 +18,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import redis
 
+from runbell.bus import keys
+from runbell.bus.schema import Event, envelope_json
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, emit_asset
 from tests.conftest import ADMIN_TOKEN, READ_TOKEN, TOKENS
@@ -142,6 +145,26 @@ def test_the_asset_snippets(shell, publisher):
     assert (json.loads(done.stdout)["seq"], json.loads(done.stdout)["extra"]) == (8, {"rows": 8})
 
 
+def test_the_dead_letters_snippet(shell, redis_url, namespace):
+    """An entry no store can hold (seq 2**63) is dead-lettered; it is listed, and refused again."""
+    raw = envelope_json(2**63, Event(kind="run", dag_id="etl", run_id="poison", state="running").to_json())
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(keys.global_stream(namespace), {"env": raw})
+    client.close()
+    listing, redrive = block_with("sh", "runbell dead-letters")
+    deadline = time.monotonic() + 20
+    while True:  # the recorder dead-letters it shortly after
+        done = shell(listing)
+        assert done.returncode == 0, done.stderr
+        letters = json.loads(done.stdout)["dead_letters"]
+        if letters or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(d["run_id"], d["seq"]) for d in letters] == [("poison", 2**63)]
+    done = shell(redrive)
+    assert (done.returncode, json.loads(done.stdout)) == (1, {"recorded": 0, "failed": 1, "remaining": 1}), done.stderr
+
+
 def test_the_webhook_verification_block_accepts_a_signed_delivery():
     from runbell.service.webhooks.signing import new_secret, signature_header
 
@@ -205,11 +228,11 @@ async def test_the_python_client_block(gateway_factory, stand_in_airflow, capsys
 
 def test_every_shell_and_python_block_is_run_by_a_test():
     """A block added to the README without a test here (or in tests/airflow) fails this."""
-    tested = {"runbell emit", "runbell wait", "/v1/webhooks", "/v1/runs?", "/v1/assets/"}
+    tested = {"runbell emit", "runbell wait", "/v1/webhooks", "/v1/runs?", "/v1/assets/", "runbell dead-letters"}
     assert all(sum(text in block for text in tested) >= 1 for block in code_blocks("sh")), code_blocks("sh")
     tested_python = {"@dag", "standardwebhooks", "RunbellClient("}
     assert all(sum(text in block for text in tested_python) == 1 for block in code_blocks("python"))
-    assert len(code_blocks("sh")) == 5 and len(code_blocks("python")) == 3
+    assert len(code_blocks("sh")) == 6 and len(code_blocks("python")) == 3
     assert len(code_blocks("js")) == 1  # run in Chromium by tests/browser/test_dashboard_browser.py
     assert not code_blocks("bash") and not code_blocks("")  # unlabelled fences would escape the check
 
