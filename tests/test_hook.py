@@ -160,6 +160,19 @@ def test_run_events(bus: Publisher, fire, state: RunState) -> None:
     assert event.backfill_id == "7" and event.msg == "task_failure" and event.host
 
 
+def test_what_the_hook_builds_is_held_to_the_schema_s_bounds(bus: Publisher) -> None:
+    """Airflow's values past the schema's bounds are truncated, never a dropped event (issue 11)."""
+    dag_run = SimpleNamespace(dag_id=DAG_ID, run_id=RUN_ID, run_type=State.MANUAL, logical_date=None, run_after=None, backfill_id=None)
+    hook.on_dag_run_failed(dag_run=dag_run, msg="m\x00" * 5000)
+    long_named = type("E" * 400, (Exception,), {})
+    tasks = make_dag("extract>answer", result="answer")
+    ti = WorkerTI(tasks["extract"], state=State.FAILED)
+    hook.on_task_instance_failed(previous_state=State.RUNNING, task_instance=ti, error=long_named("\x00" * 5000))
+    run_event, task_event = published(bus)
+    assert len(run_event.msg) == 2000 and run_event.msg.startswith("m\x00")
+    assert task_event.error is not None and len(task_event.error.type) == 250 and len(task_event.error.message) == 2000
+
+
 # -- task events in the worker --------------------------------------------------------------------
 
 
