@@ -59,6 +59,7 @@ class Settings(BaseModel):
     webhook_secret_grace: float = Field(default=24 * 3600.0, ge=0)
     webhook_attempt_timeout: float = Field(default=15.0, gt=0)
     webhook_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
+    spool_flush_interval: float = Field(default=5.0, gt=0)
     stale_after: float = Field(default=360.0, gt=0)  # a running run silent this long is listed as stale
     airflow_database_url: SecretStr | None = None  # Airflow's metadata DB, read-only: backfill slots
 
@@ -160,6 +161,11 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "webhook_attempt_timeout",
         "seconds one delivery attempt may take (default 15); the attempts of a gateway killed "
         "mid-delivery are taken over after twice that plus 5",
+    ),
+    (
+        "spool_flush_interval",
+        "seconds between the gateway's sends of its spool (events POSTed while Redis was unreachable, "
+        "also by an earlier run of the gateway; sent at start-up too) (default 5)",
     ),
     ("stale_after", "a run still running after this many seconds without an event is listed with stale: true (default 360)"),
     (

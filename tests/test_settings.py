@@ -78,6 +78,7 @@ FLAG_VALUES = {
     "webhook_secret_grace": "9",
     "webhook_schedule": "0,1,2",
     "webhook_attempt_timeout": "8",
+    "spool_flush_interval": "2",
     "stale_after": "11",
     "log_level": "debug",
 }
