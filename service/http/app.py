@@ -200,6 +200,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             worker=worker,
             metrics=state.metrics,
             attempt_timeout=timeout,
+            connect_timeout=settings.webhook_connect_timeout,
+            read_timeout=settings.webhook_read_timeout,
+            max_in_flight=settings.webhook_max_in_flight,
+            per_endpoint=settings.webhook_per_endpoint,
+            breaker_failures=settings.webhook_breaker_failures,
+            breaker_open_seconds=settings.webhook_breaker_open,
+            breaker_max_open_seconds=settings.webhook_breaker_max_open,
             lease_seconds=2 * timeout + 5,  # a lease outlasts an attempt
             schedule=webhook_schedule_seconds(settings.webhook_schedule),
         )
