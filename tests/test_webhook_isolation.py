@@ -214,3 +214,20 @@ async def test_a_100_mib_answer_is_read_no_further_than_the_4_kib_kept(webhooks,
     # What the receiver could hand over before the dispatcher closed the connection: socket buffers'
     # worth (a few MiB on loopback), nowhere near the 100 MiB a full read would have taken in.
     assert sent["huge"] < 32 * 2**20
+
+
+def test_breakers_remember_a_bounded_number_of_endpoints_healthy_ones_forgotten_first(monkeypatch) -> None:
+    from runbell.service.webhooks import breaker as breaker_module
+    from runbell.service.webhooks.breaker import Breakers
+
+    monkeypatch.setattr(breaker_module, "MAX_TRACKED", 3)
+    breakers = Breakers(per_endpoint=4, failures=1)
+    breakers.record("failing", False)
+    for n in range(5):
+        breakers.record(f"ok{n}", True)
+    assert breakers.state("failing") is BreakerState.OPEN and breakers.limit("failing") == 0  # kept
+    assert [breakers.limit(f"ok{n}") for n in range(5)] == [1, 1, 1, 4, 4]  # the oldest healthy: slow start again
+    for n in range(5):
+        breakers.record(f"down{n}", False)
+    assert breakers.limit("failing") == 1  # forgotten in the end too: bounded whatever the states
+    assert len(breakers._breakers) == 3

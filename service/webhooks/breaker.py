@@ -111,8 +111,8 @@ class Breakers:
             return
         breaker = self._breakers.get(endpoint_id)
         if breaker is None:
+            self._trim(MAX_TRACKED - 1)  # room for this one
             breaker = self._breakers[endpoint_id] = Breaker(Backoff(self.open_seconds, self.max_open_seconds, jitter=0.2))
-            self._trim()
         if answered:
             if breaker.state is not BreakerState.CLOSED:
                 log.info("webhooks: endpoint %s answers again; its breaker is closed", endpoint_id)
@@ -147,11 +147,12 @@ class Breakers:
                 self.max_open_seconds,
             )
 
-    def _trim(self) -> None:
-        if len(self._breakers) <= MAX_TRACKED:
-            return
-        for endpoint_id, breaker in list(self._breakers.items()):  # oldest first
-            if breaker.state is BreakerState.CLOSED and breaker.failures == 0:
-                del self._breakers[endpoint_id]
-                if len(self._breakers) <= MAX_TRACKED:
+    def _trim(self, keep: int) -> None:
+        """Forget endpoints beyond ``keep``, healthy ones first, oldest first (one forgotten starts
+        again from one slot: safe, only slower; an endpoint deleted meanwhile is never seen again)."""
+        for forgettable in (lambda b: b.state is BreakerState.CLOSED and b.failures == 0, lambda b: True):
+            for endpoint_id, breaker in list(self._breakers.items()):
+                if len(self._breakers) <= keep:
                     return
+                if forgettable(breaker):
+                    del self._breakers[endpoint_id]
