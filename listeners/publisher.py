@@ -4,7 +4,14 @@ Every publish is bounded (connect and command timeouts well under a second, no r
 raises, and spools to a local file when Redis cannot be reached. The next successful publish on the
 host sends the spooled events first, in order, so nothing is lost and nothing overtakes; until then a
 background thread of the process that spooled tries every few seconds, so that a run's last events
-reach Redis when it returns even if nothing else is published.
+reach Redis when it returns even if nothing else is published. That thread lives only while the
+process's own spooled events wait (no thread otherwise: a hook must not add threads to Airflow's
+processes for nothing). Events left by a process that ended first are sent by the next publish of
+the namespace on that host, and by a gateway sharing the spool directory (its flush loop).
+
+The spool is per namespace (a subdirectory of the spool directory). A publish that can neither
+reach Redis nor spool durably loses the event: the hook's ``publish`` logs that once and counts it
+(``lost``); ``publish_or_spool``, the gateway's, raises SpoolUnavailable so its caller can refuse it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import threading
 import time
 import weakref
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -39,7 +47,7 @@ from runbell.bus.schema import (
     parse_event_json,
 )
 from runbell.listeners.config import PublisherConfig
-from runbell.listeners.spool import Spool, read_event
+from runbell.listeners.spool import adopt_legacy, has_legacy, namespace_spool, read_event
 
 log = logging.getLogger("runbell.publisher")
 
@@ -51,10 +59,20 @@ RETRY_SPOOL_SECONDS = BREAKER_SECONDS  # while events are spooled, a background 
 ASSET_WINDOW = 10_000  # an asset's replay log keeps this many events (publish.lua's window)
 
 
+class SpoolUnavailable(Exception):
+    """Redis was unreachable and the event could not be written to the spool either: it is not kept."""
+
+    def __init__(self, directory: Path, reason: str):
+        super().__init__(f"cannot spool to {directory}: {reason}")
+        self.directory, self.reason = directory, reason
+
+
 class Publisher:
     def __init__(self, config: PublisherConfig, client: redis.Redis | None = None):
         self.config = config
-        self.spool = Spool(config.spool_dir)
+        self.spool = namespace_spool(config.spool_dir, config.namespace)
+        self.lost = 0  # events neither published nor spooled (the hook's publish drops them)
+        self._legacy_unseen = True  # events from before per-namespace spools may lie at the top of the directory
         self._client = client
         self._script: Script | None = None
         self._broken_until = 0.0
@@ -67,18 +85,34 @@ class Publisher:
     # -- public ---------------------------------------------------------------------------------
 
     def publish(self, event: AnyEvent) -> int | None:
-        """Publish one event. Returns its sequence number, or None when it was spooled. Never raises."""
+        """Publish one event. Returns its sequence number, or None when it was spooled (or, logged
+        once and counted in ``lost``, could not be). Never raises."""
         try:
             event_json = event.to_json()
         except Exception as exc:  # a value pydantic cannot serialise must not reach Airflow
             self._log_once("encode", "runbell: event could not be encoded: %s", exc)
             return None
+        try:
+            return self._publish_json(event, event_json)
+        except SpoolUnavailable as exc:
+            self.lost += 1
+            self._log_once("spool-io", "runbell: %s; the event is lost", exc)
+            return None
+
+    def publish_or_spool(self, event: AnyEvent) -> int | None:
+        """Publish one event. Returns its sequence number, or None once it is durably spooled.
+        Raises SpoolUnavailable when Redis is unreachable and the spool cannot take it."""
+        return self._publish_json(event, event.to_json())
+
+    def _publish_json(self, event: AnyEvent, event_json: str) -> int | None:
         with self._lock:
             try:
                 return self._publish_locked(event, event_json)
+            except SpoolUnavailable:
+                raise
             except Exception as exc:
                 self._log_once("unexpected", "runbell: unexpected publish error: %r", exc)
-                self._spool_quietly(event_json)
+                self._spool(event_json)
                 return None
 
     def flush(self) -> int:
@@ -94,18 +128,18 @@ class Publisher:
 
     def _publish_locked(self, event: AnyEvent, event_json: str) -> int | None:
         if time.monotonic() < self._broken_until:
-            self._spool_quietly(event_json)
+            self._spool(event_json)
             return None
         try:
-            if self.spool.pending():
+            if self.spool.pending() or self._legacy_waits():
                 sent, drained = self._flush_spool()
                 if not drained:  # older events still wait: this one must queue behind them
-                    self._spool_quietly(event_json)
+                    self._spool(event_json)
                     return None
             return self._send([(event, event_json)])[0]
         except redis.RedisError as exc:
             self._trip(exc)
-            self._spool_quietly(event_json)
+            self._spool(event_json)
             return None
 
     def _send(self, batch: list[tuple[AnyEvent, str]]) -> list[int]:
@@ -160,6 +194,7 @@ class Publisher:
         with self.spool.flush_lock() as held:
             if not held:
                 return 0, False
+            self._adopt_legacy_once()
             while time.monotonic() < deadline:
                 paths = self.spool.pending()[:FLUSH_BATCH]
                 if not paths:
@@ -210,12 +245,34 @@ class Publisher:
             self.config.spool_dir,
         )
 
-    def _spool_quietly(self, event_json: str) -> None:
+    def _legacy_waits(self) -> bool:
+        """Whether events from before per-namespace spools wait to be adopted (a flush does it, once)."""
+        if self._legacy_unseen and not has_legacy(self.config.spool_dir):
+            self._legacy_unseen = False
+        return self._legacy_unseen
+
+    def _adopt_legacy_once(self) -> None:
+        """Events spooled at the top of the spool directory by a version before per-namespace spools."""
+        if not self._legacy_unseen:
+            return
+        self._legacy_unseen = False
+        found = adopt_legacy(self.config.spool_dir, self.spool)
+        if found < 0:
+            self._log_once(
+                "spool-legacy",
+                "runbell: %d events in %s predate per-namespace spools and other namespaces share the directory; "
+                "move each into its namespace's subdirectory (this namespace's: %s) to have them sent",
+                -found,
+                self.config.spool_dir,
+                self.spool.directory.name,
+            )
+
+    def _spool(self, event_json: str) -> None:
+        """Keep the event durably in the spool, or raise SpoolUnavailable."""
         try:
             self.spool.append(event_json)
         except OSError as exc:
-            self._log_once("spool-io", "runbell: cannot spool event (%s); it is lost", exc)
-            return
+            raise SpoolUnavailable(self.spool.directory, exc.strerror or type(exc).__name__) from exc
         self._keep_flushing()
 
     def _keep_flushing(self) -> None:

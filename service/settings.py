@@ -58,7 +58,15 @@ class Settings(BaseModel):
     webhook_allowed_hosts: str | None = None  # hosts or CIDRs webhooks may reach despite being private
     webhook_secret_grace: float = Field(default=24 * 3600.0, ge=0)
     webhook_attempt_timeout: float = Field(default=15.0, gt=0)
+    webhook_connect_timeout: float = Field(default=5.0, gt=0)
+    webhook_read_timeout: float = Field(default=10.0, gt=0)
+    webhook_max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    webhook_per_endpoint: int = Field(default=4, ge=1, le=1000)
+    webhook_breaker_failures: int = Field(default=5, ge=1)
+    webhook_breaker_open: float = Field(default=10.0, gt=0)
+    webhook_breaker_max_open: float = Field(default=600.0, gt=0)
     webhook_schedule: str = DEFAULT_WEBHOOK_SCHEDULE
+    spool_flush_interval: float = Field(default=5.0, gt=0)
     stale_after: float = Field(default=360.0, gt=0)  # a running run silent this long is listed as stale
     airflow_database_url: SecretStr | None = None  # Airflow's metadata DB, read-only: backfill slots
 
@@ -101,6 +109,8 @@ class Settings(BaseModel):
             raise ValueError("RUNBELL_TOKEN_SECRET must be at least 32 bytes (it signs HS256 tokens)")
         if self.long_poll_default > self.long_poll_max:
             raise ValueError("long_poll_default must not exceed long_poll_max")
+        if self.webhook_breaker_open > self.webhook_breaker_max_open:
+            raise ValueError("webhook_breaker_open must not exceed webhook_breaker_max_open")
 
 
 ENV_PREFIX = "RUNBELL_"
@@ -158,8 +168,28 @@ SETTINGS_DOC: list[tuple[str, str]] = [
     ),
     (
         "webhook_attempt_timeout",
-        "seconds one delivery attempt may take (default 15); the attempts of a gateway killed "
-        "mid-delivery are taken over after twice that plus 5",
+        "seconds one delivery attempt may take in all, however the receiver trickles its answer (default 15); "
+        "the attempts of a gateway killed mid-delivery are taken over after twice that plus 5",
+    ),
+    ("webhook_connect_timeout", "seconds a webhook delivery may take to connect to its receiver (default 5)"),
+    ("webhook_read_timeout", "seconds a webhook delivery may wait for each read of the answer, or write of the request (default 10)"),
+    ("webhook_max_in_flight", "webhook delivery attempts in flight in this process, all endpoints together (default 256)"),
+    (
+        "webhook_per_endpoint",
+        "attempts in flight to one endpoint that answers (default 4); one not yet known to answer, or failing, "
+        "gets one, and one whose breaker is open none",
+    ),
+    (
+        "webhook_breaker_failures",
+        "failed attempts in a row (no answer in time, a network error, 408, 429, 5xx) that open an endpoint's "
+        "breaker: its messages wait in the outbox, unclaimed, until a probe gets an answer (default 5)",
+    ),
+    ("webhook_breaker_open", "seconds an endpoint's breaker stays open before the first probe (default 10)"),
+    ("webhook_breaker_max_open", "the longest it stays open: the time doubles at each failed probe up to this (default 600)"),
+    (
+        "spool_flush_interval",
+        "seconds between the gateway's sends of its spool (events POSTed while Redis was unreachable, "
+        "also by an earlier run of the gateway; sent at start-up too) (default 5)",
     ),
     ("stale_after", "a run still running after this many seconds without an event is listed with stale: true (default 360)"),
     (

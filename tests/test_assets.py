@@ -272,7 +272,7 @@ def test_asset_hook_with_redis_unreachable_is_bounded_and_spools(tmp_path, monke
     hook.on_asset_event_emitted(asset_event=fake_asset_event())
     hook.on_asset_event_emitted(asset_event=fake_asset_event())
     assert time.monotonic() - started < 1.0
-    spooled = sorted((tmp_path / "spool").iterdir())
+    spooled = publisher_module.default_publisher().spool.pending()
     assert len(spooled) == 2 and json.loads(spooled[0].read_text())["kind"] == "asset"
 
 

@@ -153,7 +153,7 @@ def test_runbell_emit_works_in_a_hook_only_install(hook_venv: Path, tmp_path: Pa
         RUNBELL_SPOOL_DIR=str(tmp_path),
     )
     assert json.loads(done.stdout) == {"spooled": True}
-    assert len(list(tmp_path.glob("*.event.json"))) == 1
+    assert len(list((tmp_path / "runbell").glob("*.event.json"))) == 1
 
 
 def test_there_is_no_top_level_service_or_listeners(hook_venv: Path) -> None:

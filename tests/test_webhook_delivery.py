@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -100,10 +100,9 @@ class Receiver:
         return Response(body, status_code=status, headers=headers)
 
 
-@pytest.fixture
-async def receiver():
-    receiver = Receiver()
-    app = Starlette(routes=[Route("/{path:path}", receiver.handle, methods=["POST"])])
+@contextlib.asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port, for the test's duration: its base URL."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
@@ -114,13 +113,23 @@ async def receiver():
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
-    receiver.url = f"http://127.0.0.1:{port}"
-    yield receiver
-    server.should_exit = True
     try:
-        await asyncio.wait_for(task, 10)
-    except Exception:
-        task.cancel()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(task, 10)
+        except Exception:
+            task.cancel()
+
+
+@pytest.fixture
+async def receiver():
+    receiver = Receiver()
+    app = Starlette(routes=[Route("/{path:path}", receiver.handle, methods=["POST"])])
+    async with serving(app) as url:
+        receiver.url = url
+        yield receiver
 
 
 # -- the dispatcher and its store ------------------------------------------------------------------
@@ -146,6 +155,8 @@ async def dispatchers():
             attempt_timeout=5.0,
             lease_seconds=10.0,
             poll_seconds=0.05,
+            breaker_open_seconds=0.05,  # a breaker opened by a test's failures costs it little time
+            breaker_max_open_seconds=0.2,
         )
         options.update(kw)
         dispatcher = Dispatcher(webhooks, **options)

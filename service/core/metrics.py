@@ -67,6 +67,16 @@ class Metrics:
             "runbell_webhook_dead_letters_total", "Webhook messages dead-lettered after their last attempt", registry=r
         )
         self.webhook_in_flight = Gauge("runbell_webhook_in_flight", "Webhook delivery attempts running now", registry=r)
+        self.webhook_breakers_open = Gauge(
+            "runbell_webhook_breakers_open",
+            "Webhook endpoints whose circuit breaker is open or half-open now (their messages wait, unclaimed)",
+            registry=r,
+        )
+        self.webhook_breaker_opened = Counter(
+            "runbell_webhook_breaker_opened_total",
+            "Times an endpoint's circuit breaker opened after failures in a row",
+            registry=r,
+        )
         self.webhook_endpoints_disabled = Counter(
             "runbell_webhook_endpoints_disabled_total",
             "Webhook endpoints disabled (410, or failing for days)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -20,6 +21,7 @@ from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
 from runbell.service.airflow.reconciler import Reconciler
+from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.http import (
     assets,
@@ -139,6 +141,17 @@ async def airflow_error_handler(request, exc: Exception):
     return error_response(exc.status, exc.code, str(exc))
 
 
+def spool_flusher(publisher: Publisher, every: float) -> Supervised:
+    """Sends the namespace's spool (events POSTed while Redis was unreachable, also before a restart)
+    at start-up and then every ``every`` seconds, whether or not anything else is published."""
+
+    async def flush() -> None:
+        while await asyncio.to_thread(publisher.flush) and not publisher.spool.is_empty():
+            pass  # sent some, more waits: go on (each flush is bounded in time)
+
+    return Supervised("runbell-spool", flush, pause=every, logger=log)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -173,7 +186,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
     state.airflow = airflow_client(settings)
     state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
-    loops = []  # the background loops besides the hub's listener, each started and stopped the same way
+    loops = [
+        spool_flusher(state.publisher, settings.spool_flush_interval)
+    ]  # besides the hub's listener, each started and stopped the same way
     if state.airflow is not None:
         loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
     if settings.recorder:
@@ -189,6 +204,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             worker=worker,
             metrics=state.metrics,
             attempt_timeout=timeout,
+            connect_timeout=settings.webhook_connect_timeout,
+            read_timeout=settings.webhook_read_timeout,
+            max_in_flight=settings.webhook_max_in_flight,
+            per_endpoint=settings.webhook_per_endpoint,
+            breaker_failures=settings.webhook_breaker_failures,
+            breaker_open_seconds=settings.webhook_breaker_open,
+            breaker_max_open_seconds=settings.webhook_breaker_max_open,
             lease_seconds=2 * timeout + 5,  # a lease outlasts an attempt
             schedule=webhook_schedule_seconds(settings.webhook_schedule),
         )

@@ -340,8 +340,12 @@ OPERATIONS: dict[str, Operation] = {
         Role.PUBLISH,
         {
             201: Answer("Published", Published),
-            202: Answer("Redis unreachable: spooled, published later", Spooled),
+            202: Answer("Redis unreachable: durably spooled (fsynced), published later", Spooled),
             422: failure("Not a valid event (error bad_event; accepted lists the problems)"),
+            503: failure(
+                "Redis unreachable and the spool cannot keep the event (error spool_unavailable): it was not accepted; send it again",
+                {"Retry-After": "seconds"},
+            ),
         },
         body=Event,
     ),

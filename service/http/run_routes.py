@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runbell.bus.schema import Envelope, Event, EventKind
+from runbell.listeners.publisher import SpoolUnavailable
 from runbell.service.core.outcome import Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import (
@@ -39,6 +40,7 @@ from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
 from runbell.service.live.topics import RunTopic
 
 PENDING_RETRY_AFTER = "1"
+SPOOL_RETRY_AFTER = 5  # seconds: Redis or the spool directory has to come back first
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
 
 
@@ -225,7 +227,15 @@ async def publish_event(request: Request) -> Response:
     authorize(request, Role.PUBLISH)
     event = await read_body(request, Event, code="bad_event")
     publisher = request.app.state.publisher
-    seq = await asyncio.to_thread(publisher.publish, event)
+    try:
+        seq = await asyncio.to_thread(publisher.publish_or_spool, event)
+    except SpoolUnavailable as exc:  # a 202 would promise what the spool cannot keep
+        raise ApiError(
+            503,
+            "spool_unavailable",
+            f"Redis is unreachable and the event cannot be spooled in {exc.directory} ({exc.reason}); it was not accepted: send it again",
+            headers={"Retry-After": str(SPOOL_RETRY_AFTER)},
+        ) from exc
     if seq is None:
         return JSONResponse(Spooled(id=event.id).model_dump(mode="json"), status_code=202)
     return JSONResponse(Published(id=event.id, seq=seq).model_dump(mode="json"), status_code=201)

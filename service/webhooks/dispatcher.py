@@ -5,8 +5,13 @@ one database never deliver the same attempt, and a message whose worker died mid
 again when the lease runs out (delivery survives a restart). Each attempt follows the Standard
 Webhooks specification: headers webhook-id (the message id: stable across retries), webhook-timestamp
 (this attempt's unix seconds) and webhook-signature (one v1 signature per current signing secret), the
-payload bytes as enqueued, through the target guard's transport, redirects not followed, one timeout
-over the whole attempt, at most 4 KiB of the answer read.
+payload bytes as enqueued, through the target guard's transport, redirects not followed, a connect
+timeout, a read timeout (between bytes) and one deadline over the whole attempt (a receiver that
+trickles its answer is cut too), at most 4 KiB of the answer read (streamed: the rest is never read).
+
+One bad receiver never slows the others: each endpoint has its own share of the process's slots and
+a circuit breaker (runbell.service.webhooks.breaker), and a claim takes no more of an endpoint's
+messages than it has room for, so a hanging endpoint's backlog is never leased while others wait.
 
 Verdicts: 2xx delivered; 410 disables the endpoint and cancels its pending messages; 429, 502, 503
 and 504 retry after their Retry-After (seconds or an HTTP date, bounded) when they give one; any
@@ -39,6 +44,7 @@ from runbell.service.core import clock
 from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.webhooks import signing
+from runbell.service.webhooks.breaker import Breakers, healthy
 from runbell.service.webhooks.outbox import (
     Endpoint,
     Message,
@@ -83,9 +89,12 @@ class Dispatcher:
     delay in seconds before attempt i + 1 after attempt i failed. The first attempt is made as soon
     as the message is enqueued (schedule[0] is the specification's "immediately" and is not waited).
     ``max_in_flight`` bounds concurrent attempts of this process, ``per_endpoint`` those to one
-    endpoint: a slow or hanging receiver holds at most ``per_endpoint`` slots, for at most
-    ``attempt_timeout`` each. ``lease_seconds`` must outlast an attempt; a message is claimed only
-    when it can start at once, so a lease never waits.
+    endpoint that answers; one not yet known to answer, or failing, has one slot, and one whose
+    breaker is open (``breaker_failures`` failures in a row) none (breaker.Breakers). So a hanging
+    receiver holds one slot, for at most ``attempt_timeout`` (the deadline of an attempt; the
+    connection must be made within ``connect_timeout`` and each read of the answer take at most
+    ``read_timeout``). ``lease_seconds`` must outlast an attempt; a message is claimed only when it
+    can start at once, so a lease never waits.
     """
 
     def __init__(
@@ -98,8 +107,13 @@ class Dispatcher:
         schedule: Sequence[float] = DEFAULT_SCHEDULE,
         jitter: float = 0.2,
         attempt_timeout: float = 15.0,
-        max_in_flight: int = 64,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        max_in_flight: int = 256,
         per_endpoint: int = 4,
+        breaker_failures: int = 5,
+        breaker_open_seconds: float = 10.0,
+        breaker_max_open_seconds: float = 600.0,
         lease_seconds: float = 60.0,
         poll_seconds: float = 1.0,
         disable_after: float = 5 * 86400,
@@ -114,6 +128,8 @@ class Dispatcher:
             raise ValueError("lease_seconds must outlast attempt_timeout, or a slow attempt could be delivered twice")
         if max_in_flight < 1 or per_endpoint < 1:
             raise ValueError("max_in_flight and per_endpoint must be at least 1")
+        if connect_timeout <= 0 or read_timeout <= 0:
+            raise ValueError("connect_timeout and read_timeout must be positive")
         self.webhooks = webhooks
         self.policy = policy
         self.worker = worker
@@ -121,8 +137,16 @@ class Dispatcher:
         self.schedule = tuple(float(delay) for delay in schedule)
         self.jitter = jitter
         self.attempt_timeout = attempt_timeout
+        self.timeouts = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
         self.max_in_flight = max_in_flight
         self.per_endpoint = per_endpoint
+        self.breakers = Breakers(
+            per_endpoint=per_endpoint,
+            failures=breaker_failures,
+            open_seconds=breaker_open_seconds,
+            max_open_seconds=breaker_max_open_seconds,
+            metrics=self.metrics,
+        )
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.disable_after = disable_after
@@ -165,14 +189,14 @@ class Dispatcher:
         if free <= 0:
             self._backlog = True
             return 0
-        full = sorted(endpoint for endpoint, n in self._in_flight.items() if n >= self.per_endpoint)
+        # Each endpoint's room (its breaker's limit less its attempts in flight): an endpoint with
+        # none is left out, so its backlog is not leased; one not known yet gets the default, 1.
+        full, caps = self.breakers.claim_caps(self._in_flight)
         token = f"{self.worker}/{uuid.uuid4().hex[:12]}"
-        messages = await self.webhooks.claim(
-            token, limit=free, per_endpoint=self.per_endpoint, exclude=full, lease_seconds=self.lease_seconds
-        )
-        # Anything claimed, or an endpoint left out as full, may mean more is due: look again as
+        messages = await self.webhooks.claim(token, limit=free, per_endpoint=1, caps=caps, exclude=full, lease_seconds=self.lease_seconds)
+        # Anything claimed, or an endpoint left out as busy, may mean more is due: look again as
         # soon as an attempt ends rather than at the next poll.
-        self._backlog = bool(full) or bool(messages)
+        self._backlog = bool(self._in_flight) or bool(messages)
         if not messages:
             return 0
         try:
@@ -186,7 +210,7 @@ class Dispatcher:
             endpoint = endpoints.get(message.endpoint_id)
             if endpoint is None or not endpoint.enabled:
                 await self.webhooks.cancel(message.id, token)  # deleted or disabled since it was claimed
-            elif self._in_flight[endpoint.id] >= self.per_endpoint:
+            elif self._in_flight[endpoint.id] >= self.breakers.limit(endpoint.id):
                 give_back.append(message.id)
                 self._backlog = True
             else:
@@ -245,9 +269,7 @@ class Dispatcher:
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             transport = self._transport if self._transport is not None else guarded_transport(self.policy)
-            self._client = httpx.AsyncClient(
-                transport=transport, follow_redirects=False, timeout=httpx.Timeout(self.attempt_timeout), trust_env=False
-            )
+            self._client = httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=self.timeouts, trust_env=False)
         return self._client
 
     async def _attempt(self, message: Message, endpoint: Endpoint, token: str) -> None:
@@ -262,8 +284,10 @@ class Dispatcher:
             status_code, body, retry_after = await asyncio.wait_for(self._post(message, endpoint), self.attempt_timeout)
         except TargetRefused as refused:
             error, result = f"target refused: {refused.reason}", "refused"
-        except (asyncio.TimeoutError, httpx.TimeoutException):
+        except asyncio.TimeoutError:  # the attempt's deadline: hanging, or trickling its answer
             error, result = f"no answer within {self.attempt_timeout:g} s", "timeout"
+        except httpx.TimeoutException as exc:
+            error, result = timeout_error(exc, self.timeouts), "timeout"
         except httpx.HTTPError as exc:
             if isinstance(exc.__cause__, TargetRefused):  # refused at connect time (the guard's transport)
                 error, result = str(exc.__cause__), "refused"
@@ -275,6 +299,7 @@ class Dispatcher:
         duration = time.monotonic() - started
         if status_code is not None:
             result = "success" if 200 <= status_code < 300 else ("gone" if status_code == 410 else "failure")
+        self.breakers.record(endpoint.id, healthy(status_code, result))
         self.metrics.webhook_deliveries.labels(result).inc()
         self.metrics.webhook_attempt_latency.observe(duration)
         attempt = dict(
@@ -374,6 +399,20 @@ class Dispatcher:
             cancelled,
             extra={"runbell_event": "webhook.endpoint_disabled", "webhook": fields},
         )
+
+
+def timeout_error(exc: httpx.TimeoutException, timeouts: httpx.Timeout) -> str:
+    """Which of httpx's timeouts cut an attempt, for its record."""
+    for kind, seconds in (
+        (httpx.ConnectTimeout, timeouts.connect),
+        (httpx.ReadTimeout, timeouts.read),
+        (httpx.WriteTimeout, timeouts.write),
+        (httpx.PoolTimeout, timeouts.pool),
+    ):
+        if isinstance(exc, kind):
+            name = kind.__name__.removesuffix("Timeout").lower()
+            return f"{name} timeout ({seconds:g} s)"
+    return f"timeout: {exc}"
 
 
 def parse_retry_after(value: str, *, maximum: float, now: datetime | None = None) -> float | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import (
     and_,
+    case,
     delete,
     func,
     insert,
@@ -431,10 +432,19 @@ class WebhookStore:
     # -- for the dispatcher -------------------------------------------------------------------------
 
     async def claim(
-        self, token: str, *, limit: int, per_endpoint: int, exclude: Sequence[str] = (), lease_seconds: float, now: datetime | None = None
+        self,
+        token: str,
+        *,
+        limit: int,
+        per_endpoint: int,
+        caps: Mapping[str, int] | None = None,
+        exclude: Sequence[str] = (),
+        lease_seconds: float,
+        now: datetime | None = None,
     ) -> list[Message]:
         """Lease up to ``limit`` due messages of enabled endpoints, at most ``per_endpoint`` of each
-        endpoint, none of the endpoints in ``exclude``; the lease is ``token`` until now + lease.
+        endpoint (``caps[endpoint_id]`` for those it names), none of the endpoints in ``exclude``;
+        the lease is ``token`` until now + lease.
 
         The candidates are chosen first, then leased with UPDATE ... WHERE id IN (SELECT ... WHERE
         still due FOR UPDATE SKIP LOCKED) RETURNING on PostgreSQL, and in one BEGIN IMMEDIATE
@@ -458,10 +468,12 @@ class WebhookStore:
         scan = scan.order_by(MESSAGES.c.next_attempt_at, MESSAGES.c.id).limit(max(CLAIM_SCAN, limit)).subquery()
         ranked = select(
             scan.c.id,
+            scan.c.endpoint_id,
             scan.c.next_attempt_at,
             func.row_number().over(partition_by=scan.c.endpoint_id, order_by=(scan.c.next_attempt_at, scan.c.id)).label("rank"),
         ).subquery()
-        candidates = select(ranked.c.id).where(ranked.c.rank <= per_endpoint).order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit)
+        cap: Any = case(dict(caps), value=ranked.c.endpoint_id, else_=per_endpoint) if caps else per_endpoint
+        candidates = select(ranked.c.id).where(ranked.c.rank <= cap).order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit)
         async with self.store._transaction(write=True) as conn:
             # Two steps, so that the locking one is a plain primary-key lookup whatever the planner
             # thinks of the window query: pick candidates, then lock those still due (skipping any
