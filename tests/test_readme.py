@@ -169,7 +169,7 @@ async def test_the_python_client_block(gateway_factory, stand_in_airflow, capsys
     triggers gets its result task's success and then its end, as the hook would publish them."""
     import asyncio
 
-    from tests.conftest import PUBLISH_TOKEN
+    from tests.conftest import TRIGGER_TOKEN
 
     (block,) = block_with("python", "RunbellClient(")
     stand_in_airflow.dags["answer_question"] = {"dag_id": "answer_question", "is_paused": False}
@@ -189,7 +189,7 @@ async def test_the_python_client_block(gateway_factory, stand_in_airflow, capsys
                     emit("answer_question", run_id, "success", publisher=publisher)
             time.sleep(0.05)
 
-    names = {"TOKEN": PUBLISH_TOKEN}
+    names = {"TOKEN": TRIGGER_TOKEN}
     runner = threading.Thread(target=airflow_runs_them, daemon=True)
     runner.start()
     try:
