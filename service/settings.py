@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from runbell.bus.keys import DEFAULT_NAMESPACE
 from runbell.listeners.config import HOOK_SETTINGS_DOC
-from runbell.service.core.roles import Role, parse_tokens
+from runbell.service.core.roles import Grant, parse_tokens
 from runbell.service.webhooks.dispatcher import (
     DEFAULT_WEBHOOK_SCHEDULE,
     webhook_schedule_seconds,
@@ -33,7 +33,7 @@ class Settings(BaseModel):
     redis_url: str | None = None  # None: Redis on localhost if it answers, else the embedded broker
     database_url: str = "sqlite:///runbell.db"
     namespace: str = DEFAULT_NAMESPACE
-    tokens: dict[str, Role] = Field(default_factory=dict, repr=False)
+    tokens: dict[str, Grant] = Field(default_factory=dict, repr=False)
     no_auth: bool = False
     token_secret: SecretStr | None = None  # signs run-scoped tokens; None: random per process
     scoped_token_ttl: float = Field(default=3600.0, gt=0)
@@ -102,7 +102,8 @@ class Settings(BaseModel):
                 raise ValueError(f"--no-auth is only allowed when bound to loopback, not {self.host!r}")
         elif not self.tokens:
             raise ValueError(
-                "no tokens configured: set RUNBELL_TOKENS='token:role,...' (roles: read, publish, admin),"
+                "no tokens configured: set RUNBELL_TOKENS='token:role,...' (roles: read, publish, trigger, admin;"
+                " token:role@etl_*|billing limits a token to those DAGs),"
                 " or pass --no-auth on a loopback address for local development"
             )
         if self.token_secret is not None and len(self.token_secret.get_secret_value().encode()) < 32:
@@ -124,7 +125,11 @@ SETTINGS_DOC: list[tuple[str, str]] = [
     ("namespace", "prefix of every Redis key; hook and gateway must agree (default runbell)"),
     (
         "tokens",
-        "bearer tokens as comma-separated token:role pairs; roles read, publish, admin (a `$TOKEN` of the README is one of these tokens)",
+        "bearer tokens, comma-separated: token:role, or token:role@pattern to limit the token to the DAGs whose ids "
+        "match (`*` any characters, case-sensitive; several patterns joined by a vertical bar; without @ a token is "
+        "every DAG's). Roles: read; "
+        "publish (read, and POST /v1/events); trigger (read, and trigger or unpause runs); admin (everything, every DAG). "
+        "At most 1000 tokens, 64 patterns a token (see Roles and scopes; a `$TOKEN` of the README is one of these tokens)",
     ),
     ("no_auth", "turn auth off (only allowed when bound to loopback)"),
     (
@@ -248,7 +253,7 @@ def serve_overrides(args: argparse.Namespace) -> dict:
 # Read by `runbell run`, `wait` and `tail` (runbell.service.client.cli), besides their flags.
 CLIENT_SETTINGS_DOC: list[tuple[str, str, str]] = [
     ("RUNBELL_URL", "--url", "the gateway's base URL (default http://127.0.0.1:8080)"),
-    ("RUNBELL_TOKEN", "--token", "the bearer token they send (`runbell run` needs the publish role, the others read)"),
+    ("RUNBELL_TOKEN", "--token", "the bearer token they send (`runbell run` needs the trigger role, the others read)"),
 ]
 
 # Read by tests/run, the test suite and `runbell bench` only (not by a deployed gateway or hook).
@@ -310,7 +315,8 @@ def startup_line(settings: Settings, redis_url: str, embedded: bool) -> str:
     if settings.no_auth:
         auth = "auth OFF (--no-auth)"
     else:
-        auth = f"auth on ({len(settings.tokens)} tokens)"
+        scoped = sum(1 for grant in settings.tokens.values() if not grant.dags.every_dag)
+        auth = f"auth on ({len(settings.tokens)} tokens, {scoped} limited to some DAGs)"
     return f"runbell gateway on {settings.host}:{settings.port}: {redis}; database {without_password(settings.database_url)}; {auth}"
 
 

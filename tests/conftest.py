@@ -134,7 +134,8 @@ async def stand_in_airflow():
 
 
 READ_TOKEN, PUBLISH_TOKEN, ADMIN_TOKEN = "test-read-token", "test-publish-token", "test-admin-token"
-TOKENS = f"{READ_TOKEN}:read,{PUBLISH_TOKEN}:publish,{ADMIN_TOKEN}:admin"
+TRIGGER_TOKEN = "test-trigger-token"
+TOKENS = f"{READ_TOKEN}:read,{PUBLISH_TOKEN}:publish,{TRIGGER_TOKEN}:trigger,{ADMIN_TOKEN}:admin"
 
 
 def free_port() -> int:

@@ -192,9 +192,9 @@ def test_embedded_broker_carries_publish_and_pubsub(tmp_path):
 
 def test_run_reports_a_refusal_with_its_code(served):
     url, _, env = served
-    from tests.conftest import PUBLISH_TOKEN
+    from tests.conftest import TRIGGER_TOKEN
 
-    done = run_cli(["run", "etl", "--conf", '{"x": 1}', "--url", url, "--token", PUBLISH_TOKEN], env)
+    done = run_cli(["run", "etl", "--conf", '{"x": 1}', "--url", url, "--token", TRIGGER_TOKEN], env)
     assert done.returncode == 64
     assert "airflow_not_configured" in done.stderr
     bad_conf = run_cli(["run", "etl", "--conf", "{", "--url", url], env)
@@ -204,11 +204,11 @@ def test_run_reports_a_refusal_with_its_code(served):
 async def test_run_unpauses_a_paused_dag_only_when_asked(gateway_factory, stand_in_airflow):
     import asyncio
 
-    from tests.conftest import PUBLISH_TOKEN
+    from tests.conftest import TRIGGER_TOKEN
 
     stand_in_airflow.dags["sleepy"] = {"dag_id": "sleepy", "is_paused": True}
     gateway = await gateway_factory(airflow_url=stand_in_airflow.url)
-    env = {**os.environ, "RUNBELL_URL": gateway.url, "RUNBELL_TOKEN": PUBLISH_TOKEN}
+    env = {**os.environ, "RUNBELL_URL": gateway.url, "RUNBELL_TOKEN": TRIGGER_TOKEN}
 
     refused = await asyncio.to_thread(run_cli, ["run", "sleepy", "--timeout", "1"], env)
     assert refused.returncode == 64 and "dag_paused" in refused.stderr and "--unpause" in refused.stderr

@@ -27,7 +27,7 @@ from runbell.service.client.client import (
     SseEvent,
     Unavailable,
 )
-from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
+from tests.conftest import PUBLISH_TOKEN, READ_TOKEN, TRIGGER_TOKEN
 from tests.test_gateway import DAG, publish, until, waiting
 
 # -- one set of calls for both clients --------------------------------------------------------------
@@ -536,7 +536,7 @@ async def triggering_gateway(gateway_factory, airflow):
 
 async def test_trigger_and_wait_against_the_gateway(triggering_gateway, airflow, connect):
     gateway = triggering_gateway
-    call = asyncio.create_task(connect(gateway.url, PUBLISH_TOKEN).call("trigger_and_wait", DAG, conf={"q": 1}, timeout=20))
+    call = asyncio.create_task(connect(gateway.url, TRIGGER_TOKEN).call("trigger_and_wait", DAG, conf={"q": 1}, timeout=20))
     await until(lambda: airflow.runs)
     ((_, run_id),) = airflow.runs  # drawn by the gateway, with ':' and '+' in it
     await publish(gateway, run_id, "success", task_id="answer", result_task=True, result={"a": 42})
@@ -546,7 +546,7 @@ async def test_trigger_and_wait_against_the_gateway(triggering_gateway, airflow,
 
 async def test_trigger_then_wait_and_follow_with_the_run_token(triggering_gateway, airflow, connect):
     gateway = triggering_gateway
-    caller = connect(gateway.url, PUBLISH_TOKEN)
+    caller = connect(gateway.url, TRIGGER_TOKEN)
     first = await caller.call("trigger", DAG, idempotency_key="order-17")
     again = await caller.call("trigger", DAG, idempotency_key="order-17")
     assert again.run_id == first.run_id and len(airflow.runs) == 1

@@ -14,7 +14,7 @@ from runbell.service.core.roles import Role
 from runbell.service.http import openapi
 from runbell.service.http.openapi import OPERATIONS, ContractError, Operation, app_routes, build_openapi, rendered
 from runbell.service.webhooks.outbox import MessageStatus, WebhookKind
-from tests.conftest import ADMIN_TOKEN, PUBLISH_TOKEN, READ_TOKEN
+from tests.conftest import ADMIN_TOKEN, PUBLISH_TOKEN, TRIGGER_TOKEN
 
 
 def test_the_committed_document_is_what_the_code_generates():
@@ -124,7 +124,7 @@ async def test_a_malformed_body_is_422_with_the_error_shape_everywhere(gateway, 
 async def test_each_operation_s_role_is_the_one_its_handler_demands(gateway):
     """x-role is written in the table: the handler must refuse a token one role below it (403) and
     no token at all (401)."""
-    below = {Role.PUBLISH: READ_TOKEN, Role.ADMIN: PUBLISH_TOKEN}
+    below = {Role.PUBLISH: TRIGGER_TOKEN, Role.TRIGGER: PUBLISH_TOKEN, Role.ADMIN: PUBLISH_TOKEN}
     checked = 0
     async with gateway.client(token=None) as anonymous:
         for route in app_routes():

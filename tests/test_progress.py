@@ -20,7 +20,7 @@ from runbell.service.client.progress import (
     render_block,
     run_command,
 )
-from tests.conftest import PUBLISH_TOKEN
+from tests.conftest import TRIGGER_TOKEN
 from tests.test_client import airflow, triggering_gateway  # noqa: F401  (fixtures)
 from tests.test_gateway import publish, until
 
@@ -298,7 +298,7 @@ async def test_run_command_against_the_gateway(triggering_gateway, airflow):
     gateway, stream, out = triggering_gateway, io.StringIO(), io.StringIO()
 
     def command() -> int:
-        with RunbellClient(gateway.url, PUBLISH_TOKEN) as client:
+        with RunbellClient(gateway.url, TRIGGER_TOKEN) as client:
             return run_command(client, "etl", {"rows": 3}, timeout=20, stream=stream, out=out)
 
     done = asyncio.create_task(asyncio.to_thread(command))

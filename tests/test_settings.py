@@ -11,7 +11,7 @@ import pytest
 
 from runbell.listeners.config import HOOK_SETTINGS_DOC
 from runbell.service.client import cli
-from runbell.service.core.roles import Role, parse_tokens
+from runbell.service.core.roles import Grant, Role, parse_tokens
 from runbell.service.settings import (
     ENV_ONLY,
     SETTINGS_DOC,
@@ -162,7 +162,7 @@ def test_serve_logs_its_redis_database_and_auth_once_without_secrets(serve_stopp
     assert cli.main(argv) == 0
     (line,) = start_lines(caplog)
     assert "Redis at redis://:***@127.0.0.1:6379/0" in line and "database postgresql://rb:***@db/rb" in line
-    assert "auth on (2 tokens)" in line
+    assert "auth on (2 tokens, 0 limited to some DAGs)" in line
     for secret in ("r3dispw", "dbpw", "t0ps3cret", "an0ther", "x" * 40):
         assert secret not in caplog.text
 
@@ -182,14 +182,18 @@ def test_environment_then_flags():
     env = {"RUNBELL_PORT": "9000", "RUNBELL_NAMESPACE": "x", "RUNBELL_NO_AUTH": "yes", "RUNBELL_TOKENS": "a:read"}
     settings = load_settings({"port": 9100, "host": None}, env=env)
     assert (settings.port, settings.namespace, settings.no_auth, settings.host) == (9100, "x", True, "127.0.0.1")
-    assert settings.tokens == {"a": Role.READ}
+    assert settings.tokens == {"a": Grant(Role.READ)}
 
 
 def test_tokens_parse_and_errors_never_echo_the_token():
-    assert parse_tokens("t1:read, t2:admin,t:with:colon:publish") == {"t1": Role.READ, "t2": Role.ADMIN, "t:with:colon": Role.PUBLISH}
+    assert parse_tokens("t1:read, t2:admin,t:with:colon:publish") == {
+        "t1": Grant(Role.READ),
+        "t2": Grant(Role.ADMIN),
+        "t:with:colon": Grant(Role.PUBLISH),
+    }
     with pytest.raises(ValueError) as bad_role:
         parse_tokens("s3cret:root")
-    assert "s3cret" not in str(bad_role.value) and "read, publish, admin" in str(bad_role.value)
+    assert "s3cret" not in str(bad_role.value) and "read, publish, trigger, admin" in str(bad_role.value)
     with pytest.raises(ValueError):
         parse_tokens("no-role")
 

@@ -12,7 +12,7 @@ from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
-from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
+from tests.conftest import READ_TOKEN, TRIGGER_TOKEN
 from tests.test_gateway import until
 
 TRIGGER = "/v1/dags/etl/runs"
@@ -34,7 +34,7 @@ async def publish(gateway, run_id: str, state: str, **kw) -> None:
 
 
 async def test_trigger_and_wait_returns_the_result_and_a_scoped_token(gateway, airflow):
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         call = asyncio.create_task(client.post(TRIGGER, params={"wait": 20}, json={"conf": {"q": 1}}))
         await until(lambda: airflow.runs)
         ((_, run_id),) = airflow.runs
@@ -57,7 +57,7 @@ async def test_trigger_and_wait_returns_the_result_and_a_scoped_token(gateway, a
 
 
 async def test_no_wait_answers_202_with_location_and_the_queued_state(gateway, airflow):
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         response = await client.post(TRIGGER, json={})
         preferred = await client.post(TRIGGER, json={}, headers={"Prefer": "respond-async, wait=0.3"})
     assert response.status_code == 202
@@ -72,7 +72,7 @@ async def test_no_wait_answers_202_with_location_and_the_queued_state(gateway, a
 
 async def test_idempotency_key_gives_one_run(gateway, airflow):
     headers = {"Idempotency-Key": "order-17"}
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         first = await client.post(TRIGGER, json={"conf": {"n": 1}}, headers=headers)
         again = await client.post(TRIGGER, json={"conf": {"n": 1}}, headers=headers)
         changed = await client.post(TRIGGER, json={"conf": {"n": 2}}, headers=headers)
@@ -85,7 +85,7 @@ async def test_idempotency_key_gives_one_run(gateway, airflow):
 async def test_idempotency_key_while_the_first_call_is_triggering_is_409(gateway, airflow):
     airflow.post_delay = 1.0
     headers = {"Idempotency-Key": "slow"}
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         first = asyncio.create_task(client.post(TRIGGER, json={}, headers=headers))
         await until(lambda: airflow.posts)
         second = await client.post(TRIGGER, json={}, headers=headers)
@@ -95,7 +95,7 @@ async def test_idempotency_key_while_the_first_call_is_triggering_is_409(gateway
 
 async def test_a_clash_on_a_drawn_run_id_draws_again_but_a_given_one_is_409(gateway, airflow):
     airflow.conflicts = 2
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         drawn = await client.post(TRIGGER, json={})
         assert drawn.status_code == 202
         assert len({p["dag_run_id"] for p in airflow.posts}) == 3
@@ -107,7 +107,7 @@ async def test_a_caller_who_hangs_up_does_not_cancel_the_run(gateway, airflow):
     import httpx
 
     airflow.post_delay = 0.5
-    async with gateway.client(PUBLISH_TOKEN, timeout=0.1) as impatient:
+    async with gateway.client(TRIGGER_TOKEN, timeout=0.1) as impatient:
         with pytest.raises(httpx.TimeoutException):
             await impatient.post(TRIGGER, params={"wait": 10}, json={"run_id": "hung-up"})
     await until(lambda: ("etl", "hung-up") in airflow.runs)
@@ -117,7 +117,7 @@ async def test_a_caller_who_hangs_up_does_not_cancel_the_run(gateway, airflow):
 
 async def test_an_error_answer_is_retried_with_the_same_run_id(gateway, airflow):
     airflow.errors_after_create = 1
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         response = await client.post(TRIGGER, json={"run_id": "mine"})
     assert response.status_code == 202 and response.json()["run_id"] == "mine"
     assert [p["dag_run_id"] for p in airflow.posts] == ["mine", "mine"] and len(airflow.runs) == 1
@@ -125,7 +125,7 @@ async def test_an_error_answer_is_retried_with_the_same_run_id(gateway, airflow)
 
 async def test_unknown_and_paused_dags_and_bad_requests(gateway, airflow):
     airflow.dags["sleepy"] = {"dag_id": "sleepy", "is_paused": True}
-    async with gateway.client(PUBLISH_TOKEN) as client, gateway.client(READ_TOKEN) as reader:
+    async with gateway.client(TRIGGER_TOKEN) as client, gateway.client(READ_TOKEN) as reader:
         unknown = await client.post("/v1/dags/nope/runs", json={})
         paused = await client.post("/v1/dags/sleepy/runs", json={})
         assert airflow.posts == []
@@ -146,7 +146,7 @@ async def test_airflow_unreachable_is_503_at_once(gateway_factory):
     from tests.conftest import free_port
 
     gateway = await gateway_factory(airflow_url=f"http://127.0.0.1:{free_port()}", airflow_timeout=2)
-    async with gateway.client(PUBLISH_TOKEN) as client:
+    async with gateway.client(TRIGGER_TOKEN) as client:
         response = await client.post(TRIGGER, json={})
     assert response.status_code == 503 and response.json()["error"] == "airflow_unreachable"
 

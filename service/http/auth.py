@@ -1,4 +1,10 @@
-"""Bearer tokens with roles. Each role includes the ones below it: admin > publish > read."""
+"""Bearer tokens with roles and DAG scopes (runbell.service.core.roles), checked on every endpoint.
+
+Each endpoint says what it touches: one DAG (`dag_id=`, or `run=` for one run), several that it
+checks or filters itself (`per_dag=True`, then `Principal.check_dag` or `Principal.dags`), or, by
+default, every DAG: then only a token whose scope is every DAG passes. A request outside the token's
+scope is a 403 `token_scope`, which says nothing about whether the DAG exists.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import jwt
 from starlette.requests import Request
 
 from runbell.service.core import clock
-from runbell.service.core.roles import Role
+from runbell.service.core.roles import EVERY_DAG, DagScope, Grant, Role
 from runbell.service.http.errors import ApiError
 
 QUERY_TOKEN_PARAM = "access_token"  # EventSource cannot send headers
@@ -20,14 +26,34 @@ QUERY_TOKEN_PARAM = "access_token"  # EventSource cannot send headers
 class Principal:
     role: Role | None  # None when auth is off
     run: tuple[str, str] | None = None  # set for a run-scoped token: the one run it may read
+    dags: DagScope = EVERY_DAG  # the DAGs the token may act on
+
+    def check_dag(self, dag_id: str) -> None:
+        """403 token_scope unless the token may act on this DAG."""
+        if not self.dags.allows(dag_id) or (self.run is not None and self.run[0] != dag_id):
+            raise out_of_scope()
 
 
-def authorize(request: Request, needed: Role, *, run: tuple[str, str] | None = None, query_token: bool = False) -> Principal:
-    """Check the caller's token against the needed role.
+def out_of_scope() -> ApiError:
+    return ApiError(403, "token_scope", "this token is not allowed to act on this DAG (see its @patterns in RUNBELL_TOKENS)")
 
-    Endpoints of one run pass `run`: they also take the token as ?access_token= (EventSource cannot
-    send headers) and accept a run-scoped token for that run, for reading. Other streaming endpoints
-    pass `query_token` to take ?access_token= too.
+
+def authorize(
+    request: Request,
+    needed: Role,
+    *,
+    dag_id: str | None = None,
+    run: tuple[str, str] | None = None,
+    per_dag: bool = False,
+    query_token: bool = False,
+) -> Principal:
+    """Check the caller's token against the needed role and the DAGs the endpoint touches.
+
+    `dag_id`: the one DAG it acts on. `run`: the one run (endpoints of one run also take the token as
+    ?access_token=, since EventSource cannot send headers, and accept a run-scoped token of that run,
+    for reading). `per_dag`: the caller checks each DAG itself (Principal.check_dag) or filters by
+    Principal.dags. None of them: the endpoint spans every DAG, so the token's scope must be every DAG.
+    Other streaming endpoints pass `query_token` to take ?access_token= too.
     """
     settings = request.app.state.settings
     if settings.no_auth:
@@ -35,14 +61,21 @@ def authorize(request: Request, needed: Role, *, run: tuple[str, str] | None = N
     presented = _presented_token(request, allow_query_token=run is not None or query_token)
     if presented is None:
         raise ApiError(401, "missing_token", "send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-    role = _lookup(settings.tokens, presented)
-    if role is None and presented.count(".") == 2:  # a run-scoped token (JWT)
+    grant = _lookup(settings.tokens, presented)
+    if grant is None and presented.count(".") == 2:  # a run-scoped token (JWT)
         return _authorize_scoped(request.app.state.token_secret, presented, needed, run)
-    if role is None:
+    if grant is None:
         raise ApiError(401, "bad_token", "the token is not valid", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    if role.rank < needed.rank:
-        raise ApiError(403, "forbidden", f"this endpoint needs the {needed.value} role; the token has {role.value}")
-    return Principal(role=role)
+    if not grant.role.grants(needed):
+        raise ApiError(403, "forbidden", f"this endpoint needs the {needed.value} role; the token has {grant.role.value}")
+    principal = Principal(role=grant.role, dags=grant.dags)
+    if run is not None:
+        dag_id = run[0]
+    if dag_id is not None:
+        principal.check_dag(dag_id)
+    elif not per_dag and not grant.dags.every_dag:
+        raise ApiError(403, "token_scope", "this endpoint spans every DAG; this token is limited to some DAGs")
+    return principal
 
 
 # -- run-scoped tokens (JWT) ------------------------------------------------------------------------
@@ -75,7 +108,7 @@ def _authorize_scoped(secret: str, presented: str, needed: Role, run: tuple[str,
         raise ApiError(401, "bad_token", "the token is not valid", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
     if claims.get("scope") != SCOPED_SCOPE or run is None or (claims.get("dag_id"), claims.get("run_id")) != run:
         raise ApiError(403, "token_scope", "this token may read one run's result and events, nothing else")
-    if needed.rank > Role.READ.rank:
+    if needed is not Role.READ:
         raise ApiError(403, "forbidden", f"a run-scoped token can only read; this endpoint needs {needed.value}")
     return Principal(role=Role.READ, run=run)
 
@@ -92,10 +125,10 @@ def _presented_token(request: Request, allow_query_token: bool) -> str | None:
     return None
 
 
-def _lookup(tokens: dict[str, Role], presented: str) -> Role | None:
+def _lookup(tokens: dict[str, Grant], presented: str) -> Grant | None:
     # Compare against every token in constant time, so timing does not reveal a prefix.
-    found: Role | None = None
-    for token, role in tokens.items():
+    found: Grant | None = None
+    for token, grant in tokens.items():
         if hmac.compare_digest(token.encode(), presented.encode()):
-            found = role
+            found = grant
     return found

@@ -210,9 +210,10 @@ async def with_store_states(store: Store, slots: list[Slot]) -> list[Slot]:
 
 
 async def backfill_runs(request: Request) -> Response:
-    """GET /v1/backfills/{backfill_id}/runs?limit=&offset= (role read)."""
-    authorize(request, Role.READ)
+    """GET /v1/backfills/{backfill_id}/runs?limit=&offset= (role read, on the backfill's DAG)."""
+    principal = authorize(request, Role.READ, per_dag=True)
     source, backfill = await find_backfill(request)
+    principal.check_dag(backfill.dag_id)
     limit, offset = parse_paging(request)
     total, slots = await source.slots(backfill, limit, offset)
     slots = await with_store_states(request.app.state.store, slots)
@@ -222,8 +223,9 @@ async def backfill_runs(request: Request) -> Response:
 
 async def backfill_events(request: Request) -> Response:
     """GET /v1/backfills/{backfill_id}/events (role read; ?access_token= accepted): SSE."""
-    authorize(request, Role.READ, query_token=True)  # EventSource sends no headers
+    principal = authorize(request, Role.READ, per_dag=True, query_token=True)  # EventSource sends no headers
     source, backfill = await find_backfill(request)
+    principal.check_dag(backfill.dag_id)
     hub = hub_with_room(request)
     _, slots = await source.slots(backfill)
     tracker = Progress(await with_store_states(request.app.state.store, slots))

@@ -226,7 +226,7 @@ RUNS_LIST = Operation(
 OPERATIONS: dict[str, Operation] = {
     "trigger_run": Operation(
         "Trigger a run through Airflow and wait for its outcome",
-        Role.PUBLISH,
+        Role.TRIGGER,
         {
             200: Answer("Decided within the wait: the outcome, with a token scoped to this run", TriggeredOutcome),
             202: Answer("Triggered, still pending", TriggeredPending, headers={"Location": "the result endpoint of the run"}),
@@ -532,7 +532,10 @@ DELIVERY = {
 }
 
 BAD_BODY = "A malformed body: not JSON, not an object, a wrong type or a bad value (accepted lists the problems)"
-AUTH_ERRORS = {401: failure("Missing or bad token"), 403: failure("The token's role is too low")}
+AUTH_ERRORS = {
+    401: failure("Missing or bad token"),
+    403: failure("The token's role is too low (error forbidden), or the DAG is outside the token's scope (error token_scope)"),
+}
 
 
 # -- the generator ----------------------------------------------------------------------------------
@@ -638,8 +641,10 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
         "info": {
             "title": "Runbell gateway",
             "version": "1",
-            "description": "The outcome of an Airflow run, pushed. Each operation's x-role is the least Role its token needs "
-            "(admin > publish > read; null: open).",
+            "description": "The outcome of an Airflow run, pushed. Each operation's x-role is the Role its token needs "
+            "(publish and trigger include read, admin includes all; null: open). A token limited to some DAGs "
+            "(RUNBELL_TOKENS token:role@patterns) acts on those only: another DAG is a 403 token_scope; listings "
+            "hold its DAGs' runs only; endpoints that span DAGs (assets, metrics, webhooks) need a token for every DAG.",
         },
         "security": [{"bearer": []}],
         "paths": dict(sorted(paths.items())),

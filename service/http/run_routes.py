@@ -223,9 +223,10 @@ async def stream_already_ended(runs: RunTopic, dag_id: str, run_id: str, last_id
 
 
 async def publish_event(request: Request) -> Response:
-    """Publish one event over HTTP, exactly as `runbell emit` would (role: publish)."""
-    authorize(request, Role.PUBLISH)
+    """Publish one event over HTTP, exactly as `runbell emit` would (role: publish, on the event's DAG)."""
+    principal = authorize(request, Role.PUBLISH, per_dag=True)  # before the body is read: see read_body
     event = await read_body(request, Event, code="bad_event")
+    principal.check_dag(event.dag_id)
     publisher = request.app.state.publisher
     try:
         seq = await asyncio.to_thread(publisher.publish_or_spool, event)

@@ -52,9 +52,14 @@ CURSOR_MAX_LENGTH = 2048
 
 
 async def list_runs(request: Request) -> Response:
-    """GET /v1/runs and GET /v1/dags/{dag_id}/runs (role read)."""
-    authorize(request, Role.READ)
+    """GET /v1/runs and GET /v1/dags/{dag_id}/runs (role read): a token limited to some DAGs names
+    one of them, or is given the runs of its DAGs only."""
+    principal = authorize(request, Role.READ, per_dag=True)
     query, fingerprint = parse_query(request)
+    if query.dag_id is not None:
+        principal.check_dag(query.dag_id)
+    elif not principal.dags.every_dag:
+        query = replace(query, dag_patterns=principal.dags.patterns)
     query = apply_cursor(request, query, fingerprint)
     store: Store = request.app.state.store
     # One row more than asked tells whether there is a next page without a count.

@@ -49,8 +49,8 @@ class TriggerRequest(BaseModel):
 
 
 async def trigger_run(request: Request) -> Response:
-    authorize(request, Role.PUBLISH)
     dag_id = request.path_params["dag_id"]
+    authorize(request, Role.TRIGGER, dag_id=dag_id)  # triggering and ?unpause=true: the trigger role
     body = await read_body(request, TriggerRequest, required=False)  # a bad request is the caller's, whatever the gateway lacks
     airflow: AirflowClient | None = request.app.state.airflow
     if airflow is None:

@@ -10,6 +10,7 @@ state is re-derived from all of its stored events.
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import String, bindparam, literal, select, text, tuple_, update
+from sqlalchemy import ColumnElement, String, bindparam, literal, or_, select, text, tuple_, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -102,6 +103,7 @@ class RunQuery:
     """A page of the runs listing: filters (each applied in SQL), order and keyset position."""
 
     dag_id: str | None = None
+    dag_patterns: tuple[str, ...] = ()  # any of these DAG id patterns ('*' any characters; roles.DagScope)
     run_types: tuple[str, ...] = ()  # any of these
     backfill_id: str | None = None
     run_after_gte: datetime | None = None
@@ -277,6 +279,8 @@ class Store:
         statement = select(Run)
         if query.dag_id is not None:
             statement = statement.where(Run.dag_id == query.dag_id)
+        if query.dag_patterns:
+            statement = statement.where(or_(*(self._dag_id_matches(p) for p in query.dag_patterns)))
         if query.run_types:
             statement = statement.where(Run.run_type.in_(query.run_types))
         if query.backfill_id is not None:
@@ -294,6 +298,16 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(statement)).all()
         return [_run_record(row) for row in rows]
+
+    def _dag_id_matches(self, pattern: str) -> ColumnElement[bool]:
+        """dag_id matches the pattern ('*' any characters, the rest itself, case-sensitively), in SQL:
+        GLOB on SQLite (its LIKE ignores case), LIKE elsewhere; the other wildcards are escaped."""
+        parts = pattern.split("*")
+        if self.engine.dialect.name == "sqlite":
+            glob = "*".join(re.sub(r"([\[?])", r"[\1]", part) for part in parts)
+            return Run.dag_id.op("GLOB", is_comparison=True)(glob)
+        like = "%".join(re.sub(r"([\\%_])", r"\\\1", part) for part in parts)
+        return Run.dag_id.like(like, escape="\\")
 
     async def task_instances(self, dag_id: str, run_id: str) -> list[TaskInstanceRecord]:
         """The run's task tries: by start (not started last), then task_id, map_index, try_number."""

@@ -1,0 +1,243 @@
+"""deploy/redis/users.acl against a real redis-server started here: the hook publishes with its user and
+the gateway delivers with its own; neither can read other keys, run other commands or reach another
+namespace. The ACL file is rendered by the README's own command (the "Redis ACL" section)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+import redis
+
+from runbell.bus import keys
+from runbell.bus.schema import Event, EventKind
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import PUBLISH_LUA, Publisher, emit, emit_asset
+from tests.conftest import ADMIN_TOKEN, READ_TOKEN, TRIGGER_TOKEN, free_port
+from tests.readme_blocks import code_blocks, commands
+from tests.test_gateway import until, waiting
+
+REPO = Path(__file__).resolve().parent.parent
+ACL_TEMPLATE = "deploy/redis/users.acl"
+ACL_TARGET = "/etc/redis/users.acl"  # where the README's command writes it
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+HOOK_PASSWORD, GATEWAY_PASSWORD = "hook p@ss/word:1", "gateway-secret-2"  # a URL must percent-encode the first
+ADMIN = "user rbtest-admin on >admin-pw ~* &* +@all"  # the test's own operator, to look at what landed
+
+
+@dataclass
+class AclRedis:
+    port: int
+    namespace: str
+    process: subprocess.Popen
+
+    def url(self, user: str, password: str) -> str:
+        return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
+
+    @property
+    def hook_url(self) -> str:
+        return self.url("runbell-hook", HOOK_PASSWORD)
+
+    @property
+    def gateway_url(self) -> str:
+        return self.url("runbell-gateway", GATEWAY_PASSWORD)
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url("rbtest-admin", "admin-pw"))
+
+
+def render_acl(namespace: str, target: Path) -> str:
+    """The README's render command, run as written (only its output path differs)."""
+    (block,) = [b for b in code_blocks("sh") if ACL_TEMPLATE in b]
+    (command,) = commands(block)[:1]
+    env = {**os.environ, "RUNBELL_NAMESPACE": namespace, "HOOK_PASSWORD": HOOK_PASSWORD, "GATEWAY_PASSWORD": GATEWAY_PASSWORD}
+    assert ACL_TARGET in command
+    subprocess.run(["bash", "-c", command.replace(ACL_TARGET, str(target))], cwd=REPO, env=env, check=True, timeout=30)
+    return target.read_text()
+
+
+@pytest.fixture
+def acl_redis(namespace, tmp_path):
+    """A redis-server of this test's own on a free port, with the rendered ACL file (plus an admin user)."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.fail("redis-server is needed to test the ACL file", pytrace=False)
+    acl_file = tmp_path / "users.acl"
+    rendered = render_acl(namespace, acl_file)
+    assert "HOOK_PASSWORD_SHA256" not in rendered and f"~{namespace}:*" in rendered and "~runbell:" not in rendered
+    acl_file.write_text(rendered + ADMIN + "\n")
+    port = free_port()
+    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--aclfile", str(acl_file), "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = AclRedis(port, namespace, process)
+    try:
+        for _ in range(200):
+            try:
+                server.admin().ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None, process.stdout.read() if process.stdout else ""
+                subprocess.run(["sleep", "0.05"])
+        yield server
+    finally:
+        process.terminate()  # by its PID: this test's server only
+        process.wait(10)
+
+
+def hook_publisher(server: AclRedis, tmp_path: Path, namespace: str | None = None) -> Publisher:
+    config = PublisherConfig(redis_url=server.hook_url, namespace=namespace or server.namespace, spool_dir=tmp_path / "hook-spool")
+    return Publisher(config)
+
+
+async def test_the_hook_publishes_and_the_gateway_delivers_with_their_own_users(acl_redis, gateway_factory, stand_in_airflow, tmp_path):
+    gateway = await gateway_factory(redis_url=acl_redis.gateway_url, airflow_url=stand_in_airflow.url)
+    hook = hook_publisher(acl_redis, tmp_path)
+    async with gateway.client(READ_TOKEN) as reader:
+        await until(lambda: gateway.app.state.hub.connected.is_set())  # PSUBSCRIBE allowed
+        assert (await reader.get("/readyz")).status_code == 200
+        waiter = asyncio.create_task(reader.get("/v1/dags/etl/runs/r1/result", params={"timeout": 30}))
+        await until(waiting(gateway))
+        seqs = [
+            await asyncio.to_thread(emit, "etl", "r1", "running", publisher=hook),
+            await asyncio.to_thread(emit, "etl", "r1", "success", task_id="answer", result_task=True, result={"a": 42}, publisher=hook),
+        ]
+        assert seqs == [1, 2]  # published, not spooled
+        answer = await waiter
+        assert answer.status_code == 200 and answer.json()["result"] == {"a": 42}
+        # The spool's flush: a batch through a pipeline (SCRIPT EXISTS, EVALSHA, XADD).
+        for state in ("running", "success"):
+            hook.spool.append(Event(kind=EventKind.RUN, dag_id="etl", run_id="r2", state=state).to_json())
+        assert await asyncio.to_thread(hook.flush) == 2 and hook.spool.is_empty()
+        events = await reader.get("/v1/dags/etl/runs/r2/events")  # the replay log (XRANGE), to the end
+        assert events.status_code == 200 and events.text.count("event: run") == 2 and "event: end" in events.text
+        assert await asyncio.to_thread(emit_asset, "s3://lake/orders", publisher=hook) == 1
+        asset = await reader.get("/v1/assets/s3://lake/orders/next", params={"after": 0, "timeout": 5})  # GET seq, XRANGE
+        assert asset.status_code == 200 and asset.json()["seq"] == 1
+    async with gateway.client(ADMIN_TOKEN) as admin, gateway.client(TRIGGER_TOKEN) as trigger:
+        # The gateway's own publishes, and an Idempotency-Key (SET NX, GET) kept in Redis.
+        published = await admin.post("/v1/events", content=Event(kind=EventKind.RUN, dag_id="etl", run_id="r3", state="running").to_json())
+        assert published.status_code == 201
+        first = await trigger.post("/v1/dags/etl/runs", params={"wait": 0}, headers={"Idempotency-Key": "k1"})
+        again = await trigger.post("/v1/dags/etl/runs", params={"wait": 0}, headers={"Idempotency-Key": "k1"})
+        assert first.status_code == again.status_code == 202 and first.json()["run_id"] == again.json()["run_id"]
+    store = gateway.app.state.store  # the recorder's consumer group (XGROUP CREATE, XREADGROUP, XACK)
+    for run_id in ("r1", "r2", "r3"):
+        await until_stored(store, "etl", run_id)
+    log = acl_redis.admin().execute_command("ACL", "LOG")
+    assert log == [], log  # nothing either side sent was refused
+
+
+async def until_stored(store, dag_id: str, run_id: str) -> None:
+    for _ in range(400):
+        if await store.get_run(dag_id, run_id) is not None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{dag_id}/{run_id} was not recorded")
+
+
+def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespace(acl_redis, tmp_path):
+    ns = acl_redis.namespace
+    admin = acl_redis.admin()
+    admin.set(keys.idempotency_key(ns, "k"), "the gateway's")
+    admin.set("foreign:secret", "not runbell's")
+    assert hook_publisher(acl_redis, tmp_path).publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) == 1
+    hook = redis.Redis.from_url(acl_redis.hook_url)
+    refused = {
+        "GET a gateway key": lambda: hook.get(keys.idempotency_key(ns, "k")),
+        "GET a foreign key": lambda: hook.get("foreign:secret"),
+        "XRANGE the global stream": lambda: hook.xrange(keys.global_stream(ns)),
+        "XRANGE a run's log": lambda: hook.xrange(keys.run_keys(ns, "d", "r").log),
+        "XREADGROUP": lambda: hook.xreadgroup("recorder", "c", {keys.global_stream(ns): ">"}),
+        "SUBSCRIBE": lambda: hook.execute_command("SUBSCRIBE", keys.run_keys(ns, "d", "r").channel),
+        "KEYS": lambda: hook.keys("*"),
+        "SCAN": lambda: hook.scan(0),
+        "FLUSHALL": lambda: hook.flushall(),
+        "CONFIG GET": lambda: hook.config_get("*"),
+        "DEL": lambda: hook.delete(keys.global_stream(ns)),
+        "EVAL": lambda: hook.eval("return 1", 0),
+        "SCRIPT FLUSH": lambda: hook.script_flush(),
+        "ACL": lambda: hook.acl_list(),
+        "XADD another namespace": lambda: hook.xadd("other:events", {"env": "{}"}),
+        "PUBLISH another namespace": lambda: hook.publish("other:run:{d/r}:ch", "{}"),
+    }
+    outcomes = {}
+    for what, call in refused.items():
+        try:
+            call()
+            outcomes[what] = "allowed"
+        except redis.exceptions.NoPermissionError:
+            outcomes[what] = "NOPERM"
+    assert outcomes == dict.fromkeys(refused, "NOPERM")
+
+    # publish.lua itself cannot be turned on another namespace: its keys, nor its channel.
+    sha = hook.script_load(PUBLISH_LUA)
+    other = keys.run_keys("other", "d", "r")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        hook.evalsha(sha, 3, other.seq, other.log, other.ids, "id", "{}", 60, other.channel)
+    mine = keys.run_keys(ns, "d", "r2")
+    with pytest.raises(redis.exceptions.ResponseError, match="can't publish to the channel"):
+        hook.evalsha(sha, 3, mine.seq, mine.log, mine.ids, "id", "{}", 60, other.channel)
+    # The real publisher of another namespace with the hook's user: refused, so it spools; nothing lands.
+    elsewhere = hook_publisher(acl_redis, tmp_path / "elsewhere", namespace="other")
+    assert elsewhere.publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) is None
+    assert len(elsewhere.spool.pending()) == 1
+    for path in elsewhere.spool.pending():  # its retry thread then stops
+        path.unlink()
+    assert admin.keys("other:*") == [] and admin.keys("foreign:*") == [b"foreign:secret"]
+    assert admin.get(keys.idempotency_key(ns, "k")) == b"the gateway's"
+
+    # Without credentials, or with a wrong password: nothing.
+    for url in (f"redis://127.0.0.1:{acl_redis.port}/0", acl_redis.url("runbell-hook", "wrong")):
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(url).ping()
+
+
+def test_the_gateway_user_stays_in_its_namespace_and_runs_no_admin_commands(acl_redis):
+    gateway = redis.Redis.from_url(acl_redis.gateway_url)
+    acl_redis.admin().set("foreign:secret", "x")
+    for call in (
+        lambda: gateway.get("foreign:secret"),
+        lambda: gateway.set("other:idem:k", "x"),
+        lambda: gateway.keys("*"),
+        lambda: gateway.flushall(),
+        lambda: gateway.config_set("appendonly", "no"),
+        lambda: gateway.execute_command("SHUTDOWN"),
+        lambda: gateway.acl_setuser("x"),
+        lambda: gateway.eval("return 1", 0),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            call()
+
+
+def test_publish_lua_declares_every_key_it_touches():
+    """Redis checks a script's declared KEYS before running it; every redis.call's key is one of them
+    (PUBLISH's first argument is a channel, ARGV[4], which the ACL's & patterns govern)."""
+    calls = re.findall(r"redis\.call\('(\w+)',\s*([^,)]+)", PUBLISH_LUA)
+    assert len(calls) >= 10
+    undeclared = [(command, first) for command, first in calls if not re.fullmatch(r"KEYS\[\d\]", first.strip())]
+    assert undeclared == [("PUBLISH", "ARGV[4]")]
+
+
+def test_the_acl_file_as_shipped_does_not_start(tmp_path):
+    """Unrendered, its password placeholders are not SHA-256 digests: Redis refuses the file."""
+    done = subprocess.run(
+        [REDIS_SERVER, "--port", str(free_port()), "--aclfile", str(REPO / ACL_TEMPLATE), "--save", "", "--appendonly", "no"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0 and "password hash must be exactly 64 characters" in done.stdout + done.stderr
+
+
+def test_a_password_in_the_url_is_taken_percent_decoded(acl_redis):
+    assert httpx.URL(acl_redis.hook_url).password == HOOK_PASSWORD  # the URL carries user:password
+    client = redis.Redis.from_url(acl_redis.hook_url)
+    assert client.connection_pool.connection_kwargs["username"] == "runbell-hook"
+    assert client.ping() is True
