@@ -14,7 +14,7 @@ A message's payload is fixed when it is enqueued, so every retry sends identical
      "data": {...the outcome as GET .../result answers 200, or the event as SSE data...,
               "seq": N, "terminal": true|false}}
 
-The dispatcher (service/webhook_delivery.py) claims due messages with a lease (claim), posts them
+The dispatcher (dispatcher.py) claims due messages with a lease (claim), posts them
 and writes each attempt's verdict (finish); the admin API reads and replays through WebhookStore.
 """
 
