@@ -17,6 +17,7 @@ from runbell.service.core.roles import MAX_PATTERNS, DagScope, Grant, Role, pars
 from runbell.service.http.auth import issue_run_token
 from runbell.service.store.store import RunQuery
 from tests.conftest import ADMIN_TOKEN, PUBLISH_TOKEN, READ_TOKEN, TOKENS, TRIGGER_TOKEN
+from tests.test_backfills import airflow_db  # noqa: F401  (a fixture)
 from tests.test_gateway import until, waiting
 from tests.test_runs import run_envelopes
 
@@ -210,3 +211,19 @@ async def test_scope_patterns_in_sql_are_exact_and_case_sensitive(store):
     for scope in map(DagScope, patterns):
         rows = await store.list_runs(RunQuery(dag_patterns=scope.patterns, limit=100))
         assert sorted(r.dag_id for r in rows) == sorted(d for d in dag_ids if scope.allows(d)), scope
+
+
+async def test_backfills_are_scoped_by_their_dag(database_url, airflow_db, gateway_factory):
+    gateway = await gateway_factory(database_url=database_url, airflow_database_url=airflow_db.url, tokens=f"{TOKENS},{SCOPED}")
+    mine, theirs = await airflow_db.backfill(IN), await airflow_db.backfill(OUT)
+    await airflow_db.slot(mine, 1, run_id="b1", dag_id=IN, state="success")
+    await airflow_db.slot(theirs, 1, run_id="b2", dag_id=OUT, state="success")
+    async with gateway.client(READ_ETL) as scoped, gateway.client(token=None) as anonymous:
+        statuses = {
+            "mine": (await scoped.get(f"/v1/backfills/{mine}/runs")).status_code,
+            "theirs": (await scoped.get(f"/v1/backfills/{theirs}/runs")).status_code,
+            "my events": (await anonymous.get(f"/v1/backfills/{mine}/events", params={"access_token": READ_ETL})).status_code,
+            "their events": (await anonymous.get(f"/v1/backfills/{theirs}/events", params={"access_token": READ_ETL})).status_code,
+            "unknown": (await scoped.get("/v1/backfills/999999/runs")).status_code,
+        }
+    assert statuses == {"mine": 200, "theirs": 403, "my events": 200, "their events": 403, "unknown": 404}

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in all (default 300)")
     run.add_argument("--unpause", action="store_true", help="unpause the DAG first if it is paused (else a paused DAG is refused)")
     run.add_argument("--url", default=os.environ.get("RUNBELL_URL", "http://127.0.0.1:8080"))
-    run.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the publish role")
+    run.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token with the trigger role")
     run.set_defaults(handler=cmd_run)
 
     dead = sub.add_parser("dead-letters", help="list or re-drive the recorder's dead letters (admin token)")

@@ -218,7 +218,8 @@ RUNS_LIST = Operation(
         400: failure("Unknown status or run_type (accepted listed), bad time, order, limit or cursor"),
     },
     "Keyset pages on (run_after, dag_id, run_id): stable while new runs arrive (no row twice, none skipped). "
-    "The cursor is opaque and signed; a malformed, altered or foreign one is a 400.",
+    "The cursor is opaque and signed; a malformed, altered or foreign one is a 400. A token limited to some DAGs "
+    "gets their runs only (a DAG named by the path or ?dag_id= must be one of them).",
 )
 
 # -- the operations, by route name ------------------------------------------------------------------
@@ -239,7 +240,7 @@ OPERATIONS: dict[str, Operation] = {
         },
         "Triggers the run (the gateway names it unless run_id is given), then waits like the result endpoint. 200 "
         "with the outcome if it lands within the wait, else 202 with Location. Both carry a token scoped to this run "
-        "(read its result and events).",
+        "(read its result and events). Triggering and ?unpause=true need the trigger role, on this DAG.",
         (
             DAG_ID,
             Param("wait", "query", {"type": "number", "minimum": 0, "maximum": LONG_POLL_MAX}, "seconds to wait for the outcome"),
@@ -347,6 +348,8 @@ OPERATIONS: dict[str, Operation] = {
                 {"Retry-After": "seconds"},
             ),
         },
+        "The event's dag_id must be in the token's scope (else 403 token_scope). Run and task events only: the hook "
+        "publishes asset events straight to Redis.",
         body=Event,
     ),
     "asset_events": Operation(
