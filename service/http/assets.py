@@ -30,6 +30,7 @@ from runbell.service.http.contract import AssetEventBody, AssetPending
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
     LAST_EVENT_ID_PARAM,
+    ascii_int,
     hub_with_room,
     parse_last_event_id,
     parse_timeout,
@@ -168,9 +169,10 @@ def parse_after(request: Request) -> int | None:
     raw = request.query_params.get(AFTER_PARAM)
     if raw is None:
         return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    after = ascii_int(raw)
+    if after is None:
         raise ApiError(400, "bad_after", "after must be a sequence number (a non-negative integer)", accepted="integer >= 0")
-    return int(raw)
+    return after
 
 
 def parse_asset_last_event_id(request: Request) -> int | None:
