@@ -24,7 +24,7 @@ from runbell.service.live.hub import Hub
 
 LAST_EVENT_ID_PARAM = "last_event_id"  # EventSource sends the header only on reconnects
 INT_DIGITS_MAX = 18  # below 2**63: every integer read fits a BIGINT and a Redis integer
-_SECONDS = re.compile(r"(?:[0-9]{1,12}(?:\.[0-9]{0,12})?|\.[0-9]{1,12})(?:[eE][-+]?[0-9]{1,3})?")  # no sign, inf or nan
+_SECONDS = re.compile(r"(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][-+]?[0-9]{1,3})?")  # no sign, inf, nan, '_' or space
 ASSETS_PREFIX = b"/v1/assets/"  # asset names may hold '/', encoded or not
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 BAD_BODY_STATUS = 422
@@ -63,7 +63,7 @@ def path_id(request: Request, name: str) -> str:
 def checked_id(value: str, name: str) -> str:
     """An id (dag, run, backfill, webhook): 1 to ID_MAX characters, none of them a control
     character. Else ApiError 400 bad_<name>."""
-    if not value or len(value) > ID_MAX or _CONTROL.search(value):
+    if not value or len(value) > ID_MAX or has_control(value):
         raise ApiError(
             400,
             f"bad_{name}",
@@ -73,6 +73,18 @@ def checked_id(value: str, name: str) -> str:
     return value
 
 
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def query_value(request: Request, name: str) -> str | None:
+    """The query parameter `name`, given once at most (twice is a 400: which one was meant?)."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"bad_{name}", f"{name} is given {len(values)} times; give it once", accepted="one value")
+    return values[0] if values else None
+
+
 def ascii_int(raw: str, max_digits: int = INT_DIGITS_MAX) -> int | None:
     """The non-negative integer `raw` spells in ASCII digits (at most max_digits), else None."""
     return int(raw) if 0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit() else None
@@ -80,13 +92,13 @@ def ascii_int(raw: str, max_digits: int = INT_DIGITS_MAX) -> int | None:
 
 def ascii_seconds(raw: str) -> float | None:
     """The non-negative number `raw` spells in ASCII (12.5, .5, 5e-1), else None."""
-    return float(raw) if len(raw) <= 32 and raw.isascii() and _SECONDS.fullmatch(raw) else None
+    return float(raw) if len(raw) <= 48 and raw.isascii() and _SECONDS.fullmatch(raw) else None
 
 
 def int_param(request: Request, name: str, *, minimum: int, maximum: int, default: int) -> int:
     """The query parameter `name` as an integer from minimum to maximum; `default` when it is not
     given or empty. Else ApiError 400 bad_<name> saying what is accepted."""
-    raw = request.query_params.get(name)
+    raw = query_value(request, name)
     if raw is None or raw == "":
         return default
     value = ascii_int(raw)
@@ -103,7 +115,7 @@ def int_param(request: Request, name: str, *, minimum: int, maximum: int, defaul
 def seconds_param(request: Request, name: str, maximum: float) -> float | None:
     """The query parameter `name` as a number of seconds from 0 to maximum; None when not given.
     Else ApiError 400 bad_<name> saying what is accepted."""
-    raw = request.query_params.get(name)
+    raw = query_value(request, name)
     if raw is None:
         return None
     value = ascii_seconds(raw)
@@ -124,7 +136,7 @@ def parse_timeout(request: Request) -> float:
 
 
 def parse_last_event_id(request: Request) -> int:
-    raw: str | None = request.headers.get("last-event-id") or request.query_params.get(LAST_EVENT_ID_PARAM)
+    raw: str | None = request.headers.get("last-event-id") or query_value(request, LAST_EVENT_ID_PARAM)
     if raw is None or raw == "":
         return 0
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
