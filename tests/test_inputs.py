@@ -24,7 +24,7 @@ from tests.test_backfills import StandInAirflowDB
 # Spelled with digits that str.isdigit() or int() or float() take, yet no client means as a number:
 # superscripts (isdigit() is true, int() raises), Arabic-Indic and fullwidth digits (int() reads
 # them), Python's digit separator, signs and spaces.
-UNICODE_NUMBERS = ["²", "¹²", "١", "٣", "５", "1_0", " 1", "1 ", "+1", "0x1", "１０"]
+UNICODE_NUMBERS = ["²", "¹²", "١", "٣", "５", "1_0", " 1", "1 ", "+1", "0x1", "１０", "-1", "nan", "inf", "1e400", "9" * 40]
 # The same in a header: a header is latin-1, so the superscripts are its non-ASCII digits.
 LATIN1_DIGITS = [b"\xb2", b"\xb9\xb2", b"\xb3"]
 NASTY_DAG_IDS = ["é", "dé 🎉", "a b", 'quo"te', "com,ma", "semi;colon", "gt>lt<", "crlf\r\nInjected: 1", "tab\there"]
