@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import event as sa_event
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from runbell.listeners.config import PublisherConfig
@@ -43,6 +44,7 @@ from runbell.service.http.errors import (
     unexpected_error_handler,
 )
 from runbell.service.http.idempotency import IdempotencyKeys
+from runbell.service.http.params import EncodedSlashes
 from runbell.service.live.broker import EmbeddedBroker, resolve_redis
 from runbell.service.live.hub import Hub
 from runbell.service.live.topics import AssetTopic, RunTopic
@@ -97,6 +99,7 @@ def create_app(settings: Settings, *, embedded: EmbeddedBroker | None = None) ->
     app = Starlette(
         routes=APP_ROUTES,
         lifespan=lifespan,
+        middleware=[Middleware(EncodedSlashes)],  # before routing, which sees the decoded path
         exception_handlers={
             ApiError: api_error_handler,
             AirflowError: airflow_error_handler,

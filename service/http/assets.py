@@ -14,6 +14,7 @@ is (``/v1/assets/s3://bucket/key/next``) or as one encoded segment
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 
 import anyio
@@ -30,9 +31,12 @@ from runbell.service.http.contract import AssetEventBody, AssetPending
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
     LAST_EVENT_ID_PARAM,
+    ascii_int,
+    has_control,
     hub_with_room,
     parse_last_event_id,
     parse_timeout,
+    query_value,
 )
 from runbell.service.http.run_routes import BACKLOG_READ_SECONDS, PENDING_RETRY_AFTER
 from runbell.service.http.sse import EventStream, farewell
@@ -50,6 +54,8 @@ class AssetRoute(Route):
     def __init__(self, path: str, endpoint, **kwargs) -> None:
         super().__init__(path.replace("{name}", "{name:path}"), endpoint, **kwargs)
         self.path = path
+        # '.' of the path converter stops at a line break: such a name is then refused (400), not "no route"
+        self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
 # -- long-poll ------------------------------------------------------------------------------------
@@ -158,19 +164,20 @@ async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last
 
 def asset_name(request: Request) -> str:
     name = request.path_params["name"]
-    if not name or len(name) > ASSET_NAME_MAX:
-        raise ApiError(400, "bad_asset", f"the asset name must be 1 to {ASSET_NAME_MAX} characters")
+    if not name or len(name) > ASSET_NAME_MAX or has_control(name):
+        raise ApiError(400, "bad_asset", f"the asset name must be 1 to {ASSET_NAME_MAX} characters, none of them a control character")
     return name
 
 
 def parse_after(request: Request) -> int | None:
     """`after`: a sequence number (integer >= 0); None when not given (then: the current seq)."""
-    raw = request.query_params.get(AFTER_PARAM)
+    raw = query_value(request, AFTER_PARAM)
     if raw is None:
         return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    after = ascii_int(raw)
+    if after is None:
         raise ApiError(400, "bad_after", "after must be a sequence number (a non-negative integer)", accepted="integer >= 0")
-    return int(raw)
+    return after
 
 
 def parse_asset_last_event_id(request: Request) -> int | None:

@@ -46,7 +46,7 @@ from runbell.service.core.outcome import OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import BackfillProgress, BackfillSlot, BackfillSlots
 from runbell.service.http.errors import ApiError
-from runbell.service.http.params import hub_with_room
+from runbell.service.http.params import ascii_int, hub_with_room, int_param
 from runbell.service.http.sse import EventStream, farewell
 from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
 from runbell.service.live.topics import RunTopic
@@ -57,6 +57,8 @@ from runbell.service.store.store import Store, normalize_database_url
 log = logging.getLogger("runbell.backfills")
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+MAX_BACKFILL_ID = 2**31 - 1
+MAX_OFFSET = 10**12 - 1  # twelve digits, as before: far beyond any backfill's slots
 BACKFILL_POLL_SECONDS = 5.0  # how often a backfill stream re-reads its slots from Airflow
 CONNECT_TIMEOUT_SECONDS = 5.0
 REPLAY_SECONDS = 5.0  # the longest the stream's start waits for the runs' logs
@@ -249,25 +251,17 @@ async def find_backfill(request: Request) -> tuple[AirflowMetadata, Backfill]:
             "(Airflow's REST API does not list a backfill's slots)",
         )
     raw = request.path_params["backfill_id"]
-    backfill = await source.backfill(int(raw)) if raw.isdigit() and len(raw) < 19 else None
+    number = ascii_int(raw)
+    # Airflow's backfill.id is an INTEGER (32 bits on PostgreSQL): a larger one is none, not a query error.
+    backfill = await source.backfill(number) if number is not None and number <= MAX_BACKFILL_ID else None
     if backfill is None:
         raise ApiError(404, "backfill_not_found", f"Airflow has no backfill {raw!r}")
     return source, backfill
 
 
 def parse_paging(request: Request) -> tuple[int, int]:
-    params = request.query_params
-    raw_limit, raw_offset = params.get("limit") or str(DEFAULT_LIMIT), params.get("offset") or "0"
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise ApiError(
-            400,
-            "bad_limit",
-            f"limit must be an integer from 1 to {MAX_LIMIT}",
-            accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT},
-        )
-    if not raw_offset.isdigit() or len(raw_offset) > 12:
-        raise ApiError(400, "bad_offset", "offset must be a non-negative integer", accepted={"min": 0})
-    return int(raw_limit), int(raw_offset)
+    limit = int_param(request, "limit", minimum=1, maximum=MAX_LIMIT, default=DEFAULT_LIMIT)
+    return limit, int_param(request, "offset", minimum=0, maximum=MAX_OFFSET, default=0)
 
 
 # -- progress -------------------------------------------------------------------------------------

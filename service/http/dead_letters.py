@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import DeadLetterList, DeadLetterView, Redriven, RedrivenAll
 from runbell.service.http.errors import ApiError
+from runbell.service.http.params import ascii_int, int_param
 from runbell.service.store.dead_letters import DeadLetters, is_outage
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
@@ -35,9 +36,10 @@ async def list_dead_letters(request: Request) -> Response:
 async def redrive_dead_letter(request: Request) -> Response:
     dead = dead_letters(request)
     raw = request.path_params["letter_id"]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > ID_DIGITS:
+    letter_id = ascii_int(raw, ID_DIGITS)
+    if letter_id is None:
         raise ApiError(400, "bad_dead_letter_id", "a dead letter's id is a positive integer", accepted="integer >= 1")
-    letter = await unless_outage(dead.get(int(raw)))
+    letter = await unless_outage(dead.get(letter_id))
     if letter is None:
         raise ApiError(404, "unknown_dead_letter", f"there is no dead letter {raw}")
     again = await unless_outage(dead.redrive(letter))
@@ -80,14 +82,5 @@ async def unless_outage(awaitable: Awaitable[T]) -> T:
 
 def parse_page(request: Request) -> tuple[int, int]:
     """after (a dead letter's id: those after it) and limit."""
-    after = parse_int(request, "after", default=0, low=0, high=10**ID_DIGITS - 1)
-    return after, parse_int(request, "limit", default=DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
-
-
-def parse_int(request: Request, name: str, *, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > ID_DIGITS or not low <= int(raw) <= high:
-        raise ApiError(400, f"bad_{name}", f"{name} must be an integer from {low} to {high}", accepted={"min": low, "max": high})
-    return int(raw)
+    after = int_param(request, "after", minimum=0, maximum=10**ID_DIGITS - 1, default=0)
+    return after, int_param(request, "limit", minimum=1, maximum=MAX_LIMIT, default=DEFAULT_LIMIT)

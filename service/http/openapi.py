@@ -62,7 +62,7 @@ from runbell.service.http.contract import (
 )
 from runbell.service.http.errors import ErrorBody
 from runbell.service.http.idempotency import MAX_KEY_LENGTH
-from runbell.service.http.params import BAD_BODY_STATUS, LAST_EVENT_ID_PARAM
+from runbell.service.http.params import BAD_BODY_STATUS, INT_DIGITS_MAX, LAST_EVENT_ID_PARAM
 from runbell.service.http.trigger import TriggerRequest
 from runbell.service.settings import Settings
 from runbell.service.store.store import RUN_STATES
@@ -117,6 +117,16 @@ def failure(description: str, headers: dict[str, str] | None = None) -> Answer:
     return Answer(description, ErrorBody, headers=headers or {})
 
 
+SSE_EVENT = {
+    "type": "object",
+    "description": "one Server-Sent Event; its data is JSON (see the operation)",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
 HEADER_SCHEMAS = {"Retry-After": {"type": "integer", "minimum": 0}}  # answer headers that are not plain strings
 
 
@@ -134,8 +144,14 @@ class Operation:
 # -- parameters, their bounds from the code -------------------------------------------------------
 
 
+# An id: no '/' (a %2F in a path is a 400 bad_path) and no control character (a 400 bad_<name>).
+NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+ID_PATTERN = "^[^/\\x00-\\x1f\\x7f-\\x9f]*$"
+ID_SCHEMA = {"type": "string", "minLength": 1, "maxLength": ID_MAX, "pattern": ID_PATTERN}
+
+
 def path_id(name: str, description: str = "") -> Param:
-    return Param(name, "path", {"type": "string", "minLength": 1, "maxLength": ID_MAX}, description)
+    return Param(name, "path", ID_SCHEMA, description)
 
 
 DAG_ID, RUN_ID = path_id("dag_id"), path_id("run_id")
@@ -147,25 +163,38 @@ TIMEOUT = Param(
     {"type": "number", "minimum": 0, "maximum": LONG_POLL_MAX, "default": LONG_POLL_DEFAULT},
     "seconds to wait (the bounds are RUNBELL_LONG_POLL_MAX and RUNBELL_LONG_POLL_DEFAULT)",
 )
+
+
+def or_empty(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter that, given empty (?limit=), means not given."""
+    return {"anyOf": [schema, {"type": "string", "maxLength": 0}], "description": "empty: as if not given"}
+
+
+SEQ = {"type": "integer", "minimum": 0, "maximum": 10**INT_DIGITS_MAX - 1}  # a sequence number: at most 18 ASCII digits
 LAST_EVENT_ID = (
-    Param(LAST_EVENT_ID_PARAM, "query", {"type": "integer", "minimum": 0}, "as the Last-Event-ID header, for a first connection"),
-    Param("Last-Event-ID", "header", {"type": "integer", "minimum": 0}, "the last id received: resume after it"),
+    Param(LAST_EVENT_ID_PARAM, "query", or_empty(SEQ), "as the Last-Event-ID header, for a first connection"),
+    Param("Last-Event-ID", "header", SEQ, "the last id received: resume after it"),
 )
-ENDPOINT_ID = Param("endpoint_id", "path", {"type": "string"})
-MESSAGE_ID = Param("message_id", "path", {"type": "string"})
-WEBHOOK_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": webhooks.MAX_LIMIT, "default": webhooks.DEFAULT_LIMIT})
+ENDPOINT_ID, MESSAGE_ID = path_id("endpoint_id"), path_id("message_id")
+WEBHOOK_LIMIT = Param(
+    "limit", "query", or_empty({"type": "integer", "minimum": 1, "maximum": webhooks.MAX_LIMIT, "default": webhooks.DEFAULT_LIMIT})
+)
 DEAD_LETTER_PAGE = (
-    Param("after", "query", {"type": "integer", "minimum": 0}, "a dead letter's id: those after it (next_after of the previous call)"),
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": dead_letters.MAX_LIMIT, "default": dead_letters.DEFAULT_LIMIT}),
+    Param("after", "query", or_empty(SEQ), "a dead letter's id: those after it (next_after of the previous call)"),
+    Param(
+        "limit",
+        "query",
+        or_empty({"type": "integer", "minimum": 1, "maximum": dead_letters.MAX_LIMIT, "default": dead_letters.DEFAULT_LIMIT}),
+    ),
 )
 ASSET_NAME = Param(
     "name",
     "path",
-    {"type": "string", "minLength": 1, "maxLength": ASSET_NAME_MAX},
+    {"type": "string", "minLength": 1, "maxLength": ASSET_NAME_MAX, "pattern": NO_CONTROL},
     "The asset's name. It may hold '/' and ':' (e.g. s3://bucket/key), sent as is or percent-encoded as one "
     "segment; '?', '#', '%' and spaces must be percent-encoded.",
 )
-BACKFILL_ID = Param("backfill_id", "path", {"type": "string"}, "Airflow's backfill id")
+BACKFILL_ID = Param("backfill_id", "path", {"type": "string", "pattern": ID_PATTERN}, "Airflow's backfill id")
 RUNS_FILTERS = (
     Param(
         "run_type",
@@ -174,7 +203,7 @@ RUNS_FILTERS = (
         "any of these; repeat the parameter or separate with commas",
         explode=True,
     ),
-    Param("backfill_id", "query", {"type": "string", "maxLength": ID_MAX}),
+    Param("backfill_id", "query", {**ID_SCHEMA, "minLength": 0}),
     Param("run_after_gte", "query", {"type": "string", "format": "date-time"}, "ISO-8601; naive means UTC"),
     Param("run_after_lte", "query", {"type": "string", "format": "date-time"}),
     Param(
@@ -191,7 +220,7 @@ RUNS_FILTERS = (
         {"type": "string", "enum": list(runs.ORDERS), "default": runs.ORDERS[0]},
         "by run_after (ties: dag_id, run_id); desc is newest first",
     ),
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": runs.MAX_LIMIT, "default": runs.DEFAULT_LIMIT}),
+    Param("limit", "query", or_empty({"type": "integer", "minimum": 1, "maximum": runs.MAX_LIMIT, "default": runs.DEFAULT_LIMIT})),
     Param("cursor", "query", {"type": "string"}, "next_cursor of the previous page, with the same filters and order"),
 )
 
@@ -261,7 +290,7 @@ OPERATIONS: dict[str, Operation] = {
         RUNS_LIST.role,
         RUNS_LIST.answers,
         RUNS_LIST.description,
-        (Param("dag_id", "query", {"type": "string", "maxLength": ID_MAX}), *RUNS_FILTERS),
+        (Param("dag_id", "query", {**ID_SCHEMA, "minLength": 0}), *RUNS_FILTERS),
     ),
     "list_dag_runs": Operation(RUNS_LIST.summary, RUNS_LIST.role, RUNS_LIST.answers, RUNS_LIST.description, (DAG_ID, *RUNS_FILTERS)),
     "get_run": Operation(
@@ -283,8 +312,12 @@ OPERATIONS: dict[str, Operation] = {
         "Read from Airflow's metadata database (read only): its REST API does not list a backfill's slots.",
         (
             BACKFILL_ID,
-            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": backfills.MAX_LIMIT, "default": backfills.DEFAULT_LIMIT}),
-            Param("offset", "query", {"type": "integer", "minimum": 0, "default": 0}),
+            Param(
+                "limit",
+                "query",
+                or_empty({"type": "integer", "minimum": 1, "maximum": backfills.MAX_LIMIT, "default": backfills.DEFAULT_LIMIT}),
+            ),
+            Param("offset", "query", or_empty({"type": "integer", "minimum": 0, "maximum": backfills.MAX_OFFSET, "default": 0})),
         ),
     ),
     "backfill_events": Operation(
@@ -376,7 +409,7 @@ OPERATIONS: dict[str, Operation] = {
         "current seq.",
         (
             ASSET_NAME,
-            Param(AFTER_PARAM, "query", {"type": "integer", "minimum": 0}, "a sequence number of this asset; default: its current one"),
+            Param(AFTER_PARAM, "query", SEQ, "a sequence number of this asset; default: its current one"),
             TIMEOUT,
             QUERY_TOKEN,
         ),
@@ -487,7 +520,7 @@ OPERATIONS: dict[str, Operation] = {
         None,
         {200: Answer("The file", media="application/octet-stream"), 404: failure("No such file")},
         parameters=(
-            Param("name", "path", {"type": "string"}),
+            Param("name", "path", {"type": "string", "pattern": ID_PATTERN}),
             Param("v", "query", {"type": "string"}, "the file's version: cached for good"),
         ),
     ),
@@ -534,6 +567,7 @@ DELIVERY = {
     }
 }
 
+BAD_PATH = failure("An id in the path holds an encoded '/' (error bad_path) or a control character, or is too long")
 BAD_BODY = "A malformed body: not JSON, not an object, a wrong type or a bad value (accepted lists the problems)"
 AUTH_ERRORS = {
     401: failure("Missing or bad token"),
@@ -612,6 +646,8 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
         if operation.parameters:
             out["parameters"] = [param.render() for param in operation.parameters]
         answers = dict(operation.answers)
+        if any(param.where == "path" for param in operation.parameters):
+            answers.setdefault(400, BAD_PATH)
         if operation.body is not None:
             content = {"application/json": {"schema": ref(operation.body, "validation")}}
             out["requestBody"] = {"required": operation.body_required, "content": content}
@@ -630,7 +666,7 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
         if answer.body is not None:
             out["content"] = {"application/json": {"schema": ref(answer.body, "serialization")}}
         elif answer.stream:
-            out["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            out["content"] = {"text/event-stream": {"schema": SSE_EVENT}}  # OpenAPI 3.1: the schema of each event
         elif answer.media is not None:
             out["content"] = {answer.media: {"schema": {"type": "string"}}}
         return out

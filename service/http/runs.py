@@ -20,17 +20,16 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.bus.schema import ID_MAX
 from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import RunDetail, RunRow, RunsPage, TaskInstanceRow
 from runbell.service.http.errors import ApiError
-from runbell.service.http.params import run_path
+from runbell.service.http.params import checked_id, int_param, run_path
 from runbell.service.store.store import (
     RUN_STATES,
     RunQuery,
@@ -136,13 +135,13 @@ def parse_query(request: Request) -> tuple[RunQuery, str]:
     dag_id = request.path_params.get("dag_id")
     if dag_id is None:
         dag_id = params.get("dag_id") or None
-    if dag_id is not None and len(dag_id) > ID_MAX:
-        raise ApiError(400, "bad_dag_id", f"dag_id must be 1 to {ID_MAX} characters")
+    if dag_id is not None:
+        checked_id(dag_id, "dag_id")
     states = multi_value(request, "status", RUN_STATES, "bad_status")
     run_types = multi_value(request, "run_type", RUN_TYPES, "bad_run_type")
     backfill_id = params.get("backfill_id") or None
-    if backfill_id is not None and len(backfill_id) > ID_MAX:
-        raise ApiError(400, "bad_backfill_id", f"backfill_id must be 1 to {ID_MAX} characters")
+    if backfill_id is not None:
+        checked_id(backfill_id, "backfill_id")
     gte, lte = parse_time(request, "run_after_gte"), parse_time(request, "run_after_lte")
     order = params.get("order", "desc")
     if order not in ORDERS:
@@ -186,17 +185,7 @@ def parse_time(request: Request, name: str) -> datetime | None:
 
 
 def parse_limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None or raw == "":
-        return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(
-            400,
-            "bad_limit",
-            f"limit must be an integer from 1 to {MAX_LIMIT}",
-            accepted={"min": 1, "max": MAX_LIMIT, "default": DEFAULT_LIMIT},
-        )
-    return int(raw)
+    return int_param(request, "limit", minimum=1, maximum=MAX_LIMIT, default=DEFAULT_LIMIT)
 
 
 # -- the cursor -----------------------------------------------------------------------------------
@@ -273,7 +262,9 @@ def next_url(request: Request, cursor: str) -> str:
     holds behind a proxy)."""
     items = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
     items.append(("cursor", cursor))
-    return f"{request.url.path}?{urlencode(items)}"
+    # Percent-encoded, so the header is ASCII whatever the dag id holds (é, a space, '>', ';'); the
+    # path's '/' are its own, an id never holds one (EncodedSlashes).
+    return f"{quote(request.url.path)}?{urlencode(items)}"
 
 
 def _b64(data: bytes) -> str:

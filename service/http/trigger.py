@@ -13,10 +13,10 @@ import re
 import secrets
 import string
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,7 +27,7 @@ from runbell.service.http.auth import Role, authorize, issue_run_token
 from runbell.service.http.contract import RunToken
 from runbell.service.http.errors import ApiError
 from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
-from runbell.service.http.params import read_body
+from runbell.service.http.params import ascii_seconds, path_id, read_body, seconds_param
 from runbell.service.http.run_routes import outcome_response, wait_for_outcome
 
 RUN_ID_ATTEMPTS = 5
@@ -43,13 +43,14 @@ class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     conf: dict[str, Any] = Field(default_factory=dict, description="the run's conf")
-    logical_date: datetime | None = None
+    # clock.as_utc: a time outside years 1-9999 in UTC is a 422 naming the field, not Airflow's error
+    logical_date: Annotated[datetime, AfterValidator(clock.as_utc)] | None = None
     run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN.pattern, description="default: the gateway names the run")
     note: str | None = Field(default=None, max_length=1000)
 
 
 async def trigger_run(request: Request) -> Response:
-    dag_id = request.path_params["dag_id"]
+    dag_id = path_id(request, "dag_id")
     authorize(request, Role.TRIGGER, dag_id=dag_id)  # triggering and ?unpause=true: the trigger role
     body = await read_body(request, TriggerRequest, required=False)  # a bad request is the caller's, whatever the gateway lacks
     airflow: AirflowClient | None = request.app.state.airflow
@@ -150,27 +151,16 @@ def parse_wait(request: Request) -> tuple[float, bool]:
     """How long to wait for the outcome: ?wait=S, or the standard `Prefer: wait=S` (RFC 7240),
     capped at the long-poll maximum. Returns (seconds, whether a Prefer header was applied)."""
     maximum = request.app.state.settings.long_poll_max
-    raw = request.query_params.get("wait")
-    if raw is not None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if not 0 <= value <= maximum:
-            raise ApiError(
-                400,
-                "bad_wait",
-                f"wait must be a number of seconds from 0 to {maximum:g}",
-                accepted={"min": 0, "max": maximum, "unit": "seconds"},
-            )
-        return value, False
+    wait = seconds_param(request, "wait", maximum)
+    if wait is not None:
+        return wait, False
     for preference in re.split(r"[,;]", request.headers.get("prefer", "")):
-        name, _, value = preference.strip().partition("=")  # type: ignore[assignment]  # value is reused for the Prefer header's text
+        name, _, value = preference.strip().partition("=")
         if name.strip().lower() == "wait":
-            try:
-                return min(max(float(value.strip()), 0.0), maximum), True  # type: ignore[attr-defined]
-            except ValueError:
+            seconds = ascii_seconds(value.strip())
+            if seconds is None:
                 break  # RFC 7240: a preference that cannot be honoured is ignored
+            return min(seconds, maximum), True
     return 0.0, False
 
 

@@ -27,7 +27,7 @@ from runbell.service.http.contract import (
     WebhookMessageWithAttempts,
 )
 from runbell.service.http.errors import ApiError
-from runbell.service.http.params import read_body
+from runbell.service.http.params import int_param, path_id, read_body
 from runbell.service.webhooks.outbox import WebhookStore
 from runbell.service.webhooks.rules import EndpointCreate, EndpointUpdate, Recovery, Rotation, check_target
 from runbell.service.webhooks.target_guard import ALLOW_SETTING, TargetPolicy, TargetRefused
@@ -162,12 +162,7 @@ async def reachable_target(request: Request, url: str) -> None:
 
 
 def parse_limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, "bad_limit", f"limit must be an integer from 1 to {MAX_LIMIT}", accepted={"min": 1, "max": MAX_LIMIT})
-    return int(raw)
+    return int_param(request, "limit", minimum=1, maximum=MAX_LIMIT, default=DEFAULT_LIMIT)
 
 
 def parse_since(raw: str | None) -> datetime | None:
@@ -180,11 +175,11 @@ def parse_since(raw: str | None) -> datetime | None:
 
 
 def endpoint_id(request: Request) -> str:
-    return request.path_params["endpoint_id"]
+    return path_id(request, "endpoint_id")
 
 
 def message_id(request: Request) -> str:
-    return request.path_params["message_id"]
+    return path_id(request, "message_id")
 
 
 async def known_endpoint(store: WebhookStore, request: Request):

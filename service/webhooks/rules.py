@@ -55,8 +55,10 @@ Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_
 URL_SAYS = "http or https, no credentials"
 Kinds = Annotated[list[WebhookKind], Field(min_length=1), AfterValidator(_distinct_kinds)]
 KINDS_SAYS = "outcome: the run's outcome once decided; task, run: every such event"
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"  # as the API's ids (and PostgreSQL's text keeps no NUL)
+NO_NUL = r"^[^\x00]*$"
 DagIds = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=ID_MAX)]],
+    list[Annotated[str, Field(min_length=1, max_length=ID_MAX, pattern=NO_CONTROL)]],
     Field(min_length=1, max_length=MAX_DAG_IDS),
     AfterValidator(_distinct_dag_ids),
 ]
@@ -69,7 +71,7 @@ class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: Url = Field(description=URL_SAYS)
-    description: str = Field(default="", max_length=MAX_DESCRIPTION_LENGTH)
+    description: str = Field(default="", max_length=MAX_DESCRIPTION_LENGTH, pattern=NO_NUL)
     dag_ids: DagIds | None = Field(default=None, description=DAG_IDS_SAYS)
     kinds: Kinds = Field(default_factory=lambda: [WebhookKind(kind) for kind in DEFAULT_KINDS], description=KINDS_SAYS)
     enabled: bool = True
@@ -84,7 +86,7 @@ class EndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     url: Url = Field(default=None, description=URL_SAYS)  # type: ignore[assignment]  # left out: None, unvalidated; a null sent fails the type
-    description: str = Field(default=None, max_length=MAX_DESCRIPTION_LENGTH)  # type: ignore[assignment]  # left out: None, unvalidated; a null sent fails the type
+    description: str = Field(default=None, max_length=MAX_DESCRIPTION_LENGTH, pattern=NO_NUL)  # type: ignore[assignment]  # left out: None, unvalidated; a null sent fails the type
     dag_ids: DagIds | None = Field(default=None, description=DAG_IDS_SAYS)
     kinds: Kinds = Field(default=None, description=KINDS_SAYS)  # type: ignore[arg-type]  # left out: None, unvalidated; a null sent fails the type
     enabled: bool = Field(default=None)  # type: ignore[assignment]  # left out: None, unvalidated; a null sent fails the type

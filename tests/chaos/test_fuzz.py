@@ -1,11 +1,15 @@
 """Chaos, fuzzing: the HTTP API from its own OpenAPI document (schemathesis), and event decoding
 (hypothesis).
 
-The API: every operation of GET /openapi.json, with valid and with invalid input, against a gateway
-with everything configured (stand-ins for Airflow's REST API and metadata database), so that no 5xx
-is by design: none may be a 5xx, none may hang (each request has a timeout; long-poll timeouts are
-kept short and event streams are read for a bounded time), and every error is a JSON body with an
-error code and a message. A run is waited on meanwhile and must still get its outcome.
+The API: every operation of the generated contract (service/http/openapi.json), with valid input,
+with invalid input, and with valid input whose parameters and headers are replaced by Unicode-heavy
+text (digits of other scripts, superscripts, '/', '%', quotes, CR, LF, NUL, emoji), against a
+gateway with everything configured (stand-ins for Airflow's REST API and metadata database), with
+an admin token, so that no 5xx is by design. Every check schemathesis has is run on every answer
+(no 5xx, status code, content type, headers and body as the contract says, invalid input refused,
+valid input accepted, ...); none may hang (each request has a timeout; long-poll timeouts are kept
+short and event streams are read for a bounded time), and every error is a JSON body with an error
+code and a message. A run is waited on meanwhile and must still get its outcome.
 
 Decoding: whatever bytes come off the bus, decode_envelope and decode_asset_envelope either give an
 envelope the gateway can encode again everywhere it shows one, or raise BadEvent with a documented
@@ -22,12 +26,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import schemathesis
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import CHECKS, load_all_checks, negative_data_rejection, positive_data_acceptance
 from schemathesis.generation import GenerationMode
 from sqlalchemy import create_engine
 
@@ -40,6 +45,7 @@ from runbell.bus.schema import (
 )
 from runbell.service.core.outcome import decide
 from runbell.service.http.backfills import _airflow
+from runbell.service.http.openapi import DOCUMENT
 from runbell.service.http.run_routes import event_data, outcome_body
 from tests.chaos.test_bad_input import nested, publish, result, run, task
 from tests.conftest import ADMIN_TOKEN
@@ -211,12 +217,26 @@ def test_decoding_fuzzed_gives_an_envelope_or_a_documented_bad_event(chaos_summa
 
 # -- the HTTP API ---------------------------------------------------------------------------------
 
-POSITIVE_EXAMPLES = 12
-NEGATIVE_EXAMPLES = 8
+POSITIVE_EXAMPLES = 15
+NEGATIVE_EXAMPLES = 10
+UNICODE_EXAMPLES = 15
+UNICODE = "unicode"  # the third pass: valid cases whose parameters are Unicode-heavy text
 REQUEST_TIMEOUT = 10.0  # a request not answered by then hung
 STREAM_SECONDS = 0.6  # how long an event stream is read (it may never end by itself)
 LONG_POLL_SECONDS = 0.2  # the longest long-poll the fuzzer may ask for
 STREAMS = {"/v1/dags/{dag_id}/runs/{run_id}/events", "/v1/assets/{name}/events", "/v1/backfills/{backfill_id}/events"}
+load_all_checks()
+
+# Text no client should send, and some that clients do: digits that str.isdigit() or int() take
+# (superscripts, Arabic-Indic, fullwidth), '/', '%', header and URL delimiters, control characters.
+NASTY = ["²", "١٢", "５", "1_0", "a/b", "%2F", "%", "é", "🎉", '"', ",", ";", "<>", "\r\n", "\x00", "\t", " ", "9999-12-31T23:59:59-01:00"]
+unicode_text = st.one_of(
+    st.sampled_from(NASTY),
+    st.text(st.characters(codec="utf-8", categories=("Nd", "No", "Nl", "Lo", "So", "Zs", "Cc", "Cf", "Mn", "Po")), max_size=12),
+)
+latin1_text = st.one_of(
+    st.sampled_from(["\xb2", "\xb9\xb2", "\xe9", "1\xa0"]), st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=12)
+)
 
 
 def json_error_body(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
@@ -241,7 +261,11 @@ def shortened(value: Any) -> Any:
 
 
 def tame(case: schemathesis.Case) -> None:
-    """Keep every call bounded without taking the fuzz out of it."""
+    """Keep every call bounded without taking the fuzz out of it. Last-Event-ID is sent as the header
+    or as ?last_event_id=, not both: the header wins by design (an EventSource reconnecting sends both),
+    so a bad query value beside a good header is not refused."""
+    if case.headers and "Last-Event-ID" in case.headers and case.query and "last_event_id" in case.query:
+        del case.headers["Last-Event-ID"]
     if case.query:
         for name in ("timeout", "wait"):
             if name in case.query:
@@ -253,22 +277,73 @@ def tame(case: schemathesis.Case) -> None:
 @dataclass
 class FuzzTally:
     calls: int = 0
-    by_status: dict[tuple[str, int], int] = field(default_factory=dict)  # (positive|negative, status) -> calls
+    by_status: dict[tuple[str, int], int] = field(default_factory=dict)  # (positive|negative|unicode, status) -> calls
     failures: list[str] = field(default_factory=list)
     no_invalid_input: list[str] = field(default_factory=list)
 
 
+def unicode_heavy(case: schemathesis.Case, data: st.DataObject) -> None:
+    """Replace some of the case's path and query parameters and headers with Unicode-heavy text
+    (headers with latin-1 text, all a header can carry)."""
+    for name in list(case.path_parameters or {}):
+        if data.draw(st.booleans()):
+            # Encoded here: schemathesis leaves some characters ('?' after a combining mark) unencoded.
+            case.path_parameters[name] = quote(data.draw(unicode_text.filter(bool)), safe="")  # type: ignore[index]
+    for params, text in ((case.query, unicode_text), (case.headers, latin1_text)):
+        for name in list(params or {}):
+            if name.lower() != "authorization" and data.draw(st.booleans()):
+                params[name] = data.draw(text)  # type: ignore[index]
+    for name in ("limit", "offset", "after", "last_event_id", "timeout"):  # integer parameters, known or not to the route
+        if data.draw(st.integers(0, 3)) == 0:
+            case.query = {**(case.query or {}), name: data.draw(unicode_text)}
+
+
+# Valid input the contract cannot tell from invalid: these refusals are by design, not a bad contract.
+BEYOND_THE_CONTRACT = {
+    "bad_cursor": "a cursor is opaque and signed: no string the contract can describe is one",
+    "target_refused": "a webhook's host must resolve, to a public address",
+    "bad_event": "an event's state must be one of its kind's (a model validator; the schema says either)",
+}
+
+
+def accepted_unless_beyond_the_contract(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
+    """schemathesis' positive_data_acceptance, but for the refusals of BEYOND_THE_CONTRACT."""
+    if 400 <= response.status_code < 500:
+        try:
+            code = json.loads(response.content).get("error")
+        except (ValueError, AttributeError):
+            code = None
+        if code in BEYOND_THE_CONTRACT:
+            return None
+    return positive_data_acceptance(ctx, response, case)
+
+
+# Every check schemathesis has (not_a_server_error among them); valid input must be accepted
+# unless it is valid only to the contract's eyes.
+ALL_CHECKS = [check for check in CHECKS.get_all() if check is not positive_data_acceptance] + [accepted_unless_beyond_the_contract]
+# Unicode-heavy input may or may not be valid any more: whether it is accepted or refused is not checked.
+UNICODE_CHECKS = [check for check in ALL_CHECKS if check not in (accepted_unless_beyond_the_contract, negative_data_rejection)]
+
+
 def fuzz(base_url: str, tally: FuzzTally) -> int:
-    """Every operation of the served document, valid and invalid input. Returns how many operations
-    (schemathesis leaves out GET /openapi.json itself: loading the document is its call)."""
-    schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
+    """Every operation of the contract: valid input, invalid input and Unicode-heavy input. Returns how
+    many operations (the document is read from the file; GET /openapi.json is one of them)."""
+    schema = schemathesis.openapi.from_path(DOCUMENT)
     schema.config.update(base_url=base_url)
     schema.config.max_stream_events = 1
+    # The token is sent by the test (an admin's); unknown query parameters are ignored by design.
+    schema.config.generation.update(with_security_parameters=False, allow_extra_parameters=False)
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     operations = [result.ok() for result in schema.get_all_operations()]
+    passes = (
+        (GenerationMode.POSITIVE, POSITIVE_EXAMPLES, False),
+        (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES, False),
+        (GenerationMode.POSITIVE, UNICODE_EXAMPLES, True),
+    )
     for operation in operations:
         timeout = STREAM_SECONDS if operation.path in STREAMS else REQUEST_TIMEOUT
-        for mode, examples in ((GenerationMode.POSITIVE, POSITIVE_EXAMPLES), (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES)):
+        for mode, examples, unicode in passes:
+            label = UNICODE if unicode else mode.value
 
             @settings(
                 max_examples=examples,
@@ -278,14 +353,17 @@ def fuzz(base_url: str, tally: FuzzTally) -> int:
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=list(HealthCheck),
             )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def call(case: schemathesis.Case) -> None:
+            @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
+            def call(case: schemathesis.Case, data: st.DataObject) -> None:
+                if unicode:
+                    unicode_heavy(case, data)
                 tame(case)
                 response = case.call(headers=auth, timeout=timeout)
                 tally.calls += 1
-                key = (mode.value, response.status_code)
+                key = (label, response.status_code)
                 tally.by_status[key] = tally.by_status.get(key, 0) + 1
-                case.validate_response(response, checks=[not_a_server_error, json_error_body])
+                checks = UNICODE_CHECKS if unicode else ALL_CHECKS  # Unicode-heavy input may not be valid: any 4xx will do
+                case.validate_response(response, checks=checks, additional_checks=[json_error_body], headers=auth)
 
             try:
                 call()
@@ -293,7 +371,7 @@ def fuzz(base_url: str, tally: FuzzTally) -> int:
                 assert mode is GenerationMode.NEGATIVE, operation.label
                 tally.no_invalid_input.append(operation.label)  # nothing in it can be made invalid (GET /healthz)
             except (Exception, BaseExceptionGroup) as exc:  # noqa: F821 (Python 3.11+, as the tests run)  # every operation is fuzzed; all failures reported together
-                tally.failures.append(f"{operation.label} ({mode.value}): {type(exc).__name__}: {str(exc)[:1500]}")
+                tally.failures.append(f"{operation.label} ({label}): {type(exc).__name__}: {str(exc)[:1500]}")
     return len(operations)
 
 
@@ -306,13 +384,16 @@ async def wait_for_outcome(http, run_id: str) -> dict:
             return response.json()
 
 
-async def test_http_api_fuzzed_from_its_openapi_document(gateway_factory, stand_in_airflow, tmp_path, monkeypatch, chaos_summary):
+async def test_http_api_fuzzed_from_its_openapi_document(
+    database_url, gateway_factory, stand_in_airflow, tmp_path, monkeypatch, chaos_summary
+):  # on SQLite and on PostgreSQL, whose text keeps no NUL
     monkeypatch.setenv("RUNBELL_SPOOL_DIR", str(tmp_path / "spool"))  # the gateway's publisher, if Redis is slow
     airflow_db = tmp_path / "airflow.db"
     engine = create_engine(f"sqlite:///{airflow_db}")
     _airflow.create_all(engine)
     engine.dispose()
     gateway = await gateway_factory(
+        database_url=database_url,
         airflow_url=stand_in_airflow.url,
         airflow_token="stand-in",
         airflow_database_url=f"sqlite:///{airflow_db}",
