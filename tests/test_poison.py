@@ -299,3 +299,23 @@ async def test_nul_reaches_webhook_payloads_exactly(store):
     assert payloads[("ok", "outcome")]["data"]["result"] == value
     assert payloads[("ok", "task")]["data"]["result"]["value"] == value
     assert payloads[("ko", "outcome")]["data"]["failure"]["error"]["message"] == "\x00"
+
+
+async def test_a_fault_that_passes_is_no_poison(client, store, namespace, monkeypatch):
+    """An error that goes away on a second try (an invalidated prepared statement, a conflict) is
+    not the entry's: it is recorded, not dead-lettered."""
+    for i in range(8):
+        await put(client, namespace, 1, event(f"r{i}", id=f"e{i}"))
+    real, failures = store.record, []
+
+    async def once(envelopes):
+        if any(e.event.id == "e5" for e in envelopes) and len(failures) < 4:  # the batch, halves, e5 alone
+            failures.append(len(envelopes))
+            raise DATA_ERROR
+        return await real(envelopes)
+
+    monkeypatch.setattr(store, "record", once)
+    await record_all(Recorder(client, store, namespace, "replica-1", block_ms=100), client, namespace)
+    assert failures == [8, 4, 2, 1]  # then e5 alone again: recorded
+    assert sum([len(await stored(store, f"r{i}")) for i in range(8)]) == 8
+    assert await dead_letter_count(store) == 0
