@@ -279,3 +279,43 @@ async def test_ids_and_values_as_event_models_still_store(store):
     assert [e.event for e in await store.events("d" * 250, "r" * 250)] == [first, edge]
     run = await store.get_run("d" * 250, "r" * 250)
     assert run.outcome["failure"]["error"]["message"] == "\x00" * 2000
+
+
+async def test_nul_reaches_webhook_payloads_exactly(store):
+    """The outbox writes its messages in the recording transaction: a NUL in the result and the error
+    is in the payloads as it was sent."""
+    from runbell.service.webhooks.outbox import WebhookOutbox, WebhookStore
+
+    store.outbox = WebhookOutbox()
+    webhooks = WebhookStore(store)
+    endpoint = await webhooks.create_endpoint(url="https://example.com/hook", kinds=["outcome", "task"])
+    value = {"k\x00": "a\x00b\U0001f600"}
+    answered = Event(
+        kind="task", dag_id=DAG, run_id="ok", task_id="t", state="success", result_task=True, result={"value": value, "size": 1}
+    )
+    failed = Event(kind="task", dag_id=DAG, run_id="ko", task_id="t", state="failed", critical=True, error={"type": "E", "message": "\x00"})
+    await store.record([Envelope(seq=1, event=answered), Envelope(seq=1, event=failed)])
+    payloads = {(m.run_id, m.kind): json.loads(m.payload) for m in await webhooks.messages(endpoint.id)}
+    assert payloads[("ok", "outcome")]["data"]["result"] == value
+    assert payloads[("ok", "task")]["data"]["result"]["value"] == value
+    assert payloads[("ko", "outcome")]["data"]["failure"]["error"]["message"] == "\x00"
+
+
+async def test_a_fault_that_passes_is_no_poison(client, store, namespace, monkeypatch):
+    """An error that goes away on a second try (an invalidated prepared statement, a conflict) is
+    not the entry's: it is recorded, not dead-lettered."""
+    for i in range(8):
+        await put(client, namespace, 1, event(f"r{i}", id=f"e{i}"))
+    real, failures = store.record, []
+
+    async def once(envelopes):
+        if any(e.event.id == "e5" for e in envelopes) and len(failures) < 4:  # the batch, halves, e5 alone
+            failures.append(len(envelopes))
+            raise DATA_ERROR
+        return await real(envelopes)
+
+    monkeypatch.setattr(store, "record", once)
+    await record_all(Recorder(client, store, namespace, "replica-1", block_ms=100), client, namespace)
+    assert failures == [8, 4, 2, 1]  # then e5 alone again: recorded
+    assert sum([len(await stored(store, f"r{i}")) for i in range(8)]) == 8
+    assert await dead_letter_count(store) == 0

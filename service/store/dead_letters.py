@@ -2,8 +2,8 @@
 
 The schema bounds what the store keeps, so an accepted event should always be storable; this is the
 net under that rule. When a batch fails with an error about its data, the recorder bisects it:
-every part that records is recorded, and an entry that fails alone, while the database answers, is
-moved here with its payload, stream id and error, counted, and acknowledged.
+every part that records is recorded, and an entry that fails alone, twice, while the database
+answers, is moved here with its payload, stream id and error, counted, and acknowledged.
 
 An outage is not poison: the database down, unreachable, full, read-only, restarting, or a lock or
 serialization conflict fails every entry alike, so its errors are raised for the recorder to retry
@@ -104,6 +104,12 @@ class DeadLetters:
         if error is None:
             return 0
         if len(letters) == 1:
+            # Poison fails again; a passing fault (a prepared statement invalidated by another
+            # replica's migration, a conflict) does not: one more try, once the database answers.
+            await self.store.ping()  # raises if the database is gone: an outage, not this entry
+            error = await self._try_record(letters)
+            if error is None:
+                return 0
             await self._dead_letter(letters[0], error)
             return 1
         middle = len(letters) // 2
@@ -120,7 +126,6 @@ class DeadLetters:
         return None
 
     async def _dead_letter(self, letter: Letter, error: BaseException) -> None:
-        await self.store.ping()  # raises if the database is gone: then it is an outage, not this entry
         event = letter.envelope.event
         now = clock.now()
         error_shown = error_text(error)
