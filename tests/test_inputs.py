@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from runbell.bus.schema import Event, EventKind
 from runbell.service.http.backfills import _airflow
 from runbell.service.store.store import RunQuery, normalize_database_url
-from tests.conftest import ADMIN_TOKEN, PUBLISH_TOKEN
+from tests.conftest import ADMIN_TOKEN, PUBLISH_TOKEN, TRIGGER_TOKEN
 from tests.test_backfills import StandInAirflowDB
 
 # Spelled with digits that str.isdigit() or int() or float() take, yet no client means as a number:
@@ -94,7 +94,7 @@ async def test_unicode_digits_in_every_integer_parameter_are_400_saying_what_is_
                 tried += 1
         # The trigger's ?wait= is a number of seconds like timeout.
         for value in UNICODE_NUMBERS:
-            async with served.client(PUBLISH_TOKEN) as publisher:
+            async with served.client(TRIGGER_TOKEN) as publisher:
                 response = await publisher.post("/v1/dags/etl/runs", params={"wait": value}, json={})
             assert_refused(response, 400, "bad_wait")
             tried += 1
@@ -143,7 +143,7 @@ async def test_dates_that_overflow_are_4xx_everywhere_a_date_is_read(served):
             assert_refused(await client.get(messages, params={"since": value}), 400, "bad_since")
             recover = f"/v1/webhooks/{served.endpoint_id}/recover"
             assert_refused(await client.post(recover, json={"since": value}), 422, "bad_body")
-            async with served.client(PUBLISH_TOKEN) as publisher:
+            async with served.client(TRIGGER_TOKEN) as publisher:
                 trigger = await publisher.post("/v1/dags/etl/runs", json={"logical_date": value})
             assert_refused(trigger, 422, "bad_body")
 
@@ -194,7 +194,7 @@ async def test_the_link_header_of_a_listing_is_ascii_whatever_the_dag_id(served)
 
 
 async def test_the_trigger_location_is_ascii_whatever_the_dag_id(served, stand_in_airflow):
-    async with served.client(PUBLISH_TOKEN, timeout=10) as client:
+    async with served.client(TRIGGER_TOKEN, timeout=10) as client:
         for dag_id in NASTY_DAG_IDS:
             stand_in_airflow.dags[dag_id] = {"dag_id": dag_id, "is_paused": False}
             response = await client.post(f"/v1/dags/{quote(dag_id, safe='')}/runs", json={})
