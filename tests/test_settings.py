@@ -79,6 +79,9 @@ FLAG_VALUES = {
     "webhook_schedule": "0,1,2",
     "webhook_attempt_timeout": "8",
     "stale_after": "11",
+    "body_max_bytes": "4096",
+    "event_max_bytes": "524288",
+    "result_max_bytes": "131072",
     "log_level": "debug",
 }
 

@@ -33,6 +33,7 @@ from runbell.service.core.roles import Role
 from runbell.service.http import backfills, runs, webhooks
 from runbell.service.http.assets import AFTER_PARAM
 from runbell.service.http.auth import QUERY_TOKEN_PARAM
+from runbell.service.http.body_limit import BODY_TOO_LARGE
 from runbell.service.http.contract import (
     AssetEventBody,
     AssetPending,
@@ -60,6 +61,7 @@ from runbell.service.http.contract import (
 from runbell.service.http.errors import ErrorBody
 from runbell.service.http.idempotency import MAX_KEY_LENGTH
 from runbell.service.http.params import BAD_BODY_STATUS, LAST_EVENT_ID_PARAM
+from runbell.service.http.run_routes import RESOLVE_PARAM
 from runbell.service.http.trigger import TriggerRequest
 from runbell.service.settings import Settings
 from runbell.service.store.store import RUN_STATES
@@ -143,6 +145,13 @@ TIMEOUT = Param(
     "query",
     {"type": "number", "minimum": 0, "maximum": LONG_POLL_MAX, "default": LONG_POLL_DEFAULT},
     "seconds to wait (the bounds are RUNBELL_LONG_POLL_MAX and RUNBELL_LONG_POLL_DEFAULT)",
+)
+RESOLVE = Param(
+    RESOLVE_PARAM,
+    "query",
+    {"type": "boolean", "default": False},
+    "true: a result published as a reference (result_task.is_ref, larger than RUNBELL_RESULT_MAX_BYTES) is read from "
+    "Airflow's XCom: result is then the value and result_ref where it came from, or result_error says why it could not be",
 )
 LAST_EVENT_ID = (
     Param(LAST_EVENT_ID_PARAM, "query", {"type": "integer", "minimum": 0}, "as the Last-Event-ID header, for a first connection"),
@@ -243,6 +252,7 @@ OPERATIONS: dict[str, Operation] = {
             ),
             Param("Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}),
             Param("unpause", "query", {"type": "boolean"}, "unpause a paused DAG instead of answering 409"),
+            RESOLVE,
         ),
         body=TriggerRequest,
         body_required=False,
@@ -310,7 +320,7 @@ OPERATIONS: dict[str, Operation] = {
         },
         "Answers 200 the moment the result task succeeds or a critical task fails, else 202 at the timeout. A run "
         "not seen yet is waited for. A run-scoped token of this run is accepted.",
-        (*RUN, TIMEOUT, QUERY_TOKEN),
+        (*RUN, TIMEOUT, RESOLVE, QUERY_TOKEN),
     ),
     "run_events": Operation(
         "The run's events as Server-Sent Events",
@@ -333,6 +343,11 @@ OPERATIONS: dict[str, Operation] = {
         {
             201: Answer("Published", Published),
             202: Answer("Redis unreachable: spooled, published later", Spooled),
+            413: failure(
+                "The body is larger than RUNBELL_EVENT_MAX_BYTES (body_too_large), so is the event (event_too_large), "
+                "or its result is larger than RUNBELL_RESULT_MAX_BYTES (result_too_large: publish a reference instead); "
+                "accepted.max_bytes is the limit"
+            ),
             422: failure("Not a valid event (error bad_event; accepted lists the problems)"),
         },
         body=Event,
@@ -574,6 +589,7 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             content = {"application/json": {"schema": ref(operation.body, "validation")}}
             out["requestBody"] = {"required": operation.body_required, "content": content}
             answers.setdefault(BAD_BODY_STATUS, failure(BAD_BODY))
+            answers.setdefault(BODY_TOO_LARGE, failure("The body is larger than RUNBELL_BODY_MAX_BYTES (error body_too_large)"))
         if operation.role is not None:
             answers = {**answers, **AUTH_ERRORS}
         out["responses"] = {str(status): respond(answer) for status, answer in sorted(answers.items())}
