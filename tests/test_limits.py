@@ -291,3 +291,24 @@ def test_a_48_mib_body_is_refused_without_the_gateway_growing(served_gateway):
         assert b'"error":"body_too_large"' in answer and b'"max_bytes":1048576' in answer
     assert grown < 16 * 2**20, f"the gateway grew by {grown / 2**20:.0f} MiB"
     assert httpx.get(gateway.url + "/readyz").status_code == 200
+
+
+async def test_a_mapped_result_keeps_the_marker_of_any_referenced_value_and_resolves_each(airflow_gateway, stand_in_airflow):
+    big = {"rows": list(range(10_000))}
+    stand_in_airflow.xcoms[("etl", "mapped", "answer", 0)] = big
+    config = PublisherConfig(
+        redis_url=airflow_gateway.redis_url,
+        namespace=airflow_gateway.namespace,
+        spool_dir=Path(airflow_gateway.publisher().config.spool_dir),
+        result_max_bytes=RESULT_MAX,
+    )
+    publisher = Publisher(config)
+    for map_index, value in ((0, big), (1, {"small": 1})):  # the small one last: it must not clear the marker
+        assert emit("etl", "mapped", "success", task_id="answer", map_index=map_index, result_task=True, result=value, publisher=publisher)
+    assert emit("etl", "mapped", "success", publisher=publisher)
+    ref = {"dag_id": "etl", "run_id": "mapped", "task_id": "answer", "map_index": 0}
+    async with airflow_gateway.client(READ_TOKEN) as client:
+        plain = (await client.get("/v1/dags/etl/runs/mapped/result", params={"timeout": 5})).json()
+        resolved = (await client.get("/v1/dags/etl/runs/mapped/result", params={"timeout": 5, "resolve": "true"})).json()
+    assert plain["result"] == [ref, {"small": 1}] and plain["result_task"]["is_ref"] is True
+    assert resolved["result"] == [big, {"small": 1}] and resolved["result_ref"] == [ref]

@@ -13,7 +13,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.bus.schema import Envelope, Event, EventKind
+from runbell.bus.schema import Envelope, Event, EventKind, ResultRef
 from runbell.listeners.publisher import json_size, utf8_size
 from runbell.service.core.outcome import Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
@@ -41,6 +41,8 @@ from runbell.service.live.topics import RunTopic
 
 PENDING_RETRY_AFTER = "1"
 RESOLVE_PARAM = "resolve"
+XCOM_READS_AT_ONCE = 8  # a mapped result's references, read from Airflow at once
+REF_KEYS = set(ResultRef.model_fields)
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
 
 
@@ -120,17 +122,42 @@ async def outcome_response(
 
 async def fetched_result(request: Request, outcome: Outcome) -> dict[str, Any]:
     """A result published as a reference (too large for the bus) is read from Airflow's XCom: the
-    fields of the answer that change (none when there is nothing to read)."""
-    ref, airflow = outcome.result, request.app.state.airflow
-    if not (outcome.result_task and outcome.result_task.is_ref) or not isinstance(ref, dict):
+    fields of the answer that change (none when there is nothing to read). A mapped result task's
+    values are a list, of which those that were too large are each their own reference."""
+    result, task, airflow = outcome.result, outcome.result_task, request.app.state.airflow
+    if task is None or not task.is_ref or not isinstance(result, (dict, list)):
         return {}
     if airflow is None:
         return {"result_error": "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL): the value is where result says"}
+    mapped = isinstance(result, list)
+    values: list[Any] = result if isinstance(result, list) else [result]
+    refs: list[dict[str, Any] | None] = [value if is_own_ref(value, outcome) else None for value in values]
+    limit = asyncio.Semaphore(XCOM_READS_AT_ONCE)
+
+    async def read(ref: dict) -> Any:
+        async with limit:
+            return await airflow.xcom_value(ref["dag_id"], ref["run_id"], ref["task_id"], ref.get("map_index", -1))
+
     try:
-        value = await airflow.xcom_value(ref["dag_id"], ref["run_id"], ref["task_id"], ref.get("map_index", -1))
-    except Exception as exc:  # the reference still says where the value is
+        read_values = await asyncio.gather(*(read(ref) for ref in refs if ref is not None))
+    except Exception as exc:  # the references still say where the values are
         return {"result_error": f"{type(exc).__name__}: the value could not be read from Airflow"}
-    return {"result": value, "result_ref": ref}
+    found = iter(read_values)
+    resolved = [next(found) if ref is not None else value for value, ref in zip(values, refs)]
+    if not mapped:
+        return {"result": resolved[0], "result_ref": refs[0]}
+    return {"result": resolved, "result_ref": [ref for ref in refs if ref is not None]}
+
+
+def is_own_ref(value: Any, outcome: Outcome) -> bool:
+    """Whether a result value is the reference to an XCom of the run's result task (a ResultRef)."""
+    task = outcome.result_task
+    return (
+        isinstance(value, dict)
+        and task is not None
+        and set(value) == REF_KEYS
+        and (value["dag_id"], value["run_id"], value["task_id"]) == (outcome.dag_id, outcome.run_id, task.task_id)
+    )
 
 
 def run_not_found(dag_id: str, run_id: str) -> ApiError:
