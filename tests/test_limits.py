@@ -17,6 +17,7 @@ from runbell.bus import keys
 from runbell.bus.schema import Event, EventKind, Result, envelope_json
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, within_cap
+from runbell.service.client import cli
 from runbell.service.client.client import AsyncRunbellClient
 from runbell.service.http.app import ROUTES
 from runbell.service.http.openapi import OPERATIONS
@@ -227,6 +228,13 @@ async def test_the_client_reads_a_referenced_result_when_asked(airflow_gateway, 
         resolved = await client.wait("etl", "big2", timeout=10, resolve=True)
     assert plain.result_task is not None and plain.result_task.is_ref and plain.result["task_id"] == "answer"
     assert resolved.result == big and resolved.body["result_ref"]["run_id"] == "big2"
+
+
+async def test_runbell_wait_resolve_prints_the_value(airflow_gateway, stand_in_airflow, capsys):
+    big = await publish_big_result(airflow_gateway, stand_in_airflow, "big3")
+    argv = ["wait", "etl", "big3", "--url", airflow_gateway.url, "--token", READ_TOKEN, "--timeout", "10", "--resolve"]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    assert json.loads(capsys.readouterr().out)["result"] == big
 
 
 async def test_a_reference_airflow_cannot_give_says_why_and_keeps_the_reference(airflow_gateway, stand_in_airflow):

@@ -2,9 +2,10 @@
 
 A declared Content-Length over the limit is answered 413 before the app runs; a body without one
 (chunked) is counted as it arrives, and the read that passes the limit raises the same 413 in the
-endpoint that reads it (runbell.service.http.params.read_body). uvicorn holds at most about 64 KiB of
-a body the app has not asked for, and discards what comes after the answer, so nothing a client
-sends past the limit is kept.
+endpoint that reads it (runbell.service.http.params.read_body); past the limit after an answer has
+begun (a stream, which reads only to see its client leave), the rest is dropped. uvicorn holds at
+most about 64 KiB of a body the app has not asked for, and discards what comes after the answer, so
+nothing a client sends past the limit is kept.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    if started:  # too late for a 413: the client is treated as gone
-                        return {"type": "http.disconnect"}
+                    if started:  # too late for a 413 (a stream that reads only to see the client leave): dropped
+                        return {**message, "body": b""}
                     raise body_too_large(limit)
             return message
 
