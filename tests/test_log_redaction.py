@@ -78,3 +78,11 @@ def test_what_is_masked_and_what_is_kept():
     assert redact("redis://:hunter2@redis:6379/0") == f"redis://:{MASK}@redis:6379/0"
     assert redact("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw") == f"whsec_{MASK}"
     assert redact("run etl/r1 decided: success (seq 7)") == "run etl/r1 decided: success (seq 7)"
+
+
+def test_a_format_string_keeps_its_placeholders_and_its_arguments_are_masked():
+    install_log_redaction()
+    record = logging.getLogger("runbell.test_redaction").makeRecord(
+        "runbell.test_redaction", logging.INFO, __file__, 1, "GET %s?token=%s", ("/x", "Bearer abc.def"), None
+    )
+    assert record.getMessage() == "GET /x?token=Bearer ***"

@@ -91,8 +91,10 @@ def install_log_redaction(known: Iterable[str] = ()) -> None:
 
 def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
     """Mask secrets in the record's message, arguments (kept as arguments: uvicorn's access log
-    formatter unpacks them), traceback and stack."""
-    record.msg = _arg(record.msg, redactor)
+    formatter unpacks them), traceback and stack. A format string with arguments is left whole: the
+    secrets are in the arguments, and masking a placeholder would break the formatting."""
+    if not record.args or not isinstance(record.msg, str):
+        record.msg = _arg(record.msg, redactor)
     if isinstance(record.args, Mapping):
         record.args = {key: _arg(value, redactor) for key, value in record.args.items()}
     elif record.args:
