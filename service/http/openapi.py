@@ -231,7 +231,7 @@ OPERATIONS: dict[str, Operation] = {
         {
             200: Answer("Decided within the wait: the outcome, with a token scoped to this run", TriggeredOutcome),
             202: Answer("Triggered, still pending", TriggeredPending, headers={"Location": "the result endpoint of the run"}),
-            400: failure("Bad wait or Idempotency-Key"),
+            400: failure("Bad wait, resolve or Idempotency-Key"),
             404: failure("Unknown DAG"),
             409: failure("DAG paused, run id taken, or the same Idempotency-Key still triggering"),
             422: failure("A malformed body (accepted lists the problems), or an Idempotency-Key reused with another body"),
@@ -314,7 +314,7 @@ OPERATIONS: dict[str, Operation] = {
         {
             200: Answer("Decided", RunOutcome),
             202: Answer("Still pending at the timeout; ask again", RunPending, headers={"Retry-After": "seconds"}),
-            400: failure("Bad timeout or id"),
+            400: failure("Bad timeout, resolve or id"),
             404: failure("Airflow has no such run"),
             **BUSY,
         },
