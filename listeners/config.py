@@ -11,6 +11,12 @@ from runbell.bus.keys import DEFAULT_NAMESPACE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+# Sizes on the bus, bytes of JSON. An event must stay far below Redis' pub/sub output buffer limit
+# (32 MiB at once, or 8 MiB for 60 s, by default): past it Redis drops the gateway's subscription.
+RESULT_MAX_BYTES = 256 * 1024  # a larger result travels as a reference to its XCom
+EVENT_MAX_BYTES = 1024 * 1024  # a larger event is never published, and a gateway drops it
+EVENT_MAX_BYTES_RANGE = (64 * 1024, 8 * 1024 * 1024)  # what either may be set to: room for every bounded field, under Redis' limit
+
 # (env var, meaning) of every setting read below: the README's settings table is generated from it
 # (runbell.service.settings.settings_table), and a test holds it to the names from_env reads.
 HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
@@ -21,7 +27,15 @@ HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
     ),
     ("RUNBELL_NAMESPACE", "key prefix; the gateway's must be the same (default runbell)"),
     ("RUNBELL_SPOOL_DIR", "where events wait while Redis is unreachable (default `$AIRFLOW_HOME/runbell-spool`)"),
-    ("RUNBELL_RESULT_MAX_BYTES", "results larger than this are published as a reference (default 262144)"),
+    (
+        "RUNBELL_RESULT_MAX_BYTES",
+        "results (and asset extras) larger than this, bytes of JSON, are published as a reference to their XCom (default 262144)",
+    ),
+    (
+        "RUNBELL_EVENT_MAX_BYTES",
+        "largest event published, bytes of JSON, 65536 to 8388608 (default 1048576): a larger one carries its result as a reference, "
+        "else it is dropped and logged; not above the gateway's",
+    ),
     ("RUNBELL_PUBLISH_TIMEOUT", "connect and command timeout of a publish, seconds (default 0.25)"),
     ("RUNBELL_LOG_TTL_SECONDS", "replay log lifetime after a run's last event, seconds (default 604800)"),
     ("RUNBELL_STREAM_MAXLEN", "approximate cap of the global stream (default 1000000)"),
@@ -36,7 +50,8 @@ class PublisherConfig:
     namespace: str = DEFAULT_NAMESPACE
     log_ttl_seconds: int = 7 * 24 * 3600  # how long a run's replay log lives after its last event
     stream_maxlen: int = 1_000_000  # cap of the global stream (approximate trimming)
-    result_max_bytes: int = 256 * 1024  # larger results are published as a reference
+    result_max_bytes: int = RESULT_MAX_BYTES  # larger results are published as a reference
+    event_max_bytes: int = EVENT_MAX_BYTES  # larger events are never published
     timeout_seconds: float = 0.25  # connect and command timeout of every publish
     spool_dir: Path = Path(".")
     enabled: bool = True
@@ -51,11 +66,20 @@ class PublisherConfig:
             log_ttl_seconds=int(env.get("RUNBELL_LOG_TTL_SECONDS") or cls.log_ttl_seconds),
             stream_maxlen=int(env.get("RUNBELL_STREAM_MAXLEN") or cls.stream_maxlen),
             result_max_bytes=int(env.get("RUNBELL_RESULT_MAX_BYTES") or cls.result_max_bytes),
+            event_max_bytes=event_max_bytes(int(env.get("RUNBELL_EVENT_MAX_BYTES") or cls.event_max_bytes)),
             timeout_seconds=float(env.get("RUNBELL_PUBLISH_TIMEOUT") or cls.timeout_seconds),
             spool_dir=Path(env.get("RUNBELL_SPOOL_DIR") or _default_spool_dir(env)),
             enabled=(env.get("RUNBELL_HOOK_ENABLED", "true").lower() not in ("0", "false", "no")),
             skip_dags=frozenset(d.strip() for d in (env.get("RUNBELL_HOOK_SKIP_DAGS") or "").split(",") if d.strip()),
         )
+
+
+def event_max_bytes(value: int) -> int:
+    """The event cap, if within EVENT_MAX_BYTES_RANGE; else ValueError saying the range."""
+    low, high = EVENT_MAX_BYTES_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"the event cap must be {low} to {high} bytes, not {value}")
+    return value
 
 
 def _default_spool_dir(env: Mapping[str, str]) -> Path:

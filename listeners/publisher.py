@@ -86,10 +86,16 @@ class Publisher:
 
     def publish(self, event: AnyEvent) -> int | None:
         """Publish one event. Returns its sequence number, or None when it was spooled (or, logged
-        once and counted in ``lost``, could not be). Never raises."""
+        once and counted in ``lost``, could not be: not encodable, over the event cap even with its
+        result as a reference, or the spool unwritable). Never raises."""
         try:
-            event_json = event.to_json()
+            event, event_json = within_cap(event, event.to_json(), self.config.event_max_bytes)
+        except EventTooLarge as exc:
+            self.lost += 1
+            self._log_once("too-large", "runbell: event dropped: %s", exc)
+            return None
         except Exception as exc:  # a value pydantic cannot serialise must not reach Airflow
+            self.lost += 1
             self._log_once("encode", "runbell: event could not be encoded: %s", exc)
             return None
         try:
@@ -205,7 +211,9 @@ class Publisher:
                     if text is None:
                         continue
                     try:
-                        batch.append((parse_event_json(text), text))
+                        batch.append(within_cap(parse_event_json(text), text, self.config.event_max_bytes))
+                    except EventTooLarge as exc:  # spooled by a version without the cap
+                        self._log_once("spool-too-large", "runbell: dropping spool file %s: %s", path.name, exc)
                     except ValueError:
                         self._log_once("spool-bad", "runbell: dropping unreadable spool file %s", path.name)
                     done.append(path)
@@ -318,14 +326,49 @@ def extra_fields(extra: Any, max_bytes: int) -> dict[str, Any]:
     return {"extra": value, "extra_size": size}
 
 
+def json_size(value: Any) -> int:
+    """Bytes of a value's JSON, as the result cap measures it."""
+    return utf8_size(json.dumps(value, default=str, separators=(",", ":")))
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
 def make_result(value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int, max_bytes: int) -> Result:
     """The result as published: inline up to max_bytes of JSON, else a reference to Airflow's XCom."""
     encoded = json.dumps(value, default=str, separators=(",", ":"))
-    size = len(encoded.encode("utf-8"))
+    size = utf8_size(encoded)
     if size > max_bytes:
         ref = ResultRef(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
         return Result(ref=ref, size=size)
     return Result(value=json.loads(encoded), size=size)
+
+
+class EventTooLarge(ValueError):
+    """An event whose JSON is over the event cap even with its result (or extra) left out."""
+
+
+def within_cap(event: AnyEvent, event_json: str, max_bytes: int) -> tuple[AnyEvent, str]:
+    """The event as published, and its JSON: as given when it fits the cap; else with its result as a
+    reference to its XCom (an asset event without its extra), which is never lost; else EventTooLarge.
+    Redis drops a subscriber whose output buffer a large message overflows: no event may be larger."""
+    size = utf8_size(event_json)
+    if size <= max_bytes:
+        return event, event_json
+    if isinstance(event, AssetEvent) and event.extra is not None:
+        event = event.model_copy(update={"extra": None, "extra_truncated": True})
+    elif isinstance(event, Event) and event.result is not None and not event.result.is_ref and event.task_id:
+        ref = make_result(
+            event.result.value, dag_id=event.dag_id, run_id=event.run_id, task_id=event.task_id, map_index=event.map_index, max_bytes=-1
+        )
+        event = event.model_copy(update={"result": ref})
+    else:
+        raise EventTooLarge(f"{size} bytes of JSON, over the event cap of {max_bytes}")
+    event_json = event.to_json()
+    if utf8_size(event_json) > max_bytes:
+        raise EventTooLarge(f"{size} bytes of JSON, over the event cap of {max_bytes} even without its result")
+    return event, event_json
 
 
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()

@@ -15,10 +15,10 @@ import sys
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from runbell.bus.keys import DEFAULT_NAMESPACE
-from runbell.listeners.config import HOOK_SETTINGS_DOC
+from runbell.listeners.config import EVENT_MAX_BYTES, EVENT_MAX_BYTES_RANGE, HOOK_SETTINGS_DOC, RESULT_MAX_BYTES
 from runbell.service.core.roles import Grant, parse_tokens
 from runbell.service.webhooks.dispatcher import (
     DEFAULT_WEBHOOK_SCHEDULE,
@@ -69,6 +69,15 @@ class Settings(BaseModel):
     spool_flush_interval: float = Field(default=5.0, gt=0)
     stale_after: float = Field(default=360.0, gt=0)  # a running run silent this long is listed as stale
     airflow_database_url: SecretStr | None = None  # Airflow's metadata DB, read-only: backfill slots
+    body_max_bytes: int = Field(default=1024 * 1024, ge=1024)  # every request body but an event's
+    event_max_bytes: int = Field(default=EVENT_MAX_BYTES, ge=EVENT_MAX_BYTES_RANGE[0], le=EVENT_MAX_BYTES_RANGE[1])
+    result_max_bytes: int = Field(default=RESULT_MAX_BYTES, ge=0)
+
+    @model_validator(mode="after")
+    def _result_fits_an_event(self) -> Settings:
+        if self.result_max_bytes >= self.event_max_bytes:
+            raise ValueError("result_max_bytes must be smaller than event_max_bytes: a result travels inside an event")
+        return self
 
     @field_validator("webhook_schedule")
     @classmethod
@@ -200,6 +209,21 @@ SETTINGS_DOC: list[tuple[str, str]] = [
     (
         "airflow_database_url",
         "SQLAlchemy URL of Airflow's metadata database, read only, for backfill slots (GET /v1/backfills/...; unset: those answer 503)",
+    ),
+    (
+        "body_max_bytes",
+        "largest request body, bytes, of every endpoint but `POST /v1/events` (default 1048576); a larger one is "
+        "answered 413 `body_too_large` before it is read in full",
+    ),
+    (
+        "event_max_bytes",
+        "largest event, bytes of JSON, 65536 to 8388608 (default 1048576): the largest body `POST /v1/events` takes "
+        "(413 beyond), and a larger event on the bus is dropped as a bad event; the hook's must not be larger",
+    ),
+    (
+        "result_max_bytes",
+        "largest result value `POST /v1/events` takes inline, bytes of JSON, smaller than the event cap (default 262144; "
+        "413 beyond: publish a reference to the XCom instead, as the hook does)",
     ),
     ("log_level", "debug, info, warning, error (default info)"),
 ]

@@ -87,6 +87,9 @@ FLAG_VALUES = {
     "webhook_breaker_max_open": "60",
     "spool_flush_interval": "2",
     "stale_after": "11",
+    "body_max_bytes": "4096",
+    "event_max_bytes": "524288",
+    "result_max_bytes": "131072",
     "log_level": "debug",
 }
 

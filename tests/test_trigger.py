@@ -198,7 +198,7 @@ async def test_a_result_too_large_for_the_bus_is_fetched_from_airflow(gateway, a
     airflow.xcoms[("etl", "big", "answer", -1)] = big
     await asyncio.to_thread(emit, "etl", "big", "success", task_id="answer", result_task=True, result=big, publisher=small_cap)
     async with gateway.client() as client:
-        body = (await client.get("/v1/dags/etl/runs/big/result", params={"timeout": 5})).json()
+        body = (await client.get("/v1/dags/etl/runs/big/result", params={"timeout": 5, "resolve": "true"})).json()
     assert body["result"] == big
     assert body["result_task"]["is_ref"] is True
     assert body["result_ref"] == {"dag_id": "etl", "run_id": "big", "task_id": "answer", "map_index": -1}

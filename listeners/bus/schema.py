@@ -266,17 +266,22 @@ def envelope_json(seq: int, event_json: str) -> str:
     return '{"seq":' + str(seq) + ',"event":' + event_json + "}"
 
 
-def decode_envelope(raw: bytes | str) -> Envelope:
-    """Parse and validate one envelope; raise BadEvent saying why it is not one."""
-    return _validated(Envelope, _envelope_data(raw))
+def decode_envelope(raw: bytes | str, max_bytes: int | None = None) -> Envelope:
+    """Parse and validate one envelope (of at most max_bytes); raise BadEvent saying why it is not one."""
+    return _validated(Envelope, _envelope_data(raw, max_bytes))
 
 
-def decode_asset_envelope(raw: bytes | str) -> AssetEnvelope:
-    """Parse and validate one asset envelope; raise BadEvent saying why it is not one."""
-    return _validated(AssetEnvelope, _envelope_data(raw))
+def decode_asset_envelope(raw: bytes | str, max_bytes: int | None = None) -> AssetEnvelope:
+    """Parse and validate one asset envelope (of at most max_bytes); raise BadEvent saying why it is not one."""
+    return _validated(AssetEnvelope, _envelope_data(raw, max_bytes))
 
 
-def _envelope_data(raw: bytes | str) -> dict[str, Any]:
+ENVELOPE_OVERHEAD = 64  # bytes an envelope adds to its event: '{"seq":N,"event":...}'
+
+
+def _envelope_data(raw: bytes | str, max_bytes: int | None = None) -> dict[str, Any]:
+    if max_bytes is not None and len(raw) > max_bytes + ENVELOPE_OVERHEAD:  # no publisher within the cap sent it
+        raise BadEvent("size", f"{len(raw)} bytes, over the event cap of {max_bytes}")
     try:
         data = json.loads(raw)
     except RecursionError:  # not a ValueError: it would escape every reader of the bus

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token", default=os.environ.get("RUNBELL_TOKEN"), help="bearer token (or RUNBELL_TOKEN)")
         if name == "wait":
             p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in all (default 300)")
+            p.add_argument("--resolve", action="store_true", help="a result too large for the bus: read its value from Airflow")
         p.set_defaults(handler=handler)
     return parser
 
@@ -197,7 +198,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
     with RunbellClient(args.url, args.token) as client:
         try:
-            outcome = client.wait(args.dag_id, args.run_id, timeout=args.timeout)
+            outcome = client.wait(args.dag_id, args.run_id, timeout=args.timeout, resolve=args.resolve)
         except RunPending as pending:
             print(json.dumps(pending.body, indent=2))
             return EXIT_PENDING

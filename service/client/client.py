@@ -304,6 +304,7 @@ def trigger_flow(
     idempotency_key: str | None,
     wait: float,
     unpause: bool = False,
+    resolve: bool = False,
 ) -> Flow[Triggered]:
     body: dict[str, Any] = {
         "conf": conf or {},
@@ -318,6 +319,7 @@ def trigger_flow(
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
     params = {"unpause": "true"} if unpause else {}  # a paused DAG is refused (409 dag_paused) unless so asked
+    params.update(resolve_params(resolve))
     call = Call("POST", dag_path(dag_id), params=params, json=body, headers=headers, hold=wait, retry_safe=bool(idempotency_key))
     response = yield from send(call)
     if response.status_code not in (200, 202):
@@ -325,13 +327,19 @@ def trigger_flow(
     return parse_triggered(response)
 
 
-def wait_flow(dag_id: str, run_id: str, timeout: float, poll: float) -> Flow[Outcome]:
+def resolve_params(resolve: bool) -> dict[str, str]:
+    """Ask the gateway to read a result published as a reference (too large for the bus) from Airflow."""
+    return {"resolve": "true"} if resolve else {}
+
+
+def wait_flow(dag_id: str, run_id: str, timeout: float, poll: float, resolve: bool = False) -> Flow[Outcome]:
     """Long-poll until the outcome is decided; 202s are looped over until `timeout` has passed."""
     deadline = time.monotonic() + timeout
     while True:
         started = time.monotonic()
         asked = min(poll, max(0.0, deadline - started))
-        call = Call("GET", run_path(dag_id, run_id, "result"), params={"timeout": f"{asked:g}"}, hold=asked)
+        params = {"timeout": f"{asked:g}", **resolve_params(resolve)}
+        call = Call("GET", run_path(dag_id, run_id, "result"), params=params, hold=asked)
         response = yield from send(call)
         if (limit := accepted_max(response, asked)) is not None:
             poll = limit
@@ -348,7 +356,9 @@ def wait_flow(dag_id: str, run_id: str, timeout: float, poll: float) -> Flow[Out
             yield Sleep(min(1.0 if hinted is None else hinted, deadline - now))
 
 
-def trigger_and_wait_flow(dag_id: str, *, conf: dict | None, timeout: float, run_id: str | None, idempotency_key: str | None) -> Flow[Any]:
+def trigger_and_wait_flow(
+    dag_id: str, *, conf: dict | None, timeout: float, run_id: str | None, idempotency_key: str | None, resolve: bool = False
+) -> Flow[Any]:
     deadline = time.monotonic() + timeout
     # A key of our own, so that retrying a POST whose answer was lost cannot start a second run.
     triggered = yield from trigger_flow(
@@ -359,10 +369,11 @@ def trigger_and_wait_flow(dag_id: str, *, conf: dict | None, timeout: float, run
         note=None,
         idempotency_key=idempotency_key or uuid.uuid4().hex,
         wait=min(timeout, POLL_MAX),
+        resolve=resolve,
     )
     outcome = triggered.outcome
     if outcome is None:
-        outcome = yield from wait_flow(dag_id, triggered.run_id, max(0.0, deadline - time.monotonic()), POLL_MAX)
+        outcome = yield from wait_flow(dag_id, triggered.run_id, max(0.0, deadline - time.monotonic()), POLL_MAX, resolve)
     if not outcome.succeeded:
         raise RunFailed(outcome)
     return outcome.result
@@ -564,9 +575,11 @@ class RunbellClient(_Base):
         idempotency_key: str | None = None,
         wait: float = 0,
         unpause: bool = False,
+        resolve: bool = False,
     ) -> Triggered:
         """Start a run; with `wait`, hold up to that long (capped by the gateway) for its outcome;
-        with `unpause`, unpause a paused DAG first. Retried on a lost connection only with an idempotency_key."""
+        with `unpause`, unpause a paused DAG first; with `resolve`, a result too large for the bus is read
+        from Airflow (see wait). Retried on a lost connection only with an idempotency_key."""
         return self._drive(
             trigger_flow(
                 dag_id,
@@ -577,18 +590,32 @@ class RunbellClient(_Base):
                 idempotency_key=idempotency_key,
                 wait=wait,
                 unpause=unpause,
+                resolve=resolve,
             )
         )
 
-    def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX) -> Outcome:
-        """The decided outcome (success or failed); RunPending once `timeout` seconds have passed."""
-        return self._drive(wait_flow(dag_id, run_id, timeout, poll))
+    def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX, resolve: bool = False) -> Outcome:
+        """The decided outcome (success or failed); RunPending once `timeout` seconds have passed.
+
+        A result larger than the bus carries (result_task.is_ref) is, as `result`, a reference to its
+        XCom; with `resolve`, the gateway reads the value from Airflow (`result`; the reference is in
+        `body["result_ref"]`, or why it could not be read in `body["result_error"]`)."""
+        return self._drive(wait_flow(dag_id, run_id, timeout, poll, resolve))
 
     def trigger_and_wait(
-        self, dag_id: str, *, conf: dict | None = None, timeout: float = 300, run_id: str | None = None, idempotency_key: str | None = None
+        self,
+        dag_id: str,
+        *,
+        conf: dict | None = None,
+        timeout: float = 300,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        resolve: bool = False,
     ) -> Any:
-        """The run's result value; RunFailed with the failure, or RunPending at the timeout."""
-        return self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key))
+        """The run's result value (with `resolve`, read from Airflow when too large for the bus); RunFailed
+        with the failure, or RunPending at the timeout."""
+        flow = trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key, resolve=resolve)
+        return self._drive(flow)
 
     def events(self, dag_id: str, run_id: str, *, last_event_id: int = 0) -> Iterator[SseEvent]:
         """The run's events (task, run, outcome, end) each once, across reconnects, until `end`."""
@@ -678,6 +705,7 @@ class AsyncRunbellClient(_Base):
         idempotency_key: str | None = None,
         wait: float = 0,
         unpause: bool = False,
+        resolve: bool = False,
     ) -> Triggered:
         return await self._drive(
             trigger_flow(
@@ -689,16 +717,25 @@ class AsyncRunbellClient(_Base):
                 idempotency_key=idempotency_key,
                 wait=wait,
                 unpause=unpause,
+                resolve=resolve,
             )
         )
 
-    async def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX) -> Outcome:
-        return await self._drive(wait_flow(dag_id, run_id, timeout, poll))
+    async def wait(self, dag_id: str, run_id: str, *, timeout: float = 300, poll: float = POLL_MAX, resolve: bool = False) -> Outcome:
+        return await self._drive(wait_flow(dag_id, run_id, timeout, poll, resolve))
 
     async def trigger_and_wait(
-        self, dag_id: str, *, conf: dict | None = None, timeout: float = 300, run_id: str | None = None, idempotency_key: str | None = None
+        self,
+        dag_id: str,
+        *,
+        conf: dict | None = None,
+        timeout: float = 300,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        resolve: bool = False,
     ) -> Any:
-        return await self._drive(trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key))
+        flow = trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key, resolve=resolve)
+        return await self._drive(flow)
 
     async def dead_letters(self, *, after: int = 0, limit: int = 50) -> dict:
         return await self._drive(dead_letters_flow(after, limit))

@@ -146,7 +146,9 @@ class OutcomeFold:
         value = result.ref.model_dump() if result.ref is not None else result.value
         if event.map_index >= 0:  # mapped: all values are known only when the run succeeds
             self._mapped_values.setdefault(event.map_index, value)
-            self._mapped_task = info.model_copy(update={"map_index": -1, "try_number": None})
+            # is_ref: any of the values is a reference (each one equal to its XCom's ResultRef).
+            any_ref = info.is_ref or (self._mapped_task is not None and self._mapped_task.is_ref)
+            self._mapped_task = info.model_copy(update={"map_index": -1, "try_number": None, "is_ref": any_ref})
             return
         if not self.outcome.decided:
             self.outcome.status = OutcomeStatus.SUCCESS

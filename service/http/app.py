@@ -36,6 +36,7 @@ from runbell.service.http import (
 )
 from runbell.service.http import run_routes as routes
 from runbell.service.http import webhooks as webhook_routes
+from runbell.service.http.body_limit import BodyLimit
 from runbell.service.http.errors import (
     ApiError,
     api_error_handler,
@@ -60,6 +61,7 @@ log = logging.getLogger("runbell.app")
 REDIS_COMMAND_CONNECTIONS = 16  # loopback commands take ~0.1 ms: 16 in flight is far beyond one core's need
 
 RUN = "/v1/dags/{dag_id}/runs/{run_id}"
+EVENTS = "/v1/events"
 WEBHOOKS, WEBHOOK, WEBHOOK_MESSAGE = "/v1/webhooks", "/v1/webhooks/{endpoint_id}", "/v1/webhooks/messages/{message_id}"
 ROUTES = [
     Route("/v1/dags/{dag_id}/runs", trigger.trigger_run, methods=["POST"], name="trigger_run"),
@@ -70,7 +72,7 @@ ROUTES = [
     Route("/v1/backfills/{backfill_id}/events", backfills.backfill_events, methods=["GET"], name="backfill_events"),
     Route(RUN + "/result", routes.run_result, methods=["GET"], name="run_result"),
     Route(RUN + "/events", routes.run_events, methods=["GET"], name="run_events"),
-    Route("/v1/events", routes.publish_event, methods=["POST"], name="publish_event"),
+    Route(EVENTS, routes.publish_event, methods=["POST"], name="publish_event"),
     *assets.ROUTES,  # /v1/assets/{name}/events and /next: {name} may hold '/'
     Route(WEBHOOKS, webhook_routes.create_webhook, methods=["POST"], name="create_webhook"),
     Route(WEBHOOKS, webhook_routes.list_webhooks, methods=["GET"], name="list_webhooks"),
@@ -99,7 +101,11 @@ def create_app(settings: Settings, *, embedded: EmbeddedBroker | None = None) ->
     app = Starlette(
         routes=APP_ROUTES,
         lifespan=lifespan,
-        middleware=[Middleware(EncodedSlashes)],  # before routing, which sees the decoded path
+        middleware=[
+            Middleware(EncodedSlashes),  # before routing, which sees the decoded path
+            # An event may be larger than other bodies: up to the event cap.
+            Middleware(BodyLimit, limit=settings.body_max_bytes, limits={EVENTS: settings.event_max_bytes}),
+        ],
         exception_handlers={
             ApiError: api_error_handler,
             AirflowError: airflow_error_handler,
@@ -181,10 +187,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.webhooks = WebhookStore(state.store)
     state.webhook_policy = TargetPolicy.from_setting(settings.webhook_allowed_hosts)
     state.hub = Hub(pubsub_client, state.metrics, buffer=settings.subscriber_buffer, max_subscribers=settings.max_subscribers)
-    state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store)
-    state.assets = AssetTopic(state.hub, state.redis, settings.namespace)
+    cap = settings.event_max_bytes
+    state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store, max_event_bytes=cap)
+    state.assets = AssetTopic(state.hub, state.redis, settings.namespace, max_event_bytes=cap)
     await state.hub.start()
-    publisher_config = replace(PublisherConfig.from_env(), redis_url=redis_url, namespace=settings.namespace)
+    publisher_config = replace(
+        PublisherConfig.from_env(),
+        redis_url=redis_url,
+        namespace=settings.namespace,
+        result_max_bytes=settings.result_max_bytes,
+        event_max_bytes=settings.event_max_bytes,
+    )
     state.publisher = Publisher(publisher_config)
     state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
     state.airflow = airflow_client(settings)
@@ -196,7 +209,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
-        loops.append(Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics).loop)
+        loops.append(Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics, max_event_bytes=cap).loop)
     state.dispatcher = None
     if settings.webhooks:
         worker = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"

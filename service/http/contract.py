@@ -39,7 +39,10 @@ class RunOutcome(Outcome):
     `result_error` says why it could not be read."""
 
     run_state: RunStateName = UNKNOWN_RUN_STATE  # Outcome's str, documented with its values
-    result_ref: ResultRef | None = Field(default=None, description="only when the result was read from Airflow")
+    result_ref: ResultRef | list[ResultRef] | None = Field(
+        default=None,
+        description="only when the result was read from Airflow (?resolve=true); of a mapped result task, those of its values that were read",
+    )
     result_error: str | None = Field(default=None, description="only when the referenced result could not be read")
 
     def body(self) -> dict[str, Any]:

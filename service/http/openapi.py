@@ -33,6 +33,7 @@ from runbell.service.core.roles import Role
 from runbell.service.http import backfills, dead_letters, runs, webhooks
 from runbell.service.http.assets import AFTER_PARAM
 from runbell.service.http.auth import QUERY_TOKEN_PARAM
+from runbell.service.http.body_limit import BODY_TOO_LARGE
 from runbell.service.http.contract import (
     AssetEventBody,
     AssetPending,
@@ -63,6 +64,7 @@ from runbell.service.http.contract import (
 from runbell.service.http.errors import ErrorBody
 from runbell.service.http.idempotency import MAX_KEY_LENGTH
 from runbell.service.http.params import BAD_BODY_STATUS, INT_DIGITS_MAX, LAST_EVENT_ID_PARAM
+from runbell.service.http.run_routes import RESOLVE_PARAM
 from runbell.service.http.trigger import TriggerRequest
 from runbell.service.settings import Settings
 from runbell.service.store.store import RUN_STATES
@@ -163,6 +165,13 @@ TIMEOUT = Param(
     {"type": "number", "minimum": 0, "maximum": LONG_POLL_MAX, "default": LONG_POLL_DEFAULT},
     "seconds to wait (the bounds are RUNBELL_LONG_POLL_MAX and RUNBELL_LONG_POLL_DEFAULT)",
 )
+RESOLVE = Param(
+    RESOLVE_PARAM,
+    "query",
+    {"type": "boolean", "default": False},
+    "true: a result published as a reference (result_task.is_ref, larger than RUNBELL_RESULT_MAX_BYTES) is read from "
+    "Airflow's XCom: result is then the value and result_ref where it came from, or result_error says why it could not be",
+)
 
 
 def or_empty(schema: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +269,7 @@ OPERATIONS: dict[str, Operation] = {
         {
             200: Answer("Decided within the wait: the outcome, with a token scoped to this run", TriggeredOutcome),
             202: Answer("Triggered, still pending", TriggeredPending, headers={"Location": "the result endpoint of the run"}),
-            400: failure("Bad wait or Idempotency-Key"),
+            400: failure("Bad wait, resolve or Idempotency-Key"),
             404: failure("Unknown DAG"),
             409: failure("DAG paused, run id taken, or the same Idempotency-Key still triggering"),
             422: failure("A malformed body (accepted lists the problems), or an Idempotency-Key reused with another body"),
@@ -281,6 +290,7 @@ OPERATIONS: dict[str, Operation] = {
             ),
             Param("Idempotency-Key", "header", {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH}),
             Param("unpause", "query", {"type": "boolean"}, "unpause a paused DAG instead of answering 409"),
+            RESOLVE,
         ),
         body=TriggerRequest,
         body_required=False,
@@ -346,13 +356,13 @@ OPERATIONS: dict[str, Operation] = {
         {
             200: Answer("Decided", RunOutcome),
             202: Answer("Still pending at the timeout; ask again", RunPending, headers={"Retry-After": "seconds"}),
-            400: failure("Bad timeout or id"),
+            400: failure("Bad timeout, resolve or id"),
             404: failure("Airflow has no such run"),
             **BUSY,
         },
         "Answers 200 the moment the result task succeeds or a critical task fails, else 202 at the timeout. A run "
         "not seen yet is waited for. A run-scoped token of this run is accepted.",
-        (*RUN, TIMEOUT, QUERY_TOKEN),
+        (*RUN, TIMEOUT, RESOLVE, QUERY_TOKEN),
     ),
     "run_events": Operation(
         "The run's events as Server-Sent Events",
@@ -375,6 +385,11 @@ OPERATIONS: dict[str, Operation] = {
         {
             201: Answer("Published", Published),
             202: Answer("Redis unreachable: durably spooled (fsynced), published later", Spooled),
+            413: failure(
+                "The body is larger than RUNBELL_EVENT_MAX_BYTES (body_too_large), so is the event (event_too_large), "
+                "or its result is larger than RUNBELL_RESULT_MAX_BYTES (result_too_large: publish a reference instead); "
+                "accepted.max_bytes is the limit"
+            ),
             422: failure("Not a valid event (error bad_event; accepted lists the problems)"),
             503: failure(
                 "Redis unreachable and the spool cannot keep the event (error spool_unavailable): it was not accepted; send it again",
@@ -652,6 +667,7 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             content = {"application/json": {"schema": ref(operation.body, "validation")}}
             out["requestBody"] = {"required": operation.body_required, "content": content}
             answers.setdefault(BAD_BODY_STATUS, failure(BAD_BODY))
+            answers.setdefault(BODY_TOO_LARGE, failure("The body is larger than RUNBELL_BODY_MAX_BYTES (error body_too_large)"))
         if operation.role is not None:
             answers = {**answers, **AUTH_ERRORS}
         out["responses"] = {str(status): respond(answer) for status, answer in sorted(answers.items())}

@@ -13,8 +13,8 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.bus.schema import Envelope, Event, EventKind
-from runbell.listeners.publisher import SpoolUnavailable
+from runbell.bus.schema import Envelope, Event, EventKind, ResultRef
+from runbell.listeners.publisher import SpoolUnavailable, json_size, utf8_size
 from runbell.service.core.outcome import Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import (
@@ -41,6 +41,9 @@ from runbell.service.live.topics import RunTopic
 
 PENDING_RETRY_AFTER = "1"
 SPOOL_RETRY_AFTER = 5  # seconds: Redis or the spool directory has to come back first
+RESOLVE_PARAM = "resolve"
+XCOM_READS_AT_ONCE = 8  # a mapped result's references, read from Airflow at once
+REF_KEYS = set(ResultRef.model_fields)
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
 
 
@@ -52,8 +55,17 @@ async def run_result(request: Request) -> Response:
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
     timeout = parse_timeout(request)
+    resolve = parse_resolve(request)
     outcome = await wait_for_outcome(request, dag_id, run_id, timeout)
-    return await outcome_response(request, outcome)
+    return await outcome_response(request, outcome, resolve=resolve)
+
+
+def parse_resolve(request: Request) -> bool:
+    """?resolve=true: a result published as a reference (too large for the bus) is read from Airflow."""
+    raw = request.query_params.get(RESOLVE_PARAM, "false")
+    if raw not in ("true", "false"):
+        raise ApiError(400, "bad_resolve", "resolve must be true or false", accepted=["true", "false"])
+    return raw == "true"
 
 
 async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: float) -> Outcome:
@@ -89,9 +101,11 @@ async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: 
     return fold.outcome
 
 
-async def outcome_response(request: Request, outcome: Outcome, token: RunToken | None = None, headers: dict | None = None) -> Response:
-    """200 with the decided outcome (a large result fetched from Airflow), else 202 pending; with the
-    run-scoped token when given (the trigger endpoint's answer)."""
+async def outcome_response(
+    request: Request, outcome: Outcome, token: RunToken | None = None, headers: dict | None = None, *, resolve: bool = False
+) -> Response:
+    """200 with the decided outcome (with `resolve`, a result published as a reference read from
+    Airflow), else 202 pending; with the run-scoped token when given (the trigger endpoint's answer)."""
     if not outcome.decided:
         headers = {"Retry-After": PENDING_RETRY_AFTER, **(headers or {})}
         pending = RunPending.of(outcome)
@@ -99,24 +113,52 @@ async def outcome_response(request: Request, outcome: Outcome, token: RunToken |
             pending = TriggeredPending(**pending.model_dump(), **token.model_dump())
         return JSONResponse(pending.model_dump(mode="json"), status_code=202, headers=headers)
     request.app.state.metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
-    if token is None and headers is None and not (outcome.result_task and outcome.result_task.is_ref):
+    resolving = resolve and outcome.result_task is not None and outcome.result_task.is_ref
+    if token is None and headers is None and not resolving:
         return Response(outcome_json(request.app.state.hub, outcome), media_type="application/json")
-    fields = {**outcome.model_dump(), **await fetched_result(request, outcome)}
+    fields = {**outcome.model_dump(), **(await fetched_result(request, outcome) if resolving else {})}
     answer = RunOutcome(**fields) if token is None else TriggeredOutcome(**fields, **token.model_dump())
     return JSONResponse(answer.body(), headers=headers)
 
 
 async def fetched_result(request: Request, outcome: Outcome) -> dict[str, Any]:
     """A result published as a reference (too large for the bus) is read from Airflow's XCom: the
-    fields of the answer that change (none when there is nothing to read)."""
-    ref, airflow = outcome.result, request.app.state.airflow
-    if not (outcome.result_task and outcome.result_task.is_ref) or airflow is None or not isinstance(ref, dict):
+    fields of the answer that change (none when there is nothing to read). A mapped result task's
+    values are a list, of which those that were too large are each their own reference."""
+    result, task, airflow = outcome.result, outcome.result_task, request.app.state.airflow
+    if task is None or not task.is_ref or not isinstance(result, (dict, list)):
         return {}
+    if airflow is None:
+        return {"result_error": "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL): the value is where result says"}
+    mapped = isinstance(result, list)
+    values: list[Any] = result if isinstance(result, list) else [result]
+    refs: list[dict[str, Any] | None] = [value if is_own_ref(value, outcome) else None for value in values]
+    limit = asyncio.Semaphore(XCOM_READS_AT_ONCE)
+
+    async def read(ref: dict) -> Any:
+        async with limit:
+            return await airflow.xcom_value(ref["dag_id"], ref["run_id"], ref["task_id"], ref.get("map_index", -1))
+
     try:
-        value = await airflow.xcom_value(ref["dag_id"], ref["run_id"], ref["task_id"], ref.get("map_index", -1))
-    except Exception as exc:  # the reference still says where the value is
+        read_values = await asyncio.gather(*(read(ref) for ref in refs if ref is not None))
+    except Exception as exc:  # the references still say where the values are
         return {"result_error": f"{type(exc).__name__}: the value could not be read from Airflow"}
-    return {"result": value, "result_ref": ref}
+    found = iter(read_values)
+    resolved = [next(found) if ref is not None else value for value, ref in zip(values, refs)]
+    if not mapped:
+        return {"result": resolved[0], "result_ref": refs[0]}
+    return {"result": resolved, "result_ref": [ref for ref in refs if ref is not None]}
+
+
+def is_own_ref(value: Any, outcome: Outcome) -> bool:
+    """Whether a result value is the reference to an XCom of the run's result task (a ResultRef)."""
+    task = outcome.result_task
+    return (
+        isinstance(value, dict)
+        and task is not None
+        and set(value) == REF_KEYS
+        and (value["dag_id"], value["run_id"], value["task_id"]) == (outcome.dag_id, outcome.run_id, task.task_id)
+    )
 
 
 def run_not_found(dag_id: str, run_id: str) -> ApiError:
@@ -228,6 +270,7 @@ async def publish_event(request: Request) -> Response:
     event = await read_body(request, Event, code="bad_event")
     principal.check_dag(event.dag_id)
     publisher = request.app.state.publisher
+    check_sizes(event, publisher.config.event_max_bytes, publisher.config.result_max_bytes)
     try:
         seq = await asyncio.to_thread(publisher.publish_or_spool, event)
     except SpoolUnavailable as exc:  # a 202 would promise what the spool cannot keep
@@ -240,3 +283,28 @@ async def publish_event(request: Request) -> Response:
     if seq is None:
         return JSONResponse(Spooled(id=event.id).model_dump(mode="json"), status_code=202)
     return JSONResponse(Published(id=event.id, seq=seq).model_dump(mode="json"), status_code=201)
+
+
+def check_sizes(event: Event, event_max_bytes: int, result_max_bytes: int) -> None:
+    """An inline result over the result cap, or an event over the event cap, is refused (413) saying
+    the limit: a larger result is published as a reference to its XCom, as the hook does."""
+    if event.result is not None and not event.result.is_ref:
+        size = json_size(event.result.value)
+        if size > result_max_bytes:
+            raise ApiError(
+                413,
+                "result_too_large",
+                f"the result is {size} bytes of JSON, over the limit of {result_max_bytes}: publish it as a reference to its XCom instead",
+                accepted={"max_bytes": result_max_bytes, "instead": {"result": {"ref": REF_FIELDS, "size": size}}},
+            )
+    size = utf8_size(event.to_json())
+    if size > event_max_bytes:
+        raise ApiError(
+            413,
+            "event_too_large",
+            f"the event is {size} bytes of JSON, over the limit of {event_max_bytes}",
+            accepted={"max_bytes": event_max_bytes},
+        )
+
+
+REF_FIELDS = {"dag_id": "...", "run_id": "...", "task_id": "...", "map_index": -1}

@@ -13,6 +13,7 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from runbell.service.core.redaction import install_log_redaction
 from runbell.service.http.errors import error_response
 from runbell.service.settings import Settings
 
@@ -116,7 +117,18 @@ class InFlightLimit:
 GC_THRESHOLDS = (700, 10, 1000)
 
 
+def known_secrets(settings: Settings) -> list[str]:
+    """The configured secrets, masked wherever they appear in a log line (besides every token's shape)."""
+    secrets = [*settings.tokens]
+    for secret in (settings.token_secret, settings.airflow_token, settings.airflow_password, settings.airflow_database_url):
+        if secret is not None:
+            secrets.append(secret.get_secret_value())
+    return secrets
+
+
 def serve(app: Starlette, settings: Settings) -> None:
+    # Before uvicorn logs anything: its access log prints query strings (?access_token=, ?token=).
+    install_log_redaction(known_secrets(settings))
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     config = uvicorn.Config(

@@ -28,7 +28,7 @@ from runbell.service.http.contract import RunToken
 from runbell.service.http.errors import ApiError
 from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
 from runbell.service.http.params import ascii_seconds, path_id, read_body, seconds_param
-from runbell.service.http.run_routes import outcome_response, wait_for_outcome
+from runbell.service.http.run_routes import outcome_response, parse_resolve, wait_for_outcome
 
 RUN_ID_ATTEMPTS = 5
 SERVER_ERROR_RETRIES = 2  # Airflow on SQLite answers 500 when its database is briefly locked
@@ -57,6 +57,7 @@ async def trigger_run(request: Request) -> Response:
     if airflow is None:
         raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
     wait, applied = parse_wait(request)
+    resolve = parse_resolve(request)
     run_id = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
     state = request.app.state
     token, expires = issue_run_token(state.token_secret, dag_id, run_id, state.settings.scoped_token_ttl)
@@ -64,7 +65,7 @@ async def trigger_run(request: Request) -> Response:
     headers = {"Location": result_location(dag_id, run_id)}
     if applied:
         headers["Preference-Applied"] = f"wait={wait:g}"
-    return await outcome_response(request, outcome, RunToken(token=token, token_expires_at=expires), headers=headers)
+    return await outcome_response(request, outcome, RunToken(token=token, token_expires_at=expires), headers=headers, resolve=resolve)
 
 
 async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body: TriggerRequest) -> str:

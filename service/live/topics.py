@@ -42,9 +42,12 @@ def _decoded(hub: Hub, decode: Callable[[bytes], E], entries: Sequence[tuple[obj
 
 
 class RunTopic(Topic[RunKey, Envelope]):
-    def __init__(self, hub: Hub, client: aioredis.Redis, namespace: str, archive: EventArchive | None = None):
+    def __init__(
+        self, hub: Hub, client: aioredis.Redis, namespace: str, archive: EventArchive | None = None, max_event_bytes: int | None = None
+    ):
         super().__init__(hub, keys.channel_pattern(namespace))
         self.client, self.namespace, self.archive = client, namespace, archive
+        self.max_event_bytes = max_event_bytes  # a larger event is a bad one: no publisher within the cap sent it
         self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds
         self._reads: SharedReads[list[Envelope]] = SharedReads()
 
@@ -55,7 +58,7 @@ class RunTopic(Topic[RunKey, Envelope]):
         return keys.run_keys(self.namespace, *key).channel
 
     def decode(self, data: bytes) -> Envelope:
-        return decode_envelope(data)
+        return decode_envelope(data, self.max_event_bytes)
 
     def channel_of(self, item: Envelope) -> str:
         return self.channel((item.event.dag_id, item.event.run_id))
@@ -65,7 +68,7 @@ class RunTopic(Topic[RunKey, Envelope]):
 
     async def _read(self, key: RunKey, after_seq: int) -> list[Envelope]:
         entries = await self.client.xrange(keys.run_keys(self.namespace, *key).log, min=f"(0-{after_seq}", max="+")
-        envelopes = _decoded(self.hub, decode_envelope, entries)
+        envelopes = _decoded(self.hub, self.decode, entries)
         first = envelopes[0].seq if envelopes else None
         if self.archive is not None and (first is None or first > after_seq + 1):
             # The log does not start where we need it (expired, or never existed): ask the store.
@@ -104,9 +107,10 @@ class RunTopic(Topic[RunKey, Envelope]):
 
 
 class AssetTopic(Topic[str, AssetEnvelope]):
-    def __init__(self, hub: Hub, client: aioredis.Redis, namespace: str):
+    def __init__(self, hub: Hub, client: aioredis.Redis, namespace: str, max_event_bytes: int | None = None):
         super().__init__(hub, keys.asset_channel_pattern(namespace))
         self.client, self.namespace = client, namespace
+        self.max_event_bytes = max_event_bytes
         self._reads: SharedReads[list[AssetEnvelope]] = SharedReads()
 
     def subscribe(self, name: str, after_seq: int = 0) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
@@ -116,7 +120,7 @@ class AssetTopic(Topic[str, AssetEnvelope]):
         return keys.asset_keys(self.namespace, key).channel
 
     def decode(self, data: bytes) -> AssetEnvelope:
-        return decode_asset_envelope(data)
+        return decode_asset_envelope(data, self.max_event_bytes)
 
     def channel_of(self, item: AssetEnvelope) -> str:
         return self.channel(item.event.asset.name)
@@ -126,7 +130,7 @@ class AssetTopic(Topic[str, AssetEnvelope]):
 
     async def _read(self, name: str, after_seq: int) -> list[AssetEnvelope]:
         entries = await self.client.xrange(keys.asset_keys(self.namespace, name).log, min=f"(0-{after_seq}", max="+")
-        return _decoded(self.hub, decode_asset_envelope, entries)
+        return _decoded(self.hub, self.decode, entries)
 
     async def current_seq(self, name: str) -> int:
         """The asset's last sequence number (0 before its first event)."""

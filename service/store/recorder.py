@@ -66,8 +66,10 @@ class Recorder:
         claim_idle_ms: int = CLAIM_IDLE_MS,
         claim_interval: float = CLAIM_INTERVAL_SECONDS,
         metrics: Metrics | None = None,
+        max_event_bytes: int | None = None,
     ):
         self.redis = redis
+        self.max_event_bytes = max_event_bytes  # a larger entry is skipped as a bad event (reason "size")
         self.store = store
         self.namespace = namespace
         self.consumer = consumer
@@ -170,7 +172,7 @@ class Recorder:
             self._bad("field", "no 'env' field")
             return None
         try:
-            return Letter(decode_envelope(raw), _payload(raw), stream_id)
+            return Letter(decode_envelope(raw, self.max_event_bytes), _payload(raw), stream_id)
         except BadEvent as exc:
             self._bad(exc.reason, str(exc))
             return None

@@ -1,0 +1,113 @@
+"""Secrets never reach a log line: every record of the process is redacted as it is made.
+
+Tokens travel where log lines look: in query strings (`?access_token=` of an EventSource, `?token=`
+of the dashboard), which uvicorn's access log prints, and in the URLs that httpx puts in its
+exceptions (a webhook target may carry its receiver's key in its query). So a log record factory,
+which sees every record of every logger before any handler formats it, rewrites the message, its
+arguments, the traceback and the stack: the value of every secret-looking query parameter, bearer
+and basic credentials, URL passwords, JWTs, webhook secrets, and the configured secrets themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+MASK = "***"
+KNOWN_MIN_LENGTH = 8
+
+# A query parameter whose name says it holds a secret: its value is masked, the name kept.
+_SECRET_NAME = r"[^=&\s#\"'<>]*(?:token|secret|passw|pwd|key|sig|auth|session|jwt|credential|code)[^=&\s#\"'<>]*"
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(rf"(?i)([?&;]{_SECRET_NAME}=)[^&\s#\"'<>]+"), rf"\g<1>{MASK}"),
+    (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+"), rf"\g<1>\g<2>{MASK}"),
+    (re.compile(r"(?i)(://[^/\s:@]*:)[^/\s@]+@"), rf"\g<1>{MASK}@"),  # scheme://user:password@host
+    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), MASK),  # a JWT, wherever it is
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=]+"), f"whsec_{MASK}"),  # a webhook signing secret
+]
+_KEEP = (numbers.Number, type(None))
+
+
+class Redactor:
+    """Masks secrets in text: by their shape, and the known ones (configured tokens) wherever they are."""
+
+    def __init__(self, known: Iterable[str] = ()):
+        # The longer first (one may contain another); a short one would mask every word it is part of.
+        self.known = sorted({s for s in known if len(s) >= KNOWN_MIN_LENGTH}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.known:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+
+class _Redacted:
+    """A log argument that is not a plain value: formatted (%s or %r) then redacted."""
+
+    def __init__(self, value: Any, redact: Redactor):
+        self.value, self.redact = value, redact
+
+    def __str__(self) -> str:
+        return self.redact(str(self.value))
+
+    def __repr__(self) -> str:
+        return self.redact(repr(self.value))
+
+
+_redactor = Redactor()
+_installed = False
+
+
+def redact(text: str) -> str:
+    """The text with every secret masked, as log lines are."""
+    return _redactor(text)
+
+
+def install_log_redaction(known: Iterable[str] = ()) -> None:
+    """Redact every log record made from now on in this process (idempotent; `known` adds secrets)."""
+    global _redactor, _installed
+    _redactor = Redactor([*_redactor.known, *known])
+    if _installed:
+        return
+    _installed = True
+    make_record = logging.getLogRecordFactory()
+
+    def redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            redact_record(record, _redactor)
+        except Exception:  # a record that cannot be redacted is not logged as it was
+            record.msg, record.args, record.exc_info, record.exc_text = "(a log record that could not be redacted)", (), None, None
+        return record
+
+    logging.setLogRecordFactory(redacted_record)
+
+
+def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
+    """Mask secrets in the record's message, arguments (kept as arguments: uvicorn's access log
+    formatter unpacks them), traceback and stack. A format string with arguments is left whole: the
+    secrets are in the arguments, and masking a placeholder would break the formatting."""
+    if not record.args or not isinstance(record.msg, str):
+        record.msg = _arg(record.msg, redactor)
+    if isinstance(record.args, Mapping):
+        record.args = {key: _arg(value, redactor) for key, value in record.args.items()}
+    elif record.args:
+        record.args = tuple(_arg(value, redactor) for value in record.args)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = redactor(logging.Formatter().formatException(record.exc_info))
+    if record.stack_info:
+        record.stack_info = redactor(record.stack_info)
+
+
+def _arg(value: Any, redactor: Redactor) -> Any:
+    if isinstance(value, str):
+        return redactor(value)
+    if isinstance(value, _KEEP):
+        return value
+    return _Redacted(value, redactor)
