@@ -27,6 +27,9 @@ if seq == 1 or not epoch then -- a sequence starting (again), or state without a
   local now = redis.call('TIME')
   epoch = string.format('%08x%05x', tonumber(now[1]), tonumber(now[2]))
   redis.call('SET', KEYS[4], epoch)
+  if seq == 1 then -- what a lost counter left of the log belongs to a dead epoch (XADD 0-1 would fail)
+    redis.call('DEL', KEYS[2], KEYS[3])
+  end
 end
 -- Built by concatenation so the event JSON is passed through untouched (cjson would re-encode it).
 local envelope = '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"event":' .. ARGV[2] .. '}'
