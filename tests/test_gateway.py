@@ -82,7 +82,8 @@ async def test_timeout_answers_202_pending_with_retry_after(gateway):
         unknown = await client.get(result_path("never"), params={"timeout": 0})
     assert response.status_code == 202
     assert response.headers["retry-after"] == "1"
-    assert response.json() == {"status": "pending", "dag_id": DAG, "run_id": "r3", "run_state": "queued", "seq": 1}
+    epoch = (await event_id(gateway, "r3", 1)).partition("-")[0]
+    assert response.json() == {"status": "pending", "dag_id": DAG, "run_id": "r3", "run_state": "queued", "epoch": epoch, "seq": 1}
     assert unknown.status_code == 202 and unknown.json()["run_state"] == "unknown"
 
 

@@ -172,6 +172,26 @@ async def test_after_the_pubsub_connection_drops_the_hub_resubscribes_and_nothin
     assert hub.listener.failures == 0  # recovered (or redis-py reconnected by itself)
 
 
+async def test_a_runs_first_event_is_taken_live_without_reading_the_log(make_hub, monkeypatch):
+    """Seq 1 of a new epoch after an empty first read is no gap: a crowd waiting on a run that has not
+    started does not all re-read the log at its first event (and fall behind while they do)."""
+    parts = await make_hub()
+    async with parts.runs.subscribe(DAG, "r") as sub:
+        assert await sub.backlog() == []
+        reads = []
+        real_read = parts.runs.read
+
+        async def counted_read(key, after):
+            reads.append(after)
+            return await real_read(key, after)
+
+        monkeypatch.setattr(parts.runs, "read", counted_read)
+        await parts.emit("r")
+        await parts.emit("r", task_id="t0", try_number=1)
+        assert await take(sub, 2) == [1, 2]
+    assert reads == []
+
+
 async def test_a_new_epoch_is_delivered_not_taken_for_repeats(make_hub):
     """Redis lost the run's state (restarted empty): its events are numbered from 1 again, in a new
     epoch. A subscriber that had seq 1-2 of the old epoch gets the new seq 1-2 as well, in order."""

@@ -208,7 +208,7 @@ def event_data(envelope: Envelope) -> str:
 
 
 def end_body(outcome: Outcome) -> dict:
-    return RunEnd(run_state=outcome.run_state, status=outcome.status, seq=outcome.seq).model_dump(mode="json")
+    return RunEnd(run_state=outcome.run_state, status=outcome.status, epoch=outcome.epoch, seq=outcome.seq).model_dump(mode="json")
 
 
 def is_run_end(envelope: Envelope) -> bool:

@@ -161,7 +161,10 @@ class Subscription(Generic[K, T]):
                 raise SubscriptionClosed(offered)
             if offered.position <= self.last:
                 continue
-            if not offered.position.follows(self.last):  # a gap, or a new epoch: read the log first
+            # A gap, or a new epoch: read the log first. (The first item after an empty first read,
+            # seq 1 of any epoch, is no gap: that read asked the store for earlier epochs already.)
+            first = self.last == START and offered.position.seq == 1
+            if not (first or offered.position.follows(self.last)):
                 await self._replay()
             self._ready.append(offered)
 
