@@ -518,7 +518,7 @@ async def test_long_poll_waiters_at_the_cap_all_time_out_free_their_slots_and_ne
         timed_out = time.monotonic()
         for run_id, answer in zip(runs, answers):
             assert answer.status_code == 202 and answer.headers["retry-after"] == "1", answer.text
-            assert answer.json() == {"status": "pending", "dag_id": DAG, "run_id": run_id, "run_state": "unknown", "seq": 0}
+            assert answer.json() == {"status": "pending", "dag_id": DAG, "run_id": run_id, "run_state": "unknown", "epoch": "", "seq": 0}
         await until(gauges_are(served.url, waiters=0, sse_clients=0), "slots released")
 
         for run_id in runs:

@@ -182,7 +182,7 @@ async def settle(runs: list[Watched]) -> Tally:
             for seq, event in zip(seqs, (e for e in events if e.event in ("task", "run"))):
                 assert event.json()["id"] == w.events[seq - 1].id  # the run's own event, not an impostor
             outcomes = [e for e in events if e.event == "outcome"]
-            assert len(outcomes) == 1 and int(outcomes[0].id) == w.expected["decided_seq"]
+            assert len(outcomes) == 1 and parse_position(outcomes[0].id).seq == w.expected["decided_seq"]
             assert {k: outcomes[0].json().get(k) for k in w.expected} == w.expected
             tally.outcomes_delivered += 1
             assert [e.event for e in events][-1] == "end"
