@@ -129,7 +129,8 @@ async def test_wait_loops_over_202s_and_raises_pending_at_its_timeout(gateway, c
     await publish(gateway, "w3", "running")
     with pytest.raises(RunPending) as pending:
         await caller.call("wait", DAG, "w3", timeout=1.0, poll=0.25)
-    assert pending.value.body == {"status": "pending", "dag_id": DAG, "run_id": "w3", "run_state": "running", "seq": 1}
+    epoch = (await event_id(gateway, "w3", 1)).partition("-")[0]
+    assert pending.value.body == {"status": "pending", "dag_id": DAG, "run_id": "w3", "run_state": "running", "epoch": epoch, "seq": 1}
     assert pending.value.status == 202 and pending.value.code == "pending"
     assert len(recording.polls()) >= 3 and max(recording.polls()) <= 0.25
 
