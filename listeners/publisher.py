@@ -171,7 +171,7 @@ class Publisher:
                 window = []
             replies.append(
                 script(
-                    keys=[k.seq, k.log, k.ids],
+                    keys=[k.seq, k.log, k.ids, k.epoch],
                     args=[event.id, event_json, self.config.log_ttl_seconds, k.channel, *window],
                     client=target,
                 )
@@ -180,13 +180,13 @@ class Publisher:
             replies = pipe.execute()
         seqs = [int(reply[0]) for reply in replies]
         # The global stream has its own slot (Redis Cluster), so it cannot be in the script. A re-sent
-        # event is added again: the stream's readers de-duplicate by (run, seq).
+        # event is added again: the stream's readers de-duplicate by (run, epoch, seq).
         pipe = client.pipeline(transaction=False)
-        for (event, event_json), seq in zip(batch, seqs):
+        for (event, event_json), seq, reply in zip(batch, seqs, replies):
             stream = keys.asset_stream(ns) if isinstance(event, AssetEvent) else keys.global_stream(ns)
             pipe.xadd(
                 stream,
-                {"env": envelope_json(seq, event_json)},
+                {"env": envelope_json(seq, event_json, _text(reply[2]))},
                 maxlen=self.config.stream_maxlen,
                 approximate=True,
             )
@@ -306,6 +306,10 @@ class Publisher:
         if kind not in self._logged:
             self._logged.add(kind)
             log.warning(msg, *args)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 # -- building events ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from runbell.bus.schema import (
     BadEvent,
     decode_asset_envelope,
     decode_envelope,
+    envelope_json,
 )
 from runbell.listeners import hook
 from runbell.listeners import publisher as publisher_module
@@ -30,7 +31,7 @@ from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, emit_asset
 from runbell.service.http.auth import issue_run_token
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN
-from tests.test_gateway import read_sse, until
+from tests.test_gateway import read_sse, seqs, until
 
 NAME = "s3://lake/daily/orders.parquet"  # a URI: '/' and ':' in the name
 
@@ -398,8 +399,8 @@ async def test_sse_replays_after_last_event_id_then_streams_live(gateway):
         _, headers, header_events = await by_header
         _, _, query_events = await by_query
     assert headers["content-type"].startswith("text/event-stream") and headers["x-accel-buffering"] == "no"
-    assert [(e.event, e.id) for e in header_events] == [("ready", "1"), ("asset", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
-    assert [(e.event, e.id) for e in query_events] == [("ready", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
+    assert seqs(header_events) == [("ready", "1"), ("asset", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
+    assert seqs(query_events) == [("ready", "2"), ("asset", "3"), ("asset", "4"), ("shutdown", None)]
     assert [e.json()["extra"]["n"] for e in header_events[1:4]] == [1, 2, 3]
     assert header_events[1].json()["seq"] == 2 and header_events[0].json() == {"asset": NAME, "seq": 1}
     assert header_events[-1].retry == 3000
@@ -415,9 +416,9 @@ async def test_sse_without_last_event_id_starts_now_and_says_where(gateway):
         await publish_asset(gateway, extra={"new": True})
         _, _, events = await reader
         _, _, everything = await read_sse(client, events_path(), params={"last_event_id": 0}, until_event="ready")
-    assert [(e.event, e.id) for e in events] == [("ready", "2"), ("asset", "3")]
+    assert seqs(events) == [("ready", "2"), ("asset", "3")]
     assert events[1].json()["extra"] == {"new": True}
-    assert everything[-1].id == "0"
+    assert seqs(everything)[-1] == ("ready", "0")
 
 
 async def test_sse_sets_retry_and_heartbeats(gateway_factory):
@@ -465,7 +466,8 @@ async def test_a_lost_pubsub_message_is_filled_from_the_asset_log(gateway):
             await publish_asset(gateway)
             await client.incr(k.seq)  # seq 2 reaches the log only, as if its pub/sub message were lost
             lost = AssetEvent(id="lost", asset=AssetInfo(name=NAME))
-            await client.xadd(k.log, {"env": '{"seq":2,"event":' + lost.to_json() + "}"}, id="0-2")
+            epoch = (await client.get(k.epoch)).decode()
+            await client.xadd(k.log, {"env": envelope_json(2, lost.to_json(), epoch)}, id="0-2")
             await publish_asset(gateway)
             await until(lambda: gateway.app.state.metrics.events_in._value.get() >= 2)
             await asyncio.sleep(0.1)
@@ -473,7 +475,7 @@ async def test_a_lost_pubsub_message_is_filled_from_the_asset_log(gateway):
             _, _, events = await reader
     finally:
         await client.aclose()
-    assert [(e.event, e.id) for e in events] == [("ready", "0"), ("asset", "1"), ("asset", "2"), ("asset", "3"), ("shutdown", None)]
+    assert seqs(events) == [("ready", "0"), ("asset", "1"), ("asset", "2"), ("asset", "3"), ("shutdown", None)]
     assert events[2].json()["id"] == "lost"
 
 

@@ -28,7 +28,7 @@ from runbell.service.client.client import (
     Unavailable,
 )
 from tests.conftest import PUBLISH_TOKEN, READ_TOKEN, TRIGGER_TOKEN
-from tests.test_gateway import DAG, publish, until, waiting
+from tests.test_gateway import DAG, event_id, publish, until, waiting
 
 # -- one set of calls for both clients --------------------------------------------------------------
 
@@ -97,7 +97,8 @@ class Recording(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
 
 def pairs(events: list[SseEvent]) -> list[tuple[str, str]]:
-    return [(e.event, e.id or "") for e in events]
+    """(event, seq) of each event: its id without the epoch (each test's run has one epoch)."""
+    return [(e.event, (e.id or "").rpartition("-")[2]) for e in events]
 
 
 # -- long-poll, real gateway ------------------------------------------------------------------------
@@ -128,7 +129,8 @@ async def test_wait_loops_over_202s_and_raises_pending_at_its_timeout(gateway, c
     await publish(gateway, "w3", "running")
     with pytest.raises(RunPending) as pending:
         await caller.call("wait", DAG, "w3", timeout=1.0, poll=0.25)
-    assert pending.value.body == {"status": "pending", "dag_id": DAG, "run_id": "w3", "run_state": "running", "seq": 1}
+    epoch = (await event_id(gateway, "w3", 1)).partition("-")[0]
+    assert pending.value.body == {"status": "pending", "dag_id": DAG, "run_id": "w3", "run_state": "running", "epoch": epoch, "seq": 1}
     assert pending.value.status == 202 and pending.value.code == "pending"
     assert len(recording.polls()) >= 3 and max(recording.polls()) <= 0.25
 
@@ -174,7 +176,8 @@ async def test_events_follow_a_run_to_its_end(gateway, connect):
 async def test_events_after_the_end_are_none(gateway, connect):
     await publish(gateway, "e2", "success")
     seen: list[SseEvent] = []
-    await asyncio.wait_for(connect(gateway.url).follow(DAG, "e2", seen, last_event_id=1), 10)  # the gateway: 204
+    last = await event_id(gateway, "e2", 1)
+    await asyncio.wait_for(connect(gateway.url).follow(DAG, "e2", seen, last_event_id=last), 10)  # the gateway: 204
     assert seen == []
 
 
@@ -261,8 +264,22 @@ def stream(*blocks: str) -> httpx.Response:
     return httpx.Response(200, headers={"content-type": "text/event-stream"}, content="".join(blocks).encode())
 
 
-def sse(event: str, seq: int, data: Any = None) -> str:
+def sse(event: str, seq: int | str, data: Any = None) -> str:
     return f"event: {event}\nid: {seq}\ndata: {json.dumps(data or {})}\n\n"
+
+
+async def follow_scripted(connect, connections: list[httpx.Response]) -> tuple[list[SseEvent], list[str | None]]:
+    """Follow a run on a gateway that answers each connection with the next response; what was
+    handed out, and the Last-Event-ID of each connection."""
+    resumed_from: list[str | None] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        resumed_from.append(request.headers.get("last-event-id"))
+        return connections.pop(0)
+
+    seen: list[SseEvent] = []
+    await connect("http://gw", transport=httpx.MockTransport(gateway)).follow(DAG, "s1", seen)
+    return seen, resumed_from
 
 
 async def test_events_never_lose_an_outcome_whose_connection_dropped_after_its_event(connect):
@@ -273,16 +290,34 @@ async def test_events_never_lose_an_outcome_whose_connection_dropped_after_its_e
         stream(sse("task", 2), sse("outcome", 2, {"status": "success"}), "event: shutdown\ndata: {}\nretry: 10\n\n"),
         stream(sse("task", 2), sse("outcome", 2, {"status": "success"}), sse("run", 3), sse("end", 3)),
     ]
-    resumed_from: list[str | None] = []
-
-    def gateway(request: httpx.Request) -> httpx.Response:
-        resumed_from.append(request.headers.get("last-event-id"))
-        return connections.pop(0)
-
-    seen: list[SseEvent] = []
-    await connect("http://gw", transport=httpx.MockTransport(gateway)).follow(DAG, "s1", seen)
+    seen, resumed_from = await follow_scripted(connect, connections)
     assert pairs(seen) == [("run", "1"), ("task", "2"), ("outcome", "2"), ("run", "3"), ("end", "3")]
     assert resumed_from == [None, None, "1", "1"]
+
+
+async def test_events_of_a_new_epoch_are_handed_out_and_resumed_by_position(connect):
+    """Redis lost the run's state mid-stream: ids go from epoch a to epoch b, seq from 1 again. The
+    new events are not taken for repeats, and a reconnect resumes by position (EPOCH-SEQ)."""
+    connections = [
+        stream(": runbell\nretry: 10\n\n", sse("run", "a-1"), sse("task", "a-2"), sse("task", "b-1")),  # dropped
+        stream(
+            'event: recovery\ndata: {"recovered": true, "from": "a-2"}\n\n',
+            sse("task", "b-1"),
+            sse("outcome", "b-1", {"status": "success"}),
+            sse("run", "b-2"),
+            sse("end", "b-2"),
+        ),
+    ]
+    seen, resumed_from = await follow_scripted(connect, connections)
+    assert [(e.event, e.id) for e in seen] == [
+        ("run", "a-1"),
+        ("task", "a-2"),
+        ("task", "b-1"),
+        ("outcome", "b-1"),
+        ("run", "b-2"),
+        ("end", "b-2"),
+    ]
+    assert resumed_from == [None, "a-2"]
 
 
 async def test_events_give_up_after_many_connections_bring_nothing(connect, monkeypatch):

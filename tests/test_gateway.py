@@ -82,7 +82,8 @@ async def test_timeout_answers_202_pending_with_retry_after(gateway):
         unknown = await client.get(result_path("never"), params={"timeout": 0})
     assert response.status_code == 202
     assert response.headers["retry-after"] == "1"
-    assert response.json() == {"status": "pending", "dag_id": DAG, "run_id": "r3", "run_state": "queued", "seq": 1}
+    epoch = (await event_id(gateway, "r3", 1)).partition("-")[0]
+    assert response.json() == {"status": "pending", "dag_id": DAG, "run_id": "r3", "run_state": "queued", "epoch": epoch, "seq": 1}
     assert unknown.status_code == 202 and unknown.json()["run_state"] == "unknown"
 
 
@@ -217,6 +218,21 @@ async def read_sse(client, path: str, headers=None, params=None, until_event: st
         return response.status_code, response.headers, events
 
 
+def seqs(events) -> list[tuple[str, str | None]]:
+    """(event, seq) of each frame: its id without the epoch (each test's run has one epoch)."""
+    return [(e.event, e.id.rpartition("-")[2] if e.id else e.id) for e in events]
+
+
+async def event_id(gateway, run_id: str, seq: int, dag_id: str = DAG) -> str:
+    """The SSE id of a run's event: EPOCH-SEQ."""
+    client = aioredis.Redis.from_url(gateway.redis_url)
+    try:
+        epoch = await client.get(keys.run_keys(gateway.namespace, dag_id, run_id).epoch)
+    finally:
+        await client.aclose()
+    return f"{epoch.decode()}-{seq}"
+
+
 async def test_sse_streams_events_outcome_then_end(gateway):
     async with gateway.client() as client:
         reader = asyncio.create_task(read_sse(client, events_path("s1")))
@@ -229,7 +245,7 @@ async def test_sse_streams_events_outcome_then_end(gateway):
     assert status == 200
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["x-accel-buffering"] == "no"
-    assert [(e.event, e.id) for e in events] == [
+    assert seqs(events) == [
         ("run", "1"),
         ("task", "2"),
         ("outcome", "2"),
@@ -260,17 +276,19 @@ async def test_sse_last_event_id_replays_only_what_was_missed(gateway):
     await publish(gateway, "s2", "success", task_id="a")
     await publish(gateway, "s2", "failed", msg="teardown broke")
     async with gateway.client() as client:
-        _, _, by_header = await read_sse(client, events_path("s2"), headers={"Last-Event-ID": "2"})
-        _, _, by_query = await read_sse(client, events_path("s2"), params={"last_event_id": "2"})
-    assert [(e.event, e.id) for e in by_header] == [("task", "3"), ("run", "4"), ("outcome", "4"), ("end", "4")]
+        last = await event_id(gateway, "s2", 2)
+        _, _, by_header = await read_sse(client, events_path("s2"), headers={"Last-Event-ID": last})
+        _, _, by_query = await read_sse(client, events_path("s2"), params={"last_event_id": last})
+    assert seqs(by_header) == [("recovery", None), ("task", "3"), ("run", "4"), ("outcome", "4"), ("end", "4")]
+    assert by_header[0].json() == {"recovered": True, "from": last}
     assert [(e.event, e.id) for e in by_query] == [(e.event, e.id) for e in by_header]
-    assert by_header[2].json()["failure"]["error"]["message"] == "teardown broke"
+    assert by_header[3].json()["failure"]["error"]["message"] == "teardown broke"
 
 
 async def test_sse_reconnect_after_end_gets_204(gateway):
     await publish(gateway, "s3", "success")
     async with gateway.client() as client:
-        status, _, _ = await read_sse(client, events_path("s3"), headers={"Last-Event-ID": "1"})
+        status, _, _ = await read_sse(client, events_path("s3"), headers={"Last-Event-ID": await event_id(gateway, "s3", 1)})
     assert status == 204
 
 
@@ -278,15 +296,17 @@ async def test_sse_outcome_already_sent_is_not_sent_again(gateway):
     await publish(gateway, "s4", "success", task_id="answer", result_task=True, result=1)
     await publish(gateway, "s4", "success")
     async with gateway.client() as client:
-        _, _, events = await read_sse(client, events_path("s4"), headers={"Last-Event-ID": "1"})
-    assert [(e.event, e.id) for e in events] == [("run", "2"), ("end", "2")]
+        _, _, events = await read_sse(client, events_path("s4"), headers={"Last-Event-ID": await event_id(gateway, "s4", 1)})
+    assert seqs(events) == [("recovery", None), ("run", "2"), ("end", "2")]
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "99999999999999999999"])
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "99999999999999999999", "²", "1²", "ABC-1", "a-b-1", "-", "a-", "x" * 33 + "-1"])
 async def test_sse_bad_last_event_id_is_400(gateway, value):
     async with gateway.client() as client:
-        response = await client.get(events_path("s5"), headers={"Last-Event-ID": value})
-    assert response.status_code == 400 and response.json()["error"] == "bad_last_event_id"
+        by_query = await client.get(events_path("s5"), params={"last_event_id": value})
+        by_header = await client.get(events_path("s5"), headers={"Last-Event-ID": value}) if value.isascii() else by_query
+    for response in (by_query, by_header):
+        assert response.status_code == 400 and response.json()["error"] == "bad_last_event_id"
 
 
 # -- resilience -----------------------------------------------------------------------------------
@@ -305,6 +325,7 @@ async def test_a_lost_pubsub_message_is_filled_from_the_replay_log(gateway):
             await client.incr(k.seq)
             lost = json.dumps(
                 {
+                    "epoch": (await client.get(k.epoch)).decode(),
                     "seq": 2,
                     "event": {
                         "v": 1,
@@ -323,7 +344,7 @@ async def test_a_lost_pubsub_message_is_filled_from_the_replay_log(gateway):
             _, _, events = await reader
     finally:
         await client.aclose()
-    assert [(e.event, e.id) for e in events] == [("run", "1"), ("task", "2"), ("run", "3"), ("outcome", "3"), ("end", "3")]
+    assert seqs(events) == [("run", "1"), ("task", "2"), ("run", "3"), ("outcome", "3"), ("end", "3")]
 
 
 async def test_pubsub_connection_killed_then_events_are_recovered(gateway):
@@ -391,21 +412,21 @@ async def test_caller_after_the_replay_log_expired_gets_the_outcome_from_the_sto
     store = gateway.app.state.store
 
     async def recorded() -> int:
-        return await store.last_seq(DAG, "old")
+        return (await store.last_position(DAG, "old")).seq
 
     async with asyncio.timeout(10):
         while await recorded() < 2:
             await asyncio.sleep(0.05)
     client = aioredis.Redis.from_url(gateway.redis_url)
     k = keys.run_keys(gateway.namespace, DAG, "old")
-    await client.delete(k.seq, k.log, k.ids)  # as if the 7-day TTL had passed
+    await client.delete(k.seq, k.log, k.ids, k.epoch)  # as if the 7-day TTL had passed
     await client.aclose()
     async with gateway.client() as http:
         response = await http.get(result_path("old"), params={"timeout": 1})
         _, _, events = await read_sse(http, events_path("old"), until_event="outcome")
     assert response.status_code == 200
     assert response.json()["failure"]["error"]["message"] == "disk full"
-    assert [(e.event, e.id) for e in events] == [("run", "1"), ("task", "2"), ("outcome", "2")]
+    assert seqs(events) == [("run", "1"), ("task", "2"), ("outcome", "2")]
 
 
 async def test_redis_down_gives_202_and_not_ready_never_a_5xx(gateway_factory):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from runbell.bus.schema import BadEvent
+from runbell.bus import keys
+from runbell.bus.schema import START, BadEvent, Position
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.core.metrics import Metrics
@@ -108,7 +109,7 @@ async def test_a_slow_subscriber_is_cut_off_with_its_signal_and_the_others_go_on
         reading = asyncio.create_task(take(reader, 5))
         for i in range(5):
             await parts.emit("r", task_id=f"t{i}", try_number=1)
-            await until(lambda: reader.last_seq == i + 1)  # the reader keeps up, one event at a time
+            await until(lambda: reader.last.seq == i + 1)  # the reader keeps up, one event at a time
         assert await reading == [1, 2, 3, 4, 5]
         await until(lambda: slow._closed is Signal.OVERFLOW)
         assert list(slow.queue) == [Signal.OVERFLOW]  # what was buffered is dropped at once
@@ -122,7 +123,8 @@ async def test_replay_then_live_without_gap_or_repeat(make_hub):
     parts = await make_hub()
     for i in range(3):
         await parts.emit("r", task_id=f"t{i}", try_number=1)  # before anyone subscribed: only in the log
-    async with parts.runs.subscribe(DAG, "r", after_seq=1) as sub:
+    epoch = (await parts.runs.read((DAG, "r"), START))[0].epoch
+    async with parts.runs.subscribe(DAG, "r", Position(epoch, 1)) as sub:
         await parts.emit("r", task_id="t3", try_number=1)  # both in the log and offered live
         await parts.emit("r", task_id="t4", try_number=1)
         await until(lambda: len(sub.queue) >= 2)  # offered live, and in the log too
@@ -153,9 +155,9 @@ async def test_after_the_pubsub_connection_drops_the_hub_resubscribes_and_nothin
         reads = []
         real_read = runs.read
 
-        async def counted_read(key, after_seq):
-            reads.append(after_seq)
-            return await real_read(key, after_seq)
+        async def counted_read(key, after):
+            reads.append(after.seq)
+            return await real_read(key, after)
 
         monkeypatch.setattr(runs, "read", counted_read)
         before = hub.metrics.resubscribes._value.get()
@@ -168,6 +170,43 @@ async def test_after_the_pubsub_connection_drops_the_hub_resubscribes_and_nothin
         assert await take(sub, 3) == [2, 3, 4]
         assert reads and reads[0] == 1
     assert hub.listener.failures == 0  # recovered (or redis-py reconnected by itself)
+
+
+async def test_a_runs_first_event_is_taken_live_without_reading_the_log(make_hub, monkeypatch):
+    """Seq 1 of a new epoch after an empty first read is no gap: a crowd waiting on a run that has not
+    started does not all re-read the log at its first event (and fall behind while they do)."""
+    parts = await make_hub()
+    async with parts.runs.subscribe(DAG, "r") as sub:
+        assert await sub.backlog() == []
+        reads = []
+        real_read = parts.runs.read
+
+        async def counted_read(key, after):
+            reads.append(after)
+            return await real_read(key, after)
+
+        monkeypatch.setattr(parts.runs, "read", counted_read)
+        await parts.emit("r")
+        await parts.emit("r", task_id="t0", try_number=1)
+        assert await take(sub, 2) == [1, 2]
+    assert reads == []
+
+
+async def test_a_new_epoch_is_delivered_not_taken_for_repeats(make_hub):
+    """Redis lost the run's state (restarted empty): its events are numbered from 1 again, in a new
+    epoch. A subscriber that had seq 1-2 of the old epoch gets the new seq 1-2 as well, in order."""
+    parts = await make_hub()
+    async with parts.runs.subscribe(DAG, "r") as sub:
+        await parts.emit("r", task_id="t0", try_number=1)
+        await parts.emit("r", task_id="t1", try_number=1)
+        assert await take(sub, 2) == [1, 2]
+        old = sub.last
+        k = keys.run_keys(parts.publisher.config.namespace, DAG, "r")
+        await parts.client.delete(k.seq, k.log, k.ids, k.epoch)  # what a restart without persistence leaves
+        await parts.emit("r", task_id="t2", try_number=1)
+        await parts.emit("r", "success")
+        assert await take(sub, 2) == [1, 2]
+        assert sub.last.epoch > old.epoch
 
 
 async def kill_client(client: aioredis.Redis, name: str) -> None:
@@ -196,6 +235,10 @@ class Note:
     seq: int
     event: Stamp
 
+    @property
+    def position(self) -> Position:
+        return Position("", self.seq)
+
 
 class NoteTopic(Topic[str, Note]):
     """Notes kept in memory and published as JSON on ``<ns>:note:<key>``."""
@@ -218,8 +261,8 @@ class NoteTopic(Topic[str, Note]):
     def channel_of(self, item: Note) -> str:
         return self.channel(item.key)
 
-    async def read(self, key: str, after_seq: int) -> list[Note]:
-        return [n for n in self.log.get(key, []) if n.seq > after_seq]
+    async def read(self, key: str, after: Position) -> list[Note]:
+        return [n for n in self.log.get(key, []) if n.position > after]
 
     async def publish(self, client: aioredis.Redis, key: str) -> None:
         notes = self.log.setdefault(key, [])

@@ -180,10 +180,10 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     sha = hook.script_load(PUBLISH_LUA)
     other = keys.run_keys("other", "d", "r")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        hook.evalsha(sha, 3, other.seq, other.log, other.ids, "id", "{}", 60, other.channel)
+        hook.evalsha(sha, 4, other.seq, other.log, other.ids, other.epoch, "id", "{}", 60, other.channel)
     mine = keys.run_keys(ns, "d", "r2")
     with pytest.raises(redis.exceptions.ResponseError, match="can't publish to the channel"):
-        hook.evalsha(sha, 3, mine.seq, mine.log, mine.ids, "id", "{}", 60, other.channel)
+        hook.evalsha(sha, 4, mine.seq, mine.log, mine.ids, mine.epoch, "id", "{}", 60, other.channel)
     # The real publisher of another namespace with the hook's user: refused, so it spools; nothing lands.
     elsewhere = hook_publisher(acl_redis, tmp_path / "elsewhere", namespace="other")
     assert elsewhere.publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) is None

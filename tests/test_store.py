@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result
+from runbell.bus.schema import START, Envelope, ErrorInfo, Event, EventKind, Position, Result
 from runbell.service.core.outcome import decide
 from runbell.service.store.models import Base, EventRow, Run, TaskInstance
 from runbell.service.store.store import Store, alembic_config, normalize_database_url
@@ -33,8 +33,8 @@ def task_event(task_id: str, state: str, *, run_id: str = RUN, ts: float = T0, t
     return Event(kind=EventKind.TASK, dag_id=DAG, run_id=run_id, task_id=task_id, state=state, ts=ts, try_number=try_number, **kw)
 
 
-def numbered(*events: Event, start: int = 1) -> list[Envelope]:
-    return [Envelope(seq=i, event=e) for i, e in enumerate(events, start=start)]
+def numbered(*events: Event, start: int = 1, epoch: str = "") -> list[Envelope]:
+    return [Envelope(epoch=epoch, seq=i, event=e) for i, e in enumerate(events, start=start)]
 
 
 def a_run(run_id: str = RUN, length: int = 6) -> list[Envelope]:
@@ -76,23 +76,51 @@ async def test_events_in_seq_order_with_after_seq_and_limit(store):
     for envelope in shuffled:
         await store.record([envelope])
     assert await store.events(DAG, RUN) == envelopes
-    assert [e.seq for e in await store.events(DAG, RUN, after_seq=2)] == [3, 4, 5]
-    assert [e.seq for e in await store.events(DAG, RUN, after_seq=2, limit=2)] == [3, 4]
-    assert await store.events(DAG, RUN, after_seq=5) == []
-    assert await store.last_seq(DAG, RUN) == 5
+    assert [e.seq for e in await store.events(DAG, RUN, after=Position("", 2))] == [3, 4, 5]
+    assert [e.seq for e in await store.events(DAG, RUN, after=Position("", 2), limit=2)] == [3, 4]
+    assert await store.events(DAG, RUN, after=Position("", 5)) == []
+    assert await store.last_position(DAG, RUN) == Position("", 5)
+
+
+async def test_a_new_epoch_numbered_from_1_again_is_stored_not_dropped(store):
+    """Redis lost the run's state and numbered its events from 1 again in a new epoch: those are new
+    events, and the outcome they decide is kept (keyed by seq alone, they were taken for repeats)."""
+    before = numbered(run_event("running"), task_event("extract", "running", ts=T0 + 1), epoch="6b0000000000a")
+    after = numbered(
+        task_event("extract", "success", ts=T0 + 2),
+        task_event("answer", "success", ts=T0 + 3, result_task=True, result=Result(value=7, size=1)),
+        run_event("success", ts=T0 + 4),
+        epoch="6b0000000000b",
+    )
+    assert await store.record(before) == before
+    assert await store.record(after + before) == after
+    assert await store.events(DAG, RUN) == before + after
+    assert await store.events(DAG, RUN, after=Position("6b0000000000a", 2)) == after
+    assert await store.last_position(DAG, RUN) == Position("6b0000000000b", 3)
+    run = await store.get_run(DAG, RUN)
+    assert (run.outcome_status, run.outcome["result"], run.outcome["decided_epoch"], run.outcome["decided_seq"]) == (
+        "success",
+        7,
+        "6b0000000000b",
+        2,
+    )
+    assert (run.state, run.epoch, run.last_seq) == ("success", "6b0000000000b", 3)
 
 
 async def test_unknown_run(store):
     assert await store.events(DAG, "nope") == []
-    assert await store.last_seq(DAG, "nope") == 0
+    assert await store.last_position(DAG, "nope") == START
     assert await store.get_run(DAG, "nope") is None
-    assert await store.last_seqs([]) == {}
+    assert await store.last_positions([]) == {}
 
 
 async def test_runs_are_kept_apart(store):
     first, second = a_run("r1", length=3), a_run("r2", length=5)
     assert len(await store.record(first + second)) == 8
-    assert await store.last_seqs([(DAG, "r1"), (DAG, "r2"), (DAG, "r3")]) == {(DAG, "r1"): 3, (DAG, "r2"): 5}
+    assert await store.last_positions([(DAG, "r1"), (DAG, "r2"), (DAG, "r3")]) == {
+        (DAG, "r1"): Position("", 3),
+        (DAG, "r2"): Position("", 5),
+    }
     assert await store.events(DAG, "r1") == first
 
 

@@ -100,7 +100,7 @@ async def test_recording_an_event_enqueues_its_messages_in_the_same_transaction(
     assert task["type"] == "task.state"
     assert task["timestamp"] == datetime.fromtimestamp(T0 + 2, timezone.utc).isoformat().replace("+00:00", "Z")
     # the event exactly as SSE data gives it, plus terminal
-    sse_data = {"seq": 3, **envelopes[2].event.model_dump(mode="json", exclude_none=True)}
+    sse_data = {"epoch": envelopes[2].epoch, "seq": 3, **envelopes[2].event.model_dump(mode="json", exclude_none=True)}
     assert task["data"] == {**sse_data, "terminal": True}
     assert by_key[(1, "run")]["type"] == "run.state" and by_key[(1, "run")]["data"]["terminal"] is False
     assert by_key[(7, "run")]["data"]["terminal"] is True

@@ -25,6 +25,11 @@ class RunKeys:
     log: str  # stream: the replay log, entry id 0-<seq>
     ids: str  # hash: event id -> seq, so a re-sent event is not logged twice
     channel: str  # pub/sub: the fast path
+    # The run's epoch (see runbell.bus.schema): made with the run's first event, and again when Redis
+    # lost the run's state. One per run, not one per namespace: it shares the run's hash tag, so
+    # publish.lua reads it atomically with the seq on Redis Cluster too (a namespace key would sit in
+    # another slot), and it also tells a run whose keys expired and started again apart.
+    epoch: str
 
 
 def run_tag(dag_id: str, run_id: str) -> str:
@@ -33,7 +38,7 @@ def run_tag(dag_id: str, run_id: str) -> str:
 
 def run_keys(namespace: str, dag_id: str, run_id: str) -> RunKeys:
     base = f"{namespace}:run:{run_tag(dag_id, run_id)}"
-    return RunKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch")
+    return RunKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch")
 
 
 def channel_pattern(namespace: str) -> str:
@@ -58,6 +63,7 @@ class AssetKeys:
     log: str  # stream: the replay log, entry id 0-<seq>, capped to the last publisher.ASSET_WINDOW entries
     ids: str  # sorted set: event id scored by seq, for the same window, so a re-send is not logged twice
     channel: str  # pub/sub: the fast path
+    epoch: str  # the asset's epoch, as a run's (never expires, as the seq)
 
 
 def asset_tag(name: str) -> str:
@@ -66,7 +72,7 @@ def asset_tag(name: str) -> str:
 
 def asset_keys(namespace: str, name: str) -> AssetKeys:
     base = f"{namespace}:asset:{asset_tag(name)}"
-    return AssetKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch")
+    return AssetKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch")
 
 
 def asset_channel_pattern(namespace: str) -> str:

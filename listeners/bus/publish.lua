@@ -1,13 +1,18 @@
 -- Assign the stream's next sequence number, append to its replay log, publish: one atomic step.
--- KEYS[1] seq counter, KEYS[2] replay log (stream), KEYS[3] event id -> seq
+-- KEYS[1] seq counter, KEYS[2] replay log (stream), KEYS[3] event id -> seq, KEYS[4] epoch
 -- ARGV[1] event id, ARGV[2] event JSON, ARGV[3] TTL in seconds, ARGV[4] pub/sub channel,
 -- ARGV[5] (optional) window: absent or 0 for a run's stream, which ends: KEYS[3] is a hash and all
---   three keys expire TTL seconds after the last event. N > 0 for an endless stream (an asset's):
+--   four keys expire TTL seconds after the last event. N > 0 for an endless stream (an asset's):
 --   the log keeps the last N entries, KEYS[3] is a sorted set remembering the ids of the last
---   N seqs, both expire TTL seconds after the last event, and the seq counter never expires, so a
---   client's Last-Event-ID keeps its meaning however long the asset is quiet.
--- Returns {seq, 1} for a new event, {seq, 0} when this event id was already published (a re-send).
+--   N seqs, both expire TTL seconds after the last event, and the seq counter and epoch never
+--   expire, so a client's Last-Event-ID keeps its meaning however long the asset is quiet.
+-- The epoch (runbell.bus.schema) is made when the seq starts at 1 or KEYS[4] is missing: with the
+-- stream's first event, or because Redis lost the stream's state (restart without persistence,
+-- fail-over, expiry, eviction). It is the
+-- server's time in microseconds, 13 hex digits, so epochs sort in the order they were made.
+-- Returns {seq, 1, epoch} for a new event, {seq, 0, epoch} when this event id was already published.
 local window = tonumber(ARGV[5] or '0') or 0
+local epoch = redis.call('GET', KEYS[4])
 local known
 if window > 0 then
   known = redis.call('ZSCORE', KEYS[3], ARGV[1])
@@ -15,11 +20,19 @@ else
   known = redis.call('HGET', KEYS[3], ARGV[1])
 end
 if known then
-  return {tonumber(known), 0}
+  return {tonumber(known), 0, epoch or ''}
 end
 local seq = redis.call('INCR', KEYS[1])
+if seq == 1 or not epoch then -- a sequence starting (again), or state without an epoch (older publishers)
+  local now = redis.call('TIME')
+  epoch = string.format('%08x%05x', tonumber(now[1]), tonumber(now[2]))
+  redis.call('SET', KEYS[4], epoch)
+  if seq == 1 then -- what a lost counter left of the log belongs to a dead epoch (XADD 0-1 would fail)
+    redis.call('DEL', KEYS[2], KEYS[3])
+  end
+end
 -- Built by concatenation so the event JSON is passed through untouched (cjson would re-encode it).
-local envelope = '{"seq":' .. seq .. ',"event":' .. ARGV[2] .. '}'
+local envelope = '{"epoch":"' .. epoch .. '","seq":' .. seq .. ',"event":' .. ARGV[2] .. '}'
 local ttl = tonumber(ARGV[3])
 if window > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', window, '0-' .. seq, 'env', envelope)
@@ -29,8 +42,9 @@ else
   redis.call('XADD', KEYS[2], '0-' .. seq, 'env', envelope)
   redis.call('HSET', KEYS[3], ARGV[1], seq)
   redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
 end
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('EXPIRE', KEYS[3], ttl)
 redis.call('PUBLISH', ARGV[4], envelope)
-return {seq, 1}
+return {seq, 1, epoch}

@@ -1,8 +1,16 @@
 """The events that travel over the bus, version 1.
 
 Both ends validate with these models: the publisher before it sends, the gateway when it receives.
-On the wire an event is wrapped in an envelope that carries the run's sequence number, which Redis
-assigns (see publish.lua): ``{"seq": 12, "event": {...}}``.
+On the wire an event is wrapped in an envelope that carries the run's epoch and sequence number,
+which Redis assigns (see publish.lua): ``{"epoch": "6930a1b2c3d4e", "seq": 12, "event": {...}}``.
+
+The epoch names one life of the stream's state in Redis: it is made with the stream's first event
+and made again whenever Redis has lost that state (a restart without persistence, a fail-over to a
+replica that had not received it, keys expired), so a sequence that starts again at 1 is told apart
+from the one before. A position is (epoch, seq); epochs are the Redis server's time in microseconds
+as 13 hex digits, so they sort in the order they were made (across servers, as far as their clocks
+agree). An envelope without an epoch (a publisher from before epochs) has the legacy epoch "", which
+sorts before every other: its seqs compare as they always did.
 
 Two families share the envelope and version 1: a run's events (``Event``, kind ``task`` or ``run``,
 on the run's stream) and an asset's events (``AssetEvent``, kind ``asset``, on the asset's stream,
@@ -18,7 +26,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any, Final, Literal, TypeVar, Union
+from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -235,22 +243,55 @@ class AssetEvent(BaseModel):
 AnyEvent = Union[Event, AssetEvent]
 
 
+LEGACY_EPOCH: Final = ""  # the epoch of an envelope from a publisher before epochs
+EPOCH_MAX = 32
+EPOCH_PATTERN: Final = r"^[0-9a-z]*$"  # no "-": an SSE id is EPOCH-SEQ
+
+
+class Position(NamedTuple):
+    """Where an event stands in its stream: compares by epoch, then seq (a tuple's order)."""
+
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        """The SSE id: EPOCH-SEQ, or the bare seq of the legacy epoch."""
+        return f"{self.epoch}-{self.seq}" if self.epoch else str(self.seq)
+
+    def follows(self, before: Position) -> bool:
+        """Nothing can lie between ``before`` and this position: the next seq of the same epoch."""
+        return self.epoch == before.epoch and self.seq == before.seq + 1
+
+
+START: Final = Position(LEGACY_EPOCH, 0)  # before every event
+
+
 class Envelope(BaseModel):
-    """An event as stored in the replay log and sent on pub/sub: with its per-run sequence number."""
+    """An event as stored in the replay log and sent on pub/sub: with its run's epoch and sequence number."""
 
     model_config = ConfigDict(frozen=True)
 
+    epoch: str = Field(default=LEGACY_EPOCH, max_length=EPOCH_MAX, pattern=EPOCH_PATTERN)
     seq: int = Field(ge=1)
     event: Event
 
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.seq)
+
 
 class AssetEnvelope(BaseModel):
-    """An asset event with its per-asset sequence number (the same envelope shape as a run's)."""
+    """An asset event with its asset's epoch and sequence number (the same envelope shape as a run's)."""
 
     model_config = ConfigDict(frozen=True)
 
+    epoch: str = Field(default=LEGACY_EPOCH, max_length=EPOCH_MAX, pattern=EPOCH_PATTERN)
     seq: int = Field(ge=1)
     event: AssetEvent
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.seq)
 
 
 class BadEvent(ValueError):
@@ -261,9 +302,23 @@ class BadEvent(ValueError):
         self.reason = reason
 
 
-def envelope_json(seq: int, event_json: str) -> str:
+def envelope_json(seq: int, event_json: str, epoch: str = LEGACY_EPOCH) -> str:
     """The envelope as publish.lua builds it: by concatenation, so the event JSON is never re-encoded."""
-    return '{"seq":' + str(seq) + ',"event":' + event_json + "}"
+    head = '{"epoch":"' + epoch + '",' if epoch else "{"
+    return head + '"seq":' + str(seq) + ',"event":' + event_json + "}"
+
+
+def parse_position(text: str) -> Position | None:
+    """An SSE id (EPOCH-SEQ, or a bare seq: the legacy epoch) as a position; None when malformed.
+    ASCII digits only: str.isdigit() also accepts "²", which int() refuses."""
+    epoch, _, seq = text.rpartition("-")
+    if not (seq.isascii() and seq.isdigit()) or len(seq) > 18 or len(epoch) > EPOCH_MAX:
+        return None
+    if not (epoch.isascii() and (epoch.isalnum() or epoch == "") and epoch == epoch.lower()):
+        return None
+    if text.startswith("-"):  # "-5": an empty epoch is written without its dash
+        return None
+    return Position(epoch, int(seq))
 
 
 def decode_envelope(raw: bytes | str, max_bytes: int | None = None) -> Envelope:

@@ -224,7 +224,8 @@ class Stream(Connection):
         self.buffer = lines.pop()  # an unfinished line
         for line in lines:
             if line.startswith(b"id: "):
-                self.seq = int(line[4:]) if line[4:].isdigit() else 0
+                seq = line[4:].rpartition(b"-")[2]  # the id is EPOCH-SEQ (one epoch per run here)
+                self.seq = int(seq) if seq.isdigit() else 0
             elif line.startswith(b"event: "):
                 event = line[7:].decode()
                 self.record(self.seq, event, t)

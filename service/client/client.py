@@ -22,6 +22,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
+from runbell.bus.schema import LEGACY_EPOCH, START, Position, parse_position
 from runbell.service.core import clock
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -34,6 +35,7 @@ SSE_READ_TIMEOUT = 60.0  # four missed heartbeats (every 15 s by default): the c
 SSE_RETRY_DEFAULT = 1.0  # seconds before a reconnect until the gateway's `retry:` says otherwise
 SSE_RETRY_MAX = 10.0
 SSE_MAX_FAILURES = 10  # reconnects in a row without a new event before giving up
+RECOVERY = "recovery"  # the gateway's first event on a resume: whether the history is complete
 FAREWELLS = ("error", "shutdown")  # the gateway's "reconnect with Last-Event-ID"
 RUN_TOKEN_FIELDS = ("token", "token_expires_at")  # in a trigger's answer, not part of the outcome
 
@@ -444,17 +446,39 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
             yield event
 
 
+def recovered(event: SseEvent) -> bool:
+    """What a `recovery` event says: whether the stream resumed where asked."""
+    try:
+        return bool(event.json().get("recovered"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def resume_position(last_event_id: int | str) -> Position:
+    """Where to resume: an id as the gateway sent it (EPOCH-SEQ), or a bare seq."""
+    position = Position(LEGACY_EPOCH, last_event_id) if isinstance(last_event_id, int) else parse_position(last_event_id)
+    if position is None or position.seq < 0:
+        raise ValueError(f"not an event id: {last_event_id!r}")
+    return position
+
+
 class SseFollow:
     """The place in one run's event stream, so that a new connection resumes it with nothing lost or repeated.
 
     A reconnect asks for what follows the id *before* the last one seen: the gateway sends `outcome`
     and `end` with the id of the event that caused them, so resuming after the last id would lose an
     outcome whose connection dropped right after its event. What was already handed out is skipped.
+    Ids are positions (EPOCH-SEQ): events of a newer epoch (Redis lost the run's state and counted
+    from 1 again) come after every older one, so they are handed out, not skipped as repeats. The
+    gateway's `recovery` event is handed out when it says ``recovered: false`` (it could not resume
+    where asked: what was missed may be gone, and the whole history it has follows); a resume that
+    lost nothing is not worth telling.
     """
 
-    def __init__(self, dag_id: str, run_id: str, last_event_id: int = 0):
+    def __init__(self, dag_id: str, run_id: str, last_event_id: int | str = 0):
         self.path = run_path(dag_id, run_id, "events")
-        self.last_id = last_event_id
+        self.last_id = resume_position(last_event_id)
+        self.before_last = self.last_id  # the position before last_id: where a reconnect resumes
         self.names_at_last: set[str] = set()  # events already handed out with id == last_id
         self.retry = SSE_RETRY_DEFAULT
         self.failures = 0  # connections in a row that brought nothing new
@@ -464,9 +488,9 @@ class SseFollow:
         self.hint: float | None = None  # Retry-After of a refused connection
 
     def call(self) -> Call:
-        resume = self.last_id - 1 if self.names_at_last else self.last_id
+        resume = self.before_last if self.names_at_last else self.last_id
         self.parser, self.closing, self.hint = SseParser(), False, None
-        headers = {"Last-Event-ID": str(resume)} if resume > 0 else {}
+        headers = {"Last-Event-ID": str(resume)} if resume != START else {}
         return Call("GET", self.path, headers=headers, hold=SSE_READ_TIMEOUT)
 
     def opened(self, response: httpx.Response) -> bool:
@@ -491,13 +515,15 @@ class SseFollow:
         if event.event in FAREWELLS:
             self.closing = True
             return None
-        if event.id is None or not event.id.isdigit():
+        if event.event == RECOVERY:
+            return None if recovered(event) else event
+        position = parse_position(event.id) if event.id is not None else None
+        if position is None:
             return event
-        seq = int(event.id)
-        if seq < self.last_id or (seq == self.last_id and event.event in self.names_at_last):
+        if position < self.last_id or (position == self.last_id and event.event in self.names_at_last):
             return None  # replayed by the resume
-        if seq > self.last_id:
-            self.last_id, self.names_at_last, self.failures = seq, set(), 0
+        if position > self.last_id:
+            self.before_last, self.last_id, self.names_at_last, self.failures = self.last_id, position, set(), 0
         self.names_at_last.add(event.event)
         if event.event == "end":
             self.done = self.closing = True
@@ -617,7 +643,7 @@ class RunbellClient(_Base):
         flow = trigger_and_wait_flow(dag_id, conf=conf, timeout=timeout, run_id=run_id, idempotency_key=idempotency_key, resolve=resolve)
         return self._drive(flow)
 
-    def events(self, dag_id: str, run_id: str, *, last_event_id: int = 0) -> Iterator[SseEvent]:
+    def events(self, dag_id: str, run_id: str, *, last_event_id: int | str = 0) -> Iterator[SseEvent]:
         """The run's events (task, run, outcome, end) each once, across reconnects, until `end`."""
         follow = SseFollow(dag_id, run_id, last_event_id)
         while True:
@@ -743,7 +769,7 @@ class AsyncRunbellClient(_Base):
     async def redrive(self, letter_id: int | None = None, *, after: int = 0, limit: int = 50) -> dict:
         return await self._drive(redrive_flow(letter_id, after, limit))
 
-    async def events(self, dag_id: str, run_id: str, *, last_event_id: int = 0) -> AsyncIterator[SseEvent]:
+    async def events(self, dag_id: str, run_id: str, *, last_event_id: int | str = 0) -> AsyncIterator[SseEvent]:
         follow = SseFollow(dag_id, run_id, last_event_id)
         while True:
             error: Exception | None = None

@@ -63,6 +63,8 @@ class RunView:
         """Fold one event in. The change it made, as one line, or None when it changed nothing."""
         if event.event == "outcome":
             return self.settle(event.json())
+        if event.event == "recovery":  # handed out only when the gateway could not resume where asked
+            return "the stream resumed without its whole history (Redis lost events): what the gateway has follows"
         if event.event not in ("task", "run"):
             return None  # `end` follows the run's terminal event, which said it all
         data = event.json()

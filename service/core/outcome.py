@@ -11,6 +11,10 @@ The rules, in order of precedence:
    naming the first terminally failed task seen, else the run's own reason;
 4. the first terminal event per (task, map_index, try) wins, duplicates and replays change nothing,
    and once decided the outcome never flips.
+
+Envelopes are taken in position order (epoch, then seq: runbell.bus.schema), so the events of a new
+epoch (Redis lost the run's state and its seq started again at 1) come after the old epoch's and are
+applied, not skipped as replays.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from runbell.bus.schema import Envelope, Event, EventKind, Result, RunState, TaskState
+from runbell.bus.schema import LEGACY_EPOCH, Envelope, Event, EventKind, Position, Result, RunState, TaskState
 
 UNKNOWN_RUN_STATE = "unknown"
 
@@ -58,7 +62,9 @@ class Outcome(BaseModel):
     run_id: str
     status: OutcomeStatus = OutcomeStatus.PENDING
     run_state: str = UNKNOWN_RUN_STATE
+    epoch: str = LEGACY_EPOCH  # the epoch of seq
     seq: int = 0  # the last sequence number applied
+    decided_epoch: str | None = None  # the epoch of decided_seq
     decided_seq: int | None = None  # the event that decided the outcome
     decided_by: DecidedBy | None = None
     result: Any = None
@@ -73,13 +79,13 @@ class Outcome(BaseModel):
 def decide(envelopes: Iterable[Envelope], dag_id: str = "", run_id: str = "") -> Outcome:
     """The outcome of a run from its envelopes (in any order; duplicates are ignored)."""
     fold = OutcomeFold(dag_id, run_id)
-    for envelope in sorted(envelopes, key=lambda e: e.seq):
+    for envelope in sorted(envelopes, key=lambda e: e.position):
         fold.apply(envelope)
     return fold.outcome
 
 
 class OutcomeFold:
-    """The rules applied incrementally. Feed envelopes in seq order; older or repeated ones are skipped."""
+    """The rules applied incrementally. Feed envelopes in position order; older or repeated ones are skipped."""
 
     def __init__(self, dag_id: str = "", run_id: str = ""):
         self.outcome = Outcome(dag_id=dag_id, run_id=run_id)
@@ -91,11 +97,16 @@ class OutcomeFold:
         self._first_failed: Event | None = None
         self._run_terminal = False
 
+    @property
+    def position(self) -> Position:
+        """The last position applied."""
+        return Position(self.outcome.epoch, self.outcome.seq)
+
     def apply(self, envelope: Envelope) -> bool:
         """Apply one envelope. True when this envelope decided the outcome."""
-        if envelope.seq <= self.outcome.seq:
+        if envelope.position <= self.position:
             return False  # a replay or duplicate
-        self.outcome.seq = envelope.seq
+        self.outcome.epoch, self.outcome.seq = envelope.position
         event = envelope.event
         if not self.outcome.dag_id:
             self.outcome.dag_id, self.outcome.run_id = event.dag_id, event.run_id
@@ -105,7 +116,7 @@ class OutcomeFold:
         else:
             self._apply_task(event)
         if self.outcome.decided and not was_decided:
-            self.outcome.decided_seq = envelope.seq
+            self.outcome.decided_epoch, self.outcome.decided_seq = envelope.position
             return True
         return False
 

@@ -2,7 +2,9 @@
 
 An asset's events have a sequence of their own (``seq``, gap-free, assigned by Redis in
 publish.lua); both endpoints take a position in it and give what comes after. Unlike a run's, an
-asset's stream never ends.
+asset's stream never ends. SSE ids are positions, EPOCH-SEQ (see runbell.bus.schema), so a client
+that reconnects after Redis lost the asset's state gets the new epoch's events from its start; a
+bare seq (``after``, an older id) means a seq of the asset's current epoch.
 
 Asset names may hold ``/`` and ``:`` (they are often URIs): ``{name}`` takes the rest of the path
 up to the endpoint's last segment, and is percent-decoded, so ``s3://bucket/key`` may be sent as it
@@ -24,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runbell.bus.schema import ASSET_NAME_MAX, AssetEnvelope
+from runbell.bus.schema import ASSET_NAME_MAX, LEGACY_EPOCH, AssetEnvelope, Position
 from runbell.service.core.loops import keep_trying
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import AssetEventBody, AssetPending
@@ -73,14 +75,14 @@ async def asset_next(request: Request) -> Response:
     deadline = anyio.current_time() + timeout
     metrics.waiters.inc()
     try:
-        if after is None:
-            # "From now": the current seq read before subscribing, so whatever is published after
-            # the read is in the log the subscription reads first. Read even with timeout=0.
-            with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
-                after = await current_seq(assets, name)
-            if after is None:  # Redis unreadable all along
-                return pending_response(name, None)
-        async with assets.subscribe(name, after) as subscription:
+        # "From now" (no after): the current position read before subscribing, so whatever is
+        # published after the read is in the log the subscription reads first. Read even with timeout=0.
+        position = None
+        with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
+            position = await current_position(assets, name, after)
+        if position is None:  # Redis unreadable all along
+            return pending_response(name, after)
+        async with assets.subscribe(name, position) as subscription:
             # What is stored is always read, even with timeout=0 (unless Redis is down that long).
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
                 backlog = await subscription.backlog()
@@ -117,15 +119,17 @@ async def pending_seq(assets: AssetTopic, name: str, known: int | None) -> int |
     and the caller gave no `after`."""
     with anyio.move_on_after(BACKLOG_READ_SECONDS):
         try:
-            return await assets.current_seq(name)
+            return (await assets.current(name)).seq
         except (RedisError, OSError):
             pass
     return known
 
 
-async def current_seq(assets: AssetTopic, name: str) -> int:
-    """The asset's current seq; while Redis is down, keep trying (the caller's scope bounds it)."""
-    return await keep_trying(lambda: assets.current_seq(name), retry_on=REDIS_DOWN, log_once=assets.hub.log_once, what="asset seq")
+async def current_position(assets: AssetTopic, name: str, seq: int | None = None) -> Position:
+    """The asset's current position, or ``seq`` in its current epoch; while Redis is down, keep
+    trying (the caller's scope bounds it)."""
+    current = await keep_trying(lambda: assets.current(name), retry_on=REDIS_DOWN, log_once=assets.hub.log_once, what="asset seq")
+    return current if seq is None else Position(current.epoch, seq)
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------
@@ -140,19 +144,19 @@ async def asset_events(request: Request) -> Response:
     return EventStream(request, asset_sse_stream(request, request.app.state.assets, name, last_id))
 
 
-async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last_id: int | None) -> AsyncIterator[ServerSentEvent]:
+async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last_id: Position | None) -> AsyncIterator[ServerSentEvent]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     metrics.sse_clients.inc()
     try:
         yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
-        if last_id is None:  # from now: read before subscribing (see asset_next)
-            last_id = await current_seq(assets, name)
+        if last_id is None or last_id.epoch == LEGACY_EPOCH:  # from now, or a bare seq: read before subscribing (see asset_next)
+            last_id = await current_position(assets, name, None if last_id is None else last_id.seq)
         async with assets.subscribe(name, last_id) as subscription:
             # Where this stream starts, as an id: a reconnect before the first event resumes here.
-            yield ServerSentEvent(data=json.dumps({"asset": name, "seq": last_id}), event="ready", id=str(last_id))
+            yield ServerSentEvent(data=json.dumps({"asset": name, "seq": last_id.seq}), event="ready", id=str(last_id))
             try:
                 async for envelope in subscription:
-                    yield ServerSentEvent(data=event_data(envelope), event="asset", id=str(envelope.seq))  # type: ignore[arg-type]  # the hub's Subscription is typed for run envelopes; an asset subscription carries AssetEnvelopes
+                    yield ServerSentEvent(data=event_data(envelope), event="asset", id=str(envelope.position))  # type: ignore[arg-type]  # the hub's Subscription is typed for run envelopes; an asset subscription carries AssetEnvelopes
             except SubscriptionClosed as closed:
                 yield farewell(closed.reason, settings.sse_retry_ms)
     finally:
@@ -180,7 +184,7 @@ def parse_after(request: Request) -> int | None:
     return after
 
 
-def parse_asset_last_event_id(request: Request) -> int | None:
+def parse_asset_last_event_id(request: Request) -> Position | None:
     """As a run's (header, else ?last_event_id=), but None when neither is given: start from now."""
     if not request.headers.get("last-event-id") and not request.query_params.get(LAST_EVENT_ID_PARAM):
         return None

@@ -42,6 +42,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from runbell.bus.schema import START
 from runbell.service.core.outcome import OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import BackfillProgress, BackfillSlot, BackfillSlots
@@ -371,7 +372,7 @@ async def refresh_from_logs(runs: RunTopic, tracker: Progress) -> None:
         fold = OutcomeFold(slot.dag_id, slot.run_id or "")
         with contextlib.suppress(Exception):  # unreadable now: the stream will tell
             with anyio.fail_after(REPLAY_SECONDS):  # anyio: asyncio.timeout is Python 3.11+
-                for envelope in await runs.read((slot.dag_id, slot.run_id or ""), 0):
+                for envelope in await runs.read((slot.dag_id, slot.run_id or ""), START):
                     fold.apply(envelope)
         tracker.update(slot.sort_ordinal, fold.outcome.run_state, authoritative=True)
 

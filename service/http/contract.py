@@ -57,11 +57,12 @@ class RunPending(BaseModel):
     dag_id: str
     run_id: str
     run_state: RunStateName
+    epoch: str = Field(default="", description="the epoch of seq (see Epochs in the README)")
     seq: int = Field(description="the last sequence number applied")
 
     @classmethod
     def of(cls, outcome: Outcome) -> RunPending:
-        return cls(dag_id=outcome.dag_id, run_id=outcome.run_id, run_state=outcome.run_state, seq=outcome.seq)
+        return cls(dag_id=outcome.dag_id, run_id=outcome.run_id, run_state=outcome.run_state, epoch=outcome.epoch, seq=outcome.seq)
 
 
 class RunToken(BaseModel):
@@ -82,6 +83,7 @@ class RunEnd(BaseModel):
 
     run_state: RunStateName
     status: OutcomeStatus
+    epoch: str = ""
     seq: int
 
 

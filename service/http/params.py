@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runbell.bus.schema import ID_MAX
+from runbell.bus.schema import ID_MAX, START, Position, parse_position
 from runbell.service.http.errors import ApiError, error_response
 from runbell.service.live.hub import Hub
 
@@ -135,15 +135,21 @@ def parse_timeout(request: Request) -> float:
     return settings.long_poll_default if timeout is None else timeout
 
 
-def parse_last_event_id(request: Request) -> int:
+def parse_last_event_id(request: Request) -> Position:
+    """The position a stream resumes after: an SSE id as sent, EPOCH-SEQ, or a bare seq (an id from
+    before epochs: the legacy epoch). Absent: the start."""
     raw: str | None = request.headers.get("last-event-id") or query_value(request, LAST_EVENT_ID_PARAM)
     if raw is None or raw == "":
-        return 0
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        return START
+    position = parse_position(raw)
+    if position is None:
         raise ApiError(
-            400, "bad_last_event_id", "Last-Event-ID must be a sequence number (a non-negative integer)", accepted="integer >= 0"
+            400,
+            "bad_last_event_id",
+            "Last-Event-ID must be an event id as sent: EPOCH-SEQ (EPOCH: lowercase letters and digits) or a sequence number",
+            accepted="EPOCH-SEQ, or integer >= 0",
         )
-    return int(raw)
+    return position
 
 
 def hub_with_room(request: Request) -> Hub:

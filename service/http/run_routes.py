@@ -1,4 +1,12 @@
-"""The HTTP endpoints of a run: its outcome by long-poll, its events as Server-Sent Events, publishing."""
+"""The HTTP endpoints of a run: its outcome by long-poll, its events as Server-Sent Events, publishing.
+
+SSE ids are positions, EPOCH-SEQ (runbell.bus.schema). A client that resumes (Last-Event-ID) is told
+first whether its history is complete, as Centrifugo's ``recovered`` flag does: the `recovery`
+event says ``recovered: true`` when its last id is in the run's history (what follows is exactly
+what it missed), else ``recovered: false`` and the run's whole history follows (its last id is of
+an epoch the gateway no longer has, e.g. Redis lost the run's state before it was stored): the
+client rebuilds its view from it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.bus.schema import Envelope, Event, EventKind, ResultRef
+from runbell.bus.schema import START, Envelope, Event, EventKind, Position, ResultRef
 from runbell.listeners.publisher import SpoolUnavailable, json_size, utf8_size
 from runbell.service.core.outcome import Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
@@ -171,7 +179,8 @@ def outcome_body(outcome: Outcome) -> dict:
 
 def outcome_json(hub: Hub, outcome: Outcome) -> bytes:
     """The 200 body of a decided outcome, as JSONResponse renders it."""
-    return hub.shared.get(("body", outcome.dag_id, outcome.run_id, outcome.seq), lambda: JSONResponse(outcome_body(outcome)).body)  # type: ignore[arg-type,return-value]  # JSONResponse.body is bytes (typed bytes | memoryview)
+    key = ("body", outcome.dag_id, outcome.run_id, outcome.epoch, outcome.seq)
+    return hub.shared.get(key, lambda: JSONResponse(outcome_body(outcome)).body)  # type: ignore[arg-type,return-value]  # JSONResponse.body is bytes (typed bytes | memoryview)
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------
@@ -186,12 +195,12 @@ async def run_events(request: Request) -> Response:
     runs: RunTopic = request.app.state.runs
     if runs.is_missing(dag_id, run_id):
         raise run_not_found(dag_id, run_id)  # EventSource stops on a 404
-    if last_id > 0 and await stream_already_ended(runs, dag_id, run_id, last_id):
+    if last_id != START and await stream_already_ended(runs, dag_id, run_id, last_id):
         return Response(status_code=204)  # EventSource stops reconnecting on 204
     return EventStream(request, sse_stream(request, hub, dag_id, run_id, last_id))
 
 
-async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: int) -> AsyncIterator[ServerSentEvent | bytes]:
+async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: Position) -> AsyncIterator[ServerSentEvent | bytes]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     fold = OutcomeFold(dag_id, run_id)
     metrics.sse_clients.inc()
@@ -200,9 +209,13 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
         async with request.app.state.runs.subscribe(dag_id, run_id) as subscription:
             yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
             try:
+                if last_id != START:
+                    recovered = any(envelope.position == last_id for envelope in await subscription.ahead())
+                    last_id = last_id if recovered else START
+                    yield ServerSentEvent(data=json.dumps({"recovered": recovered, "from": str(last_id)}), event="recovery")
                 async for envelope in subscription:
                     decided = fold.apply(envelope)
-                    if envelope.seq <= last_id:
+                    if envelope.position <= last_id:
                         continue
                     if decided:
                         metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
@@ -217,29 +230,29 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
 
 
 def frames(hub: Hub, envelope: Envelope, outcome: Outcome, decided: bool, end: bool) -> bytes:
-    """The event's frame (`id:` its seq, `event:` task or run), then `outcome` when it decided the run
+    """The event's frame (`id:` its position, `event:` task or run), then `outcome` when it decided the run
     and `end` when it ended it, with the same id: one write per client, built once per event (whether
     an event decides or ends the run is the same for every client, all fold the same events)."""
 
     def build() -> bytes:
-        seq = str(envelope.seq)
-        parts = [ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=seq).encode()]
+        event_id = str(envelope.position)
+        parts = [ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=event_id).encode()]
         if decided:
-            parts.append(ServerSentEvent(data=json.dumps(outcome_body(outcome)), event="outcome", id=seq).encode())
+            parts.append(ServerSentEvent(data=json.dumps(outcome_body(outcome)), event="outcome", id=event_id).encode())
         if end:
-            parts.append(ServerSentEvent(data=json.dumps(end_body(outcome)), event="end", id=seq).encode())
+            parts.append(ServerSentEvent(data=json.dumps(end_body(outcome)), event="end", id=event_id).encode())
         return b"".join(parts)
 
-    return hub.shared.get(("frames", outcome.dag_id, outcome.run_id, envelope.seq), build)
+    return hub.shared.get(("frames", outcome.dag_id, outcome.run_id, *envelope.position), build)
 
 
 def event_data(envelope: Envelope) -> str:
     body = envelope.event.model_dump(mode="json", exclude_none=True)
-    return json.dumps({"seq": envelope.seq, **body})
+    return json.dumps({"epoch": envelope.epoch, "seq": envelope.seq, **body})
 
 
 def end_body(outcome: Outcome) -> dict:
-    return RunEnd(run_state=outcome.run_state, status=outcome.status, seq=outcome.seq).model_dump(mode="json")
+    return RunEnd(run_state=outcome.run_state, status=outcome.status, epoch=outcome.epoch, seq=outcome.seq).model_dump(mode="json")
 
 
 def is_run_end(envelope: Envelope) -> bool:
@@ -247,14 +260,14 @@ def is_run_end(envelope: Envelope) -> bool:
     return event.kind is EventKind.RUN and event.run_state.terminal
 
 
-async def stream_already_ended(runs: RunTopic, dag_id: str, run_id: str, last_id: int) -> bool:
+async def stream_already_ended(runs: RunTopic, dag_id: str, run_id: str, last_id: Position) -> bool:
     """True when the client has already been sent the run's end (its terminal run event)."""
     try:
-        history = await runs.read((dag_id, run_id), 0)
+        history = await runs.read((dag_id, run_id), START)
     except (RedisError, OSError):
         return False  # cannot tell now: stream, and the subscription retries the log
     for envelope in history:
-        if envelope.seq > last_id:
+        if envelope.position > last_id:
             return False
         if is_run_end(envelope):
             return True

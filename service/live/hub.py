@@ -6,7 +6,10 @@ without its gaps:
 - the listener is supervised: after any (re)subscribe every subscriber re-reads the replay log, so
   what was published while the connection was down is not lost (pub/sub is at-most-once);
 - a subscriber registers before it reads the log (subscribe first, then replay), de-duplicates by
-  sequence number, and fills any gap in the sequence from the log.
+  position (epoch, seq), and fills any gap in the sequence from the log;
+- an item of a new epoch (Redis lost the stream's state and its seq started again) is not taken for
+  a duplicate: the subscriber re-reads the log from where it stood, and the topic's read returns what
+  lies after that position in the old epoch (the store) and the new one.
 
 The hub does not know what it carries. A ``Topic`` is one kind of stream (runs, assets: see
 runbell.service.live.topics): its pub/sub pattern, the channel of a key, how a message decodes into
@@ -30,7 +33,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from runbell.bus.schema import BadEvent
+from runbell.bus.schema import START, BadEvent, Position
 from runbell.service.core.loops import Backoff, Once, Supervised, keep_trying
 from runbell.service.core.metrics import Metrics
 
@@ -53,7 +56,7 @@ class Item(Protocol):
     """What a topic's messages decode into: an event numbered within its stream."""
 
     @property
-    def seq(self) -> int: ...
+    def position(self) -> Position: ...
 
     @property
     def event(self) -> Stamped: ...
@@ -98,8 +101,8 @@ class Topic(ABC, Generic[K, T]):
         """The channel the item's own stream publishes on (a message on another is dropped)."""
 
     @abstractmethod
-    async def read(self, key: K, after_seq: int) -> list[T]:
-        """The stream's items after a sequence number, from its replay log."""
+    async def read(self, key: K, after: Position) -> list[T]:
+        """The stream's items after a position, in position order, from its replay log."""
 
     def published(self, channel: str) -> None:
         """Called for every message on the pattern, before anything else (subscribed to or not)."""
@@ -121,11 +124,11 @@ class SharedReads(Generic[R]):
 
 
 class Subscription(Generic[K, T]):
-    """One waiter's or SSE client's view of one stream: items in seq order, gap-free, each once."""
+    """One waiter's or SSE client's view of one stream: items in position order, gap-free, each once."""
 
-    def __init__(self, hub: Hub, topic: Topic[K, T], key: K, after_seq: int):
+    def __init__(self, hub: Hub, topic: Topic[K, T], key: K, after: Position):
         self.hub, self.topic, self.key = hub, topic, key
-        self.last_seq = after_seq
+        self.last = after
         # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
         # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
         self.queue: deque[T | Signal] = deque()
@@ -141,10 +144,10 @@ class Subscription(Generic[K, T]):
         while True:
             if self._ready:
                 item = self._ready.popleft()
-                if item.seq <= self.last_seq:
+                if item.position <= self.last:
                     continue  # already delivered (the log and pub/sub overlap)
                 # In order; a hole that neither the log nor the store could fill is stepped over.
-                self.last_seq = item.seq
+                self.last = item.position
                 return item
             if self._needs_replay:
                 await self._replay()
@@ -156,30 +159,41 @@ class Subscription(Generic[K, T]):
                     self._needs_replay = True
                     continue
                 raise SubscriptionClosed(offered)
-            if offered.seq <= self.last_seq:
+            if offered.position <= self.last:
                 continue
-            if offered.seq > self.last_seq + 1:  # a gap: fetch what is missing from the log first
+            # A gap, or a new epoch: read the log first. (The first item after an empty first read,
+            # seq 1 of any epoch, is no gap: that read asked the store for earlier epochs already.)
+            first = self.last == START and offered.position.seq == 1
+            if not (first or offered.position.follows(self.last)):
                 await self._replay()
             self._ready.append(offered)
 
     async def backlog(self) -> list[T]:
-        """What the log already holds after last_seq: the first read, which never waits for news."""
+        """What the log already holds after the last position: the first read, which never waits for news."""
         await self._replay()
         self._needs_replay = False
         items = []
         while self._ready:
             item = self._ready.popleft()
-            if item.seq > self.last_seq:
-                self.last_seq = item.seq
+            if item.position > self.last:
+                self.last = item.position
                 items.append(item)
         return items
 
+    async def ahead(self) -> list[T]:
+        """What the log holds after the last position, left for the iteration to deliver: a look
+        at what is there before the first item (an SSE client's resume checks its last id)."""
+        if self._needs_replay:
+            await self._replay()
+            self._needs_replay = False
+        return list(self._ready)
+
     async def _replay(self) -> None:
-        """Read the log after last_seq into the ready queue (while Redis is down, keep trying: the
-        caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
+        """Read the log after the last position into the ready queue (while Redis is down, keep
+        trying: the caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
         self._ready.extend(
             await keep_trying(
-                lambda: self.topic.read(self.key, self.last_seq), retry_on=REDIS_DOWN, log_once=self.hub.log_once, what="replay log"
+                lambda: self.topic.read(self.key, self.last), retry_on=REDIS_DOWN, log_once=self.hub.log_once, what="replay log"
             )
         )
 
@@ -223,9 +237,9 @@ class SharedBytes:
     an event and its outcome once, not once per caller. Bounded in bytes (results can be 256 KiB):
     the oldest entries go first; an entry is needed only while its event fans out.
 
-    Keys hold what fixes the bytes: a run's events are numbered by Redis and a number is never reused
-    while the run's events exist, so the event at (dag, run, seq), and the outcome folded up to it, are
-    the same for every caller."""
+    Keys hold what fixes the bytes: a run's events are numbered by Redis and a position (epoch, seq)
+    is never reused, so the event at (dag, run, epoch, seq), and the outcome folded up to it, are the
+    same for every caller."""
 
     def __init__(self, max_bytes: int = 4 * 1024 * 1024):
         self.max_bytes, self.held = max_bytes, 0
@@ -287,11 +301,11 @@ class Hub:
         return self.count < self.max_subscribers and not self.draining
 
     @asynccontextmanager
-    async def subscribe(self, topic: Topic[K, T], key: K, after_seq: int = 0) -> AsyncIterator[Subscription[K, T]]:
+    async def subscribe(self, topic: Topic[K, T], key: K, after: Position = START) -> AsyncIterator[Subscription[K, T]]:
         """Register a subscriber to one stream (before its log is read; closed at once while
         draining), and always unregister it."""
         channel = topic.channel(key)
-        sub = Subscription(self, topic, key, after_seq)
+        sub = Subscription(self, topic, key, after)
         if self.draining:
             sub.close(Signal.DRAIN)
         self.heard.setdefault(channel, time.monotonic())

@@ -1,8 +1,9 @@
 """What the hub carries: runs and assets, two kinds of stream (``Topic``) registered with it.
 
 A run's stream is keyed by (dag_id, run_id); its replay log is Redis's, else the store (``archive``)
-for what Redis no longer holds. An asset's is keyed by its name; its log is Redis's only (the store
-keeps runs).
+for what Redis no longer holds: events that expired, and the epochs before the one Redis holds now
+(Redis lost the run's state; see runbell.bus.schema). An asset's is keyed by its name; its log is
+Redis's only (the store keeps runs).
 """
 
 from __future__ import annotations
@@ -15,19 +16,30 @@ from typing import Any, Protocol, TypeVar
 import redis.asyncio as aioredis
 
 from runbell.bus import keys
-from runbell.bus.schema import AssetEnvelope, BadEvent, Envelope, decode_asset_envelope, decode_envelope
+from runbell.bus.schema import (
+    LEGACY_EPOCH,
+    START,
+    AssetEnvelope,
+    BadEvent,
+    Envelope,
+    Position,
+    decode_asset_envelope,
+    decode_envelope,
+)
 from runbell.service.live.hub import Hub, SharedReads, Signal, Subscription, Topic
 
 MISSING_HOLD_SECONDS = 60.0
+FIRST_EPOCHS_HELD = 10_000  # runs whose first epoch is remembered (then the oldest is forgotten)
 
 RunKey = tuple[str, str]  # (dag_id, run_id)
 E = TypeVar("E")
+P = TypeVar("P", Envelope, AssetEnvelope)
 
 
 class EventArchive(Protocol):
     """Where events older than the replay log are found (the SQL store)."""
 
-    async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[Envelope]: ...
+    async def events(self, dag_id: str, run_id: str, after: Position = START, limit: int | None = None) -> list[Envelope]: ...
 
 
 def _decoded(hub: Hub, decode: Callable[[bytes], E], entries: Sequence[tuple[object, Mapping[Any, Any] | None]] | None) -> list[E]:
@@ -41,6 +53,28 @@ def _decoded(hub: Hub, decode: Callable[[bytes], E], entries: Sequence[tuple[obj
     return found
 
 
+async def _log_after(
+    hub: Hub, client: aioredis.Redis, k: keys.RunKeys | keys.AssetKeys, after: Position, decode: Callable[[bytes], P]
+) -> list[P]:
+    """The log's envelopes after a position. When the stream's epoch is no longer the position's
+    (Redis lost the state and began again), the new epoch's log from its start: one more round trip
+    then, only then."""
+    if after == START:
+        entries = await client.xrange(k.log, min="-", max="+")
+    else:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get(k.epoch)
+            pipe.xrange(k.log, min=f"(0-{after.seq}", max="+")
+            epoch, entries = await pipe.execute()
+        if epoch is not None and _text(epoch) != after.epoch:
+            entries = await client.xrange(k.log, min="-", max="+")
+    return [e for e in _decoded(hub, decode, entries) if e.position > after]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RunTopic(Topic[RunKey, Envelope]):
     def __init__(
         self, hub: Hub, client: aioredis.Redis, namespace: str, archive: EventArchive | None = None, max_event_bytes: int | None = None
@@ -49,10 +83,11 @@ class RunTopic(Topic[RunKey, Envelope]):
         self.client, self.namespace, self.archive = client, namespace, archive
         self.max_event_bytes = max_event_bytes  # a larger event is a bad one: no publisher within the cap sent it
         self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds
+        self.first_epochs: dict[RunKey, str] = {}  # runs whose Redis epoch the store has nothing before
         self._reads: SharedReads[list[Envelope]] = SharedReads()
 
-    def subscribe(self, dag_id: str, run_id: str, after_seq: int = 0) -> AbstractAsyncContextManager[Subscription[RunKey, Envelope]]:
-        return self.hub.subscribe(self, (dag_id, run_id), after_seq)
+    def subscribe(self, dag_id: str, run_id: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[RunKey, Envelope]]:
+        return self.hub.subscribe(self, (dag_id, run_id), after)
 
     def channel(self, key: RunKey) -> str:
         return keys.run_keys(self.namespace, *key).channel
@@ -63,22 +98,36 @@ class RunTopic(Topic[RunKey, Envelope]):
     def channel_of(self, item: Envelope) -> str:
         return self.channel((item.event.dag_id, item.event.run_id))
 
-    async def read(self, key: RunKey, after_seq: int) -> list[Envelope]:
-        return await self._reads((key, after_seq), lambda: self._read(key, after_seq))
+    async def read(self, key: RunKey, after: Position) -> list[Envelope]:
+        return await self._reads((key, after), lambda: self._read(key, after))
 
-    async def _read(self, key: RunKey, after_seq: int) -> list[Envelope]:
-        entries = await self.client.xrange(keys.run_keys(self.namespace, *key).log, min=f"(0-{after_seq}", max="+")
-        envelopes = _decoded(self.hub, self.decode, entries)
-        first = envelopes[0].seq if envelopes else None
-        if self.archive is not None and (first is None or first > after_seq + 1):
-            # The log does not start where we need it (expired, or never existed): ask the store.
-            try:
-                older = await self.archive.events(*key, after_seq=after_seq)
-            except Exception as exc:  # the store being down must not fail a waiter: Redis may suffice
-                self.hub.log_once("archive", "store unreadable (%s); serving from Redis only", type(exc).__name__)
-                return envelopes
-            envelopes = [e for e in older if first is None or e.seq < first] + envelopes
-        return envelopes
+    async def _read(self, key: RunKey, after: Position) -> list[Envelope]:
+        envelopes = await _log_after(self.hub, self.client, keys.run_keys(self.namespace, *key), after, self.decode)
+        first = envelopes[0].position if envelopes else None
+        if self.archive is None or (first is not None and (first.follows(after) or self._starts_history(key, after, first))):
+            return envelopes
+        # The log does not start where we need it (expired, never existed, or a new epoch: Redis lost
+        # the run's state, and what came before is the store's): ask the store.
+        try:
+            older = await self.archive.events(*key, after=after)
+        except Exception as exc:  # the store being down must not fail a waiter: Redis may suffice
+            self.hub.log_once("archive", "store unreadable (%s); serving from Redis only", type(exc).__name__)
+            return envelopes
+        older = [e for e in older if first is None or e.position < first]
+        if after == START and first is not None and first.seq == 1 and not older:
+            self._remember_first_epoch(key, first.epoch)
+        return older + envelopes
+
+    def _starts_history(self, key: RunKey, after: Position, first: Position) -> bool:
+        """A read from the start whose log begins the run's history: its first seq, of the legacy
+        epoch or of an epoch the store was seen to have nothing before. (A new run's first epoch
+        costs one store read per process; a run whose Redis state was lost is read from the store.)"""
+        return after == START and first.seq == 1 and (first.epoch == LEGACY_EPOCH or self.first_epochs.get(key) == first.epoch)
+
+    def _remember_first_epoch(self, key: RunKey, epoch: str) -> None:
+        if len(self.first_epochs) >= FIRST_EPOCHS_HELD:
+            self.first_epochs.pop(next(iter(self.first_epochs)))
+        self.first_epochs[key] = epoch
 
     # -- runs Airflow does not have (the reconciler asks) ---------------------------------------
 
@@ -113,8 +162,8 @@ class AssetTopic(Topic[str, AssetEnvelope]):
         self.max_event_bytes = max_event_bytes
         self._reads: SharedReads[list[AssetEnvelope]] = SharedReads()
 
-    def subscribe(self, name: str, after_seq: int = 0) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
-        return self.hub.subscribe(self, name, after_seq)
+    def subscribe(self, name: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
+        return self.hub.subscribe(self, name, after)
 
     def channel(self, key: str) -> str:
         return keys.asset_keys(self.namespace, key).channel
@@ -125,14 +174,14 @@ class AssetTopic(Topic[str, AssetEnvelope]):
     def channel_of(self, item: AssetEnvelope) -> str:
         return self.channel(item.event.asset.name)
 
-    async def read(self, key: str, after_seq: int) -> list[AssetEnvelope]:
-        return await self._reads((key, after_seq), lambda: self._read(key, after_seq))
+    async def read(self, key: str, after: Position) -> list[AssetEnvelope]:
+        return await self._reads((key, after), lambda: self._read(key, after))
 
-    async def _read(self, name: str, after_seq: int) -> list[AssetEnvelope]:
-        entries = await self.client.xrange(keys.asset_keys(self.namespace, name).log, min=f"(0-{after_seq}", max="+")
-        return _decoded(self.hub, self.decode, entries)
+    async def _read(self, name: str, after: Position) -> list[AssetEnvelope]:
+        return await _log_after(self.hub, self.client, keys.asset_keys(self.namespace, name), after, self.decode)
 
-    async def current_seq(self, name: str) -> int:
-        """The asset's last sequence number (0 before its first event)."""
-        raw = await self.client.get(keys.asset_keys(self.namespace, name).seq)
-        return int(raw) if raw is not None else 0
+    async def current(self, name: str) -> Position:
+        """The asset's last position (seq 0 before its first event)."""
+        k = keys.asset_keys(self.namespace, name)
+        seq, epoch = await self.client.mget(k.seq, k.epoch)
+        return Position(_text(epoch) if epoch is not None else LEGACY_EPOCH, int(seq) if seq is not None else 0)

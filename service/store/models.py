@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from runbell.bus.schema import ID_MAX
+from runbell.bus.schema import EPOCH_MAX, ID_MAX
 from runbell.service.core import clock
 
 ID_LENGTH = ID_MAX  # dag_id, run_id and task_id columns hold what the bus schema accepts
@@ -113,6 +113,7 @@ class Run(Base):
     backfill_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    epoch: Mapped[str] = mapped_column(String(EPOCH_MAX), server_default="")  # the epoch of last_seq
     last_seq: Mapped[int] = mapped_column(Integer)
     last_event_at: Mapped[datetime] = mapped_column(UTCDateTime())
     outcome_status: Mapped[str] = mapped_column(String(16))
@@ -139,6 +140,7 @@ class EventRow(Base):
 
     dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    epoch: Mapped[str] = mapped_column(String(EPOCH_MAX), primary_key=True, server_default="")  # migration 0005
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(8))
     state: Mapped[str] = mapped_column(String(16))
@@ -168,7 +170,7 @@ class WebhookEndpointRow(Base):
 class WebhookMessageRow(Base):
     __tablename__ = "webhook_messages"
     __table_args__ = (
-        UniqueConstraint("endpoint_id", "dag_id", "run_id", "seq", "kind", name="uq_webhook_messages_event"),
+        UniqueConstraint("endpoint_id", "dag_id", "run_id", "epoch", "seq", "kind", name="uq_webhook_messages_event"),
         Index("ix_webhook_messages_due", "status", "next_attempt_at"),
         Index("ix_webhook_messages_endpoint_created", "endpoint_id", "created_at"),
     )
@@ -177,6 +179,7 @@ class WebhookMessageRow(Base):
     endpoint_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
     dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    epoch: Mapped[str] = mapped_column(String(EPOCH_MAX), server_default="")  # migration 0005
     seq: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(16))
     terminal: Mapped[bool] = mapped_column(Boolean)

@@ -6,8 +6,8 @@ harmless. An entry is acknowledged only after its batch is committed, so a crash
 re-delivers it (to this consumer on restart, or to another one through XAUTOCLAIM).
 
 The global stream is capped and publishers may fail between their two writes, so it can miss
-events: when an envelope's seq jumps past what the store has for its run, the missing range is read
-from the run's replay log first.
+events: when an envelope's seq jumps past what the store has for its run (in its epoch; from 1 in an
+epoch newer than the store's), the missing range is read from the run's replay log first.
 
 One entry the store refuses never stops the recording: the batch is bisected, the rest recorded, and
 that entry moved to the dead-letter table (runbell.service.store.dead_letters). An outage of the
@@ -26,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
 from runbell.bus import keys
-from runbell.bus.schema import BadEvent, Envelope, decode_envelope
+from runbell.bus.schema import START, BadEvent, Envelope, decode_envelope
 from runbell.service.core.loops import Backoff, Once, Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.dead_letters import DeadLetters, Letter
@@ -183,16 +183,20 @@ class Recorder:
         self._skipped(reason, "recorder: skipping malformed entries (%s): %s", reason, detail[:300])
 
     async def _fill_gaps(self, envelopes: list[Envelope]) -> list[Letter]:
-        """Envelopes missing between the store's last seq of each run and the seqs in this batch,
-        read from the runs' replay logs (whatever of them is still there)."""
-        seqs: dict[RunKey, set[int]] = defaultdict(set)
+        """Envelopes missing between the store's last position of each run and the positions in this
+        batch, read from the runs' replay logs (whatever of them is still there). An epoch older than
+        the store's is not looked for: Redis lost its log with it."""
+        seqs: dict[tuple[RunKey, str], set[int]] = defaultdict(set)
         for envelope in envelopes:
-            seqs[(envelope.event.dag_id, envelope.event.run_id)].add(envelope.seq)
-        stored = await self.store.last_seqs(seqs)
+            seqs[((envelope.event.dag_id, envelope.event.run_id), envelope.epoch)].add(envelope.seq)
+        stored = await self.store.last_positions(run for run, _ in seqs)
         missing: list[Letter] = []
-        for run, run_seqs in seqs.items():
-            for first, last in gaps(stored.get(run, 0), run_seqs):
-                found = await self._read_log(run, first, last)
+        for (run, epoch), run_seqs in seqs.items():
+            last_stored = stored.get(run, START)
+            if epoch < last_stored.epoch:
+                continue
+            for first, last in gaps(last_stored.seq if epoch == last_stored.epoch else 0, run_seqs):
+                found = [letter for letter in await self._read_log(run, first, last) if letter.envelope.epoch == epoch]
                 missing.extend(found)
                 log.info("recorder: %s/%s: seq %d-%d missing from the stream, %d found in the replay log", *run, first, last, len(found))
         return missing

@@ -1,10 +1,11 @@
 """The gateway's durable store: every event once, each run's state and outcome, each task try.
 
 Redis keeps a run's replay log for a while; the store keeps it for good, so a caller who arrives
-after the log expired still gets the outcome. Writes are idempotent by (dag_id, run_id, seq) and
-safe when several gateway replicas record at once: events are inserted with ON CONFLICT DO NOTHING,
-and each run's row is locked (PostgreSQL: SELECT ... FOR UPDATE; SQLite: BEGIN IMMEDIATE) while its
-state is re-derived from all of its stored events.
+after the log expired still gets the outcome. Writes are idempotent by (dag_id, run_id, epoch, seq)
+(a run whose Redis state was lost numbers its events from 1 again in a new epoch: new events, not
+repeats; see runbell.bus.schema) and safe when several gateway replicas record at once: events are
+inserted with ON CONFLICT DO NOTHING, and each run's row is locked (PostgreSQL: SELECT ... FOR
+UPDATE; SQLite: BEGIN IMMEDIATE) while its state is re-derived from all of its stored events.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from runbell.bus.schema import (
+    START,
     Envelope,
     Event,
     EventKind,
+    Position,
     RunState,
     TaskState,
     envelope_json,
@@ -76,6 +79,7 @@ class RunRecord:
     backfill_id: str | None
     started_at: datetime | None
     ended_at: datetime | None
+    epoch: str  # the epoch of last_seq
     last_seq: int
     last_event_at: datetime
     outcome_status: str
@@ -89,8 +93,8 @@ class RunChange:
     """What one recording transaction did to a run, for the outbox."""
 
     run: RunKey
-    new: list[Envelope]  # the envelopes stored now, in seq order
-    history: list[Envelope]  # every stored envelope of the run, in seq order
+    new: list[Envelope]  # the envelopes stored now, in position order
+    history: list[Envelope]  # every stored envelope of the run, in position order
     decided: bool  # the outcome was pending before this transaction and is decided now
 
 
@@ -206,50 +210,50 @@ class Store:
         Returns the newly stored envelopes, in the order given (repeats within the call count once).
         The outbox, if any, enqueues their webhook messages in the same transaction.
         """
-        unique: dict[tuple[str, str, int], Envelope] = {}
+        unique: dict[tuple[str, str, str, int], Envelope] = {}
         for envelope in envelopes:
             unique.setdefault(_event_key(envelope), envelope)
         by_run: dict[RunKey, list[Envelope]] = defaultdict(list)
         for envelope in unique.values():
             by_run[_run_key(envelope.event)].append(envelope)
-        stored: set[tuple[str, str, int]] = set()
+        stored: set[tuple[str, str, str, int]] = set()
         changes: list[RunChange] = []
         enqueued = 0
         async with self._transaction(write=True) as conn:
             for run in sorted(by_run):  # one lock order for every writer: no deadlocks
-                seqs = await _record_run(conn, run, by_run[run], changes)
-                stored.update((*run, seq) for seq in seqs)
+                positions = await _record_run(conn, run, by_run[run], changes)
+                stored.update((*run, *position) for position in positions)
             if self.outbox is not None and changes:
                 enqueued = await self.outbox.enqueue(conn, changes)
         if enqueued and self.outbox is not None:
             self.outbox.committed(enqueued)
         return [envelope for key, envelope in unique.items() if key in stored]
 
-    async def events(self, dag_id: str, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[Envelope]:
-        """The run's stored envelopes with seq > after_seq, in seq order."""
+    async def events(self, dag_id: str, run_id: str, after: Position = START, limit: int | None = None) -> list[Envelope]:
+        """The run's stored envelopes after a position, in position order (epoch, then seq)."""
         query = (
             select(EventRow.envelope)
-            .where(EventRow.dag_id == dag_id, EventRow.run_id == run_id, EventRow.seq > after_seq)
-            .order_by(EventRow.seq)
+            .where(EventRow.dag_id == dag_id, EventRow.run_id == run_id, tuple_(EventRow.epoch, EventRow.seq) > tuple_(*after))
+            .order_by(EventRow.epoch, EventRow.seq)
             .limit(limit)
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).scalars().all()
         return [Envelope.model_validate_json(row) for row in rows]
 
-    async def last_seq(self, dag_id: str, run_id: str) -> int:
-        """The highest stored seq of the run; 0 when none is stored."""
-        return (await self.last_seqs([(dag_id, run_id)])).get((dag_id, run_id), 0)
+    async def last_position(self, dag_id: str, run_id: str) -> Position:
+        """The last stored position of the run; START when none is stored."""
+        return (await self.last_positions([(dag_id, run_id)])).get((dag_id, run_id), START)
 
-    async def last_seqs(self, runs: Iterable[RunKey]) -> dict[RunKey, int]:
-        """The highest stored seq of each of these runs that has any."""
+    async def last_positions(self, runs: Iterable[RunKey]) -> dict[RunKey, Position]:
+        """The last stored position of each of these runs that has any."""
         wanted = sorted(set(runs))
         if not wanted:
             return {}
-        query = select(Run.dag_id, Run.run_id, Run.last_seq).where(tuple_(Run.dag_id, Run.run_id).in_(wanted))
+        query = select(Run.dag_id, Run.run_id, Run.epoch, Run.last_seq).where(tuple_(Run.dag_id, Run.run_id).in_(wanted))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return {(row.dag_id, row.run_id): row.last_seq for row in rows}
+        return {(row.dag_id, row.run_id): Position(row.epoch, row.last_seq) for row in rows if row.last_seq > 0}
 
     async def get_run(self, dag_id: str, run_id: str) -> RunRecord | None:
         query = select(Run).where(Run.dag_id == dag_id, Run.run_id == run_id)
@@ -379,27 +383,29 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 # -- recording one run ----------------------------------------------------------------------------
 
 
-async def _record_run(conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: list[RunChange] | None = None) -> set[int]:
-    """Insert the run's new events and re-derive its row from all its events. Returns new seqs;
-    appends what changed to ``changes``."""
+async def _record_run(
+    conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: list[RunChange] | None = None
+) -> set[Position]:
+    """Insert the run's new events and re-derive its row from all its events. Returns the new
+    positions; appends what changed to ``changes``."""
     dag_id, run_id = run
     status_before = await _lock_run(conn, run, envelopes[0].event.ts)
-    new: set[int] = set()
+    new: set[Position] = set()
     for start in range(0, len(envelopes), INSERT_CHUNK):
         rows = [_event_row(envelope) for envelope in envelopes[start : start + INSERT_CHUNK]]
-        insert = dialect_insert(conn, EventRow).values(rows).on_conflict_do_nothing().returning(EventRow.seq)
-        new.update((await conn.execute(insert)).scalars())
+        insert = dialect_insert(conn, EventRow).values(rows).on_conflict_do_nothing().returning(EventRow.epoch, EventRow.seq)
+        new.update(Position(*row) for row in await conn.execute(insert))
     if not new:
         return new
-    query = select(EventRow.envelope).where(EventRow.dag_id == dag_id, EventRow.run_id == run_id).order_by(EventRow.seq)
+    query = select(EventRow.envelope).where(EventRow.dag_id == dag_id, EventRow.run_id == run_id).order_by(EventRow.epoch, EventRow.seq)
     history = [Envelope.model_validate_json(raw) for raw in (await conn.execute(query)).scalars()]
     values = _run_values(run, history)
     await conn.execute(update(Run).where(Run.dag_id == dag_id, Run.run_id == run_id).values(**values))
     if changes is not None:
         pending = OutcomeStatus.PENDING.value
         decided = status_before == pending and values["outcome_status"] != pending
-        changes.append(RunChange(run, [e for e in history if e.seq in new], history, decided))
-    touched = {_try_key(e.event) for e in envelopes if e.seq in new and e.event.kind is EventKind.TASK}
+        changes.append(RunChange(run, [e for e in history if e.position in new], history, decided))
+    touched = {_try_key(e.event) for e in envelopes if e.position in new and e.event.kind is EventKind.TASK}
     rows = _task_instance_rows(run, history, touched)
     if rows:
         insert = dialect_insert(conn, TaskInstance).values(rows)
@@ -438,17 +444,18 @@ def _event_row(envelope: Envelope) -> dict[str, Any]:
     return dict(
         dag_id=event.dag_id,
         run_id=event.run_id,
+        epoch=envelope.epoch,
         seq=envelope.seq,
         kind=event.kind.value,
         state=event.state,
         task_id=event.task_id,
         ts=clock.from_epoch(event.ts),
-        envelope=envelope_json(envelope.seq, event.to_json()),
+        envelope=envelope_json(envelope.seq, event.to_json(), envelope.epoch),
     )
 
 
 def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
-    """The runs row from all of the run's events (in seq order) and their outcome."""
+    """The runs row from all of the run's events (in position order) and their outcome."""
     outcome: Outcome = decide(history, *run)
     events = [envelope.event for envelope in history]
     run_events = [e for e in events if e.kind is EventKind.RUN]
@@ -469,6 +476,7 @@ def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
         backfill_id=latest["backfill_id"],
         started_at=clock.from_epoch(min(running)) if running else None,
         ended_at=clock.from_epoch(ended[-1]) if ended else None,
+        epoch=history[-1].epoch,
         last_seq=history[-1].seq,
         last_event_at=clock.from_epoch(max(e.ts for e in events)),
         outcome_status=outcome.status.value,
@@ -508,8 +516,8 @@ def _task_instance_rows(run: RunKey, history: list[Envelope], touched: set[tuple
     return rows
 
 
-def _event_key(envelope: Envelope) -> tuple[str, str, int]:
-    return envelope.event.dag_id, envelope.event.run_id, envelope.seq
+def _event_key(envelope: Envelope) -> tuple[str, str, str, int]:
+    return envelope.event.dag_id, envelope.event.run_id, envelope.epoch, envelope.seq
 
 
 def _run_key(event: Event) -> RunKey:

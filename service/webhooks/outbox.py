@@ -4,7 +4,7 @@ The outbox is written in the transaction that records events (``Store(url, outbo
 for every enabled endpoint whose filter matches, one message per new task or run event (when the
 endpoint subscribes to that kind) and one ``outcome`` message when the run's outcome is decided in
 that transaction. So no event is recorded without its deliveries, and since a message is unique by
-(endpoint, dag, run, seq, kind) and inserted with ON CONFLICT DO NOTHING, recording an event twice
+(endpoint, dag, run, epoch, seq, kind) and inserted with ON CONFLICT DO NOTHING, recording an event twice
 (two replicas, a re-delivered stream entry) enqueues nothing twice.
 
 A message's payload is fixed when it is enqueued, so every retry sends identical bytes:
@@ -12,7 +12,7 @@ A message's payload is fixed when it is enqueued, so every retry sends identical
     {"type": "run.outcome" | "task.state" | "run.state",
      "timestamp": "<ISO 8601 time of the event, or of the event that decided the outcome>",
      "data": {...the outcome as GET .../result answers 200, or the event as SSE data...,
-              "seq": N, "terminal": true|false}}
+              "epoch": "...", "seq": N, "terminal": true|false}}
 
 The dispatcher (dispatcher.py) claims due messages with a lease (claim), posts them
 and writes each attempt's verdict (finish); the admin API reads and replays through WebhookStore.
@@ -40,9 +40,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runbell.bus.schema import Envelope, EventKind
+from runbell.bus.schema import Envelope, EventKind, Position
 from runbell.service.core import clock
-from runbell.service.core.outcome import OutcomeStatus, decide
+from runbell.service.core.outcome import OutcomeFold
 from runbell.service.store.models import (
     ATTEMPTS,
     ENDPOINTS,
@@ -166,20 +166,19 @@ def event_message(envelope: Envelope) -> tuple[str, bool, str]:
     """(kind, terminal, payload) of a task or run event: the event as SSE data, plus terminal."""
     event = envelope.event
     terminal = event.run_state.terminal if event.kind is EventKind.RUN else event.task_state.terminal
-    data = {"seq": envelope.seq, **event.model_dump(mode="json", exclude_none=True)}
+    data = {"epoch": envelope.epoch, "seq": envelope.seq, **event.model_dump(mode="json", exclude_none=True)}
     return event.kind.value, terminal, _payload(event.kind.value, event.ts, data, envelope.seq, terminal)
 
 
-def outcome_message(change: RunChange) -> tuple[int, str] | None:
-    """(decided_seq, payload) of the run's outcome as it stood when it was decided (as the SSE
-    `outcome` event and the result endpoint give it), or None while it is pending."""
-    outcome = decide(change.history, *change.run)
-    if outcome.status is OutcomeStatus.PENDING or outcome.decided_seq is None:
-        return None
-    seq = outcome.decided_seq
-    at_decision = decide([e for e in change.history if e.seq <= seq], *change.run)
-    ts = next(e.event.ts for e in change.history if e.seq == seq)
-    return seq, _payload(WebhookKind.OUTCOME.value, ts, at_decision.model_dump(mode="json"), seq, True)
+def outcome_message(change: RunChange) -> tuple[Position, str] | None:
+    """(position of the deciding event, payload) of the run's outcome as it stood when it was
+    decided (as the SSE `outcome` event and the result endpoint give it), or None while it is pending."""
+    fold = OutcomeFold(*change.run)
+    for envelope in sorted(change.history, key=lambda e: e.position):
+        if fold.apply(envelope):
+            at_decision = fold.outcome.model_dump(mode="json")
+            return envelope.position, _payload(WebhookKind.OUTCOME.value, envelope.event.ts, at_decision, envelope.seq, True)
+    return None
 
 
 class WebhookOutbox:
@@ -200,14 +199,15 @@ class WebhookOutbox:
         now = clock.now()
         rows: list[dict[str, Any]] = []
 
-        def add(endpoint: Endpoint, change: RunChange, seq: int, kind: str, terminal: bool, payload: str) -> None:
+        def add(endpoint: Endpoint, change: RunChange, position: Position, kind: str, terminal: bool, payload: str) -> None:
             rows.append(
                 dict(
                     id=_new_id("msg_"),
                     endpoint_id=endpoint.id,
                     dag_id=change.run[0],
                     run_id=change.run[1],
-                    seq=seq,
+                    epoch=position.epoch,
+                    seq=position.seq,
                     kind=kind,
                     terminal=terminal,
                     payload=payload,
@@ -231,7 +231,7 @@ class WebhookOutbox:
                 if subscribed:
                     kind, terminal, payload = event_message(envelope)
                     for endpoint in subscribed:
-                        add(endpoint, change, envelope.seq, kind, terminal, payload)
+                        add(endpoint, change, envelope.position, kind, terminal, payload)
             if change.decided:
                 subscribed = [e for e in wanted if WebhookKind.OUTCOME.value in e.kinds]
                 decided = outcome_message(change) if subscribed else None

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from runbell.bus.schema import LEGACY_EPOCH, START, Position, parse_position
 from runbell.listeners.publisher import emit, emit_asset
 from runbell.service.client.client import SseParser
 from tests.conftest import RunningGateway
@@ -149,13 +150,14 @@ async def read_stream(
     them (paired), so a resume asks from the id before the last one and the event at that id, already
     had, is expected again once; anything else received twice is a duplicate."""
     reading, seen = Reading(), set()
-    last, names_at_last = start, set()
+    last = before_last = Position(LEGACY_EPOCH, start)  # ids are positions, EPOCH-SEQ; a bare start seq is legacy
+    names_at_last: set[str] = set()
     stop = stop or (lambda r: any(name == "end" for _, name, _ in r.events))
     while not stop(reading):
         assert reading.connections < connections, f"{path}: {connections} connections and still not done"
         reading.connections += 1
-        resume = last - 1 if paired and names_at_last else last
-        headers = {"Last-Event-ID": str(resume)} if resume > 0 else {}
+        resume = before_last if paired and names_at_last else last
+        headers = {"Last-Event-ID": str(resume)} if resume != START else {}
         parser = SseParser()
         try:
             async with http.stream("GET", path, headers=headers) as response:
@@ -169,18 +171,22 @@ async def read_stream(
                         break
                     if event.event == "ready":
                         continue  # an asset stream's start, with the id it resumed from
-                    seq, key = int(event.id), (int(event.id), event.event)
+                    if event.event == "recovery":  # a run's resume: where asked, so nothing was lost
+                        assert event.json()["recovered"], (path, event.data)
+                        continue
+                    position = parse_position(event.id)
+                    key = (position, event.event)
                     if key in seen:
-                        if not (seq == last and seq == resume + 1):
+                        if not (position == last and resume != last):
                             reading.duplicated += 1
                         continue
-                    if seq <= resume:
+                    if position <= resume:
                         reading.duplicated += 1  # sent although the client had it already
                     seen.add(key)
-                    if seq > last:
-                        last, names_at_last = seq, set()
+                    if position > last:
+                        before_last, last, names_at_last = last, position, set()
                     names_at_last.add(event.event)
-                    reading.events.append((seq, event.event, json.loads(event.data)))
+                    reading.events.append((position.seq, event.event, json.loads(event.data)))
                     if stop(reading):
                         break
         except httpx.TransportError:
@@ -512,7 +518,7 @@ async def test_long_poll_waiters_at_the_cap_all_time_out_free_their_slots_and_ne
         timed_out = time.monotonic()
         for run_id, answer in zip(runs, answers):
             assert answer.status_code == 202 and answer.headers["retry-after"] == "1", answer.text
-            assert answer.json() == {"status": "pending", "dag_id": DAG, "run_id": run_id, "run_state": "unknown", "seq": 0}
+            assert answer.json() == {"status": "pending", "dag_id": DAG, "run_id": run_id, "run_state": "unknown", "epoch": "", "seq": 0}
         await until(gauges_are(served.url, waiters=0, sse_clients=0), "slots released")
 
         for run_id in runs:

@@ -33,6 +33,7 @@ from runbell.bus.schema import (
     EventKind,
     Result,
     envelope_json,
+    parse_position,
 )
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher
@@ -173,7 +174,7 @@ async def settle(runs: list[Watched]) -> Tally:
             tally.outcomes_delivered += 1
             status, _, events = await w.stream
             assert status == 200
-            seqs = [int(e.id) for e in events if e.event in ("task", "run")]
+            seqs = [parse_position(e.id).seq for e in events if e.event in ("task", "run")]
             wanted = list(range(1, len(w.events) + 1))
             tally.lost += len(set(wanted) - set(seqs))
             tally.duplicated += len(seqs) - len(set(seqs))
@@ -181,7 +182,7 @@ async def settle(runs: list[Watched]) -> Tally:
             for seq, event in zip(seqs, (e for e in events if e.event in ("task", "run"))):
                 assert event.json()["id"] == w.events[seq - 1].id  # the run's own event, not an impostor
             outcomes = [e for e in events if e.event == "outcome"]
-            assert len(outcomes) == 1 and int(outcomes[0].id) == w.expected["decided_seq"]
+            assert len(outcomes) == 1 and parse_position(outcomes[0].id).seq == w.expected["decided_seq"]
             assert {k: outcomes[0].json().get(k) for k in w.expected} == w.expected
             tally.outcomes_delivered += 1
             assert [e.event for e in events][-1] == "end"
@@ -272,9 +273,9 @@ async def log_only(redis: aioredis.Redis, namespace: str, event: Event) -> bytes
     """publish.lua's seq, log and global-stream entry for the event, with its PUBLISH sent to a
     channel nobody listens on: the envelope, for the test to deliver later, in any order."""
     k = keys.run_keys(namespace, event.dag_id, event.run_id)
-    seq, new = await redis.eval(PUBLISH_LUA, 3, k.seq, k.log, k.ids, event.id, event.to_json(), 3600, f"{namespace}:void")
+    seq, new, epoch = await redis.eval(PUBLISH_LUA, 4, k.seq, k.log, k.ids, k.epoch, event.id, event.to_json(), 3600, f"{namespace}:void")
     assert new == 1
-    envelope = envelope_json(seq, event.to_json())
+    envelope = envelope_json(seq, event.to_json(), epoch.decode())
     await redis.xadd(keys.global_stream(namespace), {"env": envelope})
     return envelope.encode()
 
@@ -564,7 +565,7 @@ async def test_events_for_runs_nobody_waits_on(gateway, chaos_summary):
             assert set(hub.subscribers) <= watched_channels  # nothing subscribed for the strangers
             store = gateway.app.state.store
             async with asyncio.timeout(WAIT):
-                while min([await store.last_seq(DAG, s) for s in strangers]) < 2:
+                while min([(await store.last_position(DAG, s)).seq for s in strangers]) < 2:
                     await asyncio.sleep(0.05)
             await still_serving(gateway, http, "watched-after")
     finally:
@@ -618,7 +619,7 @@ async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gat
                 injected[reason] += 1
 
             async def settled() -> bool:
-                seqs = [await store.last_seq(DAG, w.run_id) for w in runs]
+                seqs = [(await store.last_position(DAG, w.run_id)).seq for w in runs]
                 return seqs == [len(w.events) for w in runs] and await caught_up(redis, gateway.namespace)
 
             async with asyncio.timeout(WAIT):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from runbell.bus.schema import parse_position
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.client.client import (
@@ -160,7 +161,7 @@ class Caller:
 
     def sse_counts(self) -> tuple[int, int]:
         """(missing, duplicated) events of an SSE client against its run's whole stream, by (event, seq)."""
-        seen = [(e.event, int(e.id)) for e in self.seen() if e.id is not None]
+        seen = [(e.event, parse_position(e.id).seq) for e in self.seen() if e.id is not None]
         missing = sum(1 for expected in EXPECTED_SSE if expected not in seen)
         duplicated = len(seen) - len(set(seen))
         return missing, duplicated
@@ -244,7 +245,7 @@ async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgre
         sse_callers = [c for c in callers if c.kind != "waiter"]
 
         async def all_saw_opening() -> bool:
-            return all(any(e.id == "3" for e in c.seen()) for c in sse_callers)
+            return all(any(e.id and e.id.endswith("-3") for e in c.seen()) for c in sse_callers)
 
         await until(all_saw_opening, "every SSE client has seq 3")
 
@@ -300,7 +301,7 @@ async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgre
     assert len(delivered) == len(callers), [(c.kind, c.run, c.first_gateway) for c, a in answers if a is None]
     assert not wrong, wrong
     for caller in sse_callers:  # each event once, in sequence order, no gaps; the outcome once, then the end
-        assert [(e.event, int(e.id)) for e in caller.seen() if e.id is not None] == EXPECTED_SSE, (
+        assert [(e.event, parse_position(e.id).seq) for e in caller.seen() if e.id is not None] == EXPECTED_SSE, (
             caller.kind,
             caller.run,
             caller.first_gateway,

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from runbell.bus import keys
-from runbell.bus.schema import decode_envelope
+from runbell.bus.schema import decode_envelope, parse_position
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import FLUSH_BUDGET_SECONDS, Publisher, emit
 from runbell.service.client.client import AsyncRunbellClient, Outcome
@@ -88,10 +88,11 @@ def correct(i: int, outcome: dict) -> bool:
 
 class RedisServer:
     """redis-server on a port of its own with an append-only file (fsync always, no snapshots), which
-    the test can hang, kill and start again on the same port and data."""
+    the test can hang, kill and start again on the same port and data; with ``persistent=False`` it
+    keeps nothing on disk at all (a restart starts it empty)."""
 
-    def __init__(self, directory: Path):
-        self.directory, self.port = directory, free_port()
+    def __init__(self, directory: Path, persistent: bool = True):
+        self.directory, self.port, self.persistent = directory, free_port(), persistent
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ class RedisServer:
                 "--dir",
                 str(self.directory),
                 "--appendonly",
-                "yes",
+                "yes" if self.persistent else "no",
                 "--appendfsync",
                 "always",
                 "--save",
@@ -149,17 +150,22 @@ class RedisServer:
         self.process.wait(20)
 
 
-@pytest.fixture
-def own_redis(tmp_path):
+def start_own_redis(directory: Path, persistent: bool = True):
+    """A started RedisServer, killed after the test (a missing redis-server fails under CI=true)."""
     if shutil.which("redis-server") is None:
         if IN_CI:
             pytest.fail("redis-server is not installed and CI=true forbids skipping", pytrace=False)
         pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis")
+    server = RedisServer(directory, persistent)
     server.start()
     yield server
     if server.process.poll() is None:
         server.kill()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    yield from start_own_redis(tmp_path / "redis")
 
 
 async def timed_emit(publisher: Publisher, i: int, event: dict) -> tuple[int | None, float]:
@@ -210,7 +216,9 @@ async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gate
         sources = {i: EventSource(http, [gateway.url], f"/v1/dags/{DAG}/runs/{run_id(i)}/events") for i in IN_FLIGHT}
         tasks = [*waiters.values(), *(asyncio.create_task(s.run()) for s in sources.values())]
         await until(lambda: holds(http, gateway.url, 2 * len(IN_FLIGHT)), "waiters and EventSources attached")
-        await until(lambda: all(any(e.id == "2" for e in s.events) for s in sources.values()), "every EventSource has seq 2")
+        await until(
+            lambda: all(any(e.id.endswith("-2") for e in s.events if e.id) for s in sources.values()), "every EventSource has seq 2"
+        )
 
         # The fault: Redis hangs (a publish meets its command timeout), then dies (connection refused).
         own_redis.hang()
@@ -259,7 +267,7 @@ async def test_redis_down_hooks_spool_and_callers_recover(own_redis, served_gate
         await http.aclose()
 
     expected_seqs = {i: list(range(1, len(events_of(i)) + 1)) for i in (*RECORDED, *IN_FLIGHT)}
-    sse = {i: [(e.event, int(e.id)) for e in s.events if e.id is not None] for i, s in sources.items()}
+    sse = {i: [(e.event, parse_position(e.id).seq) for e in s.events if e.id is not None] for i, s in sources.items()}
     sse_missing = sum(1 for i in IN_FLIGHT for pair in EXPECTED_SSE if pair not in sse[i])
     duplicated = (
         sum(len(seen) - len(set(seen)) for seen in sse.values())

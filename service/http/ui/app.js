@@ -9,7 +9,8 @@
 // sends Last-Event-ID; when it gives up (the gateway answered an error while restarting), the page
 // opens a new one with ?last_event_id= after a bounded backoff. Events are de-duplicated by id, so
 // a replay after any reconnect never shows an event twice, and nothing after the last one seen is
-// lost (the gateway replays from the run's log).
+// lost (the gateway replays from the run's log). An id is a position, EPOCH-SEQ: a newer epoch's
+// events (Redis lost the run's state and counted from 1 again) come after every older one.
 "use strict";
 
 (() => {
@@ -20,7 +21,7 @@
   const TOKEN_KEY = "runbell.token";
   const TERMINAL_RUN = new Set(["success", "failed"]);
   // What the live streams did, for whoever looks (the browser test does): opened, recovered by the page.
-  const stats = { opened: 0, reopened: 0, recovered: 0, duplicates: 0 };
+  const stats = { opened: 0, reopened: 0, recovered: 0, duplicates: 0, unrecovered: 0 };
   window.runbellStats = stats;
 
   // -- small helpers --------------------------------------------------------------------------
@@ -169,10 +170,18 @@
   // (de-duplicated by id); `end` closes it; `shutdown` and `error` events are handled here.
   // `probe()` decides what to do after the browser gave up: "reconnect", "done", "gone", "auth",
   // or "retry" (gateway still away; try again after the backoff).
+  // An SSE id as a position {epoch, seq} (a bare seq: the legacy epoch ""), or null; and their order.
+  const position = (id) => {
+    const m = /^(?:([0-9a-z]+)-)?([0-9]{1,18})$/.exec(id || "");
+    return m ? { epoch: m[1] || "", seq: Number(m[2]) } : null;
+  };
+  const positionText = (p) => (p.epoch ? `${p.epoch}-${p.seq}` : String(p.seq));
+  const isAfter = (a, b) => (a.epoch !== b.epoch ? a.epoch > b.epoch : a.seq > b.seq);
+
   class LiveStream {
     constructor({ path, types, onEvent, onEnd, onGone, probe, onReopen }) {
       Object.assign(this, { path, types, onEvent, onEnd, onGone, probe, onReopen });
-      this.lastId = 0;
+      this.last = null; // the newest position seen
       this.seen = new Set();
       this.failures = 0;
       this.opened = false;
@@ -188,7 +197,7 @@
     url() {
       const params = new URLSearchParams();
       if (token()) params.set("access_token", token());
-      if (this.lastId > 0) params.set("last_event_id", String(this.lastId));
+      if (this.last) params.set("last_event_id", positionText(this.last));
       const query = params.toString();
       return query ? `${this.path}?${query}` : this.path;
     }
@@ -211,6 +220,10 @@
       es.addEventListener("end", (event) => {
         if (es !== this.es) return;
         this.finish(parse(event.data));
+      });
+      es.addEventListener("recovery", (event) => {
+        // recovered: false: the gateway could not resume after our last id; the whole history follows.
+        if (es === this.es && !(parse(event.data) || {}).recovered) stats.unrecovered += 1;
       });
       es.addEventListener("shutdown", () => {
         if (es === this.es) setConn("reconnecting", "gateway restarting: reconnecting…");
@@ -235,17 +248,17 @@
     receive(es, type, event) {
       if (es !== this.es) return;
       const data = parse(event.data);
-      const id = Number(event.lastEventId || (data && data.seq));
-      if (Number.isFinite(id) && id > 0) {
-        const key = `${type}:${id}`;
+      const at = position(event.lastEventId) || (data && data.seq ? { epoch: data.epoch || "", seq: data.seq } : null);
+      if (at && at.seq > 0) {
+        const key = `${type}:${positionText(at)}`;
         if (this.seen.has(key)) { // a replay of what is already shown
           stats.duplicates += 1;
           return;
         }
         this.seen.add(key);
-        this.lastId = Math.max(this.lastId, id);
+        if (!this.last || isAfter(at, this.last)) this.last = at;
       }
-      this.onEvent(type, data, id);
+      this.onEvent(type, data, at);
     }
 
     async recover() {
@@ -661,7 +674,7 @@
     }
 
     appendEvent(type, data) {
-      const li = h("li", { dataset: { seq: data.seq, kind: type, state: data.state } },
+      const li = h("li", { dataset: { epoch: data.epoch || "", seq: data.seq, kind: type, state: data.state } },
         h("span", { class: "seq" }, `#${data.seq}`), " ",
         h("span", { class: "muted" }, fmtTime(data.ts)), " ",
         type === "task" ? h("b", null, taskLabel(data.task_id, data.map_index)) : h("b", null, "run"), " → ",
@@ -670,9 +683,10 @@
         data.error ? h("span", { class: "err" }, ` ${data.error.type}: ${data.error.message}`) : null,
         data.msg ? h("span", { class: "muted" }, ` ${data.msg}`) : null,
       );
-      // Keep the log in sequence order even if a replay delivered an older event late.
+      // Keep the log in position order even if a replay delivered an older event late.
+      const at = { epoch: data.epoch || "", seq: data.seq };
       let after = this.eventList.lastElementChild;
-      while (after && Number(after.dataset.seq) > data.seq) after = after.previousElementSibling;
+      while (after && isAfter({ epoch: after.dataset.epoch, seq: Number(after.dataset.seq) }, at)) after = after.previousElementSibling;
       this.eventList.insertBefore(li, after ? after.nextSibling : this.eventList.firstChild);
     }
 
