@@ -14,7 +14,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Sizes on the bus, bytes of JSON. An event must stay far below Redis' pub/sub output buffer limit
 # (32 MiB at once, or 8 MiB for 60 s, by default): past it Redis drops the gateway's subscription.
 RESULT_MAX_BYTES = 256 * 1024  # a larger result travels as a reference to its XCom
-EVENT_MAX_BYTES = 1024 * 1024  # a larger event is never published, and a gateway drops it
+EVENT_MAX_BYTES = 1024 * 1024  # a larger event is never published (gateways read up to the range's top)
 EVENT_MAX_BYTES_RANGE = (64 * 1024, 8 * 1024 * 1024)  # what either may be set to: room for every bounded field, under Redis' limit
 
 # (env var, meaning) of every setting read below: the README's settings table is generated from it

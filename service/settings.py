@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from runbell.bus.keys import DEFAULT_NAMESPACE
 from runbell.listeners.config import EVENT_MAX_BYTES, EVENT_MAX_BYTES_RANGE, HOOK_SETTINGS_DOC, RESULT_MAX_BYTES
@@ -28,6 +28,8 @@ from runbell.service.webhooks.target_guard import TargetPolicy
 
 
 class Settings(BaseModel):
+    model_config = ConfigDict(hide_input_in_errors=True)  # a bad RUNBELL_TOKENS must not print every token
+
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     redis_url: str | None = None  # None: Redis on localhost if it answers, else the embedded broker

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from runbell.bus import keys
 from runbell.bus.schema import Event, EventKind, Result, envelope_json
-from runbell.listeners.config import PublisherConfig
+from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, within_cap
 from runbell.service.client import cli
 from runbell.service.client.client import AsyncRunbellClient
@@ -143,7 +143,7 @@ def test_within_cap_leaves_an_event_that_fits_as_it_is():
 # -- the gateway's bus readers ---------------------------------------------------------------------
 
 
-async def test_an_event_over_the_cap_on_the_bus_is_a_bad_event_and_the_next_one_decides(gateway_factory):
+async def test_an_event_over_the_ceiling_on_the_bus_is_a_bad_event_and_the_next_one_decides(gateway_factory):
     gateway = await gateway_factory(**LIMITS)
     ns, run = gateway.namespace, keys.run_keys(gateway.namespace, "etl", "r1")
     big = Event(
@@ -153,7 +153,7 @@ async def test_an_event_over_the_cap_on_the_bus_is_a_bad_event_and_the_next_one_
         state="success",
         task_id="answer",
         result_task=True,
-        result=Result(value="x" * 100_000),
+        result=Result(value="x" * EVENT_MAX_BYTES_RANGE[1]),  # no publisher may send it, whatever its cap
     )
     r = aioredis.Redis.from_url(gateway.redis_url)
     try:
@@ -321,3 +321,28 @@ async def test_a_mapped_result_keeps_the_marker_of_any_referenced_value_and_reso
         resolved = (await client.get("/v1/dags/etl/runs/mapped/result", params={"timeout": 5, "resolve": "true"})).json()
     assert plain["result"] == [ref, {"small": 1}] and plain["result_task"]["is_ref"] is True
     assert resolved["result"] == [big, {"small": 1}] and resolved["result_ref"] == [ref]
+
+
+async def test_an_event_over_this_gateways_cap_but_within_the_ceiling_is_delivered_and_recorded(
+    gateway_factory, redis_url, namespace, tmp_path
+):
+    """A hook whose RUNBELL_EVENT_MAX_BYTES is set above the gateway's publishes an event the gateway's
+    POST would refuse: on the bus it is a valid event, delivered and recorded, never dropped."""
+    gateway = await gateway_factory(**LIMITS)
+    hook = Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path, event_max_bytes=4 * EVENT_MAX))
+    value = "y" * (2 * EVENT_MAX)
+    async with gateway.client(READ_TOKEN) as client:
+        waiter = asyncio.create_task(client.get("/v1/dags/etl/runs/wide/result", params={"timeout": 20}))
+        await until(lambda: gateway.app.state.hub.count >= 1)
+        event = Event(
+            kind=EventKind.TASK, dag_id="etl", run_id="wide", state="success", task_id="t", result_task=True, result=Result(value=value)
+        )
+        assert await asyncio.to_thread(hook.publish, event) == 1
+        response = await waiter
+    assert response.status_code == 200 and response.json()["result"] == value
+    store = gateway.app.state.store
+    for _ in range(500):
+        if stored := await store.events("etl", "wide"):
+            break
+        await asyncio.sleep(0.02)
+    assert [e.seq for e in stored] == [1]

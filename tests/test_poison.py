@@ -319,3 +319,24 @@ async def test_a_fault_that_passes_is_no_poison(client, store, namespace, monkey
     assert failures == [8, 4, 2, 1]  # then e5 alone again: recorded
     assert sum([len(await stored(store, f"r{i}")) for i in range(8)]) == 8
     assert await dead_letter_count(store) == 0
+
+
+async def test_a_row_stored_under_looser_bounds_never_freezes_its_run(store):
+    """A row recorded before the schema bounded msg (or by a gateway of an older version) is read as it
+    was stored: the run's new events are recorded and decide it, and its history stays readable."""
+    from sqlalchemy import update
+
+    first = Envelope(seq=1, event=Event(kind="run", dag_id=DAG, run_id="old", state="running", msg="m"))
+    assert await store.record([first])
+    old = json.loads(first.model_dump_json())
+    old["event"]["msg"] = "x" * 3000  # over today's bound: what an older gateway accepted
+    async with store.engine.begin() as conn:
+        await conn.execute(update(EventRow).where(EventRow.run_id == "old").values(envelope=json.dumps(old)))
+    with pytest.raises(ValueError):
+        Envelope.model_validate(old)  # today's schema refuses it
+    end = Envelope(seq=2, event=Event(kind="run", dag_id=DAG, run_id="old", state="success"))
+    assert await store.record([end]) == [end]
+    run = await store.get_run(DAG, "old")
+    assert run is not None and run.state == "success"
+    history = await store.events(DAG, "old")
+    assert [e.seq for e in history] == [1, 2] and history[0].event.msg == "x" * 3000

@@ -223,3 +223,12 @@ def test_webhook_schedule_is_checked():
     for bad in ("", "5,-1", "soon"):
         with pytest.raises(ValueError, match="RUNBELL_WEBHOOK_SCHEDULE"):
             Settings(webhook_schedule=bad)
+
+
+def test_a_bad_token_entry_is_refused_without_printing_the_tokens():
+    from runbell.service.settings import Settings
+
+    with pytest.raises(ValueError) as refused:
+        Settings(tokens="SuperSecretTok1:read,SuperSecretTok2:bogus")
+    assert "entry #2" in str(refused.value)
+    assert "SuperSecretTok" not in str(refused.value)

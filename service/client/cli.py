@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from runbell.service.core.redaction import install_log_redaction
     from runbell.service.http.app import create_app
-    from runbell.service.http.server import serve
+    from runbell.service.http.server import known_secrets, serve
     from runbell.service.live.broker import resolve_redis
     from runbell.service.settings import load_settings, serve_overrides, startup_line
 
@@ -155,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"runbell serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction(known_secrets(settings))  # before the first line: URLs may carry ?password=
     redis_url, embedded = resolve_redis(settings.redis_url)
     log.info("%s", startup_line(settings, redis_url, embedded is not None))
     app = create_app(settings.model_copy(update={"redis_url": redis_url}), embedded=embedded)

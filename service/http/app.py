@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from runbell.listeners.config import PublisherConfig
+from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
 from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
 from runbell.service.airflow.reconciler import Reconciler
@@ -187,7 +187,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.webhooks = WebhookStore(state.store)
     state.webhook_policy = TargetPolicy.from_setting(settings.webhook_allowed_hosts)
     state.hub = Hub(pubsub_client, state.metrics, buffer=settings.subscriber_buffer, max_subscribers=settings.max_subscribers)
-    cap = settings.event_max_bytes
+    # The bus readers take whatever a publisher may send (a hook's cap may be set above this gateway's,
+    # up to the ceiling): only an event over the ceiling is dropped. POST /v1/events keeps this gateway's cap.
+    cap = EVENT_MAX_BYTES_RANGE[1]
     state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store, max_event_bytes=cap)
     state.assets = AssetTopic(state.hub, state.redis, settings.namespace, max_event_bytes=cap)
     await state.hub.start()

@@ -145,7 +145,7 @@ class DeadLetters:
             # A re-delivered entry (a crash before its ack) is the same dead letter, tried once more.
             # (Or read again to fill a gap before a later event of its run.)
             upsert = insert.on_conflict_do_update(
-                index_elements=[DeadLetterRow.event_id],
+                index_elements=[DeadLetterRow.dag_id, DeadLetterRow.run_id, DeadLetterRow.event_id],
                 set_=dict(
                     stream_id=func.coalesce(insert.excluded.stream_id, DeadLetterRow.stream_id),
                     payload=insert.excluded.payload,

@@ -214,10 +214,12 @@ class DeadLetterRow(Base):
     """A stream entry the store refused on its own (migration 0005): kept, with why, until re-driven."""
 
     __tablename__ = "dead_letters"
-    __table_args__ = (UniqueConstraint("event_id", name="uq_dead_letters_event_id"),)
+    __table_args__ = (
+        UniqueConstraint("dag_id", "run_id", "event_id", name="uq_dead_letters_event"),
+    )  # ids are the publisher's: unique per run only
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    event_id: Mapped[str] = mapped_column(String(KEY_LENGTH))  # the event's id: a re-delivered entry is one row
+    event_id: Mapped[str] = mapped_column(String(KEY_LENGTH))  # the event's id: a re-delivered entry is one row of its run
     stream_id: Mapped[str | None] = mapped_column(String(KEY_LENGTH))  # None: read from the run's replay log
     dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     run_id: Mapped[str] = mapped_column(String(ID_LENGTH))

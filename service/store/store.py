@@ -11,6 +11,7 @@ UPDATE; SQLite: BEGIN IMMEDIATE) while its state is re-derived from all of its s
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import weakref
 from collections import defaultdict
@@ -23,18 +24,24 @@ from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config
+from pydantic import ValidationError
 from sqlalchemy import ColumnElement, String, bindparam, literal, or_, select, text, tuple_, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from runbell.bus.schema import (
+    LEGACY_EPOCH,
     START,
     Envelope,
+    ErrorInfo,
     Event,
     EventKind,
     Position,
+    Result,
+    ResultRef,
     RunState,
+    Source,
     TaskState,
     envelope_json,
 )
@@ -239,7 +246,7 @@ class Store:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).scalars().all()
-        return [Envelope.model_validate_json(row) for row in rows]
+        return [stored_envelope(row) for row in rows]
 
     async def last_position(self, dag_id: str, run_id: str) -> Position:
         """The last stored position of the run; START when none is stored."""
@@ -398,7 +405,7 @@ async def _record_run(
     if not new:
         return new
     query = select(EventRow.envelope).where(EventRow.dag_id == dag_id, EventRow.run_id == run_id).order_by(EventRow.epoch, EventRow.seq)
-    history = [Envelope.model_validate_json(raw) for raw in (await conn.execute(query)).scalars()]
+    history = [stored_envelope(raw) for raw in (await conn.execute(query)).scalars()]
     values = _run_values(run, history)
     await conn.execute(update(Run).where(Run.dag_id == dag_id, Run.run_id == run_id).values(**values))
     if changes is not None:
@@ -537,3 +544,24 @@ def _parse_time(value: str | None) -> datetime | None:
         return clock.parse(value)
     except ValueError:
         return None
+
+
+def stored_envelope(raw: str | bytes) -> Envelope:
+    """An envelope as the store kept it. Validated; but one recorded under an older, looser schema
+    (a msg longer than today's bound, say) is taken as it was stored: the store's history must stay
+    readable, and a run's new events must not be refused for what an old one holds."""
+    try:
+        return Envelope.model_validate_json(raw)
+    except ValidationError:
+        data = json.loads(raw)
+        return Envelope.model_construct(epoch=data.get("epoch", LEGACY_EPOCH), seq=data["seq"], event=_stored_event(data["event"]))
+
+
+def _stored_event(data: dict[str, Any]) -> Event:
+    fields = {**data, "kind": EventKind(data["kind"]), "source": Source(data.get("source", Source.HOOK.value))}
+    if isinstance(result := data.get("result"), dict):
+        ref = result.get("ref")
+        fields["result"] = Result.model_construct(**{**result, "ref": ResultRef.model_construct(**ref) if isinstance(ref, dict) else None})
+    if isinstance(error := data.get("error"), dict):
+        fields["error"] = ErrorInfo.model_construct(**error)
+    return Event.model_construct(**fields)

@@ -38,7 +38,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("dead_lettered_at", TIME, nullable=False),
         sa.Column("last_attempt_at", TIME, nullable=False),
-        sa.UniqueConstraint("event_id", name="uq_dead_letters_event_id"),
+        sa.UniqueConstraint("dag_id", "run_id", "event_id", name="uq_dead_letters_event"),
     )
 
 
