@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from runbell.bus import keys
-from runbell.bus.schema import decode_asset_envelope
+from runbell.bus.schema import decode_asset_envelope, parse_position
 from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import SseParser
 
@@ -114,7 +114,9 @@ def test_an_outlet_asset_event_reaches_long_poll_and_sse_attached_before_the_tri
     assert body["source_map_index"] == -1
     assert triggered <= body["ts"] <= arrived
 
-    assert [(name, event_id) for name, event_id, _ in stream] == [("ready", "0"), ("asset", "1")]
+    assert [name for name, _, _ in stream] == ["ready", "asset"]
+    asset_position = parse_position(stream[1][1])  # SSE ids are EPOCH-SEQ
+    assert asset_position is not None and asset_position.epoch and asset_position.seq == 1, stream
     assert stream[-1][2] == body  # the same event, as SSE data
 
     # One change, one event (on_asset_changed does not add a second), in the asset's replay log and

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from runbell.bus.schema import EventKind, RunState, TaskState
+from runbell.bus.schema import EventKind, RunState, TaskState, parse_position
 from runbell.listeners.propagation import doomed_task_ids
 from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import RunbellClient, RunPending
@@ -144,8 +144,10 @@ def _check_gateway(run: Run, final_wait_at: float, status: str, decided_by: str,
     assert polled.status == 200, polled.body
     assert (polled.body["status"], polled.body["decided_by"]) == (status, decided_by)
     assert streamed.body == polled.body
-    ids = [int(i) for kind, i in stream if kind in ("task", "run")]
-    assert ids == list(range(1, len(ids) + 1)), stream  # every event once, in order
+    positions = [parse_position(i) for kind, i in stream if kind in ("task", "run")]
+    assert all(p is not None for p in positions), stream
+    assert len({p.epoch for p in positions if p}) == 1, stream  # SSE ids are EPOCH-SEQ: one epoch (Redis kept its state)
+    assert [p.seq for p in positions if p] == list(range(1, len(positions) + 1)), stream  # every event once, in order
     assert stream[-1][0] == "end"
     _report(f"{name} via long-poll", final_wait_at - polled.at)
     _report(f"{name} via SSE", final_wait_at - streamed.at)
