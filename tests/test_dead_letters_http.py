@@ -137,10 +137,12 @@ async def test_dead_letters_are_listed_and_re_driven_by_an_admin(gateway_factory
             ("/v1/dead-letters/x/redrive", 400),
             ("/v1/dead-letters/%C2%B2/redrive", 400),
             ("/v1/dead-letters/99999/redrive", 404),
+            ("/v1/dead-letters/28115713436940/redrive", 404),  # past the id column (an int32 on PostgreSQL): no row's
+            ("/v1/dead-letters/1234567890123456789/redrive", 400),
         ):
             response = await http.post(path)
             assert response.status_code == status and response.json()["error"], (path, response.text)
-        for params in ({"limit": 0}, {"limit": 501}, {"after": -1}, {"limit": "²"}):
+        for params in ({"limit": 0}, {"limit": 501}, {"after": -1}, {"limit": "²"}, {"after": 2**31}):
             response = await http.get("/v1/dead-letters", params=params)
             assert response.status_code == 400, (params, response.text)
         again = (await http.post(f"/v1/dead-letters/{huge['id']}/redrive")).json()

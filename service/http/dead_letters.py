@@ -13,6 +13,7 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from runbell.bus.schema import INT_MAX
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import DeadLetterList, DeadLetterView, Redriven, RedrivenAll
 from runbell.service.http.errors import ApiError
@@ -20,7 +21,8 @@ from runbell.service.http.params import ascii_int, int_param
 from runbell.service.store.dead_letters import DeadLetters, is_outage
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
-ID_DIGITS = 18  # an id beyond this is no row's (and no int the database takes)
+ID_DIGITS = 18  # a longer id is a 400; a shorter one past MAX_ID is no row's (a 404)
+MAX_ID = INT_MAX  # the id column is an INTEGER (32 bits on PostgreSQL)
 
 T = TypeVar("T")
 
@@ -39,7 +41,7 @@ async def redrive_dead_letter(request: Request) -> Response:
     letter_id = ascii_int(raw, ID_DIGITS)
     if letter_id is None:
         raise ApiError(400, "bad_dead_letter_id", "a dead letter's id is a positive integer", accepted="integer >= 1")
-    letter = await unless_outage(dead.get(letter_id))
+    letter = await unless_outage(dead.get(letter_id)) if letter_id <= MAX_ID else None  # past the id column: no row's
     if letter is None:
         raise ApiError(404, "unknown_dead_letter", f"there is no dead letter {raw}")
     again = await unless_outage(dead.redrive(letter))
@@ -82,5 +84,5 @@ async def unless_outage(awaitable: Awaitable[T]) -> T:
 
 def parse_page(request: Request) -> tuple[int, int]:
     """after (a dead letter's id: those after it) and limit."""
-    after = int_param(request, "after", minimum=0, maximum=10**ID_DIGITS - 1, default=0)
+    after = int_param(request, "after", minimum=0, maximum=MAX_ID, default=0)
     return after, int_param(request, "limit", minimum=1, maximum=MAX_LIMIT, default=DEFAULT_LIMIT)

@@ -189,7 +189,12 @@ WEBHOOK_LIMIT = Param(
     "limit", "query", or_empty({"type": "integer", "minimum": 1, "maximum": webhooks.MAX_LIMIT, "default": webhooks.DEFAULT_LIMIT})
 )
 DEAD_LETTER_PAGE = (
-    Param("after", "query", or_empty(SEQ), "a dead letter's id: those after it (next_after of the previous call)"),
+    Param(
+        "after",
+        "query",
+        or_empty({"type": "integer", "minimum": 0, "maximum": dead_letters.MAX_ID}),
+        "a dead letter's id: those after it (next_after of the previous call)",
+    ),
     Param(
         "limit",
         "query",
