@@ -524,7 +524,7 @@ OPERATIONS: dict[str, Operation] = {
             404: failure("No such dead letter"),
             **STORE_DOWN,
         },
-        parameters=(Param("letter_id", "path", {"type": "integer", "minimum": 1}),),
+        parameters=(Param("letter_id", "path", {"type": "integer", "minimum": 1, "maximum": 10**dead_letters.ID_DIGITS - 1}),),
     ),
     "healthz": Operation("Liveness", None, {200: Answer("Up")}),
     "readyz": Operation(
