@@ -35,7 +35,7 @@ from runbell.bus.schema import (
     envelope_json,
     parse_position,
 )
-from runbell.listeners.config import PublisherConfig
+from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
@@ -395,7 +395,7 @@ async def test_oversized_messages_do_not_crash_or_stall_the_hub(gateway, chaos_s
     redis = aioredis.Redis.from_url(gateway.redis_url)
     hub = gateway.app.state.hub
     await until(hub.connected.is_set)
-    big = 8 * MIB
+    big = EVENT_MAX_BYTES_RANGE[1] + MIB  # over the most any publisher may send
     try:
         async with gateway.client() as http:
             await attached(gateway, http, runs)
@@ -598,7 +598,7 @@ async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gat
         ({"env": "not json"}, "json"),
         ({"env": b"\xff\xfe garbage"}, "json"),
         ({"env": "[" * 200_000}, "depth"),  # nested past the JSON parser's recursion limit
-        ({"env": "x" * (8 * MIB)}, "size"),  # over the event cap (and not JSON)
+        ({"env": "x" * (EVENT_MAX_BYTES_RANGE[1] + MIB)}, "size"),  # over the most any publisher may send (and not JSON)
         ({"env": "[]"}, "shape"),
         ({"env": raw_envelope(1, {**event_dict("stream-v"), "v": 0})}, "version"),
         ({"env": raw_envelope(-1, event_dict("stream-s"))}, "schema"),
