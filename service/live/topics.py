@@ -26,7 +26,7 @@ from runbell.bus.schema import (
     decode_asset_envelope,
     decode_envelope,
 )
-from runbell.service.live.hub import Hub, SharedReads, Signal, Subscription, Topic
+from runbell.service.live.hub import Hub, Signal, Subscription, Topic
 
 MISSING_HOLD_SECONDS = 60.0
 FIRST_EPOCHS_HELD = 10_000  # runs whose first epoch is remembered (then the oldest is forgotten)
@@ -84,7 +84,6 @@ class RunTopic(Topic[RunKey, Envelope]):
         self.max_event_bytes = max_event_bytes  # a larger event is a bad one: no publisher within the cap sent it
         self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds
         self.first_epochs: dict[RunKey, str] = {}  # runs whose Redis epoch the store has nothing before
-        self._reads: SharedReads[list[Envelope]] = SharedReads()
 
     def subscribe(self, dag_id: str, run_id: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[RunKey, Envelope]]:
         return self.hub.subscribe(self, (dag_id, run_id), after)
@@ -99,9 +98,6 @@ class RunTopic(Topic[RunKey, Envelope]):
         return self.channel((item.event.dag_id, item.event.run_id))
 
     async def read(self, key: RunKey, after: Position) -> list[Envelope]:
-        return await self._reads((key, after), lambda: self._read(key, after))
-
-    async def _read(self, key: RunKey, after: Position) -> list[Envelope]:
         envelopes = await _log_after(self.hub, self.client, keys.run_keys(self.namespace, *key), after, self.decode)
         first = envelopes[0].position if envelopes else None
         if self.archive is None or (first is not None and (first.follows(after) or self._starts_history(key, after, first))):
@@ -160,7 +156,6 @@ class AssetTopic(Topic[str, AssetEnvelope]):
         super().__init__(hub, keys.asset_channel_pattern(namespace))
         self.client, self.namespace = client, namespace
         self.max_event_bytes = max_event_bytes
-        self._reads: SharedReads[list[AssetEnvelope]] = SharedReads()
 
     def subscribe(self, name: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
         return self.hub.subscribe(self, name, after)
@@ -174,10 +169,7 @@ class AssetTopic(Topic[str, AssetEnvelope]):
     def channel_of(self, item: AssetEnvelope) -> str:
         return self.channel(item.event.asset.name)
 
-    async def read(self, key: str, after: Position) -> list[AssetEnvelope]:
-        return await self._reads((key, after), lambda: self._read(key, after))
-
-    async def _read(self, name: str, after: Position) -> list[AssetEnvelope]:
+    async def read(self, name: str, after: Position) -> list[AssetEnvelope]:
         return await _log_after(self.hub, self.client, keys.asset_keys(self.namespace, name), after, self.decode)
 
     async def current(self, name: str) -> Position:
