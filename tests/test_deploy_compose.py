@@ -115,6 +115,8 @@ def test_haproxy_sends_to_every_gateway_that_is_ready(stack: dict) -> None:
     assert int(re.search(r"timeout server (\d+)s", config)[1]) > 60 and int(re.search(r"timeout client (\d+)s", config)[1]) > 60
     assert "%HPO" in config and "httplog" not in config  # logs the path, never a query string's access_token
     lb = stack["services"]["lb"]
+    # HAProxy refuses to start when it cannot have two descriptors a connection (found by running it)
+    assert lb["ulimits"]["nofile"]["hard"] > 2 * int(re.search(r"maxconn (\d+)", config)[1])
     assert lb["volumes"] == ["./haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"]
 
 
@@ -266,3 +268,24 @@ def test_the_images_hold_no_secret_and_run_as_no_root() -> None:
     assert re.search(r"^ARG AIRFLOW_VERSION=3\.3\.2$", airflow, re.M) and "FROM apache/airflow:${AIRFLOW_VERSION}" in airflow
     # the hook is the base install: no extra, so none of the gateway's dependencies
     assert re.search(r'pip install --no-cache-dir "apache-airflow==\$\{AIRFLOW_VERSION\}" /tmp/runbell\b(?!\[)', airflow)
+
+
+def test_a_compose_gateways_environment_is_settings_the_gateway_accepts(stack: dict, tmp_path: Path) -> None:
+    """The image's ENV, the compose file's environment and the secret files of deploy/compose-secrets,
+    through the entrypoint: the settings `runbell serve` gets load and pass its start-up checks."""
+    from runbell.service.settings import load_settings
+
+    secrets = tmp_path / "secrets"
+    compose_secrets(secrets)
+    dockerfile = (DEPLOY / "gateway" / "Dockerfile").read_text()
+    image_env = dict(re.findall(r"(RUNBELL_[A-Z_]+)=(\S+)", dockerfile))
+    service_env = {k: v.replace("/run/secrets/", f"{secrets}/") for k, v in stack["services"]["gateway-1"]["environment"].items()}
+    done = entrypoint(tmp_path, **image_env, **service_env)
+    assert done.returncode == 0, done.stderr
+    env = dict(line.split("=", 1) for line in done.stdout.splitlines()[1:])
+    assert not any(name.endswith("_FILE") for name in env)
+    settings = load_settings(env=env)
+    settings.check()
+    assert (settings.host, settings.port) == ("0.0.0.0", 8080) and settings.token_secret is not None
+    assert settings.redis_url == (secrets / "gateway_redis_url").read_text().strip()
+    assert settings.database_url == (secrets / "gateway_database_url").read_text().strip()

@@ -237,3 +237,29 @@ def test_the_airflow_values_alternative_installs_the_hook_at_start() -> None:
     env = yaml.safe_load("\n".join(block))["env"]
     assert env[0]["name"] == "_PIP_ADDITIONAL_REQUIREMENTS" and env[0]["value"].startswith("runbell")
     assert "[" not in env[0]["value"].split("@")[0]  # the base install (the hook), no gateway extra
+
+
+@pytest.mark.parametrize("topology", ["single", "sentinel"])
+def test_the_pods_environment_is_settings_the_gateway_accepts(topology: str) -> None:
+    """The Deployment's env, with the chart-made Secret's keys put in, loads as the gateway's settings
+    and passes the checks `runbell serve` makes at start (a bad value under config fails here)."""
+    from runbell.service.settings import load_settings
+
+    manifests = render(ci_values(topology))
+    secret = manifests["Secret"]["stringData"]
+    env: dict[str, str] = {}
+    for name, entry in env_of(gateway_container(manifests)).items():
+        if "value" in entry:
+            env[name] = entry["value"]
+        elif entry["valueFrom"]["secretKeyRef"]["key"] in secret:
+            env[name] = secret[entry["valueFrom"]["secretKeyRef"]["key"]]
+        else:
+            assert entry["valueFrom"]["secretKeyRef"].get("optional") is True, name
+    settings = load_settings(env=env)
+    settings.check()
+    assert (settings.host, settings.port, settings.redis_url) == ("0.0.0.0", 8080, ci_values(topology)["secret"]["values"]["redisUrl"])
+    assert settings.database_url.startswith("postgresql://") and settings.tokens
+    bad = ci_values(topology) | {"config": {"RUNBELL_MAX_SUBSCRIBERS": "many"}}
+    env["RUNBELL_MAX_SUBSCRIBERS"] = env_of(gateway_container(render(bad)))["RUNBELL_MAX_SUBSCRIBERS"]["value"]
+    with pytest.raises(ValueError, match="max_subscribers"):
+        load_settings(env=env)
