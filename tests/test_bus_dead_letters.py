@@ -43,7 +43,18 @@ def malformed() -> dict[str, tuple[dict[bytes, bytes], str]]:
         "seq_0": ({b"env": envelope_json(0, json.dumps(event("seq-0"))).encode()}, "schema"),
         "too_large": ({b"env": b"{" + b"x" * (CEILING + ENVELOPE_OVERHEAD)}, "size"),
         "no_env_field": ({b"other": b"\x00"}, "field"),
+        "too_deep_to_encode": (
+            {b"env": envelope_json(1, json.dumps(event("deep", msg=None, result={"value": nested(400)}))).encode()},
+            "depth",
+        ),
     }
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 @pytest.mark.parametrize("seq, accepted", [(1, True), (INT_MAX, True), (2**31, False), (2**63, False), (0, False), (-1, False)])
@@ -102,7 +113,7 @@ async def test_malformed_entries_are_dead_lettered_once_and_the_recorder_goes_on
         else:
             assert (letter.raw, letter.raw_size) == (raw, len(raw)), name  # exactly: NUL and invalid UTF-8 too
     assert metrics.registry.get_sample_value("runbell_recorder_dead_letters_total") == len(bad)
-    assert rec.decode_errors == Counter({reason: 2 for reason in ("json", "shape", "size", "field")} | {"schema": 4})
+    assert rec.decode_errors == Counter({reason: 2 for reason in ("json", "shape", "size", "field", "depth")} | {"schema": 4})
 
     # Re-driven while still no event: it stays, with one more attempt.
     letter = by_stream[stream_ids["seq_2_31"]]
@@ -152,6 +163,7 @@ async def test_malformed_dead_letters_over_http_and_the_cli(gateway_factory, dat
         assert len(base64.b64decode(too_large["raw_base64"])) == RAW_PREFIX_MAX
         assert letters[stream_ids["not_an_envelope"]]["envelope"] == {"hello": "wor\x00ld"}  # what it holds, parsed
         assert letters[stream_ids["not_json"]]["envelope"] == "not json \x00\ufffd\ufffd{"  # as text, when it is not JSON
+        assert letters[stream_ids["too_deep_to_encode"]]["envelope"].startswith('{"seq":1,')  # as text, when too deep to answer
         metrics = (await http.get("/metrics")).text
         assert f"runbell_recorder_dead_letters_total {float(len(bad))}" in metrics
 

@@ -320,20 +320,34 @@ class DeadLetterView(BaseModel):
         fields = {**dataclasses.asdict(letter), "raw_truncated": letter.raw_truncated}
         raw = fields.pop("raw")
         if raw is None:
-            return cls.model_validate({**fields, "envelope": _parsed(letter.payload), "raw_base64": None})
+            return cls.model_validate({**fields, "envelope": _shown(letter.payload.encode()), "raw_base64": None})
         return cls.model_validate({**fields, "envelope": _shown(raw), "raw_base64": base64.b64encode(raw).decode()})
 
 
+SHOWN_DEPTH_MAX = 200  # pydantic answers at most ~250 levels, the answer's own (a few) included
+
+
 def _shown(raw: bytes) -> Any:
-    """An entry that is no event, for a person: its JSON if that can be answered again as JSON (not too
-    deep, no lone surrogate), else its text."""
+    """A dead letter's entry, for a person: its JSON if that can be answered again as JSON (not too
+    deep, no lone surrogate), else its text (an entry that is no event: raw_base64 has it exactly)."""
     text = raw.decode("utf-8", "replace")
     try:
         value = json.loads(text)
         json.dumps(value, ensure_ascii=False).encode()
     except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         return text
-    return value
+    return value if _depth(value) <= SHOWN_DEPTH_MAX else text
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, (list, dict)):
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class DeadLetterList(BaseModel):
