@@ -225,3 +225,26 @@ def test_dead_letters_from_before_0007_read_as_events_the_store_refused(database
     [letter] = asyncio.run(letters())
     assert (letter.reason, letter.event_id, letter.dag_id, letter.run_id, letter.seq, letter.raw) == ("store", "e1", DAG, "old", 1, None)
     asyncio.run(engine.dispose())
+
+
+async def test_a_page_of_dead_letters_is_bounded_in_bytes(store):
+    """Letters kept whole up to the readers' ceiling: a page stops before the bytes it holds pass
+    PAGE_BYTES_MAX (one letter at least), and says there is more."""
+    from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_KEPT_MAX, Rejected
+
+    dead = DeadLetters(store)
+    per_page = PAGE_BYTES_MAX // RAW_KEPT_MAX
+    entries = [Rejected(f"{i}-0", b"[" * RAW_KEPT_MAX, BadEvent("depth", "deep")) for i in range(1, per_page + 3)]
+    await dead.reject(entries)
+    seen, after, more = [], 0, True
+    while more:
+        letters, more = await dead.page(after=after, limit=50)
+        assert 1 <= len(letters) <= per_page and sum(len(d.raw) for d in letters) <= PAGE_BYTES_MAX
+        seen += [d.stream_id for d in letters]
+        after = letters[-1].id
+    assert seen == [e.stream_id for e in entries]
+    assert await dead.page(after=after, limit=50) == ([], False)
+    small = [Rejected(f"{i}-1", b"x", BadEvent("json", "x")) for i in range(3)]
+    await dead.reject(small)
+    letters, more = await dead.page(after=after, limit=3)
+    assert [d.stream_id for d in letters] == [e.stream_id for e in small] and more is False

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
 from runbell.bus.schema import AssetEvent, ResultRef
 from runbell.service.core import clock
 from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, Outcome, OutcomeStatus, ResultTask
-from runbell.service.store.dead_letters import RAW_KEPT_MAX, RAW_PREFIX_MAX, DeadLetter
+from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_KEPT_MAX, RAW_PREFIX_MAX, DeadLetter
 from runbell.service.store.store import RUN_STATES
 from runbell.service.webhooks.outbox import Attempt, Endpoint, Message, MessageStatus, WebhookKind
 
@@ -351,7 +351,9 @@ def _depth(value: Any) -> int:
 
 
 class DeadLetterList(BaseModel):
-    dead_letters: list[DeadLetterView] = Field(description="oldest first")
+    dead_letters: list[DeadLetterView] = Field(
+        description=f"oldest first: at most limit, and at most {PAGE_BYTES_MAX} bytes of entries (one at least), so a page may be shorter than limit"
+    )
     next_after: int | None = Field(description="pass as after for the next page; null: this was the last page")
 
 

@@ -31,8 +31,8 @@ T = TypeVar("T")
 async def list_dead_letters(request: Request) -> Response:
     dead = dead_letters(request)
     after, limit = parse_page(request)
-    letters = await unless_outage(dead.list(after=after, limit=limit))
-    next_after = letters[-1].id if len(letters) == limit else None
+    letters, more = await unless_outage(dead.page(after=after, limit=limit))
+    next_after = letters[-1].id if more else None
     return JSONResponse(DeadLetterList(dead_letters=[DeadLetterView.of(d) for d in letters], next_after=next_after).model_dump(mode="json"))
 
 
@@ -63,7 +63,7 @@ async def redrive_all(request: Request) -> Response:
     repeated with after=next_after until next_after is null."""
     dead = dead_letters(request)
     after, limit = parse_page(request)
-    letters = await unless_outage(dead.list(after=after, limit=limit))
+    letters, more = await unless_outage(dead.page(after=after, limit=limit))
     recorded = failed = 0
     for letter in letters:
         try:
@@ -75,7 +75,7 @@ async def redrive_all(request: Request) -> Response:
         else:
             failed += 1
     remaining = await unless_outage(dead.count())
-    next_after = letters[-1].id if len(letters) == limit else None
+    next_after = letters[-1].id if more else None
     return JSONResponse(RedrivenAll(recorded=recorded, failed=failed, remaining=remaining, next_after=next_after).model_dump(mode="json"))
 
 

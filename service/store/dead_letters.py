@@ -53,6 +53,7 @@ STORE_REFUSED = "store"  # the reason of a valid event the store refused (else a
 NOT_AN_EVENT = ""  # dag_id and run_id of an entry that is no event (its key: its stream id)
 RAW_KEPT_MAX = EVENT_MAX_BYTES_RANGE[1] + ENVELOPE_OVERHEAD  # the largest entry a reader decodes: kept whole
 RAW_PREFIX_MAX = 64 * 1024  # of a larger one, this many first bytes are kept (and its size)
+PAGE_BYTES_MAX = 16 * 1024 * 1024  # a page of dead letters holds at most this much entry (one at least)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class DeadLetter:
     @property
     def raw_truncated(self) -> bool:
         return self.raw is not None and self.raw_size is not None and len(self.raw) < self.raw_size
+
+
+Page = tuple[list[DeadLetter], bool]  # dead letters, and whether more follow them
 
 
 class StillMalformed(Exception):
@@ -244,11 +248,21 @@ class DeadLetters:
     # -- reading and re-driving -----------------------------------------------------------------
 
     async def list(self, *, after: int = 0, limit: int = 50) -> list[DeadLetter]:
-        """Dead letters with id > after, oldest first."""
-        query = select(DeadLetterRow).where(DeadLetterRow.id > after).order_by(DeadLetterRow.id).limit(limit)
+        """Dead letters with id > after, oldest first (a page: see page)."""
+        return (await self.page(after=after, limit=limit))[0]
+
+    async def page(self, *, after: int = 0, limit: int = 50) -> Page:
+        """Dead letters with id > after, oldest first: at most limit, and no more than PAGE_BYTES_MAX of
+        entries (payload and raw) unless one alone is; and whether there are more after them."""
+        size = func.length(DeadLetterRow.payload) + func.coalesce(func.length(DeadLetterRow.raw), 0)
+        sizes = select(DeadLetterRow.id, size).where(DeadLetterRow.id > after).order_by(DeadLetterRow.id).limit(limit + 1)
         async with self.store.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_dead_letter(row) for row in rows]
+            found = (await conn.execute(sizes)).all()
+            ids = _within_budget([(row[0], row[1]) for row in found[:limit]])
+            rows = (
+                (await conn.execute(select(DeadLetterRow).where(DeadLetterRow.id.in_(ids)).order_by(DeadLetterRow.id))).all() if ids else []
+            )
+        return [_dead_letter(row) for row in rows], len(ids) < len(found)
 
     async def get(self, letter_id: int) -> DeadLetter | None:
         async with self.store.engine.connect() as conn:
@@ -309,6 +323,18 @@ def _dead_letter(row: Any) -> DeadLetter:
         raw=None if row.raw is None else bytes(row.raw),  # memoryview on PostgreSQL's driver
         raw_size=row.raw_size,
     )
+
+
+def _within_budget(sizes: list[tuple[int, int]]) -> list[int]:
+    """The ids, in order, while their sizes add up to PAGE_BYTES_MAX at most (the first one always)."""
+    ids: list[int] = []
+    total = 0
+    for letter_id, size in sizes:
+        total += size
+        if ids and total > PAGE_BYTES_MAX:
+            break
+        ids.append(letter_id)
+    return ids
 
 
 def _decoded(letter: DeadLetter) -> Envelope:
