@@ -248,3 +248,18 @@ async def test_a_page_of_dead_letters_is_bounded_in_bytes(store):
     await dead.reject(small)
     letters, more = await dead.page(after=after, limit=3)
     assert [d.stream_id for d in letters] == [e.stream_id for e in small] and more is False
+
+
+async def test_an_entry_that_reads_as_an_event_now_is_recorded_by_a_redrive(store):
+    """An entry dead-lettered as no event that the schema reads now (e.g. a version a newer gateway
+    knows): a re-drive records it, exactly as it was sent, and removes the dead letter."""
+    from runbell.service.store.dead_letters import Rejected
+
+    dead = DeadLetters(store)
+    raw = envelope_json(1, json.dumps(event("now-valid", msg="a\x00b"))).encode()
+    await dead.reject([Rejected("5-0", raw, BadEvent("version", "unknown event version 2"))])
+    [letter] = await dead.list()
+    assert await dead.redrive(letter) is None
+    assert await dead.list() == []
+    [envelope] = await stored(store, "now-valid")
+    assert envelope.event.msg == "a\x00b"
