@@ -7,7 +7,8 @@ slashes and glob characters in an id cannot break the layout.
 An asset's keys share the tag ``{<name>}`` (percent-encoded the same way) under ``<ns>:asset:``, so
 they never match the run channels' pattern ``<ns>:run:*:ch``; the hub listens on a second pattern,
 ``<ns>:asset:*:ch``. Asset events go to a global stream of their own, ``<ns>:asset-events``: the
-run stream's readers (recorder, webhooks) take every entry there for a run's event.
+run stream's reader (the recorder; webhooks are written from the store) takes every entry there for a
+run's event. Nothing in the gateway reads the asset stream (capped, it is for other consumers).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def asset_stream(namespace: str) -> str:
 
 
 def global_stream(namespace: str) -> str:
-    """The capped stream of every event, read with consumer groups (recorder, webhooks)."""
+    """The capped stream of every run event, read with the recorder's consumer group."""
     return f"{namespace}:events"
 
 

@@ -272,7 +272,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     epoch: str = Field(default=LEGACY_EPOCH, max_length=EPOCH_MAX, pattern=EPOCH_PATTERN)
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT_MAX)  # the store's seq column is an INTEGER: a larger one is refused as read
     event: Event
 
     @property
