@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -130,6 +131,76 @@ def test_a_sequence_starting_again_under_an_old_epoch_gets_a_new_one(client, pub
     assert publisher.publish(run_event("success")) == 2
     last = client.get(k.epoch).decode()
     assert last > again and [e.position for e in logged(client, namespace)] == [Position(again, 1), Position(last, 2)]
+
+
+def test_another_redis_server_writing_a_run_makes_a_new_epoch_and_the_seq_goes_on(client, publisher, namespace):
+    """A restart from a stale snapshot or a promoted replica keeps the epoch but may have lost the last
+    seqs: the next events would repeat positions readers saw. Another server's run_id in the writer
+    key (what such a server finds) makes a new epoch; the seq is not reset."""
+    k = keys.run_keys(namespace, DAG, "r")
+    for event in (run_event("running"), run_event("running", task_id="t"), run_event("success", task_id="t")):
+        publisher.publish(event)
+    epoch = client.get(k.epoch).decode()
+    this_server = client.info("server")["run_id"]
+    assert client.get(k.writer).decode() == this_server and 0 < client.ttl(k.writer)  # it expires with the run
+    publisher.publish(run_event("running", task_id="u"))
+    assert client.get(k.epoch).decode() == epoch  # the same server: the same epoch
+
+    kept = client.xrange(k.log, max="0-2")  # the state another server was left with: seq 3 and 4 lost
+    client.delete(k.log)
+    for entry_id, fields in kept:
+        client.xadd(k.log, fields, id=entry_id)
+    client.set(k.seq, 2)
+    client.set(k.writer, "0" * 40)
+    assert publisher.publish(run_event("success", task_id="answer", result_task=True, result=Result(value=1, size=1))) == 3
+    assert publisher.publish(run_event("success")) == 4
+    new = client.get(k.epoch).decode()
+    assert new > epoch and client.get(k.writer).decode() == this_server
+    assert [e.position for e in logged(client, namespace)] == [
+        *(Position(epoch, seq) for seq in (1, 2)),
+        Position(new, 3),
+        Position(new, 4),
+    ]
+
+
+def test_state_from_before_writers_adopts_the_writer_and_keeps_its_epoch(client, publisher, namespace):
+    k = keys.run_keys(namespace, DAG, "r")
+    publisher.publish(run_event("running"))
+    epoch = client.get(k.epoch).decode()
+    client.delete(k.writer)  # written by a publisher from before writers were kept
+    assert publisher.publish(run_event("running", task_id="t")) == 2
+    assert client.get(k.epoch).decode() == epoch and client.get(k.writer) is not None
+    assert [e.position for e in logged(client, namespace)] == [Position(epoch, 1), Position(epoch, 2)]
+
+
+def test_a_new_epoch_follows_the_one_it_replaces_when_the_clock_is_behind(client, publisher, namespace):
+    k = keys.run_keys(namespace, DAG, "r")
+    publisher.publish(run_event("running"))
+    client.set(k.epoch, "7fffffffffff0")  # made by a server whose clock was far ahead of this one's
+    client.set(k.writer, "0" * 40)
+    publisher.publish(run_event("running", task_id="t"))
+    assert client.get(k.epoch).decode() == "7fffffffffff1"
+
+
+def test_an_assets_writer_never_expires_and_a_new_one_makes_a_new_epoch(client, publisher, namespace):
+    emit_asset("s3://lake/orders", publisher=publisher)
+    k = keys.asset_keys(namespace, "s3://lake/orders")
+    epoch = client.get(k.epoch).decode()
+    assert client.get(k.writer) is not None and client.ttl(k.writer) == -1
+    client.set(k.writer, "0" * 40)
+    assert emit_asset("s3://lake/orders", publisher=publisher) == 2
+    assert client.get(k.epoch).decode() > epoch
+
+
+def test_without_info_the_writer_is_empty_and_epochs_are_as_before(namespace, tmp_path):
+    """fakeredis (the development broker) has no INFO in Lua: no writer is kept, nothing changes."""
+    fake = fakeredis.FakeRedis()
+    k = keys.run_keys(namespace, DAG, "r")
+    pub = Publisher(PublisherConfig(redis_url="redis://fake", namespace=namespace, spool_dir=tmp_path, timeout_seconds=5), client=fake)
+    assert [pub.publish(e) for e in (run_event("running"), run_event("running", task_id="t"))] == [1, 2]
+    epoch = fake.get(k.epoch).decode()
+    assert fake.get(k.writer) is None
+    assert [e.position for e in logged(fake, namespace)] == [Position(epoch, 1), Position(epoch, 2)]
 
 
 def test_an_assets_epoch_never_expires(client, publisher, namespace):
