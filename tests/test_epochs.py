@@ -28,7 +28,10 @@ from runbell.bus.schema import (
 )
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, emit_asset
+from runbell.service.core.metrics import Metrics
 from runbell.service.core.outcome import OutcomeFold, decide
+from runbell.service.live.hub import Hub
+from runbell.service.live.topics import RunTopic
 from runbell.service.store.recorder import Recorder
 
 DAG = "etl"
@@ -254,6 +257,44 @@ async def test_the_recorder_stores_a_new_epoch_and_fills_its_gaps_from_its_own_l
         assert stored == [Position(old_epoch, 1), Position(old_epoch, 2), *(Position(new_epoch, s) for s in (1, 2, 3))]
         run = await store.get_run(DAG, "r")
         assert (run.outcome_status, run.outcome["result"], run.outcome["decided_epoch"]) == ("success", 9, new_epoch)
+    finally:
+        await aclient.aclose()
+        sync.close()
+
+
+# -- the hub's reads across a server that kept part of a run ------------------------------------------
+
+
+async def test_a_read_takes_what_the_store_has_beyond_a_log_that_went_back(redis_url, namespace, store, publisher, redis_cleanup):
+    """Redis came back with seq 1-2 of a run whose seq 3 the store recorded (a stale snapshot, a
+    promoted replica): a read from the start has seq 3 from the store, before and after the run goes on
+    in a new epoch, and a read after seq 2 has seq 3 too."""
+    aclient = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+    sync = redis.Redis.from_url(redis_url)
+    rec = Recorder(aclient, store, namespace, "replica-1", block_ms=100)
+    runs = RunTopic(Hub(aclient, Metrics()), aclient, namespace, archive=store)
+    k = keys.run_keys(namespace, DAG, "r")
+    try:
+        for event in (run_event("running"), run_event("running", task_id="t"), run_event("success", task_id="t")):
+            await asyncio.to_thread(publisher.publish, event)
+        while await rec.step():
+            pass
+        old = sync.get(k.epoch).decode()
+        kept = sync.xrange(k.log, max="0-2")  # what the other server holds: seq 1-2
+        sync.delete(k.log)
+        for entry_id, fields in kept:
+            sync.xadd(k.log, fields, id=entry_id)
+        sync.set(k.seq, 2)
+        sync.set(k.writer, "0" * 40)
+        everything = [Position(old, 1), Position(old, 2), Position(old, 3)]
+        for _ in range(2):  # the first read must not decide the log alone holds the run's history
+            assert [e.position for e in await runs.read((DAG, "r"), START)] == everything
+
+        await asyncio.to_thread(emit, DAG, "r", "success", task_id="answer", result_task=True, result=9, publisher=publisher)
+        new = sync.get(k.epoch).decode()
+        assert [e.position for e in await runs.read((DAG, "r"), START)] == [*everything, Position(new, 3)]
+        assert [e.position for e in await runs.read((DAG, "r"), Position(old, 2))] == [Position(old, 3), Position(new, 3)]
+        assert [e.position for e in await runs.read((DAG, "r"), Position(old, 3))] == [Position(new, 3)]
     finally:
         await aclient.aclose()
         sync.close()
