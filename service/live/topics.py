@@ -1,8 +1,10 @@
 """What the hub carries: runs and assets, two kinds of stream (``Topic``) registered with it.
 
 A run's stream is keyed by (dag_id, run_id); its replay log is Redis's, else the store (``archive``)
-for what Redis no longer holds: events that expired, and the epochs before the one Redis holds now
-(Redis lost the run's state; see runbell.bus.schema). An asset's is keyed by its name; its log is
+for what Redis no longer holds: events that expired, the epochs before the one Redis holds now
+(Redis lost the run's state; see runbell.bus.schema), and the last events of an epoch that Redis
+kept only part of (a stale snapshot, a promoted replica: the log then has a hole where it went on in
+a new epoch). An asset's is keyed by its name; its log is
 Redis's only (the store keeps runs).
 """
 
