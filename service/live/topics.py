@@ -4,8 +4,7 @@ A run's stream is keyed by (dag_id, run_id); its replay log is Redis's, else the
 for what Redis no longer holds: events that expired, the epochs before the one Redis holds now
 (Redis lost the run's state; see runbell.bus.schema), and the last events of an epoch that Redis
 kept only part of (a stale snapshot, a promoted replica: the log then has a hole where it went on in
-a new epoch). An asset's is keyed by its name; its log is
-Redis's only (the store keeps runs).
+a new epoch). An asset's is keyed by its name; its log is Redis's only (the store keeps runs).
 """
 
 from __future__ import annotations
