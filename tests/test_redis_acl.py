@@ -148,6 +148,8 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     admin.set(keys.idempotency_key(ns, "k"), "the gateway's")
     admin.set("foreign:secret", "not runbell's")
     assert hook_publisher(acl_redis, tmp_path).publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) == 1
+    # publish.lua may read INFO's server section (the writer of a run: a new epoch when it changes).
+    assert admin.get(keys.run_keys(ns, "d", "r").writer).decode() == admin.info("server")["run_id"]
     hook = redis.Redis.from_url(acl_redis.hook_url)
     refused = {
         "GET a gateway key": lambda: hook.get(keys.idempotency_key(ns, "k")),
@@ -164,6 +166,9 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
         "EVAL": lambda: hook.eval("return 1", 0),
         "SCRIPT FLUSH": lambda: hook.script_flush(),
         "ACL": lambda: hook.acl_list(),
+        "INFO": lambda: hook.info(),  # every section: keyspace, clients, ... (only "server" is granted)
+        "INFO keyspace": lambda: hook.info("keyspace"),
+        "INFO clients": lambda: hook.info("clients"),
         "XADD another namespace": lambda: hook.xadd("other:events", {"env": "{}"}),
         "PUBLISH another namespace": lambda: hook.publish("other:run:{d/r}:ch", "{}"),
     }
@@ -180,10 +185,10 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     sha = hook.script_load(PUBLISH_LUA)
     other = keys.run_keys("other", "d", "r")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        hook.evalsha(sha, 4, other.seq, other.log, other.ids, other.epoch, "id", "{}", 60, other.channel)
+        hook.evalsha(sha, 5, other.seq, other.log, other.ids, other.epoch, other.writer, "id", "{}", 60, other.channel)
     mine = keys.run_keys(ns, "d", "r2")
     with pytest.raises(redis.exceptions.ResponseError, match="can't publish to the channel"):
-        hook.evalsha(sha, 4, mine.seq, mine.log, mine.ids, mine.epoch, "id", "{}", 60, other.channel)
+        hook.evalsha(sha, 5, mine.seq, mine.log, mine.ids, mine.epoch, mine.writer, "id", "{}", 60, other.channel)
     # The real publisher of another namespace with the hook's user: refused, so it spools; nothing lands.
     elsewhere = hook_publisher(acl_redis, tmp_path / "elsewhere", namespace="other")
     assert elsewhere.publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) is None
@@ -211,6 +216,7 @@ def test_the_gateway_user_stays_in_its_namespace_and_runs_no_admin_commands(acl_
         lambda: gateway.execute_command("SHUTDOWN"),
         lambda: gateway.acl_setuser("x"),
         lambda: gateway.eval("return 1", 0),
+        lambda: gateway.info("keyspace"),
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             call()

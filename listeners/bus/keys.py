@@ -31,6 +31,11 @@ class RunKeys:
     # publish.lua reads it atomically with the seq on Redis Cluster too (a namespace key would sit in
     # another slot), and it also tells a run whose keys expired and started again apart.
     epoch: str
+    # The run_id of the Redis server process that last wrote the run (INFO server): when another one
+    # writes next (a restart from a snapshot, a promoted replica, which may hold only part of the
+    # run's writes), publish.lua makes a new epoch. Beside the epoch rather than in its value, so a
+    # gateway from before writers reads the epoch key as it always did.
+    writer: str
 
 
 def run_tag(dag_id: str, run_id: str) -> str:
@@ -39,7 +44,9 @@ def run_tag(dag_id: str, run_id: str) -> str:
 
 def run_keys(namespace: str, dag_id: str, run_id: str) -> RunKeys:
     base = f"{namespace}:run:{run_tag(dag_id, run_id)}"
-    return RunKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch")
+    return RunKeys(
+        seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch", writer=f"{base}:writer"
+    )
 
 
 def channel_pattern(namespace: str) -> str:
@@ -65,6 +72,7 @@ class AssetKeys:
     ids: str  # sorted set: event id scored by seq, for the same window, so a re-send is not logged twice
     channel: str  # pub/sub: the fast path
     epoch: str  # the asset's epoch, as a run's (never expires, as the seq)
+    writer: str  # the Redis server process that last wrote the asset, as a run's (never expires, as the epoch)
 
 
 def asset_tag(name: str) -> str:
@@ -73,7 +81,9 @@ def asset_tag(name: str) -> str:
 
 def asset_keys(namespace: str, name: str) -> AssetKeys:
     base = f"{namespace}:asset:{asset_tag(name)}"
-    return AssetKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch")
+    return AssetKeys(
+        seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch", writer=f"{base}:writer"
+    )
 
 
 def asset_channel_pattern(namespace: str) -> str:

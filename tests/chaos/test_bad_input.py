@@ -274,7 +274,9 @@ async def log_only(redis: aioredis.Redis, namespace: str, event: Event) -> bytes
     """publish.lua's seq, log and global-stream entry for the event, with its PUBLISH sent to a
     channel nobody listens on: the envelope, for the test to deliver later, in any order."""
     k = keys.run_keys(namespace, event.dag_id, event.run_id)
-    seq, new, epoch = await redis.eval(PUBLISH_LUA, 4, k.seq, k.log, k.ids, k.epoch, event.id, event.to_json(), 3600, f"{namespace}:void")
+    seq, new, epoch = await redis.eval(
+        PUBLISH_LUA, 5, k.seq, k.log, k.ids, k.epoch, k.writer, event.id, event.to_json(), 3600, f"{namespace}:void"
+    )
     assert new == 1
     envelope = envelope_json(seq, event.to_json(), epoch.decode())
     await redis.xadd(keys.global_stream(namespace), {"env": envelope})

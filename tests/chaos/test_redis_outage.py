@@ -89,10 +89,11 @@ def correct(i: int, outcome: dict) -> bool:
 class RedisServer:
     """redis-server on a port of its own with an append-only file (fsync always, no snapshots), which
     the test can hang, kill and start again on the same port and data; with ``persistent=False`` it
-    keeps nothing on disk at all (a restart starts it empty)."""
+    keeps nothing on disk at all (a restart starts it empty, or from a snapshot the test SAVEd). ``args``
+    are more of redis-server's options (``--replicaof``)."""
 
-    def __init__(self, directory: Path, persistent: bool = True):
-        self.directory, self.port, self.persistent = directory, free_port(), persistent
+    def __init__(self, directory: Path, persistent: bool = True, args: tuple[str, ...] = ()):
+        self.directory, self.port, self.persistent, self.args = directory, free_port(), persistent, args
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -117,6 +118,7 @@ class RedisServer:
                 "no",
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -145,18 +147,22 @@ class RedisServer:
             assert time.monotonic() < deadline, "redis-server did not stop"
             time.sleep(0.01)
 
+    def resume(self) -> None:
+        """SIGCONT: a hung server goes on."""
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(20)
 
 
-def start_own_redis(directory: Path, persistent: bool = True):
+def start_own_redis(directory: Path, persistent: bool = True, args: tuple[str, ...] = ()):
     """A started RedisServer, killed after the test (a missing redis-server fails under CI=true)."""
     if shutil.which("redis-server") is None:
         if IN_CI:
             pytest.fail("redis-server is not installed and CI=true forbids skipping", pytrace=False)
         pytest.skip("redis-server is not installed")
-    server = RedisServer(directory, persistent)
+    server = RedisServer(directory, persistent, args)
     server.start()
     yield server
     if server.process.poll() is None:
