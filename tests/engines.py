@@ -143,7 +143,8 @@ class RedisServer(ManagedProcess):
     the test can hang, kill and start again on the same port and data. By default it has an append-only
     file (fsync always, no snapshots); with ``persistent=False`` it keeps no data on disk (a restart
     starts it empty). ``args`` are extra command-line options; ``config`` is written to redis.conf and
-    loaded first (a sentinel needs a config file it can rewrite; ``sentinel=True`` runs one)."""
+    loaded first (a sentinel needs a config file it can rewrite; ``sentinel=True`` runs one). client()
+    and the readiness check log in as ``username``/``password`` when given."""
 
     def __init__(
         self,
@@ -154,8 +155,11 @@ class RedisServer(ManagedProcess):
         config: str | None = None,
         sentinel: bool = False,
         port: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ):
         self.directory, self.persistent, self.args, self.sentinel = directory, persistent, list(args), sentinel
+        self.username, self.password = username, password  # what client() logs in as (an ACL's user)
         self.port = port or free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.log = directory / "redis.log"
@@ -200,7 +204,8 @@ class RedisServer(ManagedProcess):
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A plain client of this one server (decoded strings), with short timeouts."""
-        options: dict = {"socket_timeout": 2, "socket_connect_timeout": 2, "decode_responses": True, **kwargs}
+        login = {"username": self.username, "password": self.password}
+        options: dict = {"socket_timeout": 2, "socket_connect_timeout": 2, "decode_responses": True, **login, **kwargs}
         return redis.Redis(host=HOST, port=self.port, **options)
 
     def info(self, section: str) -> dict:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from tests import engines
 from tests.engines import SERVED_BY, RedisCluster, SentinelGroup, wait_until
 
 KEYS = 300  # enough that every master of three gets some (each holds a third of the slots)
@@ -206,3 +207,15 @@ def test_gateways_behind_the_load_balancer_a_killed_one_is_taken_out(served_gate
         wait_until(lambda: balancer.stats()[gateways[0].address].status == "UP", "the restarted gateway back up")
         assert {http.get("/readyz").headers[SERVED_BY] for _ in range(4)} == {g.address for g in gateways}
     assert gateways[1].stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises it once shut down
+
+
+# -- a missing engine ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_ci", [False, True])
+def test_a_missing_binary_skips_off_ci_and_fails_under_ci(monkeypatch, in_ci):
+    monkeypatch.setattr(engines, "IN_CI", in_ci)
+    monkeypatch.setattr(engines.shutil, "which", lambda *args, **kwargs: None)
+    outcome = pytest.fail.Exception if in_ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="haproxy is not installed"):
+        engines.require_binary("haproxy")
