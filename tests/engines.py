@@ -4,7 +4,9 @@ balancer, and the process control they share with tests/served.py's gateways.
 Every engine runs as child processes of the test on free loopback ports, in a directory of the test's
 own (each process logs there; a failure message quotes the log). Each is a context manager: leaving it
 stops every process it started, by PID, whatever happened inside. A missing binary skips the test, or
-fails it under CI=true (tests/run installs HAProxy when it may).
+fails it under CI=true (tests/run installs HAProxy when it may). Every operation blocks until the
+engine is there (bounded, polling): from an async test, run it with asyncio.to_thread so that the
+test's own clients keep reading meanwhile.
 
     with RedisCluster(tmp_path / "cluster") as cluster:        # 3 masters, 3 replicas, slots all assigned
         cluster.url                                              # redis+cluster://127.0.0.1:P1,127.0.0.1:P2
