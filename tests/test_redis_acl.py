@@ -22,6 +22,7 @@ from runbell.bus.schema import Event, EventKind
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher, emit, emit_asset
 from tests.conftest import ADMIN_TOKEN, READ_TOKEN, TRIGGER_TOKEN, free_port
+from tests.engines import RedisServer
 from tests.readme_blocks import code_blocks, commands
 from tests.test_gateway import until, waiting
 
@@ -35,9 +36,12 @@ ADMIN = "user rbtest-admin on >admin-pw ~* &* +@all"  # the test's own operator,
 
 @dataclass
 class AclRedis:
-    port: int
+    server: RedisServer
     namespace: str
-    process: subprocess.Popen
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     def url(self, user: str, password: str) -> str:
         return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
@@ -51,7 +55,7 @@ class AclRedis:
         return self.url("runbell-gateway", GATEWAY_PASSWORD)
 
     def admin(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url("rbtest-admin", "admin-pw"))
+        return self.server.client(decode_responses=False)
 
 
 def render_acl(namespace: str, target: Path) -> str:
@@ -67,28 +71,18 @@ def render_acl(namespace: str, target: Path) -> str:
 @pytest.fixture
 def acl_redis(namespace, tmp_path):
     """A redis-server of this test's own on a free port, with the rendered ACL file (plus an admin user)."""
-    if not os.path.exists(REDIS_SERVER):
-        pytest.fail("redis-server is needed to test the ACL file", pytrace=False)
     acl_file = tmp_path / "users.acl"
     rendered = render_acl(namespace, acl_file)
     assert "HOOK_PASSWORD_SHA256" not in rendered and f"~{namespace}:*" in rendered and "~runbell:" not in rendered
     acl_file.write_text(rendered + ADMIN + "\n")
-    port = free_port()
-    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--aclfile", str(acl_file), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = AclRedis(port, namespace, process)
+    server = RedisServer(
+        tmp_path / "redis", persistent=False, args=["--aclfile", str(acl_file)], username="rbtest-admin", password="admin-pw"
+    )
+    server.start()
     try:
-        for _ in range(200):
-            try:
-                server.admin().ping()
-                break
-            except redis.ConnectionError:
-                assert process.poll() is None, process.stdout.read() if process.stdout else ""
-                subprocess.run(["sleep", "0.05"])
-        yield server
+        yield AclRedis(server, namespace)
     finally:
-        process.terminate()  # by its PID: this test's server only
-        process.wait(10)
+        server.ensure_stopped()  # by its PID: this test's server only
 
 
 def hook_publisher(server: AclRedis, tmp_path: Path, namespace: str | None = None) -> Publisher:

@@ -36,7 +36,8 @@ from runbell.service.client.client import AsyncRunbellClient
 from runbell.service.store.store import Store
 from tests.chaos.test_failover import EventSource, attached, until
 from tests.chaos.test_redis_data_loss import frames
-from tests.chaos.test_redis_outage import RedisServer, closing, opening, start_own_redis, succeeds
+from tests.chaos.test_redis_outage import closing, opening, succeeds
+from tests.engines import RedisServer, start_own_redis
 
 DAG = "chaos_redis_back"
 RUNS = range(4)
