@@ -327,3 +327,31 @@ async def test_a_topic_of_any_kind_is_fanned_out_alongside_runs(redis_url, names
         await hub.stop()
         await client.aclose()
         await pubsub_client.aclose()
+
+
+async def test_a_crowd_arriving_while_a_log_read_is_in_flight_shares_it(make_hub, monkeypatch):
+    """Waiters on one run come one request at a time, each reading the log as soon as it registers:
+    while nothing went by live on the run since a read started, they all join that read."""
+    parts = await make_hub()
+    for i in range(3):
+        await parts.emit("crowd", task_id=f"t{i}", try_number=1)
+    gate, real_xrange, calls = asyncio.Event(), parts.client.xrange, []
+
+    async def gated_xrange(*args, **kwargs):
+        calls.append(1)
+        await gate.wait()
+        return await real_xrange(*args, **kwargs)
+
+    monkeypatch.setattr(parts.client, "xrange", gated_xrange)
+
+    async def waiter() -> list[int]:
+        async with parts.runs.subscribe(DAG, "crowd") as sub:
+            return [item.seq for item in await sub.backlog()]
+
+    crowd = []
+    for _ in range(10_000):  # each in its own turn of the loop, as requests arrive
+        crowd.append(asyncio.create_task(waiter()))
+        await asyncio.sleep(0)
+    gate.set()
+    assert all(seqs == [1, 2, 3] for seqs in await asyncio.gather(*crowd))
+    assert len(calls) == 1

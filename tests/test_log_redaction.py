@@ -279,3 +279,12 @@ def test_the_redis_and_database_passwords_are_masked_wherever_they_appear():
     redactor = Redactor(known_secrets(settings))
     assert redactor(f"dsn host=db password={DATABASE_PASSWORD} auth {REDIS_PASSWORD}@x") == f"dsn host=db password={MASK} auth {MASK}"
     assert REDIS_PASSWORD not in repr(PublisherConfig(redis_url=redis_url))
+
+
+def test_a_database_password_with_a_slash_is_masked_wherever_it_appears():
+    """SQLAlchemy reads a password up to the "@" ("/" included, as in base64 ones), urllib sees
+    none in such a URL: the gateway connects with it, and must not log it (the startup line)."""
+    password = "Zm9v/YmFy+c2VjcmV0="
+    settings = Settings(no_auth=True, database_url=f"postgresql://runbell:{password}@db:5432/runbell")
+    redactor = Redactor(known_secrets(settings))
+    assert password not in redactor(f"could not connect to postgresql://runbell:{password}@db:5432/runbell (password={password})")

@@ -91,11 +91,26 @@ def url_label(url: str | httpx.URL) -> str:
     return f"{parsed.scheme}://{host}" + (f":{parsed.port}" if parsed.port else "")
 
 
+# scheme://user:password@ as SQLAlchemy reads it: the password runs to the "@", a "/" in it (base64
+# passwords hold them) included, where urllib sees no password at all.
+_DRIVER_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)@")
+
+
+def url_password(url: str) -> str | None:
+    """The password of a Redis or database URL, as urllib reads it, else as SQLAlchemy does."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # not a URL that can be split: the driver's reading still may find one
+        password = None
+    found = _DRIVER_PASSWORD.match(url)
+    return password if password is not None else found.group(2) if found else None
+
+
 def without_password(url: str) -> str:
     """A URL fit for a log line (a Redis or database URL): any password replaced by ***."""
     parts = urlsplit(url)
     if parts.password is None:
-        return url
+        return _DRIVER_PASSWORD.sub(rf"\g<1>{MASK}@", url, count=1)
     netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
     return urlunsplit(parts._replace(netloc=netloc))
 

@@ -8,13 +8,13 @@ import contextlib
 import gc
 import socket
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from runbell.service.core.redaction import install_log_redaction
+from runbell.service.core.redaction import install_log_redaction, url_password
 from runbell.service.http.errors import error_response
 from runbell.service.settings import Settings
 
@@ -126,10 +126,7 @@ def known_secrets(settings: Settings) -> list[str]:
             secrets.append(secret.get_secret_value())
     # A password of the Redis or database URL, also where a driver prints it outside a URL.
     for url in (settings.redis_url, settings.database_url):
-        try:
-            password = urlsplit(url).password if url else None
-        except ValueError:  # not a URL that can be split: the patterns still see one's password
-            password = None
+        password = url_password(url) if url else None
         if password:
             secrets += [password, unquote(password)]
     return secrets

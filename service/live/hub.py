@@ -112,9 +112,12 @@ class Topic(ABC, Generic[K, T]):
 class SharedReads(Generic[R]):
     """The same read asked by many callers at once (a crowd waiting on one run) is made once.
 
-    A caller joins a read in flight only when that read started after the caller began to need it
-    (``since``, a ticket from ``ticket()``): a read started earlier may have been answered before an
-    event that the caller, registered later, was never offered live, and would hide that event."""
+    A caller joins a read in flight only when that read started after ``since`` (a ticket from
+    ``ticket()``): a read started earlier may have been answered before an event that the caller was
+    never offered live, and would hide that event. The caller passes the earlier of when it began to
+    need the read and when anything last went by live on its stream (``Hub.live_marks``): a read
+    started after both misses nothing the caller was not offered, so a crowd arriving on a quiet run
+    shares one read."""
 
     def __init__(self) -> None:
         self._inflight: dict[Hashable, tuple[int, asyncio.Future[R]]] = {}
@@ -147,6 +150,7 @@ class Subscription(Generic[K, T]):
 
     def __init__(self, hub: Hub, topic: Topic[K, T], key: K, after: Position):
         self.hub, self.topic, self.key = hub, topic, key
+        self.channel = topic.channel(key)
         self.last = after
         # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
         # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
@@ -213,7 +217,8 @@ class Subscription(Generic[K, T]):
     async def _replay(self) -> None:
         """Read the log after the last position into the ready queue (while Redis is down, keep
         trying: the caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
-        topic, key, after, since = self.topic, self.key, self.last, self._since
+        topic, key, after = self.topic, self.key, self.last
+        since = min(self._since, self.hub.live_marks.get(self.channel, self._since))
         self._ready.extend(
             await keep_trying(
                 lambda: self.hub.reads((topic, key, after), lambda: topic.read(key, after), since),
@@ -292,6 +297,9 @@ class Hub:
         self.reads: SharedReads[list[Any]] = SharedReads()  # log reads, shared by a stream's crowd
         self.subscribers: dict[str, set[Subscription[Any, Any]]] = {}  # by channel name
         self.heard: dict[str, float] = {}  # channel -> when its last event (or first subscriber) came
+        # channel -> ticket of its last item offered live (or first subscriber, or re-subscription):
+        # a log read started after it misses nothing its subscribers were not offered live.
+        self.live_marks: dict[str, int] = {}
         self.count = 0
         self.connected = asyncio.Event()
         self.draining = False
@@ -331,11 +339,12 @@ class Hub:
     async def subscribe(self, topic: Topic[K, T], key: K, after: Position = START) -> AsyncIterator[Subscription[K, T]]:
         """Register a subscriber to one stream (before its log is read; closed at once while
         draining), and always unregister it."""
-        channel = topic.channel(key)
         sub = Subscription(self, topic, key, after)
+        channel = sub.channel
         if self.draining:
             sub.close(Signal.DRAIN)
         self.heard.setdefault(channel, time.monotonic())
+        self.live_marks.setdefault(channel, ticket())
         self.subscribers.setdefault(channel, set()).add(sub)
         self.count += 1
         try:
@@ -348,6 +357,7 @@ class Hub:
                 if not subs:
                     del self.subscribers[channel]
                     self.heard.pop(channel, None)
+                    self.live_marks.pop(channel, None)
 
     def silent(self, topic: Topic[K, Any], longer_than: float) -> list[tuple[K, float]]:
         """(key, seconds silent) of the topic's streams waited on here that had no item for a while."""
@@ -414,6 +424,7 @@ class Hub:
         if not subs:
             return  # nobody here waits on this stream: not even decoded
         self.heard[channel] = time.monotonic()
+        self.live_marks[channel] = ticket()
         try:
             item = topic.decode(data)
         except BadEvent as exc:
@@ -438,6 +449,8 @@ class Hub:
             asyncio.get_running_loop().call_soon(gc.enable)
 
     def _broadcast(self, signal: Signal, close: bool = False) -> None:
+        for channel in self.live_marks:
+            self.live_marks[channel] = ticket()
         for subs in list(self.subscribers.values()):
             for sub in list(subs):
                 if close:
