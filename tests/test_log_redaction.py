@@ -288,3 +288,51 @@ def test_a_database_password_with_a_slash_is_masked_wherever_it_appears():
     settings = Settings(no_auth=True, database_url=f"postgresql://runbell:{password}@db:5432/runbell")
     redactor = Redactor(known_secrets(settings))
     assert password not in redactor(f"could not connect to postgresql://runbell:{password}@db:5432/runbell (password={password})")
+
+
+def test_a_generic_url_password_with_a_slash_is_masked_and_a_path_is_kept():
+    """Not a configured password: the shape alone masks it, as the driver reads it (up to the "@"),
+    while a URL without userinfo keeps its port and path, an "@" in the path included."""
+    assert redact("postgresql://app:pa/ss@db:5432/runbell") == f"postgresql://app:{MASK}@db:5432/runbell"
+    assert redact("redis://:Zm9v/YmFy=@redis:6379/0 down") == f"redis://:{MASK}@redis:6379/0 down"
+    for kept in ("https://example.com:8443/users/@alice/x", "https://example.com/a:b@c", "see https://registry:443/@scope/pkg@1.0"):
+        assert redact(kept) == kept
+
+
+def test_a_format_string_holding_a_secret_is_masked_and_still_formats():
+    install_log_redaction()
+    logger = logging.getLogger("runbell.test_redaction")
+    record = logger.makeRecord(
+        "runbell.test_redaction", logging.INFO, __file__, 1, "connecting to redis://app:hunter2pass@redis:6379/0 as %s", ("me",), None
+    )
+    assert record.getMessage() == f"connecting to redis://app:{MASK}@redis:6379/0 as me"
+    record = logger.makeRecord("runbell.test_redaction", logging.INFO, __file__, 1, "GET /x?token=abc123%s (%d)", ("&limit=5", 2), None)
+    assert record.getMessage() == f"GET /x?token={MASK}&limit=5 (2)"
+    record = logger.makeRecord(
+        "runbell.test_redaction", logging.INFO, __file__, 1, "%(who)s via Bearer s3cr3tvalue %%", ({"who": "me"},), None
+    )
+    assert record.getMessage() == f"me via Bearer {MASK} %"
+
+
+def test_a_python_warning_is_logged_and_redacted():
+    """warnings.warn writes to stderr, past logging: once redaction is installed they go through it."""
+    import warnings
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("py.warnings")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():  # pytest records warnings in its own way: put back when done
+            warnings.simplefilter("always")
+            logging.captureWarnings(False)  # as in a new process
+            install_log_redaction()
+            try:
+                warnings.warn("retrying https://u:warnpass99@db.example/x?token=warntoken77", UserWarning, stacklevel=1)
+            finally:
+                logging.captureWarnings(False)
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert f"https://u:{MASK}@db.example/x?token={MASK}" in output, output
+    assert "warnpass99" not in output and "warntoken77" not in output

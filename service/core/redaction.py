@@ -7,9 +7,11 @@ which sees every record of every logger before any handler formats it, rewrites 
 arguments, the traceback and the stack: the value of every secret-looking query parameter, bearer
 and basic credentials, URL passwords (and a lone user name, often a token), the path of URLs of
 services whose webhook URL is its own key (Slack, Discord, Teams, Telegram...), JWTs, webhook
-secrets, and the configured secrets themselves. Fields given with `extra=` (which a JSON formatter
-prints) are redacted too, and a URL object logged as an argument (httpx's request line) is reduced to
-its label: a webhook target's path may be its key, whoever receives it.
+secrets, and the configured secrets themselves; a format string too, between its placeholders.
+Fields given with `extra=` (which a JSON formatter prints) are redacted too, and a URL object logged
+as an argument (httpx's request line) is reduced to its label: a webhook target's path may be its
+key, whoever receives it. Python warnings, which would go to stderr past every record, are routed
+through logging.
 
 The rest of the code does not lean on this net: it logs a target by its label (`url_label`) and a
 URL with a password without it (`without_password`).
@@ -39,7 +41,9 @@ _KEY_IN_PATH_HOST = (
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"(?i)([?&;]{_SECRET_NAME}=)[^&\s#\"'<>]+"), rf"\g<1>{MASK}"),
     (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+"), rf"\g<1>\g<2>{MASK}"),
-    (re.compile(r"(?i)(://[^/\s:@]*:)[^/\s@]+@"), rf"\g<1>{MASK}@"),  # scheme://user:password@host
+    # scheme://user:password@host, the password up to the "@" as drivers read it ("/" included: base64
+    # ones hold them), unless it reads as a port and a path (host:8443/users/@alice has no userinfo).
+    (re.compile(r"(?i)(://[^/\s:@]*:)(?!\d*/)[^\s@]+@"), rf"\g<1>{MASK}@"),
     (re.compile(r"(?i)(://)[^/\s:@]+@"), rf"\g<1>{MASK}@"),  # scheme://token@host: a lone user name is often a key
     (re.compile(rf"(?i)(://{_KEY_IN_PATH_HOST}(?::\d+)?/)[^\s\"'<>]+"), rf"\g<1>{MASK}"),  # the path is the key
     (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), MASK),  # a JWT, wherever it is
@@ -128,6 +132,9 @@ def install_log_redaction(known: Iterable[str] = ()) -> None:
     """Redact every log record made from now on in this process (idempotent; `known` adds secrets)."""
     global _redactor, _installed
     _redactor = Redactor([*_redactor.known, *known])
+    # warnings.warn writes to stderr past every log record; routed through logging ("py.warnings"),
+    # its text is an argument of a record, and redacted as one.
+    logging.captureWarnings(True)
     if _installed:
         return
     _installed = True
@@ -162,11 +169,17 @@ def install_log_redaction(known: Iterable[str] = ()) -> None:
     logging.Logger.makeRecord = redacted_logger_record  # type: ignore[method-assign]
 
 
+# A %-placeholder of a format string (printf-style, as logging formats): never masked.
+_PLACEHOLDER = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?[diouxXeEfFgGcrsa%]")
+
+
 def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
     """Mask secrets in the record's message, arguments (kept as arguments: uvicorn's access log
-    formatter unpacks them), traceback and stack. A format string with arguments is left whole: the
-    secrets are in the arguments, and masking a placeholder would break the formatting."""
-    if not record.args or not isinstance(record.msg, str):
+    formatter unpacks them), traceback and stack. A format string with arguments is masked between
+    its placeholders, so that the formatting still finds each of them."""
+    if record.args and isinstance(record.msg, str):
+        record.msg = _format_string(record.msg, redactor)
+    else:
         record.msg = _arg(record.msg, redactor)
     if isinstance(record.args, Mapping):
         record.args = {key: _arg(value, redactor) for key, value in record.args.items()}
@@ -176,6 +189,15 @@ def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
         record.exc_text = redactor(logging.Formatter().formatException(record.exc_info))
     if record.stack_info:
         record.stack_info = redactor(record.stack_info)
+
+
+def _format_string(msg: str, redactor: Redactor) -> str:
+    """The format string with the text between its placeholders redacted, the placeholders kept."""
+    parts, start = [], 0
+    for placeholder in _PLACEHOLDER.finditer(msg):
+        parts += [redactor(msg[start : placeholder.start()]), placeholder.group()]
+        start = placeholder.end()
+    return "".join([*parts, redactor(msg[start:])])
 
 
 def _arg(value: Any, redactor: Redactor) -> Any:
