@@ -263,3 +263,25 @@ def test_the_pods_environment_is_settings_the_gateway_accepts(topology: str) -> 
     env["RUNBELL_MAX_SUBSCRIBERS"] = env_of(gateway_container(render(bad)))["RUNBELL_MAX_SUBSCRIBERS"]["value"]
     with pytest.raises(ValueError, match="max_subscribers"):
         load_settings(env=env)
+
+
+def test_a_pod_stops_taking_traffic_before_it_drains_and_is_given_the_time_to_drain() -> None:
+    """preStop sleeps (an exec of sleep: python:3.11-slim has it) while the endpoints drop the pod,
+    then SIGTERM drains within RUNBELL_SHUTDOWN_GRACE; the grace period outlasts both."""
+    values = ci_values("single")
+    manifests = render(values)
+    assert gateway_container(manifests)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 5 + 5 + 1  # preStop, RUNBELL_SHUTDOWN_GRACE, uvicorn's second
+
+    slower = {**values, "preStopSleepSeconds": 12, "config": {"RUNBELL_SHUTDOWN_GRACE": "20.5"}}
+    manifests = render(slower)
+    assert gateway_container(manifests)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "12"]}}
+    assert manifests["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 12 + 21 + 1
+    with pytest.raises(helm_python.HelmRenderError, match="terminationGracePeriodSeconds 30 is shorter"):
+        render({**slower, "terminationGracePeriodSeconds": 30})  # would cut the drain short
+    assert (
+        render({**slower, "terminationGracePeriodSeconds": 60})["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 60
+    )
+    assert "lifecycle" not in gateway_container(render({**values, "preStopSleepSeconds": 0}))
