@@ -20,6 +20,7 @@ from runbell.bus.keys import DEFAULT_NAMESPACE
 from runbell.listeners.config import EVENT_MAX_BYTES, EVENT_MAX_BYTES_RANGE, HOOK_SETTINGS_DOC, RESULT_MAX_BYTES
 from runbell.service.core.redaction import without_password
 from runbell.service.core.roles import Grant, parse_tokens
+from runbell.service.store.dead_letters import MAX_ROWS, MAX_ROWS_RANGE, RAW_MAX_BYTES, RAW_MAX_BYTES_RANGE
 from runbell.service.webhooks.dispatcher import (
     DEFAULT_WEBHOOK_SCHEDULE,
     webhook_schedule_seconds,
@@ -74,6 +75,8 @@ class Settings(BaseModel):
     body_max_bytes: int = Field(default=1024 * 1024, ge=1024)  # every request body but an event's
     event_max_bytes: int = Field(default=EVENT_MAX_BYTES, ge=EVENT_MAX_BYTES_RANGE[0], le=EVENT_MAX_BYTES_RANGE[1])
     result_max_bytes: int = Field(default=RESULT_MAX_BYTES, ge=0)
+    dead_letter_raw_max_bytes: int = Field(default=RAW_MAX_BYTES, ge=RAW_MAX_BYTES_RANGE[0], le=RAW_MAX_BYTES_RANGE[1])
+    dead_letters_max: int = Field(default=MAX_ROWS, ge=MAX_ROWS_RANGE[0], le=MAX_ROWS_RANGE[1])
 
     @model_validator(mode="after")
     def _result_fits_an_event(self) -> Settings:
@@ -226,6 +229,17 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "result_max_bytes",
         "largest result value `POST /v1/events` takes inline, bytes of JSON, smaller than the event cap (default 262144; "
         "413 beyond: publish a reference to the XCom instead, as the hook does)",
+    ),
+    (
+        "dead_letter_raw_max_bytes",
+        f"of a bus entry that is no event, the bytes kept in its dead letter, {RAW_MAX_BYTES_RANGE[0]} to "
+        f"{RAW_MAX_BYTES_RANGE[1]} (default {RAW_MAX_BYTES}); of a larger one, its first bytes and its size",
+    ),
+    (
+        "dead_letters_max",
+        f"dead letters kept, {MAX_ROWS_RANGE[0]} to {MAX_ROWS_RANGE[1]} (default {MAX_ROWS}); past it the oldest entries "
+        "that are no event are deleted first, then the oldest events the store refused, each counted in "
+        "`runbell_recorder_dead_letters_evicted_total`",
     ),
     ("log_level", "debug, info, warning, error (default info)"),
 ]

@@ -25,7 +25,7 @@ from runbell.listeners.config import EVENT_MAX_BYTES_RANGE
 from runbell.service.client.cli import main as cli
 from runbell.service.client.exits import EXIT_FAILED, EXIT_SUCCESS
 from runbell.service.core.metrics import Metrics
-from runbell.service.store.dead_letters import RAW_PREFIX_MAX, DeadLetters, StillMalformed
+from runbell.service.store.dead_letters import RAW_MAX_BYTES, DeadLetters, StillMalformed
 from runbell.service.store.recorder import Recorder
 from tests.conftest import ADMIN_TOKEN
 from tests.test_dead_letters_http import wait_for
@@ -107,7 +107,7 @@ async def test_malformed_entries_are_dead_lettered_once_and_the_recorder_goes_on
         assert letter.error.startswith(f"BadEvent: {reason}: "), (name, letter.error)
         raw = fields.get(b"env")
         if name == "too_large":
-            assert (letter.raw, letter.raw_size) == (raw[:RAW_PREFIX_MAX], len(raw))
+            assert (letter.raw, letter.raw_size) == (raw[:RAW_MAX_BYTES], len(raw))
         elif name == "no_env_field":
             assert letter.raw_size == len(letter.raw) and b"other" in letter.raw
         else:
@@ -160,7 +160,7 @@ async def test_malformed_dead_letters_over_http_and_the_cli(gateway_factory, dat
                 assert kept == fields[b"env"] and shown["raw_size"] == len(kept) and shown["raw_truncated"] is False
         too_large = letters[stream_ids["too_large"]]
         assert too_large["raw_truncated"] is True and too_large["raw_size"] == CEILING + ENVELOPE_OVERHEAD + 1
-        assert len(base64.b64decode(too_large["raw_base64"])) == RAW_PREFIX_MAX
+        assert len(base64.b64decode(too_large["raw_base64"])) == RAW_MAX_BYTES
         assert letters[stream_ids["not_an_envelope"]]["envelope"] == {"hello": "wor\x00ld"}  # what it holds, parsed
         assert letters[stream_ids["not_json"]]["envelope"] == "not json \x00\ufffd\ufffd{"  # as text, when it is not JSON
         assert letters[stream_ids["too_deep_to_encode"]]["envelope"].startswith('{"seq":1,')  # as text, when too deep to answer
@@ -228,11 +228,11 @@ def test_dead_letters_from_before_0007_read_as_events_the_store_refused(database
 
 
 async def test_a_page_of_dead_letters_is_bounded_in_bytes(store):
-    """Letters kept whole up to the readers' ceiling: a page stops before the bytes it holds pass
+    """Letters kept whole up to the readers' ceiling (the largest raw cap): a page stops before the bytes it holds pass
     PAGE_BYTES_MAX (one letter at least), and says there is more."""
     from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_KEPT_MAX, Rejected
 
-    dead = DeadLetters(store)
+    dead = DeadLetters(store, raw_max_bytes=RAW_KEPT_MAX)
     per_page = PAGE_BYTES_MAX // RAW_KEPT_MAX
     entries = [Rejected(f"{i}-0", b"[" * RAW_KEPT_MAX, BadEvent("depth", "deep")) for i in range(1, per_page + 3)]
     await dead.reject(entries)
@@ -263,3 +263,132 @@ async def test_an_entry_that_reads_as_an_event_now_is_recorded_by_a_redrive(stor
     assert await dead.list() == []
     [envelope] = await stored(store, "now-valid")
     assert envelope.event.msg == "a\x00b"
+
+
+# -- bounds: what one dead letter keeps, how many the table holds --------------------------------
+
+
+def refused_letter(run_id: str, event_id: str):
+    """A letter of a valid event (the store will be made to refuse it)."""
+    from runbell.service.store.dead_letters import Letter
+
+    payload = envelope_json(1, json.dumps(event(run_id, id=event_id)))
+    return Letter(decode_envelope(payload), payload, f"{event_id}-stream")
+
+
+def no_event(stream_id: str, reason: str = "json"):
+    from runbell.service.store.dead_letters import Rejected
+
+    return Rejected(stream_id, b"not json " + stream_id.encode(), BadEvent(reason, "refused"))
+
+
+async def test_a_malformed_entry_over_the_raw_cap_keeps_its_first_bytes_and_its_size(store):
+    from runbell.service.store.dead_letters import Rejected
+
+    dead = DeadLetters(store, raw_max_bytes=4096)
+    await dead.reject([Rejected("1-0", b"x" * 5000, BadEvent("json", "x")), Rejected("2-0", b"y" * 4096, BadEvent("json", "y"))])
+    big, whole = await dead.list()
+    assert (big.raw, big.raw_size, big.raw_truncated) == (b"x" * 4096, 5000, True)
+    assert (whole.raw, whole.raw_size, whole.raw_truncated) == (b"y" * 4096, 4096, False)
+    with pytest.raises(StillMalformed, match="first 4096 bytes"):
+        await dead.redrive(big)
+
+
+async def test_the_table_is_capped_evicting_the_oldest_malformed_entries_first(store, monkeypatch, caplog):
+    """At the cap, the oldest entries that are no event go first; events the store refused only once
+    none is left. Each eviction counted by kind, logged once per kind."""
+    from tests.test_poison import DATA_ERROR
+
+    async def refuse_all(envelopes):
+        raise DATA_ERROR
+
+    monkeypatch.setattr(store, "record", refuse_all)
+    metrics = Metrics()
+    dead = DeadLetters(store, metrics, max_rows=4)
+
+    async def kept() -> list[str]:
+        return [d.stream_id for d in await dead.list()]
+
+    with caplog.at_level("DEBUG", "runbell.dead_letters"):
+        await dead.reject([no_event("1-0")])
+        await dead.record([refused_letter("r1", "e1")])
+        await dead.reject([no_event("2-0"), no_event("3-0")])
+        assert await kept() == ["1-0", "e1-stream", "2-0", "3-0"]
+        await dead.record([refused_letter("r2", "e2")])
+        assert await kept() == ["e1-stream", "2-0", "3-0", "e2-stream"]
+        await dead.reject([no_event("4-0"), no_event("5-0")])
+        assert await kept() == ["e1-stream", "e2-stream", "4-0", "5-0"]
+        await dead.record([refused_letter("r3", "e3"), refused_letter("r4", "e4")])
+        assert await kept() == ["e1-stream", "e2-stream", "e3-stream", "e4-stream"]
+        await dead.record([refused_letter("r5", "e5")])  # only events left: the oldest goes
+        assert await kept() == ["e2-stream", "e3-stream", "e4-stream", "e5-stream"]
+        await dead.reject([no_event("6-0")])  # the newest, yet the one malformed entry: it goes
+        assert await kept() == ["e2-stream", "e3-stream", "e4-stream", "e5-stream"]
+
+    evicted = "runbell_recorder_dead_letters_evicted_total"
+    assert metrics.registry.get_sample_value(evicted, {"kind": "malformed"}) == 6
+    assert metrics.registry.get_sample_value(evicted, {"kind": "event"}) == 1
+    assert metrics.registry.get_sample_value("runbell_recorder_dead_letters_total") == 11
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "evict" in r.getMessage()]
+    assert len(warnings) == 2 and any("no event" in w for w in warnings) and any("refused" in w for w in warnings), warnings
+    assert await dead.count() == 4
+
+
+async def test_recorders_sharing_a_store_keep_the_table_at_its_cap(database_url):
+    """Two gateways' recorders dead-letter at once: no error, and the table ends at its cap (a moment
+    over it by the concurrent inserts at most, then back)."""
+    from runbell.service.store.store import Store
+
+    stores = [Store(database_url), Store(database_url)]
+    for each in stores:
+        await each.start()
+    try:
+        deads = [DeadLetters(each, max_rows=10) for each in stores]
+
+        async def flood(dead: DeadLetters, name: str) -> None:
+            for i in range(30):
+                await dead.reject([no_event(f"{i + 1}-{name}")])
+
+        await asyncio.gather(flood(deads[0], "1"), flood(deads[1], "2"))
+        assert 10 <= await deads[0].count() <= 12
+        await deads[0].reject([no_event("99-0")])
+        assert await deads[0].count() == 10
+        assert "99-0" in [d.stream_id for d in await deads[0].list()]
+    finally:
+        for each in stores:
+            await each.close()
+
+
+async def test_malformed_entries_are_logged_once_per_reason_and_counted(store, caplog):
+    """An attacker's flood, re-delivered too, is one warning per reason, not one per entry."""
+    metrics = Metrics()
+    dead = DeadLetters(store, metrics)
+    entries = [no_event(f"{i}-0") for i in range(1, 6)] + [no_event("9-0", "shape")]
+    with caplog.at_level("DEBUG", "runbell.dead_letters"):
+        await dead.reject(entries)
+        await dead.reject(entries)  # re-delivered: the same dead letters, tried once more
+    warnings = [r.getMessage() for r in caplog.records if r.name == "runbell.dead_letters" and r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "(json" in warnings[0] and "(shape" in warnings[1], warnings
+    assert metrics.registry.get_sample_value("runbell_recorder_dead_letters_total") == 6
+    assert [d.attempts for d in await dead.list()] == [2] * 6
+
+
+async def test_the_gateways_recorder_keeps_the_configured_bounds(gateway_factory):
+    """RUNBELL_DEAD_LETTER_RAW_MAX_BYTES and RUNBELL_DEAD_LETTERS_MAX reach the recorder of a served gateway."""
+    gateway = await gateway_factory(webhooks=False, dead_letter_raw_max_bytes=1024, dead_letters_max=100)
+    redis = aioredis.Redis.from_url(gateway.redis_url)
+    try:
+        for i in range(101):
+            await redis.xadd(keys.global_stream(gateway.namespace), {"env": b"z" * 3000 + str(i).encode()})
+    finally:
+        await redis.aclose()
+    async with gateway.client(ADMIN_TOKEN) as http:
+
+        async def all_evicted():
+            metrics = (await http.get("/metrics")).text
+            return 'runbell_recorder_dead_letters_evicted_total{kind="malformed"} 1.0' in metrics
+
+        await wait_for(all_evicted)
+        letters = (await http.get("/v1/dead-letters", params={"limit": 200})).json()["dead_letters"]
+    assert len(letters) == 100 and letters[-1]["raw_size"] == 3003
+    assert len(base64.b64decode(letters[-1]["raw_base64"])) == 1024 and letters[-1]["raw_truncated"] is True

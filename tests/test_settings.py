@@ -90,6 +90,8 @@ FLAG_VALUES = {
     "body_max_bytes": "4096",
     "event_max_bytes": "524288",
     "result_max_bytes": "131072",
+    "dead_letter_raw_max_bytes": "65536",
+    "dead_letters_max": "5000",
     "log_level": "debug",
 }
 
@@ -234,3 +236,17 @@ def test_a_bad_token_entry_is_refused_without_printing_the_tokens():
         Settings(tokens="SuperSecretTok1:read,SuperSecretTok2:bogus")
     assert "entry #2" in str(refused.value)
     assert "SuperSecretTok" not in str(refused.value)
+
+
+def test_the_dead_letter_bounds_are_bounded_settings():
+    from pydantic import ValidationError
+
+    from runbell.service.store.dead_letters import RAW_KEPT_MAX
+
+    settings = load_settings(env={"RUNBELL_NO_AUTH": "1"})
+    assert (settings.dead_letter_raw_max_bytes, settings.dead_letters_max) == (1024 * 1024, 100_000)
+    env = {"RUNBELL_DEAD_LETTER_RAW_MAX_BYTES": "4096", "RUNBELL_DEAD_LETTERS_MAX": "500"}
+    assert (load_settings(env=env).dead_letter_raw_max_bytes, load_settings(env=env).dead_letters_max) == (4096, 500)
+    for field, value in (("dead_letter_raw_max_bytes", 10), ("dead_letter_raw_max_bytes", RAW_KEPT_MAX + 1), ("dead_letters_max", 0)):
+        with pytest.raises(ValidationError):
+            Settings(no_auth=True, **{field: value})

@@ -31,6 +31,13 @@ class Metrics:
             "Global stream entries the store refused on their own, moved to the dead-letter table and acknowledged",
             registry=r,
         )
+        self.recorder_dead_letters_evicted = Counter(
+            "runbell_recorder_dead_letters_evicted_total",
+            "Dead letters deleted to keep the table within RUNBELL_DEAD_LETTERS_MAX, by kind: malformed (entries "
+            "that were no event, evicted first), event (events the store refused, once no malformed one is left)",
+            ["kind"],
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "runbell_delivery_latency_seconds",
             "Event timestamp (publisher clock) to hand-off to local subscribers",

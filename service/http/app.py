@@ -50,6 +50,7 @@ from runbell.service.live.broker import EmbeddedBroker, resolve_redis
 from runbell.service.live.hub import Hub
 from runbell.service.live.topics import AssetTopic, RunTopic
 from runbell.service.settings import Settings
+from runbell.service.store.dead_letters import DeadLetters
 from runbell.service.store.recorder import Recorder
 from runbell.service.store.store import Store
 from runbell.service.webhooks.dispatcher import Dispatcher, webhook_schedule_seconds
@@ -211,7 +212,19 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
-        loops.append(Recorder(recorder_client, state.store, settings.namespace, consumer, metrics=state.metrics, max_event_bytes=cap).loop)
+        dead_letters = DeadLetters(
+            state.store, state.metrics, raw_max_bytes=settings.dead_letter_raw_max_bytes, max_rows=settings.dead_letters_max
+        )
+        recorder = Recorder(
+            recorder_client,
+            state.store,
+            settings.namespace,
+            consumer,
+            metrics=state.metrics,
+            max_event_bytes=cap,
+            dead_letters=dead_letters,
+        )
+        loops.append(recorder.loop)
     state.dispatcher = None
     if settings.webhooks:
         worker = f"{socket.gethostname()}:{settings.port}:{os.getpid()}"

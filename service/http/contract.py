@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
 from runbell.bus.schema import AssetEvent, ResultRef
 from runbell.service.core import clock
 from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, Outcome, OutcomeStatus, ResultTask
-from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_KEPT_MAX, RAW_PREFIX_MAX, DeadLetter
+from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_MAX_BYTES, DeadLetter
 from runbell.service.store.store import RUN_STATES
 from runbell.service.webhooks.outbox import Attempt, Endpoint, Message, MessageStatus, WebhookKind
 
@@ -308,7 +308,8 @@ class DeadLetterView(BaseModel):
     raw_base64: str | None = Field(description="an entry that is no event: the bytes kept, exactly (null for reason store)")
     raw_size: int | None = Field(description="an entry that is no event: its size in bytes")
     raw_truncated: bool = Field(
-        description=f"only the first {RAW_PREFIX_MAX} bytes were kept: the entry was larger than the readers' ceiling ({RAW_KEPT_MAX} bytes)"
+        description="only the first bytes were kept: the entry was larger than RUNBELL_DEAD_LETTER_RAW_MAX_BYTES "
+        f"(default {RAW_MAX_BYTES}); raw_size is its size"
     )
     error: str = Field(description="why it was refused, the last time it was tried")
     attempts: int = Field(description="how many times it was tried (the first, re-deliveries and re-drives)")

@@ -12,9 +12,20 @@ ping, so an outage that surfaces as an unexpected error does not empty the strea
 
 An entry that is no event (not JSON, not an envelope, a value the bus schema refuses, larger than
 any publisher may send, no 'env' field) is dead-lettered too, keyed by its stream id, with the schema's
-reason and its bytes: whole when within the readers' ceiling (so a re-drive reads exactly what the
-recorder read), else its first RAW_PREFIX_MAX bytes and its size. Such entries are taken from the
-global stream only: a run's replay log holds copies of the same entries.
+reason and its bytes: whole up to ``raw_max_bytes`` (RUNBELL_DEAD_LETTER_RAW_MAX_BYTES; so a re-drive
+reads exactly what the recorder read), else its first ``raw_max_bytes`` and its size. Such entries are
+taken from the global stream only: a run's replay log holds copies of the same entries. They are
+logged once per reason (the first one), the rest counted: whoever can write to the stream must not
+flood the log either.
+
+The table is capped (``max_rows``, RUNBELL_DEAD_LETTERS_MAX), since whoever can write to the stream
+could otherwise grow it for ever. Each insert that takes it past the cap evicts, in the same
+transaction, the oldest entries that are no event first (bytes of no event, mostly an attacker's or
+a broken publisher's), then, only when none is left, the oldest events the store refused (each one a
+lost event: worth more). Every eviction is counted in runbell_recorder_dead_letters_evicted_total by
+kind ("malformed", "event") and logged once per kind. Recorders of several gateways insert at once:
+each counts what it sees, so the table may pass the cap by as many rows as are inserted concurrently,
+and the next insert takes it back; two evicting the same row is harmless (one deletes it).
 
 A re-drive records a dead letter through the same path; if it fails again it stays, with the new error.
 A re-drive of an entry that is still no event raises StillMalformed, the entry kept.
@@ -32,10 +43,12 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from runbell.bus.schema import ENVELOPE_OVERHEAD, ERROR_MESSAGE_MAX, BadEvent, Envelope, decode_envelope, truncate
 from runbell.listeners.config import EVENT_MAX_BYTES_RANGE
 from runbell.service.core import clock
+from runbell.service.core.loops import Once
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.models import DeadLetterRow, dialect_insert
 from runbell.service.store.store import Store
@@ -51,8 +64,13 @@ OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "25", "28", "3D", "40", "53", "55", "
 
 STORE_REFUSED = "store"  # the reason of a valid event the store refused (else a BadEvent's reason)
 NOT_AN_EVENT = ""  # dag_id and run_id of an entry that is no event (its key: its stream id)
-RAW_KEPT_MAX = EVENT_MAX_BYTES_RANGE[1] + ENVELOPE_OVERHEAD  # the largest entry a reader decodes: kept whole
-RAW_PREFIX_MAX = 64 * 1024  # of a larger one, this many first bytes are kept (and its size)
+RAW_KEPT_MAX = EVENT_MAX_BYTES_RANGE[1] + ENVELOPE_OVERHEAD  # the largest entry a reader decodes
+RAW_MAX_BYTES = 1024 * 1024  # of an entry that is no event, this much is kept by default (the rest: its size)
+RAW_MAX_BYTES_RANGE = (1024, RAW_KEPT_MAX)  # keeping more than a reader decodes serves no re-drive
+MAX_ROWS = 100_000  # dead letters kept by default (each up to raw_max_bytes of entry, or an event)
+MAX_ROWS_RANGE = (100, 10_000_000)
+EVICT_MAX = 1000  # rows one insert evicts beyond its own: a lowered cap is reached over several inserts
+MALFORMED, EVENT = "malformed", "event"  # the kinds of evicted dead letters (the metric's label)
 PAGE_BYTES_MAX = 16 * 1024 * 1024  # a page of dead letters holds at most this much entry (one at least)
 
 
@@ -88,7 +106,7 @@ class DeadLetter:
     dead_lettered_at: datetime
     last_attempt_at: datetime
     reason: str = STORE_REFUSED
-    raw: bytes | None = None  # an entry that is no event: its bytes, whole or their first RAW_PREFIX_MAX
+    raw: bytes | None = None  # an entry that is no event: its bytes, whole or their first raw_max_bytes
     raw_size: int | None = None  # ... and its size in bytes
 
     @property
@@ -105,11 +123,6 @@ class StillMalformed(Exception):
     def __init__(self, letter: DeadLetter, error: BadEvent):
         super().__init__(str(error))
         self.letter, self.error = letter, error
-
-
-def kept(raw: bytes) -> bytes:
-    """What is kept of an entry that is no event: all of it within the readers' ceiling, else its start."""
-    return raw if len(raw) <= RAW_KEPT_MAX else raw[:RAW_PREFIX_MAX]
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -135,9 +148,14 @@ def error_text(exc: BaseException) -> str:
 class DeadLetters:
     """Records letters, isolating the poison among them, and keeps the dead letters of ``store``."""
 
-    def __init__(self, store: Store, metrics: Metrics | None = None):
+    def __init__(self, store: Store, metrics: Metrics | None = None, *, raw_max_bytes: int = RAW_MAX_BYTES, max_rows: int = MAX_ROWS):
+        if raw_max_bytes < 1 or max_rows < 1:
+            raise ValueError("raw_max_bytes and max_rows must be positive")
         self.store = store
-        self.metrics = metrics  # runbell_recorder_dead_letters_total
+        self.metrics = metrics  # runbell_recorder_dead_letters_total, ..._evicted_total
+        self.raw_max_bytes = raw_max_bytes
+        self.max_rows = max_rows
+        self._once = Once(log)  # entries that are no event, and evictions: the first of each kind logged
 
     # -- recording ------------------------------------------------------------------------------
 
@@ -186,8 +204,9 @@ class DeadLetters:
             dead_lettered_at=now,
             last_attempt_at=now,
         )
-        await self._upsert(row)
-        log.warning(
+        [attempts] = await self._upsert([row])
+        log.log(
+            logging.WARNING if attempts == 1 else logging.DEBUG,  # a re-delivery is the same dead letter
             "recorder: dead-lettered event %s of %s/%s seq %d (stream entry %s): %s",
             event.id,
             event.dag_id,
@@ -198,11 +217,12 @@ class DeadLetters:
         )
 
     async def reject(self, entries: Sequence[Rejected]) -> None:
-        """Dead-letter global stream entries that are no event. Raises on an outage."""
-        for entry in entries:
-            now = clock.now()
-            raw = kept(entry.raw)
-            row: dict[str, object] = dict(
+        """Dead-letter global stream entries that are no event, in one transaction. Raises on an outage."""
+        if not entries:
+            return
+        now = clock.now()
+        rows = [
+            dict(
                 event_id=entry.stream_id,
                 stream_id=entry.stream_id,
                 dag_id=NOT_AN_EVENT,
@@ -213,37 +233,75 @@ class DeadLetters:
                 dead_lettered_at=now,
                 last_attempt_at=now,
                 reason=entry.error.reason,
-                raw=raw,
+                raw=entry.raw[: self.raw_max_bytes],
                 raw_size=len(entry.raw),
             )
-            await self._upsert(row)
-            log.warning(
-                "recorder: dead-lettered stream entry %s, no event (%s, %d bytes, %d kept)",
+            for entry in entries
+        ]
+        await self._upsert(rows)
+        for entry in entries:
+            self._once(
+                f"malformed-{entry.error.reason}",
+                "recorder: dead-lettered stream entry %s, no event (%s, %d bytes, %d kept); more of this reason are "
+                "counted in runbell_recorder_dead_letters_total, not logged",
                 entry.stream_id,
                 entry.error.reason,
                 len(entry.raw),
-                len(raw),
+                min(len(entry.raw), self.raw_max_bytes),
             )
 
-    async def _upsert(self, row: dict[str, object]) -> None:
-        """Insert the dead letter; one already there (the same key) is tried once more. Counted once."""
+    async def _upsert(self, rows: Sequence[dict[str, object]]) -> list[int]:
+        """Insert the dead letters, in one transaction that also evicts past the cap; one already there
+        (the same key) is tried once more. Each counted once. Returns their attempts."""
+        attempts = []
         async with self.store._transaction(write=True) as conn:
-            insert = dialect_insert(conn, DeadLetterRow).values(row)
-            # A re-delivered entry (a crash before its ack) is the same dead letter, tried once more.
-            # (Or read again to fill a gap before a later event of its run.)
-            upsert = insert.on_conflict_do_update(
-                index_elements=[DeadLetterRow.dag_id, DeadLetterRow.run_id, DeadLetterRow.event_id],
-                set_=dict(
-                    stream_id=func.coalesce(insert.excluded.stream_id, DeadLetterRow.stream_id),
-                    payload=insert.excluded.payload,
-                    error=insert.excluded.error,
-                    attempts=DeadLetterRow.attempts + 1,
-                    last_attempt_at=insert.excluded.last_attempt_at,
-                ),
+            for row in rows:
+                attempts.append(await self._upsert_one(conn, row))
+            if 1 in attempts:
+                await self._evict(conn, attempts.count(1))
+        if self.metrics is not None:  # each dead letter counted once
+            self.metrics.recorder_dead_letters.inc(attempts.count(1))
+        return attempts
+
+    async def _upsert_one(self, conn: AsyncConnection, row: dict[str, object]) -> int:
+        insert = dialect_insert(conn, DeadLetterRow).values(row)
+        # A re-delivered entry (a crash before its ack) is the same dead letter, tried once more.
+        # (Or read again to fill a gap before a later event of its run.)
+        upsert = insert.on_conflict_do_update(
+            index_elements=[DeadLetterRow.dag_id, DeadLetterRow.run_id, DeadLetterRow.event_id],
+            set_=dict(
+                stream_id=func.coalesce(insert.excluded.stream_id, DeadLetterRow.stream_id),
+                payload=insert.excluded.payload,
+                error=insert.excluded.error,
+                attempts=DeadLetterRow.attempts + 1,
+                last_attempt_at=insert.excluded.last_attempt_at,
+            ),
+        )
+        return int((await conn.execute(upsert.returning(DeadLetterRow.attempts))).scalar_one())
+
+    async def _evict(self, conn: AsyncConnection, inserted: int) -> None:
+        """Delete the oldest dead letters past the cap: entries that are no event first, then events.
+        At most ``inserted`` + EVICT_MAX rows (a bounded DELETE)."""
+        count = int((await conn.execute(select(func.count()).select_from(DeadLetterRow))).scalar_one())
+        excess = min(count - self.max_rows, inserted + EVICT_MAX)
+        for kind, which in ((MALFORMED, DeadLetterRow.reason != STORE_REFUSED), (EVENT, DeadLetterRow.reason == STORE_REFUSED)):
+            if excess <= 0:
+                return
+            oldest = select(DeadLetterRow.id).where(which).order_by(DeadLetterRow.id).limit(excess)
+            evicted = (await conn.execute(delete(DeadLetterRow).where(DeadLetterRow.id.in_(oldest)))).rowcount
+            if not evicted:
+                continue
+            excess -= evicted
+            if self.metrics is not None:
+                self.metrics.recorder_dead_letters_evicted.labels(kind).inc(evicted)
+            self._once(
+                f"evicted-{kind}",
+                "recorder: the dead-letter table is full (%d rows, RUNBELL_DEAD_LETTERS_MAX): evicted the %d oldest %s; "
+                "further evictions are counted in runbell_recorder_dead_letters_evicted_total, not logged",
+                self.max_rows,
+                evicted,
+                "entries that were no event" if kind == MALFORMED else "events the store refused (no entry that is no event was left)",
             )
-            attempts = (await conn.execute(upsert.returning(DeadLetterRow.attempts))).scalar_one()
-        if attempts == 1 and self.metrics is not None:  # each dead letter counted once
-            self.metrics.recorder_dead_letters.inc()
 
     # -- reading and re-driving -----------------------------------------------------------------
 
@@ -342,7 +400,7 @@ def _decoded(letter: DeadLetter) -> Envelope:
     if letter.reason == "field":
         raise BadEvent("field", "the stream entry has no 'env' field")
     if letter.raw is None or letter.raw_truncated:
-        raise BadEvent("size", f"{letter.raw_size} bytes, over the readers' ceiling of {RAW_KEPT_MAX}; only the first bytes were kept")
+        raise BadEvent("size", f"{letter.raw_size} bytes, of which only the first {len(letter.raw or b'')} bytes were kept")
     return decode_envelope(letter.raw)
 
 

@@ -235,8 +235,8 @@ class DeadLetterRow(Base):
     last_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
     reason: Mapped[str] = mapped_column(String(16), server_default="store")  # "store", or BadEvent.reason
     # An entry that is no event, as bytes (bytea/BLOB: NUL and invalid UTF-8 kept exactly): whole up to
-    # the readers' ceiling, else its first bytes (runbell.service.store.dead_letters.kept); raw_size
-    # is the entry's size. Both None for an event the store refused (payload holds it).
+    # RUNBELL_DEAD_LETTER_RAW_MAX_BYTES, else its first that many (runbell.service.store.dead_letters);
+    # raw_size is the entry's size. Both None for an event the store refused (payload holds it).
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     raw_size: Mapped[int | None] = mapped_column(Integer)
 

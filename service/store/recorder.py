@@ -68,6 +68,7 @@ class Recorder:
         claim_interval: float = CLAIM_INTERVAL_SECONDS,
         metrics: Metrics | None = None,
         max_event_bytes: int | None = None,
+        dead_letters: DeadLetters | None = None,
     ):
         self.redis = redis
         self.max_event_bytes = max_event_bytes  # a larger entry is skipped as a bad event (reason "size")
@@ -83,7 +84,7 @@ class Recorder:
         self._skipped = Once(log)
         self.decode_errors: Counter[str] = self._skipped.counts  # malformed entries read, by reason (each read)
         self.metrics = metrics  # runbell_recorder_skipped_total counts them too
-        self.dead_letters = DeadLetters(store, metrics)
+        self.dead_letters = dead_letters if dead_letters is not None else DeadLetters(store, metrics)  # its bounds: the caller's
         self._group_ready = False
         self._own_pending_done = False  # re-read after start and after every failed step
         self._claim_cursor = "0-0"
