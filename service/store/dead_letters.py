@@ -254,13 +254,17 @@ class DeadLetters:
         """Insert the dead letters, in one transaction that also evicts past the cap; one already there
         (the same key) is tried once more. Each counted once. Returns their attempts."""
         attempts = []
+        evicted: dict[str, int] = {}
         async with self.store._transaction(write=True) as conn:
             for row in rows:
                 attempts.append(await self._upsert_one(conn, row))
             if 1 in attempts:
-                await self._evict(conn, attempts.count(1))
+                evicted = await self._evict(conn, attempts.count(1))
+        # Committed: counted and logged now (a rolled-back eviction evicted nothing).
         if self.metrics is not None:  # each dead letter counted once
             self.metrics.recorder_dead_letters.inc(attempts.count(1))
+        for kind, count in evicted.items():
+            self._evicted(kind, count)
         return attempts
 
     async def _upsert_one(self, conn: AsyncConnection, row: dict[str, object]) -> int:
@@ -279,29 +283,33 @@ class DeadLetters:
         )
         return int((await conn.execute(upsert.returning(DeadLetterRow.attempts))).scalar_one())
 
-    async def _evict(self, conn: AsyncConnection, inserted: int) -> None:
+    async def _evict(self, conn: AsyncConnection, inserted: int) -> dict[str, int]:
         """Delete the oldest dead letters past the cap: entries that are no event first, then events.
-        At most ``inserted`` + EVICT_MAX rows (a bounded DELETE)."""
+        At most ``inserted`` + EVICT_MAX rows (a bounded DELETE). Returns how many, by kind."""
         count = int((await conn.execute(select(func.count()).select_from(DeadLetterRow))).scalar_one())
         excess = min(count - self.max_rows, inserted + EVICT_MAX)
+        evicted: dict[str, int] = {}
         for kind, which in ((MALFORMED, DeadLetterRow.reason != STORE_REFUSED), (EVENT, DeadLetterRow.reason == STORE_REFUSED)):
             if excess <= 0:
-                return
+                break
             oldest = select(DeadLetterRow.id).where(which).order_by(DeadLetterRow.id).limit(excess)
-            evicted = (await conn.execute(delete(DeadLetterRow).where(DeadLetterRow.id.in_(oldest)))).rowcount
-            if not evicted:
-                continue
-            excess -= evicted
-            if self.metrics is not None:
-                self.metrics.recorder_dead_letters_evicted.labels(kind).inc(evicted)
-            self._once(
-                f"evicted-{kind}",
-                "recorder: the dead-letter table is full (%d rows, RUNBELL_DEAD_LETTERS_MAX): evicted the %d oldest %s; "
-                "further evictions are counted in runbell_recorder_dead_letters_evicted_total, not logged",
-                self.max_rows,
-                evicted,
-                "entries that were no event" if kind == MALFORMED else "events the store refused (no entry that is no event was left)",
-            )
+            deleted = (await conn.execute(delete(DeadLetterRow).where(DeadLetterRow.id.in_(oldest)))).rowcount
+            if deleted:
+                evicted[kind] = deleted
+                excess -= deleted
+        return evicted
+
+    def _evicted(self, kind: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.recorder_dead_letters_evicted.labels(kind).inc(count)
+        self._once(
+            f"evicted-{kind}",
+            "recorder: the dead-letter table is full (%d rows, RUNBELL_DEAD_LETTERS_MAX): evicted the %d oldest %s; "
+            "further evictions are counted in runbell_recorder_dead_letters_evicted_total, not logged",
+            self.max_rows,
+            count,
+            "entries that were no event" if kind == MALFORMED else "events the store refused (no entry that is no event was left)",
+        )
 
     # -- reading and re-driving -----------------------------------------------------------------
 
