@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from runbell.listeners.metaflow_hook import RUN_TYPE, Settings, event_id, foreac
 from runbell.listeners.publisher import Publisher
 from runbell.service.core.outcome import DecidedBy, Outcome, OutcomeStatus, decide
 from tests.chaos.test_redis_outage import RedisServer, own_redis  # noqa: F401  (a fixture)
-from tests.conftest import IN_CI, REDIS_URL, require_server
+from tests.conftest import IN_CI, READ_TOKEN, REDIS_URL, TOKENS, require_server
+from tests.readme_blocks import code_blocks, commands
 
 METAFLOW_VERSION = "2.19.39"
 VENV = Path(os.environ.get("RUNBELL_METAFLOW_VENV") or Path.home() / ".cache" / "runbell" / f"metaflow-{METAFLOW_VERSION}")
@@ -385,3 +387,24 @@ def test_the_extension_is_installed_as_metaflow_finds_it(metaflow_python):
     assert module == "metaflow_extensions.runbell.plugins.runbell_decorator"
     assert attributes == ["critical", "result_artifact", "result_step"]
     assert loaded is False  # the Runbell side loads with the first hook, not with Metaflow
+
+
+def test_the_readme_quickstart(metaflow_python, served_gateway, redis_url, namespace, tmp_path):
+    """The README's flow and commands as written: `python` is the Metaflow virtualenv's, `runbell`
+    this one's (the client), the gateway a real `runbell serve`."""
+    (flow,) = [block for block in code_blocks("python") if "FlowSpec" in block]
+    (block,) = [block for block in code_blocks("sh") if "--with runbell" in block]
+    run, wait = commands(block)
+    gateway = served_gateway(auth=True, RUNBELL_TOKENS=TOKENS)
+    (tmp_path / "flow.py").write_text(flow)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{metaflow_python}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = Metaflow(metaflow_python, tmp_path, redis_url, namespace).env(PATH=path, TOKEN=READ_TOKEN, RUNBELL_URL=gateway.url)
+    ran = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=FLOW_TIMEOUT)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    waited = subprocess.run(["bash", "-c", wait], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 0, waited.stdout[-3000:] + waited.stderr[-3000:]
+    assert json.loads(waited.stdout)["result"] == {"answer": 42}
