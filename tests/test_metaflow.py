@@ -304,19 +304,32 @@ def test_resume_of_a_failed_run(metaflow):
     assert (outcome.status, outcome.result) == (OutcomeStatus.SUCCESS, {"rows": 3})
 
 
-def test_redis_down_while_the_flow_runs_spools_then_republishes(metaflow, own_redis):
+async def test_redis_down_while_the_flow_runs_spools_then_republishes(metaflow, own_redis):
+    """Redis dies while `work` runs (after the run's first events went out): the rest is spooled,
+    the flow is not harmed, and once Redis is back the spool goes out in order, gap-free."""
     down = Metaflow(metaflow.python, metaflow.work / "down", own_redis.url, metaflow.namespace)
-    own_redis.kill()
-    run = down.run("linear_flow.py", *with_runbell(result_artifact="answer"))
-    assert run.returncode == 0, run.output[-3000:]
+    gate = down.work / "go"
+    process, run_id = await started_run(down, "gated_flow.py", *with_runbell(result_artifact="answer"), RB_GATE=str(gate))
+    try:
+        deadline = time.monotonic() + FLOW_TIMEOUT
+        while ("running", -1, 1) not in task_events(down.envelopes("GatedFlow", run_id), "work"):
+            assert time.monotonic() < deadline and process.poll() is None, "work never started"
+            await asyncio.sleep(0.05)
+        own_redis.kill()
+        gate.touch()
+    finally:
+        output, _ = process.communicate(timeout=FLOW_TIMEOUT)
+    assert process.returncode == 0, output[-3000:]
     spooled = list((down.spool / down.namespace).glob("*.event.json"))
-    assert len(spooled) == 8  # run running, 3 steps x (running, success), run success
-    own_redis.start()
+    assert len(spooled) == 4  # work success, end running and success, run success
+    own_redis.start()  # the same data (append-only file): the run's sequence goes on
     publisher = Publisher(PublisherConfig(redis_url=own_redis.url, namespace=down.namespace, spool_dir=down.spool))
-    assert publisher.flush() == 8
-    envelopes = down.envelopes("LinearFlow", run.run_id)
-    assert [e.event.state for e in envelopes][0] == "running" and run_states(envelopes) == ["running", "success"]
-    assert len(envelopes) == 8 and down.outcome("LinearFlow", run.run_id).result == 42
+    assert publisher.flush() == 4
+    envelopes = down.envelopes("GatedFlow", run_id)
+    assert [e.seq for e in envelopes] == list(range(1, 9)) and len({e.epoch for e in envelopes}) == 1
+    assert task_events(envelopes, "work") == [("running", -1, 1), ("success", -1, 1)]
+    assert run_states(envelopes) == ["running", "success"]
+    assert down.outcome("GatedFlow", run_id).result == {"rows": 3}
 
 
 # -- waiters on a gateway ---------------------------------------------------------------------------
