@@ -387,7 +387,8 @@ def test_the_extension_is_installed_as_metaflow_finds_it(metaflow_python):
             "-c",
             "import json, sys; from metaflow.plugins import STEP_DECORATORS; "
             "d = {c.name: c for c in STEP_DECORATORS}['runbell']; "
-            "print(json.dumps([d.__module__, sorted(d.defaults), 'runbell.listeners.metaflow_hook' in sys.modules]))",
+            "import metaflow; "
+            "print(json.dumps([d.__module__, sorted(d.defaults), 'runbell.listeners.metaflow_hook' in sys.modules, metaflow.__version__]))",
         ],
         capture_output=True,
         text=True,
@@ -396,7 +397,8 @@ def test_the_extension_is_installed_as_metaflow_finds_it(metaflow_python):
         cwd="/",
     )
     assert found.returncode == 0, found.stderr[-3000:]
-    module, attributes, loaded = json.loads(found.stdout.strip().splitlines()[-1])
+    module, attributes, loaded, version = json.loads(found.stdout.strip().splitlines()[-1])
+    assert version == METAFLOW_VERSION and f"METAFLOW_VERSION={METAFLOW_VERSION}" in (FLOWS.parent / "run").read_text()
     assert module == "metaflow_extensions.runbell.plugins.runbell_decorator"
     assert attributes == ["critical", "result_artifact", "result_step"]
     assert loaded is False  # the Runbell side loads with the first hook, not with Metaflow

@@ -77,7 +77,7 @@ def test_the_quickstart_snippets_emit_then_wait_and_tail(shell):
         done = shell(command)
         assert (done.returncode, json.loads(done.stdout)) == (0, {"seq": seq}), done.stderr
 
-    curl, wait, tail = block_with("sh", "runbell wait")
+    curl, wait, tail = block_with("sh", "runbell tail")
     done = shell(curl)
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
