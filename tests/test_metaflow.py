@@ -143,19 +143,20 @@ FLOW_CASES = {
     "catch": ("catch_flow.py", with_runbell(result_artifact="answer"), {}),
     "critical": ("gated_flow.py", with_runbell(critical="start,work"), {"RB_FAIL": "1"}),
     # A hook that cannot even be configured (every publish raises inside) must not harm the flow.
-    "broken_hook": ("linear_flow.py", with_runbell(result_artifact="answer"), {"RUNBELL_PUBLISH_TIMEOUT": "soon"}),
+    "broken_hook": ("tiny_flow.py", with_runbell(result_artifact="answer"), {"RUNBELL_PUBLISH_TIMEOUT": "soon"}),
     # No --with: Metaflow's default decorator configuration adds it to every step of every run.
-    "default_decospecs": ("linear_flow.py", (), {"METAFLOW_DEFAULT_DECOSPECS": "runbell:result_artifact=answer"}),
+    "default_decospecs": ("tiny_flow.py", (), {"METAFLOW_DEFAULT_DECOSPECS": "runbell:result_artifact=answer"}),
 }
 
 
 @pytest.fixture(scope="module")
 def flows(metaflow) -> dict[str, FlowRun]:
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=len(FLOW_CASES)) as pool:
+    with ThreadPoolExecutor(max_workers=len(FLOW_CASES) + 1) as pool:
         futures = {name: pool.submit(metaflow.run, flow, *args, **env) for name, (flow, args, env) in FLOW_CASES.items()}
+        futures["resumed"] = pool.submit(fail_then_resume, metaflow)
         done = {name: future.result() for name, future in futures.items()}
-    print(f"\n{len(done)} Metaflow flows, run together, took {time.monotonic() - started:.1f} s")
+    print(f"\n{len(done) + 1} Metaflow flows, run together, took {time.monotonic() - started:.1f} s")
     return done
 
 
@@ -241,10 +242,10 @@ def test_foreach_and_nested_foreach_get_stable_map_indexes(flows, metaflow):
     outer = {m for state, m, _ in task_events(envelopes, "outer") if state == "success"}
     inner = {m for state, m, _ in task_events(envelopes, "inner") if state == "success"}
     inner_join = {m for state, m, _ in task_events(envelopes, "inner_join") if state == "success"}
-    assert outer == {0, 1, 2} and inner_join == {0, 1, 2}
-    assert inner == {i << 15 | j for i in range(3) for j in range(2)}
+    assert outer == {0, 1} and inner_join == {0, 1}
+    assert inner == {i << 15 | j for i in range(2) for j in range(2)}
     assert {m for _, m, _ in task_events(envelopes, "outer_join")} == {-1}
-    assert metaflow.outcome("ForeachFlow", run.run_id).result == ["a1", "a2", "b1", "b2", "c1", "c2"]
+    assert metaflow.outcome("ForeachFlow", run.run_id).result == ["a1", "a2", "b1", "b2"]
 
 
 def test_retry_that_succeeds_on_the_second_try(flows, metaflow):
@@ -287,24 +288,31 @@ def test_a_critical_step_failure_decides_the_run_at_once(flows, metaflow):
 
 def test_a_broken_hook_never_harms_the_flow(flows, metaflow):
     run = finished(flows, "broken_hook")
-    assert "Done!" in run.output and metaflow.envelopes("LinearFlow", run.run_id) == []
+    assert "Done!" in run.output and metaflow.envelopes("TinyFlow", run.run_id) == []
     assert "runbell: task_pre_step dropped an event" in run.output  # logged (once per process and kind)
 
 
 def test_the_default_decorator_configuration_enables_it_without_with(flows, metaflow):
     run = finished(flows, "default_decospecs")
-    assert metaflow.outcome("LinearFlow", run.run_id).result == 42
+    assert metaflow.outcome("TinyFlow", run.run_id).result == 42
 
 
-def test_resume_of_a_failed_run(metaflow):
+def fail_then_resume(metaflow: Metaflow) -> FlowRun:
+    """A run that fails in `work`, then `resume` of it with the cause gone; the resumed run's
+    output starts with the failed run's id on a line of its own."""
     failed = metaflow.run("gated_flow.py", *with_runbell(result_artifact="answer"), RB_FAIL="1")
-    assert failed.returncode != 0 and failed.run_id
+    assert failed.returncode != 0 and failed.run_id, failed.output[-3000:]
     resumed = metaflow.run(
         "gated_flow.py", *with_runbell(result_artifact="answer"), command="resume", after=("--origin-run-id", failed.run_id)
     )
-    assert resumed.returncode == 0, resumed.output[-3000:]
-    assert resumed.run_id != failed.run_id  # resume makes a new run; start is cloned, not run again
-    assert metaflow.outcome("GatedFlow", failed.run_id).status is OutcomeStatus.FAILED
+    return FlowRun(resumed.returncode, resumed.run_id, f"{failed.run_id}\n{resumed.output}")
+
+
+def test_resume_of_a_failed_run(flows, metaflow):
+    resumed = finished(flows, "resumed")
+    failed_run_id = resumed.output.split("\n", 1)[0]
+    assert resumed.run_id != failed_run_id  # resume makes a new run; start is cloned, not run again
+    assert metaflow.outcome("GatedFlow", failed_run_id).status is OutcomeStatus.FAILED
     envelopes = metaflow.envelopes("GatedFlow", resumed.run_id)
     assert task_events(envelopes, "start") == []
     assert task_events(envelopes, "work") == [("running", -1, 1), ("success", -1, 1)]
@@ -329,12 +337,17 @@ async def test_redis_down_while_the_flow_runs_spools_then_republishes(metaflow, 
         output, _ = process.communicate(timeout=FLOW_TIMEOUT)
     assert process.returncode == 0, output[-3000:]
     spooled = list((down.spool / down.namespace).glob("*.event.json"))
-    assert len(spooled) == 4  # work success, end running and success, run success
+    # work success, end running and success, run success; and work's running event again when Redis
+    # died between its replay log and the global stream (that publish failed, so it was spooled
+    # whole): re-sent, it is dropped by its id and keeps its seq.
+    assert len(spooled) in (4, 5)
+    spooled_ids = [json.loads(path.read_text())["id"] for path in spooled]
     own_redis.start()  # the same data (append-only file): the run's sequence goes on
     publisher = Publisher(PublisherConfig(redis_url=own_redis.url, namespace=down.namespace, spool_dir=down.spool))
-    assert publisher.flush() == 4
+    assert publisher.flush() == len(spooled)
     envelopes = down.envelopes("GatedFlow", run_id)
     assert [e.seq for e in envelopes] == list(range(1, 9)) and len({e.epoch for e in envelopes}) == 1
+    assert {e.event.id for e in envelopes} >= set(spooled_ids) and len({e.event.id for e in envelopes}) == 8
     assert task_events(envelopes, "work") == [("running", -1, 1), ("success", -1, 1)]
     assert run_states(envelopes) == ["running", "success"]
     assert down.outcome("GatedFlow", run_id).result == {"rows": 3}

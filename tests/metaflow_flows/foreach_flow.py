@@ -1,4 +1,4 @@
-"""A foreach over three items, and inside it a foreach over two: map_index of one and of two levels."""
+"""A foreach over two items, and inside it a foreach over two: map_index of one and of two levels."""
 
 from metaflow import FlowSpec, step
 
@@ -6,7 +6,7 @@ from metaflow import FlowSpec, step
 class ForeachFlow(FlowSpec):
     @step
     def start(self):
-        self.letters = ["a", "b", "c"]
+        self.letters = ["a", "b"]
         self.next(self.outer, foreach="letters")
 
     @step
