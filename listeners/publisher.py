@@ -171,7 +171,7 @@ class Publisher:
                 window = []
             replies.append(
                 script(
-                    keys=[k.seq, k.log, k.ids, k.epoch],
+                    keys=[k.seq, k.log, k.ids, k.epoch, k.writer],
                     args=[event.id, event_json, self.config.log_ttl_seconds, k.channel, *window],
                     client=target,
                 )

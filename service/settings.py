@@ -13,12 +13,12 @@ import ipaddress
 import os
 import sys
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from runbell.bus.keys import DEFAULT_NAMESPACE
 from runbell.listeners.config import EVENT_MAX_BYTES, EVENT_MAX_BYTES_RANGE, HOOK_SETTINGS_DOC, RESULT_MAX_BYTES
+from runbell.service.core.redaction import without_password
 from runbell.service.core.roles import Grant, parse_tokens
 from runbell.service.webhooks.dispatcher import (
     DEFAULT_WEBHOOK_SCHEDULE,
@@ -321,19 +321,6 @@ def settings_table() -> str:
     lines = ["| variable | flag | read by | meaning |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def without_password(url: str) -> str:
-    """A URL fit for a log line: any password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def startup_line(settings: Settings, redis_url: str, embedded: bool) -> str:

@@ -27,7 +27,6 @@ from runbell.listeners.config import PublisherConfig
 from runbell.listeners.metaflow_hook import RUN_TYPE, Settings, event_id, foreach_map_index
 from runbell.listeners.publisher import Publisher
 from runbell.service.core.outcome import DecidedBy, Outcome, OutcomeStatus, decide
-from tests.chaos.test_redis_outage import RedisServer, own_redis  # noqa: F401  (a fixture)
 from tests.conftest import IN_CI, READ_TOKEN, REDIS_URL, TOKENS, require_server
 from tests.readme_blocks import code_blocks, commands
 

@@ -7,7 +7,8 @@ slashes and glob characters in an id cannot break the layout.
 An asset's keys share the tag ``{<name>}`` (percent-encoded the same way) under ``<ns>:asset:``, so
 they never match the run channels' pattern ``<ns>:run:*:ch``; the hub listens on a second pattern,
 ``<ns>:asset:*:ch``. Asset events go to a global stream of their own, ``<ns>:asset-events``: the
-run stream's readers (recorder, webhooks) take every entry there for a run's event.
+run stream's reader (the recorder; webhooks are written from the store) takes every entry there for a
+run's event. Nothing in the gateway reads the asset stream (capped, it is for other consumers).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class RunKeys:
     # publish.lua reads it atomically with the seq on Redis Cluster too (a namespace key would sit in
     # another slot), and it also tells a run whose keys expired and started again apart.
     epoch: str
+    # The run_id of the Redis server process that last wrote the run (INFO server): when another one
+    # writes next (a restart from a snapshot, a promoted replica, which may hold only part of the
+    # run's writes), publish.lua makes a new epoch. Beside the epoch rather than in its value, so a
+    # gateway from before writers reads the epoch key as it always did.
+    writer: str
 
 
 def run_tag(dag_id: str, run_id: str) -> str:
@@ -38,7 +44,9 @@ def run_tag(dag_id: str, run_id: str) -> str:
 
 def run_keys(namespace: str, dag_id: str, run_id: str) -> RunKeys:
     base = f"{namespace}:run:{run_tag(dag_id, run_id)}"
-    return RunKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch")
+    return RunKeys(
+        seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch", writer=f"{base}:writer"
+    )
 
 
 def channel_pattern(namespace: str) -> str:
@@ -64,6 +72,7 @@ class AssetKeys:
     ids: str  # sorted set: event id scored by seq, for the same window, so a re-send is not logged twice
     channel: str  # pub/sub: the fast path
     epoch: str  # the asset's epoch, as a run's (never expires, as the seq)
+    writer: str  # the Redis server process that last wrote the asset, as a run's (never expires, as the epoch)
 
 
 def asset_tag(name: str) -> str:
@@ -72,7 +81,9 @@ def asset_tag(name: str) -> str:
 
 def asset_keys(namespace: str, name: str) -> AssetKeys:
     base = f"{namespace}:asset:{asset_tag(name)}"
-    return AssetKeys(seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch")
+    return AssetKeys(
+        seq=f"{base}:seq", log=f"{base}:log", ids=f"{base}:ids", channel=f"{base}:ch", epoch=f"{base}:epoch", writer=f"{base}:writer"
+    )
 
 
 def asset_channel_pattern(namespace: str) -> str:
@@ -97,7 +108,7 @@ def asset_stream(namespace: str) -> str:
 
 
 def global_stream(namespace: str) -> str:
-    """The capped stream of every event, read with consumer groups (recorder, webhooks)."""
+    """The capped stream of every run event, read with the recorder's consumer group."""
     return f"{namespace}:events"
 
 

@@ -37,6 +37,7 @@ from runbell.bus.schema import (
 )
 from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher
+from runbell.service.store.dead_letters import DeadLetters
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
 
@@ -273,7 +274,9 @@ async def log_only(redis: aioredis.Redis, namespace: str, event: Event) -> bytes
     """publish.lua's seq, log and global-stream entry for the event, with its PUBLISH sent to a
     channel nobody listens on: the envelope, for the test to deliver later, in any order."""
     k = keys.run_keys(namespace, event.dag_id, event.run_id)
-    seq, new, epoch = await redis.eval(PUBLISH_LUA, 4, k.seq, k.log, k.ids, k.epoch, event.id, event.to_json(), 3600, f"{namespace}:void")
+    seq, new, epoch = await redis.eval(
+        PUBLISH_LUA, 5, k.seq, k.log, k.ids, k.epoch, k.writer, event.id, event.to_json(), 3600, f"{namespace}:void"
+    )
     assert new == 1
     envelope = envelope_json(seq, event.to_json(), epoch.decode())
     await redis.xadd(keys.global_stream(namespace), {"env": envelope})
@@ -584,10 +587,10 @@ async def test_events_for_runs_nobody_waits_on(gateway, chaos_summary):
     )
 
 
-async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gateway, chaos_summary):
-    """Junk entries among real ones on the stream the recorder reads: it acknowledges and skips each
-    (counted by reason), never wedges on one, and the store ends with every real event once and the
-    right outcome of each run."""
+async def test_junk_on_the_global_stream_is_acknowledged_dead_lettered_and_counted(gateway, chaos_summary):
+    """Junk entries among real ones on the stream the recorder reads: it acknowledges each and moves
+    it to the dead letters (counted by reason), never wedges on one, and the store ends with every
+    real event once and the right outcome of each run."""
     runs = watched_runs("stream", list(SCRIPTS))
     redis = aioredis.Redis.from_url(gateway.redis_url)
     stream = keys.global_stream(gateway.namespace)
@@ -638,6 +641,8 @@ async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gat
                 assert {k: response.json().get(k) for k in w.expected} == w.expected
                 delivered += 1
             assert await store.get_run(DAG, "stream-deep") is None
+            dead = await DeadLetters(store).list(limit=len(interleaved) + len(junk))
+            assert Counter(letter.reason for letter in dead) == injected  # each junk entry once
             await still_serving(gateway, http, "stream-after")
             after = await scrape(http)
     finally:
