@@ -47,9 +47,9 @@ from runbell.bus.schema import (
     truncate,
 )
 from runbell.listeners import propagation
+from runbell.listeners.guard import LogOnce, publish_guarded
 from runbell.listeners.publisher import (
     Publisher,
-    default_publisher,
     extra_fields,
     make_result,
 )
@@ -59,7 +59,7 @@ log = logging.getLogger("runbell.hook")
 
 _HOST = socket.gethostname()[:HOST_MAX]
 _RETURN_KEY = "return_value"
-_logged: set[str] = set()
+_log_once = LogOnce(log)
 _emitted_hook: bool | None = None  # whether this Airflow has on_asset_event_emitted (3.2+)
 
 
@@ -117,21 +117,7 @@ def on_asset_event_emitted(asset_event: Any) -> None:
 
 def _guard(hook: str, build: Callable[[Publisher], Event | AssetEvent]) -> None:
     """Build and publish one event; nothing may escape into Airflow."""
-    try:
-        publisher = default_publisher()
-        if publisher.config.enabled:
-            event = build(publisher)
-            dag_id = event.source_dag_id if isinstance(event, AssetEvent) else event.dag_id
-            if dag_id not in publisher.config.skip_dags:
-                publisher.publish(event)
-    except Exception as exc:
-        _log_once(f"{hook}:{type(exc).__name__}", "runbell: %s dropped an event: %r", hook, exc)
-
-
-def _log_once(kind: str, msg: str, *args: Any) -> None:
-    if kind not in _logged:
-        _logged.add(kind)
-        log.warning(msg, *args)
+    publish_guarded(hook, lambda publisher: [build(publisher)], _log_once)
 
 
 # -- run events -----------------------------------------------------------------------------------

@@ -300,6 +300,7 @@ CLIENT_SETTINGS_DOC: list[tuple[str, str, str]] = [
 TOOLS_SETTINGS_DOC: list[tuple[str, str, str]] = [
     ("RUNBELL_AIRFLOW_VERSION", "tests/run", "Airflow version of the test virtualenv (default 3.3.2)"),
     ("RUNBELL_AIRFLOW_VENV", "tests/run, tests, bench", "the Airflow virtualenv (default ~/.cache/runbell/airflow-3.3.2)"),
+    ("RUNBELL_METAFLOW_VENV", "tests/run, tests", "the Metaflow virtualenv (default ~/.cache/runbell/metaflow-2.19.39)"),
     ("RUNBELL_REDIS_URL", "`runbell bench`", "the Redis it measures (its --redis-url; default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_REDIS_URL", "tests", "the Redis the tests use (default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_POSTGRES_URL", "tests", "the PostgreSQL server the tests make their databases on"),

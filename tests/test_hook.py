@@ -115,7 +115,7 @@ def bus(redis_url: str, namespace: str, tmp_path, monkeypatch) -> Iterator[Publi
     config = PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path / "spool", result_max_bytes=MAX_BYTES)
     publisher = Publisher(config)
     monkeypatch.setattr(publisher_module, "_default_publisher", publisher)
-    monkeypatch.setattr(hook, "_logged", set())
+    monkeypatch.setattr(hook._log_once, "seen", set())
     yield publisher
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match=f"{namespace}:*", count=1000):

@@ -19,10 +19,15 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GATEWAY_DEPENDENCIES = ["starlette", "sse_starlette", "sqlalchemy", "uvicorn", "alembic", "httpx"]
+GATEWAY_DEPENDENCIES = ["starlette", "sse_starlette", "sqlalchemy", "uvicorn", "alembic", "httpx", "metaflow"]
 HOOK_MODULES = [
     "runbell.listeners",
     "runbell.listeners.hook",
@@ -31,6 +36,8 @@ HOOK_MODULES = [
     "runbell.listeners.config",
     "runbell.listeners.marks",
     "runbell.listeners.propagation",
+    "runbell.listeners.metaflow_hook",
+    "runbell.listeners.guard",
     "runbell.bus",
     "runbell.bus.keys",
     "runbell.bus.schema",
@@ -97,7 +104,8 @@ def test_the_wheel_holds_the_hook_side_the_bus_contract_and_the_gateways_files(w
 
 def test_runbell_is_a_namespace_and_nothing_else_is_installed(wheel_names: set[str]) -> None:
     top_level = {name.split("/")[0] for name in wheel_names if not name.split("/")[0].endswith(".dist-info")}
-    assert top_level == {"runbell"}  # no top-level service/ or listeners/ (or tests/)
+    # no top-level service/ or listeners/ (or tests/); metaflow_extensions is where Metaflow looks
+    assert top_level == {"runbell", "metaflow_extensions"}
     assert "runbell/__init__.py" not in wheel_names
     # listeners/bus/ is installed once, as runbell.bus: a runbell.listeners.bus would be a second copy
     assert not [name for name in wheel_names if name.startswith("runbell/listeners/bus/")]
@@ -185,3 +193,22 @@ def test_the_editable_install_imports_the_repos_folders_from_anywhere() -> None:
         """,
     )
     assert files == [str(ROOT / "service/http/app.py"), str(ROOT / "listeners/bus/__init__.py")]
+
+
+def test_the_metaflow_extension_is_a_namespace_package_metaflow_can_find(wheel: Path, wheel_names: set[str]) -> None:
+    extension = {name for name in wheel_names if name.startswith("metaflow_extensions/")}
+    assert extension == {"metaflow_extensions/runbell/plugins/__init__.py", "metaflow_extensions/runbell/plugins/runbell_decorator.py"}
+    (top_level,) = [name for name in wheel_names if name.endswith(".dist-info/top_level.txt")]
+    (metadata,) = [name for name in wheel_names if name.endswith(".dist-info/METADATA")]
+    with zipfile.ZipFile(wheel) as zf:
+        assert set(zf.read(top_level).decode().split()) == {"runbell", "metaflow_extensions"}
+        requires = [line for line in zf.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
+    # Metaflow orders extension distributions by their requirements, markers ignored: one that
+    # requires itself (an extra naming runbell[...]) is refused, and Metaflow does not start.
+    assert not [line for line in requires if line.split()[1].lower().startswith("runbell")], requires
+    assert any(line.startswith("Requires-Dist: metaflow") and 'extra == "metaflow"' in line for line in requires), requires
+
+
+def test_the_extras_that_stand_for_the_gateway_hold_its_whole_list() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert set(extras["gateway"]) <= set(extras["bench"]) <= set(extras["test"])

@@ -77,7 +77,7 @@ def test_the_quickstart_snippets_emit_then_wait_and_tail(shell):
         done = shell(command)
         assert (done.returncode, json.loads(done.stdout)) == (0, {"seq": seq}), done.stderr
 
-    curl, wait, tail = block_with("sh", "runbell wait")
+    curl, wait, tail = block_with("sh", "runbell tail")
     done = shell(curl)
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout)
@@ -237,11 +237,12 @@ def test_every_shell_and_python_block_is_run_by_a_test():
         "/v1/assets/",
         "runbell dead-letters",
         "deploy/redis/users.acl",  # tests/test_redis_acl.py
+        "--with runbell",  # tests/test_metaflow.py
     }
     assert all(sum(text in block for text in tested) >= 1 for block in code_blocks("sh")), code_blocks("sh")
-    tested_python = {"@dag", "standardwebhooks", "RunbellClient("}
+    tested_python = {"@dag", "standardwebhooks", "RunbellClient(", "FlowSpec"}  # FlowSpec: tests/test_metaflow.py
     assert all(sum(text in block for text in tested_python) == 1 for block in code_blocks("python"))
-    assert len(code_blocks("sh")) == 7 and len(code_blocks("python")) == 3
+    assert len(code_blocks("sh")) == 8 and len(code_blocks("python")) == 4
     assert len(code_blocks("js")) == 1  # run in Chromium by tests/browser/test_dashboard_browser.py
     assert not code_blocks("bash") and not code_blocks("")  # unlabelled fences would escape the check
 

@@ -25,7 +25,7 @@ from urllib.parse import quote, urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.service.core import clock
+from runbell.service.core import clock, metaflow_status
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import RunDetail, RunRow, RunsPage, TaskInstanceRow
 from runbell.service.http.errors import ApiError
@@ -39,8 +39,8 @@ from runbell.service.store.store import (
 )
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
-# Airflow 3's DagRunType values (the first four are the usual ones).
-RUN_TYPES = ("manual", "scheduled", "backfill", "asset_triggered", "operator_triggered", "asset_materialization")
+# Airflow 3's DagRunType values (the first four are the usual ones), and Metaflow's runs.
+RUN_TYPES = ("manual", "scheduled", "backfill", "asset_triggered", "operator_triggered", "asset_materialization", metaflow_status.RUN_TYPE)
 ORDERS = ("desc", "asc")
 CURSOR_VERSION = 1
 CURSOR_MAC_BYTES = 16
@@ -60,13 +60,15 @@ async def list_runs(request: Request) -> Response:
     elif not principal.dags.every_dag:
         query = replace(query, dag_patterns=principal.dags.patterns)
     query = apply_cursor(request, query, fingerprint)
+    now = time.time()
+    stale_after = request.app.state.settings.stale_after
+    # Time-relative, so not part of the cursor's fingerprint (as Metaflow's own filter says of it).
+    query = replace(query, heartbeat_cutoff=clock.from_epoch(now - stale_after))
     store: Store = request.app.state.store
     # One row more than asked tells whether there is a next page without a count.
     rows = await store.list_runs(replace(query, limit=query.limit + 1))
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    now = time.time()
-    stale_after = request.app.state.settings.stale_after
     cursor, headers = None, {}
     if more and rows:
         last = rows[-1]
@@ -94,11 +96,12 @@ async def get_run(request: Request) -> Response:
 
 
 def run_row(run: RunRecord, now: float, stale_after: float) -> RunRow:
+    state = metaflow_status.listed_state(run.state, run.run_type, run.last_event_at.timestamp(), now, stale_after)
     return RunRow.model_validate(  # the stored outcome parts (JSON) validated into their models
         {
             "dag_id": run.dag_id,
             "run_id": run.run_id,
-            "state": run.state,
+            "state": state,
             "logical_date": run.logical_date,
             "run_after": run.run_after,
             "run_type": run.run_type,
@@ -108,7 +111,7 @@ def run_row(run: RunRecord, now: float, stale_after: float) -> RunRow:
             "outcome": run.outcome_status,
             "result_task": run.result_task,
             "first_failure": run.first_failure,
-            "stale": is_stale(run, now, stale_after),
+            "stale": state == "running" and is_stale(run, now, stale_after),
         }
     )
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from alembic import command
 from alembic.config import Config
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement, String, bindparam, literal, or_, select, text, tuple_, update
+from sqlalchemy import ColumnElement, String, and_, bindparam, func, literal, not_, or_, select, text, tuple_, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -45,7 +45,7 @@ from runbell.bus.schema import (
     TaskState,
     envelope_json,
 )
-from runbell.service.core import clock
+from runbell.service.core import clock, metaflow_status
 from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
 from runbell.service.store.models import EventRow, Run, TaskInstance, UTCDateTime, dialect_insert
 
@@ -123,6 +123,9 @@ class RunQuery:
     descending: bool = True  # newest run_after first
     after: tuple[datetime, str, str] | None = None  # (run_after, dag_id, run_id) of the last row seen
     limit: int = 50
+    # A Metaflow run still stored as running whose last event is older than this is failed
+    # (runbell.service.core.metaflow_status, branch 5); None: as stored.
+    heartbeat_cutoff: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,7 @@ class Store:
         if query.run_after_lte is not None:
             statement = statement.where(Run.run_after <= query.run_after_lte)
         if query.states:
-            statement = statement.where(Run.state.in_(query.states))
+            statement = statement.where(self._state_matches(query.states, query.heartbeat_cutoff))
         if query.after is not None:
             statement = statement.where(_keyset_predicate(query.after, query.dag_id, query.descending))
         order = [c.desc() for c in columns] if query.descending else [c.asc() for c in columns]
@@ -311,6 +314,23 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(statement)).all()
         return [_run_record(row) for row in rows]
+
+    def _state_matches(self, states: tuple[str, ...], heartbeat_cutoff: datetime | None) -> ColumnElement[bool]:
+        """The listed state (metaflow_status.listed_state) is one of these, in SQL. Written as the
+        stored state plus or minus the silent Metaflow runs, so the state index still serves it."""
+        matches: ColumnElement[bool] = Run.state.in_(states)
+        if heartbeat_cutoff is None:
+            return matches
+        silent = and_(
+            func.coalesce(Run.run_type, "") == metaflow_status.RUN_TYPE,
+            Run.state == metaflow_status.RUNNING,
+            Run.last_event_at < heartbeat_cutoff,
+        )
+        if metaflow_status.RUNNING in states:
+            matches = and_(matches, not_(silent))
+        if metaflow_status.FAILED in states:
+            matches = or_(matches, silent)
+        return matches
 
     def _dag_id_matches(self, pattern: str) -> ColumnElement[bool]:
         """dag_id matches the pattern ('*' any characters, the rest itself, case-sensitively), in SQL:
@@ -476,8 +496,12 @@ def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
     # A task event means the run is running, as the outcome rules also assume.
     running = [e.ts for e in events if e.kind is EventKind.TASK or e.state == RunState.RUNNING.value]
     ended = [e.ts for e in run_events if e.run_state.terminal]
+    last_event_at = max(e.ts for e in events)
+    state = outcome.run_state
+    if latest["run_type"] == metaflow_status.RUN_TYPE:  # Metaflow's own rules (branch 5 is the listing's)
+        state = metaflow_status.metaflow_status(metaflow_status.end_attempts(events), last_event_at, now=last_event_at, cutoff=0)
     return dict(
-        state=outcome.run_state,
+        state=state,
         run_type=latest["run_type"],
         logical_date=_parse_time(latest["logical_date"]),
         # Runs without Airflow's run_after (emit) are listed by when they were first seen.
@@ -487,7 +511,7 @@ def _run_values(run: RunKey, history: list[Envelope]) -> dict[str, Any]:
         ended_at=clock.from_epoch(ended[-1]) if ended else None,
         epoch=history[-1].epoch,
         last_seq=history[-1].seq,
-        last_event_at=clock.from_epoch(max(e.ts for e in events)),
+        last_event_at=clock.from_epoch(last_event_at),
         outcome_status=outcome.status.value,
         outcome=outcome.model_dump(mode="json"),
         result_task=outcome.result_task.model_dump(mode="json") if outcome.result_task else None,
