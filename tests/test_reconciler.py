@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from runbell.bus.schema import EventKind, Source
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
 from runbell.service.airflow.api import AirflowBadRequest, AirflowUnavailable
 from runbell.service.airflow.reconciler import Reconciler, events_from_airflow
 from runbell.service.core.loops import Backoff, LoopState
@@ -128,8 +131,10 @@ class Clock:
 
 
 @pytest.fixture
-def runs() -> RunTopic:
-    return RunTopic(Hub(None, Metrics()), None, "ns")  # no Redis: the reconciler uses only the bookkeeping
+async def runs(redis_url, namespace, redis_cleanup) -> AsyncIterator[RunTopic]:
+    client = aioredis.Redis.from_url(redis_url)  # the bus, asked whether it knows a run Airflow does not
+    yield RunTopic(Hub(None, Metrics()), client, namespace)  # no listener: the reconciler uses the bookkeeping
+    await client.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -182,6 +187,20 @@ async def test_a_run_airflow_does_not_have_closes_its_waiters_with_not_found(run
         assert await rec.step() == 1
         assert list(sub.queue) == [Signal.NOT_FOUND]
     assert runs.is_missing("etl", "ghost")
+
+
+async def test_a_run_the_bus_knows_but_airflow_does_not_is_not_closed(runs, redis_url, tmp_path, caplog):
+    """A Metaflow run, or one published with `runbell emit`, is not Airflow's: Airflow's 404 does not
+    end its waits (a long silent step would otherwise answer 404 to every waiter)."""
+    publisher = Publisher(PublisherConfig(redis_url=redis_url, namespace=runs.namespace, spool_dir=tmp_path, timeout_seconds=5))
+    assert await asyncio.to_thread(emit, "etl", "flow-run", "running", publisher=publisher) is not None
+    rec = reconciler(runs, FakeAirflow(), FakePublisher(), Clock())
+    with caplog.at_level(logging.INFO, logger="runbell.reconciler"):
+        async with waited_on(runs, "flow-run", silent_for=AFTER * 2) as sub:
+            assert await rec.step() == 1
+            assert list(sub.queue) == []
+    assert not runs.is_missing("etl", "flow-run")
+    assert "not Airflow's" in caplog.text
 
 
 # -- Airflow's errors ----------------------------------------------------------------------------------

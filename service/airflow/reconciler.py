@@ -89,6 +89,11 @@ class Reconciler:
         try:
             run = await self.airflow.get_run(dag_id, run_id)
             if run is None:
+                if await self.runs.heard_of(dag_id, run_id):
+                    # Not Airflow's (a Metaflow run, one published with `runbell emit`): it exists,
+                    # its waiters wait on, and it is asked about again as it stays silent.
+                    self._run_errors("foreign", "%s/%s is not Airflow's run, the bus knows it: not reconciled", dag_id, run_id)
+                    return []
                 self.runs.mark_missing(dag_id, run_id)
                 return []
             task_instances = await self.airflow.task_instances(dag_id, run_id)

@@ -148,6 +148,10 @@ class RunTopic(Topic[RunKey, Envelope]):
         self.missing[channel] = time.monotonic() + hold_seconds
         self.hub.close_channel(channel, Signal.NOT_FOUND)
 
+    async def heard_of(self, dag_id: str, run_id: str) -> bool:
+        """Whether the bus holds the run's sequence: it exists, whatever Airflow says."""
+        return await self.client.get(keys.run_keys(self.namespace, dag_id, run_id).seq) is not None
+
     def is_missing(self, dag_id: str, run_id: str) -> bool:
         channel = self.channel((dag_id, run_id))
         until = self.missing.get(channel)
