@@ -55,17 +55,21 @@ def test_each_run_numbers_its_events_in_publish_order(client, redis_url, namespa
     assert ids == {e.id.encode(): str(i + 1).encode() for i, e in enumerate(a)}
 
 
-def test_every_event_goes_to_the_global_stream_with_its_seq(client, redis_url, namespace, tmp_path) -> None:
+def partition_stream(client, namespace: str, run_id: str) -> list[tuple[str, int, str]]:
+    """(run_id, seq, event id) of the run's partition stream's entries, of that run only."""
+    entries = client.xrange(keys.run_keys(namespace, DAG, run_id).stream)
+    found = [decode_envelope(fields[b"env"]) for _, fields in entries]
+    return [(env.event.run_id, env.seq, env.event.id) for env in found if env.event.run_id == run_id]
+
+
+def test_every_event_goes_to_its_partition_stream_with_its_seq(client, redis_url, namespace, tmp_path) -> None:
     publisher = make_publisher(redis_url, namespace, tmp_path)
     events = [run_event("a"), run_event("b"), run_event("a", "success")]
     for event in events:
         publisher.publish(event)
-    stream = [decode_envelope(fields[b"env"]) for _, fields in client.xrange(keys.global_stream(namespace))]
-    assert [(env.event.run_id, env.seq, env.event.id) for env in stream] == [
-        ("a", 1, events[0].id),
-        ("b", 1, events[1].id),
-        ("a", 2, events[2].id),
-    ]
+    assert partition_stream(client, namespace, "a") == [("a", 1, events[0].id), ("a", 2, events[2].id)]
+    assert partition_stream(client, namespace, "b") == [("b", 1, events[1].id)]
+    assert client.get(keys.partitions_key(namespace)) == b"16"  # stored by the first publish
 
 
 def test_a_resent_run_event_keeps_its_seq_and_is_logged_once(client, redis_url, namespace, tmp_path) -> None:
@@ -75,8 +79,8 @@ def test_a_resent_run_event_keeps_its_seq_and_is_logged_once(client, redis_url, 
     assert publisher.publish(event) == 1
     assert publisher.publish(run_event("a", "success")) == 2
     assert [seq for _, seq, _ in run_log(client, namespace, "a")] == [1, 2]
-    # The global stream has no de-duplication of its own: its readers drop a repeated (run, seq).
-    assert client.xlen(keys.global_stream(namespace)) == 3
+    # Log and partition stream are written in one atomic call: a re-send reaches neither again.
+    assert [seq for _, seq, _ in partition_stream(client, namespace, "a")] == [1, 2]
 
 
 class Forwarder:

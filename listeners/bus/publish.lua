@@ -1,7 +1,10 @@
--- Assign the stream's next sequence number, append to its replay log, publish: one atomic step.
--- KEYS[1] seq counter, KEYS[2] replay log (stream), KEYS[3] event id -> seq, KEYS[4] epoch
--- ARGV[1] event id, ARGV[2] event JSON, ARGV[3] TTL in seconds, ARGV[4] pub/sub channel,
--- ARGV[5] (optional) window: absent or 0 for a run's stream, which ends: KEYS[3] is a hash and all
+-- Assign the stream's next sequence number, append to its replay log, add to its partition's stream,
+-- publish on the partition's shard channel: one atomic step. Every key and the channel carry the
+-- partition's hash tag (runbell.bus.keys), so this is one call on Redis Cluster too.
+-- KEYS[1] seq counter, KEYS[2] replay log (stream), KEYS[3] event id -> seq, KEYS[4] epoch,
+-- KEYS[5] the partition's stream (recorder), capped at about ARGV[6] entries
+-- ARGV[1] event id, ARGV[2] event JSON, ARGV[3] TTL in seconds, ARGV[4] shard channel,
+-- ARGV[5] window: 0 for a run's stream, which ends: KEYS[3] is a hash and all
 --   four keys expire TTL seconds after the last event. N > 0 for an endless stream (an asset's):
 --   the log keeps the last N entries, KEYS[3] is a sorted set remembering the ids of the last
 --   N seqs, both expire TTL seconds after the last event, and the seq counter and epoch never
@@ -10,7 +13,9 @@
 -- stream's first event, or because Redis lost the stream's state (restart without persistence,
 -- fail-over, expiry, eviction). It is the
 -- server's time in microseconds, 13 hex digits, so epochs sort in the order they were made.
--- Returns {seq, 1, epoch} for a new event, {seq, 0, epoch} when this event id was already published.
+-- ARGV[6] the partition stream's approximate cap, ARGV[7] the route of the live message (keys.live_message)
+-- Returns {seq, 1, epoch} for a new event, {seq, 0, epoch} when this event id was already published
+-- (then nothing is added: the first call added it to the partition stream in the same step).
 local window = tonumber(ARGV[5] or '0') or 0
 local epoch = redis.call('GET', KEYS[4])
 local known
@@ -46,5 +51,6 @@ else
 end
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('PUBLISH', ARGV[4], envelope)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'env', envelope)
+redis.call('SPUBLISH', ARGV[4], ARGV[7] .. '\n' .. envelope)
 return {seq, 1, epoch}
