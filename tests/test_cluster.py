@@ -1,0 +1,202 @@
+"""The bus on a real Redis Cluster (3 masters, 3 replicas), started here: a gateway configured with
+``redis+cluster://`` holds one shard subscription per partition, however many waiters; runs whose
+partitions spread over every master all reach their long-poll and SSE waiters and the store.
+
+The cluster starter below is minimal and local to this file; tests/engines.py (branch ``engines``)
+brings a shared RedisCluster fixture: replace ``redis_cluster`` with it once that lands."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from runbell.bus import keys
+from runbell.listeners.config import PublisherConfig
+from runbell.listeners.publisher import Publisher, emit
+from tests.conftest import free_port
+from tests.test_gateway import events_path, read_sse, result_path, until
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+DAG = "etl"
+WAIT = 60.0
+
+
+@dataclass
+class Cluster:
+    ports: list[int]  # masters first, then replicas (as `redis-cli --cluster create` pairs them)
+    processes: list[subprocess.Popen]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:3])
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=5)
+
+    def masters(self) -> dict[int, range]:
+        """Each master's port and its slot range (of CLUSTER SLOTS)."""
+        found: dict[int, range] = {}
+        for first, last, master, *_ in self.node(self.ports[0]).execute_command("CLUSTER SLOTS"):
+            found[int(master[1])] = range(int(first), int(last) + 1)
+        return found
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    if not (os.path.exists(REDIS_SERVER) and os.path.exists(REDIS_CLI)):
+        pytest.fail("redis-server and redis-cli are needed for the cluster tests", pytrace=False)
+    directory = tmp_path_factory.mktemp("cluster")
+    ports = cluster_ports(6)
+    processes = []
+    try:
+        for port in ports:
+            argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+            argv += ["--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"]
+            log = open(directory / f"{port}.log", "w")  # noqa: SIM115  # the server's, closed with it
+            processes.append(subprocess.Popen(argv, cwd=directory, stdout=log, stderr=subprocess.STDOUT))
+        for port in ports:
+            wait_for(lambda p=port: _answers(p), "redis-server did not start")
+        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "1", "--cluster-yes"]
+        subprocess.run(create, check=True, capture_output=True, timeout=60)
+        cluster = Cluster(ports, processes)
+        for port in ports:
+            wait_for(lambda p=port: b"cluster_state:ok" in cluster.node(p).execute_command("CLUSTER", "INFO"), "cluster not ok")
+        yield cluster
+    finally:
+        for process in processes:  # by PID: this test's servers only
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000) is free and valid too."""
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port + 10000 < 65536 and port not in found and _free(port + 10000):
+            found.append(port)
+    return found
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _answers(port: int) -> bool:
+    try:
+        return redis.Redis(port=port, socket_timeout=1).ping()
+    except redis.ConnectionError:
+        return False
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def runs_on_every_master(cluster: Cluster, namespace: str, per_master: int = 3) -> list[str]:
+    """Run ids whose partitions land on every master, ``per_master`` runs on each."""
+    by_master: dict[int, list[str]] = {port: [] for port in cluster.masters()}
+    for i in range(10_000):
+        run_id = f"spread-{i}"
+        slot = keys.key_slot(keys.run_keys(namespace, DAG, run_id).seq)
+        (port,) = [port for port, slots in cluster.masters().items() if slot in slots]
+        if len(by_master[port]) < per_master:
+            by_master[port].append(run_id)
+        if all(len(runs) == per_master for runs in by_master.values()):
+            return [run_id for runs in by_master.values() for run_id in runs]
+    raise AssertionError("no spread found")
+
+
+def cluster_publisher(cluster: Cluster, namespace: str, tmp_path: Path) -> Publisher:
+    return Publisher(PublisherConfig(redis_url=cluster.url, namespace=namespace, spool_dir=tmp_path / "spool", timeout_seconds=5))
+
+
+def test_publish_lua_is_one_atomic_call_on_a_cluster(redis_cluster, namespace, tmp_path):
+    publisher = cluster_publisher(redis_cluster, namespace, tmp_path)
+    run_ids = runs_on_every_master(redis_cluster, namespace, per_master=1)
+    for run_id in run_ids:
+        assert emit(DAG, run_id, "running", publisher=publisher) == 1
+        assert emit(DAG, run_id, "success", publisher=publisher) == 2
+    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    try:
+        for run_id in run_ids:
+            k = keys.run_keys(namespace, DAG, run_id)
+            assert len({keys.key_slot(key) for key in (k.seq, k.log, k.ids, k.epoch, k.stream, k.live)}) == 1
+            assert client.xlen(k.log) == 2
+            on_stream = [f[b"env"] for _, f in client.xrange(k.stream)]
+            assert sum(run_id.encode() in env for env in on_stream) == 2
+        assert client.get(keys.partitions_key(namespace)) == str(keys.DEFAULT_PARTITIONS).encode()
+    finally:
+        client.close()
+
+
+async def test_waiters_on_runs_spread_over_every_master_all_get_their_outcome(redis_cluster, gateway_factory, namespace, tmp_path):
+    masters = redis_cluster.masters()
+    run_ids = runs_on_every_master(redis_cluster, namespace)
+    used = {keys.run_partition(DAG, run_id) for run_id in run_ids}
+    slots = {p: keys.partition_slot(namespace, keys.DEFAULT_PARTITIONS, p) for p in used}
+    assert all(any(slot in slot_range for slot in slots.values()) for slot_range in masters.values()), "every master owns a used partition"
+
+    gateway = await gateway_factory(redis_url=redis_cluster.url)
+    hub = gateway.app.state.hub
+    await until(hub.connected.is_set, timeout=WAIT)
+    publisher = cluster_publisher(redis_cluster, namespace, tmp_path)
+    async with gateway.client() as http:
+        polls = [asyncio.create_task(http.get(result_path(r), params={"timeout": 50})) for r in run_ids]
+        streams = [asyncio.create_task(read_sse(http, events_path(r))) for r in run_ids]
+        await until(lambda: hub.count >= 2 * len(run_ids), timeout=WAIT)
+        for run_id in run_ids:
+            for state, fields in (
+                ("running", {}),
+                ("success", {"task_id": "answer", "result_task": True, "result": run_id}),
+                ("success", {}),
+            ):
+                assert await asyncio.to_thread(emit, DAG, run_id, state, publisher=publisher, **fields) is not None
+        answers = await asyncio.wait_for(asyncio.gather(*polls), WAIT)
+        sse = await asyncio.wait_for(asyncio.gather(*streams), WAIT)
+
+    assert [(a.status_code, a.json()["status"], a.json()["result"]) for a in answers] == [(200, "success", r) for r in run_ids]
+    for status, _, events in sse:
+        assert status == 200 and [e.event for e in events if e.event in ("outcome", "end")] == ["outcome", "end"]
+
+    # One shard subscription per partition on the masters, not one per waiter or run.
+    subscribed = {}
+    for port in masters:
+        node = redis_cluster.node(port)
+        channels = [keys.live_channel(namespace, keys.DEFAULT_PARTITIONS, p) for p in range(keys.DEFAULT_PARTITIONS)]
+        counts = {channel.decode(): n for channel, n in node.execute_command("PUBSUB SHARDNUMSUB", *channels)}
+        subscribed.update({c: n for c, n in counts.items() if n})
+        ssubs = sum(int(c.get("ssub", 0)) for c in node.client_list())
+        psubs = sum(int(c.get("psub", 0)) + int(c.get("sub", 0)) for c in node.client_list())
+        assert psubs == 0
+        assert ssubs == sum(1 for c in channels if keys.key_slot(c) in masters[port])
+    assert subscribed == dict.fromkeys(channels, 1)
+
+    store = gateway.app.state.store
+    for run_id in run_ids:  # the recorder reads every partition on every master
+        await until_recorded(store, run_id, 3)
+
+
+async def until_recorded(store, run_id: str, count: int) -> None:
+    async with asyncio.timeout(WAIT):
+        while len(await store.events(DAG, run_id)) < count:
+            await asyncio.sleep(0.05)
