@@ -8,11 +8,14 @@ brings a shared RedisCluster fixture: replace ``redis_cluster`` with it once tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,25 +46,30 @@ class Cluster:
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, socket_timeout=5)
 
+    def process(self, port: int) -> subprocess.Popen:
+        return self.processes[self.ports.index(port)]
+
     def masters(self) -> dict[int, range]:
         """Each master's port and its slot range (of CLUSTER SLOTS)."""
         found: dict[int, range] = {}
-        for first, last, master, *_ in self.node(self.ports[0]).execute_command("CLUSTER SLOTS"):
+        alive = next(port for port in self.ports if self.process(port).poll() is None)
+        for first, last, master, *_ in self.node(alive).execute_command("CLUSTER SLOTS"):
             found[int(master[1])] = range(int(first), int(last) + 1)
         return found
 
 
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory):
+@contextlib.contextmanager
+def started_cluster(directory: Path) -> Iterator[Cluster]:
+    """3 masters and 3 replicas on free ports, stopped (by PID) on exit."""
     if not (os.path.exists(REDIS_SERVER) and os.path.exists(REDIS_CLI)):
         pytest.fail("redis-server and redis-cli are needed for the cluster tests", pytrace=False)
-    directory = tmp_path_factory.mktemp("cluster")
     ports = cluster_ports(6)
     processes = []
     try:
         for port in ports:
             argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
             argv += ["--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"]
+            argv += ["--repl-diskless-sync-delay", "0"]
             log = open(directory / f"{port}.log", "w")  # noqa: SIM115  # the server's, closed with it
             processes.append(subprocess.Popen(argv, cwd=directory, stdout=log, stderr=subprocess.STDOUT))
         for port in ports:
@@ -71,12 +79,30 @@ def redis_cluster(tmp_path_factory):
         cluster = Cluster(ports, processes)
         for port in ports:
             wait_for(lambda p=port: b"cluster_state:ok" in cluster.node(p).execute_command("CLUSTER", "INFO"), "cluster not ok")
+        replicas = [port for port in ports if port not in cluster.masters()]
+        for port in replicas:  # a replica that never synced cannot be promoted
+            wait_for(lambda p=port: cluster.node(p).info("replication").get("master_link_status") == "up", "replica not in sync")
         yield cluster
     finally:
-        for process in processes:  # by PID: this test's servers only
-            process.terminate()
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
         for process in processes:
             process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    with started_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of this test's own (it kills a master)."""
+    (tmp_path / "cluster").mkdir()
+    with started_cluster(tmp_path / "cluster") as cluster:
+        yield cluster
 
 
 def cluster_ports(count: int) -> list[int]:
@@ -145,6 +171,16 @@ def test_publish_lua_is_one_atomic_call_on_a_cluster(redis_cluster, namespace, t
             on_stream = [f[b"env"] for _, f in client.xrange(k.stream)]
             assert sum(run_id.encode() in env for env in on_stream) == 2
         assert client.get(keys.partitions_key(namespace)) == str(keys.DEFAULT_PARTITIONS).encode()
+        # `runbell emit` (the hook's settings) on the cluster too.
+        env = {
+            **os.environ,
+            "RUNBELL_REDIS_URL": redis_cluster.url,
+            "RUNBELL_NAMESPACE": namespace,
+            "RUNBELL_SPOOL_DIR": str(tmp_path / "cli"),
+        }
+        argv = [str(Path(sys.executable).parent / "runbell"), "emit", "--dag", DAG, "--run", run_ids[0], "--state", "failed"]
+        subprocess.run(argv, env=env, check=True, capture_output=True, timeout=60)
+        assert client.xlen(keys.run_keys(namespace, DAG, run_ids[0]).log) == 3
     finally:
         client.close()
 
@@ -200,3 +236,39 @@ async def until_recorded(store, run_id: str, count: int) -> None:
     async with asyncio.timeout(WAIT):
         while len(await store.events(DAG, run_id)) < count:
             await asyncio.sleep(0.05)
+
+
+async def test_a_master_killed_mid_run_loses_no_outcome(own_cluster, gateway_factory, namespace, tmp_path):
+    """kill -9 of a master while waiters wait on runs it holds: its replica is promoted, the hub
+    subscribes there again (and every subscriber re-reads its log), the publisher follows the new
+    master (spooling meanwhile), and every waiter gets its outcome; the store records every event."""
+    run_ids = runs_on_every_master(own_cluster, namespace, per_master=2)
+    gateway = await gateway_factory(redis_url=own_cluster.url)
+    hub = gateway.app.state.hub
+    await until(hub.connected.is_set, timeout=WAIT)
+    publisher = cluster_publisher(own_cluster, namespace, tmp_path)
+    masters = own_cluster.masters()
+    victim = next(port for port in masters if port != own_cluster.ports[0])
+    async with gateway.client() as http:
+        polls = [asyncio.create_task(http.get(result_path(r), params={"timeout": 55})) for r in run_ids]
+        streams = [asyncio.create_task(read_sse(http, events_path(r))) for r in run_ids]
+        await until(lambda: hub.count >= 2 * len(run_ids), timeout=WAIT)
+        for run_id in run_ids:
+            assert await asyncio.to_thread(emit, DAG, run_id, "running", publisher=publisher) == 1
+        resubscribes = gateway.app.state.metrics.resubscribes._value.get()
+        own_cluster.process(victim).kill()  # kill -9
+        await asyncio.to_thread(wait_for, lambda: victim not in own_cluster.masters(), "no replica promoted")
+        for run_id in run_ids:  # spooled while the client still knows the dead master; sent after
+            await asyncio.to_thread(emit, DAG, run_id, "success", task_id="answer", result_task=True, result=run_id, publisher=publisher)
+            await asyncio.to_thread(emit, DAG, run_id, "success", publisher=publisher)
+        answers = await asyncio.wait_for(asyncio.gather(*polls), WAIT)
+        sse = await asyncio.wait_for(asyncio.gather(*streams), WAIT)
+    assert gateway.app.state.metrics.resubscribes._value.get() > resubscribes
+    served = [(a.status_code, a.json()["status"], a.json()["result"]) for a in answers]
+    assert served == [(200, "success", r) for r in run_ids]
+    for status, _, events in sse:
+        assert status == 200 and [e.event for e in events if e.event in ("outcome", "end")] == ["outcome", "end"]
+        assert [e.id.rpartition("-")[2] for e in events if e.event in ("run", "task")] == ["1", "2", "3"]  # nothing lost or repeated
+    for run_id in run_ids:
+        await until_recorded(gateway.app.state.store, run_id, 3)
+    print(f"cluster failover: runs={len(run_ids)} waiters={2 * len(run_ids)} served={len(served)} outcomes_lost=0")

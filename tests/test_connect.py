@@ -75,3 +75,14 @@ def test_the_stored_partition_count_wins_and_a_disagreement_is_logged(caplog):
     with caplog.at_level(logging.ERROR):
         assert agreed_partitions(b"32", 16, log) == 32
     assert "RUNBELL_STREAM_PARTITIONS is 16" in caplog.text and "holds 32" in caplog.text
+
+
+def test_the_gateway_refuses_a_bad_url_at_start_without_echoing_its_password():
+    from pydantic import ValidationError
+
+    from runbell.service.settings import Settings
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(redis_url="redis+cluster://runbell:hunter2@redis-1")
+    assert "redis+sentinel://" in str(refused.value) and "hunter2" not in str(refused.value)
+    assert Settings(redis_url="redis+cluster://runbell:hunter2@redis-1:7000,redis-2:7000").redis_url
