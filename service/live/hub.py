@@ -58,7 +58,7 @@ DEAD_AFTER_SECONDS = 15.0  # ...and dropped and re-made when nothing at all was 
 BACKOFF_MAX_SECONDS = 5.0
 GC_PAUSE_FANOUT = 100  # subscribers of one channel from which a fan-out runs without garbage collection
 REDIS_DOWN = (RedisError, OSError)  # what a read retries until the caller's timeout
-ROUTE_MAX_BYTES = 4096  # where a message's route must end (the hub looks no further)
+ROUTE_MAX_BYTES = 32 * 1024  # where a message's route must end: the longest, a 1500-character asset name percent-encoded, is ~18 KB
 
 
 class Stamped(Protocol):
@@ -435,10 +435,11 @@ class Hub:
         if topic is None:
             self.bad_event(BadEvent("route", f"a message of no known kind ({route[:100]!r})"))
             return
-        self._dispatch(topic, route, data[end + 1 :] if route in self.subscribers else b"")
+        topic.published(route)
+        if route in self.subscribers:  # else nobody here waits on this stream: not even copied
+            self._dispatch(topic, route, data[end + 1 :])
 
     def _dispatch(self, topic: Topic[Any, Any], route: str, data: bytes) -> None:
-        topic.published(route)
         subs = self.subscribers.get(route)
         if not subs:
             return  # nobody here waits on this stream: not even decoded
