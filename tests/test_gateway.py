@@ -480,3 +480,21 @@ async def test_a_large_fan_out_runs_without_garbage_collection_and_turns_it_back
     assert not gc.isenabled() and all(len(sub.queue) == 1 for sub in subs)
     await asyncio.sleep(0)  # the woken subscribers run first, then collection is back on
     assert gc.isenabled()
+
+
+async def test_a_gateway_configured_with_another_partition_count_takes_the_stored_one(gateway_factory, redis_url, namespace, caplog):
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(keys.partitions_key(namespace), 4)
+        gateway = await gateway_factory(stream_partitions=8)
+        assert gateway.app.state.partitions == 4
+        assert gateway.app.state.hub.channels == keys.live_channels(namespace, 4)  # 4 subscriptions, not 8
+        assert "RUNBELL_STREAM_PARTITIONS is 8 but this namespace's Redis holds 4" in caplog.text
+        publisher = gateway.publisher()  # configured with the default 16: it takes the stored 4 too
+        async with gateway.client() as http:
+            waiter = asyncio.create_task(http.get(result_path("p4"), params={"timeout": 20}))
+            await until(waiting(gateway))
+            await asyncio.to_thread(emit, DAG, "p4", "success", publisher=publisher)
+            assert (await waiter).json()["status"] == "success"
+    finally:
+        await client.aclose()

@@ -172,3 +172,12 @@ def test_a_redis_that_never_answers_costs_one_timeout_then_the_breaker_spools(na
     assert results == [None, None, None]
     assert len(connections) == 1  # the breaker: no connection after the first failure
     assert len(publisher.spool.pending()) == 3
+
+
+def test_the_stored_partition_count_wins_over_a_disagreeing_hook(client, redis_url, namespace, tmp_path, caplog) -> None:
+    client.set(keys.partitions_key(namespace), 4)  # stored by whichever hook or gateway came first
+    config = PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path, timeout_seconds=5, stream_partitions=32)
+    assert Publisher(config).publish(run_event("a")) == 1
+    assert client.xlen(keys.run_keys(namespace, DAG, "a", 4).log) == 1  # the stored count's layout
+    assert not client.exists(keys.run_keys(namespace, DAG, "a", 32).log)
+    assert "RUNBELL_STREAM_PARTITIONS is 32 but this namespace's Redis holds 4" in caplog.text
