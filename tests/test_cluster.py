@@ -50,12 +50,12 @@ class Cluster:
     def process(self, port: int) -> subprocess.Popen:
         return self.processes[self.ports.index(port)]
 
-    def masters(self) -> dict[int, range]:
-        """Each master's port and its slot range (of CLUSTER SLOTS)."""
-        found: dict[int, range] = {}
+    def masters(self) -> dict[int, set[int]]:
+        """Each master's port and its slots (of CLUSTER SLOTS: a master may hold several ranges)."""
+        found: dict[int, set[int]] = {}
         alive = next(port for port in self.ports if self.process(port).poll() is None)
         for first, last, master, *_ in self.node(alive).execute_command("CLUSTER SLOTS"):
-            found[int(master[1])] = range(int(first), int(last) + 1)
+            found.setdefault(int(master[1]), set()).update(range(int(first), int(last) + 1))
         return found
 
 
@@ -282,3 +282,54 @@ async def test_a_master_killed_mid_run_loses_no_outcome(own_cluster, gateway_fac
     print(
         f"cluster failover: runs={len(run_ids)} waiters={2 * len(run_ids)} served={len(served)} outcomes_lost=0 epochs={dict(epochs_seen)}"
     )
+
+
+def migrate_slot(cluster: Cluster, slot: int, to_port: int) -> None:
+    """Move one slot, with its keys, to another master (what `redis-cli --cluster reshard` does per slot)."""
+    masters = cluster.masters()
+    (from_port,) = [port for port, slots in masters.items() if slot in slots]
+    source, target = cluster.node(from_port), cluster.node(to_port)
+    source_id, target_id = (node.execute_command("CLUSTER", "MYID").decode() for node in (source, target))
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    while moving := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *moving)
+    for port in masters:
+        cluster.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+async def test_the_slot_of_a_live_run_migrates_and_no_outcome_is_lost(own_cluster, gateway_factory, namespace, tmp_path):
+    """A live run's partition slot moves to another master mid-run: Redis unsubscribes the hub there,
+    the hub subscribes on the new owner (and its subscribers re-read their logs), the publisher
+    follows MOVED, and every waiter gets its outcome."""
+    run_ids = runs_on_every_master(own_cluster, namespace, per_master=1)
+    moved_run = run_ids[0]
+    slot = keys.key_slot(keys.run_keys(namespace, DAG, moved_run).seq)
+    owner = next(port for port, slots in own_cluster.masters().items() if slot in slots)
+    gateway = await gateway_factory(redis_url=own_cluster.url)
+    hub = gateway.app.state.hub
+    await until(hub.connected.is_set, timeout=WAIT)
+    publisher = cluster_publisher(own_cluster, namespace, tmp_path)
+    async with gateway.client() as http:
+        polls = [asyncio.create_task(http.get(result_path(r), params={"timeout": 50})) for r in run_ids]
+        streams = [asyncio.create_task(read_sse(http, events_path(r))) for r in run_ids]
+        await until(lambda: hub.count >= 2 * len(run_ids), timeout=WAIT)
+        for run_id in run_ids:
+            assert await asyncio.to_thread(emit, DAG, run_id, "running", publisher=publisher) == 1
+        resubscribes = gateway.app.state.metrics.resubscribes._value.get()
+        await asyncio.to_thread(migrate_slot, own_cluster, slot, next(port for port in own_cluster.masters() if port != owner))
+        await until(lambda: gateway.app.state.metrics.resubscribes._value.get() > resubscribes, timeout=WAIT)
+        for run_id in run_ids:
+            await asyncio.to_thread(emit, DAG, run_id, "success", task_id="answer", result_task=True, result=run_id, publisher=publisher)
+            await asyncio.to_thread(emit, DAG, run_id, "success", publisher=publisher)
+        answers = await asyncio.wait_for(asyncio.gather(*polls), WAIT)
+        sse = await asyncio.wait_for(asyncio.gather(*streams), WAIT)
+    assert [(a.status_code, a.json()["result"]) for a in answers] == [(200, r) for r in run_ids]
+    for status, _, events in sse:
+        assert status == 200 and [e.id.rpartition("-")[2] for e in events if e.event in ("run", "task")] == ["1", "2", "3"]
+    new_owner = next(port for port, slots in own_cluster.masters().items() if slot in slots)
+    assert new_owner != owner
+    channel = keys.run_keys(namespace, DAG, moved_run).live
+    assert own_cluster.node(new_owner).execute_command("PUBSUB SHARDNUMSUB", channel)[0][1] == 1  # subscribed where it lives now
+    for run_id in run_ids:
+        await until_recorded(gateway.app.state.store, run_id, 3)

@@ -88,6 +88,10 @@ class Signal(Enum):
     NOT_FOUND = "not_found"  # the stream's source says it does not exist (a run Airflow does not have)
 
 
+class ShardChannelMoved(RedisError):
+    """Redis unsubscribed one of the hub's shard channels: its slot moved to another master."""
+
+
 class SubscriptionClosed(Exception):
     def __init__(self, reason: Signal):
         super().__init__(reason.value)
@@ -412,6 +416,11 @@ class Hub:
         kind = message["type"]
         if kind == "smessage":
             self._route(message["data"])
+        elif kind == "sunsubscribe":
+            # The hub never unsubscribes: Redis moved the channel's slot to another master (or a
+            # reconfiguration dropped it). Start over: the topology is re-read and every channel
+            # subscribed where it lives now, then every subscriber re-reads its log.
+            raise ShardChannelMoved(f"shard channel {_text(message['channel'])!r} unsubscribed by Redis (its slot moved)")
         elif kind == "ssubscribe":
             self.confirmed.add(_text(message["channel"]))
             if message["data"] == len(connection.shard_channels):
