@@ -86,3 +86,49 @@ def test_the_gateway_refuses_a_bad_url_at_start_without_echoing_its_password():
         Settings(redis_url="redis+cluster://runbell:hunter2@redis-1")
     assert "redis+sentinel://" in str(refused.value) and "hunter2" not in str(refused.value)
     assert Settings(redis_url="redis+cluster://runbell:hunter2@redis-1:7000,redis-2:7000").redis_url
+
+
+def test_a_sentinel_url_reaches_the_master_the_sentinel_names(tmp_path):
+    """A real redis-server and a Sentinel watching it (started here, stopped by PID): the hook's and
+    the gateway's clients of a redis+sentinel:// URL publish to the master it names."""
+    import asyncio
+    import shutil
+    import subprocess
+    import time
+
+    from tests.conftest import free_port
+
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    master_port, sentinel_port = free_port(), free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor runbell-main 127.0.0.1 {master_port} 1\n")
+    processes = [
+        subprocess.Popen([server, "--port", str(master_port), "--bind", "127.0.0.1", "--save", ""], stdout=subprocess.DEVNULL),
+        subprocess.Popen([server, str(conf), "--sentinel"], stdout=subprocess.DEVNULL),
+    ]
+    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/runbell-main/0"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert sync_client(url, socket_timeout=1).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the Sentinel never named its master"
+                time.sleep(0.1)
+        sync_client(url).set("rbtest-sentinel", "hook")
+        assert redis.Redis(port=master_port).get("rbtest-sentinel") == b"hook"
+
+        async def gateway_side() -> bytes | None:
+            client = async_client(url, max_connections=2, socket_timeout=2)
+            try:
+                return await client.get("rbtest-sentinel")
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(gateway_side()) == b"hook"
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
