@@ -29,6 +29,7 @@ HOOK_MODULES = [
     "runbell.listeners.publisher",
     "runbell.listeners.spool",
     "runbell.listeners.config",
+    "runbell.listeners.connect",
     "runbell.listeners.marks",
     "runbell.listeners.propagation",
     "runbell.bus",
