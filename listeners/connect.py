@@ -73,8 +73,12 @@ def redacted(url: str) -> str:
     if not sep:
         return "***" if "@" in url else url
     userinfo, at, host = rest.rpartition("@")
-    shown = f"{scheme}://***@{host}" if at else url
-    return re.sub(r"(password=)[^&#]*", r"\1***", shown)
+    return without_password_options(f"{scheme}://***@{host}" if at else url)
+
+
+def without_password_options(url: str) -> str:
+    """The URL with the value of every ``…password=`` option replaced by *** (a Sentinel's)."""
+    return re.sub(r"(password=)[^&#]*", r"\1***", url)
 
 
 def parse(url: str) -> RedisTarget:

@@ -354,7 +354,7 @@ def without_password(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return connect.without_password_options(urlunsplit(parts._replace(netloc=netloc)))
 
 
 def startup_line(settings: Settings, redis_url: str, embedded: bool) -> str:
