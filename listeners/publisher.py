@@ -45,7 +45,7 @@ from runbell.bus.schema import (
     parse_event_json,
 )
 from runbell.listeners.config import PublisherConfig
-from runbell.listeners.connect import agreed_partitions, is_cluster, sync_client
+from runbell.listeners.connect import BadRedisUrl, agreed_partitions, is_cluster, sync_client
 from runbell.listeners.spool import adopt_legacy, has_legacy, namespace_spool, read_event
 
 log = logging.getLogger("runbell.publisher")
@@ -116,6 +116,10 @@ class Publisher:
                 return self._publish_locked(event, event_json)
             except SpoolUnavailable:
                 raise
+            except BadRedisUrl as exc:  # kept until the setting is fixed (a restart with the right URL sends them)
+                self._log_once("bad-url", "runbell: %s; spooling events", exc)
+                self._spool(event_json)
+                return None
             except Exception as exc:
                 self._log_once("unexpected", "runbell: unexpected publish error: %r", exc)
                 self._spool(event_json)

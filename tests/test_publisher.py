@@ -181,3 +181,11 @@ def test_the_stored_partition_count_wins_over_a_disagreeing_hook(client, redis_u
     assert client.xlen(keys.run_keys(namespace, DAG, "a", 4).log) == 1  # the stored count's layout
     assert not client.exists(keys.run_keys(namespace, DAG, "a", 32).log)
     assert "RUNBELL_STREAM_PARTITIONS is 32 but this namespace's Redis holds 4" in caplog.text
+
+
+def test_a_bad_url_is_said_once_without_its_password_and_the_events_are_kept(tmp_path, caplog) -> None:
+    publisher = Publisher(PublisherConfig(redis_url="redis+cluster://hook:hunter2@redis-1", spool_dir=tmp_path))
+    assert [publisher.publish(run_event("a", s)) for s in ("running", "success")] == [None, None]  # never raises
+    assert len(publisher.spool.pending()) == 2 and publisher.lost == 0
+    (said,) = [r.getMessage() for r in caplog.records if "RUNBELL_REDIS_URL" in r.getMessage()]
+    assert "accepted: redis://" in said and "redis+cluster://" in said and "hunter2" not in said
