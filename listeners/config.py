@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runbell.bus.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, partitions
@@ -51,7 +51,7 @@ HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
 
 @dataclass(frozen=True)
 class PublisherConfig:
-    redis_url: str = DEFAULT_REDIS_URL
+    redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)  # may carry a password: never in a repr
     namespace: str = DEFAULT_NAMESPACE
     log_ttl_seconds: int = 7 * 24 * 3600  # how long a run's replay log lives after its last event
     stream_maxlen: int = 1_000_000  # cap of each partition's stream (approximate trimming)

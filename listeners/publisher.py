@@ -180,7 +180,7 @@ class Publisher:
             else:
                 k, window = keys.run_keys(ns, event.dag_id, event.run_id, count), 0
             args: list[str | int] = [event.id, event_json, config.log_ttl_seconds, k.live, window, config.stream_maxlen, k.route]
-            replies.append(target.evalsha(sha, 5, k.seq, k.log, k.ids, k.epoch, k.stream, *args))
+            replies.append(target.evalsha(sha, 6, k.seq, k.log, k.ids, k.epoch, k.writer, k.stream, *args))
         if pipe is not None:
             replies = pipe.execute()
         return [int(reply[0]) for reply in replies]

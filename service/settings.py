@@ -13,13 +13,13 @@ import ipaddress
 import os
 import sys
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from runbell.bus.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, PARTITIONS_RANGE
 from runbell.listeners import connect
 from runbell.listeners.config import EVENT_MAX_BYTES, EVENT_MAX_BYTES_RANGE, HOOK_SETTINGS_DOC, RESULT_MAX_BYTES
+from runbell.service.core.redaction import without_password
 from runbell.service.core.roles import Grant, parse_tokens
 from runbell.service.webhooks.dispatcher import (
     DEFAULT_WEBHOOK_SCHEDULE,
@@ -338,23 +338,6 @@ def settings_table() -> str:
     lines = ["| variable | flag | read by | meaning |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def without_password(url: str) -> str:
-    """A URL fit for a log line: any password replaced by ***."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return connect.redacted(url)  # a Sentinel's password may be an option
-        parts.port  # noqa: B018  # a cluster's or Sentinels' HOST:PORT list is no port: raises
-    except ValueError:
-        return connect.redacted(url)
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return connect.without_password_options(urlunsplit(parts._replace(netloc=netloc)))
 
 
 def startup_line(settings: Settings, redis_url: str, embedded: bool) -> str:

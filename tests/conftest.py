@@ -7,6 +7,7 @@ CI=true a missing server fails the run instead: CI always proves the real thing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import uuid
@@ -138,10 +139,19 @@ TRIGGER_TOKEN = "test-trigger-token"
 TOKENS = f"{READ_TOKEN}:read,{PUBLISH_TOKEN}:publish,{TRIGGER_TOKEN}:trigger,{ADMIN_TOKEN}:admin"
 
 
+HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, never one this run handed out before (the kernel may offer
+    a closed port again at once, and an engine takes several before starting any process)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in HANDED_OUT_PORTS:
+            HANDED_OUT_PORTS.add(port)
+            return port
 
 
 class RunningGateway:
@@ -226,37 +236,72 @@ async def gateway(gateway_factory):
 
 @pytest.fixture
 def served_gateway(redis_url, namespace, tmp_path, redis_cleanup):
-    """A factory: served_gateway(auth=False, **extra_env) starts `runbell serve` in its own process on a
-    free port (tests.served.ServedGateway: stop, SIGKILL and start it again on the same port)."""
+    """A factory (tests.served.ServedGateways): served_gateway(auth=False, **extra_env) starts `runbell
+    serve` in its own process on a free port, ready; served_gateway.many(n, **extra_env) starts n side by
+    side. Each is a tests.served.ServedGateway: kill(), stop(sig), hang(), resume(), restart(sig) on its
+    port, wait_ready()."""
     import os
-    import signal
 
-    from tests.served import ServedGateway
+    from tests.served import ServedGateways
 
-    started: list[ServedGateway] = []
-
-    def start(auth: bool = False, **extra: str) -> ServedGateway:
-        env = {
-            **os.environ,
-            "RUNBELL_REDIS_URL": redis_url,
-            "RUNBELL_NAMESPACE": namespace,
-            "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}",
-            "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
-            "RUNBELL_SHUTDOWN_GRACE": "1",
-            "RUNBELL_SSE_RETRY_MS": "300",
-            "RUNBELL_WEBHOOKS": "false",
-            "RUNBELL_LOG_LEVEL": "warning",
-            "RUNBELL_TOKEN_SECRET": "served-test-secret-of-at-least-32-bytes!",
-            **extra,
-        }
-        gateway = ServedGateway(env, free_port(), tmp_path / f"gateway-{len(started)}.log", no_auth=not auth)
-        started.append(gateway)
-        gateway.start()
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway.process is not None and gateway.process.poll() is None:
-            gateway.stop(signal.SIGKILL)
-    for gateway in started:  # every start and stop, SIGKILL included, left no traceback behind
+    env = {
+        **os.environ,
+        "RUNBELL_REDIS_URL": redis_url,
+        "RUNBELL_NAMESPACE": namespace,
+        "RUNBELL_DATABASE_URL": f"sqlite:///{tmp_path / 'rb.db'}",
+        "RUNBELL_SPOOL_DIR": str(tmp_path / "spool"),
+        "RUNBELL_SHUTDOWN_GRACE": "1",
+        "RUNBELL_SSE_RETRY_MS": "300",
+        "RUNBELL_WEBHOOKS": "false",
+        "RUNBELL_LOG_LEVEL": "warning",
+        "RUNBELL_TOKEN_SECRET": "served-test-secret-of-at-least-32-bytes!",
+    }
+    gateways = ServedGateways(env, tmp_path)
+    yield gateways
+    gateways.close()
+    for gateway in gateways.started:  # every start and stop, SIGKILL included, left no traceback behind
         assert "Traceback" not in gateway.log.read_text(), gateway.log.read_text()[-4000:]
+
+
+# -- engines started by the test (tests/engines.py): each stopped by PID after the test ---------------
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own (tests.engines.RedisServer: AOF, fsync always), killed after."""
+    from tests.engines import start_own_redis
+
+    yield from start_own_redis(tmp_path / "redis")
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A Redis Cluster of 3 masters and 3 replicas, healthy (tests.engines.RedisCluster)."""
+    from tests.engines import RedisCluster
+
+    with RedisCluster(tmp_path / "cluster") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def sentinel_group(tmp_path):
+    """A master, a replica and 3 sentinels watching them as "runbell" (tests.engines.SentinelGroup)."""
+    from tests.engines import SentinelGroup
+
+    with SentinelGroup(tmp_path / "sentinel") as group:
+        yield group
+
+
+@pytest.fixture
+def load_balancer(tmp_path):
+    """A factory: load_balancer(backends, health_path=None) starts HAProxy round robin in front of
+    "host:port" backends (tests.engines.LoadBalancer); all are stopped after the test."""
+    from tests.engines import LoadBalancer
+
+    started = itertools.count()
+    with contextlib.ExitStack() as stack:
+
+        def start(backends, health_path: str | None = None) -> LoadBalancer:
+            return stack.enter_context(LoadBalancer(tmp_path / f"lb-{next(started)}", backends, health_path))
+
+        yield start

@@ -138,7 +138,7 @@ def test_the_startup_line_shows_no_password_of_any_shape():
     from runbell.service.settings import without_password
 
     shown = {
-        "redis+cluster://u:hunter2@a:1,b:2": "redis+cluster://***@a:1,b:2",
+        "redis+cluster://u:hunter2@a:1,b:2": "redis+cluster://u:***@a:1,b:2",
         "redis+sentinel://:hunter2@s:1/m/0?sentinel_password=hunter2": "redis+sentinel://:***@s:1/m/0?sentinel_password=***",
         "redis+sentinel://s:1,s:2/m?sentinel_password=hunter2": "redis+sentinel://s:1,s:2/m?sentinel_password=***",
         "redis://u:hunter2@h:1/0": "redis://u:***@h:1/0",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -27,7 +28,10 @@ from runbell.bus.schema import (
 )
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit, emit_asset
+from runbell.service.core.metrics import Metrics
 from runbell.service.core.outcome import OutcomeFold, decide
+from runbell.service.live.hub import Hub
+from runbell.service.live.topics import RunTopic
 from runbell.service.store.recorder import Recorder
 
 DAG = "etl"
@@ -131,6 +135,76 @@ def test_a_sequence_starting_again_under_an_old_epoch_gets_a_new_one(client, pub
     assert last > again and [e.position for e in logged(client, namespace)] == [Position(again, 1), Position(last, 2)]
 
 
+def test_another_redis_server_writing_a_run_makes_a_new_epoch_and_the_seq_goes_on(client, publisher, namespace):
+    """A restart from a stale snapshot or a promoted replica keeps the epoch but may have lost the last
+    seqs: the next events would repeat positions readers saw. Another server's run_id in the writer
+    key (what such a server finds) makes a new epoch; the seq is not reset."""
+    k = keys.run_keys(namespace, DAG, "r")
+    for event in (run_event("running"), run_event("running", task_id="t"), run_event("success", task_id="t")):
+        publisher.publish(event)
+    epoch = client.get(k.epoch).decode()
+    this_server = client.info("server")["run_id"]
+    assert client.get(k.writer).decode() == this_server and 0 < client.ttl(k.writer)  # it expires with the run
+    publisher.publish(run_event("running", task_id="u"))
+    assert client.get(k.epoch).decode() == epoch  # the same server: the same epoch
+
+    kept = client.xrange(k.log, max="0-2")  # the state another server was left with: seq 3 and 4 lost
+    client.delete(k.log)
+    for entry_id, fields in kept:
+        client.xadd(k.log, fields, id=entry_id)
+    client.set(k.seq, 2)
+    client.set(k.writer, "0" * 40)
+    assert publisher.publish(run_event("success", task_id="answer", result_task=True, result=Result(value=1, size=1))) == 3
+    assert publisher.publish(run_event("success")) == 4
+    new = client.get(k.epoch).decode()
+    assert new > epoch and client.get(k.writer).decode() == this_server
+    assert [e.position for e in logged(client, namespace)] == [
+        *(Position(epoch, seq) for seq in (1, 2)),
+        Position(new, 3),
+        Position(new, 4),
+    ]
+
+
+def test_state_from_before_writers_adopts_the_writer_and_keeps_its_epoch(client, publisher, namespace):
+    k = keys.run_keys(namespace, DAG, "r")
+    publisher.publish(run_event("running"))
+    epoch = client.get(k.epoch).decode()
+    client.delete(k.writer)  # written by a publisher from before writers were kept
+    assert publisher.publish(run_event("running", task_id="t")) == 2
+    assert client.get(k.epoch).decode() == epoch and client.get(k.writer) is not None
+    assert [e.position for e in logged(client, namespace)] == [Position(epoch, 1), Position(epoch, 2)]
+
+
+def test_a_new_epoch_follows_the_one_it_replaces_when_the_clock_is_behind(client, publisher, namespace):
+    k = keys.run_keys(namespace, DAG, "r")
+    publisher.publish(run_event("running"))
+    client.set(k.epoch, "7fffffffffff0")  # made by a server whose clock was far ahead of this one's
+    client.set(k.writer, "0" * 40)
+    publisher.publish(run_event("running", task_id="t"))
+    assert client.get(k.epoch).decode() == "7fffffffffff1"
+
+
+def test_an_assets_writer_never_expires_and_a_new_one_makes_a_new_epoch(client, publisher, namespace):
+    emit_asset("s3://lake/orders", publisher=publisher)
+    k = keys.asset_keys(namespace, "s3://lake/orders")
+    epoch = client.get(k.epoch).decode()
+    assert client.get(k.writer) is not None and client.ttl(k.writer) == -1
+    client.set(k.writer, "0" * 40)
+    assert emit_asset("s3://lake/orders", publisher=publisher) == 2
+    assert client.get(k.epoch).decode() > epoch
+
+
+def test_without_info_the_writer_is_empty_and_epochs_are_as_before(namespace, tmp_path):
+    """fakeredis (the development broker) has no INFO in Lua: no writer is kept, nothing changes."""
+    fake = fakeredis.FakeRedis()
+    k = keys.run_keys(namespace, DAG, "r")
+    pub = Publisher(PublisherConfig(redis_url="redis://fake", namespace=namespace, spool_dir=tmp_path, timeout_seconds=5), client=fake)
+    assert [pub.publish(e) for e in (run_event("running"), run_event("running", task_id="t"))] == [1, 2]
+    epoch = fake.get(k.epoch).decode()
+    assert fake.get(k.writer) is None
+    assert [e.position for e in logged(fake, namespace)] == [Position(epoch, 1), Position(epoch, 2)]
+
+
 def test_an_assets_epoch_never_expires(client, publisher, namespace):
     emit_asset("s3://lake/orders", publisher=publisher)
     k = keys.asset_keys(namespace, "s3://lake/orders")
@@ -182,6 +256,44 @@ async def test_the_recorder_stores_a_new_epoch_and_fills_its_gaps_from_its_own_l
         assert stored == [Position(old_epoch, 1), Position(old_epoch, 2), *(Position(new_epoch, s) for s in (1, 2, 3))]
         run = await store.get_run(DAG, "r")
         assert (run.outcome_status, run.outcome["result"], run.outcome["decided_epoch"]) == ("success", 9, new_epoch)
+    finally:
+        await aclient.aclose()
+        sync.close()
+
+
+# -- the hub's reads across a server that kept part of a run ------------------------------------------
+
+
+async def test_a_read_takes_what_the_store_has_beyond_a_log_that_went_back(redis_url, namespace, store, publisher, redis_cleanup):
+    """Redis came back with seq 1-2 of a run whose seq 3 the store recorded (a stale snapshot, a
+    promoted replica): a read from the start has seq 3 from the store, before and after the run goes on
+    in a new epoch, and a read after seq 2 has seq 3 too."""
+    aclient = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+    sync = redis.Redis.from_url(redis_url)
+    rec = Recorder(aclient, store, namespace, "replica-1", block_ms=100)
+    runs = RunTopic(Hub(aclient, Metrics()), aclient, namespace, archive=store)
+    k = keys.run_keys(namespace, DAG, "r")
+    try:
+        for event in (run_event("running"), run_event("running", task_id="t"), run_event("success", task_id="t")):
+            await asyncio.to_thread(publisher.publish, event)
+        while await rec.step():
+            pass
+        old = sync.get(k.epoch).decode()
+        kept = sync.xrange(k.log, max="0-2")  # what the other server holds: seq 1-2
+        sync.delete(k.log)
+        for entry_id, fields in kept:
+            sync.xadd(k.log, fields, id=entry_id)
+        sync.set(k.seq, 2)
+        sync.set(k.writer, "0" * 40)
+        everything = [Position(old, 1), Position(old, 2), Position(old, 3)]
+        for _ in range(2):  # the first read must not decide the log alone holds the run's history
+            assert [e.position for e in await runs.read((DAG, "r"), START)] == everything
+
+        await asyncio.to_thread(emit, DAG, "r", "success", task_id="answer", result_task=True, result=9, publisher=publisher)
+        new = sync.get(k.epoch).decode()
+        assert [e.position for e in await runs.read((DAG, "r"), START)] == [*everything, Position(new, 3)]
+        assert [e.position for e in await runs.read((DAG, "r"), Position(old, 2))] == [Position(old, 3), Position(new, 3)]
+        assert [e.position for e in await runs.read((DAG, "r"), Position(old, 3))] == [Position(new, 3)]
     finally:
         await aclient.aclose()
         sync.close()

@@ -201,6 +201,38 @@ async def test_after_the_pubsub_connection_drops_the_hub_resubscribes_and_nothin
     assert hub.listener.failures == 0  # recovered (or redis-py reconnected by itself)
 
 
+async def test_a_subscriber_never_joins_a_log_read_that_started_before_it_registered(make_hub, monkeypatch):
+    """A crowd shares one log read, but a read answered before an event was published must not
+    serve a subscriber that registered after that event went by live: it would never see it."""
+    parts = await make_hub()
+    for i in range(3):
+        await parts.emit("r", task_id=f"t{i}", try_number=1)
+    gate, first_read_done = asyncio.Event(), asyncio.Event()
+    real_xrange, calls = parts.client.xrange, []
+
+    async def slow_first_xrange(*args, **kwargs):
+        entries = await real_xrange(*args, **kwargs)
+        calls.append(len(entries))
+        if len(calls) == 1:  # answered now, returned late: stale by the time it returns
+            first_read_done.set()
+            await gate.wait()
+        return entries
+
+    monkeypatch.setattr(parts.client, "xrange", slow_first_xrange)
+    async with parts.runs.subscribe(DAG, "early") as _unused, parts.runs.subscribe(DAG, "r") as early:
+        early_seqs = asyncio.create_task(take(early, 4))
+        await first_read_done.wait()
+        await parts.emit("r", "success")  # seq 4: offered live to the early subscriber only
+        await until(lambda: any(item.seq == 4 for item in early.queue))  # (seq 1-3 may come live too)
+        async with parts.runs.subscribe(DAG, "r") as late:
+            late_seqs = asyncio.create_task(take(late, 4))
+            await until(lambda: len(calls) >= 2 or late_seqs.done())
+            gate.set()
+            assert await late_seqs == [1, 2, 3, 4]
+        assert await early_seqs == [1, 2, 3, 4]
+    assert calls == [3, 4]
+
+
 async def test_a_runs_first_event_is_taken_live_without_reading_the_log(make_hub, monkeypatch):
     """Seq 1 of a new epoch after an empty first read is no gap: a crowd waiting on a run that has not
     started does not all re-read the log at its first event (and fall behind while they do)."""

@@ -2,8 +2,9 @@
 
 The values that wedged the recorder for good are put on the global stream as a gateway without
 bounds let them through: the good events around them are recorded, values the schema refuses are
-skipped and counted, values the store cannot hold on its own are dead-lettered, NUL characters are
-kept exactly, and a later event is recorded. An outage of the database dead-letters nothing.
+counted and dead-lettered as entries that are no event (tests/test_bus_dead_letters.py), values the
+store cannot hold on its own are dead-lettered, NUL characters are kept exactly, and a later event is
+recorded. An outage of the database dead-letters nothing.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ async def test_the_issue_values_never_stop_the_recorder(client, store, namespace
         assert [e.seq for e in await stored(store, f"good-before-{name}")] == [1], name
         assert [e.seq for e in await stored(store, f"good-after-{name}")] == [1], name
         assert await stored(store, f"bad-{name}") == [], name
-    # Refused by the schema as the recorder reads them: skipped and counted, none dead-lettered.
+    # Refused by the schema as the recorder reads them: counted, and dead-lettered as no event.
     assert rec.decode_errors == Counter({"schema": len(ISSUE_VALUES)})
-    assert await dead_letter_count(store) == 0
+    assert [d.reason for d in await DeadLetters(store).list()] == ["schema"] * len(ISSUE_VALUES)
     assert (await stored(store, "nul"))[0].event.result.value == NUL_RESULT
     run = await store.get_run(DAG, "nul")
     assert run.outcome["result"] == NUL_RESULT and run.result_task["task_id"] == "t"
@@ -133,9 +134,9 @@ async def test_the_issue_values_never_stop_the_recorder(client, store, namespace
     assert [e.seq for e in await stored(store, "later")] == [1]
 
 
-async def test_an_entry_the_store_refuses_is_dead_lettered_and_the_batch_recorded(client, store, namespace):
-    """A real refusal mid-batch: seq 2**63 fits no integer column of either store (the envelope's seq
-    is Redis's, not bounded by the event schema)."""
+async def test_a_seq_no_store_holds_is_dead_lettered_and_the_batch_recorded(client, store, namespace):
+    """seq 2**63 fits no integer column of either store: the envelope schema refuses it as it is read
+    (it once reached the store, which refused it), and it is dead-lettered mid-batch as no event."""
     metrics = Metrics()
     rec = Recorder(client, store, namespace, "replica-1", block_ms=100, metrics=metrics)
     for i in range(10):
@@ -147,8 +148,8 @@ async def test_an_entry_the_store_refuses_is_dead_lettered_and_the_batch_recorde
     for i in range(10):
         assert [e.seq for e in await stored(store, f"r{i}")] == [1]
     letters = await DeadLetters(store).list()
-    assert [(d.dag_id, d.run_id, d.seq, d.attempts) for d in letters] == [(DAG, "poison", 2**63, 1)]
-    assert letters[0].stream_id is not None and json.loads(letters[0].payload)["seq"] == 2**63
+    assert [(d.reason, d.dag_id, d.run_id, d.attempts) for d in letters] == [("schema", None, None, 1)]
+    assert letters[0].stream_id is not None and json.loads(letters[0].raw)["seq"] == 2**63
     assert letters[0].error
     assert metrics.registry.get_sample_value("runbell_recorder_dead_letters_total") == 1
     await put(client, namespace, 1, event("later"))

@@ -22,6 +22,7 @@ from runbell.bus.schema import Event, EventKind
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher, emit, emit_asset
 from tests.conftest import ADMIN_TOKEN, READ_TOKEN, TRIGGER_TOKEN, free_port
+from tests.engines import RedisServer
 from tests.readme_blocks import code_blocks, commands
 from tests.test_gateway import until, waiting
 
@@ -35,9 +36,12 @@ ADMIN = "user rbtest-admin on >admin-pw ~* &* +@all"  # the test's own operator,
 
 @dataclass
 class AclRedis:
-    port: int
+    server: RedisServer
     namespace: str
-    process: subprocess.Popen
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     def url(self, user: str, password: str) -> str:
         return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
@@ -51,7 +55,7 @@ class AclRedis:
         return self.url("runbell-gateway", GATEWAY_PASSWORD)
 
     def admin(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url("rbtest-admin", "admin-pw"))
+        return self.server.client(decode_responses=False)
 
 
 def render_acl(namespace: str, target: Path) -> str:
@@ -67,28 +71,18 @@ def render_acl(namespace: str, target: Path) -> str:
 @pytest.fixture
 def acl_redis(namespace, tmp_path):
     """A redis-server of this test's own on a free port, with the rendered ACL file (plus an admin user)."""
-    if not os.path.exists(REDIS_SERVER):
-        pytest.fail("redis-server is needed to test the ACL file", pytrace=False)
     acl_file = tmp_path / "users.acl"
     rendered = render_acl(namespace, acl_file)
     assert "HOOK_PASSWORD_SHA256" not in rendered and f"~{namespace}:*" in rendered and "~runbell:" not in rendered
     acl_file.write_text(rendered + ADMIN + "\n")
-    port = free_port()
-    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--aclfile", str(acl_file), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = AclRedis(port, namespace, process)
+    server = RedisServer(
+        tmp_path / "redis", persistent=False, args=["--aclfile", str(acl_file)], username="rbtest-admin", password="admin-pw"
+    )
+    server.start()
     try:
-        for _ in range(200):
-            try:
-                server.admin().ping()
-                break
-            except redis.ConnectionError:
-                assert process.poll() is None, process.stdout.read() if process.stdout else ""
-                subprocess.run(["sleep", "0.05"])
-        yield server
+        yield AclRedis(server, namespace)
     finally:
-        process.terminate()  # by its PID: this test's server only
-        process.wait(10)
+        server.ensure_stopped()  # by its PID: this test's server only
 
 
 def hook_publisher(server: AclRedis, tmp_path: Path, namespace: str | None = None) -> Publisher:
@@ -148,6 +142,8 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     admin.set(keys.idempotency_key(ns, "k"), "the gateway's")
     admin.set("foreign:secret", "not runbell's")
     assert hook_publisher(acl_redis, tmp_path).publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) == 1
+    # publish.lua may read INFO's server section (the writer of a run: a new epoch when it changes).
+    assert admin.get(keys.run_keys(ns, "d", "r").writer).decode() == admin.info("server")["run_id"]
     hook = redis.Redis.from_url(acl_redis.hook_url)
     refused = {
         "GET a gateway key": lambda: hook.get(keys.idempotency_key(ns, "k")),
@@ -167,6 +163,9 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
         "EVAL": lambda: hook.eval("return 1", 0),
         "SCRIPT FLUSH": lambda: hook.script_flush(),
         "ACL": lambda: hook.acl_list(),
+        "INFO": lambda: hook.info(),  # every section: keyspace, clients, ... (only "server" is granted)
+        "INFO keyspace": lambda: hook.info("keyspace"),
+        "INFO clients": lambda: hook.info("clients"),
         "XADD another namespace": lambda: hook.xadd("other:events", {"env": "{}"}),
         "SPUBLISH another namespace": lambda: hook.spublish(keys.run_keys("other", "d", "r").live, "{}"),
     }
@@ -183,10 +182,28 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     sha = hook.script_load(PUBLISH_LUA)
     other = keys.run_keys("other", "d", "r")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        hook.evalsha(sha, 5, other.seq, other.log, other.ids, other.epoch, other.stream, "id", "{}", 60, other.live, 0, 100, other.route)
+        hook.evalsha(
+            sha,
+            6,
+            other.seq,
+            other.log,
+            other.ids,
+            other.epoch,
+            other.writer,
+            other.stream,
+            "id",
+            "{}",
+            60,
+            other.live,
+            0,
+            100,
+            other.route,
+        )
     mine = keys.run_keys(ns, "d", "r2")
     with pytest.raises(redis.exceptions.ResponseError, match="channel"):
-        hook.evalsha(sha, 5, mine.seq, mine.log, mine.ids, mine.epoch, mine.stream, "id", "{}", 60, other.live, 0, 100, mine.route)
+        hook.evalsha(
+            sha, 6, mine.seq, mine.log, mine.ids, mine.epoch, mine.writer, mine.stream, "id", "{}", 60, other.live, 0, 100, mine.route
+        )
     # The real publisher of another namespace with the hook's user: refused, so it spools; nothing lands.
     elsewhere = hook_publisher(acl_redis, tmp_path / "elsewhere", namespace="other")
     assert elsewhere.publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) is None
@@ -214,6 +231,7 @@ def test_the_gateway_user_stays_in_its_namespace_and_runs_no_admin_commands(acl_
         lambda: gateway.execute_command("SHUTDOWN"),
         lambda: gateway.acl_setuser("x"),
         lambda: gateway.eval("return 1", 0),
+        lambda: gateway.info("keyspace"),
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             call()

@@ -11,6 +11,7 @@ import pytest
 
 from runbell.listeners.config import HOOK_SETTINGS_DOC
 from runbell.service.client import cli
+from runbell.service.core.redaction import without_password
 from runbell.service.core.roles import Grant, Role, parse_tokens
 from runbell.service.settings import (
     ENV_ONLY,
@@ -21,7 +22,6 @@ from runbell.service.settings import (
     load_settings,
     serve_overrides,
     settings_table,
-    without_password,
 )
 
 REPO = Path(__file__).resolve().parent.parent

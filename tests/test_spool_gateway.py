@@ -15,7 +15,6 @@ import redis
 
 from runbell.bus import keys
 from runbell.bus.schema import decode_envelope
-from tests.chaos.test_redis_outage import RedisServer, own_redis  # noqa: F401  (a fixture)
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_spool import unwritable_dir
 

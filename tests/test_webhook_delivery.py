@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from runbell.service.core.redaction import url_label
 from runbell.service.store.store import Store
 from runbell.service.webhooks.dispatcher import Dispatcher, parse_retry_after
 from runbell.service.webhooks.outbox import (
@@ -371,6 +372,7 @@ async def test_a_message_is_dead_lettered_after_the_schedule(webhooks, store, re
     assert len(events) == 1 and events[0].levelno == logging.WARNING
     assert events[0].webhook == dict(
         endpoint_id=endpoint.id,
+        target=url_label(endpoint.url),  # scheme://host:port: the URL itself may be the receiver's key
         message_id=message.id,
         dag_id="etl",
         run_id="r1",
@@ -379,7 +381,8 @@ async def test_a_message_is_dead_lettered_after_the_schedule(webhooks, store, re
         attempts=3,
         last_error="HTTP 500",
     )
-    assert endpoint.secret not in caplog.text
+    assert endpoint.secret not in caplog.text and endpoint.url not in caplog.text
+    assert f"endpoint {endpoint.id} ({url_label(endpoint.url)})" in caplog.text
     assert dispatcher.metrics.webhook_dead_letters._value.get() == 1
     # a resend is one more attempt (the schedule is used up)
     receiver.default["/down"] = (200, {}, b"")

@@ -7,10 +7,10 @@ encoded ids, mod N), an asset to ``asset_partition``'s. Each partition has one h
 sequence, replay log, ids and epoch share one slot with the partition's recorder stream and its
 shard channel, and publish.lua appends, streams and publishes in one atomic call:
 
-    <ns>:run:{<ns>:p<P>.<S>}:<dag>/<run>:seq|log|ids|epoch     a run's keys
-    <ns>:asset:{<ns>:p<P>.<S>}:<name>:seq|log|ids|epoch        an asset's keys
+    <ns>:run:{<ns>:p<P>.<S>}:<dag>/<run>:seq|log|ids|epoch|writer    a run's keys
+    <ns>:asset:{<ns>:p<P>.<S>}:<name>:seq|log|ids|epoch|writer       an asset's keys
     <ns>:{<ns>:p<P>.<S>}:events                                 the partition's run events (recorder)
-    <ns>:{<ns>:p<P>.<S>}:asset-events                           the partition's asset events (capped)
+    <ns>:{<ns>:p<P>.<S>}:asset-events                           the partition's asset events (capped; nothing in the gateway reads it)
     <ns>:{<ns>:p<P>.<S>}:live                                   the partition's shard channel (SPUBLISH)
 
 Ids are percent-encoded, so braces, slashes and glob characters in an id cannot break the layout.
@@ -80,6 +80,11 @@ class RunKeys:
     # publish.lua reads it atomically with the seq on Redis Cluster too (a namespace key would sit in
     # another slot), and it also tells a run whose keys expired and started again apart.
     epoch: str
+    # The run_id of the Redis server process that last wrote the run (INFO server): when another one
+    # writes next (a restart from a snapshot, a promoted replica, which may hold only part of the
+    # run's writes), publish.lua makes a new epoch. Beside the epoch rather than in its value, so a
+    # gateway from before writers reads the epoch key as it always did.
+    writer: str
     stream: str  # the partition's run-event stream, read by the recorder's consumer group
     live: str  # the partition's shard channel (SPUBLISH / SSUBSCRIBE)
     route: str  # names the run in a live message (before the envelope)
@@ -91,6 +96,7 @@ class AssetKeys:
     log: str  # stream: the replay log, entry id 0-<seq>, capped to the last publisher.ASSET_WINDOW entries
     ids: str  # sorted set: event id scored by seq, for the same window, so a re-send is not logged twice
     epoch: str  # the asset's epoch, as a run's (never expires, as the seq)
+    writer: str  # the Redis server process that last wrote the asset, as a run's (never expires, as the epoch)
     stream: str  # the partition's asset-event stream (capped; no reader in the gateway)
     live: str  # the partition's shard channel, shared with its runs
     route: str  # names the asset in a live message
@@ -187,7 +193,7 @@ def _stream_keys(namespace: str, route: str, count: int, partition: int) -> dict
     """The keys of a run or an asset, ``<ns>:<kind>:<partition tag>:<encoded ids>:...``."""
     kind, _, ids = route.partition(":")
     base = f"{namespace}:{kind}:{partition_tags(namespace, count)[partition]}:{ids}"
-    keys = {name: f"{base}:{name}" for name in ("seq", "log", "ids", "epoch")}
+    keys = {name: f"{base}:{name}" for name in ("seq", "log", "ids", "epoch", "writer")}
     return {**keys, "live": live_channel(namespace, count, partition), "route": route}
 
 

@@ -5,9 +5,11 @@ On the wire an event is wrapped in an envelope that carries the run's epoch and 
 which Redis assigns (see publish.lua): ``{"epoch": "6930a1b2c3d4e", "seq": 12, "event": {...}}``.
 
 The epoch names one life of the stream's state in Redis: it is made with the stream's first event
-and made again whenever Redis has lost that state (a restart without persistence, a fail-over to a
-replica that had not received it, keys expired), so a sequence that starts again at 1 is told apart
-from the one before. A position is (epoch, seq); epochs are the Redis server's time in microseconds
+and made again whenever Redis has lost that state (a restart without persistence, keys expired), so
+a sequence that starts again at 1 is told apart from the one before, and whenever another Redis
+server process writes the stream than the one that wrote it last (a restart from a snapshot, a
+fail-over to a replica: either may hold only part of the writes, its seq gone back), so the seqs it
+numbers again are new positions; the seq goes on then. A position is (epoch, seq); epochs are the Redis server's time in microseconds
 as 13 hex digits, so they sort in the order they were made (across servers, as far as their clocks
 agree). An envelope without an epoch (a publisher from before epochs) has the legacy epoch "", which
 sorts before every other: its seqs compare as they always did.
@@ -272,7 +274,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     epoch: str = Field(default=LEGACY_EPOCH, max_length=EPOCH_MAX, pattern=EPOCH_PATTERN)
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT_MAX)  # the store's seq column is an INTEGER: a larger one is refused as read
     event: Event
 
     @property

@@ -242,7 +242,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 print(json.dumps(client.dead_letters(after=args.after, limit=args.limit), indent=2))
                 return EXIT_SUCCESS
             if not args.all:
-                answer = client.redrive(args.id)
+                try:
+                    answer = client.redrive(args.id)
+                except RunbellError as error:
+                    if error.status != 409:
+                        raise
+                    print(f"runbell dead-letters: {error}", file=sys.stderr)  # still not an event: it stays
+                    return EXIT_FAILED
                 print(json.dumps(answer, indent=2))
                 return EXIT_SUCCESS if answer["recorded"] else EXIT_FAILED
             totals, after = {"recorded": 0, "failed": 0}, 0

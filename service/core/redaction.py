@@ -5,7 +5,14 @@ of the dashboard), which uvicorn's access log prints, and in the URLs that httpx
 exceptions (a webhook target may carry its receiver's key in its query). So a log record factory,
 which sees every record of every logger before any handler formats it, rewrites the message, its
 arguments, the traceback and the stack: the value of every secret-looking query parameter, bearer
-and basic credentials, URL passwords, JWTs, webhook secrets, and the configured secrets themselves.
+and basic credentials, URL passwords (and a lone user name, often a token), the path of URLs of
+services whose webhook URL is its own key (Slack, Discord, Teams, Telegram...), JWTs, webhook
+secrets, and the configured secrets themselves. Fields given with `extra=` (which a JSON formatter
+prints) are redacted too, and a URL object logged as an argument (httpx's request line) is reduced to
+its label: a webhook target's path may be its key, whoever receives it.
+
+The rest of the code does not lean on this net: it logs a target by its label (`url_label`) and a
+URL with a password without it (`without_password`).
 """
 
 from __future__ import annotations
@@ -15,20 +22,33 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from runbell.listeners.connect import without_password_options
 
 MASK = "***"
 KNOWN_MIN_LENGTH = 8
 
 # A query parameter whose name says it holds a secret: its value is masked, the name kept.
 _SECRET_NAME = r"[^=&\s#\"'<>]*(?:token|secret|passw|pwd|key|sig|auth|session|jwt|credential|code)[^=&\s#\"'<>]*"
+# Services whose webhook URL carries its key in the path: everything after the host is masked.
+_KEY_IN_PATH_HOST = (
+    r"(?:hooks\.slack\.com|(?:[a-z0-9-]+\.)?discord(?:app)?\.com(?=/api/webhooks/)|[a-z0-9.-]*\.webhook\.office\.com"
+    r"|outlook\.office(?:365)?\.com(?=/webhook)|api\.telegram\.org(?=/bot)|hooks\.zapier\.com|chat\.googleapis\.com)"
+)
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"(?i)([?&;]{_SECRET_NAME}=)[^&\s#\"'<>]+"), rf"\g<1>{MASK}"),
     (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+"), rf"\g<1>\g<2>{MASK}"),
     (re.compile(r"(?i)(://[^/\s:@]*:)[^/\s@]+@"), rf"\g<1>{MASK}@"),  # scheme://user:password@host
+    (re.compile(r"(?i)(://)[^/\s:@]+@"), rf"\g<1>{MASK}@"),  # scheme://token@host: a lone user name is often a key
+    (re.compile(rf"(?i)(://{_KEY_IN_PATH_HOST}(?::\d+)?/)[^\s\"'<>]+"), rf"\g<1>{MASK}"),  # the path is the key
     (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), MASK),  # a JWT, wherever it is
     (re.compile(r"\bwhsec_[A-Za-z0-9+/=]+"), f"whsec_{MASK}"),  # a webhook signing secret
 ]
 _KEEP = (numbers.Number, type(None))
+_EXTRA_DEPTH = 8  # nesting of an extra= field redacted item by item; deeper, it is redacted as its text
 
 
 class Redactor:
@@ -60,6 +80,28 @@ class _Redacted:
         return self.redact(repr(self.value))
 
 
+def url_label(url: str | httpx.URL) -> str:
+    """What a log line may say of a URL that can be a secret as a whole (a webhook target): scheme,
+    host and port, no user, path or query."""
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "(a URL)"
+    if not parsed.scheme or not parsed.host:
+        return "(a URL)"
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"{parsed.scheme}://{host}" + (f":{parsed.port}" if parsed.port else "")
+
+
+def without_password(url: str) -> str:
+    """A URL fit for a log line (a Redis or database URL): any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return without_password_options(url)  # a Sentinel's own password is an option
+
+
 _redactor = Redactor()
 _installed = False
 
@@ -88,6 +130,24 @@ def install_log_redaction(known: Iterable[str] = ()) -> None:
 
     logging.setLogRecordFactory(redacted_record)
 
+    # extra= fields are set on the record after the factory made it (Logger.makeRecord), so they are
+    # redacted there; patched on the class, it holds for the loggers that exist already (uvicorn's).
+    make_logger_record = logging.Logger.makeRecord
+
+    def redacted_logger_record(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_logger_record(self, *args, **kwargs)
+        extra = kwargs.get("extra", args[8] if len(args) > 8 else None)
+        if extra:
+            try:
+                for key in extra:
+                    record.__dict__[key] = _extra(record.__dict__[key], _redactor, _EXTRA_DEPTH)
+            except Exception:  # as for a record that cannot be redacted: its fields are dropped
+                for key in extra:
+                    record.__dict__[key] = "(a field that could not be redacted)"
+        return record
+
+    logging.Logger.makeRecord = redacted_logger_record  # type: ignore[method-assign]
+
 
 def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
     """Mask secrets in the record's message, arguments (kept as arguments: uvicorn's access log
@@ -108,6 +168,18 @@ def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
 def _arg(value: Any, redactor: Redactor) -> Any:
     if isinstance(value, str):
         return redactor(value)
+    if isinstance(value, httpx.URL):  # httpx's request line: the label, as every target is logged
+        return url_label(value)
     if isinstance(value, _KEEP):
         return value
     return _Redacted(value, redactor)
+
+
+def _extra(value: Any, redactor: Redactor, depth: int) -> Any:
+    """A redacted copy of an extra= field: mappings and sequences item by item (a JSON formatter
+    prints them so), other values as _arg does."""
+    if depth > 0 and isinstance(value, Mapping):
+        return {key: _extra(item, redactor, depth - 1) for key, item in value.items()}
+    if depth > 0 and type(value) in (list, tuple):  # not a subclass (a named tuple): built otherwise
+        return type(value)(_extra(item, redactor, depth - 1) for item in value)
+    return _arg(value, redactor)

@@ -132,7 +132,7 @@ class AirflowMetadata:
             connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS, "server_settings": {"default_transaction_read_only": "on"}}
         elif driver == "aiosqlite":
             connect_args = {"timeout": CONNECT_TIMEOUT_SECONDS}  # waits while Airflow holds its write lock
-        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args, hide_parameters=True)
 
     async def close(self) -> None:
         await self.engine.dispose()

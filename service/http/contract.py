@@ -8,6 +8,7 @@ always written them.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from datetime import datetime
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
 from runbell.bus.schema import AssetEvent, ResultRef
 from runbell.service.core import clock
 from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, Outcome, OutcomeStatus, ResultTask
-from runbell.service.store.dead_letters import DeadLetter
+from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_KEPT_MAX, RAW_PREFIX_MAX, DeadLetter
 from runbell.service.store.store import RUN_STATES
 from runbell.service.webhooks.outbox import Attempt, Endpoint, Message, MessageStatus, WebhookKind
 
@@ -287,27 +288,72 @@ class Recovered(BaseModel):
 
 
 class DeadLetterView(BaseModel):
-    """A stream entry the store refused on its own, set aside so that recording went on."""
+    """A stream entry set aside so that recording went on: an event the store refused on its own
+    (reason "store"), or an entry that is no event (the bus schema's reason; its bytes are kept)."""
 
     id: int
-    event_id: str
+    reason: str = Field(
+        description='"store": a valid event the store refused; else why the entry is no event: '
+        "json, shape, version, schema, depth, size (over the readers' ceiling), field (no 'env' field)"
+    )
+    event_id: str | None = Field(description="null: the entry is no event")
     stream_id: str | None = Field(description="the entry's id on the global stream; null: read from the run's replay log")
-    dag_id: str
-    run_id: str
+    dag_id: str | None = Field(description="null: the entry is no event")
+    run_id: str | None = Field(description="null: the entry is no event")
     seq: int | None
-    envelope: Any = Field(description="the entry as it came off the bus, parsed ({seq, event})")
-    error: str = Field(description="why the store refused it, the last time it was tried")
+    envelope: Any = Field(
+        description="the entry as it came off the bus, parsed ({seq, event}); of an entry that is no event, "
+        "its JSON, or its text (UTF-8, other bytes replaced) when it is not JSON"
+    )
+    raw_base64: str | None = Field(description="an entry that is no event: the bytes kept, exactly (null for reason store)")
+    raw_size: int | None = Field(description="an entry that is no event: its size in bytes")
+    raw_truncated: bool = Field(
+        description=f"only the first {RAW_PREFIX_MAX} bytes were kept: the entry was larger than the readers' ceiling ({RAW_KEPT_MAX} bytes)"
+    )
+    error: str = Field(description="why it was refused, the last time it was tried")
     attempts: int = Field(description="how many times it was tried (the first, re-deliveries and re-drives)")
     dead_lettered_at: UtcTime
     last_attempt_at: UtcTime
 
     @classmethod
     def of(cls, letter: DeadLetter) -> DeadLetterView:
-        return cls.model_validate({**dataclasses.asdict(letter), "envelope": _parsed(letter.payload)})
+        fields = {**dataclasses.asdict(letter), "raw_truncated": letter.raw_truncated}
+        raw = fields.pop("raw")
+        if raw is None:
+            return cls.model_validate({**fields, "envelope": _shown(letter.payload.encode()), "raw_base64": None})
+        return cls.model_validate({**fields, "envelope": _shown(raw), "raw_base64": base64.b64encode(raw).decode()})
+
+
+SHOWN_DEPTH_MAX = 200  # pydantic answers at most ~250 levels, the answer's own (a few) included
+
+
+def _shown(raw: bytes) -> Any:
+    """A dead letter's entry, for a person: its JSON if that can be answered again as JSON (not too
+    deep, no lone surrogate), else its text (an entry that is no event: raw_base64 has it exactly)."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return text
+    return value if _depth(value) <= SHOWN_DEPTH_MAX else text
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, (list, dict)):
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class DeadLetterList(BaseModel):
-    dead_letters: list[DeadLetterView] = Field(description="oldest first")
+    dead_letters: list[DeadLetterView] = Field(
+        description=f"oldest first: at most limit, and at most {PAGE_BYTES_MAX} bytes of entries (one at least), so a page may be shorter than limit"
+    )
     next_after: int | None = Field(description="pass as after for the next page; null: this was the last page")
 
 

@@ -2,7 +2,8 @@
 
 A dead letter is a stream entry the store refused on its own (runbell.service.store.dead_letters).
 A re-drive records it through the same path as the recorder: recorded, it leaves the table; refused
-again, it stays with the new error. While the database is down the answer is a 503 and nothing changes.
+again, it stays with the new error. An entry that is no event (the bus schema refused it) and still is
+none stays too, answered with a 409. While the database is down the answer is a 503 and nothing changes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import DeadLetterList, DeadLetterView, Redriven, RedrivenAll
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import ascii_int, int_param
-from runbell.service.store.dead_letters import DeadLetters, is_outage
+from runbell.service.store.dead_letters import DeadLetters, StillMalformed, is_outage
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 ID_DIGITS = 18  # a longer id is a 400; a shorter one past MAX_ID is no row's (a 404)
@@ -30,8 +31,8 @@ T = TypeVar("T")
 async def list_dead_letters(request: Request) -> Response:
     dead = dead_letters(request)
     after, limit = parse_page(request)
-    letters = await unless_outage(dead.list(after=after, limit=limit))
-    next_after = letters[-1].id if len(letters) == limit else None
+    letters, more = await unless_outage(dead.page(after=after, limit=limit))
+    next_after = letters[-1].id if more else None
     return JSONResponse(DeadLetterList(dead_letters=[DeadLetterView.of(d) for d in letters], next_after=next_after).model_dump(mode="json"))
 
 
@@ -44,7 +45,15 @@ async def redrive_dead_letter(request: Request) -> Response:
     letter = await unless_outage(dead.get(letter_id)) if letter_id <= MAX_ID else None  # past the id column: no row's
     if letter is None:
         raise ApiError(404, "unknown_dead_letter", f"there is no dead letter {raw}")
-    again = await unless_outage(dead.redrive(letter))
+    try:
+        again = await unless_outage(dead.redrive(letter))
+    except StillMalformed as still:
+        raise ApiError(
+            409,
+            "still_malformed",
+            f"dead letter {letter.id} is still not an event ({still.error}); it stays",
+            accepted="a stream entry the bus schema reads as an envelope (runbell.bus.schema)",
+        ) from None
     body = Redriven(id=letter.id, recorded=again is None, dead_letter=None if again is None else DeadLetterView.of(again))
     return JSONResponse(body.model_dump(mode="json"))
 
@@ -54,15 +63,19 @@ async def redrive_all(request: Request) -> Response:
     repeated with after=next_after until next_after is null."""
     dead = dead_letters(request)
     after, limit = parse_page(request)
-    letters = await unless_outage(dead.list(after=after, limit=limit))
+    letters, more = await unless_outage(dead.page(after=after, limit=limit))
     recorded = failed = 0
     for letter in letters:
-        if await unless_outage(dead.redrive(letter)) is None:
+        try:
+            again = await unless_outage(dead.redrive(letter))
+        except StillMalformed:
+            again = letter
+        if again is None:
             recorded += 1
         else:
             failed += 1
     remaining = await unless_outage(dead.count())
-    next_after = letters[-1].id if len(letters) == limit else None
+    next_after = letters[-1].id if more else None
     return JSONResponse(RedrivenAll(recorded=recorded, failed=failed, remaining=remaining, next_after=next_after).model_dump(mode="json"))
 
 

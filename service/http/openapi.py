@@ -503,7 +503,7 @@ OPERATIONS: dict[str, Operation] = {
         body=Recovery,
     ),
     "list_dead_letters": Operation(
-        "The recorder's dead letters: stream entries the store refused on their own, oldest first",
+        "The recorder's dead letters: stream entries the store refused on their own, and entries that are no event, oldest first",
         Role.ADMIN,
         {200: Answer("A page of dead letters", DeadLetterList), 400: failure("Bad after or limit"), **STORE_DOWN},
         parameters=DEAD_LETTER_PAGE,
@@ -522,6 +522,7 @@ OPERATIONS: dict[str, Operation] = {
             200: Answer("Recorded (and removed), or the dead letter with the new error", Redriven),
             400: failure("Bad id"),
             404: failure("No such dead letter"),
+            409: failure("The entry is still no event (the bus schema refuses it): it stays, tried once more"),
             **STORE_DOWN,
         },
         parameters=(Param("letter_id", "path", {"type": "integer", "minimum": 1, "maximum": 10**dead_letters.ID_DIGITS - 1}),),

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import socket
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
@@ -123,6 +124,14 @@ def known_secrets(settings: Settings) -> list[str]:
     for secret in (settings.token_secret, settings.airflow_token, settings.airflow_password, settings.airflow_database_url):
         if secret is not None:
             secrets.append(secret.get_secret_value())
+    # A password of the Redis or database URL, also where a driver prints it outside a URL.
+    for url in (settings.redis_url, settings.database_url):
+        try:
+            password = urlsplit(url).password if url else None
+        except ValueError:  # not a URL that can be split: the patterns still see one's password
+            password = None
+        if password:
+            secrets += [password, unquote(password)]
     return secrets
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -128,18 +129,36 @@ class Topic(ABC, Generic[K, T]):
 
 
 class SharedReads(Generic[R]):
-    """The same read asked by many callers at once (a crowd waiting on one run) is made once."""
+    """The same read asked by many callers at once (a crowd waiting on one run) is made once.
+
+    A caller joins a read in flight only when that read started after the caller began to need it
+    (``since``, a ticket from ``ticket()``): a read started earlier may have been answered before an
+    event that the caller, registered later, was never offered live, and would hide that event."""
 
     def __init__(self) -> None:
-        self._inflight: dict[Hashable, asyncio.Future[R]] = {}
+        self._inflight: dict[Hashable, tuple[int, asyncio.Future[R]]] = {}
 
-    async def __call__(self, key: Hashable, read: Callable[[], Awaitable[R]]) -> R:
-        future = self._inflight.get(key)
-        if future is None:
+    async def __call__(self, key: Hashable, read: Callable[[], Awaitable[R]], since: int) -> R:
+        found = self._inflight.get(key)
+        if found is None or found[0] < since:
+            started = ticket()
             future = asyncio.ensure_future(read())
-            self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(future)
+            self._inflight[key] = found = (started, future)
+            future.add_done_callback(lambda _: self._forget(key, future))
+        return await asyncio.shield(found[1])
+
+    def _forget(self, key: Hashable, future: asyncio.Future[R]) -> None:
+        found = self._inflight.get(key)
+        if found is not None and found[1] is future:  # not a later read that replaced it
+            del self._inflight[key]
+
+
+_tickets = itertools.count()
+
+
+def ticket() -> int:
+    """An ever-growing number: orders the moments a subscriber needs a read and reads start."""
+    return next(_tickets)
 
 
 class Subscription(Generic[K, T]):
@@ -154,6 +173,7 @@ class Subscription(Generic[K, T]):
         self._waiter: asyncio.Future[None] | None = None
         self._ready: deque[T] = deque()
         self._needs_replay = True  # the first read comes from the log
+        self._since = ticket()  # registered now: a log read must start after this to be ours
         self._closed: Signal | None = None
 
     def __aiter__(self) -> Subscription[K, T]:
@@ -176,6 +196,7 @@ class Subscription(Generic[K, T]):
             if isinstance(offered, Signal):
                 if offered is Signal.RESYNC:
                     self._needs_replay = True
+                    self._since = ticket()
                     continue
                 raise SubscriptionClosed(offered)
             if offered.position <= self.last:
@@ -184,6 +205,7 @@ class Subscription(Generic[K, T]):
             # seq 1 of any epoch, is no gap: that read asked the store for earlier epochs already.)
             first = self.last == START and offered.position.seq == 1
             if not (first or offered.position.follows(self.last)):
+                self._since = ticket()  # what is missing was published before now
                 await self._replay()
             self._ready.append(offered)
 
@@ -210,9 +232,13 @@ class Subscription(Generic[K, T]):
     async def _replay(self) -> None:
         """Read the log after the last position into the ready queue (while Redis is down, keep
         trying: the caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
+        topic, key, after, since = self.topic, self.key, self.last, self._since
         self._ready.extend(
             await keep_trying(
-                lambda: self.topic.read(self.key, self.last), retry_on=REDIS_DOWN, log_once=self.hub.log_once, what="replay log"
+                lambda: self.hub.reads((topic, key, after), lambda: topic.read(key, after), since),
+                retry_on=REDIS_DOWN,
+                log_once=self.hub.log_once,
+                what="replay log",
             )
         )
 
@@ -283,6 +309,7 @@ class Hub:
         self.topics: dict[str, Topic[Any, Any]] = {}  # by kind, in registration order
         self.channels: list[str] = []  # every topic's shard channels, each once
         self.shared = SharedBytes()  # encoded events and outcomes, for the routes
+        self.reads: SharedReads[list[Any]] = SharedReads()  # log reads, shared by a stream's crowd
         self.subscribers: dict[str, set[Subscription[Any, Any]]] = {}  # by route
         self.heard: dict[str, float] = {}  # route -> when its last event (or first subscriber) came
         self.confirmed: set[str] = set()  # shard channels confirmed since the listener (re)started

@@ -1,9 +1,10 @@
 """What the hub carries: runs and assets, two kinds of stream (``Topic``) registered with it.
 
 A run's stream is keyed by (dag_id, run_id); its replay log is Redis's, else the store (``archive``)
-for what Redis no longer holds: events that expired, and the epochs before the one Redis holds now
-(Redis lost the run's state; see runbell.bus.schema). An asset's is keyed by its name; its log is
-Redis's only (the store keeps runs).
+for what Redis no longer holds: events that expired, the epochs before the one Redis holds now
+(Redis lost the run's state; see runbell.bus.schema), and the last events of an epoch that Redis
+kept only part of (a stale snapshot, a promoted replica: the log then has a hole where it went on in
+a new epoch). An asset's is keyed by its name; its log is Redis's only (the store keeps runs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from runbell.bus.schema import (
     decode_asset_envelope,
     decode_envelope,
 )
-from runbell.service.live.hub import Hub, SharedReads, Signal, Subscription, Topic
+from runbell.service.live.hub import Hub, Signal, Subscription, Topic
 
 MISSING_HOLD_SECONDS = 60.0
 FIRST_EPOCHS_HELD = 10_000  # runs whose first epoch is remembered (then the oldest is forgotten)
@@ -71,6 +72,11 @@ async def _log_after(
     return [e for e in _decoded(hub, decode, entries) if e.position > after]
 
 
+def _unbroken(envelopes: Sequence[Envelope]) -> bool:
+    """Each envelope of the log follows the one before: no position lies between them."""
+    return all(later.position.follows(earlier.position) for earlier, later in zip(envelopes, envelopes[1:]))
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -90,7 +96,6 @@ class RunTopic(Topic[RunKey, Envelope]):
         self.max_event_bytes = max_event_bytes  # a larger event is a bad one: no publisher within the cap sent it
         self.missing: dict[str, float] = {}  # route -> until when Airflow's "no such run" holds
         self.first_epochs: dict[RunKey, str] = {}  # runs whose Redis epoch the store has nothing before
-        self._reads: SharedReads[list[Envelope]] = SharedReads()
 
     def subscribe(self, dag_id: str, run_id: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[RunKey, Envelope]]:
         return self.hub.subscribe(self, (dag_id, run_id), after)
@@ -108,24 +113,25 @@ class RunTopic(Topic[RunKey, Envelope]):
         return self.route((item.event.dag_id, item.event.run_id))
 
     async def read(self, key: RunKey, after: Position) -> list[Envelope]:
-        return await self._reads((key, after), lambda: self._read(key, after))
-
-    async def _read(self, key: RunKey, after: Position) -> list[Envelope]:
         envelopes = await _log_after(self.hub, self.client, self.keys_of(*key), after, self.decode)
         first = envelopes[0].position if envelopes else None
-        if self.archive is None or (first is not None and (first.follows(after) or self._starts_history(key, after, first))):
+        if self.archive is None or (
+            first is not None and (first.follows(after) or self._starts_history(key, after, first)) and _unbroken(envelopes)
+        ):
             return envelopes
         # The log does not start where we need it (expired, never existed, or a new epoch: Redis lost
-        # the run's state, and what came before is the store's): ask the store.
+        # the run's state, and what came before is the store's), or has a hole (Redis came back with
+        # part of the run's writes, and went on in a new epoch; the store may have the rest): ask the
+        # store, and take both, in position order.
         try:
-            older = await self.archive.events(*key, after=after)
+            stored = await self.archive.events(*key, after=after)
         except Exception as exc:  # the store being down must not fail a waiter: Redis may suffice
             self.hub.log_once("archive", "store unreadable (%s); serving from Redis only", type(exc).__name__)
             return envelopes
-        older = [e for e in older if first is None or e.position < first]
-        if after == START and first is not None and first.seq == 1 and not older:
+        history = {e.position: e for e in stored} | {e.position: e for e in envelopes}
+        if after == START and first is not None and first.seq == 1 and len(history) == len(envelopes):  # the store adds nothing
             self._remember_first_epoch(key, first.epoch)
-        return older + envelopes
+        return [history[position] for position in sorted(history)]
 
     def _starts_history(self, key: RunKey, after: Position, first: Position) -> bool:
         """A read from the start whose log begins the run's history: its first seq, of the legacy
@@ -176,7 +182,6 @@ class AssetTopic(Topic[str, AssetEnvelope]):
         super().__init__(hub, "asset", keys.live_channels(namespace, partitions))
         self.client, self.namespace, self.partitions = client, namespace, partitions
         self.max_event_bytes = max_event_bytes
-        self._reads: SharedReads[list[AssetEnvelope]] = SharedReads()
 
     def subscribe(self, name: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
         return self.hub.subscribe(self, name, after)
@@ -193,10 +198,7 @@ class AssetTopic(Topic[str, AssetEnvelope]):
     def route_of(self, item: AssetEnvelope) -> str:
         return self.route(item.event.asset.name)
 
-    async def read(self, key: str, after: Position) -> list[AssetEnvelope]:
-        return await self._reads((key, after), lambda: self._read(key, after))
-
-    async def _read(self, name: str, after: Position) -> list[AssetEnvelope]:
+    async def read(self, name: str, after: Position) -> list[AssetEnvelope]:
         return await _log_after(self.hub, self.client, self.keys_of(name), after, self.decode)
 
     async def current(self, name: str) -> Position:

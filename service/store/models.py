@@ -17,6 +17,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Table,
     Text,
@@ -211,7 +212,9 @@ class WebhookAttemptRow(Base):
 
 
 class DeadLetterRow(Base):
-    """A stream entry the store refused on its own (migration 0005): kept, with why, until re-driven."""
+    """A stream entry set aside so that recording goes on (migration 0005): one the store refused on
+    its own (reason "store"), or one that is no event (migration 0007: the bus schema's reason for it,
+    runbell.bus.schema.BadEvent), kept with why until re-driven."""
 
     __tablename__ = "dead_letters"
     __table_args__ = (
@@ -219,15 +222,23 @@ class DeadLetterRow(Base):
     )  # ids are the publisher's: unique per run only
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    event_id: Mapped[str] = mapped_column(String(KEY_LENGTH))  # the event's id: a re-delivered entry is one row of its run
+    # The key of a re-delivered entry's one row: the event's (dag_id, run_id, id), or, for an entry
+    # that is no event, ("", "", its stream id): no event has an empty dag_id.
+    event_id: Mapped[str] = mapped_column(String(KEY_LENGTH))
     stream_id: Mapped[str | None] = mapped_column(String(KEY_LENGTH))  # None: read from the run's replay log
     dag_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
-    payload: Mapped[str] = mapped_column(Text)  # the envelope JSON as it came off the bus
+    payload: Mapped[str] = mapped_column(Text)  # the envelope JSON as it came off the bus; "" for an entry that is no event
     error: Mapped[str] = mapped_column(Text)  # why the store refused it, the last time it was tried
     attempts: Mapped[int] = mapped_column(Integer)
     dead_lettered_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[str] = mapped_column(String(16), server_default="store")  # "store", or BadEvent.reason
+    # An entry that is no event, as bytes (bytea/BLOB: NUL and invalid UTF-8 kept exactly): whole up to
+    # the readers' ceiling, else its first bytes (runbell.service.store.dead_letters.kept); raw_size
+    # is the entry's size. Both None for an event the store refused (payload holds it).
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    raw_size: Mapped[int | None] = mapped_column(Integer)
 
 
 # __table__ is typed FromClause; a declarative model's is a Table.

@@ -17,8 +17,9 @@ has for its run (in its epoch; from 1 in an epoch newer than the store's), the m
 from the run's replay log first.
 
 One entry the store refuses never stops the recording: the batch is bisected, the rest recorded, and
-that entry moved to the dead-letter table (runbell.service.store.dead_letters). An outage of the
-database is retried with backoff instead, its entries left pending.
+that entry moved to the dead-letter table (runbell.service.store.dead_letters). An entry that is no
+event (the bus schema refuses it) is moved there too, as its bytes, with the schema's reason. An
+outage of the database is retried with backoff instead, its entries left pending.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from runbell.bus import keys
 from runbell.bus.schema import START, BadEvent, Envelope, decode_envelope
 from runbell.service.core.loops import Backoff, Once, Supervised
 from runbell.service.core.metrics import Metrics
-from runbell.service.store.dead_letters import DeadLetters, Letter
+from runbell.service.store.dead_letters import DeadLetters, Letter, Rejected, payload_text, raw_field
 from runbell.service.store.store import RunKey, Store
 
 log = logging.getLogger("runbell.recorder")
@@ -92,7 +93,7 @@ class Recorder:
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval = claim_interval
         self._skipped = Once(log)
-        self.decode_errors: Counter[str] = self._skipped.counts  # malformed entries skipped, by reason
+        self.decode_errors: Counter[str] = self._skipped.counts  # malformed entries read, by reason (each read)
         self.metrics = metrics  # runbell_recorder_skipped_total counts them too
         self.dead_letters = DeadLetters(store, metrics)
         self._group_ready = False
@@ -219,31 +220,37 @@ class Recorder:
     # -- recording ------------------------------------------------------------------------------
 
     async def _handle(self, stream: str, entries: list[Entry]) -> int:
-        letters = [letter for entry_id, fields in entries if (letter := self._decode(fields, _text(entry_id)))]
+        decoded = [self._decode(fields, _text(entry_id)) for entry_id, fields in entries]
+        letters = [letter for letter in decoded if isinstance(letter, Letter)]
         if letters:
             missing = await self._fill_gaps([letter.envelope for letter in letters])
             await self.dead_letters.record(missing + letters)  # raises on an outage: nothing acknowledged
+        await self.dead_letters.reject([entry for entry in decoded if isinstance(entry, Rejected)])  # as well
         if entries:
             await self.redis.xack(stream, self.group, *(entry_id for entry_id, _ in entries))
         return len(entries)
 
-    def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | None:
+    def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | Rejected | None:
+        """The entry as a letter to record; Rejected when it is no event (None when read from a
+        replay log: the global stream's copy is the one dead-lettered); None when it is gone."""
         if not fields:
             return None  # the entry was trimmed or deleted while pending: nothing to record
         raw = fields.get(b"env", fields.get("env"))
-        if raw is None:
-            self._bad("field", "no 'env' field")
-            return None
         try:
-            return Letter(decode_envelope(raw, self.max_event_bytes), _payload(raw), stream_id)
+            if raw is None:
+                raise BadEvent("field", "no 'env' field")
+            return Letter(decode_envelope(raw, self.max_event_bytes), payload_text(raw), stream_id)
         except BadEvent as exc:
             self._bad(exc.reason, str(exc))
-            return None
+            if stream_id is None:
+                return None
+            entry = raw_field(fields) if raw is None else raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogateescape")
+            return Rejected(stream_id, entry, exc)
 
     def _bad(self, reason: str, detail: str) -> None:
         if self.metrics is not None:
             self.metrics.recorder_skipped.labels(reason).inc()
-        self._skipped(reason, "recorder: skipping malformed entries (%s): %s", reason, detail[:300])
+        self._skipped(reason, "recorder: malformed entries, not recorded (%s): %s", reason, detail[:300])
 
     async def _fill_gaps(self, envelopes: list[Envelope]) -> list[Letter]:
         """Envelopes missing between the store's last position of each run and the positions in this
@@ -270,7 +277,7 @@ class Recorder:
         if first > last:
             return []
         entries = await self.redis.xrange(log_key, min=f"0-{first}", max=f"0-{last}")
-        return [letter for _, fields in entries if (letter := self._decode(fields))]  # type: ignore[union-attr]  # xreadgroup returns a list here (typed Optional)
+        return [letter for _, fields in entries if isinstance(letter := self._decode(fields), Letter)]  # type: ignore[union-attr]  # xreadgroup returns a list here (typed Optional)
 
 
 def gaps(last_stored: int, seqs: set[int]) -> list[tuple[int, int]]:
@@ -292,12 +299,6 @@ def _stream_entries(reply: Any) -> list[Entry]:
         entries = next(iter(reply.values()))
         return entries[0] if entries and isinstance(entries[0], list) else entries
     return reply[0][1]  # RESP2: [[stream, entries]]
-
-
-def _payload(raw: bytes | str) -> str:
-    """The entry as text for the dead-letter table (it decoded as JSON: UTF-8, any NUL escaped)."""
-    text = raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
-    return text.replace("\x00", "\\x00")  # JSON in UTF-16, which json.loads reads too
 
 
 def _text(value: Any) -> str:

@@ -190,7 +190,9 @@ class Store:
         # asyncpg waits 60 s for a connection by default: too long for a health check or a retry.
         asyncpg = make_url(self.url).get_driver_name() == "asyncpg"
         connect_args = {"timeout": PG_CONNECT_TIMEOUT_SECONDS} if asyncpg else {}
-        engine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+        # hide_parameters: an error's message would quote its statement's values (a webhook's URL and
+        # secret among them), and errors are logged.
+        engine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args, hide_parameters=True)
         if engine.dialect.name == "sqlite":
             _configure_sqlite(engine)
         self._engine = engine

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from runbell.service.core import clock
 from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
+from runbell.service.core.redaction import url_label
 from runbell.service.webhooks import signing
 from runbell.service.webhooks.breaker import Breakers, healthy
 from runbell.service.webhooks.outbox import (
@@ -295,7 +297,13 @@ class Dispatcher:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except Exception as exc:  # a bug, or something httpx did not wrap: still a failed attempt
             error = f"{type(exc).__name__}: {exc}"
-            log.warning("webhooks: unexpected error posting message %s to endpoint %s", message.id, endpoint.id, exc_info=True)
+            # The traceback is logged as text, with the URL taken out: an exception may quote it.
+            trace = "".join(traceback.format_exception(exc))
+            log.warning(
+                "webhooks: unexpected error posting message %s to %s\n%s", message.id, target(endpoint), without_url(trace, endpoint)
+            )
+        if error is not None:
+            error = without_url(error, endpoint)
         duration = time.monotonic() - started
         if status_code is not None:
             result = "success" if 200 <= status_code < 300 else ("gone" if status_code == 410 else "failure")
@@ -372,6 +380,7 @@ class Dispatcher:
         last = attempt["error"] or f"HTTP {attempt['status_code']}"
         fields = dict(
             endpoint_id=endpoint.id,
+            target=url_label(endpoint.url),
             message_id=message.id,
             dag_id=message.dag_id,
             run_id=message.run_id,
@@ -381,9 +390,9 @@ class Dispatcher:
             last_error=last,
         )
         events_log.warning(
-            "webhook message %s to endpoint %s dead-lettered after %d attempts (last: %s); resend or recover it through the API",
+            "webhook message %s to %s dead-lettered after %d attempts (last: %s); resend or recover it through the API",
             message.id,
-            endpoint.id,
+            target(endpoint),
             message.attempts + 1,
             last,
             extra={"runbell_event": "webhook.dead_lettered", "webhook": fields},
@@ -391,14 +400,31 @@ class Dispatcher:
 
     def _endpoint_disabled(self, endpoint: Endpoint, reason: str, cancelled: int) -> None:
         self.metrics.webhook_endpoints_disabled.inc()
-        fields = dict(endpoint_id=endpoint.id, reason=reason, cancelled_messages=cancelled)
+        fields = dict(endpoint_id=endpoint.id, target=url_label(endpoint.url), reason=reason, cancelled_messages=cancelled)
         events_log.warning(
-            "webhook endpoint %s disabled: %s (%d pending messages cancelled)",
-            endpoint.id,
+            "webhook %s disabled: %s (%d pending messages cancelled)",
+            target(endpoint),
             reason,
             cancelled,
             extra={"runbell_event": "webhook.endpoint_disabled", "webhook": fields},
         )
+
+
+def target(endpoint: Endpoint) -> str:
+    """How a log line names an endpoint: its id and its URL's label. The URL itself is never logged:
+    for many receivers (Slack, Discord...) it is their key."""
+    return f"endpoint {endpoint.id} ({url_label(endpoint.url)})"
+
+
+def without_url(text: str, endpoint: Endpoint) -> str:
+    """An error's text with the endpoint's URL (as given, or as httpx prints it) replaced by its label."""
+    label = url_label(endpoint.url)
+    forms = [endpoint.url]
+    with contextlib.suppress(httpx.InvalidURL, TypeError, ValueError):
+        forms.append(str(httpx.URL(endpoint.url)))
+    for url in forms:
+        text = text.replace(url, label)
+    return text
 
 
 def timeout_error(exc: httpx.TimeoutException, timeouts: httpx.Timeout) -> str:

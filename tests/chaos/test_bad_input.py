@@ -37,6 +37,7 @@ from runbell.bus.schema import (
 )
 from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher
+from runbell.service.store.dead_letters import DeadLetters
 from tests.conftest import PUBLISH_TOKEN
 from tests.test_gateway import events_path, read_sse, result_path, until
 
@@ -274,7 +275,7 @@ async def log_only(redis: aioredis.Redis, namespace: str, event: Event) -> bytes
     channel nobody listens on: the envelope, for the test to deliver later, in any order."""
     k = keys.run_keys(namespace, event.dag_id, event.run_id)
     args = [event.id, event.to_json(), 3600, f"{namespace}:void", 0, 1000, k.route]
-    seq, new, epoch = await redis.eval(PUBLISH_LUA, 5, k.seq, k.log, k.ids, k.epoch, k.stream, *args)
+    seq, new, epoch = await redis.eval(PUBLISH_LUA, 6, k.seq, k.log, k.ids, k.epoch, k.writer, k.stream, *args)
     assert new == 1
     return envelope_json(seq, event.to_json(), epoch.decode()).encode()
 
@@ -592,10 +593,10 @@ async def test_events_for_runs_nobody_waits_on(gateway, chaos_summary):
     )
 
 
-async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gateway, chaos_summary):
-    """Junk entries among real ones on the stream the recorder reads: it acknowledges and skips each
-    (counted by reason), never wedges on one, and the store ends with every real event once and the
-    right outcome of each run."""
+async def test_junk_on_the_global_stream_is_acknowledged_dead_lettered_and_counted(gateway, chaos_summary):
+    """Junk entries among real ones on the stream the recorder reads: it acknowledges each and moves
+    it to the dead letters (counted by reason), never wedges on one, and the store ends with every
+    real event once and the right outcome of each run."""
     runs = watched_runs("stream", list(SCRIPTS))
     redis = aioredis.Redis.from_url(gateway.redis_url)
     stream = keys.global_stream(gateway.namespace)
@@ -646,6 +647,8 @@ async def test_junk_on_the_global_stream_is_acknowledged_skipped_and_counted(gat
                 assert {k: response.json().get(k) for k in w.expected} == w.expected
                 delivered += 1
             assert await store.get_run(DAG, "stream-deep") is None
+            dead = await DeadLetters(store).list(limit=len(interleaved) + len(junk))
+            assert Counter(letter.reason for letter in dead) == injected  # each junk entry once
             await still_serving(gateway, http, "stream-after")
             after = await scrape(http)
     finally:

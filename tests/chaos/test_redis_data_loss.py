@@ -29,7 +29,8 @@ from runbell.listeners.publisher import Publisher, emit
 from runbell.service.client.client import AsyncRunbellClient, SseEvent, SseParser
 from runbell.service.store.store import Store
 from tests.chaos.test_failover import EventSource, attached, until
-from tests.chaos.test_redis_outage import closing, opening, start_own_redis, succeeds  # the same runs: 2 events, then 3
+from tests.chaos.test_redis_outage import closing, opening, succeeds  # the same runs: 2 events, then 3
+from tests.engines import start_own_redis
 
 DAG = "chaos_redis_lost"
 RUNS = range(4)

@@ -13,14 +13,9 @@ not from Redis (the AOF), not from the store.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 import redis
 
 from runbell.bus import keys
@@ -30,7 +25,7 @@ from runbell.listeners.publisher import FLUSH_BUDGET_SECONDS, Publisher, emit
 from runbell.service.client.client import AsyncRunbellClient, Outcome
 from runbell.service.store.store import Store
 from tests.chaos.test_failover import EventSource, holds, until
-from tests.conftest import IN_CI, free_port
+from tests.engines import RedisServer
 
 DAG = "chaos_redis"
 RECORDED = range(0, 2)  # over and stored before the fault
@@ -84,88 +79,6 @@ def correct(i: int, outcome: dict) -> bool:
         4,
         "load",
     )
-
-
-class RedisServer:
-    """redis-server on a port of its own with an append-only file (fsync always, no snapshots), which
-    the test can hang, kill and start again on the same port and data; with ``persistent=False`` it
-    keeps nothing on disk at all (a restart starts it empty)."""
-
-    def __init__(self, directory: Path, persistent: bool = True):
-        self.directory, self.port, self.persistent = directory, free_port(), persistent
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--appendonly",
-                "yes" if self.persistent else "no",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
-                "--logfile",
-                str(self.directory / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + 20
-        try:
-            while True:
-                assert self.process.poll() is None, (self.directory / "redis.log").read_text()[-2000:]
-                try:
-                    if client.ping():  # answers once the AOF is loaded (LOADING errors before)
-                        return
-                except redis.RedisError:
-                    pass
-                assert time.monotonic() < deadline, "redis-server did not start within 20 s"
-                time.sleep(0.05)
-        finally:
-            client.close()
-
-    def hang(self) -> None:
-        """SIGSTOP, returning once the process is stopped (a publish after this cannot be answered)."""
-        self.process.send_signal(signal.SIGSTOP)
-        stat = Path(f"/proc/{self.process.pid}/stat")
-        deadline = time.monotonic() + 20
-        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
-            assert time.monotonic() < deadline, "redis-server did not stop"
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(20)
-
-
-def start_own_redis(directory: Path, persistent: bool = True):
-    """A started RedisServer, killed after the test (a missing redis-server fails under CI=true)."""
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed and CI=true forbids skipping", pytrace=False)
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(directory, persistent)
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.kill()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    yield from start_own_redis(tmp_path / "redis")
 
 
 async def timed_emit(publisher: Publisher, i: int, event: dict) -> tuple[int | None, float]:
