@@ -2,150 +2,50 @@
 ``redis+cluster://`` holds one shard subscription per partition, however many waiters; runs whose
 partitions spread over every master all reach their long-poll and SSE waiters and the store.
 
-The cluster starter below is minimal and local to this file; tests/engines.py (branch ``engines``)
-brings a shared RedisCluster fixture: replace ``redis_cluster`` with it once that lands."""
+The cluster is tests/engines.py's RedisCluster."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from runbell.bus import keys
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
-from tests.conftest import free_port
+from tests.engines import RedisCluster, wait_until
 from tests.test_gateway import events_path, read_sse, result_path, until
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 DAG = "etl"
 WAIT = 60.0
 
 
-@dataclass
-class Cluster:
-    ports: list[int]  # masters first, then replicas (as `redis-cli --cluster create` pairs them)
-    processes: list[subprocess.Popen]
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:3])
-
-    def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=5)
-
-    def process(self, port: int) -> subprocess.Popen:
-        return self.processes[self.ports.index(port)]
-
-    def masters(self) -> dict[int, set[int]]:
-        """Each master's port and its slots (of CLUSTER SLOTS: a master may hold several ranges)."""
-        found: dict[int, set[int]] = {}
-        alive = next(port for port in self.ports if self.process(port).poll() is None)
-        for first, last, master, *_ in self.node(alive).execute_command("CLUSTER SLOTS"):
-            found.setdefault(int(master[1]), set()).update(range(int(first), int(last) + 1))
-        return found
-
-
-@contextlib.contextmanager
-def started_cluster(directory: Path) -> Iterator[Cluster]:
-    """3 masters and 3 replicas on free ports, stopped (by PID) on exit."""
-    if not (os.path.exists(REDIS_SERVER) and os.path.exists(REDIS_CLI)):
-        pytest.fail("redis-server and redis-cli are needed for the cluster tests", pytrace=False)
-    ports = cluster_ports(6)
-    processes = []
-    try:
-        for port in ports:
-            argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
-            argv += ["--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no"]
-            argv += ["--repl-diskless-sync-delay", "0"]
-            log = open(directory / f"{port}.log", "w")  # noqa: SIM115  # the server's, closed with it
-            processes.append(subprocess.Popen(argv, cwd=directory, stdout=log, stderr=subprocess.STDOUT))
-        for port in ports:
-            wait_for(lambda p=port: _answers(p), "redis-server did not start")
-        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "1", "--cluster-yes"]
-        subprocess.run(create, check=True, capture_output=True, timeout=60)
-        cluster = Cluster(ports, processes)
-        for port in ports:
-            wait_for(lambda p=port: b"cluster_state:ok" in cluster.node(p).execute_command("CLUSTER", "INFO"), "cluster not ok")
-        replicas = [port for port in ports if port not in cluster.masters()]
-        for port in replicas:  # a replica that never synced cannot be promoted
-            wait_for(lambda p=port: cluster.node(p).info("replication").get("master_link_status") == "up", "replica not in sync")
-        yield cluster
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            process.wait(10)
-
-
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory):
-    with started_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
 
 
 @pytest.fixture
 def own_cluster(tmp_path):
-    """A cluster of this test's own (it kills a master)."""
-    (tmp_path / "cluster").mkdir()
-    with started_cluster(tmp_path / "cluster") as cluster:
+    """A cluster of this test's own (it kills a master, or moves a slot)."""
+    with RedisCluster(tmp_path / "cluster") as cluster:
         yield cluster
 
 
-def cluster_ports(count: int) -> list[int]:
-    """Free ports whose cluster bus port (port + 10000) is free and valid too."""
-    found: list[int] = []
-    while len(found) < count:
-        port = free_port()
-        if port + 10000 < 65536 and port not in found and _free(port + 10000):
-            found.append(port)
-    return found
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _answers(port: int) -> bool:
-    try:
-        return redis.Redis(port=port, socket_timeout=1).ping()
-    except redis.ConnectionError:
-        return False
-
-
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def runs_on_every_master(cluster: Cluster, namespace: str, per_master: int = 3) -> list[str]:
+def runs_on_every_master(cluster: RedisCluster, namespace: str, per_master: int = 3) -> list[str]:
     """Run ids whose partitions land on every master, ``per_master`` runs on each."""
-    by_master: dict[int, list[str]] = {port: [] for port in cluster.masters()}
+    masters = cluster.masters()
+    by_master: dict[int, list[str]] = {master.port: [] for master in masters}
     for i in range(10_000):
         run_id = f"spread-{i}"
         slot = keys.key_slot(keys.run_keys(namespace, DAG, run_id).seq)
-        (port,) = [port for port, slots in cluster.masters().items() if slot in slots]
+        (port,) = [master.port for master in masters if master.serves(slot)]
         if len(by_master[port]) < per_master:
             by_master[port].append(run_id)
         if all(len(runs) == per_master for runs in by_master.values()):
@@ -153,7 +53,7 @@ def runs_on_every_master(cluster: Cluster, namespace: str, per_master: int = 3) 
     raise AssertionError("no spread found")
 
 
-def cluster_publisher(cluster: Cluster, namespace: str, tmp_path: Path) -> Publisher:
+def cluster_publisher(cluster: RedisCluster, namespace: str, tmp_path: Path) -> Publisher:
     return Publisher(PublisherConfig(redis_url=cluster.url, namespace=namespace, spool_dir=tmp_path / "spool", timeout_seconds=5))
 
 
@@ -163,7 +63,7 @@ def test_publish_lua_is_one_atomic_call_on_a_cluster(redis_cluster, namespace, t
     for run_id in run_ids:
         assert emit(DAG, run_id, "running", publisher=publisher) == 1
         assert emit(DAG, run_id, "success", publisher=publisher) == 2
-    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    client = redis_cluster.client(decode_responses=False)
     try:
         for run_id in run_ids:
             k = keys.run_keys(namespace, DAG, run_id)
@@ -186,7 +86,7 @@ def test_publish_lua_is_one_atomic_call_on_a_cluster(redis_cluster, namespace, t
         client.close()
 
 
-async def waiters_through(gateway, cluster: Cluster, namespace: str, tmp_path: Path, run_ids: list[str], fault=None):
+async def waiters_through(gateway, cluster: RedisCluster, namespace: str, tmp_path: Path, run_ids: list[str], fault=None):
     """A long-poll and an SSE waiter on each run; each run's first event, then ``fault()`` (in a
     thread), then its result and end. Returns (long-poll responses, SSE results)."""
     hub = gateway.app.state.hub
@@ -216,22 +116,22 @@ async def test_waiters_on_runs_spread_over_every_master_all_get_their_outcome(re
     run_ids = runs_on_every_master(redis_cluster, namespace)
     used = {keys.run_partition(DAG, run_id) for run_id in run_ids}
     slots = {p: keys.partition_slot(namespace, keys.DEFAULT_PARTITIONS, p) for p in used}
-    assert all(any(slot in slot_range for slot in slots.values()) for slot_range in masters.values()), "every master owns a used partition"
+    assert all(any(master.serves(slot) for slot in slots.values()) for master in masters), "every master owns a used partition"
 
     gateway = await gateway_factory(redis_url=redis_cluster.url)
     await waiters_through(gateway, redis_cluster, namespace, tmp_path, run_ids)
 
     # One shard subscription per partition on the masters, not one per waiter or run.
     subscribed = {}
-    for port in masters:
-        node = redis_cluster.node(port)
+    for master in masters:
+        node = redis_cluster.server(master.port).client(decode_responses=False)
         channels = [keys.live_channel(namespace, keys.DEFAULT_PARTITIONS, p) for p in range(keys.DEFAULT_PARTITIONS)]
         counts = {channel.decode(): n for channel, n in node.execute_command("PUBSUB SHARDNUMSUB", *channels)}
         subscribed.update({c: n for c, n in counts.items() if n})
         ssubs = sum(int(c.get("ssub", 0)) for c in node.client_list())
         psubs = sum(int(c.get("psub", 0)) + int(c.get("sub", 0)) for c in node.client_list())
         assert psubs == 0
-        assert ssubs == sum(1 for c in channels if keys.key_slot(c) in masters[port])
+        assert ssubs == sum(1 for c in channels if master.serves(keys.key_slot(c)))
     assert subscribed == dict.fromkeys(channels, 1)
 
     store = gateway.app.state.store
@@ -251,11 +151,9 @@ async def test_a_master_killed_mid_run_loses_no_outcome(own_cluster, gateway_fac
     master (spooling meanwhile), and every waiter gets its outcome; the store records every event."""
     run_ids = runs_on_every_master(own_cluster, namespace, per_master=2)
     gateway = await gateway_factory(redis_url=own_cluster.url)
-    victim = next(port for port in own_cluster.masters() if port != own_cluster.ports[0])
 
     def kill_a_master() -> None:
-        own_cluster.process(victim).kill()  # kill -9
-        wait_for(lambda: victim not in own_cluster.masters(), "no replica promoted")
+        own_cluster.kill_master(own_cluster.masters()[1])  # kill -9; returns once its replica is promoted
 
     resubscribes = gateway.app.state.metrics.resubscribes._value.get()
     answers, sse = await waiters_through(gateway, own_cluster, namespace, tmp_path, run_ids, kill_a_master)
@@ -277,20 +175,6 @@ async def test_a_master_killed_mid_run_loses_no_outcome(own_cluster, gateway_fac
     )
 
 
-def migrate_slot(cluster: Cluster, slot: int, to_port: int) -> None:
-    """Move one slot, with its keys, to another master (what `redis-cli --cluster reshard` does per slot)."""
-    masters = cluster.masters()
-    (from_port,) = [port for port, slots in masters.items() if slot in slots]
-    source, target = cluster.node(from_port), cluster.node(to_port)
-    source_id, target_id = (node.execute_command("CLUSTER", "MYID").decode() for node in (source, target))
-    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    while moving := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-        source.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *moving)
-    for port in masters:
-        cluster.node(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-
-
 async def test_the_slot_of_a_live_run_migrates_and_no_outcome_is_lost(own_cluster, gateway_factory, namespace, tmp_path):
     """A live run's partition slot moves to another master mid-run: Redis unsubscribes the hub there,
     the hub subscribes on the new owner (and its subscribers re-read their logs), the publisher
@@ -298,20 +182,22 @@ async def test_the_slot_of_a_live_run_migrates_and_no_outcome_is_lost(own_cluste
     run_ids = runs_on_every_master(own_cluster, namespace, per_master=1)
     moved_run = run_ids[0]
     slot = keys.key_slot(keys.run_keys(namespace, DAG, moved_run).seq)
-    owner = next(port for port, slots in own_cluster.masters().items() if slot in slots)
+    owner = own_cluster.node_for_slot(slot)
     gateway = await gateway_factory(redis_url=own_cluster.url)
     resubscribes = gateway.app.state.metrics.resubscribes._value.get()
 
     def migrate() -> None:
-        migrate_slot(own_cluster, slot, next(port for port in own_cluster.masters() if port != owner))
-        wait_for(lambda: gateway.app.state.metrics.resubscribes._value.get() > resubscribes, "no re-subscription")
+        own_cluster.migrate_slot(slot, next(master for master in own_cluster.masters() if master.port != owner.port))
+        wait_until(lambda: gateway.app.state.metrics.resubscribes._value.get() > resubscribes, "a re-subscription")
 
     _, sse = await waiters_through(gateway, own_cluster, namespace, tmp_path, run_ids, migrate)
     for _, _, events in sse:
         assert [e.id.rpartition("-")[2] for e in events if e.event in ("run", "task")] == ["1", "2", "3"]
-    new_owner = next(port for port, slots in own_cluster.masters().items() if slot in slots)
-    assert new_owner != owner
+    new_owner = own_cluster.node_for_slot(slot)
+    assert new_owner.port != owner.port
     channel = keys.run_keys(namespace, DAG, moved_run).live
-    assert own_cluster.node(new_owner).execute_command("PUBSUB SHARDNUMSUB", channel)[0][1] == 1  # subscribed where it lives now
+    assert (
+        own_cluster.server(new_owner.port).client(decode_responses=False).execute_command("PUBSUB SHARDNUMSUB", channel)[0][1] == 1
+    )  # subscribed where it lives now
     for run_id in run_ids:
         await until_recorded(gateway.app.state.store, run_id, 3)
