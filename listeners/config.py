@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runbell.bus.keys import DEFAULT_NAMESPACE
+from runbell.bus.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, partitions
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -22,7 +22,7 @@ EVENT_MAX_BYTES_RANGE = (64 * 1024, 8 * 1024 * 1024)  # what either may be set t
 HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
     (
         "RUNBELL_REDIS_URL",
-        "where to publish (default redis://127.0.0.1:6379/0); set it on every Airflow component that "
+        "where to publish (default redis://127.0.0.1:6379/0; also `redis+cluster://HOST:PORT[,HOST:PORT…]` and `redis+sentinel://HOST:PORT[,…]/MASTER[/DB]`); set it on every Airflow component that "
         "runs the hook: scheduler, api-server, dag-processor, triggerer and every worker",
     ),
     ("RUNBELL_NAMESPACE", "key prefix; the gateway's must be the same (default runbell)"),
@@ -38,7 +38,12 @@ HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
     ),
     ("RUNBELL_PUBLISH_TIMEOUT", "connect and command timeout of a publish, seconds (default 0.25)"),
     ("RUNBELL_LOG_TTL_SECONDS", "replay log lifetime after a run's last event, seconds (default 604800)"),
-    ("RUNBELL_STREAM_MAXLEN", "approximate cap of the global stream (default 1000000)"),
+    ("RUNBELL_STREAM_MAXLEN", "approximate cap of each stream partition (default 1000000)"),
+    (
+        "RUNBELL_STREAM_PARTITIONS",
+        "stream partitions, 1 to 1024 (default 16): the first hook or gateway stores it in Redis and that value wins "
+        "(a different one is logged as an error)",
+    ),
     ("RUNBELL_HOOK_ENABLED", "`false` turns the hook off on that host (default true)"),
     ("RUNBELL_HOOK_SKIP_DAGS", "comma-separated DAG ids the hook stays silent about (the reconciler still sees them)"),
 ]
@@ -49,7 +54,8 @@ class PublisherConfig:
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)  # may carry a password: never in a repr
     namespace: str = DEFAULT_NAMESPACE
     log_ttl_seconds: int = 7 * 24 * 3600  # how long a run's replay log lives after its last event
-    stream_maxlen: int = 1_000_000  # cap of the global stream (approximate trimming)
+    stream_maxlen: int = 1_000_000  # cap of each partition's stream (approximate trimming)
+    stream_partitions: int = DEFAULT_PARTITIONS  # what to store when the namespace has no count yet
     result_max_bytes: int = RESULT_MAX_BYTES  # larger results are published as a reference
     event_max_bytes: int = EVENT_MAX_BYTES  # larger events are never published
     timeout_seconds: float = 0.25  # connect and command timeout of every publish
@@ -65,6 +71,7 @@ class PublisherConfig:
             namespace=env.get("RUNBELL_NAMESPACE") or DEFAULT_NAMESPACE,
             log_ttl_seconds=int(env.get("RUNBELL_LOG_TTL_SECONDS") or cls.log_ttl_seconds),
             stream_maxlen=int(env.get("RUNBELL_STREAM_MAXLEN") or cls.stream_maxlen),
+            stream_partitions=partitions(int(env.get("RUNBELL_STREAM_PARTITIONS") or cls.stream_partitions)),
             result_max_bytes=int(env.get("RUNBELL_RESULT_MAX_BYTES") or cls.result_max_bytes),
             event_max_bytes=event_max_bytes(int(env.get("RUNBELL_EVENT_MAX_BYTES") or cls.event_max_bytes)),
             timeout_seconds=float(env.get("RUNBELL_PUBLISH_TIMEOUT") or cls.timeout_seconds),

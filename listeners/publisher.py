@@ -29,7 +29,6 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
 
 from runbell.bus import keys
@@ -43,10 +42,10 @@ from runbell.bus.schema import (
     Result,
     ResultRef,
     Source,
-    envelope_json,
     parse_event_json,
 )
 from runbell.listeners.config import PublisherConfig
+from runbell.listeners.connect import BadRedisUrl, agreed_partitions, is_cluster, sync_client
 from runbell.listeners.spool import adopt_legacy, has_legacy, namespace_spool, read_event
 
 log = logging.getLogger("runbell.publisher")
@@ -74,7 +73,8 @@ class Publisher:
         self.lost = 0  # events neither published nor spooled (the hook's publish drops them)
         self._legacy_unseen = True  # events from before per-namespace spools may lie at the top of the directory
         self._client = client
-        self._script: Script | None = None
+        self._sha: str | None = None
+        self._partition_count: int | None = None
         self._broken_until = 0.0
         self._lock = threading.Lock()
         self._logged: set[str] = set()
@@ -116,6 +116,10 @@ class Publisher:
                 return self._publish_locked(event, event_json)
             except SpoolUnavailable:
                 raise
+            except BadRedisUrl as exc:  # kept until the setting is fixed (a restart with the right URL sends them)
+                self._log_once("bad-url", "runbell: %s; spooling events", exc)
+                self._spool(event_json)
+                return None
             except Exception as exc:
                 self._log_once("unexpected", "runbell: unexpected publish error: %r", exc)
                 self._spool(event_json)
@@ -149,49 +153,44 @@ class Publisher:
             return None
 
     def _send(self, batch: list[tuple[AnyEvent, str]]) -> list[int]:
-        """Run publish.lua for each event, then add each to the global stream: two round trips.
-
-        A run's event goes to its run's keys and the global stream; an asset's event to the asset's
-        keys (an endless stream: publish.lua's window) and the asset events' global stream."""
+        """Run publish.lua for each event: one atomic call appends it to its run's (or asset's) log,
+        its partition's stream and shard channel. A script the server no longer has (restarted, a
+        promoted replica) is loaded again and the batch re-sent once: a re-sent event id is not
+        logged twice."""
         client = self._redis()
-        script = self._publish_script(client)
-        ns = self.config.namespace
-        # One event (the hook's case) runs the script directly: one EVALSHA. A pipeline would first
-        # ask SCRIPT EXISTS, a round trip more; it pays off only for a batch (a spool flush).
-        pipe = client.pipeline(transaction=False) if len(batch) > 1 else None
+        try:
+            return self._send_once(client, batch)
+        except redis.exceptions.NoScriptError:
+            self._sha = None
+            return self._send_once(client, batch)
+
+    def _send_once(self, client: redis.Redis, batch: list[tuple[AnyEvent, str]]) -> list[int]:
+        sha = self._publish_sha(client)
+        count = self._partitions(client)
+        ns, config = self.config.namespace, self.config
+        # One event (the hook's case) is one EVALSHA; a batch (a spool flush) one pipeline, but on a
+        # cluster, where redis-py refuses EVALSHA in a pipeline, one EVALSHA each.
+        pipe = client.pipeline(transaction=False) if len(batch) > 1 and not is_cluster(client) else None
         target = client if pipe is None else pipe
         replies = []
         for event, event_json in batch:
             k: keys.RunKeys | keys.AssetKeys
             if isinstance(event, AssetEvent):
-                k = keys.asset_keys(ns, event.asset.name)
-                window = [ASSET_WINDOW]
+                k, window = keys.asset_keys(ns, event.asset.name, count), ASSET_WINDOW
             else:
-                k = keys.run_keys(ns, event.dag_id, event.run_id)
-                window = []
-            replies.append(
-                script(
-                    keys=[k.seq, k.log, k.ids, k.epoch, k.writer],
-                    args=[event.id, event_json, self.config.log_ttl_seconds, k.channel, *window],
-                    client=target,
-                )
-            )
+                k, window = keys.run_keys(ns, event.dag_id, event.run_id, count), 0
+            args: list[str | int] = [event.id, event_json, config.log_ttl_seconds, k.live, window, config.stream_maxlen, k.route]
+            replies.append(target.evalsha(sha, 6, k.seq, k.log, k.ids, k.epoch, k.writer, k.stream, *args))
         if pipe is not None:
             replies = pipe.execute()
-        seqs = [int(reply[0]) for reply in replies]
-        # The global stream has its own slot (Redis Cluster), so it cannot be in the script. A re-sent
-        # event is added again: the stream's readers de-duplicate by (run, epoch, seq).
-        pipe = client.pipeline(transaction=False)
-        for (event, event_json), seq, reply in zip(batch, seqs, replies):
-            stream = keys.asset_stream(ns) if isinstance(event, AssetEvent) else keys.global_stream(ns)
-            pipe.xadd(
-                stream,
-                {"env": envelope_json(seq, event_json, _text(reply[2]))},
-                maxlen=self.config.stream_maxlen,
-                approximate=True,
-            )
-        pipe.execute()
-        return seqs
+        return [int(reply[0]) for reply in replies]
+
+    def _partitions(self, client: redis.Redis) -> int:
+        """The namespace's partition count: stored in Redis by the first hook or gateway (it wins)."""
+        if self._partition_count is None:
+            stored = client.set(keys.partitions_key(self.config.namespace), self.config.stream_partitions, nx=True, get=True)
+            self._partition_count = agreed_partitions(stored, self.config.stream_partitions, log)
+        return self._partition_count
 
     def _flush_spool(self) -> tuple[int, bool]:
         """Publish spooled events oldest first. Returns (sent, whether the spool is now empty)."""
@@ -227,7 +226,7 @@ class Publisher:
     def _redis(self) -> redis.Redis:
         if self._client is None:
             t = self.config.timeout_seconds
-            self._client = redis.Redis.from_url(
+            self._client = sync_client(
                 self.config.redis_url,
                 socket_connect_timeout=t,
                 socket_timeout=t,
@@ -236,13 +235,12 @@ class Publisher:
             )
         return self._client
 
-    def _publish_script(self, client: redis.Redis) -> Script:
-        if self._script is None:
-            # Loaded up front, once per process: EVALSHA then never meets NOSCRIPT (which also trips
-            # the embedded development broker while a pattern subscriber is attached).
-            client.script_load(PUBLISH_LUA)
-            self._script = client.register_script(PUBLISH_LUA)
-        return self._script
+    def _publish_sha(self, client: redis.Redis) -> str:
+        if self._sha is None:
+            # Loaded up front, once per process (on every master of a cluster): EVALSHA then meets
+            # NOSCRIPT only when a server lost its scripts.
+            self._sha = _text(client.script_load(PUBLISH_LUA))
+        return self._sha
 
     def _trip(self, exc: Exception) -> None:
         self._broken_until = time.monotonic() + BREAKER_SECONDS

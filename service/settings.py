@@ -16,7 +16,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from runbell.bus.keys import DEFAULT_NAMESPACE
+from runbell.bus.keys import DEFAULT_NAMESPACE, DEFAULT_PARTITIONS, PARTITIONS_RANGE
+from runbell.listeners import connect
 from runbell.listeners.config import EVENT_MAX_BYTES, EVENT_MAX_BYTES_RANGE, HOOK_SETTINGS_DOC, RESULT_MAX_BYTES
 from runbell.service.core.redaction import without_password
 from runbell.service.core.roles import Grant, parse_tokens
@@ -36,6 +37,7 @@ class Settings(BaseModel):
     redis_url: str | None = None  # None: Redis on localhost if it answers, else the embedded broker
     database_url: str = "sqlite:///runbell.db"
     namespace: str = DEFAULT_NAMESPACE
+    stream_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=PARTITIONS_RANGE[0], le=PARTITIONS_RANGE[1])
     tokens: dict[str, Grant] = Field(default_factory=dict, repr=False)
     no_auth: bool = False
     token_secret: SecretStr | None = None  # signs run-scoped tokens; None: random per process
@@ -83,6 +85,13 @@ class Settings(BaseModel):
         if self.result_max_bytes >= self.event_max_bytes:
             raise ValueError("result_max_bytes must be smaller than event_max_bytes: a result travels inside an event")
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            connect.check(value)  # BadRedisUrl names the accepted shapes, never the password
+        return value
 
     @field_validator("webhook_schedule")
     @classmethod
@@ -134,9 +143,18 @@ ENV_PREFIX = "RUNBELL_"
 SETTINGS_DOC: list[tuple[str, str]] = [
     ("host", "address to bind (default 127.0.0.1)"),
     ("port", "port to bind (default 8080)"),
-    ("redis_url", "Redis URL; unset: localhost:6379 if it answers, else an embedded development broker"),
+    (
+        "redis_url",
+        "Redis URL: `redis://`, `rediss://`, `unix://`, `redis+cluster://HOST:PORT[,HOST:PORT…]` or "
+        "`redis+sentinel://HOST:PORT[,…]/MASTER[/DB]`; unset: localhost:6379 if it answers, else an embedded development broker",
+    ),
     ("database_url", "SQLAlchemy URL of the store (postgresql://... in production; default sqlite:///runbell.db)"),
     ("namespace", "prefix of every Redis key; hook and gateway must agree (default runbell)"),
+    (
+        "stream_partitions",
+        "stream partitions, 1 to 1024 (default 16): the first hook or gateway of a namespace stores its count in Redis, "
+        "and that count wins (a different one configured is logged as an error)",
+    ),
     (
         "tokens",
         "bearer tokens, comma-separated: token:role, or token:role@pattern to limit the token to the DAGs whose ids "
@@ -172,7 +190,7 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "previous response, before it is closed (default 10)",
     ),
     ("shutdown_grace", "seconds given to clients to leave on SIGTERM (default 5)"),
-    ("recorder", "run the recorder (global stream -> store) in this process (default true)"),
+    ("recorder", "run the recorder (stream partitions -> store) in this process (default true)"),
     ("webhooks", "run the webhook dispatcher (outbox -> receivers) in this process (default true)"),
     (
         "webhook_allowed_hosts",

@@ -4,7 +4,6 @@ with fake Airflow objects, and the gateway's /v1/assets/{name}/next and /events 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import time
 from collections.abc import Iterator
@@ -48,37 +47,20 @@ def events_path(name: str = NAME) -> str:
 
 
 @pytest.mark.parametrize("name", [NAME, "plain", "with*glob?[x]", "{braces}/and:colons", "üñí cødé %2F"])
-def test_asset_keys_share_one_tag_and_round_trip(name: str) -> None:
+def test_asset_keys_share_one_partition_tag(name: str) -> None:
     k = keys.asset_keys("ns", name)
-    tag = keys.asset_tag(name)
-    assert all(key.startswith(f"ns:asset:{tag}:") for key in (k.seq, k.log, k.ids, k.channel))
-    assert tag.count("{") == 1 and tag.count("}") == 1  # one hash tag, whatever the name holds
-    assert keys.asset_from_channel("ns", k.channel) == name
-    assert fnmatch.fnmatchcase(k.channel, keys.asset_channel_pattern("ns"))
+    tag = keys.partition_tags("ns", keys.DEFAULT_PARTITIONS)[keys.asset_partition(name)]
+    assert all(key.startswith(f"ns:asset:{tag}:") for key in (k.seq, k.log, k.ids, k.epoch))
+    assert {keys.key_slot(key) for key in (k.seq, k.log, k.ids, k.epoch, k.stream, k.live)} == {keys.key_slot(tag)}
+    assert k.seq.count("{") == 1 and k.seq.count("}") == 1  # one hash tag, whatever the name holds
+    assert k.route == keys.asset_route(name) and "\n" not in k.route
 
 
-def test_run_and_asset_channel_patterns_do_not_overlap() -> None:
-    run_channel = keys.run_keys("ns", "asset", "x").channel
-    asset_channel = keys.asset_keys("ns", "run").channel
-    assert not fnmatch.fnmatchcase(asset_channel, keys.channel_pattern("ns"))
-    assert not fnmatch.fnmatchcase(run_channel, keys.asset_channel_pattern("ns"))
-    assert keys.run_from_channel("ns", asset_channel) is None
-    assert keys.asset_from_channel("ns", run_channel) is None
-
-
-def test_run_pattern_never_delivers_an_asset_message_in_redis(redis_url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub()
-    try:
-        pubsub.psubscribe(keys.channel_pattern(namespace))
-        pubsub.get_message(timeout=1)  # the confirmation
-        client.publish(keys.asset_keys(namespace, "etl/r1").channel, b"asset")
-        client.publish(keys.run_keys(namespace, "etl", "r1").channel, b"run")
-        got = [m["data"] for m in iter(lambda: pubsub.get_message(timeout=0.5), None)]
-    finally:
-        pubsub.close()
-        client.close()
-    assert got == [b"run"]
+def test_run_and_asset_routes_do_not_overlap() -> None:
+    run = keys.run_keys("ns", "asset", "x")
+    asset = keys.asset_keys("ns", "run")
+    assert run.route.startswith("run:") and asset.route.startswith("asset:")
+    assert keys.asset_keys("ns", "run:asset/x").route != run.route
 
 
 # -- schema ---------------------------------------------------------------------------------------
@@ -127,8 +109,10 @@ def test_each_asset_has_its_own_gap_free_seq(bus: Publisher) -> None:
     assert [e.seq for e in asset_log(bus)] == [1, 2, 3]
     with redis.Redis.from_url(bus.config.redis_url) as client:
         ns = bus.config.namespace
-        assert client.xlen(keys.asset_stream(ns)) == 4  # the asset events' global stream
-        assert client.xlen(keys.global_stream(ns)) == 1  # the run events' one: no asset event there
+        asset_streams = {keys.asset_keys(ns, name).stream for name in (NAME, "other")}
+        assert sum(client.xlen(stream) for stream in asset_streams) == 4  # the asset events' partition streams
+        run_stream = keys.run_keys(ns, "etl", "r1").stream
+        assert [f[b"env"].count(b'"kind":"run"') for _, f in client.xrange(run_stream)] == [1]  # no asset event there
 
 
 def test_a_resent_asset_event_keeps_its_seq_and_is_logged_once(bus: Publisher) -> None:
@@ -249,7 +233,7 @@ def test_asset_hook_errors_are_swallowed_and_logged_once(bus: Publisher, caplog)
     warnings = [r for r in caplog.records if r.name == "runbell.hook"]
     assert len(warnings) == 2  # once per kind of error; nothing raised
     with redis.Redis.from_url(bus.config.redis_url) as client:
-        assert client.xlen(keys.asset_stream(bus.config.namespace)) == 0
+        assert not list(client.scan_iter(match=f"{bus.config.namespace}:*asset-events", count=1000))
 
 
 def test_asset_events_of_a_skipped_dag_are_not_published(redis_url, namespace, tmp_path, monkeypatch) -> None:
@@ -498,14 +482,14 @@ async def test_pubsub_connection_killed_then_asset_events_are_recovered(gateway)
 
 async def test_malformed_asset_messages_are_counted_and_dropped(gateway):
     client = aioredis.Redis.from_url(gateway.redis_url)
-    channel = keys.asset_keys(gateway.namespace, NAME).channel
+    k = keys.asset_keys(gateway.namespace, NAME)
     try:
         async with gateway.client() as http:
             waiter = asyncio.create_task(http.get(next_path(), params={"after": 0, "timeout": 20}))
             await until(waiting(gateway))
             run_event = '{"seq":1,"event":{"v":1,"kind":"run","dag_id":"d","run_id":"r","state":"success"}}'
             for junk in (b"not json", run_event.encode()):
-                await client.publish(channel, junk)
+                await client.spublish(k.live, keys.live_message(k.route, junk))
             await publish_asset(gateway)
             response = await waiter
             metrics = (await http.get("/metrics")).text

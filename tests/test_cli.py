@@ -169,23 +169,25 @@ def test_sigterm_drains_clients_cleanly(served, redis_url, namespace):
 
 
 def test_embedded_broker_carries_publish_and_pubsub(tmp_path):
-    """The development broker speaks what publish.lua and the hub need (Lua, streams, pub/sub)."""
+    """The development broker speaks what publish.lua and the hub need (Lua, streams, sharded pub/sub)."""
     from runbell.service.live.broker import start_embedded
 
     broker = start_embedded("127.0.0.1", free_port())
     try:
         client = redis.Redis.from_url(broker.url)
         pubsub = client.pubsub()
-        pubsub.psubscribe(keys.channel_pattern("emb"))
+        k = keys.run_keys("emb", "d", "r")
+        pubsub.ssubscribe(k.live)
         publisher = Publisher(PublisherConfig(redis_url=broker.url, namespace="emb", spool_dir=tmp_path))
         assert emit("d", "r", "success", publisher=publisher) == 1
         deadline = time.monotonic() + 5
         message = None
-        while message is None or message["type"] != "pmessage":
+        while message is None or message["type"] != "smessage":
             assert time.monotonic() < deadline
             message = pubsub.get_message(timeout=0.5)
-        assert decode_envelope(message["data"]).seq == 1
-        assert client.xlen(keys.global_stream("emb")) == 1
+        route, _, envelope = message["data"].partition(keys.ROUTE_END)
+        assert route.decode() == k.route and decode_envelope(envelope).seq == 1
+        assert client.xlen(k.stream) == 1
     finally:
         broker.stop()
 

@@ -100,6 +100,11 @@ async def test_publish_refuses_what_the_store_cannot_hold_and_keeps_nul_exactly(
     assert stored.event.msg == "\x00"
 
 
+async def _letters(http, count: int):
+    page = (await http.get("/v1/dead-letters")).json()
+    return page if len(page["dead_letters"]) == count else None
+
+
 async def test_dead_letters_are_listed_and_re_driven_by_an_admin(gateway_factory, database_url, monkeypatch):
     gateway = await gateway_factory(database_url=database_url, webhooks=False)
     store = gateway.app.state.store
@@ -107,6 +112,8 @@ async def test_dead_letters_are_listed_and_re_driven_by_an_admin(gateway_factory
     try:
         # One entry no store can hold (seq 2**63), and one this store refuses until the fault is gone.
         await redis.xadd(keys.global_stream(gateway.namespace), {"env": envelope_json(2**63, json.dumps(event("huge-seq")))})
+        async with gateway.client(ADMIN_TOKEN) as http:  # dead-lettered first (the recorder may read all three at once)
+            await wait_for(lambda: _letters(http, 1))
         monkeypatch.setattr(store, "record", failing_for(store, "flaky", DATA_ERROR))
         await redis.xadd(keys.global_stream(gateway.namespace), {"env": envelope_json(1, json.dumps(event("flaky-run", id="flaky")))})
         await redis.xadd(keys.global_stream(gateway.namespace), {"env": envelope_json(1, json.dumps(event("good")))})
@@ -114,12 +121,7 @@ async def test_dead_letters_are_listed_and_re_driven_by_an_admin(gateway_factory
         await redis.aclose()
 
     async with gateway.client(ADMIN_TOKEN) as http:
-
-        async def two_letters():
-            page = (await http.get("/v1/dead-letters")).json()
-            return page if len(page["dead_letters"]) == 2 else None
-
-        page = await wait_for(two_letters)
+        page = await wait_for(lambda: _letters(http, 2))
         assert await wait_for(lambda: last_seq(store, DAG, "good")) == 1  # recorded beside them
         huge, flaky = page["dead_letters"]  # huge: no event (the envelope schema bounds seq)
         assert (huge["reason"], huge["run_id"], huge["envelope"]["seq"], huge["attempts"]) == ("schema", None, 2**63, 1)

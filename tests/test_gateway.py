@@ -148,20 +148,21 @@ async def test_publish_needs_the_publish_role_and_a_valid_event(gateway):
 
 async def test_malformed_bus_messages_are_counted_and_dropped(gateway):
     client = aioredis.Redis.from_url(gateway.redis_url)
-    channel = keys.run_keys(gateway.namespace, DAG, "bad").channel
+    k = keys.run_keys(gateway.namespace, DAG, "bad")
     try:
         async with gateway.client() as http:
             waiter = asyncio.create_task(http.get(result_path("bad"), params={"timeout": 20}))
             await until(waiting(gateway))
             for junk in (b"not json", b'{"seq":1,"event":{"v":99}}', b'{"seq":1,"event":{"v":1,"kind":"run"}}', b"[]"):
-                await client.publish(channel, junk)
+                await client.spublish(k.live, keys.live_message(k.route, junk))
+            await client.spublish(k.live, junk)  # no route: counted as such
             await publish(gateway, "bad", "success")
             response = await waiter
             metrics = (await http.get("/metrics")).text
     finally:
         await client.aclose()
     assert response.status_code == 200 and response.json()["status"] == "success"
-    for reason in ("json", "version", "schema", "shape"):
+    for reason in ("json", "version", "schema", "shape", "route"):
         assert f'runbell_decode_errors_total{{reason="{reason}"}} 1.0' in metrics
 
 
@@ -472,10 +473,28 @@ async def test_a_large_fan_out_runs_without_garbage_collection_and_turns_it_back
 
     hub = Hub(None, Metrics())  # no Redis: only the in-memory fan-out is exercised
     runs = RunTopic(hub, None, "ns")
-    channel = runs.channel(("d", "r"))
-    subs = hub.subscribers[channel] = {Subscription(hub, runs, ("d", "r"), 0) for _ in range(GC_PAUSE_FANOUT)}
+    route = runs.route(("d", "r"))
+    subs = hub.subscribers[route] = {Subscription(hub, runs, ("d", "r"), 0) for _ in range(GC_PAUSE_FANOUT)}
     event = Event(kind="run", dag_id="d", run_id="r", state="running", source="emit", host="h")
-    hub._dispatch(runs, channel, envelope_json(1, event.to_json()).encode())
+    hub._dispatch(runs, route, envelope_json(1, event.to_json()).encode())
     assert not gc.isenabled() and all(len(sub.queue) == 1 for sub in subs)
     await asyncio.sleep(0)  # the woken subscribers run first, then collection is back on
     assert gc.isenabled()
+
+
+async def test_a_gateway_configured_with_another_partition_count_takes_the_stored_one(gateway_factory, redis_url, namespace, caplog):
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(keys.partitions_key(namespace), 4)
+        gateway = await gateway_factory(stream_partitions=8)
+        assert gateway.app.state.partitions == 4
+        assert gateway.app.state.hub.channels == keys.live_channels(namespace, 4)  # 4 subscriptions, not 8
+        assert "RUNBELL_STREAM_PARTITIONS is 8 but this namespace's Redis holds 4" in caplog.text
+        publisher = gateway.publisher()  # configured with the default 16: it takes the stored 4 too
+        async with gateway.client() as http:
+            waiter = asyncio.create_task(http.get(result_path("p4"), params={"timeout": 20}))
+            await until(waiting(gateway))
+            await asyncio.to_thread(emit, DAG, "p4", "success", publisher=publisher)
+            assert (await waiter).json()["status"] == "success"
+    finally:
+        await client.aclose()

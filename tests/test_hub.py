@@ -5,6 +5,7 @@ kind the hub has never heard of."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -83,9 +84,37 @@ async def test_subscribers_are_counted_and_forgotten(make_hub):
     hub, runs = parts.hub, parts.runs
     async with runs.subscribe(DAG, "a"), runs.subscribe(DAG, "a"), runs.subscribe(DAG, "b"):
         assert hub.count == 3
-        assert {ch: len(subs) for ch, subs in hub.subscribers.items()} == {runs.channel((DAG, "a")): 2, runs.channel((DAG, "b")): 1}
+        assert {ch: len(subs) for ch, subs in hub.subscribers.items()} == {runs.route((DAG, "a")): 2, runs.route((DAG, "b")): 1}
         assert set(hub.heard) == set(hub.subscribers)
     assert hub.count == 0 and hub.subscribers == {} and hub.heard == {}
+
+
+async def test_the_hub_holds_one_shard_subscription_per_partition_however_many_waiters(make_hub):
+    parts = await make_hub()
+    runs = [f"r{i}" for i in range(40)]
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(parts.runs.subscribe(DAG, run_id)) for run_id in runs for _ in range(2)]
+        (info,) = [c for c in await parts.client.client_list() if c.get("name") == parts.name]
+        assert (int(info["ssub"]), int(info["psub"]), int(info["sub"])) == (keys.DEFAULT_PARTITIONS, 0, 0)
+        partitions = {keys.run_partition(DAG, run_id) for run_id in runs}
+        assert len(partitions) > 1  # the runs share the partitions' channels
+        await parts.emit("r7")
+        assert await take(subs[14], 1) == [1]
+
+
+async def test_a_message_of_a_run_nobody_waits_on_here_is_not_decoded(make_hub, monkeypatch):
+    parts = await make_hub()
+    decoded = []
+    real_decode = parts.runs.decode
+    monkeypatch.setattr(parts.runs, "decode", lambda data: decoded.append(data) or real_decode(data))
+    async with parts.runs.subscribe(DAG, "waited") as sub:
+        k = keys.run_keys(parts.publisher.config.namespace, DAG, "nobody")
+        await parts.client.spublish(k.live, keys.live_message(k.route, b"not even json"))
+        await parts.emit("nobody")
+        await parts.emit("waited")
+        assert await take(sub, 1) == [1]
+    assert decoded and not [data for data in decoded if b'"nobody"' in data or b"not even" in data]
+    assert parts.hub.metrics.decode_errors.labels("json")._value.get() == 0
 
 
 async def test_every_subscriber_gets_every_event_in_order(make_hub):
@@ -273,15 +302,16 @@ class Note:
 
 
 class NoteTopic(Topic[str, Note]):
-    """Notes kept in memory and published as JSON on ``<ns>:note:<key>``."""
+    """Notes kept in memory and published as JSON, routed ``note:<key>``, on a shard channel of their own."""
 
     def __init__(self, hub: Hub, namespace: str):
-        super().__init__(hub, f"{namespace}:note:*")
+        self.live = f"{namespace}:notes"
+        super().__init__(hub, "note", [self.live])
         self.namespace = namespace
         self.log: dict[str, list[Note]] = {}
 
-    def channel(self, key: str) -> str:
-        return f"{self.namespace}:note:{key}"
+    def route(self, key: str) -> str:
+        return f"note:{key}"
 
     def decode(self, data: bytes) -> Note:
         try:
@@ -290,8 +320,8 @@ class NoteTopic(Topic[str, Note]):
         except (ValueError, KeyError, TypeError) as exc:
             raise BadEvent("json", str(exc)) from None
 
-    def channel_of(self, item: Note) -> str:
-        return self.channel(item.key)
+    def route_of(self, item: Note) -> str:
+        return self.route(item.key)
 
     async def read(self, key: str, after: Position) -> list[Note]:
         return [n for n in self.log.get(key, []) if n.position > after]
@@ -299,7 +329,8 @@ class NoteTopic(Topic[str, Note]):
     async def publish(self, client: aioredis.Redis, key: str) -> None:
         notes = self.log.setdefault(key, [])
         notes.append(Note(key, len(notes) + 1, Stamp(time.time())))
-        await client.publish(self.channel(key), json.dumps({"key": key, "seq": len(notes), "ts": notes[-1].event.ts}))
+        note = json.dumps({"key": key, "seq": len(notes), "ts": notes[-1].event.ts})
+        await client.spublish(self.live, keys.live_message(self.route(key), note))
 
 
 async def test_a_topic_of_any_kind_is_fanned_out_alongside_runs(redis_url, namespace, redis_cleanup, tmp_path):
@@ -315,7 +346,7 @@ async def test_a_topic_of_any_kind_is_fanned_out_alongside_runs(redis_url, names
         async with hub.subscribe(notes, "n1") as note_sub, runs.subscribe(DAG, "r") as run_sub:
             await notes.publish(client, "n1")  # before the first read: in the log and offered
             await notes.publish(client, "n2")  # nobody waits on it here
-            await client.publish(notes.channel("n1"), b"not json")  # dropped and counted
+            await client.spublish(notes.live, keys.live_message(notes.route("n1"), b"not json"))  # dropped and counted
             await notes.publish(client, "n1")
             await asyncio.to_thread(emit, DAG, "r", "running", publisher=publisher)
             assert await take(note_sub, 2) == [1, 2]

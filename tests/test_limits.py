@@ -145,7 +145,7 @@ def test_within_cap_leaves_an_event_that_fits_as_it_is():
 
 async def test_an_event_over_the_ceiling_on_the_bus_is_a_bad_event_and_the_next_one_decides(gateway_factory):
     gateway = await gateway_factory(**LIMITS)
-    ns, run = gateway.namespace, keys.run_keys(gateway.namespace, "etl", "r1")
+    run = keys.run_keys(gateway.namespace, "etl", "r1")
     big = Event(
         kind=EventKind.TASK,
         dag_id="etl",
@@ -160,12 +160,12 @@ async def test_an_event_over_the_ceiling_on_the_bus_is_a_bad_event_and_the_next_
         async with gateway.client(READ_TOKEN) as client:
             waiter = asyncio.create_task(client.get("/v1/dags/etl/runs/r1/result", params={"timeout": 20}))
             await until(lambda: gateway.app.state.hub.count >= 1)
-            # As a publisher without the cap would write it: replay log, channel and global stream.
+            # As a publisher without the cap would write it: replay log, shard channel and partition stream.
             raw = envelope_json(1, big.to_json())
             await r.set(run.seq, 1)
             await r.xadd(run.log, {"env": raw}, id="0-1")
-            await r.publish(run.channel, raw)
-            await r.xadd(keys.global_stream(ns), {"env": raw})
+            await r.spublish(run.live, keys.live_message(run.route, raw))
+            await r.xadd(run.stream, {"env": raw})
             await asyncio.to_thread(
                 emit, "etl", "r1", "success", task_id="answer", result_task=True, result={"ok": 1}, publisher=gateway.publisher()
             )

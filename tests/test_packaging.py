@@ -34,6 +34,7 @@ HOOK_MODULES = [
     "runbell.listeners.publisher",
     "runbell.listeners.spool",
     "runbell.listeners.config",
+    "runbell.listeners.connect",
     "runbell.listeners.marks",
     "runbell.listeners.propagation",
     "runbell.listeners.metaflow_hook",

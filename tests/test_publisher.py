@@ -55,17 +55,21 @@ def test_each_run_numbers_its_events_in_publish_order(client, redis_url, namespa
     assert ids == {e.id.encode(): str(i + 1).encode() for i, e in enumerate(a)}
 
 
-def test_every_event_goes_to_the_global_stream_with_its_seq(client, redis_url, namespace, tmp_path) -> None:
+def partition_stream(client, namespace: str, run_id: str) -> list[tuple[str, int, str]]:
+    """(run_id, seq, event id) of the run's partition stream's entries, of that run only."""
+    entries = client.xrange(keys.run_keys(namespace, DAG, run_id).stream)
+    found = [decode_envelope(fields[b"env"]) for _, fields in entries]
+    return [(env.event.run_id, env.seq, env.event.id) for env in found if env.event.run_id == run_id]
+
+
+def test_every_event_goes_to_its_partition_stream_with_its_seq(client, redis_url, namespace, tmp_path) -> None:
     publisher = make_publisher(redis_url, namespace, tmp_path)
     events = [run_event("a"), run_event("b"), run_event("a", "success")]
     for event in events:
         publisher.publish(event)
-    stream = [decode_envelope(fields[b"env"]) for _, fields in client.xrange(keys.global_stream(namespace))]
-    assert [(env.event.run_id, env.seq, env.event.id) for env in stream] == [
-        ("a", 1, events[0].id),
-        ("b", 1, events[1].id),
-        ("a", 2, events[2].id),
-    ]
+    assert partition_stream(client, namespace, "a") == [("a", 1, events[0].id), ("a", 2, events[2].id)]
+    assert partition_stream(client, namespace, "b") == [("b", 1, events[1].id)]
+    assert client.get(keys.partitions_key(namespace)) == b"16"  # stored by the first publish
 
 
 def test_a_resent_run_event_keeps_its_seq_and_is_logged_once(client, redis_url, namespace, tmp_path) -> None:
@@ -75,8 +79,8 @@ def test_a_resent_run_event_keeps_its_seq_and_is_logged_once(client, redis_url, 
     assert publisher.publish(event) == 1
     assert publisher.publish(run_event("a", "success")) == 2
     assert [seq for _, seq, _ in run_log(client, namespace, "a")] == [1, 2]
-    # The global stream has no de-duplication of its own: its readers drop a repeated (run, seq).
-    assert client.xlen(keys.global_stream(namespace)) == 3
+    # Log and partition stream are written in one atomic call: a re-send reaches neither again.
+    assert [seq for _, seq, _ in partition_stream(client, namespace, "a")] == [1, 2]
 
 
 class Forwarder:
@@ -168,3 +172,20 @@ def test_a_redis_that_never_answers_costs_one_timeout_then_the_breaker_spools(na
     assert results == [None, None, None]
     assert len(connections) == 1  # the breaker: no connection after the first failure
     assert len(publisher.spool.pending()) == 3
+
+
+def test_the_stored_partition_count_wins_over_a_disagreeing_hook(client, redis_url, namespace, tmp_path, caplog) -> None:
+    client.set(keys.partitions_key(namespace), 4)  # stored by whichever hook or gateway came first
+    config = PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path, timeout_seconds=5, stream_partitions=32)
+    assert Publisher(config).publish(run_event("a")) == 1
+    assert client.xlen(keys.run_keys(namespace, DAG, "a", 4).log) == 1  # the stored count's layout
+    assert not client.exists(keys.run_keys(namespace, DAG, "a", 32).log)
+    assert "RUNBELL_STREAM_PARTITIONS is 32 but this namespace's Redis holds 4" in caplog.text
+
+
+def test_a_bad_url_is_said_once_without_its_password_and_the_events_are_kept(tmp_path, caplog) -> None:
+    publisher = Publisher(PublisherConfig(redis_url="redis+cluster://hook:hunter2@redis-1", spool_dir=tmp_path))
+    assert [publisher.publish(run_event("a", s)) for s in ("running", "success")] == [None, None]  # never raises
+    assert len(publisher.spool.pending()) == 2 and publisher.lost == 0
+    (said,) = [r.getMessage() for r in caplog.records if "RUNBELL_REDIS_URL" in r.getMessage()]
+    assert "accepted: redis://" in said and "redis+cluster://" in said and "hunter2" not in said

@@ -141,7 +141,7 @@ async def runs(redis_url, namespace, redis_cleanup) -> AsyncIterator[RunTopic]:
 async def waited_on(runs: RunTopic, run_id: str, silent_for: float) -> AsyncIterator[Any]:
     """Someone waits on the run here, and has heard nothing of it for `silent_for` seconds."""
     async with runs.subscribe("etl", run_id) as sub:
-        runs.hub.heard[runs.channel(("etl", run_id))] = time.monotonic() - silent_for
+        runs.hub.heard[runs.route(("etl", run_id))] = time.monotonic() - silent_for
         yield sub
 
 
@@ -174,7 +174,7 @@ async def test_a_run_heard_from_again_is_forgotten(runs):
     rec = reconciler(runs, airflow, FakePublisher(), clock)
     async with waited_on(runs, "r", silent_for=AFTER * 2):
         assert await rec.step() == 1
-        runs.hub.heard[runs.channel(("etl", "r"))] = time.monotonic()  # an event came
+        runs.hub.heard[runs.route(("etl", "r"))] = time.monotonic()  # an event came
         assert await rec.step() == 0
         assert rec._next == {}
     assert await rec.step() == 0  # nobody waits any more

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from runbell.bus import keys
-from runbell.bus.schema import decode_envelope
+from runbell.bus.schema import Event, EventKind, decode_envelope, envelope_json
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.store.models import EventRow
@@ -64,8 +64,18 @@ def publish_run(publisher: Publisher, run_id: str, tasks: int = 1) -> int:
     return len(sent)
 
 
+def run_stream(namespace: str, run_id: str = "r1") -> str:
+    """The partition stream of one run's events."""
+    return keys.run_keys(namespace, DAG, run_id).stream
+
+
 async def pending_count(client, namespace) -> int:
-    return (await client.xpending(keys.global_stream(namespace), keys.recorder_group()))["pending"]
+    """Entries read and not acknowledged, over every stream partition."""
+    total = 0
+    for stream in keys.partition_streams(namespace, keys.DEFAULT_PARTITIONS):
+        if await client.exists(stream):
+            total += (await client.xpending(stream, keys.recorder_group()))["pending"]
+    return total
 
 
 async def stored_count(store) -> int:
@@ -74,7 +84,7 @@ async def stored_count(store) -> int:
 
 
 async def global_entry_id(client, namespace, run_id: str, seq: int):
-    for entry_id, fields in await client.xrange(keys.global_stream(namespace)):
+    for entry_id, fields in await client.xrange(run_stream(namespace, run_id)):
         envelope = decode_envelope(fields[b"env"])
         if envelope.event.run_id == run_id and envelope.seq == seq:
             return entry_id
@@ -83,7 +93,7 @@ async def global_entry_id(client, namespace, run_id: str, seq: int):
 
 async def read_without_ack(client, namespace, consumer: str) -> int:
     """What a replica that crashed between reading and acknowledging leaves behind."""
-    stream, group = keys.global_stream(namespace), keys.recorder_group()
+    stream, group = run_stream(namespace), keys.recorder_group()
     await client.xgroup_create(stream, group, id="0", mkstream=True)
     reply = await client.xreadgroup(group, consumer, {stream: ">"}, count=100)
     return len(reply[0][1])
@@ -116,7 +126,7 @@ async def test_records_what_was_published(client, store, publisher, namespace):
 
 async def test_resent_event_is_stored_once(client, store, publisher, namespace):
     publish_run(publisher, "r1")
-    stream = keys.global_stream(namespace)
+    stream = run_stream(namespace)
     entries = await client.xrange(stream)
     await client.xadd(stream, entries[1][1])  # a re-send: the same envelope again
     rec = recorder(client, store, namespace)
@@ -126,7 +136,7 @@ async def test_resent_event_is_stored_once(client, store, publisher, namespace):
 
 async def test_gap_in_the_stream_is_filled_from_the_replay_log(client, store, publisher, namespace):
     count = publish_run(publisher, "r1", tasks=2)
-    stream = keys.global_stream(namespace)
+    stream = run_stream(namespace)
     await client.xdel(stream, await global_entry_id(client, namespace, "r1", 2))
     await client.xdel(stream, await global_entry_id(client, namespace, "r1", 3))
     rec = recorder(client, store, namespace)
@@ -136,7 +146,7 @@ async def test_gap_in_the_stream_is_filled_from_the_replay_log(client, store, pu
 
 async def test_gap_the_replay_log_cannot_fill_is_left(client, store, publisher, namespace):
     count = publish_run(publisher, "r1")
-    await client.xdel(keys.global_stream(namespace), await global_entry_id(client, namespace, "r1", 1))
+    await client.xdel(run_stream(namespace), await global_entry_id(client, namespace, "r1", 1))
     await client.xdel(keys.run_keys(namespace, DAG, "r1").log, "0-1")  # the log expired
     rec = recorder(client, store, namespace)
     assert await rec.step() == count - 1
@@ -144,7 +154,7 @@ async def test_gap_the_replay_log_cannot_fill_is_left(client, store, publisher, 
 
 
 async def test_malformed_entries_are_counted_and_skipped(client, store, publisher, namespace):
-    stream = keys.global_stream(namespace)
+    stream = run_stream(namespace)
     bad = [
         {"env": "not json"},
         {"env": "[1, 2]"},
@@ -236,7 +246,7 @@ async def test_stream_lost_with_its_group_is_recreated(client, store, publisher,
     rec = recorder(client, store, namespace)
     first = publish_run(publisher, "r1")
     assert await rec.step() == first
-    await client.delete(keys.global_stream(namespace))
+    await client.delete(run_stream(namespace, "r1"), run_stream(namespace, "r2"))
     second = publish_run(publisher, "r2")  # re-creates the stream, without the group
     with pytest.raises(Exception, match="NOGROUP"):
         await rec.step()
@@ -293,3 +303,25 @@ async def test_run_backs_off_while_redis_is_unreachable(store, namespace):
     await unreachable.aclose()
     # Without backoff a refused connection is retried thousands of times a second.
     assert 1 <= attempts["step"] < 20
+
+
+async def test_runs_spread_over_the_partitions_are_all_recorded(client, store, publisher, namespace):
+    runs = [f"spread-{i}" for i in range(12)]
+    count = sum(publish_run(publisher, run_id) for run_id in runs)
+    assert len({run_stream(namespace, run_id) for run_id in runs}) > 4  # several partitions at once
+    rec = recorder(client, store, namespace)
+    await asyncio.wait_for(steps_until(rec, count), WAIT)
+    assert await stored_count(store) == count
+    assert await pending_count(client, namespace) == 0
+
+
+async def test_the_stream_of_hooks_before_partitions_is_drained_too(client, store, publisher, namespace):
+    """An older hook (during an upgrade) still adds its events to the one global stream: they are
+    recorded, whether that stream was there when the recorder started or appeared later."""
+    rec = recorder(client, store, namespace)
+    assert await rec.step() == 0  # started with no global stream
+    event = Event(kind=EventKind.RUN, dag_id=DAG, run_id="old-hook", state="success")
+    await client.xadd(keys.global_stream(namespace), {"env": envelope_json(1, event.to_json())})
+    await asyncio.wait_for(steps_until(rec, 1), WAIT)
+    assert [e.seq for e in await store.events(DAG, "old-hook")] == [1]
+    assert (await client.xpending(keys.global_stream(namespace), keys.recorder_group()))["pending"] == 0

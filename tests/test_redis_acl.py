@@ -94,7 +94,7 @@ async def test_the_hook_publishes_and_the_gateway_delivers_with_their_own_users(
     gateway = await gateway_factory(redis_url=acl_redis.gateway_url, airflow_url=stand_in_airflow.url)
     hook = hook_publisher(acl_redis, tmp_path)
     async with gateway.client(READ_TOKEN) as reader:
-        await until(lambda: gateway.app.state.hub.connected.is_set())  # PSUBSCRIBE allowed
+        await until(lambda: gateway.app.state.hub.connected.is_set())  # SSUBSCRIBE allowed
         assert (await reader.get("/readyz")).status_code == 200
         waiter = asyncio.create_task(reader.get("/v1/dags/etl/runs/r1/result", params={"timeout": 30}))
         await until(waiting(gateway))
@@ -105,7 +105,7 @@ async def test_the_hook_publishes_and_the_gateway_delivers_with_their_own_users(
         assert seqs == [1, 2]  # published, not spooled
         answer = await waiter
         assert answer.status_code == 200 and answer.json()["result"] == {"a": 42}
-        # The spool's flush: a batch through a pipeline (SCRIPT EXISTS, EVALSHA, XADD).
+        # The spool's flush: a batch through a pipeline (EVALSHA each).
         for state in ("running", "success"):
             hook.spool.append(Event(kind=EventKind.RUN, dag_id="etl", run_id="r2", state=state).to_json())
         assert await asyncio.to_thread(hook.flush) == 2 and hook.spool.is_empty()
@@ -148,15 +148,18 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     refused = {
         "GET a gateway key": lambda: hook.get(keys.idempotency_key(ns, "k")),
         "GET a foreign key": lambda: hook.get("foreign:secret"),
-        "XRANGE the global stream": lambda: hook.xrange(keys.global_stream(ns)),
+        "XRANGE a partition stream": lambda: hook.xrange(keys.run_keys(ns, "d", "r").stream),
         "XRANGE a run's log": lambda: hook.xrange(keys.run_keys(ns, "d", "r").log),
-        "XREADGROUP": lambda: hook.xreadgroup("recorder", "c", {keys.global_stream(ns): ">"}),
-        "SUBSCRIBE": lambda: hook.execute_command("SUBSCRIBE", keys.run_keys(ns, "d", "r").channel),
+        "XREADGROUP": lambda: hook.xreadgroup("recorder", "c", {keys.run_keys(ns, "d", "r").stream: ">"}),
+        "SSUBSCRIBE": lambda: hook.execute_command("SSUBSCRIBE", keys.run_keys(ns, "d", "r").live),
+        "SUBSCRIBE": lambda: hook.execute_command("SUBSCRIBE", keys.run_keys(ns, "d", "r").live),
+        "PUBLISH (not sharded)": lambda: hook.publish(keys.run_keys(ns, "d", "r").live, "{}"),
+        "XLEN the pre-partition stream": lambda: hook.xlen(keys.global_stream(ns)),
         "KEYS": lambda: hook.keys("*"),
         "SCAN": lambda: hook.scan(0),
         "FLUSHALL": lambda: hook.flushall(),
         "CONFIG GET": lambda: hook.config_get("*"),
-        "DEL": lambda: hook.delete(keys.global_stream(ns)),
+        "DEL": lambda: hook.delete(keys.run_keys(ns, "d", "r").stream),
         "EVAL": lambda: hook.eval("return 1", 0),
         "SCRIPT FLUSH": lambda: hook.script_flush(),
         "ACL": lambda: hook.acl_list(),
@@ -164,7 +167,7 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
         "INFO keyspace": lambda: hook.info("keyspace"),
         "INFO clients": lambda: hook.info("clients"),
         "XADD another namespace": lambda: hook.xadd("other:events", {"env": "{}"}),
-        "PUBLISH another namespace": lambda: hook.publish("other:run:{d/r}:ch", "{}"),
+        "SPUBLISH another namespace": lambda: hook.spublish(keys.run_keys("other", "d", "r").live, "{}"),
     }
     outcomes = {}
     for what, call in refused.items():
@@ -179,10 +182,28 @@ def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespac
     sha = hook.script_load(PUBLISH_LUA)
     other = keys.run_keys("other", "d", "r")
     with pytest.raises(redis.exceptions.NoPermissionError):
-        hook.evalsha(sha, 5, other.seq, other.log, other.ids, other.epoch, other.writer, "id", "{}", 60, other.channel)
+        hook.evalsha(
+            sha,
+            6,
+            other.seq,
+            other.log,
+            other.ids,
+            other.epoch,
+            other.writer,
+            other.stream,
+            "id",
+            "{}",
+            60,
+            other.live,
+            0,
+            100,
+            other.route,
+        )
     mine = keys.run_keys(ns, "d", "r2")
-    with pytest.raises(redis.exceptions.ResponseError, match="can't publish to the channel"):
-        hook.evalsha(sha, 5, mine.seq, mine.log, mine.ids, mine.epoch, mine.writer, "id", "{}", 60, other.channel)
+    with pytest.raises(redis.exceptions.ResponseError, match="channel"):
+        hook.evalsha(
+            sha, 6, mine.seq, mine.log, mine.ids, mine.epoch, mine.writer, mine.stream, "id", "{}", 60, other.live, 0, 100, mine.route
+        )
     # The real publisher of another namespace with the hook's user: refused, so it spools; nothing lands.
     elsewhere = hook_publisher(acl_redis, tmp_path / "elsewhere", namespace="other")
     assert elsewhere.publish(Event(kind=EventKind.RUN, dag_id="d", run_id="r", state="running")) is None
@@ -218,11 +239,11 @@ def test_the_gateway_user_stays_in_its_namespace_and_runs_no_admin_commands(acl_
 
 def test_publish_lua_declares_every_key_it_touches():
     """Redis checks a script's declared KEYS before running it; every redis.call's key is one of them
-    (PUBLISH's first argument is a channel, ARGV[4], which the ACL's & patterns govern)."""
+    (SPUBLISH's first argument is a channel, ARGV[4], which the ACL's & patterns govern)."""
     calls = re.findall(r"redis\.call\('(\w+)',\s*([^,)]+)", PUBLISH_LUA)
     assert len(calls) >= 10
     undeclared = [(command, first) for command, first in calls if not re.fullmatch(r"KEYS\[\d\]", first.strip())]
-    assert undeclared == [("PUBLISH", "ARGV[4]")]
+    assert undeclared == [("SPUBLISH", "ARGV[4]")]
 
 
 def test_the_acl_file_as_shipped_does_not_start(tmp_path):

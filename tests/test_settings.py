@@ -59,6 +59,7 @@ FLAG_VALUES = {
     "redis_url": "redis://redis.internal:6380/2",
     "database_url": "postgresql://runbell@db/runbell",
     "namespace": "rb2",
+    "stream_partitions": "64",
     "scoped_token_ttl": "60",
     "airflow_url": "http://airflow:8080",
     "airflow_username": "runbell",

@@ -1,8 +1,11 @@
--- Assign the stream's next sequence number, append to its replay log, publish: one atomic step.
+-- Assign the stream's next sequence number, append to its replay log, add to its partition's stream,
+-- publish on the partition's shard channel: one atomic step. Every key and the channel carry the
+-- partition's hash tag (runbell.bus.keys), so this is one call on Redis Cluster too.
 -- KEYS[1] seq counter, KEYS[2] replay log (stream), KEYS[3] event id -> seq, KEYS[4] epoch,
--- KEYS[5] writer (the run_id of the Redis server process that last wrote the stream's state)
--- ARGV[1] event id, ARGV[2] event JSON, ARGV[3] TTL in seconds, ARGV[4] pub/sub channel,
--- ARGV[5] (optional) window: absent or 0 for a run's stream, which ends: KEYS[3] is a hash and all
+-- KEYS[5] writer (the run_id of the Redis server process that last wrote the stream's state),
+-- KEYS[6] the partition's stream (recorder), capped at about ARGV[6] entries
+-- ARGV[1] event id, ARGV[2] event JSON, ARGV[3] TTL in seconds, ARGV[4] shard channel,
+-- ARGV[5] window: 0 for a run's stream, which ends: KEYS[3] is a hash and all
 --   five keys expire TTL seconds after the last event. N > 0 for an endless stream (an asset's):
 --   the log keeps the last N entries, KEYS[3] is a sorted set remembering the ids of the last
 --   N seqs, both expire TTL seconds after the last event, and the seq counter, epoch and writer never
@@ -18,7 +21,9 @@
 -- user not granted INFO SERVER) the writer is "" and only a lost state makes a new epoch.
 -- The epoch is the server's time in microseconds, 13 hex digits, so epochs sort in the order they
 -- were made; never at or before the epoch it replaces (a server whose clock is behind).
--- Returns {seq, 1, epoch} for a new event, {seq, 0, epoch} when this event id was already published.
+-- ARGV[6] the partition stream's approximate cap, ARGV[7] the route of the live message (keys.live_message)
+-- Returns {seq, 1, epoch} for a new event, {seq, 0, epoch} when this event id was already published
+-- (then nothing is added: the first call added it to the partition stream in the same step).
 local window = tonumber(ARGV[5] or '0') or 0
 local epoch = redis.call('GET', KEYS[4])
 local known
@@ -69,5 +74,6 @@ else
 end
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('PUBLISH', ARGV[4], envelope)
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'env', envelope)
+redis.call('SPUBLISH', ARGV[4], ARGV[7] .. '\n' .. envelope)
 return {seq, 1, epoch}

@@ -121,18 +121,22 @@ class Target:
         procstats.wait_until_idle(self.pid)
 
     def wait_until_recorded(self, timeout: float = 300.0) -> None:
-        """Until the recorder's consumer group has read and acknowledged every event of the global stream."""
-        stream, deadline = keys.global_stream(self.publisher.config.namespace), time.monotonic() + timeout
+        """Until the recorder's consumer group has read and acknowledged every event of every partition."""
+        config, deadline = self.publisher.config, time.monotonic() + timeout
+        streams = keys.partition_streams(config.namespace, config.stream_partitions)
         while time.monotonic() < deadline:
-            try:
-                groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
-            except redis.ResponseError:  # no stream yet: nothing was published, nothing to record
-                return
-            group = groups.get(keys.recorder_group().encode())
-            if group is not None and group["lag"] == 0 and group["pending"] == 0:
+            if all(self._recorded(stream) for stream in streams):
                 return
             time.sleep(0.1)
         raise TimeoutError("the gateway's recorder did not catch up with the published events")
+
+    def _recorded(self, stream: str) -> bool:
+        try:
+            groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
+        except redis.ResponseError:  # no stream yet: nothing was published, nothing to record
+            return True
+        group = groups.get(keys.recorder_group().encode())
+        return group is not None and group["lag"] == 0 and group["pending"] == 0
 
     def resources(self, window: float) -> dict[str, Any]:
         """Redis connections the gateway process holds, and SQL statements it sends per second."""

@@ -28,6 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from runbell.listeners.connect import without_password_options
+
 MASK = "***"
 KNOWN_MIN_LENGTH = 8
 
@@ -114,9 +116,11 @@ def without_password(url: str) -> str:
     """A URL fit for a log line (a Redis or database URL): any password replaced by ***."""
     parts = urlsplit(url)
     if parts.password is None:
-        return _DRIVER_PASSWORD.sub(rf"\g<1>{MASK}@", url, count=1)
-    netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
-    return urlunsplit(parts._replace(netloc=netloc))
+        url = _DRIVER_PASSWORD.sub(rf"\g<1>{MASK}@", url, count=1)
+    else:
+        netloc = f"{parts.username or ''}:{MASK}@{parts.netloc.rpartition('@')[2]}"
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return without_password_options(url)  # a Sentinel's own password is an option
 
 
 _redactor = Redactor()

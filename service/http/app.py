@@ -12,13 +12,16 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from sqlalchemy import event as sa_event
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from runbell.bus import keys
 from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
+from runbell.listeners.connect import agreed_partitions, async_client
 from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
 from runbell.service.airflow.reconciler import Reconciler
@@ -151,6 +154,17 @@ async def airflow_error_handler(request, exc: Exception):
     return error_response(exc.status, exc.code, str(exc))
 
 
+async def agree_partitions(client: aioredis.Redis, namespace: str, configured: int) -> int:
+    """The namespace's stream partition count: the one stored in Redis, else ours, stored now. When
+    Redis does not answer at start-up, ours (logged): the gateway starts and waits for Redis as before."""
+    try:
+        stored = await client.set(keys.partitions_key(namespace), configured, nx=True, get=True)
+    except (RedisError, OSError) as exc:
+        log.warning("Redis unreachable at start (%s): assuming %d stream partitions, as configured", type(exc).__name__, configured)
+        return configured
+    return agreed_partitions(stored, configured, log)
+
+
 def spool_flusher(publisher: Publisher, every: float) -> Supervised:
     """Sends the namespace's spool (events POSTed while Redis was unreachable, also before a restart)
     at start-up and then every ``every`` seconds, whether or not anything else is published."""
@@ -173,13 +187,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # recorder's blocking reads (no socket timeout: redis-py would retry a long XREAD and skip entries).
     # Commands share a bounded pool: a crowd of arriving waiters queues for a connection instead of
     # opening one each, so the process's connections to Redis do not grow with its waiters.
-    state.redis = aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=REDIS_COMMAND_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=2
-        )
-    )
-    pubsub_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
-    recorder_client = aioredis.Redis.from_url(redis_url, socket_timeout=None, socket_connect_timeout=2)
+    # (On a cluster, each is a RedisCluster: a pool per master.)
+    state.redis = async_client(redis_url, max_connections=REDIS_COMMAND_CONNECTIONS, socket_timeout=5, socket_connect_timeout=2)
+    pubsub_client = async_client(redis_url, socket_timeout=None, socket_connect_timeout=2)
+    recorder_client = async_client(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    state.partitions = partitions = await agree_partitions(state.redis, settings.namespace, settings.stream_partitions)
     # Every recording process writes the webhook outbox, whether or not it delivers (settings.webhooks).
     outbox = WebhookOutbox()
     state.store = Store(settings.database_url, outbox=outbox)
@@ -191,8 +203,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # The bus readers take whatever a publisher may send (a hook's cap may be set above this gateway's,
     # up to the ceiling): only an event over the ceiling is dropped. POST /v1/events keeps this gateway's cap.
     cap = EVENT_MAX_BYTES_RANGE[1]
-    state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store, max_event_bytes=cap)
-    state.assets = AssetTopic(state.hub, state.redis, settings.namespace, max_event_bytes=cap)
+    state.runs = RunTopic(state.hub, state.redis, settings.namespace, archive=state.store, max_event_bytes=cap, partitions=partitions)
+    state.assets = AssetTopic(state.hub, state.redis, settings.namespace, max_event_bytes=cap, partitions=partitions)
     await state.hub.start()
     publisher_config = replace(
         PublisherConfig.from_env(),
@@ -200,6 +212,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         namespace=settings.namespace,
         result_max_bytes=settings.result_max_bytes,
         event_max_bytes=settings.event_max_bytes,
+        stream_partitions=partitions,
     )
     state.publisher = Publisher(publisher_config)
     state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
@@ -223,6 +236,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             metrics=state.metrics,
             max_event_bytes=cap,
             dead_letters=dead_letters,
+            partitions=partitions,
         )
         loops.append(recorder.loop)
     state.dispatcher = None

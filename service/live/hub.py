@@ -1,4 +1,4 @@
-"""The hub: one pub/sub connection per process, fanned out in memory to every local subscriber.
+"""The hub: one shard-channel subscription per stream partition, fanned out in memory to every local subscriber.
 
 Shape of encode/broadcaster's core (one listener task reading the broker, per-subscriber queues),
 without its gaps:
@@ -12,9 +12,19 @@ without its gaps:
   lies after that position in the old epoch (the store) and the new one.
 
 The hub does not know what it carries. A ``Topic`` is one kind of stream (runs, assets: see
-runbell.service.live.topics): its pub/sub pattern, the channel of a key, how a message decodes into
-an item with a sequence number, and its replay log. Topics register with the hub before it starts;
-the listener holds all their patterns on its one connection.
+runbell.service.live.topics): its kind (the first word of its routes), its shard channels, the route
+of a key, how a message decodes into an item with a sequence number, and its replay log. Topics
+register with the hub before it starts.
+
+Publishers SPUBLISH ``<route>\n<envelope>`` on their partition's shard channel (runbell.bus.keys).
+The listener SSUBSCRIBEs every partition's channel once (never per stream, never a pattern), so a
+process holds as many subscriptions as there are partitions, however many waiters and runs; a
+message is routed by its route (a dict lookup) and decoded only when someone here waits on it.
+One code path for one node and a cluster: on a cluster, redis-py's ClusterPubSub keeps one
+connection per master owning subscribed slots and moves a channel when its slot moves; on one
+node the same commands run on one connection (a cluster of one). The listener reads each of those
+connections; a connection's subscriptions confirmed (first time or again, after a reconnection or
+a slot move) make every subscriber re-read its log.
 """
 
 from __future__ import annotations
@@ -32,8 +42,11 @@ from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.exceptions import RedisError
 
+from runbell.bus.keys import ROUTE_END
 from runbell.bus.schema import START, BadEvent, Position
 from runbell.service.core.loops import Backoff, Once, Supervised, keep_trying
 from runbell.service.core.metrics import Metrics
@@ -46,6 +59,7 @@ DEAD_AFTER_SECONDS = 15.0  # ...and dropped and re-made when nothing at all was 
 BACKOFF_MAX_SECONDS = 5.0
 GC_PAUSE_FANOUT = 100  # subscribers of one channel from which a fan-out runs without garbage collection
 REDIS_DOWN = (RedisError, OSError)  # what a read retries until the caller's timeout
+ROUTE_MAX_BYTES = 32 * 1024  # where a message's route must end: the longest, a 1500-character asset name percent-encoded, is ~18 KB
 
 
 class Stamped(Protocol):
@@ -75,6 +89,10 @@ class Signal(Enum):
     NOT_FOUND = "not_found"  # the stream's source says it does not exist (a run Airflow does not have)
 
 
+class ShardChannelMoved(RedisError):
+    """Redis unsubscribed one of the hub's shard channels: its slot moved to another master."""
+
+
 class SubscriptionClosed(Exception):
     def __init__(self, reason: Signal):
         super().__init__(reason.value)
@@ -84,29 +102,30 @@ class SubscriptionClosed(Exception):
 class Topic(ABC, Generic[K, T]):
     """One kind of stream the hub carries. A subclass registers itself with ``hub`` (before hub.start)."""
 
-    def __init__(self, hub: Hub, pattern: str):
+    def __init__(self, hub: Hub, kind: str, channels: list[str]):
         self.hub = hub
-        self.pattern = pattern  # the PSUBSCRIBE pattern matching the channel of every key
+        self.kind = kind  # every route of the topic is "<kind>:..."
+        self.channels = channels  # the shard channels its streams publish on (shared with other topics or not)
         hub.register(self)
 
     @abstractmethod
-    def channel(self, key: K) -> str:
-        """The pub/sub channel of one stream."""
+    def route(self, key: K) -> str:
+        """The route of one stream: what its messages start with."""
 
     @abstractmethod
     def decode(self, data: bytes) -> T:
-        """One message into an item; raises BadEvent when it is not one."""
+        """One message's envelope (after its route) into an item; raises BadEvent when it is not one."""
 
     @abstractmethod
-    def channel_of(self, item: T) -> str:
-        """The channel the item's own stream publishes on (a message on another is dropped)."""
+    def route_of(self, item: T) -> str:
+        """The route of the item's own stream (a message under another route is dropped)."""
 
     @abstractmethod
     async def read(self, key: K, after: Position) -> list[T]:
         """The stream's items after a position, in position order, from its replay log."""
 
-    def published(self, channel: str) -> None:
-        """Called for every message on the pattern, before anything else (subscribed to or not)."""
+    def published(self, route: str) -> None:
+        """Called for every message of the topic, before anything else (subscribed to or not)."""
 
 
 class SharedReads(Generic[R]):
@@ -150,7 +169,7 @@ class Subscription(Generic[K, T]):
 
     def __init__(self, hub: Hub, topic: Topic[K, T], key: K, after: Position):
         self.hub, self.topic, self.key = hub, topic, key
-        self.channel = topic.channel(key)
+        self.route = topic.route(key)
         self.last = after
         # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
         # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
@@ -218,7 +237,7 @@ class Subscription(Generic[K, T]):
         """Read the log after the last position into the ready queue (while Redis is down, keep
         trying: the caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
         topic, key, after = self.topic, self.key, self.last
-        since = min(self._since, self.hub.live_marks.get(self.channel, self._since))
+        since = min(self._since, self.hub.live_marks.get(self.route, self._since))
         self._ready.extend(
             await keep_trying(
                 lambda: self.hub.reads((topic, key, after), lambda: topic.read(key, after), since),
@@ -292,14 +311,16 @@ class Hub:
         self.metrics = metrics
         self.buffer = buffer
         self.max_subscribers = max_subscribers
-        self.topics: dict[str, Topic[Any, Any]] = {}  # by pattern, in registration order
+        self.topics: dict[str, Topic[Any, Any]] = {}  # by kind, in registration order
+        self.channels: list[str] = []  # every topic's shard channels, each once
         self.shared = SharedBytes()  # encoded events and outcomes, for the routes
         self.reads: SharedReads[list[Any]] = SharedReads()  # log reads, shared by a stream's crowd
-        self.subscribers: dict[str, set[Subscription[Any, Any]]] = {}  # by channel name
-        self.heard: dict[str, float] = {}  # channel -> when its last event (or first subscriber) came
-        # channel -> ticket of its last item offered live (or first subscriber, or re-subscription):
+        self.subscribers: dict[str, set[Subscription[Any, Any]]] = {}  # by route
+        self.heard: dict[str, float] = {}  # route -> when its last event (or first subscriber) came
+        # route -> ticket of its last item offered live (or first subscriber, or re-subscription):
         # a log read started after it misses nothing its subscribers were not offered live.
         self.live_marks: dict[str, int] = {}
+        self.confirmed: set[str] = set()  # shard channels confirmed since the listener (re)started
         self.count = 0
         self.connected = asyncio.Event()
         self.draining = False
@@ -313,8 +334,9 @@ class Hub:
         )
 
     def register(self, topic: Topic[Any, Any]) -> None:
-        """Carry one more kind of stream; its pattern is subscribed at the next (re)connection."""
-        self.topics[topic.pattern] = topic
+        """Carry one more kind of stream; its channels are subscribed at the next (re)connection."""
+        self.topics[topic.kind] = topic
+        self.channels.extend(c for c in topic.channels if c not in self.channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -340,39 +362,39 @@ class Hub:
         """Register a subscriber to one stream (before its log is read; closed at once while
         draining), and always unregister it."""
         sub = Subscription(self, topic, key, after)
-        channel = sub.channel
+        route = sub.route
         if self.draining:
             sub.close(Signal.DRAIN)
-        self.heard.setdefault(channel, time.monotonic())
-        self.live_marks.setdefault(channel, ticket())
-        self.subscribers.setdefault(channel, set()).add(sub)
+        self.heard.setdefault(route, time.monotonic())
+        self.live_marks.setdefault(route, ticket())
+        self.subscribers.setdefault(route, set()).add(sub)
         self.count += 1
         try:
             yield sub
         finally:
             self.count -= 1
-            subs = self.subscribers.get(channel)
+            subs = self.subscribers.get(route)
             if subs is not None:
                 subs.discard(sub)
                 if not subs:
-                    del self.subscribers[channel]
-                    self.heard.pop(channel, None)
-                    self.live_marks.pop(channel, None)
+                    del self.subscribers[route]
+                    self.heard.pop(route, None)
+                    self.live_marks.pop(route, None)
 
     def silent(self, topic: Topic[K, Any], longer_than: float) -> list[tuple[K, float]]:
         """(key, seconds silent) of the topic's streams waited on here that had no item for a while."""
         now, found = time.monotonic(), []
-        for channel, subs in self.subscribers.items():
-            silent = now - self.heard.get(channel, now)
+        for route, subs in self.subscribers.items():
+            silent = now - self.heard.get(route, now)
             if subs and silent > longer_than:
                 sub = next(iter(subs))
                 if sub.topic is topic:
                     found.append((sub.key, silent))
         return found
 
-    def close_channel(self, channel: str, reason: Signal) -> None:
+    def close_route(self, route: str, reason: Signal) -> None:
         """Tell every subscriber of one stream to leave, with the reason."""
-        for sub in list(self.subscribers.get(channel, ())):
+        for sub in list(self.subscribers.get(route, ())):
             sub.close(reason)
 
     def bad_event(self, exc: BadEvent) -> None:
@@ -383,55 +405,99 @@ class Hub:
     # -- the listener ---------------------------------------------------------------------------
 
     async def _listen(self) -> None:
+        """Subscribe every shard channel, then read every connection that holds some (one per
+        master on a cluster, one on a single node) until one fails: then all is made anew."""
+        await refresh_topology(self.pubsub_client)  # a fail-over or slot move since the last try
         pubsub = self.pubsub_client.pubsub()
+        readers: dict[int, asyncio.Task[None]] = {}
+        self.confirmed.clear()
         try:
-            # One command, so every pattern holds before any confirmation arrives.
-            await pubsub.psubscribe(*self.topics)
-            last_heard = last_ping = time.monotonic()
+            await pubsub.ssubscribe(*self.channels)
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=LISTEN_POLL_SECONDS)
-                now = time.monotonic()
-                if message is not None:
-                    last_heard = now
-                    self._handle(message)
-                elif now - last_heard > DEAD_AFTER_SECONDS:
-                    raise TimeoutError("no answer from Redis on the pub/sub connection")
-                if now - last_ping > PING_EVERY_SECONDS and now - last_heard > PING_EVERY_SECONDS:
-                    last_ping = now
-                    await pubsub.ping()
+                connections = node_pubsubs(pubsub)
+                for connection in connections:
+                    if id(connection) not in readers:
+                        readers[id(connection)] = asyncio.create_task(self._read(connection), name="runbell-hub-reader")
+                alive = {id(c) for c in connections}
+                for key, task in list(readers.items()):
+                    if task.done():
+                        task.result()  # a reader that failed fails the listener, which starts over
+                        del readers[key]
+                    elif key not in alive:  # its channels moved to another master
+                        task.cancel()
+                        del readers[key]
+                await asyncio.wait(readers.values(), timeout=LISTEN_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.connected.clear()
+            for task in readers.values():
+                task.cancel()
+            await asyncio.gather(*readers.values(), return_exceptions=True)
             await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "pmessage":
-            topic = self.topics.get(_text(message["pattern"]))
-            if topic is not None:
-                self._dispatch(topic, _text(message["channel"]), message["data"])
-        elif kind == "psubscribe" and _text(message["channel"]) == next(iter(self.topics), None):
-            # (Re)subscribed, perhaps silently by redis-py after a short outage: whatever was
-            # published meanwhile is only in the logs, so every subscriber re-reads its log. The first
-            # pattern's confirmation stands for all: they were subscribed by the same PSUBSCRIBE.
-            self.metrics.resubscribes.inc()
-            self.connected.set()
-            self.listener.ok()
-            self._broadcast(Signal.RESYNC)
+    async def _read(self, connection: PubSub) -> None:
+        """Read one connection's messages; ping it when idle, fail when it stays silent."""
+        last_heard = last_ping = time.monotonic()
+        while True:
+            message = await connection.get_message(ignore_subscribe_messages=False, timeout=LISTEN_POLL_SECONDS)
+            now = time.monotonic()
+            if message is not None:
+                last_heard = now
+                self._handle(connection, message)
+            elif now - last_heard > DEAD_AFTER_SECONDS:
+                raise TimeoutError("no answer from Redis on a pub/sub connection")
+            if now - last_ping > PING_EVERY_SECONDS and now - last_heard > PING_EVERY_SECONDS:
+                last_ping = now
+                await connection.ping()
 
-    def _dispatch(self, topic: Topic[Any, Any], channel: str, data: bytes) -> None:
-        topic.published(channel)
-        subs = self.subscribers.get(channel)
+    def _handle(self, connection: PubSub, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "smessage":
+            self._route(message["data"])
+        elif kind == "sunsubscribe":
+            # The hub never unsubscribes: Redis moved the channel's slot to another master (or a
+            # reconfiguration dropped it). Start over: the topology is re-read and every channel
+            # subscribed where it lives now, then every subscriber re-reads its log.
+            raise ShardChannelMoved(f"shard channel {_text(message['channel'])!r} unsubscribed by Redis (its slot moved)")
+        elif kind == "ssubscribe":
+            self.confirmed.add(_text(message["channel"]))
+            if message["data"] == len(connection.shard_channels):
+                # This connection holds all its channels (again: perhaps silently re-made by redis-py
+                # after a short outage, or moved by a slot migration): whatever was published
+                # meanwhile is only in the logs, so every subscriber re-reads its log.
+                self.metrics.resubscribes.inc()
+                if self.confirmed.issuperset(self.channels):
+                    self.connected.set()
+                self.listener.ok()
+                self._broadcast(Signal.RESYNC)
+
+    def _route(self, data: bytes) -> None:
+        """Hand one message to the subscribers of its route; read no further when there are none."""
+        end = data.find(ROUTE_END, 0, ROUTE_MAX_BYTES)
+        if end < 0:
+            self.bad_event(BadEvent("route", "a message without a route"))
+            return
+        route = data[:end].decode("utf-8", "replace")
+        topic = self.topics.get(route.partition(":")[0])
+        if topic is None:
+            self.bad_event(BadEvent("route", f"a message of no known kind ({route[:100]!r})"))
+            return
+        topic.published(route)
+        if route in self.subscribers:  # else nobody here waits on this stream: not even copied
+            self._dispatch(topic, route, data[end + 1 :])
+
+    def _dispatch(self, topic: Topic[Any, Any], route: str, data: bytes) -> None:
+        subs = self.subscribers.get(route)
         if not subs:
             return  # nobody here waits on this stream: not even decoded
-        self.heard[channel] = time.monotonic()
-        self.live_marks[channel] = ticket()
+        self.heard[route] = time.monotonic()
+        self.live_marks[route] = ticket()
         try:
             item = topic.decode(data)
         except BadEvent as exc:
             self.bad_event(exc)
             return
-        if topic.channel_of(item) != channel:  # another stream's event, misread as this one's if let in
-            self.bad_event(BadEvent("channel", f"an event of another stream on {channel}"))
+        if topic.route_of(item) != route:  # another stream's event, misread as this one's if let in
+            self.bad_event(BadEvent("route", f"an event of another stream under {route}"))
             return
         self.metrics.events_in.inc()
         self.metrics.delivery_latency.observe(max(0.0, time.time() - item.event.ts))
@@ -449,14 +515,28 @@ class Hub:
             asyncio.get_running_loop().call_soon(gc.enable)
 
     def _broadcast(self, signal: Signal, close: bool = False) -> None:
-        for channel in self.live_marks:
-            self.live_marks[channel] = ticket()
+        for route in self.live_marks:
+            self.live_marks[route] = ticket()
         for subs in list(self.subscribers.values()):
             for sub in list(subs):
                 if close:
                     sub.close(signal)
                 else:
                     sub.offer(signal)
+
+
+def node_pubsubs(pubsub: PubSub) -> list[PubSub]:
+    """The connections holding the subscriptions: a cluster's one per master, else the one."""
+    if isinstance(pubsub, ClusterPubSub):
+        return list(pubsub.node_pubsub_mapping.values())
+    return [pubsub]
+
+
+async def refresh_topology(client: aioredis.Redis) -> None:
+    """A cluster client re-reads which master owns which slot (after a fail-over, the dead master's
+    replica does); nothing for one node."""
+    if isinstance(client, RedisCluster):
+        await client.nodes_manager.initialize()
 
 
 def _text(value: Any) -> str:

@@ -83,28 +83,37 @@ def _text(value: bytes | str) -> str:
 
 class RunTopic(Topic[RunKey, Envelope]):
     def __init__(
-        self, hub: Hub, client: aioredis.Redis, namespace: str, archive: EventArchive | None = None, max_event_bytes: int | None = None
+        self,
+        hub: Hub,
+        client: aioredis.Redis,
+        namespace: str,
+        archive: EventArchive | None = None,
+        max_event_bytes: int | None = None,
+        partitions: int = keys.DEFAULT_PARTITIONS,
     ):
-        super().__init__(hub, keys.channel_pattern(namespace))
-        self.client, self.namespace, self.archive = client, namespace, archive
+        super().__init__(hub, "run", keys.live_channels(namespace, partitions))
+        self.client, self.namespace, self.archive, self.partitions = client, namespace, archive, partitions
         self.max_event_bytes = max_event_bytes  # a larger event is a bad one: no publisher within the cap sent it
-        self.missing: dict[str, float] = {}  # channel -> until when Airflow's "no such run" holds
+        self.missing: dict[str, float] = {}  # route -> until when Airflow's "no such run" holds
         self.first_epochs: dict[RunKey, str] = {}  # runs whose Redis epoch the store has nothing before
 
     def subscribe(self, dag_id: str, run_id: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[RunKey, Envelope]]:
         return self.hub.subscribe(self, (dag_id, run_id), after)
 
-    def channel(self, key: RunKey) -> str:
-        return keys.run_keys(self.namespace, *key).channel
+    def keys_of(self, dag_id: str, run_id: str) -> keys.RunKeys:
+        return keys.run_keys(self.namespace, dag_id, run_id, self.partitions)
+
+    def route(self, key: RunKey) -> str:
+        return keys.run_route(*key)
 
     def decode(self, data: bytes) -> Envelope:
         return decode_envelope(data, self.max_event_bytes)
 
-    def channel_of(self, item: Envelope) -> str:
-        return self.channel((item.event.dag_id, item.event.run_id))
+    def route_of(self, item: Envelope) -> str:
+        return self.route((item.event.dag_id, item.event.run_id))
 
     async def read(self, key: RunKey, after: Position) -> list[Envelope]:
-        envelopes = await _log_after(self.hub, self.client, keys.run_keys(self.namespace, *key), after, self.decode)
+        envelopes = await _log_after(self.hub, self.client, self.keys_of(*key), after, self.decode)
         first = envelopes[0].position if envelopes else None
         if self.archive is None or (
             first is not None and (first.follows(after) or self._starts_history(key, after, first)) and _unbroken(envelopes)
@@ -144,50 +153,60 @@ class RunTopic(Topic[RunKey, Envelope]):
     def mark_missing(self, dag_id: str, run_id: str, hold_seconds: float = MISSING_HOLD_SECONDS) -> None:
         """Airflow has no such run: its subscribers are told, and new ones get 404 for a while
         (until an event for it arrives: a caller may trigger it after all)."""
-        channel = self.channel((dag_id, run_id))
-        self.missing[channel] = time.monotonic() + hold_seconds
-        self.hub.close_channel(channel, Signal.NOT_FOUND)
+        route = self.route((dag_id, run_id))
+        self.missing[route] = time.monotonic() + hold_seconds
+        self.hub.close_route(route, Signal.NOT_FOUND)
 
     async def heard_of(self, dag_id: str, run_id: str) -> bool:
         """Whether the bus holds the run's sequence: it exists, whatever Airflow says."""
-        return await self.client.get(keys.run_keys(self.namespace, dag_id, run_id).seq) is not None
+        return await self.client.get(self.keys_of(dag_id, run_id).seq) is not None
 
     def is_missing(self, dag_id: str, run_id: str) -> bool:
-        channel = self.channel((dag_id, run_id))
-        until = self.missing.get(channel)
+        route = self.route((dag_id, run_id))
+        until = self.missing.get(route)
         if until is not None and until < time.monotonic():
-            del self.missing[channel]
+            del self.missing[route]
             until = None
         return until is not None
 
-    def published(self, channel: str) -> None:
+    def published(self, route: str) -> None:
         if self.missing:
-            self.missing.pop(channel, None)  # it exists after all
+            self.missing.pop(route, None)  # it exists after all
 
 
 class AssetTopic(Topic[str, AssetEnvelope]):
-    def __init__(self, hub: Hub, client: aioredis.Redis, namespace: str, max_event_bytes: int | None = None):
-        super().__init__(hub, keys.asset_channel_pattern(namespace))
-        self.client, self.namespace = client, namespace
+    def __init__(
+        self,
+        hub: Hub,
+        client: aioredis.Redis,
+        namespace: str,
+        max_event_bytes: int | None = None,
+        partitions: int = keys.DEFAULT_PARTITIONS,
+    ):
+        super().__init__(hub, "asset", keys.live_channels(namespace, partitions))
+        self.client, self.namespace, self.partitions = client, namespace, partitions
         self.max_event_bytes = max_event_bytes
 
     def subscribe(self, name: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
         return self.hub.subscribe(self, name, after)
 
-    def channel(self, key: str) -> str:
-        return keys.asset_keys(self.namespace, key).channel
+    def keys_of(self, name: str) -> keys.AssetKeys:
+        return keys.asset_keys(self.namespace, name, self.partitions)
+
+    def route(self, key: str) -> str:
+        return keys.asset_route(key)
 
     def decode(self, data: bytes) -> AssetEnvelope:
         return decode_asset_envelope(data, self.max_event_bytes)
 
-    def channel_of(self, item: AssetEnvelope) -> str:
-        return self.channel(item.event.asset.name)
+    def route_of(self, item: AssetEnvelope) -> str:
+        return self.route(item.event.asset.name)
 
     async def read(self, name: str, after: Position) -> list[AssetEnvelope]:
-        return await _log_after(self.hub, self.client, keys.asset_keys(self.namespace, name), after, self.decode)
+        return await _log_after(self.hub, self.client, self.keys_of(name), after, self.decode)
 
     async def current(self, name: str) -> Position:
         """The asset's last position (seq 0 before its first event)."""
-        k = keys.asset_keys(self.namespace, name)
+        k = self.keys_of(name)
         seq, epoch = await self.client.mget(k.seq, k.epoch)
         return Position(_text(epoch) if epoch is not None else LEGACY_EPOCH, int(seq) if seq is not None else 0)

@@ -1,13 +1,20 @@
-"""The recorder: copies every event from the global stream into the store, once.
+"""The recorder: copies every event from the stream partitions into the store, once.
 
-Each gateway replica runs one; they share the consumer group ``keys.recorder_group()``, so every
-stream entry goes to one of them, and the store's idempotent ``record`` makes a re-delivered entry
-harmless. An entry is acknowledged only after its batch is committed, so a crash between the two
-re-delivers it (to this consumer on restart, or to another one through XAUTOCLAIM).
+Each gateway replica runs one; they share the consumer group ``keys.recorder_group()`` on every
+partition's stream, so every entry goes to one of them, and the store's idempotent ``record`` makes
+a re-delivered entry harmless. An entry is acknowledged only after its batch is committed, so a
+crash between the two re-delivers it (to this consumer on restart, or to another one through
+XAUTOCLAIM, per partition).
 
-The global stream is capped and publishers may fail between their two writes, so it can miss
-events: when an envelope's seq jumps past what the store has for its run (in its epoch; from 1 in an
-epoch newer than the store's), the missing range is read from the run's replay log first.
+Each partition's stream sits in its own slot (on a cluster, on its own master), and a blocking
+XREADGROUP over several streams must stay in one slot there, so the recorder asks every partition
+without blocking, in one pipeline (one round trip per master), and pauses ``block_ms`` (at most
+IDLE_POLL_SECONDS) when none had anything. The stream of every run event before partitions,
+``keys.global_stream``, is read the same way while it exists (events of hooks not yet upgraded).
+
+The streams are capped, so they can miss events: when an envelope's seq jumps past what the store
+has for its run (in its epoch; from 1 in an epoch newer than the store's), the missing range is read
+from the run's replay log first.
 
 One entry the store refuses never stops the recording: the batch is bisected, the rest recorded, and
 that entry moved to the dead-letter table (runbell.service.store.dead_letters). An entry that is no
@@ -17,6 +24,7 @@ outage of the database is retried with backoff instead, its entries left pending
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
@@ -36,7 +44,8 @@ from runbell.service.store.store import RunKey, Store
 log = logging.getLogger("runbell.recorder")
 
 BLOCK_MS = 1000
-COUNT = 200
+IDLE_POLL_SECONDS = 0.1  # the most an idle recorder waits before asking every partition again
+COUNT = 200  # entries per partition per read
 CLAIM_IDLE_MS = 60_000  # an entry unacknowledged this long belongs to a dead consumer
 CLAIM_INTERVAL_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 5.0
@@ -46,11 +55,10 @@ Entry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns the
 
 
 class Recorder:
-    """Records the global stream of ``namespace`` into ``store`` as consumer ``consumer``.
+    """Records the stream partitions of ``namespace`` into ``store`` as consumer ``consumer``.
 
-    ``redis`` must be a client of the recorder's own, made with ``socket_timeout=None``: XREADGROUP
-    blocks for ``block_ms``, and redis-py's default 5 s socket timeout turns a blocking read that
-    outlives it into retries on new connections (delivery notes, trap 1). Give each replica a
+    ``redis`` should be a client of the recorder's own (its reads come in bursts of one command per
+    partition). Give each replica a
     consumer name that survives its restarts (e.g. the host name) so it finds its own pending
     entries again; entries of a consumer that never returns are claimed after ``claim_idle_ms``.
     """
@@ -69,13 +77,17 @@ class Recorder:
         metrics: Metrics | None = None,
         max_event_bytes: int | None = None,
         dead_letters: DeadLetters | None = None,
+        partitions: int = keys.DEFAULT_PARTITIONS,
     ):
         self.redis = redis
         self.max_event_bytes = max_event_bytes  # a larger entry is skipped as a bad event (reason "size")
         self.store = store
         self.namespace = namespace
         self.consumer = consumer
-        self.stream = keys.global_stream(namespace)
+        self.partitions = partitions
+        self.streams = keys.partition_streams(namespace, partitions)
+        self.legacy_stream = keys.global_stream(namespace)  # read while it exists: see the module's doc
+        self._legacy_ready = False
         self.group = keys.recorder_group()
         self.block_ms = block_ms
         self.count = count
@@ -87,7 +99,7 @@ class Recorder:
         self.dead_letters = dead_letters if dead_letters is not None else DeadLetters(store, metrics)  # its bounds: the caller's
         self._group_ready = False
         self._own_pending_done = False  # re-read after start and after every failed step
-        self._claim_cursor = "0-0"
+        self._claim_cursors: dict[str, str] = {}  # stream -> XAUTOCLAIM cursor of the pass under way
         self._next_claim = 0.0  # monotonic time; 0: claim on the first step
         # step is looked up at each run, not bound here: tests replace it on the instance.
         self.loop = Supervised(
@@ -104,19 +116,26 @@ class Recorder:
 
     async def step(self) -> int:
         """One read/record/ack cycle: own pending entries first, then idle entries of dead
-        consumers, then new entries (blocking up to block_ms). Returns how many entries it handled."""
+        consumers, then new entries of every partition (pausing up to block_ms when there are
+        none). Returns how many entries it handled."""
         try:
             await self._ensure_group()
             if not self._own_pending_done:
-                entries = await self._read("0", block=None)
-                if entries:
-                    return await self._handle(entries)
+                for stream in self._reading():
+                    entries = await self._read(stream)
+                    if entries:
+                        return await self._handle(stream, entries)
                 self._own_pending_done = True
             if time.monotonic() >= self._next_claim:
-                entries = await self._claim()
+                stream, entries = await self._claim()
                 if entries:
-                    return await self._handle(entries)
-            return await self._handle(await self._read(">", block=self.block_ms))
+                    return await self._handle(stream, entries)
+            handled = 0
+            for stream, entries in await self._read_new():
+                handled += await self._handle(stream, entries)
+            if not handled:
+                await asyncio.sleep(min(self.block_ms / 1000, IDLE_POLL_SECONDS))
+            return handled
         except BaseException:
             # Entries read but not acknowledged wait in our pending list; the group may be gone.
             self._own_pending_done = False
@@ -125,39 +144,83 @@ class Recorder:
 
     # -- reading --------------------------------------------------------------------------------
 
+    def _reading(self) -> list[str]:
+        return [*self.streams, self.legacy_stream] if self._legacy_ready else self.streams
+
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            # From "0", not "$": entries added before the group existed are recorded too.
-            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                # From "0", not "$": entries added before the group existed are recorded too.
+                pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
+        await self._ensure_legacy_group()
         self._group_ready = True
 
-    async def _read(self, start: str, block: int | None) -> list[Entry]:
-        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.count, block=block)
+    async def _ensure_legacy_group(self) -> None:
+        """The pre-partition stream, when it exists (not made: nothing new should write it)."""
+        try:
+            await self.redis.xgroup_create(self.legacy_stream, self.group, id="0")
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                self._legacy_ready = False  # no such stream (or no more)
+                return
+        self._legacy_ready = True
+
+    async def _read(self, stream: str) -> list[Entry]:
+        """This consumer's own pending entries of one stream."""
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {stream: "0"}, count=self.count)
         return _stream_entries(reply)
 
-    async def _claim(self) -> list[Entry]:
-        """One XAUTOCLAIM page; after a full pass over the pending list, wait claim_interval."""
-        cursor, entries, *_ = await self.redis.xautoclaim(
-            self.stream,
-            self.group,
-            self.consumer,
-            min_idle_time=self.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=self.count,
-        )
-        self._claim_cursor = _text(cursor)
-        if self._claim_cursor == "0-0":
-            self._next_claim = time.monotonic() + self.claim_interval
-        return entries
+    async def _read_new(self) -> list[tuple[str, list[Entry]]]:
+        """New entries of every stream, without blocking: one pipeline (a round trip per master).
+        The pre-partition stream is asked too: NOGROUP there means it has no group yet, or does
+        not exist (then it costs nothing more)."""
+        streams = [*self.streams, self.legacy_stream]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=self.count)
+            replies = await pipe.execute(raise_on_error=False)
+        found = []
+        for stream, reply in zip(streams, replies):
+            if isinstance(reply, Exception):
+                if stream != self.legacy_stream or "NOGROUP" not in str(reply):
+                    raise reply
+                await self._ensure_legacy_group()
+            elif entries := _stream_entries(reply):
+                found.append((stream, entries))
+        return found
+
+    async def _claim(self) -> tuple[str, list[Entry]]:
+        """One XAUTOCLAIM page of the first stream whose pass is not over; after a full pass over
+        every stream's pending list, wait claim_interval."""
+        if not self._claim_cursors:
+            self._claim_cursors = dict.fromkeys(self._reading(), "0-0")
+        for stream, start in list(self._claim_cursors.items()):
+            cursor, entries, *_ = await self.redis.xautoclaim(
+                stream,
+                self.group,
+                self.consumer,
+                min_idle_time=self.claim_idle_ms,
+                start_id=start,
+                count=self.count,
+            )
+            if _text(cursor) == "0-0":
+                del self._claim_cursors[stream]
+            else:
+                self._claim_cursors[stream] = _text(cursor)
+            if entries:
+                return stream, entries
+        self._next_claim = time.monotonic() + self.claim_interval
+        return "", []
 
     # -- recording ------------------------------------------------------------------------------
 
-    async def _handle(self, entries: list[Entry]) -> int:
+    async def _handle(self, stream: str, entries: list[Entry]) -> int:
         decoded = [self._decode(fields, _text(entry_id)) for entry_id, fields in entries]
         letters = [letter for letter in decoded if isinstance(letter, Letter)]
         if letters:
@@ -165,7 +228,7 @@ class Recorder:
             await self.dead_letters.record(missing + letters)  # raises on an outage: nothing acknowledged
         await self.dead_letters.reject([entry for entry in decoded if isinstance(entry, Rejected)])  # as well
         if entries:
-            await self.redis.xack(self.stream, self.group, *(entry_id for entry_id, _ in entries))
+            await self.redis.xack(stream, self.group, *(entry_id for entry_id, _ in entries))
         return len(entries)
 
     def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | Rejected | None:
@@ -210,7 +273,7 @@ class Recorder:
         return missing
 
     async def _read_log(self, run: RunKey, first: int, last: int) -> list[Letter]:
-        log_key = keys.run_keys(self.namespace, *run).log
+        log_key = keys.run_keys(self.namespace, *run, self.partitions).log
         last = min(last, STREAM_SEQ_MAX)  # a seq beyond a stream id's (a bad entry) is no Redis error
         if first > last:
             return []

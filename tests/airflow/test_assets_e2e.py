@@ -130,7 +130,7 @@ def test_an_outlet_asset_event_reaches_long_poll_and_sse_attached_before_the_tri
     try:
         entries = client.xrange(keys.asset_keys(airflow.namespace, ASSET).log)
         assert [decode_asset_envelope(f[b"env"]).seq for _, f in entries] == [1]
-        assert client.xlen(keys.asset_stream(airflow.namespace)) == 1
+        assert client.xlen(keys.asset_keys(airflow.namespace, ASSET).stream) == 1
     finally:
         client.close()
     pending = _next(gateway, after=1, timeout=0.5)

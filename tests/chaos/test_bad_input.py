@@ -1,6 +1,6 @@
 """Chaos, bad input: what the bus may carry besides the hook's events, and what the gateway makes of it.
 
-Junk, misrouted and oversized messages are PUBLISHed raw on the run and asset channels the hub
+Junk, misrouted and oversized messages are SPUBLISHed raw, under the routes of runs and assets, on the shard channels the hub
 listens on, and XADDed to the global stream the recorder reads; real envelopes are re-published
 (duplicates, replays) and delivered out of sequence order; events flood in for runs nobody waits
 on. Meanwhile long-poll waiters and SSE clients wait on real runs. Each scenario asserts that every
@@ -253,8 +253,8 @@ def run_channel_junk(run_id: str) -> list[tuple[bytes, str]]:
         (raw_envelope(0, event_dict(run_id)), "schema"),  # seq 0 does not exist
         (raw_envelope(2, asset), "schema"),  # an asset's event on a run's channel
         (raw_envelope(2, deep), "depth"),  # valid, but too deep to be encoded again (store, SSE, 200)
-        (raw_envelope(2, event_dict(run_id + "-other")), "channel"),  # another run's event
-        (raw_envelope(2, event_dict(run_id, dag_id=DAG + "-other")), "channel"),
+        (raw_envelope(2, event_dict(run_id + "-other")), "route"),  # another run's event
+        (raw_envelope(2, event_dict(run_id, dag_id=DAG + "-other")), "route"),
     ]
 
 
@@ -266,21 +266,23 @@ def asset_channel_junk() -> list[tuple[bytes, str]]:
         (raw_envelope(1, {**event, "v": 7}), "version"),
         (raw_envelope(1, event_dict("r")), "schema"),  # a run's event on an asset's channel
         (raw_envelope(1, {**event, "extra": {"deep": nested(400)}}), "depth"),
-        (raw_envelope(1, {**event, "asset": {"name": ASSET + "-other"}}), "channel"),  # another asset's event
+        (raw_envelope(1, {**event, "asset": {"name": ASSET + "-other"}}), "route"),  # another asset's event
     ]
 
 
 async def log_only(redis: aioredis.Redis, namespace: str, event: Event) -> bytes:
-    """publish.lua's seq, log and global-stream entry for the event, with its PUBLISH sent to a
+    """publish.lua's seq, log and partition-stream entry for the event, with its SPUBLISH sent to a
     channel nobody listens on: the envelope, for the test to deliver later, in any order."""
     k = keys.run_keys(namespace, event.dag_id, event.run_id)
-    seq, new, epoch = await redis.eval(
-        PUBLISH_LUA, 5, k.seq, k.log, k.ids, k.epoch, k.writer, event.id, event.to_json(), 3600, f"{namespace}:void"
-    )
+    args = [event.id, event.to_json(), 3600, f"{namespace}:void", 0, 1000, k.route]
+    seq, new, epoch = await redis.eval(PUBLISH_LUA, 6, k.seq, k.log, k.ids, k.epoch, k.writer, k.stream, *args)
     assert new == 1
-    envelope = envelope_json(seq, event.to_json(), epoch.decode())
-    await redis.xadd(keys.global_stream(namespace), {"env": envelope})
-    return envelope.encode()
+    return envelope_json(seq, event.to_json(), epoch.decode()).encode()
+
+
+async def on_channel(redis: aioredis.Redis, k: keys.RunKeys | keys.AssetKeys, message: bytes) -> None:
+    """A message on the stream's shard channel, under its route, as a publisher without checks would send it."""
+    await redis.spublish(k.live, keys.live_message(k.route, message))
 
 
 async def logged_envelopes(redis: aioredis.Redis, namespace: str, run_id: str) -> list[bytes]:
@@ -351,10 +353,10 @@ async def test_junk_and_misrouted_messages_on_run_and_asset_channels(gateway, ch
             fault = time.monotonic()
             for w in runs:
                 for message, reason in run_channel_junk(w.run_id):
-                    await redis.publish(keys.run_keys(gateway.namespace, DAG, w.run_id).channel, message)
+                    await on_channel(redis, keys.run_keys(gateway.namespace, DAG, w.run_id), message)
                     injected[reason] += 1
             for message, reason in asset_channel_junk():
-                await redis.publish(keys.asset_keys(gateway.namespace, ASSET).channel, message)
+                await on_channel(redis, keys.asset_keys(gateway.namespace, ASSET), message)
                 injected[reason] += 1
             for w in runs:
                 for event in w.events[1:]:
@@ -405,8 +407,8 @@ async def test_oversized_messages_do_not_crash_or_stall_the_hub(gateway, chaos_s
             before = await scrape(http)
             for w in runs:
                 await publish(gateway, w.events[0])
-            channel = keys.run_keys(gateway.namespace, DAG, runs[0].run_id).channel
-            oversized = [  # each also bad in another way (json, shape, version, schema, channel): its size is seen first
+            channel = keys.run_keys(gateway.namespace, DAG, runs[0].run_id)
+            oversized = [  # each also bad in another way (json, shape, version, schema, route): its size is seen first
                 (b"x" * big, "size"),
                 (json.dumps("y" * big).encode(), "size"),
                 (raw_envelope(2, {**event_dict(runs[0].run_id), "v": 3, "pad": "z" * big}), "size"),
@@ -417,10 +419,10 @@ async def test_oversized_messages_do_not_crash_or_stall_the_hub(gateway, chaos_s
             for message, reason in oversized:
                 # One at a time: five at once would overflow what Redis buffers for the hub (32 MiB).
                 count = dropped_count(gateway, reason)
-                await redis.publish(channel, message)
+                await on_channel(redis, channel, message)
                 await until(lambda: dropped_count(gateway, reason) > count, WAIT)
             resubscribes = hub.metrics.resubscribes._value.get()
-            await redis.publish(keys.run_keys(gateway.namespace, DAG, runs[1].run_id).channel, b"w" * (40 * MIB))
+            await on_channel(redis, keys.run_keys(gateway.namespace, DAG, runs[1].run_id), b"w" * (40 * MIB))
             for w in runs:
                 for event in w.events[1:]:
                     await publish(gateway, event)
@@ -465,30 +467,30 @@ async def test_duplicated_reordered_and_replayed_envelopes_change_nothing(gatewa
             await attached(gateway, http, runs)
             fault = time.monotonic()
             for w in runs:
-                channel = keys.run_keys(gateway.namespace, DAG, w.run_id).channel
+                channel = keys.run_keys(gateway.namespace, DAG, w.run_id)
                 first = await publish(gateway, w.events[0])
                 assert await publish(gateway, w.events[0]) == first  # a re-send keeps its seq (publish.lua)
                 sent_again = await publisher_http.post("/v1/events", content=w.events[0].to_json())
                 assert sent_again.status_code == 201 and sent_again.json()["seq"] == first
                 (logged,) = await logged_envelopes(redis, gateway.namespace, w.run_id)
                 for _ in range(3):
-                    await redis.publish(channel, logged)
+                    await on_channel(redis, channel, logged)
                     injected += 1
                 later = [await log_only(redis, gateway.namespace, event) for event in w.events[1:]]
                 for envelope in reversed(later):  # out of sequence order, each twice
-                    await redis.publish(channel, envelope)
-                    await redis.publish(channel, envelope)
+                    await on_channel(redis, channel, envelope)
+                    await on_channel(redis, channel, envelope)
                     injected += 1
-                await redis.publish(channel, logged)  # an old one, once more, at the end
+                await on_channel(redis, channel, logged)  # an old one, once more, at the end
                 injected += 1
             tally = await settle(runs)
             recovered = tally.last_answer - fault
             # Replays after the end: everything once more on pub/sub, and on the global stream.
             for w in runs:
-                channel = keys.run_keys(gateway.namespace, DAG, w.run_id).channel
+                channel = keys.run_keys(gateway.namespace, DAG, w.run_id)
                 for envelope in await logged_envelopes(redis, gateway.namespace, w.run_id):
-                    await redis.publish(channel, envelope)
-                    await redis.xadd(keys.global_stream(gateway.namespace), {"env": envelope})
+                    await on_channel(redis, channel, envelope)
+                    await redis.xadd(channel.stream, {"env": envelope})
                     injected += 1
             late = [Watched(w.run_id, w.kind, w.events) for w in runs]
             attach(http, late)  # after the end: all from the replay log
@@ -524,11 +526,15 @@ async def test_duplicated_reordered_and_replayed_envelopes_change_nothing(gatewa
 
 
 async def caught_up(redis: aioredis.Redis, namespace: str) -> bool:
-    """The recorder has read every entry of the global stream and acknowledged each."""
-    stream = keys.global_stream(namespace)
-    (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == keys.recorder_group().encode()]
-    last = await redis.xrevrange(stream, count=1)
-    return group["pending"] == 0 and (not last or group["last-delivered-id"] == last[0][0])
+    """The recorder has read every entry of every stream partition and acknowledged each."""
+    for stream in keys.partition_streams(namespace, keys.DEFAULT_PARTITIONS):
+        if not await redis.exists(stream):
+            continue
+        (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == keys.recorder_group().encode()]
+        last = await redis.xrevrange(stream, count=1)
+        if group["pending"] or (last and group["last-delivered-id"] != last[0][0]):
+            return False
+    return True
 
 
 async def test_events_for_runs_nobody_waits_on(gateway, chaos_summary):
@@ -551,9 +557,9 @@ async def test_events_for_runs_nobody_waits_on(gateway, chaos_summary):
             for i, stranger in enumerate(strangers):
                 await publish(gateway, run(stranger, "running"))
                 await publish(gateway, task(stranger, "t", "failed", critical=True))
-                channel = keys.run_keys(gateway.namespace, DAG, stranger).channel
+                channel = keys.run_keys(gateway.namespace, DAG, stranger)
                 for message, _ in run_channel_junk(stranger)[:6]:
-                    await redis.publish(channel, message)
+                    await on_channel(redis, channel, message)
                 flood += 2 + 6
                 if i % 10 == 0:  # the watched runs go on meanwhile
                     for events in unpublished:
