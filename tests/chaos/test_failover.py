@@ -28,6 +28,7 @@ from runbell.service.client.client import (
     SseEvent,
     SseParser,
 )
+from tests.engines import SERVED_BY
 
 DAG = "chaos_failover"
 RUNS = 6
@@ -104,12 +105,14 @@ class EventSource:
         self.events: list[SseEvent] = []
         self.reconnects = 0
         self.outcome_at: float | None = None
+        self.served_by: list[str | None] = []  # per connection, the backend a load balancer named (SERVED_BY)
 
     async def run(self) -> None:
         while True:
             headers = {"Last-Event-ID": self.last_id} if self.last_id is not None else {}
             try:
                 async with self.http.stream("GET", self.urls[self.current] + self.path, headers=headers) as response:
+                    self.served_by.append(response.headers.get(SERVED_BY))
                     if response.status_code == 204:
                         return
                     if response.status_code == 200 and await self._read(response):
