@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -28,7 +29,9 @@ from runbell.service.client.client import (
     SseEvent,
     SseParser,
 )
+from runbell.service.store.store import Store
 from tests.engines import SERVED_BY
+from tests.served import ServedGateway
 
 DAG = "chaos_failover"
 RUNS = 6
@@ -68,6 +71,7 @@ def closing(i: int) -> list[dict]:
 
 
 EXPECTED_SSE = [("run", 1), ("task", 2), ("task", 3), ("task", 4), ("task", 5), ("outcome", 5), ("run", 6), ("end", 6)]
+EXPECTED_SEQS = sorted({seq for _, seq in EXPECTED_SSE})  # a run's events, as the store keeps them
 
 
 def correct(i: int, outcome: dict) -> bool:
@@ -209,68 +213,94 @@ async def until(predicate, what: str, timeout: float = CALLERS_SETTLE_SECONDS) -
         await asyncio.sleep(0.05)
 
 
-async def publish(publisher: Publisher, i: int, event: dict) -> int:
-    seq = await asyncio.to_thread(emit, DAG, run_id(i), publisher=publisher, **event)
-    assert seq is not None, "Redis must take the event"
-    return seq
+# -- a scenario: the runs through faults ---------------------------------------------------------
 
 
-# -- the scenario ---------------------------------------------------------------------------------
+Fault = Callable[[Sequence[Caller]], None]  # given the callers; blocking (engines' process control): run in a thread
 
 
-async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgres_url, redis_url, namespace, tmp_path, chaos_summary):
-    gateways = [served_gateway(RUNBELL_DATABASE_URL=postgres_url) for _ in range(GATEWAYS)]
-    urls = [g.url for g in gateways]
-    victim = gateways[0]
-    publisher = Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path / "hook-spool"))
+@dataclass
+class Outcomes:
+    callers: list[Caller]
+    failures: list[str]  # exceptions the callers' tasks ended with
+    stored_seqs: dict[int, list[int]]  # run -> the seqs of its events in the store, in order
+    stored_outcomes: dict[int, str | None]
+    fault_at: float
+    base_urls: list[str]  # the gateway each site's library client talks to at the end
 
-    # Each caller lists the gateways starting with its own (as a client configured per site would).
-    clients = [AsyncRunbellClient(urls[g:] + urls[:g], timeout=5) for g in range(GATEWAYS)]
+    @property
+    def sse_callers(self) -> list[Caller]:
+        return [c for c in self.callers if c.kind != "waiter"]
+
+
+async def publish(publisher: Publisher, i: int, event: dict) -> None:
+    """Publishes, or spools (a Publisher still holding a connection to a dead master spools; its spool
+    goes out with a later publish or flush)."""
+    await asyncio.to_thread(emit, DAG, run_id(i), publisher=publisher, **event)
+
+
+async def runs_through(
+    runs: int,
+    sites: Sequence[Sequence[str]],
+    gateways: Sequence[ServedGateway],
+    publisher: Publisher,
+    database_url: str,
+    faults: Sequence[Fault],
+) -> Outcomes:
+    """Every run's three callers (a waiter, a follower, an EventSource) on each site (the gateway URLs a caller knows, in its order: one
+    gateway's first, or just the load balancer); once all are attached, each run's opening; once every
+    SSE client has it, the faults in turn, each followed by its share of every run's closing; then
+    waits for every caller and for the store to hold every event."""
+    clients = [AsyncRunbellClient(list(site), timeout=5) for site in sites]
     http = httpx.AsyncClient(timeout=httpx.Timeout(5, read=CALLERS_SETTLE_SECONDS))
+    store = Store(database_url)
     callers: list[Caller] = []
     try:
-        for g in range(GATEWAYS):
-            for i in range(RUNS):
-                waiter, follower = Caller("waiter", i, g), Caller("follower", i, g)
-                waiter.task = asyncio.create_task(wait(clients[g], waiter))
-                follower.task = asyncio.create_task(follow(clients[g], follower))
-                raw = Caller("eventsource", i, g)
-                raw.source = EventSource(http, urls[g:] + urls[:g], f"/v1/dags/{DAG}/runs/{run_id(i)}/events")
-                raw.task = asyncio.create_task(raw.source.run())
-                callers += [waiter, follower, raw]
-        per_gateway = 3 * RUNS
-        for gateway in gateways:
-            await until(lambda: holds(http, gateway.url, per_gateway), f"{per_gateway} callers on {gateway.url}")
+        for g, site in enumerate(sites):
+            for i in range(runs):
+                waiter, follower, raw = Caller("waiter", i, g), Caller("follower", i, g), Caller("eventsource", i, g)
+                raw.source = EventSource(http, list(site), f"/v1/dags/{DAG}/runs/{run_id(i)}/events")
+                starts = [(waiter, wait(clients[g], waiter)), (follower, follow(clients[g], follower)), (raw, raw.source.run())]
+                shift = (g * runs + i) % len(starts)  # each kind's first request in turn (a balancer places by order)
+                for caller, coroutine in starts[shift:] + starts[:shift]:
+                    caller.task = asyncio.create_task(coroutine)
+                    callers.append(caller)
 
-        for i in range(RUNS):
+        async def all_attached() -> bool:
+            return sum([await attached(http, g.url) for g in gateways]) == len(callers)
+
+        await until(all_attached, f"{len(callers)} callers attached")
+        for i in range(runs):
             for event in opening(i):
                 await publish(publisher, i, event)
         sse_callers = [c for c in callers if c.kind != "waiter"]
+        await until(lambda: all(any(e.id and e.id.endswith("-3") for e in c.seen()) for c in sse_callers), "every SSE client has seq 3")
 
-        async def all_saw_opening() -> bool:
-            return all(any(e.id and e.id.endswith("-3") for e in c.seen()) for c in sse_callers)
+        fault_at = time.monotonic()
+        share = -(-len(closing(0)) // len(faults))  # the closing events published after each fault
+        for k, fault in enumerate(faults):
+            await asyncio.to_thread(fault, callers)
+            for i in range(runs):
+                for event in closing(i)[k * share : (k + 1) * share]:
+                    await publish(publisher, i, event)
+        await until(lambda: publisher.flush() >= 0 and not publisher.spool.pending(), "the hook's spool sent")
 
-        await until(all_saw_opening, "every SSE client has seq 3")
-
-        victim.stop(signal.SIGKILL)
-        killed_at = time.monotonic()
-        for i in range(RUNS):  # keep publishing while the victim's callers reconnect; then the outcomes
-            for event in closing(i):
-                await publish(publisher, i, event)
-
-        done, pending = await asyncio.wait([c.task for c in callers], timeout=CALLERS_SETTLE_SECONDS)
-        for task in pending:
-            task.cancel()
+        done, pending = await asyncio.wait([c.task for c in callers if c.task is not None], timeout=CALLERS_SETTLE_SECONDS)
         failures = [repr(t.exception()) for t in done if t.exception() is not None]
 
-        # The store (PostgreSQL, written by the survivors' recorders) has every run's outcome too.
-        async def stored_outcomes() -> bool:
-            rows = [(await http.get(f"{urls[1]}/v1/dags/{DAG}/runs/{run_id(i)}")) for i in range(RUNS)]
-            return all(r.status_code == 200 and r.json()["state"] in ("success", "failed") for r in rows)
+        await store.start()
+        stored: dict[int, list[int]] = {}
 
-        await until(stored_outcomes, "the store has every run's end")
-        stored = {i: (await http.get(f"{urls[1]}/v1/dags/{DAG}/runs/{run_id(i)}")).json() for i in range(RUNS)}
-        moved_on = [c.base_url for c in clients]
+        async def all_stored() -> bool:
+            for i in range(runs):
+                stored[i] = [envelope.seq for envelope in await store.events(DAG, run_id(i))]
+            return all(len(seqs) >= len(EXPECTED_SEQS) for seqs in stored.values())
+
+        with contextlib.suppress(AssertionError):  # what is missing, report_and_check counts and reports
+            await until(all_stored, "the store has every run's events")
+        rows = {i: await store.get_run(DAG, run_id(i)) for i in range(runs)}
+        stored_outcomes = {i: row.outcome_status if row else None for i, row in rows.items()}
+        return Outcomes(callers, failures, stored, stored_outcomes, fault_at, [client.base_url for client in clients])
     finally:
         for caller in callers:
             if caller.task is not None and not caller.task.done():
@@ -279,39 +309,66 @@ async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgre
         for client in clients:
             await client.aclose()
         await http.aclose()
+        await store.close()
 
+
+def report_and_check(outcomes: Outcomes, chaos_summary, **extra: object) -> None:
+    """Records the summary line, then asserts nothing lost, nothing repeated, every outcome right."""
+    callers, sse_callers = outcomes.callers, outcomes.sse_callers
     answers = [(c, c.answer()) for c in callers]
     delivered = [c for c, answer in answers if answer is not None]
-    wrong = [(c.kind, c.run, answer) for c, answer in answers if answer is not None and not correct(c.run, answer)]
     sse_missing = sum(c.sse_counts()[0] for c in sse_callers)
     duplicated = sum(c.sse_counts()[1] for c in sse_callers)
     answered_at = [c.source.outcome_at if c.source is not None else c.outcome_at for c in callers]
+    stored_missing = sum(len(set(EXPECTED_SEQS) - set(seqs)) for seqs in outcomes.stored_seqs.values())
     chaos_summary(
-        runs=RUNS,
+        runs=len(outcomes.stored_seqs),
         outcomes_delivered=len(delivered),
         lost=len(callers) - len(delivered) + sse_missing,
         duplicated=duplicated,
-        recover_seconds=max(at for at in answered_at if at is not None) - killed_at if delivered else None,
+        recover_seconds=max(at for at in answered_at if at is not None) - outcomes.fault_at if delivered else None,
         extra={
-            "gateways": GATEWAYS,
             "callers": len(callers),
-            "on_killed": 3 * RUNS,
             "eventsource_reconnects": sum(c.source.reconnects for c in callers if c.source is not None),
+            "stored_events_missing": stored_missing,
+            **extra,
         },
     )
-
-    assert not failures, failures
+    assert not outcomes.failures, outcomes.failures
     assert len(delivered) == len(callers), [(c.kind, c.run, c.first_gateway) for c, a in answers if a is None]
+    wrong = [(c.kind, c.run, answer) for c, answer in answers if answer is not None and not correct(c.run, answer)]
     assert not wrong, wrong
     for caller in sse_callers:  # each event once, in sequence order, no gaps; the outcome once, then the end
-        assert [(e.event, parse_position(e.id).seq) for e in caller.seen() if e.id is not None] == EXPECTED_SSE, (
-            caller.kind,
-            caller.run,
-            caller.first_gateway,
-            caller.seen(),
-        )
+        seen = [(e.event, e.id) for e in caller.seen() if e.id is not None]
+        assert [(event, int(event_id.rpartition("-")[2])) for event, event_id in seen] == EXPECTED_SSE, (caller.kind, caller.run, seen)
+    for i, seqs in outcomes.stored_seqs.items():
+        assert seqs == EXPECTED_SEQS, (i, seqs)
+        assert outcomes.stored_outcomes[i] == ("success" if succeeds(i) else "failed"), i
+
+
+def hook_publisher(redis_url: str, namespace: str, tmp_path) -> Publisher:
+    return Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path / "hook-spool", timeout_seconds=5))
+
+
+def each_first(urls: Sequence[str]) -> list[list[str]]:
+    """One site per gateway: its URL first, then the others (a client configured per site)."""
+    return [[*urls[g:], *urls[:g]] for g in range(len(urls))]
+
+
+# -- the scenario ---------------------------------------------------------------------------------
+
+
+async def test_gateway_killed_callers_move_to_a_survivor(served_gateway, postgres_url, redis_url, namespace, tmp_path, chaos_summary):
+    gateways = served_gateway.many(GATEWAYS, RUNBELL_DATABASE_URL=postgres_url)
+    urls = [g.url for g in gateways]
+    victim = gateways[0]
+
+    def kill_victim(_: Sequence[Caller]) -> None:
+        victim.stop(signal.SIGKILL)
+
+    publisher = hook_publisher(redis_url, namespace, tmp_path)
+    outcomes = await runs_through(RUNS, each_first(urls), gateways, publisher, postgres_url, [kill_victim])
+    report_and_check(outcomes, chaos_summary, gateways=GATEWAYS, on_killed=3 * RUNS)
     # The victim's callers really moved: the library clients now talk to a survivor, the raw ones reconnected.
-    assert moved_on[0] != victim.url and moved_on[1:] == urls[1:]
-    assert all(c.source.reconnects >= 1 for c in sse_callers if c.source is not None and c.first_gateway == 0)
-    for i, row in stored.items():
-        assert row["outcome"] == ("success" if succeeds(i) else "failed"), row
+    assert outcomes.base_urls[0] != victim.url and outcomes.base_urls[1:] == urls[1:]
+    assert all(c.source.reconnects >= 1 for c in outcomes.sse_callers if c.source is not None and c.first_gateway == 0)
