@@ -227,16 +227,17 @@ class Outcomes:
     stored_outcomes: dict[int, str | None]
     fault_at: float
     base_urls: list[str]  # the gateway each site's library client talks to at the end
+    spooled: int  # closing events the hook spooled (sent later from its spool)
 
     @property
     def sse_callers(self) -> list[Caller]:
         return [c for c in self.callers if c.kind != "waiter"]
 
 
-async def publish(publisher: Publisher, i: int, event: dict) -> None:
+async def publish(publisher: Publisher, i: int, event: dict) -> bool:
     """Publishes, or spools (a Publisher still holding a connection to a dead master spools; its spool
-    goes out with a later publish or flush)."""
-    await asyncio.to_thread(emit, DAG, run_id(i), publisher=publisher, **event)
+    goes out with a later publish or flush): False when spooled."""
+    return await asyncio.to_thread(emit, DAG, run_id(i), publisher=publisher, **event) is not None
 
 
 async def runs_through(
@@ -272,17 +273,17 @@ async def runs_through(
         await until(all_attached, f"{len(callers)} callers attached")
         for i in range(runs):
             for event in opening(i):
-                await publish(publisher, i, event)
+                assert await publish(publisher, i, event), "Redis must take the opening (nothing has failed yet)"
         sse_callers = [c for c in callers if c.kind != "waiter"]
         await until(lambda: all(any(e.id and e.id.endswith("-3") for e in c.seen()) for c in sse_callers), "every SSE client has seq 3")
 
-        fault_at = time.monotonic()
+        fault_at, spooled = time.monotonic(), 0
         share = -(-len(closing(0)) // len(faults))  # the closing events published after each fault
         for k, fault in enumerate(faults):
             await asyncio.to_thread(fault, callers)
             for i in range(runs):
                 for event in closing(i)[k * share : (k + 1) * share]:
-                    await publish(publisher, i, event)
+                    spooled += not await publish(publisher, i, event)
         await until(lambda: publisher.flush() >= 0 and not publisher.spool.pending(), "the hook's spool sent")
 
         done, pending = await asyncio.wait([c.task for c in callers if c.task is not None], timeout=CALLERS_SETTLE_SECONDS)
@@ -300,7 +301,7 @@ async def runs_through(
             await until(all_stored, "the store has every run's events")
         rows = {i: await store.get_run(DAG, run_id(i)) for i in range(runs)}
         stored_outcomes = {i: row.outcome_status if row else None for i, row in rows.items()}
-        return Outcomes(callers, failures, stored, stored_outcomes, fault_at, [client.base_url for client in clients])
+        return Outcomes(callers, failures, stored, stored_outcomes, fault_at, [client.base_url for client in clients], spooled)
     finally:
         for caller in callers:
             if caller.task is not None and not caller.task.done():
@@ -331,6 +332,7 @@ def report_and_check(outcomes: Outcomes, chaos_summary, **extra: object) -> None
             "callers": len(callers),
             "eventsource_reconnects": sum(c.source.reconnects for c in callers if c.source is not None),
             "stored_events_missing": stored_missing,
+            "hook_spooled": outcomes.spooled,
             **extra,
         },
     )

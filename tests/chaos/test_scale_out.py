@@ -87,15 +87,24 @@ async def test_rolling_restart_of_every_gateway_loses_nothing(
     gateways = served_gateway.many(GATEWAYS, RUNBELL_DATABASE_URL=postgres_url)
     lb: LoadBalancer = load_balancer([g.address for g in gateways], health_path="/readyz")
 
-    def restart(gateway: ServedGateway) -> Fault:
+    exits: list[int] = []
+
+    def step(starting: ServedGateway | None, stopping: ServedGateway | None) -> Fault:
+        """Starts the gateway stopped by the step before (ready, and back in the load balancer), then
+        SIGTERMs the next one: the closing event published after the step finds it gone."""
+
         def fault(_: Sequence[Caller]) -> None:
-            gateway.restart(signal.SIGTERM)  # returns once it is ready again
-            wait_until(lambda: lb.stats()[gateway.address].status == "UP", f"{gateway.address} back in the load balancer")
+            if starting is not None:
+                starting.start()
+                wait_until(lambda: lb.stats()[starting.address].status == "UP", f"{starting.address} back in the load balancer")
+            if stopping is not None:
+                exits.append(stopping.stop(signal.SIGTERM))  # returns once it has drained and exited
 
         return fault
 
-    outcomes = await runs_through(
-        RUNS, [[lb.url]] * GATEWAYS, gateways, hook_publisher(redis_url, namespace, tmp_path), postgres_url, [restart(g) for g in gateways]
-    )
+    steps = [step(before, gateway) for before, gateway in zip([None, *gateways], gateways, strict=False)] + [step(gateways[-1], None)]
+    publisher = hook_publisher(redis_url, namespace, tmp_path)
+    outcomes = await runs_through(RUNS, [[lb.url]] * GATEWAYS, gateways, publisher, postgres_url, steps)
     report_and_check(outcomes, chaos_summary, gateways=GATEWAYS, restarts=sum(g.starts - 1 for g in gateways))
     assert all(g.starts == 2 for g in gateways)
+    assert all(code in (0, -signal.SIGTERM) for code in exits), exits  # uvicorn re-raises the signal once shut down
