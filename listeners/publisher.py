@@ -51,6 +51,7 @@ from runbell.listeners.spool import adopt_legacy, has_legacy, namespace_spool, r
 log = logging.getLogger("runbell.publisher")
 
 PUBLISH_LUA = resources.files("runbell.bus").joinpath("publish.lua").read_text(encoding="utf-8")
+PARTITIONS_CHECK_SECONDS = 60.0  # a long-lived process asks for the stored partition count again this often
 BREAKER_SECONDS = 2.0  # after a failure, spool straight away for this long instead of reconnecting
 FLUSH_BUDGET_SECONDS = 0.5  # how long one publish may spend sending spooled events
 FLUSH_BATCH = 200
@@ -75,6 +76,7 @@ class Publisher:
         self._client = client
         self._sha: str | None = None
         self._partition_count: int | None = None
+        self._partitions_checked_at = 0.0  # monotonic time of the last SET NX GET of the count
         self._broken_until = 0.0
         self._lock = threading.Lock()
         self._logged: set[str] = set()
@@ -186,10 +188,17 @@ class Publisher:
         return [int(reply[0]) for reply in replies]
 
     def _partitions(self, client: redis.Redis) -> int:
-        """The namespace's partition count: stored in Redis by the first hook or gateway (it wins)."""
-        if self._partition_count is None:
-            stored = client.set(keys.partitions_key(self.config.namespace), self.config.stream_partitions, nx=True, get=True)
-            self._partition_count = agreed_partitions(stored, self.config.stream_partitions, log)
+        """The namespace's partition count: stored in Redis by the first hook or gateway (it wins).
+        Asked again every PARTITIONS_CHECK_SECONDS, with the count in use: a key lost with Redis's
+        data (a restart without persistence, a flush) is stored again, and a count stored meanwhile
+        (by a gateway that kept its own) is followed, so this process does not publish for ever
+        where no gateway reads."""
+        now = time.monotonic()
+        if self._partition_count is None or now - self._partitions_checked_at >= PARTITIONS_CHECK_SECONDS:
+            in_use = self._partition_count or self.config.stream_partitions
+            stored = client.set(keys.partitions_key(self.config.namespace), in_use, nx=True, get=True)
+            self._partition_count = agreed_partitions(stored, in_use, log)
+            self._partitions_checked_at = now
         return self._partition_count
 
     def _flush_spool(self) -> tuple[int, bool]:

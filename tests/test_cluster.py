@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -201,3 +202,40 @@ async def test_the_slot_of_a_live_run_migrates_and_no_outcome_is_lost(own_cluste
     )  # subscribed where it lives now
     for run_id in run_ids:
         await until_recorded(gateway.app.state.store, run_id, 3)
+
+
+async def test_the_acl_users_publish_and_deliver_on_a_cluster(redis_cluster, gateway_factory, namespace, tmp_path):
+    """deploy/redis/users.acl, rendered as the README says and loaded on every node: the hook's user
+    publishes and the gateway's delivers through redis+cluster:// (a cluster client's start-up
+    commands are granted too), and no node refuses anything."""
+    from tests.test_redis_acl import GATEWAY_PASSWORD, HOOK_PASSWORD, render_acl
+
+    rules = [line.split()[1:] for line in render_acl(namespace, tmp_path / "users.acl").splitlines() if line.startswith("user runbell-")]
+    for server in redis_cluster.servers:
+        with server.client() as node:
+            node.execute_command("ACL", "LOG", "RESET")
+            for rule in rules:
+                node.execute_command("ACL", "SETUSER", *rule)
+    seeds = ",".join(server.address for server in redis_cluster.servers[:2])
+
+    def url(user: str, password: str) -> str:
+        return f"redis+cluster://{quote(user, safe='')}:{quote(password, safe='')}@{seeds}"
+
+    hook = Publisher(
+        PublisherConfig(redis_url=url("runbell-hook", HOOK_PASSWORD), namespace=namespace, spool_dir=tmp_path / "spool", timeout_seconds=5)
+    )
+    gateway = await gateway_factory(redis_url=url("runbell-gateway", GATEWAY_PASSWORD))
+    run_id = runs_on_every_master(redis_cluster, namespace, per_master=1)[0]
+    await until(gateway.app.state.hub.connected.is_set, timeout=WAIT)
+    async with gateway.client() as http:
+        poll = asyncio.create_task(http.get(result_path(run_id), params={"timeout": 55}))
+        await until(lambda: gateway.app.state.hub.count >= 1, timeout=WAIT)
+        assert await asyncio.to_thread(emit, DAG, run_id, "running", publisher=hook) == 1  # published, not spooled
+        await asyncio.to_thread(emit, DAG, run_id, "success", task_id="answer", result_task=True, result=run_id, publisher=hook)
+        await asyncio.to_thread(emit, DAG, run_id, "success", publisher=hook)
+        answer = await asyncio.wait_for(poll, WAIT)
+    assert (answer.status_code, answer.json()["result"]) == (200, run_id)
+    await until_recorded(gateway.app.state.store, run_id, 3)
+    for server in redis_cluster.servers:
+        with server.client() as node:
+            assert node.execute_command("ACL", "LOG") == []

@@ -498,3 +498,35 @@ async def test_a_gateway_configured_with_another_partition_count_takes_the_store
             assert (await waiter).json()["status"] == "success"
     finally:
         await client.aclose()
+
+
+async def test_a_gateway_started_while_redis_is_down_takes_the_stored_partition_count_once_it_answers(gateway_factory, namespace, tmp_path):
+    """Redis down at start: the gateway assumes its configured count, and checks it once Redis answers.
+    Hooks stored another count meanwhile (4): the gateway subscribes, replays and records by the stored one."""
+    from runbell.listeners.config import PublisherConfig
+    from runbell.listeners.publisher import Publisher
+    from tests.engines import RedisServer
+
+    server = RedisServer(tmp_path / "redis")  # append-only: what was stored before the outage is back after
+    server.start()
+    try:
+        with server.client() as client:
+            client.set(keys.partitions_key(namespace), 4)
+        server.stop()
+        url = f"redis://{server.address}/0"
+        gateway = await gateway_factory(redis_url=url)  # configured with the default 16
+        assert gateway.app.state.partitions == keys.DEFAULT_PARTITIONS
+        server.start()
+        await until(lambda: gateway.app.state.hub.connected.is_set(), timeout=30)
+        await until(lambda: gateway.app.state.hub.channels == keys.live_channels(namespace, 4), timeout=30)
+        publisher = Publisher(PublisherConfig(redis_url=url, namespace=namespace, spool_dir=tmp_path / "spool"))  # takes the stored 4
+        async with gateway.client() as http:
+            waiter = asyncio.create_task(http.get(result_path("late"), params={"timeout": 20}))
+            await until(waiting(gateway))
+            await asyncio.to_thread(emit, DAG, "late", "success", publisher=publisher)
+            assert (await waiter).json()["status"] == "success"
+        async with asyncio.timeout(30):  # the recorder reads the stored count's partitions
+            while await gateway.app.state.store.get_run(DAG, "late") is None:
+                await asyncio.sleep(0.05)
+    finally:
+        server.ensure_stopped()

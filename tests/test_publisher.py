@@ -189,3 +189,21 @@ def test_a_bad_url_is_said_once_without_its_password_and_the_events_are_kept(tmp
     assert len(publisher.spool.pending()) == 2 and publisher.lost == 0
     (said,) = [r.getMessage() for r in caplog.records if "RUNBELL_REDIS_URL" in r.getMessage()]
     assert "accepted: redis://" in said and "redis+cluster://" in said and "hunter2" not in said
+
+
+def test_the_partition_count_is_asked_again_so_a_lost_one_is_stored_again_and_a_stored_one_followed(
+    client, redis_url, namespace, tmp_path, monkeypatch
+) -> None:
+    """A long-lived hook process (Airflow's scheduler, triggerer) outlives the key: Redis restarted
+    empty or was flushed. It stores the count in use again, and follows the one stored meanwhile."""
+    from runbell.listeners import publisher as publisher_module
+
+    publisher = Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=tmp_path, timeout_seconds=5))
+    assert publisher.publish(run_event("a")) == 1
+    client.delete(keys.partitions_key(namespace))  # lost with Redis's data
+    monkeypatch.setattr(publisher_module, "PARTITIONS_CHECK_SECONDS", 0.0)
+    assert publisher.publish(run_event("b")) == 1
+    assert client.get(keys.partitions_key(namespace)) == str(keys.DEFAULT_PARTITIONS).encode()  # stored again
+    client.set(keys.partitions_key(namespace), 4)  # e.g. stored by a gateway before this hook asked again
+    assert publisher.publish(run_event("c")) == 1
+    assert client.xlen(keys.run_keys(namespace, DAG, "c", 4).log) == 1  # the stored count followed

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import event as sa_event
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
@@ -62,6 +63,7 @@ from runbell.service.webhooks.target_guard import TargetPolicy
 
 log = logging.getLogger("runbell.app")
 
+PARTITIONS_CHECK_SECONDS = 30.0  # how often the gateway asks for the stored partition count again
 REDIS_COMMAND_CONNECTIONS = 16  # loopback commands take ~0.1 ms: 16 in flight is far beyond one core's need
 
 RUN = "/v1/dags/{dag_id}/runs/{run_id}"
@@ -156,13 +158,34 @@ async def airflow_error_handler(request, exc: Exception):
 
 async def agree_partitions(client: aioredis.Redis, namespace: str, configured: int) -> int:
     """The namespace's stream partition count: the one stored in Redis, else ours, stored now. When
-    Redis does not answer at start-up, ours (logged): the gateway starts and waits for Redis as before."""
+    Redis does not answer at start-up, ours (logged): the gateway starts and waits for Redis as before,
+    and ``partition_keeper`` takes the stored count once Redis answers."""
     try:
         stored = await client.set(keys.partitions_key(namespace), configured, nx=True, get=True)
     except (RedisError, OSError) as exc:
         log.warning("Redis unreachable at start (%s): assuming %d stream partitions, as configured", type(exc).__name__, configured)
         return configured
     return agreed_partitions(stored, configured, log)
+
+
+def partition_keeper(state: State, namespace: str) -> Supervised:
+    """Asks for the stored partition count again, at once and then every PARTITIONS_CHECK_SECONDS
+    (SET NX GET: a count lost with Redis's data is stored again, the one in use). The stored count
+    wins, as at start: when it is not the one in use (Redis did not answer at start-up), the topics,
+    the hub's subscriptions and the recorder move to it, so nothing is read where nobody publishes."""
+
+    async def check() -> None:
+        stored = await state.redis.set(keys.partitions_key(namespace), state.partitions, nx=True, get=True)
+        count = agreed_partitions(stored, state.partitions, log)
+        if count != state.partitions:
+            state.partitions = count
+            for topic in (state.runs, state.assets):
+                topic.repartition(count)
+            if state.recorder is not None:
+                state.recorder.repartition(count)
+            await state.hub.resubscribe()
+
+    return Supervised("runbell-partitions", check, pause=PARTITIONS_CHECK_SECONDS, logger=log, expected=(RedisError, OSError))
 
 
 def spool_flusher(publisher: Publisher, every: float) -> Supervised:
@@ -219,16 +242,18 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.airflow = airflow_client(settings)
     state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
     loops = [
-        spool_flusher(state.publisher, settings.spool_flush_interval)
+        spool_flusher(state.publisher, settings.spool_flush_interval),
+        partition_keeper(state, settings.namespace),
     ]  # besides the hub's listener, each started and stopped the same way
     if state.airflow is not None:
         loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
+    state.recorder = None
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
         dead_letters = DeadLetters(
             state.store, state.metrics, raw_max_bytes=settings.dead_letter_raw_max_bytes, max_rows=settings.dead_letters_max
         )
-        recorder = Recorder(
+        state.recorder = recorder = Recorder(
             recorder_client,
             state.store,
             settings.namespace,

@@ -336,7 +336,18 @@ class Hub:
     def register(self, topic: Topic[Any, Any]) -> None:
         """Carry one more kind of stream; its channels are subscribed at the next (re)connection."""
         self.topics[topic.kind] = topic
-        self.channels.extend(c for c in topic.channels if c not in self.channels)
+        self.channels = self._topic_channels()
+
+    def _topic_channels(self) -> list[str]:
+        return list(dict.fromkeys(c for topic in self.topics.values() for c in topic.channels))  # each once
+
+    async def resubscribe(self) -> None:
+        """The topics' channels changed (another partition count): the listener starts over on them,
+        and every subscriber re-reads its log once they are confirmed."""
+        self.channels = self._topic_channels()
+        await self.listener.stop()
+        if not self.draining:
+            self.listener.start()
 
     # -- lifecycle ------------------------------------------------------------------------------
 

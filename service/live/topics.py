@@ -97,6 +97,10 @@ class RunTopic(Topic[RunKey, Envelope]):
         self.missing: dict[str, float] = {}  # route -> until when Airflow's "no such run" holds
         self.first_epochs: dict[RunKey, str] = {}  # runs whose Redis epoch the store has nothing before
 
+    def repartition(self, count: int) -> None:
+        """Another partition count (the one stored in Redis): keys and channels by it from now on."""
+        self.partitions, self.channels = count, keys.live_channels(self.namespace, count)
+
     def subscribe(self, dag_id: str, run_id: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[RunKey, Envelope]]:
         return self.hub.subscribe(self, (dag_id, run_id), after)
 
@@ -186,6 +190,10 @@ class AssetTopic(Topic[str, AssetEnvelope]):
         super().__init__(hub, "asset", keys.live_channels(namespace, partitions))
         self.client, self.namespace, self.partitions = client, namespace, partitions
         self.max_event_bytes = max_event_bytes
+
+    def repartition(self, count: int) -> None:
+        """Another partition count (the one stored in Redis): keys and channels by it from now on."""
+        self.partitions, self.channels = count, keys.live_channels(self.namespace, count)
 
     def subscribe(self, name: str, after: Position = START) -> AbstractAsyncContextManager[Subscription[str, AssetEnvelope]]:
         return self.hub.subscribe(self, name, after)

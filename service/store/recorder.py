@@ -110,6 +110,13 @@ class Recorder:
             expected=(RedisError, SQLAlchemyError, OSError),
         )
 
+    def repartition(self, count: int) -> None:
+        """Another partition count (the one stored in Redis): read its streams from the next step
+        (their groups made, this consumer's pending entries read first, dead consumers' claimed)."""
+        self.partitions, self.streams = count, keys.partition_streams(self.namespace, count)
+        self._group_ready = self._own_pending_done = False
+        self._claim_cursors, self._next_claim = {}, 0.0
+
     async def run(self) -> None:
         """Record until cancelled. Outages of Redis or the database are logged and waited out."""
         await self.loop.run()
