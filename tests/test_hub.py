@@ -364,8 +364,16 @@ async def test_a_crowd_arriving_while_a_log_read_is_in_flight_shares_it(make_hub
     """Waiters on one run come one request at a time, each reading the log as soon as it registers:
     while nothing went by live on the run since a read started, they all join that read."""
     parts = await make_hub()
-    for i in range(3):
-        await parts.emit("crowd", task_id=f"t{i}", try_number=1)
+    async with parts.runs.subscribe(DAG, "crowd") as witness:
+        for i in range(3):
+            await parts.emit("crowd", task_id=f"t{i}", try_number=1)
+        # Every event has gone by live before the crowd comes (a message still on its way when a
+        # read has started rightly makes the next waiter read again: it may hold what the read missed).
+        await until(lambda: len(witness.queue) == 3)
+        await _crowd_shares_one_read(parts, monkeypatch)
+
+
+async def _crowd_shares_one_read(parts, monkeypatch) -> None:
     gate, real_xrange, calls = asyncio.Event(), parts.client.xrange, []
 
     async def gated_xrange(*args, **kwargs):
