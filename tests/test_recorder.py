@@ -325,3 +325,46 @@ async def test_the_stream_of_hooks_before_partitions_is_drained_too(client, stor
     await asyncio.wait_for(steps_until(rec, 1), WAIT)
     assert [e.seq for e in await store.events(DAG, "old-hook")] == [1]
     assert (await client.xpending(keys.global_stream(namespace), keys.recorder_group()))["pending"] == 0
+
+
+async def test_the_absent_stream_of_hooks_before_partitions_is_not_asked_for_a_group_every_poll(client, store, namespace, monkeypatch):
+    """An idle recorder's polls only ask whether the global stream exists; its group is made once it does."""
+    legacy = keys.global_stream(namespace)
+    made: Counter[str] = Counter()
+    xgroup_create = client.xgroup_create
+
+    async def counting(name, *args, **kwargs):
+        made[name] += 1
+        return await xgroup_create(name, *args, **kwargs)
+
+    monkeypatch.setattr(client, "xgroup_create", counting)
+    rec = recorder(client, store, namespace, block_ms=1)
+    for _ in range(20):
+        assert await rec.step() == 0
+    assert made[legacy] == 1  # at the start only
+    event = Event(kind=EventKind.RUN, dag_id=DAG, run_id="old-hook", state="success")
+    await client.xadd(legacy, {"env": envelope_json(1, event.to_json())})
+    await asyncio.wait_for(steps_until(rec, 1), WAIT)
+    for _ in range(5):
+        assert await rec.step() == 0
+    assert made[legacy] == 2  # once more, when it was seen to exist
+
+
+async def test_an_idle_recorder_polls_less_often_until_an_entry_comes(client, store, publisher, namespace, monkeypatch):
+    pauses: list[float] = []
+    sleep = asyncio.sleep
+
+    async def noted(seconds: float) -> None:
+        pauses.append(seconds)
+        await sleep(0)
+
+    rec = recorder(client, store, namespace, block_ms=1000)
+    monkeypatch.setattr("runbell.service.store.recorder.asyncio.sleep", noted)
+    for _ in range(5):
+        assert await rec.step() == 0
+    assert pauses == [0.1, 0.2, 0.4, 0.5, 0.5]
+    count = publish_run(publisher, "r1")
+    await asyncio.wait_for(steps_until(rec, count), WAIT)
+    pauses.clear()
+    assert await rec.step() == 0
+    assert pauses == [0.1]  # busy again: the next empty poll pauses the shortest time

@@ -8,9 +8,11 @@ XAUTOCLAIM, per partition).
 
 Each partition's stream sits in its own slot (on a cluster, on its own master), and a blocking
 XREADGROUP over several streams must stay in one slot there, so the recorder asks every partition
-without blocking, in one pipeline (one round trip per master), and pauses ``block_ms`` (at most
-IDLE_POLL_SECONDS) when none had anything. The stream of every run event before partitions,
-``keys.global_stream``, is read the same way while it exists (events of hooks not yet upgraded).
+without blocking, in one pipeline (one round trip per master), and pauses when none had anything:
+IDLE_POLL_SECONDS, doubling with each empty poll up to IDLE_POLL_MAX_SECONDS (never beyond
+``block_ms``), back to the first after any entry. The stream of every run event before partitions,
+``keys.global_stream``, is read the same way while it exists (events of hooks not yet upgraded); until
+then the poll only asks whether it exists (its group is made once it does).
 
 The streams are capped, so they can miss events: when an envelope's seq jumps past what the store
 has for its run (in its epoch; from 1 in an epoch newer than the store's), the missing range is read
@@ -44,7 +46,12 @@ from runbell.service.store.store import RunKey, Store
 log = logging.getLogger("runbell.recorder")
 
 BLOCK_MS = 1000
-IDLE_POLL_SECONDS = 0.1  # the most an idle recorder waits before asking every partition again
+IDLE_POLL_SECONDS = 0.1  # the first pause after a poll that found nothing
+# The longest pause of an idle recorder (each pause doubles from IDLE_POLL_SECONDS). The trade-off: an
+# idle gateway polls every partition 2 times a second instead of 10, but the first event after an idle
+# spell may wait up to this long to be stored (and its webhooks to start). Waiters and SSE clients are
+# not delayed: live delivery is pub/sub, not this loop.
+IDLE_POLL_MAX_SECONDS = 0.5
 COUNT = 200  # entries per partition per read
 CLAIM_IDLE_MS = 60_000  # an entry unacknowledged this long belongs to a dead consumer
 CLAIM_INTERVAL_SECONDS = 30.0
@@ -101,6 +108,7 @@ class Recorder:
         self._own_pending_done = False  # re-read after start and after every failed step
         self._claim_cursors: dict[str, str] = {}  # stream -> XAUTOCLAIM cursor of the pass under way
         self._next_claim = 0.0  # monotonic time; 0: claim on the first step
+        self._idle_pause = IDLE_POLL_SECONDS  # the next pause after an empty poll
         # step is looked up at each run, not bound here: tests replace it on the instance.
         self.loop = Supervised(
             "runbell-recorder",
@@ -141,7 +149,8 @@ class Recorder:
             for stream, entries in await self._read_new():
                 handled += await self._handle(stream, entries)
             if not handled:
-                await asyncio.sleep(min(self.block_ms / 1000, IDLE_POLL_SECONDS))
+                await asyncio.sleep(min(self.block_ms / 1000, self._idle_pause))
+                self._idle_pause = min(2 * self._idle_pause, IDLE_POLL_MAX_SECONDS)
             return handled
         except BaseException:
             # Entries read but not acknowledged wait in our pending list; the group may be gone.
@@ -185,19 +194,24 @@ class Recorder:
 
     async def _read_new(self) -> list[tuple[str, list[Entry]]]:
         """New entries of every stream, without blocking: one pipeline (a round trip per master).
-        The pre-partition stream is asked too: NOGROUP there means it has no group yet, or does
-        not exist (then it costs nothing more)."""
-        streams = [*self.streams, self.legacy_stream]
+        The pre-partition stream is read once it has our group; until then the pipeline only asks
+        whether it exists, and its group is made when it does (not tried on every poll). NOGROUP
+        there means it is gone (or its group deleted): looked at again the same way."""
+        streams = self._reading()
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=self.count)
+            if not self._legacy_ready:
+                pipe.exists(self.legacy_stream)
             replies = await pipe.execute(raise_on_error=False)
+        if not self._legacy_ready and replies.pop() == 1:
+            await self._ensure_legacy_group()
         found = []
         for stream, reply in zip(streams, replies):
             if isinstance(reply, Exception):
                 if stream != self.legacy_stream or "NOGROUP" not in str(reply):
                     raise reply
-                await self._ensure_legacy_group()
+                self._legacy_ready = False
             elif entries := _stream_entries(reply):
                 found.append((stream, entries))
         return found
@@ -236,6 +250,7 @@ class Recorder:
         await self.dead_letters.reject([entry for entry in decoded if isinstance(entry, Rejected)])  # as well
         if entries:
             await self.redis.xack(stream, self.group, *(entry_id for entry_id, _ in entries))
+            self._idle_pause = IDLE_POLL_SECONDS  # busy: poll again soon after the next empty one
         return len(entries)
 
     def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | Rejected | None:
