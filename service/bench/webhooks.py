@@ -23,6 +23,7 @@ class FastReceiver:
     def __init__(self) -> None:
         self.arrivals: dict[str, float] = {}  # run_id -> perf_counter at its first webhook
         self.hits: list[dict[str, str]] = []  # webhook-id and run_id of every request, in order
+        self.answered: list[dict[str, str]] = []  # those answered 204 (not held): the deliveries made
         self.hold = asyncio.Event()
         self.changed = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
@@ -45,13 +46,15 @@ class FastReceiver:
                     headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 run_id = json.loads(body)["data"]["run_id"]
-                self.hits.append({"id": headers.get("webhook-id", ""), "run_id": run_id})
+                hit = {"id": headers.get("webhook-id", ""), "run_id": run_id}
+                self.hits.append(hit)
                 self.arrivals.setdefault(run_id, time.perf_counter())
                 self.changed.set()
                 if self.hold.is_set():
                     await asyncio.sleep(3600)
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
                 await writer.drain()
+                self.answered.append(hit)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:

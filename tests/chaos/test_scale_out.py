@@ -6,7 +6,10 @@ every run, through a fault in the middle of the runs:
   Publisher on the same redis+sentinel:// URL (the hook spools what it publishes meanwhile);
 - behind HAProxy (round robin, no stickiness) one gateway is killed -9;
 - behind HAProxy every gateway is restarted in turn (SIGTERM, ready again, the next), each closing
-  event published while one of them is down.
+  event published while one of them is down;
+- behind HAProxy with a webhook subscription, one gateway is killed -9 while it holds leases on outcome
+  messages (the receiver holding every request): a survivor delivers them once the lease runs out, and
+  the receiver is answered each message exactly once.
 
 Each run publishes its first half (tests/chaos/test_failover.py's opening), the fault strikes, then the
 rest (its closing). Every caller must get its run's outcome, every SSE client every event exactly once
@@ -16,16 +19,23 @@ Each scenario records its chaos summary line.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 from collections.abc import Sequence
 
-from tests.chaos.test_failover import Caller, Fault, each_first, hook_publisher, report_and_check, runs_through
+import asyncpg
+import httpx
+
+from tests.chaos.test_failover import DAG, Caller, Fault, each_first, hook_publisher, report_and_check, run_id, runs_through, until
 from tests.engines import LoadBalancer, SentinelGroup, wait_until
 from tests.served import ServedGateway
+from tests.test_webhooks_e2e import receiving
 
 RUNS = 4
 GATEWAYS = 3
+WEBHOOK_RUNS = 10
+WEBHOOK_ATTEMPT_SECONDS = 5  # a held attempt lasts this long: the kill comes well within it (the lease: 2x + 5 s)
 
 
 # -- the scenarios --------------------------------------------------------------------------------
@@ -113,3 +123,92 @@ async def test_rolling_restart_of_every_gateway_loses_nothing(
     report_and_check(outcomes, chaos_summary, gateways=GATEWAYS, restarts=sum(g.starts - 1 for g in gateways))
     assert all(g.starts == 2 for g in gateways)
     assert all(code in (0, -signal.SIGTERM) for code in exits), exits  # uvicorn re-raises the signal once shut down
+
+
+async def test_webhooks_are_delivered_exactly_once_across_replicas(
+    served_gateway, load_balancer, postgres_url, redis_url, namespace, tmp_path, chaos_summary
+):
+    gateways = served_gateway.many(
+        GATEWAYS,
+        RUNBELL_DATABASE_URL=postgres_url,
+        RUNBELL_WEBHOOKS="true",
+        RUNBELL_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",  # the receiver is on loopback
+        RUNBELL_WEBHOOK_ATTEMPT_TIMEOUT=str(WEBHOOK_ATTEMPT_SECONDS),
+        RUNBELL_WEBHOOK_SCHEDULE="0,1,1,1,1,1,1,1",  # the survivors' held attempts time out: retried soon
+        RUNBELL_WEBHOOK_BREAKER_FAILURES="1000",  # ...and not kept back by the breaker
+    )
+    lb: LoadBalancer = load_balancer([g.address for g in gateways], health_path="/readyz")
+    loop = asyncio.get_running_loop()
+    runs = {run_id(i) for i in range(WEBHOOK_RUNS)}
+    leased_by_killed: list[int] = []
+    async with receiving() as receiver:
+        async with httpx.AsyncClient(base_url=lb.url) as http:
+            created = await http.post("/v1/webhooks", json={"url": receiver.url})  # outcome messages
+            assert created.status_code == 201, created.text
+        receiver.hold.set()  # every request is held, unanswered: each gateway keeps its leases
+
+        def kill_a_leaseholder(_: Sequence[Caller]) -> None:
+            # Every run's outcome is decided (seq 5): once each has reached the receiver, kill -9 the
+            # gateway holding the most leases, then let the receiver answer.
+            wait_until(lambda: runs <= {hit["run_id"] for hit in receiver.hits}, "every outcome message in flight")
+            leases = asyncio.run(leases_by_port(postgres_url))
+            victim = max(gateways, key=lambda g: leases.get(g.port, 0))
+            victim.kill()
+            leased_by_killed.append(leases.get(victim.port, 0))
+            loop.call_soon_threadsafe(receiver.hold.clear)
+
+        publisher = hook_publisher(redis_url, namespace, tmp_path)
+        faults: list[Fault] = [lambda _: None, kill_a_leaseholder]  # seq 4-5 before the kill, 6 after it
+        outcomes = await runs_through(WEBHOOK_RUNS, [[lb.url]], gateways, publisher, postgres_url, faults)
+        messages = await outbox(postgres_url)
+        await until(lambda: {hit["id"] for hit in receiver.answered} >= messages.keys(), "every message answered")
+        await until(lambda: all_delivered(postgres_url), "every message settled as delivered")  # no attempt left to come
+    answered = Counter(hit["id"] for hit in receiver.answered)
+    per_run = Counter(messages[message_id] for message_id in answered)
+    missing = messages.keys() - answered.keys()
+    duplicated = sum(count - 1 for count in answered.values())
+    chaos_summary(
+        runs=WEBHOOK_RUNS,
+        outcomes_delivered=len(answered),
+        lost=len(missing),
+        duplicated=duplicated,
+        recover_seconds=None,
+        extra={"gateways": GATEWAYS, "leased_by_killed": leased_by_killed[0], "requests": len(receiver.hits)},
+    )
+    report_and_check(outcomes, lambda **_: None)  # the callers' own checks (their line is not this scenario's)
+    assert leased_by_killed[0] >= 1  # the kill did strike a gateway in the middle of deliveries
+    assert sorted(messages.values()) == sorted(runs), messages  # one outcome message per run
+    assert not missing and not duplicated, (missing, answered)
+    assert per_run == Counter(dict.fromkeys(runs, 1)), per_run
+
+
+def _asyncpg_url(database_url: str) -> str:
+    return database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def leases_by_port(database_url: str) -> Counter[int]:
+    """Messages leased now, by the port of the gateway holding them (locked_by is host:port:pid/claim)."""
+    connection = await asyncpg.connect(_asyncpg_url(database_url))
+    try:
+        rows = await connection.fetch("SELECT locked_by FROM webhook_messages WHERE locked_by IS NOT NULL AND locked_until > now()")
+    finally:
+        await connection.close()
+    return Counter(int(row["locked_by"].partition("/")[0].split(":")[-2]) for row in rows)
+
+
+async def outbox(database_url: str) -> dict[str, str]:
+    """Every webhook message of DAG's runs: id -> run_id."""
+    connection = await asyncpg.connect(_asyncpg_url(database_url))
+    try:
+        rows = await connection.fetch("SELECT id, run_id FROM webhook_messages WHERE dag_id = $1", DAG)
+    finally:
+        await connection.close()
+    return {row["id"]: row["run_id"] for row in rows}
+
+
+async def all_delivered(database_url: str) -> bool:
+    connection = await asyncpg.connect(_asyncpg_url(database_url))
+    try:
+        return await connection.fetchval("SELECT bool_and(status = 'delivered' AND locked_by IS NULL) FROM webhook_messages")
+    finally:
+        await connection.close()
