@@ -151,7 +151,7 @@ async def test_webhooks_are_delivered_exactly_once_across_replicas(
             # Every run's outcome is decided (seq 5): once each has reached the receiver, kill -9 the
             # gateway holding the most leases, then let the receiver answer.
             wait_until(lambda: runs <= {hit["run_id"] for hit in receiver.hits}, "every outcome message in flight")
-            leases = asyncio.run(leases_by_port(postgres_url))
+            leases = wait_until(lambda: asyncio.run(leases_by_port(postgres_url)), "a lease (none between a timeout and its retry)")
             victim = max(gateways, key=lambda g: leases.get(g.port, 0))
             victim.kill()
             leased_by_killed.append(leases.get(victim.port, 0))
@@ -167,16 +167,16 @@ async def test_webhooks_are_delivered_exactly_once_across_replicas(
     per_run = Counter(messages[message_id] for message_id in answered)
     missing = messages.keys() - answered.keys()
     duplicated = sum(count - 1 for count in answered.values())
-    chaos_summary(
-        runs=WEBHOOK_RUNS,
-        outcomes_delivered=len(answered),
-        lost=len(missing),
-        duplicated=duplicated,
-        recover_seconds=None,
-        extra={"gateways": GATEWAYS, "leased_by_killed": leased_by_killed[0], "requests": len(receiver.hits)},
+    report_and_check(  # the callers' figures, and the webhooks' beside them
+        outcomes,
+        chaos_summary,
+        gateways=GATEWAYS,
+        leased_by_killed=leased_by_killed[0],
+        webhooks_delivered=len(answered),
+        webhooks_lost=len(missing),
+        webhooks_duplicated=duplicated,
+        webhook_requests=len(receiver.hits),  # held ones included: retried with the same webhook-id
     )
-    report_and_check(outcomes, lambda **_: None)  # the callers' own checks (their line is not this scenario's)
-    assert leased_by_killed[0] >= 1  # the kill did strike a gateway in the middle of deliveries
     assert sorted(messages.values()) == sorted(runs), messages  # one outcome message per run
     assert not missing and not duplicated, (missing, answered)
     assert per_run == Counter(dict.fromkeys(runs, 1)), per_run
