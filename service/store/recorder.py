@@ -101,6 +101,7 @@ class Recorder:
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval = claim_interval
         self._skipped = Once(log)
+        self._refused = Once(log)  # commands Redis refused (an ACL short of one)
         self.decode_errors: Counter[str] = self._skipped.counts  # malformed entries read, by reason (each read)
         self.metrics = metrics  # runbell_recorder_skipped_total counts them too
         self.dead_letters = dead_letters if dead_letters is not None else DeadLetters(store, metrics)  # its bounds: the caller's
@@ -204,8 +205,12 @@ class Recorder:
             if not self._legacy_ready:
                 pipe.exists(self.legacy_stream)
             replies = await pipe.execute(raise_on_error=False)
-        if not self._legacy_ready and replies.pop() == 1:
-            await self._ensure_legacy_group()
+        if not self._legacy_ready:
+            legacy = replies.pop()
+            if isinstance(legacy, Exception):  # refused (an ACL without EXISTS): said once, not drained
+                self._refused("legacy", "recorder: cannot ask whether %s exists (%s); it is not drained", self.legacy_stream, legacy)
+            elif legacy == 1:
+                await self._ensure_legacy_group()
         found = []
         for stream, reply in zip(streams, replies):
             if isinstance(reply, Exception):
