@@ -858,6 +858,18 @@
       const progress = data.progress && typeof data.progress === "object" ? data.progress : (data.total !== undefined ? data : null);
       if (progress) this.progress = { done: progress.done || 0, failed: progress.failed || 0, running: progress.running || 0, skipped: progress.skipped || 0, total: progress.total || 0 };
       this.render();
+      this.catchUp();
+    }
+
+    // The stream's progress can be ahead of the slots: a re-read after a reconnect may come from a
+    // store that had not yet caught up, and the stream does not send again a slot it sent before.
+    // Then the slots are read again, half a second apart, at most 10 times in a row.
+    catchUp() {
+      const p = this.progress, c = this.counted();
+      if (!p || (c.done >= p.done && c.failed >= p.failed)) { this.catchUps = 0; return; }
+      if (this.catchingUp || this.dead || (this.catchUps = (this.catchUps || 0) + 1) > 10) return;
+      this.catchingUp = true;
+      setTimeout(() => { this.catchingUp = false; if (!this.dead) this.load().then(() => this.catchUp()); }, 500);
     }
 
     // A slot's state only moves forward (queued, running, then success or failed), as the gateway's
