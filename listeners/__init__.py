@@ -3,7 +3,7 @@
 Installs into an Airflow environment needing only ``redis`` and ``pydantic``.
 """
 
-from runbell.listeners.marks import critical
+from runbell.listeners.marks import add_result, critical, result
 from runbell.listeners.publisher import emit
 
-__all__ = ["critical", "emit"]
+__all__ = ["add_result", "critical", "emit", "result"]

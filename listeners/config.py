@@ -44,6 +44,11 @@ HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
         "stream partitions, 1 to 1024 (default 16): the first hook or gateway stores it in Redis and that value wins "
         "(a different one is logged as an error)",
     ),
+    (
+        "RUNBELL_METAFLOW_HEARTBEAT_SECONDS",
+        "while a Metaflow step runs, its `@runbell` decorator sends its run's heartbeat this often, seconds "
+        "(default 60; keep it well under the gateway's `RUNBELL_STALE_AFTER`; 0 turns it off)",
+    ),
     ("RUNBELL_HOOK_ENABLED", "`false` turns the hook off on that host (default true)"),
     ("RUNBELL_HOOK_SKIP_DAGS", "comma-separated DAG ids the hook stays silent about (the reconciler still sees them)"),
 ]
@@ -61,6 +66,7 @@ class PublisherConfig:
     timeout_seconds: float = 0.25  # connect and command timeout of every publish
     spool_dir: Path = Path(".")
     enabled: bool = True
+    metaflow_heartbeat_seconds: float = 60.0  # a running Metaflow step's heartbeat interval; 0: none
     skip_dags: frozenset[str] = frozenset()  # DAGs the hook stays silent about (the reconciler still sees them)
 
     @classmethod
@@ -76,6 +82,7 @@ class PublisherConfig:
             event_max_bytes=event_max_bytes(int(env.get("RUNBELL_EVENT_MAX_BYTES") or cls.event_max_bytes)),
             timeout_seconds=float(env.get("RUNBELL_PUBLISH_TIMEOUT") or cls.timeout_seconds),
             spool_dir=Path(env.get("RUNBELL_SPOOL_DIR") or _default_spool_dir(env)),
+            metaflow_heartbeat_seconds=float(env.get("RUNBELL_METAFLOW_HEARTBEAT_SECONDS") or cls.metaflow_heartbeat_seconds),
             enabled=(env.get("RUNBELL_HOOK_ENABLED", "true").lower() not in ("0", "false", "no")),
             skip_dags=frozenset(d.strip() for d in (env.get("RUNBELL_HOOK_SKIP_DAGS") or "").split(",") if d.strip()),
         )

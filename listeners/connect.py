@@ -19,6 +19,7 @@ Hook side (redis only): the gateway and the CLI use it too.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -223,3 +224,18 @@ def agreed_partitions(stored: object, configured: int, logger: logging.Logger) -
             "<namespace>:meta:partitions",
         )
     return count
+
+
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
+
+
+def raised_inside_redis(exc: BaseException) -> bool:
+    """Whether an AttributeError or TypeError was raised by redis-py's own code. Its cluster client
+    can fail so while the topology changes (a connection torn down under a pipeline when a master
+    dies; redis/redis-py#3835 is one of the kind): an outage to retry, not a bug of ours to surface."""
+    if not isinstance(exc, (AttributeError, TypeError)) or exc.__traceback__ is None:
+        return False
+    frame = exc.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE)

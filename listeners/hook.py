@@ -4,8 +4,8 @@ Registered through ``runbell.listeners.plugin.RunbellPlugin``. The same hooks fi
 with different objects (seen with Airflow 3.3.2):
 
 - the task's own worker process: a ``RuntimeTaskInstance`` whose ``task`` is the operator parsed
-  from the DAG file (markers, ``returns_dag_result``), no metadata-DB access; the result value is read
-  through the Execution API with ``xcom_pull``;
+  from the DAG file (markers, ``returns_dag_result`` or Runbell's stand-in for it before 3.3), no
+  metadata-DB access; the result value is read through the Execution API with ``xcom_pull``;
 - the scheduler and the api-server: ORM ``DagRun`` / ``TaskInstance``; a task instance's ``task``
   comes from the serialized DAG (which drops ``returns_dag_result`` and markers) or, when a state is
   set through the REST API, is missing altogether.
@@ -39,6 +39,7 @@ from runbell.bus.schema import (
     ErrorInfo,
     Event,
     EventKind,
+    InputRequest,
     Result,
     ResultRef,
     RunState,
@@ -46,10 +47,12 @@ from runbell.bus.schema import (
     TaskState,
     truncate,
 )
-from runbell.listeners import propagation
+from runbell.listeners import hitl, propagation
 from runbell.listeners.guard import LogOnce, publish_guarded
+from runbell.listeners.marks import RETURN_KEY
 from runbell.listeners.publisher import (
     Publisher,
+    default_publisher,
     extra_fields,
     make_result,
 )
@@ -58,7 +61,7 @@ hookimpl = pluggy.HookimplMarker("airflow")
 log = logging.getLogger("runbell.hook")
 
 _HOST = socket.gethostname()[:HOST_MAX]
-_RETURN_KEY = "return_value"
+_RETURN_KEY = RETURN_KEY
 _log_once = LogOnce(log)
 _emitted_hook: bool | None = None  # whether this Airflow has on_asset_event_emitted (3.2+)
 
@@ -84,6 +87,21 @@ def on_dag_run_failed(dag_run: Any, msg: str) -> None:
 @hookimpl
 def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
     _guard("on_task_instance_running", lambda p: _task_event(task_instance, TaskState.RUNNING, p))
+    if _is_worker_instance(task_instance):
+        # No listener hook fires when a HITL task then waits (defers, or parks in awaiting_input):
+        # its notifiers are called instead, so Runbell's joins them (runbell.listeners.hitl).
+        # Turned off (or for a skipped DAG) the hook changes nothing of the user's task.
+        try:
+            config = default_publisher().config
+            if config.enabled and task_instance.dag_id not in config.skip_dags:
+                hitl.attach(task_instance, _awaiting_input)
+        except Exception as exc:
+            _log_once(f"hitl:{type(exc).__name__}", "runbell: HITL notifier not attached: %r", exc)
+
+
+def _awaiting_input(task_instance: Any, request: InputRequest) -> None:
+    """The notifier's publish: the task waits for a person (Airflow has stored the request)."""
+    _guard("hitl_notifier", lambda p: _task_event(task_instance, TaskState.AWAITING_INPUT, p, input_request=request))
 
 
 @hookimpl
@@ -187,7 +205,7 @@ def _failure_state(task_instance: Any) -> TaskState:
     return TaskState.FAILED
 
 
-def _task_event(ti: Any, state: TaskState, publisher: Publisher, *, error: Any = None) -> Event:
+def _task_event(ti: Any, state: TaskState, publisher: Publisher, *, error: Any = None, input_request: InputRequest | None = None) -> Event:
     in_worker = _is_worker_instance(ti)
     task = getattr(ti, "task", None)
     conf = _run_conf(ti, in_worker)
@@ -211,6 +229,7 @@ def _task_event(ti: Any, state: TaskState, publisher: Publisher, *, error: Any =
         critical=_task_critical(ti, task, conf, in_worker, map_index),
         result=result,
         error=ErrorInfo.from_exception(error) if failed else None,
+        input_request=input_request,
     )
 
 

@@ -28,6 +28,13 @@ step (``task_pre_step``) and, once the attempt is final (``task_finished``), ``s
 ``failed`` (no retry left). A failure ``@catch`` handled is a ``success`` (``msg`` says so).
 The result step's success carries the result artifact's value (capped as Airflow's results are: over
 the cap it is a reference to read with Metaflow's client: flow, run, step, map_index).
+
+While an attempt runs (from ``task_pre_step`` to ``task_finished``, or the process's end) a daemon
+thread sends the run's heartbeat every ``RUNBELL_METAFLOW_HEARTBEAT_SECONDS`` (default 60), as
+Metaflow's own tasks do: the runs listing reads a Metaflow run whose heartbeat is older than its
+cutoff (360 s) as failed, so a healthy step longer than that must keep beating, and a task killed
+without a word stops. A heartbeat is no event (``Publisher.heartbeat``): it is never spooled, and one
+Redis does not take in time is skipped.
 """
 
 from __future__ import annotations
@@ -36,12 +43,14 @@ import hashlib
 import json
 import logging
 import socket
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runbell.bus.schema import HOST_MAX, INT_MAX, ErrorInfo, Event, EventKind, Result, RunState, Source, TaskState, truncate
+from runbell.bus.schema import HOST_MAX, INT_MAX, ErrorInfo, Event, EventKind, Heartbeat, Result, RunState, Source, TaskState, truncate
 from runbell.listeners.guard import LogOnce, publish_guarded
 from runbell.listeners.publisher import Publisher, make_result
 
@@ -94,6 +103,7 @@ class Attempt:
     # The result artifact as the step left it (task_post_step): by task_finished, Metaflow has moved
     # the step's own artifacts to its datastore and the flow object reads its inputs again.
     result: Any = field(default=_NOT_READ)
+    beating: Beating | None = field(default=None)  # the attempt's heartbeat thread, while it runs
 
 
 def foreach_map_index(stack: Sequence[tuple[int, int, Any]] | None) -> int:
@@ -202,6 +212,66 @@ def result_of(attempt: Attempt, settings: Settings, flow: Any, publisher: Publis
     )
 
 
+# -- heartbeats -----------------------------------------------------------------------------------
+
+
+class Beating:
+    """A daemon thread calling ``beat`` every ``interval`` seconds until stopped (or the process ends).
+    Nothing it calls may end it: a failure is logged once and the next beat tried."""
+
+    def __init__(self, beat: Callable[[], object], interval: float):
+        self.beat, self.interval = beat, interval
+        self.beats = 0  # beats sent (tried), for tests and logs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="runbell-heartbeat", daemon=True)
+
+    def start(self) -> Beating:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float) -> None:
+        """Stop beating; wait up to timeout for a beat under way (each is bounded by the publisher's timeouts)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                self.beats += 1
+            except Exception as exc:  # a beat must never end the thread, nor reach Metaflow
+                _log_once(f"heartbeat:{type(exc).__name__}", "runbell: heartbeat failed: %r", exc)
+
+
+def heartbeat_of(attempt: Attempt) -> Heartbeat:
+    return Heartbeat(
+        dag_id=attempt.flow,
+        run_id=attempt.run_id,
+        task_id=attempt.step,
+        map_index=attempt.map_index,
+        try_number=attempt.retry_count + 1,
+        ts=time.time(),
+    )
+
+
+def start_heartbeat(attempt: Attempt, publisher: Publisher) -> None:
+    """Beat for the attempt every RUNBELL_METAFLOW_HEARTBEAT_SECONDS (none when 0 or the hook is off)."""
+    interval = publisher.config.metaflow_heartbeat_seconds
+    if attempt.beating is None and publisher.config.enabled and interval > 0 and attempt.flow not in publisher.config.skip_dags:
+        attempt.beating = Beating(lambda: publisher.heartbeat(heartbeat_of(attempt)), interval).start()
+
+
+def stop_heartbeat(attempt: Attempt, publisher: Publisher) -> None:
+    if attempt.beating is not None:
+        # One beat under way takes at most a lock wait and a command: two timeouts, and a margin.
+        attempt.beating.stop(timeout=3 * publisher.config.timeout_seconds + 0.1)
+
+
 # -- what the decorator calls ---------------------------------------------------------------------
 
 
@@ -232,11 +302,16 @@ def _publish_run_once(flow: str, run_id: str, state: RunState, msg: str | None =
 
 
 def publish_started(attempt: Attempt, settings: Settings) -> None:
-    guarded("task_pre_step", lambda publisher: [task_event(attempt, TaskState.RUNNING, settings)])
+    def build(publisher: Publisher) -> list[Event]:
+        start_heartbeat(attempt, publisher)
+        return [task_event(attempt, TaskState.RUNNING, settings)]
+
+    guarded("task_pre_step", build)
 
 
 def publish_finished(attempt: Attempt, settings: Settings, flow: Any, is_task_ok: bool) -> None:
     def build(publisher: Publisher) -> list[Event]:
+        stop_heartbeat(attempt, publisher)
         state = attempt_state(attempt, is_task_ok)
         result = result_of(attempt, settings, flow, publisher) if state is TaskState.SUCCESS else None
         return [task_event(attempt, state, settings, result=result)]

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from runbell.listeners.marks import (
     CRITICAL_ATTR,
     CRITICAL_TASKS_CONF_KEY,
+    RESULT_ATTR,
     RESULT_TASK_CONF_KEY,
 )
 
@@ -178,8 +179,9 @@ def _descendants_in_order(tasks: Mapping[str, TaskNode], task_id: str) -> list[s
 
 
 def result_task_ids(tasks: Iterable[Any], conf: Mapping[str, Any] | None) -> set[str]:
-    """Tasks marked as the DAG's result (@result, dag.add_result) plus the one the run conf names."""
-    ids = {t.task_id for t in tasks if getattr(t, "returns_dag_result", False)}
+    """Tasks marked as the DAG's result (Airflow's @result / dag.add_result, or Runbell's stand-in
+    for them on older versions) plus the one the run conf names."""
+    ids = {t.task_id for t in tasks if getattr(t, "returns_dag_result", False) or getattr(t, RESULT_ATTR, False) is True}
     named = (conf or {}).get(RESULT_TASK_CONF_KEY)
     if isinstance(named, str) and named:
         ids.add(named)

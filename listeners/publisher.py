@@ -33,12 +33,14 @@ from redis.retry import Retry
 
 from runbell.bus import keys
 from runbell.bus.schema import (
+    HEARTBEAT_FIELD,
     AnyEvent,
     AssetEvent,
     AssetInfo,
     ErrorInfo,
     Event,
     EventKind,
+    Heartbeat,
     Result,
     ResultRef,
     Source,
@@ -135,6 +137,27 @@ class Publisher:
             except redis.RedisError as exc:
                 self._trip(exc)
                 return 0
+
+    def heartbeat(self, beat: Heartbeat) -> bool:
+        """Add a heartbeat to its run's partition stream (for the recorder only: no seq, replay log or
+        live message, so no waiter wakes and no log grows). Returns whether Redis took it. Never
+        raises, never spools (a lost heartbeat is replaced by the next), and is bounded: it skips
+        while the breaker is open or another publish holds the connection past the timeout."""
+        if time.monotonic() < self._broken_until or not self._lock.acquire(timeout=self.config.timeout_seconds):
+            return False
+        try:
+            client = self._redis()
+            stream = keys.run_keys(self.config.namespace, beat.dag_id, beat.run_id, self._partitions(client)).stream
+            client.xadd(stream, {HEARTBEAT_FIELD: beat.to_json()}, maxlen=self.config.stream_maxlen, approximate=True)
+            return True
+        except redis.RedisError as exc:
+            self._trip(exc)
+            return False
+        except Exception as exc:
+            self._log_once("heartbeat", "runbell: heartbeat not sent: %r", exc)
+            return False
+        finally:
+            self._lock.release()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -346,14 +369,50 @@ def utf8_size(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
+_RESULT_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # what json.dumps(value, default=str, separators=...) uses
+
+
 def make_result(value: Any, *, dag_id: str, run_id: str, task_id: str, map_index: int, max_bytes: int) -> Result:
-    """The result as published: inline up to max_bytes of JSON, else a reference to Airflow's XCom."""
-    encoded = json.dumps(value, default=str, separators=(",", ":"))
+    """The result as published: inline up to max_bytes of JSON, else a reference to Airflow's XCom.
+
+    A value whose JSON is surely over the cap is never encoded: a walk adds up a lower bound of its
+    size and stops as soon as that is past the cap, so a multi-GB artifact costs the task process
+    about max_bytes of walking, not its whole size (a reference's ``size`` is then that bound: over
+    the cap, at most the value's). Any other value is encoded at once by json's C encoder (a single
+    huge string counts by its length, without being encoded)."""
+    bound = _json_size_past(value, max_bytes)
+    if bound > max_bytes:
+        return Result(ref=ResultRef(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index), size=bound)
+    encoded = _RESULT_ENCODER.encode(value)
     size = utf8_size(encoded)
-    if size > max_bytes:
-        ref = ResultRef(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
-        return Result(ref=ref, size=size)
+    if size > max_bytes:  # escapes and numbers longer than the bound counted them
+        return Result(ref=ResultRef(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index), size=size)
     return Result(value=json.loads(encoded), size=size)
+
+
+def _json_size_past(value: Any, limit: int) -> int:
+    """A lower bound of the bytes of value's JSON, added up until it passes limit (then returned at
+    once): a string is at least its length and two quotes, a container its brackets and separators,
+    anything else at least one byte. A cycle never ends the walk but passes the limit."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, dict):
+            total += 2 + 2 * len(item) - (1 if item else 0)  # braces, a colon each, commas between
+            if total <= limit:  # else not worth listing: the bound is past the limit already
+                pending.extend(item.keys())
+                pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            total += 2 + max(len(item) - 1, 0)  # brackets, commas between
+            if total <= limit:
+                pending.extend(item)
+        else:
+            total += 1
+        if total > limit:
+            return total
+    return total
 
 
 class EventTooLarge(ValueError):
@@ -370,10 +429,9 @@ def within_cap(event: AnyEvent, event_json: str, max_bytes: int) -> tuple[AnyEve
     if isinstance(event, AssetEvent) and event.extra is not None:
         event = event.model_copy(update={"extra": None, "extra_truncated": True})
     elif isinstance(event, Event) and event.result is not None and not event.result.is_ref and event.task_id:
-        ref = make_result(
-            event.result.value, dag_id=event.dag_id, run_id=event.run_id, task_id=event.task_id, map_index=event.map_index, max_bytes=-1
-        )
-        event = event.model_copy(update={"result": ref})
+        # Its whole size, as it was encoded whole in the event already.
+        ref = ResultRef(dag_id=event.dag_id, run_id=event.run_id, task_id=event.task_id, map_index=event.map_index)
+        event = event.model_copy(update={"result": Result(ref=ref, size=json_size(event.result.value))})
     else:
         raise EventTooLarge(f"{size} bytes of JSON, over the event cap of {max_bytes}")
     event_json = event.to_json()

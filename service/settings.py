@@ -58,6 +58,9 @@ class Settings(BaseModel):
     send_timeout: float = Field(default=10.0, gt=0)
     header_timeout: float = Field(default=10.0, gt=0)
     shutdown_grace: float = Field(default=5.0, ge=0)
+    readiness_grace: float = Field(default=5.0, ge=0, le=3600)
+    readiness_max_backlog: int = Field(default=1000, ge=0, le=10**9)
+    readiness_max_catch_up: float = Field(default=300.0, gt=0, le=86400)
     recorder: bool = True
     webhooks: bool = True
     webhook_allowed_hosts: str | None = None  # hosts or CIDRs webhooks may reach despite being private
@@ -125,7 +128,7 @@ class Settings(BaseModel):
                 raise ValueError(f"--no-auth is only allowed when bound to loopback, not {self.host!r}")
         elif not self.tokens:
             raise ValueError(
-                "no tokens configured: set RUNBELL_TOKENS='token:role,...' (roles: read, publish, trigger, admin;"
+                "no tokens configured: set RUNBELL_TOKENS='token:role,...' (roles: read, publish, respond, trigger, admin;"
                 " token:role@etl_*|billing limits a token to those DAGs),"
                 " or pass --no-auth on a loopback address for local development"
             )
@@ -160,7 +163,8 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "bearer tokens, comma-separated: token:role, or token:role@pattern to limit the token to the DAGs whose ids "
         "match (`*` any characters, case-sensitive; several patterns joined by a vertical bar; without @ a token is "
         "every DAG's). Roles: read; "
-        "publish (read, and POST /v1/events); trigger (read, and trigger or unpause runs); admin (everything, every DAG). "
+        "publish (read, and POST /v1/events); respond (read, and answer a task waiting for a person); "
+        "trigger (read and respond, and trigger or unpause runs); admin (everything, every DAG). "
         "At most 1000 tokens, 64 patterns a token (see Roles and scopes; a `$TOKEN` of the README is one of these tokens)",
     ),
     ("no_auth", "turn auth off (only allowed when bound to loopback)"),
@@ -170,7 +174,10 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "start with a shorter one); replicas must share it (default: random per process)",
     ),
     ("scoped_token_ttl", "lifetime of a run-scoped token, seconds (default 3600)"),
-    ("airflow_url", "Airflow's base URL, for triggering and reconciling (unset: neither)"),
+    (
+        "airflow_url",
+        "Airflow's base URL, for triggering, answering tasks that wait for a person, reconciling and (Airflow 3.4+) backfill slots (unset: none of these)",
+    ),
     ("airflow_token", "a fixed bearer token for Airflow's REST API"),
     ("airflow_username", "Airflow user, exchanged with the password for a JWT (refreshed before expiry)"),
     ("airflow_password", "that user's password"),
@@ -190,6 +197,22 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "previous response, before it is closed (default 10)",
     ),
     ("shutdown_grace", "seconds given to clients to leave on SIGTERM (default 5)"),
+    (
+        "readiness_grace",
+        "once ready, seconds a failing check (a ping of Redis or the store, the shard subscriptions) is "
+        "ridden out before `/readyz` answers 503, 0 to 3600 (default 5): a blip of what every replica "
+        "shares does not take them all out of the load balancer at once",
+    ),
+    (
+        "readiness_max_backlog",
+        "stream entries a starting replica's recorder may still have to record when it first becomes "
+        "ready, 0 to 10^9 (default 1000; see Running it for real)",
+    ),
+    (
+        "readiness_max_catch_up",
+        "seconds a starting replica waits for the streams' backlog to drop under readiness_max_backlog "
+        "before it is ready anyway (default 300): under sustained overload, replicas added to scale out still join",
+    ),
     ("recorder", "run the recorder (stream partitions -> store) in this process (default true)"),
     ("webhooks", "run the webhook dispatcher (outbox -> receivers) in this process (default true)"),
     (
@@ -231,7 +254,8 @@ SETTINGS_DOC: list[tuple[str, str]] = [
     ("stale_after", "a run still running after this many seconds without an event is listed with stale: true (default 360)"),
     (
         "airflow_database_url",
-        "SQLAlchemy URL of Airflow's metadata database, read only, for backfill slots (GET /v1/backfills/...; unset: those answer 503)",
+        "SQLAlchemy URL of Airflow's metadata database, read only, for backfill slots (GET /v1/backfills/...) where Airflow's "
+        "REST API does not list them (before 3.4) or fails (unset, with no such API: those answer 503)",
     ),
     (
         "body_max_bytes",
@@ -316,8 +340,16 @@ CLIENT_SETTINGS_DOC: list[tuple[str, str, str]] = [
 
 # Read by tests/run, the test suite and `runbell bench` only (not by a deployed gateway or hook).
 TOOLS_SETTINGS_DOC: list[tuple[str, str, str]] = [
-    ("RUNBELL_AIRFLOW_VERSION", "tests/run", "Airflow version of the test virtualenv (default 3.3.2)"),
-    ("RUNBELL_AIRFLOW_VENV", "tests/run, tests, bench", "the Airflow virtualenv (default ~/.cache/runbell/airflow-3.3.2)"),
+    (
+        "RUNBELL_AIRFLOW_VERSIONS",
+        "tests/run, tests",
+        "the Airflow versions the end-to-end suite runs on, comma-separated, each in ~/.cache/runbell/airflow-VERSION (default 3.1.8,3.2.2,3.3.2)",
+    ),
+    (
+        "RUNBELL_AIRFLOW_VENV",
+        "tests/run, tests, bench",
+        "one existing Airflow virtualenv to use instead of the matrix (default for the bench: ~/.cache/runbell/airflow-3.3.2)",
+    ),
     ("RUNBELL_METAFLOW_VENV", "tests/run, tests", "the Metaflow virtualenv (default ~/.cache/runbell/metaflow-2.19.39)"),
     ("RUNBELL_REDIS_URL", "`runbell bench`", "the Redis it measures (its --redis-url; default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_REDIS_URL", "tests", "the Redis the tests use (default redis://127.0.0.1:6379/0)"),

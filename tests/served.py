@@ -25,6 +25,7 @@ class ServedGateway(ManagedProcess):
         self.address = f"127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
         self.starts = 0
+        self.last_readyz = ""  # the last answer of /readyz that ready() saw (for a failure's message)
 
     def spawn(self) -> None:
         """Starts the process without waiting for it (wait_ready does): several start side by side."""
@@ -47,12 +48,18 @@ class ServedGateway(ManagedProcess):
             assert self.process is not None
             pytest.fail(f"runbell serve exited with {self.process.returncode}:\n{self.log_tail()}", pytrace=False)
         try:
-            return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
-        except httpx.TransportError:
+            answer = httpx.get(self.url + "/readyz", timeout=1)
+        except httpx.TransportError as exc:
+            self.last_readyz = repr(exc)
             return False
+        self.last_readyz = answer.text
+        return answer.status_code == 200
 
     def wait_ready(self, timeout: float = START_SECONDS) -> None:
-        wait_until(self.ready, f"runbell serve on {self.address} ready", timeout, self.log_tail)
+        self.last_readyz = ""
+        wait_until(
+            self.ready, f"runbell serve on {self.address} ready", timeout, lambda: f"last /readyz: {self.last_readyz}\n{self.log_tail()}"
+        )
 
     def start(self) -> None:
         self.spawn()

@@ -77,6 +77,7 @@ class StandIn:
     rejections: int = 0
     api_calls: int = 0
     cursor_paging: bool = True
+    cursor_shape: str = "3.3"  # "3.2": a cursor page has total_entries null and no total_entries_limit
     task_instances: list[dict] = field(default_factory=list)
     runs: dict[tuple[str, str], dict] = field(default_factory=dict)
     trigger_bodies: list[dict] = field(default_factory=list)
@@ -207,15 +208,10 @@ def make_app(s: StandIn) -> Starlette:
             start = 0 if cursor == "" else next(i for i, ti in enumerate(items) if ti["id"] == cursor) + 1
             page = items[start : start + limit]
             more = start + limit < len(items)
-            return JSONResponse(
-                {
-                    "task_instances": page,
-                    "total_entries": min(len(items), 1000),
-                    "total_entries_limit": 1000,
-                    "next_cursor": page[-1]["id"] if more and page else None,
-                    "previous_cursor": None,
-                }
-            )
+            body = {"task_instances": page, "next_cursor": page[-1]["id"] if more and page else None, "previous_cursor": None}
+            if s.cursor_shape == "3.2":
+                return JSONResponse({**body, "total_entries": None})
+            return JSONResponse({**body, "total_entries": min(len(items), 1000), "total_entries_limit": 1000})
         offset = int(request.query_params.get("offset", 0))
         return JSONResponse({"task_instances": items[offset : offset + limit], "total_entries": len(items)})
 
@@ -527,6 +523,12 @@ async def test_task_instances_gathers_every_page(standin):
         assert {ti["map_index"] for ti in tis if ti["task_id"] == "mapped"} == set(range(230))
         cursor_calls = s.api_calls
 
+        s.cursor_shape = "3.2"  # Airflow 3.2's cursor pages: no total at all
+        tis = await client.task_instances("known", "r1")
+        assert [ti["id"] for ti in tis] == [ti["id"] for ti in s.task_instances]
+        assert s.api_calls - cursor_calls == 3
+        cursor_calls = s.api_calls
+
         s.cursor_paging = False  # an Airflow before 3.2: offset paging only
         tis = await client.task_instances("known", "r1")
         assert len(tis) == 250 and len({ti["id"] for ti in tis}) == 250
@@ -537,7 +539,7 @@ async def test_task_instances_gathers_every_page(standin):
         with pytest.raises(NotFound) as info:
             await client.task_instances("known", "no-such-run")
         assert (info.value.status, info.value.code) == (404, "unknown_run")
-    assert cursor_calls == 3  # 100 + 100 + 50
+    assert cursor_calls == 6  # 100 + 100 + 50, twice
 
 
 async def test_xcom_value_is_the_stored_json_with_tuples_as_lists(standin):
@@ -570,6 +572,22 @@ async def test_path_segments_are_quoted():
     assert seen[1].url.raw_path.startswith(b"/api/v2/dags/d/dagRuns/r%3F%23/taskInstances/t%251/xcomEntries/a%2Fb?")
     assert seen[1].url.params["map_index"] == "2" and seen[1].url.params["deserialize"] == "false"
     assert "authorization" not in seen[0].headers
+
+
+async def test_an_id_that_is_a_dot_segment_stays_one_segment():
+    """httpx removes "." and ".." segments from a path (RFC 3986): an id of the gateway's URL that is one
+    would otherwise move the call the gateway makes with its own Airflow identity to another path."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"state": "deferred", "responded_at": None})
+
+    async with AirflowClient(AirflowSettings("http://airflow.test/"), transport=httpx.MockTransport(handler)) as client:
+        await client.answer_input("..", "..", ".", 0, ["yes"], {})
+        await client.task_instance_state("d", "..", "..")
+    assert seen[0].url.raw_path == b"/api/v2/dags/%2E%2E/dagRuns/%2E%2E/taskInstances/%2E/0/hitlDetails"
+    assert seen[1].url.raw_path == b"/api/v2/dags/d/dagRuns/%2E%2E/taskInstances/%2E%2E"
 
 
 async def test_a_naive_logical_date_is_refused_before_sending():

@@ -142,7 +142,8 @@ def data(events, name: str) -> list[dict]:
 # -- the slots ------------------------------------------------------------------------------------
 
 
-async def test_slots_in_order_joined_with_the_store_with_skip_reasons_and_paging(gateway, airflow_db):
+async def six_slots(airflow_db: StandInAirflowDB, store) -> int:
+    """A backfill of six slots beside another DAG's, and what the store knows of their runs."""
     backfill_id = await airflow_db.backfill()
     other = await airflow_db.backfill("another_dag")
     await airflow_db.slot(other, 1, run_id="elsewhere", dag_id="another_dag")
@@ -155,10 +156,14 @@ async def test_slots_in_order_joined_with_the_store_with_skip_reasons_and_paging
     await airflow_db.slot(backfill_id, 6, reason="unknown")
     # The store has the first run's end (its events), which Airflow's row does not show yet; the
     # fifth's start. Airflow's row of the second is further along than the store (its recorder lags).
-    store = gateway.app.state.store
     await store.record(run_events("backfill__1", "running", "success", backfill_id=backfill_id))
     await store.record(run_events("backfill__5", "running", backfill_id=backfill_id))
     await store.record(run_events("backfill__2", "running", backfill_id=backfill_id))
+    return backfill_id
+
+
+async def test_slots_in_order_joined_with_the_store_with_skip_reasons_and_paging(gateway, airflow_db):
+    backfill_id = await six_slots(airflow_db, gateway.app.state.store)
     async with gateway.client() as client:
         response = await client.get(f"/v1/backfills/{backfill_id}/runs")
         assert response.status_code == 200, response.text
@@ -271,6 +276,11 @@ async def test_events_per_slot_and_progress_until_every_slot_ends(gateway, airfl
 
 async def test_a_run_without_events_ends_by_airflows_own_state(gateway, airflow_db, monkeypatch):
     monkeypatch.setattr(backfills, "BACKFILL_POLL_SECONDS", 0.2)
+    await a_run_without_events_ends_by_airflows_own_state(gateway, airflow_db)
+
+
+async def a_run_without_events_ends_by_airflows_own_state(gateway, airflow_db: StandInAirflowDB) -> None:
+    """Airflow's row moves queued, running, success and no event comes: the stream's re-reads end it."""
     backfill_id = await airflow_db.backfill()
     await airflow_db.slot(backfill_id, 1, run_id="silent_1", state="queued")
     async with gateway.client() as client:

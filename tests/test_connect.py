@@ -4,12 +4,14 @@ others (naming the accepted shapes, never a password), and the clients each one 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
 
+from runbell.listeners import connect
 from runbell.listeners.connect import ACCEPTED, BadRedisUrl, agreed_partitions, async_client, parse, sync_client
 
 
@@ -145,3 +147,44 @@ def test_the_startup_line_shows_no_password_of_any_shape():
         "redis+cluster://a:1,b:2": "redis+cluster://a:1,b:2",
     }
     assert {url: without_password(url) for url in shown} == shown
+
+
+# -- redis-py's own faults while a cluster's topology changes --------------------------------------
+
+
+async def _redis_internal_fault() -> AttributeError:
+    """What redis-py's cluster pipeline raised here when a master was killed: a connection torn down
+    under it (``self._writer`` gone), an AttributeError from inside the redis package."""
+    from redis.asyncio.connection import Connection
+
+    torn_down = Connection.__new__(Connection)
+    torn_down._writer = None
+    try:
+        await torn_down._send_packed_command([b"PING"])
+    except AttributeError as exc:
+        return exc
+    raise AssertionError("redis-py no longer fails this way: the test needs another fault")
+
+
+async def test_a_fault_inside_redis_py_is_told_from_one_of_ours():
+    assert connect.raised_inside_redis(await _redis_internal_fault())
+    try:
+        _ = object().writelines  # type: ignore[attr-defined]  # the same error, raised by our own code
+    except AttributeError as ours:
+        assert not connect.raised_inside_redis(ours)
+    assert not connect.raised_inside_redis(ValueError("no traceback"))
+
+
+async def test_a_replay_read_meeting_a_redis_py_fault_is_an_outage_to_retry_not_a_broken_stream():
+    # Seen in CI on a cluster master killed mid-run: the SSE stream died with the AttributeError.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from runbell.bus.schema import START
+    from runbell.service.live.topics import _log_after
+
+    class Client:
+        async def xrange(self, *args, **kwargs):
+            raise await _redis_internal_fault()
+
+    with pytest.raises(RedisConnectionError, match="cluster"):
+        await _log_after(None, Client(), SimpleNamespace(log="log"), START, lambda data: data)  # type: ignore[arg-type]

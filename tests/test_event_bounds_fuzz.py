@@ -97,6 +97,29 @@ def fields(kind: str) -> dict[str, Field]:
         "run_after": TIMES,
         "backfill_id": names(S.ID_MAX),
         "msg": lengths(S.MSG_MAX),
+        # an input request (state awaiting_input)
+        "subject": lengths(S.SUBJECT_MAX),
+        "input_body": lengths(S.INPUT_BODY_MAX),
+        "option": names(S.OPTION_MAX, 1),
+        "options": ints(1, S.OPTIONS_MAX),
+        "params": (st.dictionaries(free_text, json_values, max_size=3), st.just({"big": "p" * S.PARAMS_MAX_BYTES})),
+        "deadline": TIMES,
+    }
+
+
+INPUT_FIELDS = ("subject", "input_body", "option", "options", "params", "deadline")
+
+
+def input_request(value: dict[str, Any]) -> dict[str, Any]:
+    count = max(0, min(value["options"], S.OPTIONS_MAX + 1))  # past the bound: one too many (or none), not 2**63
+    options = [f"{value['option']}{i}"[-S.OPTION_MAX :] if i else value["option"] for i in range(count)]
+    return {
+        "kind": "choice",
+        "subject": value["subject"],
+        "body": value["input_body"],
+        "options": options,
+        "params": value["params"],
+        "deadline": value["deadline"],
     }
 
 
@@ -127,6 +150,8 @@ def event_bodies(draw: st.DrawFn) -> dict[str, Any]:
         body["result"] = {"value": value["result_value"], "size": value["result_size"]}
     if spoiled in ("error_type", "error_message") or draw(st.booleans()):
         body["error"] = {"type": value["error_type"], "message": value["error_message"]}
+    if spoiled in INPUT_FIELDS or value["state"] == S.TaskState.AWAITING_INPUT.value or not draw(st.integers(0, 20)):
+        body["input_request"] = input_request(value)  # and sometimes where it does not belong
     return {key: v for key, v in body.items() if v is not None}
 
 
@@ -140,6 +165,17 @@ ISSUE_VALUES = [
     {"logical_date": "9999-12-31T23:30:00-01:00"},
     {"result": {"value": {"k\x00": "v\x00\U0001f600"}, "size": 1}, "result_task": True},
     {"error": {"type": "E", "message": "\x00" * 2000}, "critical": True, "state": "failed"},
+    {  # the largest input request, every field at its bound
+        "state": "awaiting_input",
+        "input_request": {
+            "subject": "\x00" * S.SUBJECT_MAX,
+            "body": "\U0001f600" * S.INPUT_BODY_MAX,
+            "options": [f"{i:03}" + "o" * (S.OPTION_MAX - 3) for i in range(S.OPTIONS_MAX)],
+            "defaults": ["000" + "o" * (S.OPTION_MAX - 3)],
+            "params": {"p": "v" * (S.PARAMS_MAX_BYTES - 20)},
+            "assigned_users": [{"id": "u" * S.ID_MAX, "name": "n" * S.ID_MAX}] * S.USERS_MAX,
+        },
+    },
 ]
 BASE = {"kind": "task", "dag_id": "fuzz", "task_id": "t", "state": "success", "ts": 1_700_000_000.0}
 

@@ -170,13 +170,13 @@ async def test_malformed_bus_messages_are_counted_and_dropped(gateway):
 
 
 async def test_health_readiness_and_metrics(gateway):
-    await until(gateway.app.state.hub.connected.is_set)
+    await until(lambda: gateway.app.state.readiness.report().ready)  # subscribed and the recorder's first pass made
     async with gateway.client() as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = await client.get("/readyz")
         metrics = await client.get("/metrics")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"redis": "ok", "database": "ok", "pubsub": "ok"}
+    assert ready.json()["checks"] == {"redis": "ok", "database": "ok", "pubsub": "ok", "recorder": "ok"}
     for name in (
         "runbell_waiters",
         "runbell_sse_clients",
@@ -201,9 +201,10 @@ async def test_openapi_describes_every_route(gateway):
 # -- Server-Sent Events ---------------------------------------------------------------------------
 
 
-async def read_sse(client, path: str, headers=None, params=None, until_event: str = "end"):
-    """Collect a stream's events until `until_event` (or the server closes it)."""
-    events = []
+async def read_sse(client, path: str, headers=None, params=None, until_event: str = "end", events=None):
+    """Collect a stream's events until `until_event` (or the server closes it); into `events` when
+    given, so that a test can watch them arrive."""
+    events = [] if events is None else events
     async with client.stream("GET", path, headers=headers or {}, params=params) as response:
         if response.status_code != 200:
             return response.status_code, response.headers, events
@@ -438,7 +439,9 @@ async def test_redis_down_gives_202_and_not_ready_never_a_5xx(gateway_factory):
         async with client.stream("GET", events_path("down")) as stream:
             status = stream.status_code
     assert waited.status_code == 202 and waited.json()["status"] == "pending"
-    assert ready.status_code == 503 and ready.json()["checks"]["redis"] != "ok"
+    checks = ready.json()["checks"]
+    assert ready.status_code == 503 and checks["redis"] != "ok" and checks["pubsub"] == "not subscribed", checks
+    assert checks["recorder"].startswith("catching up"), checks
     assert status == 200  # the stream opens and waits for Redis to come back
 
 

@@ -7,6 +7,7 @@ object whose task carries the parsed DAG) and the ORM TaskInstance of the schedu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -409,3 +410,141 @@ def test_a_forked_process_publishes_although_a_thread_of_its_parent_held_the_loc
         time.sleep(0.02)
     assert os.waitstatus_to_exitcode(status[1]) == 0
     assert [event.state for event in published(bus)] == ["running"]
+
+
+# -- human in the loop: Runbell's notifier on a HITL operator --------------------------------------
+
+
+class FakeHITL:
+    """Like HITLOperator: the request's fields, and execute calling each notifier once the request is stored."""
+
+    def __init__(self, task_id: str = "approve", **fields: Any):
+        self.task_id, self.dag = task_id, SimpleNamespace(task_dict={})
+        self.subject, self.body, self.options, self.defaults, self.multiple = "Ship it?", "notes", ["yes", "no"], ["no"], False
+        self.assigned_users: list[dict] = [{"id": "1", "name": "ann"}]
+        self.serialized_params = {"reason": {"value": None, "schema": {"type": "string"}, "description": None}}
+        self.hitl_summary_extra = {"timeout_datetime": "2030-01-01T00:00:00+00:00"}
+        self.notifiers: list[Any] = []
+        self.__dict__.update(fields)
+
+    def execute(self, ti: Any) -> None:
+        for notifier in self.notifiers:
+            notifier({"ti": ti, "task": self})
+
+
+class FakeApproval(FakeHITL):
+    pass
+
+
+@pytest.fixture
+def hitl_operators(monkeypatch):
+    from runbell.listeners import hitl
+
+    monkeypatch.setattr(hitl, "_classes", {"HITLOperator": FakeHITL, "ApprovalOperator": FakeApproval})
+
+
+def test_a_hitl_task_publishes_awaiting_input_with_its_request_once_airflow_stored_it(bus: Publisher, hitl_operators) -> None:
+    task = FakeApproval()
+    theirs = lambda context: None  # noqa: E731  # the author's own notifier stays
+    task.notifiers = [theirs]
+    ti = WorkerTI(task, try_number=2)
+    hook.on_task_instance_running(previous_state=None, task_instance=ti)
+    hook.on_task_instance_running(previous_state=None, task_instance=ti)  # attached once
+    assert len(task.notifiers) == 2 and task.notifiers[0] is theirs
+    task.execute(ti)
+    *_, asked = published(bus)
+    assert (asked.state, asked.task_id, asked.try_number, asked.map_index) == ("awaiting_input", "approve", 2, -1)
+    request = asked.input_request
+    assert request is not None and request.kind.value == "approval"
+    assert (request.subject, request.body, request.options, request.defaults, request.multiple) == (
+        "Ship it?",
+        "notes",
+        ["yes", "no"],
+        ["no"],
+        False,
+    )
+    assert request.params == {"reason": {"value": None, "schema": {"type": "string"}, "description": None}}
+    assert request.deadline == "2030-01-01T00:00:00+00:00" and request.assigned_users[0].name == "ann" and not request.truncated
+
+
+def test_the_notifier_goes_on_this_task_only_never_into_a_list_it_shares(bus: Publisher, hitl_operators) -> None:
+    """prepare_for_execution copies the task shallowly, and a mapped task's or a class's default list may
+    be shared: appending to it would give Runbell's notifier to every task holding it, once per run."""
+    shared: list[Any] = []
+    task, other = FakeHITL(notifiers=shared), FakeHITL("other", notifiers=shared)
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(task))
+    assert shared == [] and other.notifiers == [] and len(task.notifiers) == 1
+
+
+@pytest.mark.parametrize("change", [{"enabled": False}, {"skip_dags": frozenset({DAG_ID})}], ids=["disabled", "dag-skipped"])
+def test_a_hook_turned_off_gives_no_notifier(bus: Publisher, hitl_operators, monkeypatch, change) -> None:
+    """Turned off (RUNBELL_HOOK_ENABLED, RUNBELL_HOOK_SKIP_DAGS) the hook changes nothing of a task's."""
+    monkeypatch.setattr(bus, "config", dataclasses.replace(bus.config, **change))
+    task = FakeHITL()
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(task))
+    assert task.notifiers == []
+
+
+def test_no_notifier_when_resuming_on_the_server_side_or_for_other_tasks(bus: Publisher, hitl_operators) -> None:
+    resuming = WorkerTI(FakeHITL())
+    resuming._ti_context_from_server = SimpleNamespace(next_method="execute_complete")  # the answer came
+    hook.on_task_instance_running(previous_state=None, task_instance=resuming)
+    orm = OrmTI(FakeHITL())
+    hook.on_task_instance_running(previous_state=None, task_instance=orm)
+    plain = WorkerTI(make_dag("extract")["extract"])
+    hook.on_task_instance_running(previous_state=None, task_instance=plain)
+    assert resuming.task.notifiers == [] and orm.task.notifiers == [] and not hasattr(plain.task, "notifiers")
+    assert [e.state for e in published(bus)] == ["running"] * 3
+
+
+def test_without_airflow_s_hitl_operators_nothing_is_attached(bus: Publisher, monkeypatch) -> None:
+    from runbell.listeners import hitl
+
+    monkeypatch.setattr(hitl, "_classes", None)  # this environment has no Airflow: the import fails
+    task = FakeHITL()
+    hook.on_task_instance_running(previous_state=None, task_instance=WorkerTI(task))
+    assert task.notifiers == [] and hitl.hitl_classes() == {}
+
+
+def test_the_notifier_never_raises_into_the_task(bus: Publisher, hitl_operators, monkeypatch) -> None:
+    class Broken(FakeHITL):
+        @property
+        def hitl_summary_extra(self) -> dict:
+            raise RuntimeError("a broken operator")
+
+        @hitl_summary_extra.setter
+        def hitl_summary_extra(self, value: dict) -> None:
+            pass
+
+    task = Broken()
+    ti = WorkerTI(task)
+    hook.on_task_instance_running(previous_state=None, task_instance=ti)
+    task.execute(ti)  # nothing raised, nothing asked
+    monkeypatch.setattr(bus, "publish", lambda event: (_ for _ in ()).throw(OSError("Redis gone")))
+    fine = FakeHITL("other")
+    other = WorkerTI(fine)
+    hook.on_task_instance_running(previous_state=None, task_instance=other)
+    fine.execute(other)  # the publish fails: dropped, logged once, not raised
+    assert [e.state for e in published(bus)] == ["running"]
+
+
+def test_a_request_past_the_bounds_is_cut_to_them_and_says_so(bus: Publisher, hitl_operators) -> None:
+    from runbell.bus import schema as S
+
+    task = FakeHITL(
+        subject="s" * 5000,
+        body="b\x00" * 5000,
+        options=[f"o{i}" for i in range(150)] + ["x" * 500, "bad\nline"],
+        defaults=["o1", "x" * 500],
+        multiple=True,
+        serialized_params={"big": {"value": "v" * (S.PARAMS_MAX_BYTES + 1), "schema": {}, "description": None}},
+        assigned_users=[{"id": str(i), "name": "n\x00"} for i in range(50)],
+    )
+    ti = WorkerTI(task)
+    hook.on_task_instance_running(previous_state=None, task_instance=ti)
+    task.execute(ti)
+    request = published(bus)[-1].input_request
+    assert request is not None and request.truncated
+    assert len(request.subject) == S.SUBJECT_MAX and len(request.body or "") == S.INPUT_BODY_MAX
+    assert request.options == [f"o{i}" for i in range(S.OPTIONS_MAX)] and request.defaults == ["o1"]
+    assert request.params == {} and len(request.assigned_users) == S.USERS_MAX and request.assigned_users[0].name == "n "

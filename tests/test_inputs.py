@@ -68,6 +68,7 @@ def integer_parameters(gateway) -> list[tuple[str, str, str]]:
         ("/v1/assets/a/events", "last_event_id", "bad_last_event_id"),
         ("/v1/assets/a/next", "after", "bad_after"),
         ("/v1/dags/d/runs/r/result", "timeout", "bad_timeout"),
+        ("/v1/dags/d/runs/r/result", "after", "bad_after"),
         ("/v1/assets/a/next", "timeout", "bad_timeout"),
     ]
 
@@ -223,6 +224,7 @@ def id_routes(gateway) -> list[tuple[str, str]]:
         ("GET", "/v1/dags/d/runs/a%2fb/events"),
         ("GET", "/v1/dags/d/runs/x%2Fresult"),  # would be run "x"'s result once decoded
         ("GET", "/v1/dags/d/runs/x%2Fevents"),
+        ("POST", "/v1/dags/d/runs/r/tasks/a%2Fb/input"),
         ("GET", "/v1/dags/d%2Fruns%2Fr/result"),
         ("GET", "/v1/backfills/1%2F2/runs"),
         ("GET", "/v1/backfills/1%2F2/events"),

@@ -9,8 +9,10 @@ flows the tests only read are started together, once per module, so the file sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -406,6 +408,97 @@ async def test_long_poll_and_sse_waiters_get_the_outcome(gateway_factory, metafl
         assert process.returncode == 0, output[-3000:]
         assert (body["status"], body["decided_by"], body["result"]) == ("success", "result_task", {"rows": 3})
         assert (sse_outcome["status"], sse_outcome["result"]) == ("success", {"rows": 3})
+
+
+async def test_a_long_step_beats_and_its_run_lists_running_past_the_cutoff(gateway_factory, metaflow_python, tmp_path):
+    """work waits for its gate far longer than the (small) cutoff without publishing an event: its
+    heartbeats, every second, are recorded while it runs and keep the run listed running."""
+    cutoff = 5.0  # stale_after; four heartbeat intervals of margin
+    gateway = await gateway_factory(stale_after=cutoff)
+    store = gateway.app.state.store
+    flows = Metaflow(metaflow_python, tmp_path, gateway.redis_url, gateway.namespace)
+    gate = tmp_path / "go"
+    process, run_id = await started_run(flows, "gated_flow.py", *with_runbell(), RB_GATE=str(gate), RUNBELL_METAFLOW_HEARTBEAT_SECONDS="1")
+    beats, listed = set(), []
+    try:
+        async with gateway.client() as client:
+            deadline = time.monotonic() + FLOW_TIMEOUT
+            while True:  # until the last event (work's start) is older than the cutoff
+                run = await store.get_run("GatedFlow", run_id)
+                if run is not None and run.heartbeat_at is not None and run.heartbeat_at > run.last_event_at:
+                    beats.add(run.heartbeat_at)
+                    if time.time() - run.last_event_at.timestamp() > cutoff + 0.5:
+                        break
+                assert process.poll() is None and time.monotonic() < deadline, "no heartbeat recorded"
+                await asyncio.sleep(0.1)
+            listed = [(await client.get(f"/v1/dags/GatedFlow/runs/{run_id}")).json()["state"]]
+            running = (await client.get("/v1/runs", params={"status": "running"})).json()["runs"]
+            listed.append(next((r["state"] for r in running if r["run_id"] == run_id), "not listed running"))
+            gate.touch()
+            output, _ = process.communicate(timeout=FLOW_TIMEOUT)
+    finally:
+        gate.touch()
+        if process.poll() is None:
+            process.communicate(timeout=FLOW_TIMEOUT)
+    assert process.returncode == 0, output[-3000:]
+    assert len(beats) >= 2 and listed == ["running", "running"]
+    envelopes = flows.envelopes("GatedFlow", run_id)  # heartbeats are no events: none in the replay log
+    assert task_events(envelopes, "work") == [("running", -1, 1), ("success", -1, 1)]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started (directly or not) by pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+async def beating_in(store, run_id: str, step: str) -> bool:
+    """Whether the step has started and a heartbeat came after it did."""
+    run = await store.get_run("GatedFlow", run_id)
+    started = [t for t in await store.task_instances("GatedFlow", run_id) if t.task_id == step]
+    return run is not None and run.heartbeat_at is not None and bool(started) and run.heartbeat_at >= run.last_event_at
+
+
+async def test_a_run_killed_without_a_word_lists_failed_once_its_heartbeats_are_older_than_the_cutoff(
+    gateway_factory, metaflow_python, tmp_path
+):
+    cutoff = 3.0
+    gateway = await gateway_factory(stale_after=cutoff)
+    store = gateway.app.state.store
+    flows = Metaflow(metaflow_python, tmp_path, gateway.redis_url, gateway.namespace)
+    process, run_id = await started_run(
+        flows, "gated_flow.py", *with_runbell(), RB_GATE=str(tmp_path / "never"), RUNBELL_METAFLOW_HEARTBEAT_SECONDS="1"
+    )
+    try:
+        deadline = time.monotonic() + FLOW_TIMEOUT
+        while not await beating_in(store, run_id, "work"):
+            assert process.poll() is None and time.monotonic() < deadline, "no heartbeat recorded"
+            await asyncio.sleep(0.05)
+    finally:
+        for pid in [process.pid, *descendants(process.pid)]:  # kill -9: the runtime and the task, no event
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.communicate(timeout=FLOW_TIMEOUT)
+    async with gateway.client() as client:
+        url = f"/v1/dags/GatedFlow/runs/{run_id}"
+        deadline = time.monotonic() + FLOW_TIMEOUT
+        while (await client.get(url)).json()["state"] != "failed":
+            assert time.monotonic() < deadline, "still running long after its heartbeats stopped"
+            await asyncio.sleep(0.1)
+    run = await store.get_run("GatedFlow", run_id)
+    assert run is not None and run.state == "running"  # as stored: the listing reads it failed (branch 5)
+    assert [e.event.state for e in flows.envelopes("GatedFlow", run_id) if e.event.task_id == "work"] == ["running"]
 
 
 def test_the_extension_is_installed_as_metaflow_finds_it(metaflow_python):

@@ -96,7 +96,7 @@ def test_every_endpoint_that_takes_a_body_is_walked():
 
 @pytest.mark.parametrize("route, operation", BODY_ROUTES, ids=[route.name for route, _ in BODY_ROUTES])
 async def test_a_malformed_body_is_422_with_the_error_shape_everywhere(gateway, route, operation):
-    path = route.path.format(dag_id="d", run_id="r", endpoint_id="ep_x", message_id="msg_x")
+    path = route.path.format(dag_id="d", run_id="r", endpoint_id="ep_x", message_id="msg_x", task_id="t")
     [method] = route.methods - {"HEAD"}
     first_field = next(iter(operation.body.model_fields))
     bodies = {
@@ -132,7 +132,7 @@ async def test_each_operation_s_role_is_the_one_its_handler_demands(gateway):
             if role is None:
                 continue
             path = route.path.format(
-                dag_id="d", run_id="r", endpoint_id="ep_x", message_id="msg_x", backfill_id="1", name="a", letter_id="1"
+                dag_id="d", run_id="r", endpoint_id="ep_x", message_id="msg_x", backfill_id="1", name="a", letter_id="1", task_id="t"
             )
             [method] = route.methods - {"HEAD"}
             assert (await anonymous.request(method, path)).status_code == 401, route.name

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, Result, ResultRef
+from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, InputRequest, Result, ResultRef
 from runbell.service.core.outcome import DecidedBy, OutcomeFold, OutcomeStatus, decide
 
 DAG, RUN = "dag", "run"
@@ -303,3 +303,97 @@ def test_every_single_task_state_then_run_end_is_decided(run_state, task_state, 
     else:
         assert (outcome.status, outcome.decided_by) == (OutcomeStatus.FAILED, DecidedBy.RUN)
         assert outcome.failure.task_id == ("t" if task_state == "failed" else None)
+
+
+# -- open input requests (human in the loop) ----------------------------------------------------------
+
+
+def asks(task_id: str = "approve", *, try_number: int = 1, map_index: int = -1, subject: str = "Ship it?", **kw) -> Event:
+    request = InputRequest(kind="approval", subject=subject, options=["Approve", "Reject"], deadline="2026-01-01T00:00:00+00:00", **kw)
+    return task_event(task_id, "awaiting_input", try_number=try_number, map_index=map_index, input_request=request)
+
+
+def open_requests(*events: Event) -> list[tuple[str, int, int | None, str]]:
+    return [(r.task_id, r.map_index, r.try_number, r.position) for r in decide(envelopes(*events)).needs_input]
+
+
+# (events, the open requests after them as (task, map_index, try, position))
+INPUT_TABLE = [
+    pytest.param([], [], id="nothing-asked"),
+    pytest.param([task_event("approve", "running"), asks()], [("approve", -1, 1, "2")], id="asked"),
+    pytest.param([asks(), task_event("approve", "input_received")], [], id="cleared-by-input-received"),
+    pytest.param([asks(), task_event("approve", "running")], [], id="cleared-by-running-on-resume"),
+    pytest.param([asks(), task_event("approve", "success")], [], id="cleared-by-success"),
+    pytest.param([asks(), failure("approve", critical=False)], [], id="cleared-by-failure"),
+    pytest.param([asks(), task_event("approve", "skipped")], [], id="cleared-by-skipped"),
+    pytest.param([asks(), task_event("other", "running")], [("approve", -1, 1, "1")], id="another-task-clears-nothing"),
+    pytest.param([asks(), asks()], [("approve", -1, 1, "1")], id="duplicate-keeps-the-first"),
+    pytest.param([asks(), task_event("approve", "input_received"), asks()], [], id="late-copy-after-the-answer-opens-nothing"),
+    pytest.param(
+        [asks(map_index=0), asks(map_index=1), task_event("approve", "input_received", map_index=0)],
+        [("approve", 1, 1, "2")],
+        id="mapped-each-its-own",
+    ),
+    pytest.param([asks(map_index=0), task_event("approve", "running")], [("approve", 0, 1, "1")], id="unmapped-event-leaves-mapped"),
+    pytest.param(
+        [asks(try_number=1), task_event("approve", "up_for_retry", try_number=1), asks(try_number=2)],
+        [("approve", -1, 2, "3")],
+        id="retry-asks-again",
+    ),
+    pytest.param([asks(try_number=1), asks(try_number=2)], [("approve", -1, 2, "2")], id="newer-try-replaces"),
+    pytest.param(
+        [asks(try_number=2), task_event("approve", "running", try_number=1)], [("approve", -1, 2, "1")], id="older-try-event-clears-nothing"
+    ),
+    pytest.param([task_event("approve", "running", try_number=2), asks(try_number=1)], [], id="older-try-ask-opens-nothing"),
+    pytest.param([asks(), run_event("failed")], [], id="run-end-clears"),
+    pytest.param([run_event("success"), asks()], [], id="late-ask-after-the-run-ended-opens-nothing"),
+    pytest.param([asks("a"), run_event("failed"), asks("b")], [], id="nobody-can-answer-once-the-run-ended"),
+    pytest.param([asks("a"), asks("b")], [("a", -1, 1, "1"), ("b", -1, 1, "2")], id="two-tasks-oldest-first"),
+]
+
+
+@pytest.mark.parametrize("events,expected", INPUT_TABLE)
+def test_open_input_requests(events, expected):
+    assert open_requests(*events) == expected
+
+
+def test_an_input_request_never_decides():
+    outcome = decide(envelopes(run_event("running"), asks(), asks("b", try_number=3)))
+    assert outcome.status is OutcomeStatus.PENDING and outcome.run_state == "running"
+    (first, _) = outcome.needs_input
+    assert (first.subject, first.options, first.kind.value, first.deadline) == (
+        "Ship it?",
+        ["Approve", "Reject"],
+        "approval",
+        "2026-01-01T00:00:00+00:00",
+    )
+
+
+def test_a_decided_outcome_wins_over_an_open_request():
+    outcome = decide(envelopes(asks("side"), result_success()))
+    assert outcome.status is OutcomeStatus.SUCCESS and outcome.decided_by is DecidedBy.RESULT_TASK
+    assert [r.task_id for r in outcome.needs_input] == ["side"]  # still open, but the run is decided
+
+
+def test_the_fold_says_what_each_envelope_opened_and_closed():
+    fold = OutcomeFold(DAG, RUN)
+    first, answered = envelopes(asks(), task_event("approve", "input_received"))
+    fold.apply(first)
+    assert fold.opened is not None and fold.opened.position == "1" and fold.closed == []
+    fold.apply(first)  # a replay
+    assert fold.opened is None and fold.closed == []
+    fold.apply(answered)
+    assert fold.opened is None and [r.position for r in fold.closed] == ["1"]
+    assert fold.outcome.needs_input == []
+
+
+def test_an_outcome_lists_the_newest_open_requests_only_and_finds_every_one():
+    # 25 mapped tasks waiting for a person: each answer body stays bounded (the newest 20 listed);
+    # the oldest, unlisted, is still open and can be answered.
+    fold = OutcomeFold(DAG, RUN)
+    for envelope in envelopes(*(asks(map_index=i) for i in range(25))):
+        fold.apply(envelope)
+    listed = [r.map_index for r in fold.outcome.needs_input]
+    assert listed == list(range(5, 25))
+    assert fold.open_request("approve", 0) is not None and fold.open_request("approve", 0).map_index == 0
+    assert fold.open_request("approve", 25) is None

@@ -207,3 +207,67 @@ def test_the_partition_count_is_asked_again_so_a_lost_one_is_stored_again_and_a_
     client.set(keys.partitions_key(namespace), 4)  # e.g. stored by a gateway before this hook asked again
     assert publisher.publish(run_event("c")) == 1
     assert client.xlen(keys.run_keys(namespace, DAG, "c", 4).log) == 1  # the stored count followed
+
+
+# -- results: the cap is checked while encoding -----------------------------------------------------
+
+
+class Counted:
+    """An item json encodes through default=str, counting how many times it was encoded."""
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def __str__(self) -> str:
+        self.encoded += 1
+        return "x"
+
+
+def test_a_result_far_over_the_cap_becomes_a_reference_without_being_encoded_whole() -> None:
+    item = Counted()
+    value = [item] * 2_000_000  # 8 MB of JSON; the cap is 1 KiB
+    result = publisher_module.make_result(value, dag_id=DAG, run_id="r", task_id="t", map_index=3, max_bytes=1024)
+    assert result.is_ref and result.value is None and result.ref is not None and result.ref.map_index == 3
+    assert 1024 < result.size <= 8_000_001  # over the cap, at most the JSON's 2 + 4 bytes each - 1
+    assert item.encoded == 0  # surely over the cap by its length alone: nothing was encoded
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"rows": 3, "name": "é\u2028", "nested": [1, 2.5, None, True, {"k": [float("nan")]}], 7: "int key"},
+        "x" * 1024,
+        [Path("/tmp"), (1, 2)],
+        1e300,
+        [],
+    ],
+)
+def test_a_result_under_the_cap_is_as_json_dumps_made_it(value) -> None:
+    import json
+
+    encoded = json.dumps(value, default=str, separators=(",", ":"))
+    result = publisher_module.make_result(value, dag_id=DAG, run_id="r", task_id="t", map_index=-1, max_bytes=len(encoded.encode()))
+    assert not result.is_ref and result.size == len(encoded.encode())
+    assert Event(kind=EventKind.TASK, dag_id=DAG, run_id="r", task_id="t", state="success", result=result).result == result
+    assert json.dumps(result.value, separators=(",", ":")) == json.dumps(json.loads(encoded), separators=(",", ":"))
+
+
+def test_a_result_one_byte_over_the_cap_is_a_reference_with_its_size() -> None:
+    result = publisher_module.make_result("x" * 500, dag_id=DAG, run_id="r", task_id="t", map_index=-1, max_bytes=501)
+    assert result.is_ref and result.size == 502
+
+
+def test_a_result_under_the_cap_encodes_each_item_once() -> None:
+    # The size is bounded by a walk that encodes nothing, then the value is encoded once, whole.
+    item = Counted()
+    result = publisher_module.make_result([item] * 100, dag_id=DAG, run_id="r", task_id="t", map_index=-1, max_bytes=1024)
+    assert not result.is_ref and result.value == ["x"] * 100
+    assert item.encoded == 100
+
+
+@pytest.mark.parametrize("value", [{"k": [1, {"a": "é" * 10}]}, ["\n" * 40], [123456789] * 20, {"1": 2}])
+def test_the_walk_never_says_more_than_the_json_holds(value) -> None:
+    import json
+
+    encoded = json.dumps(value, default=str, separators=(",", ":")).encode()
+    assert publisher_module._json_size_past(value, 10**9) <= len(encoded)

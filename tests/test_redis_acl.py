@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from runbell.bus import keys
-from runbell.bus.schema import Event, EventKind
+from runbell.bus.schema import Event, EventKind, Heartbeat
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import PUBLISH_LUA, Publisher, emit, emit_asset
 from tests.conftest import ADMIN_TOKEN, READ_TOKEN, TRIGGER_TOKEN, free_port
@@ -94,7 +95,8 @@ async def test_the_hook_publishes_and_the_gateway_delivers_with_their_own_users(
     gateway = await gateway_factory(redis_url=acl_redis.gateway_url, airflow_url=stand_in_airflow.url)
     hook = hook_publisher(acl_redis, tmp_path)
     async with gateway.client(READ_TOKEN) as reader:
-        await until(lambda: gateway.app.state.hub.connected.is_set())  # SSUBSCRIBE allowed
+        # SSUBSCRIBE allowed, and what readiness asks of the recorder's groups (XINFO GROUPS, XPENDING)
+        await until(lambda: gateway.app.state.readiness.report().ready)
         assert (await reader.get("/readyz")).status_code == 200
         waiter = asyncio.create_task(reader.get("/v1/dags/etl/runs/r1/result", params={"timeout": 30}))
         await until(waiting(gateway))
@@ -105,6 +107,8 @@ async def test_the_hook_publishes_and_the_gateway_delivers_with_their_own_users(
         assert seqs == [1, 2]  # published, not spooled
         answer = await waiter
         assert answer.status_code == 200 and answer.json()["result"] == {"a": 42}
+        # A Metaflow step's heartbeat: XADD MAXLEN ~ to the partition stream (then recorded, below).
+        assert await asyncio.to_thread(hook.heartbeat, Heartbeat(dag_id="etl", run_id="r1", ts=time.time() + 60))
         # The spool's flush: a batch through a pipeline (EVALSHA each).
         for state in ("running", "success"):
             hook.spool.append(Event(kind=EventKind.RUN, dag_id="etl", run_id="r2", state=state).to_json())
@@ -124,16 +128,19 @@ async def test_the_hook_publishes_and_the_gateway_delivers_with_their_own_users(
     store = gateway.app.state.store  # the recorder's consumer group (XGROUP CREATE, XREADGROUP, XACK)
     for run_id in ("r1", "r2", "r3"):
         await until_stored(store, "etl", run_id)
+    await until_stored(store, "etl", "r1", heartbeat=True)
     log = acl_redis.admin().execute_command("ACL", "LOG")
     assert log == [], log  # nothing either side sent was refused
 
 
-async def until_stored(store, dag_id: str, run_id: str) -> None:
+async def until_stored(store, dag_id: str, run_id: str, heartbeat: bool = False) -> None:
+    """Until the run is recorded (and, with heartbeat, a heartbeat of it too)."""
     for _ in range(400):
-        if await store.get_run(dag_id, run_id) is not None:
+        run = await store.get_run(dag_id, run_id)
+        if run is not None and (run.heartbeat_at is not None or not heartbeat):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{dag_id}/{run_id} was not recorded")
+    raise AssertionError(f"{dag_id}/{run_id} was not recorded" + (" with a heartbeat" if heartbeat else ""))
 
 
 def test_the_hook_user_reads_nothing_runs_nothing_else_and_stays_in_its_namespace(acl_redis, tmp_path):

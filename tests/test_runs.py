@@ -251,7 +251,7 @@ async def test_unknown_status_is_400_listing_the_accepted_values(api, mixed):
         assert "queued, running, success, failed, unknown" in body["message"]
     response = await api.get("/v1/runs?run_type=daily")
     assert response.status_code == 400 and "asset_triggered" in response.json()["accepted"]
-    for bad in ("order=newest", "run_after_gte=yesterday", "run_after_lte=2026-13-01"):
+    for bad in ("order=newest", "run_after_gte=yesterday", "run_after_lte=2026-13-01", "run_after_lte="):
         response = await api.get(f"/v1/runs?{bad}")
         assert response.status_code == 400, bad
 

@@ -75,6 +75,9 @@ FLAG_VALUES = {
     "send_timeout": "4",
     "header_timeout": "6",
     "shutdown_grace": "1",
+    "readiness_grace": "2.5",
+    "readiness_max_backlog": "0",
+    "readiness_max_catch_up": "60",
     "webhook_allowed_hosts": "10.0.0.0/8",
     "webhook_secret_grace": "9",
     "webhook_schedule": "0,1,2",
@@ -201,7 +204,7 @@ def test_tokens_parse_and_errors_never_echo_the_token():
     }
     with pytest.raises(ValueError) as bad_role:
         parse_tokens("s3cret:root")
-    assert "s3cret" not in str(bad_role.value) and "read, publish, trigger, admin" in str(bad_role.value)
+    assert "s3cret" not in str(bad_role.value) and "read, publish, respond, trigger, admin" in str(bad_role.value)
     with pytest.raises(ValueError):
         parse_tokens("no-role")
 

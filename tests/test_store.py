@@ -58,6 +58,11 @@ def test_normalize_database_url():
     assert normalize_database_url("sqlite:////abs/x.db") == "sqlite+aiosqlite:////abs/x.db"
     assert normalize_database_url("postgresql+asyncpg://h/db") == "postgresql+asyncpg://h/db"
     assert normalize_database_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    # Airflow's sql_alchemy_conn names sync drivers: the same database through the async one.
+    assert normalize_database_url("postgresql+psycopg2://u:p@h/airflow") == "postgresql+asyncpg://u:p@h/airflow"
+    assert normalize_database_url("postgresql+psycopg://h/db") == "postgresql+asyncpg://h/db"
+    assert normalize_database_url("sqlite+pysqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    assert normalize_database_url("mysql+aiomysql://h/db") == "mysql+aiomysql://h/db"  # not ours to rewrite
     with pytest.raises(ValueError):
         normalize_database_url("runbell.db")
 

@@ -385,7 +385,7 @@ async def test_resend_and_recover(webhooks, outbox_store):
 
 
 def test_kinds_are_the_interfaces():
-    assert [k.value for k in WebhookKind] == ["outcome", "task", "run"]
+    assert [k.value for k in WebhookKind] == ["outcome", "task", "run", "needs_input"]
     assert {s.value for s in MessageStatus} >= {"pending", "delivered", "dead"}
 
 
@@ -399,3 +399,39 @@ async def test_a_resend_during_an_attempt_in_flight_is_not_undone_by_its_finish(
     assert not done.applied  # the resend took the lease away
     assert (await webhooks.get_message(in_flight.id)).status == "pending"
     assert [m.id for m in await webhooks.claim("w2", limit=10, per_endpoint=10, lease_seconds=60)] == [in_flight.id]
+
+
+async def test_needs_input_is_enqueued_once_per_request(webhooks, outbox_store):
+    from runbell.bus.schema import InputRequest
+
+    asking = await webhooks.create_endpoint(url="https://example.com/hook", kinds=["needs_input"])
+    outcome_only = await webhooks.create_endpoint(url="https://example.com/other")
+    request = InputRequest(kind="approval", subject="Ship it?", options=["Approve", "Reject"])
+    asks = lambda try_number=1, map_index=-1: task_event(  # noqa: E731
+        "approve", "awaiting_input", input_request=request, map_index=map_index, ts=T0 + 1
+    ).model_copy(update={"try_number": try_number})
+    envelopes = numbered(
+        run_event("running"),
+        asks(),
+        asks(),  # a duplicate: the same request
+        task_event("approve", "input_received"),
+        asks(),  # a late copy after the answer
+        asks(map_index=2),  # a mapped instance's own request
+        asks(try_number=2),  # the next try asks again
+    )
+    for envelope in envelopes[:3]:
+        await outbox_store.record([envelope])
+    await outbox_store.record(envelopes)  # recorded again, with the rest
+    messages = await all_messages(webhooks, asking)
+    assert [(m.seq, m.kind, m.terminal) for m in messages] == [
+        (2, "needs_input", False),
+        (6, "needs_input", False),
+        (7, "needs_input", False),
+    ]
+    first = json.loads(messages[0].payload)
+    assert first["type"] == "run.needs_input"
+    assert first["data"]["subject"] == "Ship it?" and first["data"]["options"] == ["Approve", "Reject"]
+    assert (first["data"]["dag_id"], first["data"]["run_id"], first["data"]["task_id"], first["data"]["seq"]) == (DAG, "r1", "approve", 2)
+    assert first["data"]["respond"] == "/v1/dags/etl/runs/r1/tasks/approve/input"
+    assert json.loads(messages[1].payload)["data"]["respond"].endswith("?map_index=2")
+    assert await webhooks.messages(outcome_only.id) == []

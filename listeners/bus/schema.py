@@ -100,6 +100,11 @@ class TaskState(str, Enum):
     FAILED = "failed"  # terminal: no retry left
     UP_FOR_RETRY = "up_for_retry"  # failed, but will be retried: NOT a failure of the run
     SKIPPED = "skipped"
+    # Human in the loop (Airflow's HITL operators): the task instance waits for a person; the event
+    # carries what is asked (input_request). Then the gateway says an answer given through it was
+    # accepted by Airflow (input_received), before the task resumes.
+    AWAITING_INPUT = "awaiting_input"
+    INPUT_RECEIVED = "input_received"
 
     @property
     def terminal(self) -> bool:
@@ -147,6 +152,74 @@ class Result(BaseModel):
         return self.ref is not None
 
 
+# What a task waiting for a person asks (Airflow's HITL detail). Each field is bounded, and the whole
+# request's JSON too, so that an event holding the largest request still fits the smallest event cap
+# (64 KiB): the hook leaves out what is over a bound (truncated: Airflow's hitlDetails has it all).
+INPUT_REQUEST_MAX_BYTES = 48 * 1024
+SUBJECT_MAX = 500
+INPUT_BODY_MAX = 4000
+OPTION_MAX = 100
+OPTIONS_MAX = 100
+PARAMS_MAX_BYTES = 16 * 1024  # the form fields' JSON, compact UTF-8
+USERS_MAX = 20
+UNNAMED_OPTION = "?"  # the hook's stand-in when none of the options fits a bound: only Airflow's UI can answer
+OptionText = Annotated[str, StringConstraints(min_length=1, max_length=OPTION_MAX, pattern=NO_CONTROL_CHARACTERS)]
+
+
+def json_bytes(value: Any) -> int:
+    """Bytes of a value's compact JSON (UTF-8; a lone surrogate counted, not raised)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "surrogatepass"))
+
+
+def _params_size(params: dict[str, Any]) -> dict[str, Any]:
+    size = json_bytes(params)
+    if size > PARAMS_MAX_BYTES:
+        raise ValueError(f"params are {size} bytes of JSON, over the bound of {PARAMS_MAX_BYTES}")
+    return params
+
+
+class InputKind(str, Enum):
+    """Which HITL operator asks: approval (Approve/Reject), branch (options name the branches),
+    entry (a form; options default to OK), choice (the plain HITLOperator)."""
+
+    APPROVAL = "approval"
+    BRANCH = "branch"
+    ENTRY = "entry"
+    CHOICE = "choice"
+
+
+class AssignedUser(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: Name
+    name: Name = ""
+
+
+class InputRequest(BaseModel):
+    """What a task instance waiting for a person asks (with state awaiting_input)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    kind: InputKind = InputKind.CHOICE
+    subject: str = Field(max_length=SUBJECT_MAX)
+    body: str | None = Field(default=None, max_length=INPUT_BODY_MAX)
+    options: list[OptionText] = Field(min_length=1, max_length=OPTIONS_MAX)
+    defaults: list[OptionText] | None = Field(default=None, max_length=OPTIONS_MAX)
+    multiple: bool = False
+    # Airflow's serialized params: {name: {"value", "schema", "description"}}, the form's fields.
+    params: Annotated[dict[str, Any], AfterValidator(_params_size)] = Field(default_factory=dict)
+    deadline: TimeText | None = None  # when the defaults are taken (Airflow's timeout); None: never
+    assigned_users: list[AssignedUser] = Field(default_factory=list, max_length=USERS_MAX)
+    truncated: bool = False  # the hook left out part of it (over a bound): Airflow's hitlDetails has it all
+
+    @model_validator(mode="after")
+    def _bounded(self) -> InputRequest:
+        size = json_bytes(self.model_dump(mode="json"))
+        if size > INPUT_REQUEST_MAX_BYTES:
+            raise ValueError(f"the input request is {size} bytes of JSON, over the bound of {INPUT_REQUEST_MAX_BYTES}")
+        return self
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -167,6 +240,7 @@ class Event(BaseModel):
     critical: bool = False  # a terminal failure of this task decides the run as failed
     result: Result | None = None
     error: ErrorInfo | None = None
+    input_request: InputRequest | None = None  # with state awaiting_input only
     # run events
     run_type: RunType | None = None
     logical_date: TimeText | None = None
@@ -184,6 +258,11 @@ class Event(BaseModel):
             raise ValueError(f"state {self.state!r} is not a {self.kind.value} state ({accepted})") from None
         if self.kind is EventKind.TASK and not self.task_id:
             raise ValueError("a task event needs task_id")
+        asks = self.kind is EventKind.TASK and self.state == TaskState.AWAITING_INPUT.value
+        if asks and self.input_request is None:
+            raise ValueError("a task event with state awaiting_input needs input_request")
+        if not asks and self.input_request is not None:
+            raise ValueError("input_request goes only with a task event of state awaiting_input")
         return self
 
     @property
@@ -378,6 +457,40 @@ def parse_event_json(text: str | bytes) -> AnyEvent:
     if isinstance(data, dict) and data.get("kind") == ASSET_KIND:
         return AssetEvent.model_validate_json(text)
     return Event.model_validate_json(text)
+
+
+# -- heartbeats ------------------------------------------------------------------------------------
+
+HEARTBEAT_FIELD: Final = "hb"  # the partition stream entry's field holding a heartbeat (an event's is "env")
+HEARTBEAT_MAX_BYTES: Final = 4096  # far above any valid heartbeat: a larger entry is no heartbeat
+
+
+class Heartbeat(BaseModel):
+    """A task attempt still alive at ``ts`` (Metaflow's decorator sends one every few tens of seconds
+    while a step runs). Only the recorder reads it, from the run's partition stream: it is no event
+    (no seq, no replay log, no live message), and updates only the run's heartbeat time in the store."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    dag_id: Id
+    run_id: Id
+    task_id: Id | None = None
+    map_index: MapIndex = -1
+    try_number: TryNumber | None = None
+    ts: Timestamp = Field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+def decode_heartbeat(raw: bytes | str) -> Heartbeat:
+    """Parse and validate one heartbeat; raise BadEvent (reason "heartbeat") saying why it is not one."""
+    if len(raw) > HEARTBEAT_MAX_BYTES:
+        raise BadEvent("heartbeat", f"{len(raw)} bytes, over the heartbeat cap of {HEARTBEAT_MAX_BYTES}")
+    try:
+        return Heartbeat.model_validate_json(raw)
+    except ValidationError as exc:
+        raise BadEvent("heartbeat", str(exc.errors(include_url=False)[:3])[:300]) from None
 
 
 def truncate(text: str, limit: int = ERROR_MESSAGE_MAX) -> str:

@@ -14,6 +14,23 @@ Checked against apache-airflow 3.3.2's source:
   values as they are and other types as {"__classname__", "__version__", "__data__"} envelopes.
   `deserialize=true` is for display, not data: it re-parses strings as JSON ("42" becomes 42) and
   renders a tuple as the string "(1,x)" (seen with 3.3.2), so it is not used.
+- an unknown route under /api answers 404 {"error": "API route not found"} (3.1.8, 3.2.2, 3.3.2: a
+  catch-all in the core API app), not FastAPI's {"detail": "Not Found"}.
+
+A backfill's slots (its backfill_dag_run rows): `GET /api/v2/backfills/{id}/dag_runs`, added by
+apache/airflow PR #67381 (released in 3.4; 3.1 to 3.3 have no such route). Read from that PR's
+datamodels/backfills.py and routes/public/backfills.py:
+- answer: {"backfill_dag_runs": [...], "total_entries": int}; each entry {"id", "backfill_id",
+  "dag_id" (the backfill's), "dag_run_id" (the run's run_id string, null for a slot Airflow skipped),
+  "logical_date" (null for a partitioned backfill), "partition_key", "sort_ordinal",
+  "exception_reason", "dag_run_state" (null without a run)};
+- limit (default 50, capped at maximum_page_limit) / offset paging; order_by "sort_ordinal"
+  (default) or "id", the primary key always appended as the tie-break: sort_ordinal, then id;
+- an unknown backfill: 404 {"detail": "Backfill with id N not found"}; a negative id: 422.
+Whether the route exists is probed (feature detection, never a version number): ask it for
+backfill 0, which no Airflow has (ids start at 1). A 404 that speaks of a backfill means the route
+answered; any other 404 (the catch-all above, a proxy's) or a page that is no JSON collection means
+it is not there.
 
 Errors are typed, each with the HTTP status and code the gateway should answer with; no message
 ever carries the password or a token.
@@ -33,6 +50,9 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
+from pydantic import BaseModel, ValidationError, field_validator
+
+from runbell.service.core import clock
 
 log = logging.getLogger("runbell.airflow_api")
 
@@ -42,6 +62,12 @@ MAX_PAGES = 10_000  # a guard against a server that never stops paging
 DETAIL_MAX = 300  # characters of Airflow's error text kept in a message
 REFRESH_MARGIN_MIN = 60.0  # refresh a JWT when less than max(60 s, 10% of its life) remains...
 REFRESH_MARGIN_SHARE = 0.1  # ...but never earlier than half-way, so a short token is still reused
+BACKFILL_DAG_RUNS = "/api/v2/backfills/{backfill_id}/dag_runs"  # PR #67381, Airflow 3.4+
+PROBE_BACKFILL_ID = 0  # no Airflow has it: ids start at 1, and 0 passes the route's NonNegativeInt
+# How long the probe's finding holds: an Airflow upgraded (or rolled back) behind the same URL is
+# seen within this, without restarting the gateway. A rollback is also seen at once: a listing that
+# meets a missing route says so.
+ROUTE_RECHECK_SECONDS = 300.0
 
 
 @dataclass
@@ -85,6 +111,23 @@ class RunExists(AirflowError):
     status, code = 409, "run_exists"
 
 
+class NoOpenRequest(NotFound):
+    """No task instance, or it has no HITL detail (it never asked)."""
+
+    status, code = 404, "no_open_request"
+
+
+class AlreadyAnswered(AirflowError):
+    status, code = 409, "already_answered"
+
+
+class AnswerRefused(AirflowError):
+    """Airflow refused the answer itself: options not offered, several for a single choice (3.3+), a
+    malformed body; or the gateway's Airflow user is not among the request's assigned users (403)."""
+
+    status, code = 400, "answer_refused"
+
+
 class AirflowAuthFailed(AirflowError):
     status, code = 502, "airflow_auth_failed"
 
@@ -97,6 +140,40 @@ class AirflowUnavailable(AirflowError):
 
 class AirflowBadRequest(AirflowError):
     status, code = 502, "airflow_rejected"
+
+
+class RouteMissing(AirflowError):
+    """This Airflow has no such route (an older release): use another way, never the caller's fault."""
+
+    status, code = 501, "airflow_route_missing"
+
+
+class BackfillDagRun(BaseModel):
+    """One slot of a backfill as GET /api/v2/backfills/{id}/dag_runs gives it (the fields read;
+    partition_key is not: a slot here is a logical date)."""
+
+    sort_ordinal: int
+    logical_date: datetime | None
+    dag_id: str
+    dag_run_id: str | None  # the run's run_id
+    dag_run_state: str | None
+    exception_reason: str | None
+
+    @field_validator("logical_date")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return clock.as_utc(value) if value is not None else None  # as the database path gives it
+
+
+@dataclass
+class RouteCheck:
+    """What the last probe found of an optional route, and when (time.monotonic(); None: never)."""
+
+    present: bool = False
+    at: float | None = None
+
+    def fresh(self) -> bool:
+        return self.at is not None and time.monotonic() - self.at < ROUTE_RECHECK_SECONDS
 
 
 class AirflowClient:
@@ -117,6 +194,13 @@ class AirflowClient:
         self._old_jwt: str | None = None  # still redacted: a message may echo the one just replaced
         self._refresh_at = 0.0  # time.monotonic() after which the cached JWT is replaced
         self._token_lock = asyncio.Lock()
+        self._backfill_dag_runs = RouteCheck()
+        self._probe_lock = asyncio.Lock()
+
+    @property
+    def where(self) -> str:
+        """The base URL as messages show it (without any user:password@)."""
+        return self._where
 
     async def __aenter__(self) -> AirflowClient:
         return self
@@ -200,7 +284,9 @@ class AirflowClient:
             if not isinstance(items, list):
                 raise _bad_answer(self._where, "answered a task instance page without a list")
             found.extend(items)
-            if cursor is not None and page.get("total_entries_limit") is not None:
+            # Asked with a cursor, an Airflow with cursor paging (3.2+) answers a page with next_cursor (3.2
+            # without any total; 3.3 with total_entries_limit); one without it (3.1) has no such field.
+            if cursor is not None and "next_cursor" in page:
                 cursor = page.get("next_cursor")  # cursor mode answered: null means the last page
                 if not cursor or not items:
                     return found
@@ -211,6 +297,42 @@ class AirflowClient:
             if not items or not isinstance(total, int) or len(found) >= total:
                 return found
         raise _bad_answer(self._where, f"kept paging task instances past {MAX_PAGES} pages")
+
+    async def task_instance_state(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str | None:
+        """The task instance's state as Airflow has it now (None: no such task instance, or no state)."""
+        path = f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}"
+        if map_index >= 0:
+            path += f"/{map_index}"
+        resp = await self._call("GET", path)
+        if resp.status_code == 404:
+            return None
+        self._raise_for(resp, "GET", path)
+        state = _json_object(resp, self._where).get("state")
+        return state if isinstance(state, str) else None
+
+    async def answer_input(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int, chosen_options: list[str], params_input: dict[str, Any]
+    ) -> dict:
+        """Answer a task waiting for a person (a HITL operator), as Airflow's UI does: PATCH its HITL
+        detail (the same path on 3.1, 3.2 and 3.3). Airflow's answer: responded_by, responded_at,
+        chosen_options, params_input. 404 NoOpenRequest, 409 AlreadyAnswered, 400/422 AnswerRefused
+        (3.1 and 3.2 accept any option here and fail the task when it resumes: the gateway checks first)."""
+        path = f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/{map_index}/hitlDetails"
+        body = {"chosen_options": chosen_options, "params_input": params_input}
+        resp = await self._call("PATCH", path, json=body)
+        where = f"{dag_id}/{run_id}/{task_id}[{map_index}]"
+        if resp.status_code in (400, 422) or (resp.status_code == 403 and "not a respondent" in resp.text):
+            status = 403 if resp.status_code == 403 else 400
+            code = "not_a_respondent" if status == 403 else "answer_refused"
+            raise AnswerRefused(f"Airflow refused the answer to {where}: {self._redact(_detail(resp))}", status=status, code=code)
+        self._raise_for(
+            resp,
+            "PATCH",
+            path,
+            not_found=lambda m: NoOpenRequest(f"Airflow has no input request of {where}: {m}"),
+            conflict=lambda m: AlreadyAnswered(f"the input request of {where} has already been answered"),
+        )
+        return _json_object(resp, self._where)
 
     async def xcom_value(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, key: str = "return_value") -> Any:
         """The XCom value as JSON, as the hook would have published it: tuples and sets (which the
@@ -228,6 +350,81 @@ class AirflowClient:
         if "value" not in entry:
             raise _bad_answer(self._where, "answered an XCom entry without a value")
         return _unwrap_collections(entry["value"])
+
+    async def get_backfill(self, backfill_id: int) -> dict | None:
+        """The backfill (GET /api/v2/backfills/{id}, in every Airflow 3), or None."""
+        path = f"/api/v2/backfills/{backfill_id}"
+        resp = await self._call("GET", path)
+        if resp.status_code in (404, 422):  # 422: an id Airflow's NonNegativeInt refuses, so none
+            return None
+        self._raise_for(resp, "GET", path)
+        backfill = _json_object(resp, self._where)
+        if not isinstance(backfill.get("dag_id"), str):
+            raise _bad_answer(self._where, f"answered GET {path} without a dag_id")
+        return backfill
+
+    async def has_backfill_dag_runs(self) -> bool:
+        """Whether this Airflow lists a backfill's slots (PR #67381): probed once, then again after
+        ROUTE_RECHECK_SECONDS. Concurrent callers share one probe. A probe that gets no usable answer
+        (unreachable, 5xx, refused) raises its AirflowError and is not remembered."""
+        async with self._probe_lock:
+            if self._backfill_dag_runs.fresh():
+                return self._backfill_dag_runs.present
+            path = BACKFILL_DAG_RUNS.format(backfill_id=PROBE_BACKFILL_ID)
+            resp = await self._call("GET", path, params={"limit": 1})
+            if _route_missing(resp):
+                present = False
+            elif 200 <= resp.status_code < 300:  # a collection, or an SPA's page served for any path
+                body = _json_or_none(resp)
+                present = isinstance(body, dict) and isinstance(body.get("backfill_dag_runs"), list)
+            elif resp.status_code == 404:
+                present = True  # the route itself said there is no backfill 0
+            else:
+                self._raise_for(resp, "GET", path)
+                raise _bad_answer(self._where, f"answered {resp.status_code} to GET {path} (unexpected)")
+            self._remember_backfill_dag_runs(present)
+            return present
+
+    async def backfill_dag_runs(self, backfill_id: int, *, offset: int = 0, limit: int | None = None) -> tuple[int, list[BackfillDagRun]]:
+        """(total_entries, the backfill's slots in sort_ordinal order from `offset`, at most `limit`,
+        all of them without one), reading every page Airflow's page cap makes. RouteMissing where
+        this Airflow has no such route (remembered: the next probe is due only after the recheck);
+        NotFound (backfill_not_found) for a backfill Airflow does not have."""
+        path = BACKFILL_DAG_RUNS.format(backfill_id=backfill_id)
+        found: list[BackfillDagRun] = []
+        total = 0
+        for _ in range(MAX_PAGES):
+            want = PAGE_LIMIT if limit is None else min(PAGE_LIMIT, limit - len(found))
+            if want <= 0:
+                return total, found
+            params = {"limit": want, "offset": offset + len(found), "order_by": "sort_ordinal"}
+            resp = await self._call("GET", path, params=params)
+            if _route_missing(resp):
+                self._remember_backfill_dag_runs(False)
+                raise RouteMissing(f"Airflow at {self._where} has no GET {BACKFILL_DAG_RUNS} (it came with Airflow 3.4)")
+            self._raise_for(
+                resp, "GET", path, not_found=lambda m: NotFound(f"Airflow has no backfill {backfill_id}", code="backfill_not_found")
+            )
+            page = _json_object(resp, self._where)
+            items, entries = page.get("backfill_dag_runs"), page.get("total_entries")
+            if not isinstance(items, list) or not isinstance(entries, int):
+                raise _bad_answer(self._where, f"answered GET {path} without a backfill_dag_runs list and total_entries")
+            try:
+                found.extend(BackfillDagRun.model_validate(item) for item in items)
+            except ValidationError as exc:
+                raise _bad_answer(
+                    self._where, f"answered GET {path} with a slot not of the expected shape ({exc.error_count()} errors)"
+                ) from None
+            total = entries
+            if not items or offset + len(found) >= total:
+                return total, found
+        raise _bad_answer(self._where, f"kept paging a backfill's dag runs past {MAX_PAGES} pages")
+
+    def _remember_backfill_dag_runs(self, present: bool) -> None:
+        known = self._backfill_dag_runs
+        if known.at is None or present != known.present:
+            log.info("Airflow at %s %s GET %s", self._where, "has" if present else "has no", BACKFILL_DAG_RUNS)
+        self._backfill_dag_runs = RouteCheck(present, time.monotonic())
 
     # -- transport and auth ---------------------------------------------------------------------
 
@@ -349,7 +546,10 @@ class AirflowClient:
 
 
 def _q(segment: str) -> str:
-    return quote(str(segment), safe="")
+    quoted = quote(str(segment), safe="")
+    # "." and ".." are left as they are by quote, and httpx removes such segments from a path: an id
+    # that is one would move the call elsewhere. Encoded, Airflow reads it back as the id it is.
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
 def _display_url(url: str) -> str:
@@ -427,6 +627,23 @@ def _detail(resp: httpx.Response) -> str:
     else:
         text = json.dumps(detail)
     return text if len(text) <= DETAIL_MAX else text[: DETAIL_MAX - 1] + "…"
+
+
+def _route_missing(resp: httpx.Response) -> bool:
+    """A 404 (or 405) that is not the backfill routes' own: Airflow's catch-all for unknown API
+    routes, FastAPI's {"detail": "Not Found"}, or a proxy's page."""
+    if resp.status_code not in (404, 405):
+        return False
+    body = _json_or_none(resp)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return resp.status_code == 405 or not (isinstance(detail, str) and "backfill" in detail.lower())
+
+
+def _json_or_none(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
 
 
 def _json_object(resp: httpx.Response, where: str) -> dict:

@@ -55,6 +55,7 @@ from runbell.service.bench.measure import (
     percentiles,
     start_gateway,
 )
+from runbell.service.bench.report import ratio
 from runbell.service.bench.standalone import Airflow, standalone
 from runbell.service.core import clock
 
@@ -136,8 +137,8 @@ def _summary(case: Case, by_caller: dict[str, list[float]]) -> dict[str, Any]:
         "runbell_long_poll": runbell,
         "runbell_sse": sse,
         "airflow_wait": wait,
-        "ratio_p50": round(wait["p50_ms"] / runbell["p50_ms"], 1),
-        "ratio_p50_sse": round(wait["p50_ms"] / sse["p50_ms"], 1),
+        "ratio_p50": ratio(wait.get("p50_ms"), runbell.get("p50_ms")),  # None where a side has no samples
+        "ratio_p50_sse": ratio(wait.get("p50_ms"), sse.get("p50_ms")),
         # per run: how much earlier the Runbell caller knew than the /wait caller
         "lead_seconds_p50": _median_lead(by_caller["airflow_wait"], by_caller["runbell"]),
         "lead_seconds_p50_sse": _median_lead(by_caller["airflow_wait"], by_caller["runbell_sse"]),

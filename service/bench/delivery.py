@@ -10,26 +10,33 @@ Each scenario returns (figures, samples): figures for the report, raw latencies 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
+import redis.asyncio as aioredis
 
 from runbell.bus import keys
 from runbell.listeners.config import PublisherConfig
 from runbell.listeners.publisher import Publisher, emit
 from runbell.service.bench import procstats
-from runbell.service.bench.loadgen import Arrival, LoadGen
+from runbell.service.bench.loadgen import PORTS_KEPT_FREE, Arrival, LoadGen, ephemeral_ports
 from runbell.service.bench.measure import percentiles
+from runbell.service.bench.report import median, ratio, ratios
 
 DAG = "bench"
 LONG_POLL_TIMEOUT = 60  # the gateway's maximum: a waiter never times out during a measurement
@@ -77,7 +84,10 @@ class Target:
 
     @staticmethod
     def of(process: subprocess.Popen, port: int, redis_url: str, namespace: str) -> Target:
-        publisher = Publisher(PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=Path(tempfile.mkdtemp())))
+        # The hook's publish, with a longer timeout than its 0.25 s: on a busy machine a slow publish is a
+        # figure (its latency), not an event lost to the spool that fails the measurement.
+        config = PublisherConfig(redis_url=redis_url, namespace=namespace, spool_dir=Path(tempfile.mkdtemp()), timeout_seconds=5.0)
+        publisher = Publisher(config)
         return Target(
             port,
             process.pid,
@@ -120,23 +130,36 @@ class Target:
         self.wait_until_recorded()
         procstats.wait_until_idle(self.pid)
 
-    def wait_until_recorded(self, timeout: float = 300.0) -> None:
-        """Until the recorder's consumer group has read and acknowledged every event of every partition."""
-        config, deadline = self.publisher.config, time.monotonic() + timeout
-        streams = keys.partition_streams(config.namespace, config.stream_partitions)
-        while time.monotonic() < deadline:
-            if all(self._recorded(stream) for stream in streams):
-                return
-            time.sleep(0.1)
-        raise TimeoutError("the gateway's recorder did not catch up with the published events")
+    def wait_until_recorded(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Until the gateway's recorder has recorded every event published so far (the store holds
+        them all): its backlog, as its readiness computes it, is 0. How far behind it was, and how long
+        it took; TimeoutError after `timeout` seconds."""
+        started, behind = time.monotonic(), None
+        while (now := self.backlog()) and time.monotonic() - started < timeout:
+            behind = now if behind is None else behind
+            time.sleep(0.05)
+        if now:
+            raise TimeoutError(f"the gateway's recorder did not catch up in {timeout:g} s: {now} events not recorded yet")
+        return {"behind": behind or 0, "waited_s": round(time.monotonic() - started, 3)}
 
-    def _recorded(self, stream: str) -> bool:
-        try:
-            groups = {g["name"]: g for g in self.redis.xinfo_groups(stream)}
-        except redis.ResponseError:  # no stream yet: nothing was published, nothing to record
-            return True
-        group = groups.get(keys.recorder_group().encode())
-        return group is not None and group["lag"] == 0 and group["pending"] == 0
+    def backlog(self) -> int:
+        """Events published to the gateway's streams not recorded yet (read by no recorder, or read and
+        not yet stored and acknowledged): the readiness check's backlog, over every recorder of the group."""
+        # Imported here: the load generator's and the floors' processes import this package, and the store's
+        # modules would add a second to each one's start.
+        from runbell.service.store.recorder import backlog_of
+
+        config = self.publisher.config
+        streams = keys.partition_streams(config.namespace, config.stream_partitions)
+
+        async def ask() -> int:
+            client = aioredis.Redis.from_url(self.publisher.config.redis_url)
+            try:
+                return (await backlog_of(client, streams, keys.recorder_group(), None)).behind  # any gateway's recorder
+            finally:
+                await client.aclose()
+
+        return asyncio.run(ask())
 
     def resources(self, window: float) -> dict[str, Any]:
         """Redis connections the gateway process holds, and SQL statements it sends per second."""
@@ -187,12 +210,22 @@ def outcome_latencies(arrivals: list[Arrival], published_at: dict[int, float]) -
 
 
 def crowd(
-    gen: LoadGen, target: Target, via: str, callers: int, rounds: int, fanout_events: int = 0, resources_window: float = 0.0
+    gen: LoadGen,
+    target: Target,
+    via: str,
+    callers: int,
+    rounds: int,
+    fanout_events: int = 0,
+    resources_window: float = 0.0,
+    profile: Callable[[], AbstractContextManager[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], Samples]:
     """`callers` wait on one run whose result is then published: latency, and time until the last caller
-    has it (fan-out). SSE clients first get `fanout_events` task events, one at a time, each to all."""
+    has it (fan-out). SSE clients first get `fanout_events` task events, one at a time, each to all.
+    `profile`: a recorder of the gateway (runbell.service.bench.profile.sampled) around each round's
+    publishes and arrivals, not its callers' arrival; what it recorded is figures["profile"]."""
     latencies, to_last, fanout, missing = [], [], [], 0
     resources = None
+    profiles: list[dict[str, Any]] = []
     for r in range(rounds):
         run_id = new_run_id(f"{via}-{callers}-{r}")
         target.publish(run_id, "running")  # a started run, as most waits are
@@ -200,11 +233,13 @@ def crowd(
         if resources_window and resources is None:
             resources = target.resources(resources_window)
         events = []
-        for k in range(fanout_events if via == "sse" else 0):
-            events.append(target.publish(run_id, "running", task_id=f"step{k}"))
-            gen.await_events("task", k + 1)
-        result = target.publish_result(run_id)
-        arrivals = collect(gen, via)
+        with profile() if profile is not None else contextlib.nullcontext({}) as profiled:
+            profiles.append(profiled)
+            for k in range(fanout_events if via == "sse" else 0):
+                events.append(target.publish(run_id, "running", task_id=f"step{k}"))
+                gen.await_events("task", k + 1)
+            result = target.publish_result(run_id)
+            arrivals = collect(gen, via)
         got, lost = outcome_latencies(arrivals, dict.fromkeys(range(callers), result.t))
         latencies += got
         missing += lost
@@ -220,12 +255,14 @@ def crowd(
         "callers": callers,
         "runs": 1,
         "rounds": rounds,
-        "latency": percentiles(latencies),
+        "latency": percentiles(latencies, f"{missing} of {callers * rounds} callers never had the outcome"),
         "missing": missing,
         "time_to_last_ms": [round(s * 1e3, 3) for s in to_last + fanout],
     }
     if resources is not None:
         figures["resources"] = resources
+    if profile is not None:
+        figures["profile"] = profiles[-1]  # the last round's (one round is profiled, see bench_callers)
     return figures, {"latency": latencies}
 
 
@@ -256,9 +293,66 @@ def spread(
         "runs": runs,
         "decided_runs": len(published),
         "publish_gap_ms": gap * 1e3,
-        "latency": percentiles(got),
+        "latency": percentiles(got, f"{lost} of {len(at)} callers of decided runs never had the outcome"),
         "missing": lost,
     }, {"latency": got}
+
+
+EARLY_LEAD = 0.5  # issue 14: a waiter that arrives this long before its result
+
+
+def early_waiters(
+    gen: LoadGen, target: Target, via: str, callers: int, gap: float, lead: float = EARLY_LEAD
+) -> tuple[dict[str, Any], Samples]:
+    """`callers` each on a run of its own, each connecting `lead` seconds before its run's result is
+    published, one publish every `gap` seconds: publish → caller, against as many settled callers (all
+    subscribed before the first publish, spread()) at the same pace, measured just before on the same
+    gateway; the early callers arrive while others' results are published, as callers do. The early ones are opened by the load generator at their times while this process publishes
+    from a thread on the same clock (perf_counter, CLOCK_MONOTONIC), so that opens and publishes interleave
+    as callers and results do; how long before its result each caller actually connected is reported."""
+    settled, settled_heard = spread(gen, target, via, callers, callers, gap)
+    run_ids = [new_run_id(f"{via}-early-{i}") for i in range(callers)]
+    for run_id in run_ids:
+        target.publish(run_id, "running")
+    target.wait_for_metric(GAUGES[via], lambda value: value == 0)
+    target.settle(callers)  # the recorder caught up, the gateway idle: as before the settled callers' publishes
+    first = time.perf_counter() + 0.2  # the open command reaches every worker before the first time
+    # Each arrival at a random point of its slot, as callers come: with arrivals exactly `gap` apart, every
+    # publish met another caller's arrival at the same instant (lead / gap callers later), and the early
+    # waiters' p50 measured 1.7-1.9x the settled ones' against 1.2-1.3x with arrivals off the publishes'
+    # instants (1,000 long-poll waiters, 10 and 11.3 ms apart, this machine busy).
+    opens = [first + (i + random.random()) * gap for i in range(callers)]
+    published: dict[int, float] = {}
+
+    def publish_paced() -> None:
+        for i, run_id in enumerate(run_ids):
+            time.sleep(max(0.0, opens[i] + lead - time.perf_counter()))
+            published[i] = target.publish_result(run_id).t
+
+    publisher = threading.Thread(target=publish_paced, name="early-publisher")
+    publisher.start()
+    try:
+        opened = gen.open(via, [caller_path(via, r) for r in run_ids], at=opens)
+    finally:
+        publisher.join()
+    if opened["failed"]:
+        gen.collect(timeout=0)
+        raise RuntimeError(f"{opened['failed']} of {callers} early {via} callers could not connect: {opened['error']}")
+    if via == "sse":
+        gen.await_paths("outcome", set(published), timeout=LONG_POLL_TIMEOUT)
+    arrivals, _ = gen.collect(timeout=0 if via == "sse" else LONG_POLL_TIMEOUT + 5)
+    got, lost = outcome_latencies(arrivals, published)
+    leads = [published[a.path] - a.t for a in arrivals if a.event == "connect" and a.path in published]
+    latency = percentiles(got, f"{lost} of {callers} early callers never had the outcome")
+    return {
+        "callers": callers,
+        "publish_gap_ms": gap * 1e3,
+        "lead_ms": lead * 1e3,
+        "connected_before_publish": percentiles(leads, "no early caller's connect was recorded"),
+        "early": {"latency": latency, "missing": lost},
+        "settled": {"latency": settled["latency"], "missing": settled["missing"]},
+        "ratio": ratios(latency, settled["latency"]),
+    }, {"early": got, "settled": settled_heard["latency"]}
 
 
 def polling(
@@ -278,7 +372,7 @@ def polling(
         "runs": runs * rounds,
         "runs_at_once": runs,
         "store_read": "GET /v1/dags/{dag_id}/runs/{run_id}",
-        **{kind: percentiles(s) for kind, s in samples.items()},
+        **{kind: percentiles(s, f"no {kind} caller heard an outcome of {runs * rounds} runs") for kind, s in samples.items()},
     }
     return figures, samples
 
@@ -321,8 +415,10 @@ def throughput(gen: LoadGen, target: Target, clients: int, runs: int, events: in
     reached = gen.await_events("task", per_run, timeout=300)
     arrivals, _ = gen.collect(timeout=0)
     tasks = [a.t for a in arrivals if a.event == "task"]
-    seconds = max(tasks) - start
     total = per_run * runs
+    if not tasks:
+        return {"clients": clients, "runs": runs, "events": total, "deliveries": 0, "error": "no samples: no task event reached a client"}
+    seconds = max(tasks) - start
     return {
         "clients": clients,
         "runs": runs,
@@ -337,32 +433,129 @@ def throughput(gen: LoadGen, target: Target, clients: int, runs: int, events: in
     }
 
 
-def capacity(gen: LoadGen, target: Target, steps: tuple[int, ...]) -> dict[str, Any]:
-    """Idle SSE clients, each on a run of its own that never publishes, opened up to each step: how many
-    one process holds, and its resident memory per connection (the growth over the first step's start)."""
+# Files a gateway opens beyond those it holds when its connections are counted (Redis command connections
+# filling their pool, the store's, a log file) and a load generator worker beyond its sockets (pipes, the
+# interpreter's own): kept out of the connections one step may open.
+GATEWAY_FILES_KEPT = 100
+WORKER_FILES_KEPT = 50
+
+
+@dataclass(frozen=True)
+class Room:
+    """The most idle connections one step may open, and what sets it (a limit read on this machine)."""
+
+    connections: int
+    why: str
+
+
+def gateway_room(pid: int) -> Room:
+    """What the gateway process's open-file limit leaves for connections: its soft limit (the one in force)
+    less the files it already holds and GATEWAY_FILES_KEPT."""
+    soft, hard = procstats.open_file_limit(pid)
+    held = procstats.open_files(pid)
+    room = soft - held - GATEWAY_FILES_KEPT
+    return Room(
+        room,
+        f"the gateway process's open-file limit is {soft} (hard {hard}; /proc/{pid}/limits) and it holds {held} files "
+        f"already, {GATEWAY_FILES_KEPT} more kept for its own: at most {room} connections",
+    )
+
+
+def load_generator_room(gen: LoadGen) -> Room:
+    """What the load generator can hold: its workers' open-file limits (each holds an equal share, dealt
+    round-robin) and its source addresses' ephemeral ports."""
+    limits = [procstats.open_file_limit(pid)[0] for pid in gen.pids()]
+    by_files = len(limits) * (min(limits) - WORKER_FILES_KEPT)
+    ports = ephemeral_ports()
+    by_ports = len(gen.sources) * int(ports * (1 - PORTS_KEPT_FREE))
+    if by_files <= by_ports:
+        return Room(
+            by_files, f"the load generator's {len(limits)} workers have an open-file limit of {min(limits)} each: at most {by_files}"
+        )
+    sources = ", ".join(source or "127.0.0.1" for source in gen.sources)
+    return Room(by_ports, f"the load generator's source addresses ({sources}) have {ports} ephemeral ports each: at most {by_ports}")
+
+
+def plan_steps(steps: tuple[int, ...], room: Room) -> tuple[list[int], dict[int, str]]:
+    """The steps that fit in `room`, and the others with why they cannot be reached. Where a step does not
+    fit, the largest count that does is measured in its place (once, and only if it is beyond the last
+    step that fits): the most this machine shows."""
+    fits = [step for step in steps if step <= room.connections]
+    beyond = {step: f"not measurable here: {room.why}" for step in steps if step > room.connections}
+    if beyond and room.connections > max(fits, default=0):
+        fits.append(room.connections)
+    return fits, beyond
+
+
+def capacity(
+    gen: LoadGen, target: Target, steps: tuple[int, ...], floor: Callable[[int], list[float]], fanout_events: int
+) -> dict[str, Any]:
+    """At each step (those the open-file limits and ports leave room for; the others reported with the
+    limit read): idle SSE clients each on a run of its own that never publishes, how many one process
+    holds and its resident memory per connection (the growth over the phase's start); and as many
+    clients on one run, with the time until the last of them has one event (the median of
+    `fanout_events`), against `floor(n)`: a bare server's frame to as many sockets (ms per round).
+
+    Two passes, never both sets at once (that would halve the count the open-file limit allows). First
+    memory, the steps opened cumulatively on a fresh gateway, each client on a run of its own: on one
+    shared run a connection costs less (21.5 against 27.6 KiB at 5,000, measured side by side), as the
+    run's state is paid once, and the figure judged is what a connection costs with its run. Then
+    fan-out, each step's clients opened anew on one run (crowd()). Not interleaved: RSS never falls
+    back, and with the fan-out sets opened and closed between the memory steps 19,877 connections
+    showed 31.2 KiB each against 23.4 KiB held cumulatively (the sets before them left their peak)."""
+    room = min(gateway_room(target.pid), load_generator_room(gen), key=lambda r: r.connections)
+    measured, beyond = plan_steps(steps, room)
     rss_before = procstats.rss_kib(target.pid)
-    held, rows = 0, []
-    for step in steps:
-        fresh = [new_run_id("idle") for _ in range(step - held)]
-        opened = gen.open("sse", [caller_path("sse", r) for r in fresh])
-        held += opened["opened"]
-        if opened["failed"]:
-            rows.append({"connections": held, "failed": opened["failed"], "error": opened["error"]})
+    rows = memory_steps(gen, target, measured, rss_before)
+    for row in rows:
+        if "error" in row:
             break
-        target.wait_for_metric(GAUGES["sse"], lambda value, held=held: value >= held)  # type: ignore[misc]  # a default argument binds held per step
-        target.settle(step)
-        rows.append({"connections": held, "rss_kib": procstats.rss_kib(target.pid)})
-    measured = [row for row in rows if "rss_kib" in row]
-    first, last = (measured[0], measured[-1]) if measured else ({}, {"connections": 0, "rss_kib": rss_before})
-    gen.collect(timeout=0)
+        try:
+            shared, _ = crowd(gen, target, "sse", row["connections"], 1, fanout_events)
+        except Exception as exc:  # as many on one run could not be opened: the step's memory stands
+            row["fanout_error"] = f"{type(exc).__name__}: {exc}"
+            gen.collect(timeout=0)
+            break
+        fanout_ms = shared["time_to_last_ms"][1:]  # the first is the result's (its outcome), the others one task event each
+        row.update(fanout_ms=fanout_ms, fanout_median_ms=median(fanout_ms), fanout_missing=shared["missing"])
+        try:
+            floor_ms = floor(row["connections"])
+        except Exception as exc:  # the floor's own failure: the step's figures stand, without their ratio
+            row["floor_error"] = f"the fan-out floor failed: {type(exc).__name__}: {exc}"
+            continue
+        row.update(floor_ms=floor_ms, floor_median_ms=median(floor_ms), ratio_to_floor=ratio(row["fanout_median_ms"], median(floor_ms)))
+    by_step = {str(row["connections"]): row for row in rows}
+    by_step.update({str(step): {"connections": step, "not_measurable": why} for step, why in beyond.items()})
+    held = [row for row in rows if "rss_kib" in row]
+    first, last = (held[0], held[-1]) if held else ({}, {"connections": 0, "rss_kib": rss_before})
     # The first connections cost more (the allocator's arenas, the hub's tables growing): the average over
     # all is what the goal is judged on; the marginal cost, between the first step and the last, is beside it.
-    marginal = (last["rss_kib"] - first["rss_kib"]) / (last["connections"] - first["connections"]) if len(measured) > 1 else None
+    marginal = (last["rss_kib"] - first["rss_kib"]) / (last["connections"] - first["connections"]) if len(held) > 1 else None
     return {
-        "connections_held": held,
+        "room": {"connections": room.connections, "why": room.why},
+        "connections_held": last["connections"],
         "rss_before_kib": rss_before,
         "rss_after_kib": last["rss_kib"],
-        "kib_per_connection": round((last["rss_kib"] - rss_before) / last["connections"], 2) if last["connections"] else None,
+        "kib_per_connection": last.get("kib_per_connection"),
         "marginal_kib_per_connection": round(marginal, 2) if marginal is not None else None,
-        "steps": rows,
+        "by_step": by_step,
     }
+
+
+def memory_steps(gen: LoadGen, target: Target, steps: list[int], rss_before: int) -> list[dict[str, Any]]:
+    """Idle SSE clients on runs of their own, opened up to each step in turn (cumulatively): the gateway's
+    RSS at each, and KiB per connection over `rss_before`; all closed after. A step that cannot open
+    them all is the last, with its error."""
+    held, rows = 0, []
+    for n in steps:
+        opened = gen.open("sse", [caller_path("sse", new_run_id("idle")) for _ in range(n - held)])
+        held += opened["opened"]
+        if opened["failed"]:
+            rows.append({"connections": n, "held": held, "failed": opened["failed"], "error": opened["error"]})
+            break
+        target.wait_for_metric(GAUGES["sse"], lambda value, held=held: value >= held)  # type: ignore[misc]  # a default argument binds held per step
+        target.settle(n)
+        rss = procstats.rss_kib(target.pid)
+        rows.append({"connections": n, "held": held, "rss_kib": rss, "kib_per_connection": round((rss - rss_before) / n, 2)})
+    gen.collect(timeout=0)
+    return rows

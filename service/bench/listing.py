@@ -17,6 +17,7 @@ from runbell.service.bench.measure import (
     percentiles,
     start_gateway,
 )
+from runbell.service.bench.stores import scratch_postgres
 from runbell.service.core import clock
 
 LISTING_RUNS = 100_000
@@ -159,33 +160,17 @@ def run_listing(
     gateway in its own process answers filtered, paged listings over HTTP; p50/p99 per request."""
     from urllib.parse import urlsplit
 
-    from runbell.service.store.store import normalize_database_url
-
     if not database_url.startswith(("postgresql", "postgres")):
         raise ValueError("--listing measures PostgreSQL: give --database-url postgresql://user@host:port/db")
-    import asyncpg
-
     parts = urlsplit(database_url)
-    admin = f"postgresql://{parts.netloc}/postgres"
-    scratch = f"runbell_bench_listing_{uuid.uuid4().hex[:8]}"
-    scratch_url = normalize_database_url(f"postgresql://{parts.netloc}/{scratch}")
-
-    async def admin_sql(sql: str) -> None:
-        conn = await asyncpg.connect(admin)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
     out.mkdir(parents=True, exist_ok=True)
-    asyncio.run(admin_sql(f'CREATE DATABASE "{scratch}"'))
     report: dict[str, Any] = {
-        "database": f"{parts.hostname}:{parts.port or 5432} (scratch database {scratch})",
+        "database": f"{parts.hostname}:{parts.port or 5432} (a scratch database)",
         "limit": limit,
         "pages_followed": pages,
         "rounds": rounds,
     }
-    try:
+    with scratch_postgres(database_url, "bench_listing", fallback=False) as scratch_url:  # never 100,000 rows into yours
         now = time.time()
         report["load"] = asyncio.run(load_listing_database(scratch_url, runs))
         port = free_port()
@@ -196,7 +181,5 @@ def run_listing(
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(20)
-    finally:
-        asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
     (out / "listing.json").write_text(json.dumps(report, indent=2))
     return report

@@ -7,10 +7,12 @@ arrival with time.perf_counter(): on Linux that is CLOCK_MONOTONIC, one clock fo
 so an arrival stamped in a worker and a publish stamped in the parent can be subtracted.
 
 Commands (replies in brackets):
-  {"cmd": "open", "mode": "long-poll"|"sse"|"poll", "paths": [...], "interval": s}  [{"opened", "failed", "error"}]
+  {"cmd": "open", "mode": "long-poll"|"sse"|"poll", "paths": [...], "interval": s, "at": [t, ...]}  [{"opened", "failed", "error"}]
       long-poll: GET, one response; sse: GET, then every event (open answers once the stream's first
       comment arrived, i.e. once the gateway has subscribed it); poll: GET every `interval` seconds
       (first at a random phase) on one keep-alive connection until the body shows a decided outcome.
+      With "at" (perf_counter times, one per path): each connection is opened at its time, and its
+      connect is recorded as a "connect" event.
   {"cmd": "await", "event": name, "count": k, "timeout": s}  [{"reached": bool}]
       until every connection opened since the last collect has had `k` events of that name (or ended);
       with "total": n, until n such events arrived in all.
@@ -22,14 +24,17 @@ Commands (replies in brackets):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 import resource
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 CONNECT_CONCURRENCY = 200  # connects in flight per worker: more overflows the gateway's listen backlog
@@ -37,6 +42,15 @@ DECIDED = (b'"outcome":"success"', b'"outcome":"failed"')  # in GET /v1/dags/{d}
 CONNECTIONS_PER_WORKER = 2500
 # A worker's entry: imported, not run with -m, so that the package's own imports do not come first.
 WORKER = "from runbell.service.bench.loadgen import worker_main; worker_main()"
+# Loopback source addresses, from this one on, once the connections outnumber one address's ephemeral
+# ports: the kernel tells connections to one destination apart by their source (address, port), and one
+# address has only ip_local_port_range's ports (28,232 here). 127.0.0.0/8 all routes to `lo`, unconfigured.
+FIRST_SOURCE = ipaddress.IPv4Address("127.0.0.2")
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORTS_KEPT_FREE = 0.1  # of each address's ports: closed connections linger in TIME_WAIT, others connect too
+# Linux's IP_BIND_ADDRESS_NO_PORT (Python has the name from 3.12): bind() takes the source address only and
+# the port is picked at connect(), unique per destination, instead of at bind(), unique per address.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def raise_fd_limit() -> int:
@@ -47,14 +61,32 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def ephemeral_ports() -> int:
+    """How many ephemeral ports one source address has (ip_local_port_range, both ends included)."""
+    low, high = map(int, PORT_RANGE.read_text().split())
+    return high - low + 1
+
+
+def source_addresses(connections: int, ports_per_address: int) -> list[str | None]:
+    """The loopback source addresses `connections` to one destination are spread over, each given at
+    most `ports_per_address` less PORTS_KEPT_FREE of them. [None] where one address has the room: the
+    kernel's own choice (127.0.0.1), as before; else 127.0.0.2, 127.0.0.3 and so on."""
+    room = int(ports_per_address * (1 - PORTS_KEPT_FREE))
+    if connections <= room:
+        return [None]
+    return [str(FIRST_SOURCE + i) for i in range(-(-connections // room))]
+
+
 # -- the worker: connections ------------------------------------------------------------------------
 
 
 class Worker:
     """This process's connections and what arrived on them."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, sources: Sequence[str | None] = (None,)):
         self.host, self.port = host, port
+        self.sources = list(sources)  # dealt round-robin to this worker's connections
+        self.made = 0  # connections made so far: the next one's source address
         self.records: list[list[Any]] = []  # [index, seq, event, perf_counter]
         self.totals: dict[str, int] = {}  # arrivals by event name, over all connections
         self.connections: list[Connection] = []
@@ -74,25 +106,46 @@ class Worker:
             self.satisfied += 1
         self.changed.set()
 
-    async def open(self, mode: str, paths: list[str], interval: float) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
+    async def open(self, mode: str, paths: list[str], interval: float, at: list[float] | None = None) -> dict[str, Any]:
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
         kind = {"long-poll": LongPoll, "sse": Stream, "poll": Poller}[mode]
         fresh = [kind(self, len(self.connections) + i, path, interval) for i, path in enumerate(paths)]
         self.connections.extend(fresh)
         failures: list[str] = []
 
-        async def one(connection: Connection) -> None:
+        async def one(connection: Connection, when: float | None) -> None:
+            if when is not None:
+                await asyncio.sleep(when - time.perf_counter())
+                connection.record(0, "connect", time.perf_counter())
             async with gate:
                 try:
-                    await loop.create_connection(lambda: connection, self.host, self.port)
+                    await self.connect(connection)
                     await connection.ready
                 except OSError as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
                     connection.finish()
 
-        await asyncio.gather(*(one(c) for c in fresh))
+        await asyncio.gather(*(one(c, at[i] if at else None) for i, c in enumerate(fresh)))
         return {"opened": len(paths) - len(failures), "failed": len(failures), "error": failures[0] if failures else None}
+
+    async def connect(self, connection: Connection) -> None:
+        """Connect from the next source address (the kernel's choice where it is None)."""
+        loop = asyncio.get_running_loop()
+        source = self.sources[self.made % len(self.sources)]
+        self.made += 1
+        if source is None:
+            await loop.create_connection(lambda: connection, self.host, self.port)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        await loop.create_connection(lambda: connection, sock=sock)
 
     async def until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Until done() holds (checked at each arrival) or the timeout passes."""
@@ -279,14 +332,14 @@ class Poller(Connection):
         super().close()
 
 
-async def serve_commands(host: str, port: int) -> None:
-    worker = Worker(host, port)
+async def serve_commands(host: str, port: int, sources: list[str | None]) -> None:
+    worker = Worker(host, port, sources)
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         command = json.loads(line)
         cmd = command["cmd"]
         if cmd == "open":
-            reply = await worker.open(command["mode"], command["paths"], command.get("interval", 0.0))
+            reply = await worker.open(command["mode"], command["paths"], command.get("interval", 0.0), command.get("at"))
         elif cmd == "await":
             reply = await worker.await_events(command["event"], command["count"], command["timeout"], command.get("total"))
         elif cmd == "collect":
@@ -309,10 +362,17 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def worker_main() -> None:
     raise_fd_limit()
-    run_loop(serve_commands(sys.argv[1], int(sys.argv[2])))
+    run_loop(serve_commands(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else [None]))
 
 
 # -- the parent: a pool of workers ------------------------------------------------------------------
+
+
+def rotated(sources: list[str | None], w: int) -> list[str | None]:
+    """Worker w's turn of the source addresses, starting at its own: connections are dealt round-robin to
+    the workers, so each address gets an equal share of them all, not only of each worker's."""
+    k = w % len(sources)
+    return sources[k:] + sources[:k]
 
 
 @dataclass(frozen=True)
@@ -324,20 +384,36 @@ class Arrival:
 
 
 class LoadGen:
-    """Worker processes sharing the connections round-robin; every call waits for all of them."""
+    """Worker processes sharing the connections round-robin; every call waits for all of them.
 
-    def __init__(self, host: str, port: int, workers: int):
+    Several ports (gateways side by side): worker w connects to ports[w % len(ports)], so with a multiple
+    of len(ports) workers, path i goes to gateway i % len(ports), as a load balancer without stickiness
+    deals them."""
+
+    def __init__(self, host: str, port: int | Sequence[int], workers: int, sources: Sequence[str | None] = (None,)):
         raise_fd_limit()
+        ports = [port] if isinstance(port, int) else list(port)
+        self.sources = list(sources)  # each worker deals its connections over all of them, from its own turn
         self.procs = [
-            subprocess.Popen([sys.executable, "-c", WORKER, host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for _ in range(workers)
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, host, str(ports[w % len(ports)]), json.dumps(rotated(self.sources, w))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for w in range(workers)
         ]
         self.indexes: list[list[int]] = [[] for _ in self.procs]  # per worker: its connections' path indexes
         self.opened = 0
 
     @staticmethod
     def for_connections(host: str, port: int, connections: int) -> LoadGen:
-        return LoadGen(host, port, max(1, -(-connections // CONNECTIONS_PER_WORKER)))
+        """Workers for `connections` callers, over as many loopback source addresses as their ports need."""
+        workers = max(1, -(-connections // CONNECTIONS_PER_WORKER))
+        return LoadGen(host, port, workers, source_addresses(connections, ephemeral_ports()))
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
 
     def _ask(self, commands: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
         """Send each worker its command (None: nothing), then read the replies."""
@@ -354,15 +430,23 @@ class LoadGen:
                 replies.append(json.loads(line))
         return replies
 
-    def open(self, mode: str, paths: list[str], interval: float = 0.0) -> dict[str, Any]:
-        """Open one connection per path, dealt round-robin to the workers; how many opened and failed."""
+    def open(self, mode: str, paths: list[str], interval: float = 0.0, at: list[float] | None = None) -> dict[str, Any]:
+        """Open one connection per path, dealt round-robin to the workers; how many opened and failed.
+        `at`: when to open each (perf_counter times); the call returns once the last has opened."""
         shares: list[list[str]] = [[] for _ in self.procs]
+        times: list[list[float]] = [[] for _ in self.procs]
         for i, path in enumerate(paths):
             w = i % len(self.procs)
             shares[w].append(path)
+            times[w].append(at[i] if at else 0.0)
             self.indexes[w].append(self.opened + i)
         self.opened += len(paths)
-        replies = self._ask([{"cmd": "open", "mode": mode, "paths": share, "interval": interval} if share else None for share in shares])
+        replies = self._ask(
+            [
+                {"cmd": "open", "mode": mode, "paths": share, "interval": interval, **({"at": times[w]} if at else {})} if share else None
+                for w, share in enumerate(shares)
+            ]
+        )
         errors = [r["error"] for r in replies if r["error"]]
         return {
             "opened": sum(r["opened"] for r in replies),

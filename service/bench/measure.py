@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import redis
+
+from runbell.service.bench.loadgen import raise_fd_limit
+from runbell.service.core.redaction import without_password
 
 
-def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50/p99/max in milliseconds."""
+def percentiles(samples: list[float], context: str = "") -> dict[str, Any]:
+    """p50/p99/max in milliseconds. No samples is a failed measurement, said as such ({"n": 0, "error":
+    ...}, with `context`: why there could be none), never an exception: the rest of the bench goes on."""
+    if not samples:
+        return {"n": 0, "error": f"no samples: {context}" if context else "no samples"}
     ordered = sorted(samples)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {
@@ -35,6 +45,13 @@ def free_port() -> int:
 
 
 def start_gateway(redis_url: str, namespace: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    process = spawn_gateway(redis_url, namespace, port, workdir, extra_env)
+    wait_ready(process, port)
+    return process
+
+
+def spawn_gateway(redis_url: str, namespace: str, port: int, workdir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`runbell serve` in its own process, not waited for (several start side by side)."""
     env = {
         **os.environ,
         "RUNBELL_REDIS_URL": redis_url,
@@ -43,16 +60,26 @@ def start_gateway(redis_url: str, namespace: str, port: int, workdir: Path, extr
         "RUNBELL_LOG_LEVEL": "warning",
         **(extra_env or {}),
     }
-    process = subprocess.Popen([sys.executable, "-m", "runbell.service.client.cli", "serve", "--no-auth", "--port", str(port)], env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    return subprocess.Popen([sys.executable, "-m", "runbell.service.client.cli", "serve", "--no-auth", "--port", str(port)], env=env)
+
+
+def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
+    """Until the gateway's /readyz answers 200; killed and raised after the timeout, saying its last
+    answer (or that it exited)."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline and process.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
+            answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            if answer.status_code == 200:
+                return
+            last = f"{answer.status_code} {answer.text[:300]}"
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)  # not listening yet, or 503 (its recorder's first pass)
+    if process.poll() is not None:
+        raise RuntimeError(f"the gateway exited with code {process.returncode} before it was ready")
     process.kill()
-    raise RuntimeError("the gateway did not become ready")
+    raise RuntimeError(f"the gateway did not become ready in {timeout:g} s (its /readyz: {last})")
 
 
 # The callers speak raw HTTP/1.1 over asyncio streams: httpx costs about a millisecond per response on
@@ -120,3 +147,52 @@ class KeepAliveClient:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+STARTED = time.monotonic()
+
+
+def say(what: str) -> None:
+    """Progress, on stderr, with the seconds since the bench started: the summary goes to stdout at the end."""
+    print(f"runbell bench [{time.monotonic() - STARTED:6.1f} s]: {what}", file=sys.stderr, flush=True)
+
+
+def drop_namespace(redis_url: str, namespace: str) -> None:
+    """The bench's keys go with it (runs' logs would otherwise stay for their 7-day TTL)."""
+    client = redis.Redis.from_url(redis_url)
+    for keys in batched(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
+        client.unlink(*keys)
+    client.close()
+
+
+def batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def machine(redis_url: str) -> dict[str, Any]:
+    client = redis.Redis.from_url(redis_url)
+    info = client.info("server")
+    client.close()
+    return {
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "redis": info.get("redis_version"),
+    }
+
+
+def report_head(out: Path, quick: bool, plan: Any, redis_url: str, database: str) -> dict[str, Any]:
+    """Makes DIR and raises the open-file limit (the gateways and load generators inherit it); what every
+    report of the bench opens with: its plan, the machine, the store (its URL's password masked: the
+    report is a file to share)."""
+    out.mkdir(parents=True, exist_ok=True)
+    raise_fd_limit()
+    return {"quick": quick, "plan": plan.__dict__, "machine": machine(redis_url), "database": without_password(database)}

@@ -56,3 +56,18 @@ def tcp_connections_to(pid: int, port: int) -> int:
             if remote_port == port and state == "01" and inode in inodes:  # 01: ESTABLISHED
                 count += 1
     return count
+
+
+def open_file_limit(pid: int) -> tuple[int, int]:
+    """The process's open-file limit (RLIMIT_NOFILE), (soft, hard), from /proc/PID/limits: what it can
+    hold, whatever the caller's own limit is."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise RuntimeError(f"no open-file limit for pid {pid}")
+
+
+def open_files(pid: int) -> int:
+    """File descriptors the process holds now."""
+    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())

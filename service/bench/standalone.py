@@ -1,15 +1,26 @@
-"""A real Airflow 3.3.2 (`airflow standalone`, SQLite, LocalExecutor) on loopback, for the Airflow
-bench and the end-to-end tests (tests/airflow/conftest.py), which both start it from here.
+"""A real Airflow 3 (`airflow standalone`, LocalExecutor) on loopback, for the Airflow bench and the
+end-to-end tests (tests/airflow/conftest.py), which both start it from here. Its metadata database
+is a SQLite file in its home, or a PostgreSQL database given by URL (the end-to-end tests' choice:
+on SQLite the scheduler, dag processor, triggerer, api-server and task processes queue for one write
+lock, and on a loaded machine a REST call waited past its bound).
 
-It runs from the virtualenv at $RUNBELL_AIRFLOW_VENV (default ~/.cache/runbell/airflow-3.3.2; tests/run
-creates it) with this repo's hook installed there as a package (the `airflow.plugins` entry point; the
-plugins folder stays empty), publishing to the given Redis under the given namespace. The settings are
-the ones /work/shared/airflow-notes.md found to work.
+Each tested version (AIRFLOW_VERSIONS) has its own virtualenv, ~/.cache/runbell/airflow-VERSION
+(tests/run creates them), with this repo's hook installed there as a package (the `airflow.plugins`
+entry point; the plugins folder stays empty), publishing to the given Redis under the given namespace.
+$RUNBELL_AIRFLOW_VENV names one virtualenv to use instead (the bench's default is the newest version's).
+The settings are the ones /work/shared/airflow-notes.md found to work.
+
+All admins, no password (SimpleAuthManager's all-admins mode): from 3.2 the api-server lets a
+tokenless request in as admin; 3.1 answers it 401 and only hands out an admin token without
+credentials (GET /auth/token). So a token is fetched once the API is up and sent with every request,
+on every version.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -19,7 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
@@ -30,13 +41,21 @@ import runbell.bus
 import runbell.listeners
 from runbell.service.bench.measure import free_port
 
-DEFAULT_VENV = Path.home() / ".cache" / "runbell" / "airflow-3.3.2"
+# The versions the end-to-end suite runs on (tests/run installs each; keep its list in step).
+AIRFLOW_VERSIONS = ("3.1.8", "3.2.2", "3.3.2")
+VENV_CACHE = Path.home() / ".cache" / "runbell"
+DEFAULT_VENV = VENV_CACHE / f"airflow-{AIRFLOW_VERSIONS[-1]}"
 # Bounds against hangs, sized for a busy 2-core machine (one shared by parallel test runs), where the
 # api-server on SQLite once took more than 10 s to answer one request.
 START_TIMEOUT = 300.0  # standalone is ready in ~11 s idle; a cold first start migrates the database too
 HEALTH_TIMEOUT = 10.0  # one readiness probe; a slow answer still counts, a hung one is retried
 HTTP_TIMEOUT = 60.0  # one REST request
 PARSE_TIMEOUT = 180.0  # a DAG file is parsed within the 5 s refresh interval when idle
+# How long one of Airflow's SQLite connections waits for another's write lock before it fails with
+# "database is locked" (sqlite3's default: 5 s). The scheduler, dag processor, triggerer and api-server
+# share one file; on a loaded machine a write waited longer, and `airflow backfill create`, which
+# commits the backfill and then its runs, failed between the two, leaving a backfill without runs.
+SQLITE_BUSY_TIMEOUT = 120
 
 
 class AirflowError(RuntimeError):
@@ -48,14 +67,69 @@ class AirflowUnavailable(AirflowError):
 
 
 def airflow_venv() -> Path:
-    """The Airflow virtualenv: $RUNBELL_AIRFLOW_VENV, else the one tests/run creates."""
-    venv = Path(os.environ.get("RUNBELL_AIRFLOW_VENV") or DEFAULT_VENV)
+    """The one Airflow virtualenv (the bench's): $RUNBELL_AIRFLOW_VENV, else the newest version's."""
+    return checked_venv(Path(os.environ.get("RUNBELL_AIRFLOW_VENV") or DEFAULT_VENV))
+
+
+def matrix_venvs() -> dict[str, Path]:
+    """version -> virtualenv, for the end-to-end suite: $RUNBELL_AIRFLOW_VENV alone when set (its
+    version read from it), else ~/.cache/runbell/airflow-V for each V of $RUNBELL_AIRFLOW_VERSIONS
+    (comma-separated; default AIRFLOW_VERSIONS). Not checked here: a missing one fails its own tests."""
+    single = os.environ.get("RUNBELL_AIRFLOW_VENV")
+    if single:
+        return {installed_version(Path(single)) or "unknown": Path(single)}
+    listed = os.environ.get("RUNBELL_AIRFLOW_VERSIONS") or ",".join(AIRFLOW_VERSIONS)
+    return {v.strip(): VENV_CACHE / f"airflow-{v.strip()}" for v in listed.split(",") if v.strip()}
+
+
+def checked_venv(venv: Path) -> Path:
     if not (venv / "bin" / "airflow").is_file():
         raise AirflowUnavailable(
-            f"no Airflow virtualenv at {venv}: run tests/run (it creates one with Airflow 3.3.2 and the hook), "
-            "or point RUNBELL_AIRFLOW_VENV at a virtualenv with apache-airflow and runbell installed"
+            f"no Airflow virtualenv at {venv}: run tests/run (it creates one per version in "
+            f"{', '.join(AIRFLOW_VERSIONS)} with the hook), or point RUNBELL_AIRFLOW_VENV at a virtualenv "
+            "with apache-airflow and runbell installed"
         )
     return venv
+
+
+def installed_version(venv: Path) -> str | None:
+    """apache-airflow's version in the virtualenv, from its dist-info folder's name (no subprocess)."""
+    found = sorted(venv.glob("lib/python*/site-packages/apache_airflow-*.dist-info"))
+    return found[0].name.removeprefix("apache_airflow-").removesuffix(".dist-info") if found else None
+
+
+@functools.cache
+def listener_hookspecs(venv: Path) -> frozenset[str]:
+    """The listener hook names the virtualenv's Airflow defines (the specs its listener manager has)."""
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", _HOOKSPECS_PROBE],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if probe.returncode != 0:
+        raise AirflowError(f"reading the listener hook specs in {venv} failed: {probe.stderr.strip()[-300:]}")
+    lines = [line.split()[1:] for line in probe.stdout.splitlines() if line.startswith("hooks:")]  # not Airflow's log lines
+    return frozenset(name for names in lines for name in names)
+
+
+_HOOKSPECS_PROBE = """
+from airflow.listeners.listener import get_listener_manager
+callers = vars(get_listener_manager().pm.hook).items()  # a plugin's hook without a spec has a caller too
+print("hooks:", *(name for name, caller in callers if getattr(caller, "spec", None) is not None))
+"""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(3, 1, 8) for "3.1.8"; the leading numeric parts only (a pre-release suffix is dropped)."""
+    parts: list[int] = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def check_hook_installed(venv: Path) -> None:
@@ -101,19 +175,46 @@ class WaitLine:
     at: float  # time.time() when the line arrived
     data: dict[str, Any]
 
+    @property
+    def says_failed(self) -> bool:
+        """A failed run's last line: {"state": "failed"}, on 3.1 with an empty "results" as well."""
+        return self.data.get("state") == "failed" and not self.data.get("results")
+
 
 @dataclass
 class Airflow:
-    """A running standalone's REST API (all admins: no token needed)."""
+    """A running standalone's REST API (all admins: an admin token without credentials)."""
 
     base_url: str
     namespace: str
     redis_url: str
     home: Path
+    venv: Path = DEFAULT_VENV
+    version: str = ""  # apache-airflow's version, e.g. "3.1.8"; see version_tuple
+    database_url: str = ""  # the metadata database, as Airflow's sql_alchemy_conn takes it
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        """The version as numbers, e.g. (3, 1, 8): `airflow.version_tuple >= (3, 2)`."""
+        return version_tuple(self.version)
+
+    def has_listener_hook(self, name: str) -> bool:
+        """Whether this Airflow defines the listener hook `name` (e.g. on_asset_event_emitted, 3.2+):
+        for tests that branch on what the version offers."""
+        return name in listener_hookspecs(self.venv)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def gateway_env(self) -> dict[str, str]:
+        """What a gateway needs to reach this Airflow's API as a user would configure it: the URL and a
+        login (all-admins mode answers POST /auth/token with an admin token whatever the credentials)."""
+        return {"RUNBELL_AIRFLOW_URL": self.base_url, "RUNBELL_AIRFLOW_USERNAME": "admin", "RUNBELL_AIRFLOW_PASSWORD": "admin"}
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = Request(self.base_url + path, data=data, method=method)
+        req = Request(self.base_url + path, data=data, method=method, headers=self.headers())
         req.add_header("Content-Type", "application/json")
         with urlopen(req, timeout=HTTP_TIMEOUT) as resp:
             return json.loads(resp.read() or b"null")
@@ -176,7 +277,7 @@ class Airflow:
         deadline = time.monotonic() + timeout
         # The per-read socket timeout bounds each line (generous: a loaded api-server on SQLite can
         # stall for seconds); the deadline bounds the whole stream.
-        with urlopen(Request(url), timeout=max(30.0, 3 * interval)) as resp:
+        with urlopen(Request(url, headers=self.headers()), timeout=max(30.0, 3 * interval)) as resp:
             for raw in resp:
                 if raw.strip():
                     lines.append(WaitLine(time.time(), json.loads(raw)))
@@ -202,11 +303,17 @@ def standalone(
     redis_url: str,
     namespace: str,
     extra_env: dict[str, str] | None = None,
+    venv: Path | None = None,
+    database_url: str | None = None,
 ) -> Iterator[Standalone]:
-    """Start `airflow standalone` in `workdir` with the DAG files `dags` (files, or folders whose
-    contents are copied), stop its whole process group on the way out."""
-    venv = airflow_venv()
+    """Start `airflow standalone` from `venv` (default: airflow_venv()) in `workdir` with the DAG files
+    `dags` (files, or folders whose contents are copied), stop its whole process group on the way out.
+    Its metadata database: `database_url` (an empty PostgreSQL database), else a SQLite file in its home."""
+    venv = checked_venv(venv) if venv is not None else airflow_venv()
     check_hook_installed(venv)
+    if database_url is not None:
+        database_url = postgres_metadata_url(database_url)
+        check_postgres_drivers(venv)
     home = workdir / "home"
     (home / "plugins").mkdir(parents=True)
     (home / "dags").mkdir()
@@ -218,7 +325,7 @@ def standalone(
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = workdir / "standalone.log"
-    env = {**airflow_env(venv, home, port, namespace, redis_url), **(extra_env or {})}
+    env = {**airflow_env(venv, home, port, namespace, redis_url, database_url), **(extra_env or {})}
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [str(venv / "bin" / "airflow"), "standalone"],
@@ -229,23 +336,49 @@ def standalone(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, stopped as one at the end
         )
-    started = Standalone(Airflow(base_url, namespace, redis_url, home), log_path, 0.0)
+    database_url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    airflow = Airflow(base_url, namespace, redis_url, home, venv, installed_version(venv) or "", database_url)
+    started = Standalone(airflow, log_path, 0.0)
     try:
         began = time.monotonic()
         _wait_ready(base_url, proc, log_path)
+        airflow.token = _admin_token(base_url)
         started.ready_seconds = time.monotonic() - began
         yield started
     finally:
         started.stopped_seconds = _stop(proc)
 
 
-def airflow_env(venv: Path, home: Path, port: int, namespace: str, redis_url: str) -> dict[str, str]:
+def postgres_metadata_url(url: str) -> str:
+    """A PostgreSQL URL (any driver) as Airflow's sql_alchemy_conn takes it: postgresql+psycopg2://
+    (named: SQLAlchemy 2.1 makes psycopg 3 the default), whence Airflow derives its async URL,
+    postgresql+asyncpg://."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
+        raise AirflowError(f"Airflow's metadata database here is SQLite (the default) or PostgreSQL, not {url!r}")
+    return f"postgresql+psycopg2://{rest}"
+
+
+def check_postgres_drivers(venv: Path) -> None:
+    """Airflow on PostgreSQL needs psycopg2 (sync) and asyncpg (async) in its virtualenv."""
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import psycopg2, asyncpg"], capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        raise AirflowError(
+            f"Airflow in {venv} cannot reach PostgreSQL: {probe.stderr.strip()[-300:]}; "
+            f"install the drivers: {venv / 'bin' / 'pip'} install psycopg2-binary asyncpg (tests/run does)"
+        )
+
+
+def airflow_env(venv: Path, home: Path, port: int, namespace: str, redis_url: str, database_url: str | None = None) -> dict[str, str]:
+    """What an Airflow component of the harness runs with; its metadata database `database_url`
+    (as sql_alchemy_conn takes it), else a SQLite file in `home`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTHON", "RUNBELL"))}
     env.pop("VIRTUAL_ENV", None)
     base = f"http://127.0.0.1:{port}"
     env.update(
         PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
         AIRFLOW_HOME=str(home),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=database_url or f"sqlite:///{home / 'airflow.db'}?timeout={SQLITE_BUSY_TIMEOUT}",
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
         AIRFLOW__CORE__PLUGINS_FOLDER=str(home / "plugins"),  # empty: the hook comes by entry point
@@ -285,6 +418,18 @@ def _wait_ready(base_url: str, proc: subprocess.Popen, log_path: Path) -> None:
         f"airflow standalone not ready after {START_TIMEOUT:g} s: {url} did not report {', '.join(parts)} healthy "
         f"(last: {last}):\n{_tail(log_path)}"
     )
+
+
+def _admin_token(base_url: str) -> str | None:
+    """An admin JWT from all-admins mode's credential-free token route (every Airflow 3 has it); None
+    when this auth manager has no such route (then requests go tokenless, as they may from 3.2)."""
+    try:
+        with urlopen(Request(f"{base_url}/auth/token"), timeout=HTTP_TIMEOUT) as resp:
+            return json.loads(resp.read())["access_token"]
+    except HTTPError as exc:
+        if exc.code in (403, 404, 405):
+            return None
+        raise AirflowError(f"GET {base_url}/auth/token: {exc.code} {exc.reason}") from exc
 
 
 def _tail(path: Path, lines: int = 40) -> str:

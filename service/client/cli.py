@@ -85,21 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="measure the gateway against the Redis floor and polling on this machine; "
-        "writes DIR/report.json, DIR/samples.json and PNG charts",
+        "on SQLite and PostgreSQL; writes DIR/report.json, DIR/samples.json, DIR/summary.md and PNG charts",
     )
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--quick", action="store_true", help="smaller counts: under a minute")
     bench.add_argument(
         "--airflow", action="store_true", help="add the comparison with Airflow's own /wait on a real Airflow (minutes more)"
     )
+    bench.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more round of the largest crowds (SSE, long-poll) with py-spy recording the gateway: where its "
+        "time goes, in report.json and summary.md, raw stacks in DIR/profile-*.txt (needs py-spy: runbell[bench])",
+    )
     bench.add_argument("--redraw", action="store_true", help="only draw the charts of --out DIR again from its samples.json")
     bench.add_argument("--redis-url", dest="redis_url", default=os.environ.get("RUNBELL_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    bench.add_argument("--database-url", dest="database_url", help="the gateway's store (default: SQLite in DIR)")
+    bench.add_argument(
+        "--database-url",
+        dest="database_url",
+        help="the PostgreSQL server the bench runs the gateway on besides SQLite, in a scratch database "
+        "(default: postgresql://postgres@127.0.0.1:5432/postgres where it answers; else reported as not reachable)",
+    )
     bench.add_argument(
         "--listing",
         action="store_true",
         help="instead: p50/p99 of filtered, paged GET /v1/runs over 100,000 runs bulk-loaded into a "
         "scratch database on the PostgreSQL server of --database-url; writes DIR/listing.json",
+    )
+    bench.add_argument(
+        "--scale-out",
+        dest="scale_out",
+        action="store_true",
+        help="instead: recorder events/s against the stream partitions (and recorders), and SSE fan-out with 1 against "
+        "3 gateways, as ratios and per-core figures; writes DIR/scale_out.json and DIR/scale_out_samples.json",
     )
     bench.set_defaults(handler=cmd_bench)
 
@@ -283,9 +301,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         print(json.dumps(run_listing(Path(args.out), args.redis_url, args.database_url), indent=2))
         return EXIT_SUCCESS
+    if args.scale_out:
+        from runbell.service.bench.report import scale_out_summary
+        from runbell.service.bench.scaleout import run_scale_out
+
+        report = run_scale_out(Path(args.out), args.redis_url, args.quick, args.database_url)
+        print(scale_out_summary(report))
+        print(f"\nwritten to {args.out}/: {', '.join(report['files'])} ({report['seconds']} s)")
+        return EXIT_SUCCESS
     from runbell.service.bench import summary
 
-    report = run(Path(args.out), args.redis_url, args.quick, args.database_url, airflow=args.airflow)
+    if args.database_url and not args.database_url.startswith(("postgresql", "postgres")):
+        print("runbell bench: SQLite always runs on fresh files; --database-url names the PostgreSQL server", file=sys.stderr)
+        return EXIT_USAGE
+    report = run(Path(args.out), args.redis_url, args.quick, args.database_url, airflow=args.airflow, profile=args.profile)
     print(summary(report))
     print(f"\nwritten to {args.out}/: {', '.join(report['files'])} ({report['seconds']} s)")
     return EXIT_SUCCESS

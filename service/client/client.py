@@ -335,12 +335,14 @@ def resolve_params(resolve: bool) -> dict[str, str]:
 
 
 def wait_flow(dag_id: str, run_id: str, timeout: float, poll: float, resolve: bool = False) -> Flow[Outcome]:
-    """Long-poll until the outcome is decided; 202s are looped over until `timeout` has passed."""
+    """Long-poll until the outcome is decided; 202s are looped over until `timeout` has passed. A 202
+    needs_input (a task waits for a person) is passed by: the next calls wait past it (after=)."""
     deadline = time.monotonic() + timeout
+    after: str | None = None
     while True:
         started = time.monotonic()
         asked = min(poll, max(0.0, deadline - started))
-        params = {"timeout": f"{asked:g}", **resolve_params(resolve)}
+        params = {"timeout": f"{asked:g}", **resolve_params(resolve), **({"after": after} if after else {})}
         call = Call("GET", run_path(dag_id, run_id, "result"), params=params, hold=asked)
         response = yield from send(call)
         if (limit := accepted_max(response, asked)) is not None:
@@ -353,6 +355,10 @@ def wait_flow(dag_id: str, run_id: str, timeout: float, poll: float, resolve: bo
         now = time.monotonic()
         if now >= deadline:
             raise RunPending(response.json())
+        body = response.json()
+        if isinstance(body, dict) and body.get("status") == "needs_input" and isinstance(body.get("after"), str):
+            after = body["after"]  # told: wait past it, for the outcome or a newer request
+            continue
         if now - started < asked / 2:  # answered well before its timeout (a draining gateway): do not spin
             hinted = retry_after(response)
             yield Sleep(min(1.0 if hinted is None else hinted, deadline - now))

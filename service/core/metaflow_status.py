@@ -10,17 +10,19 @@ order:
 4. the heartbeat is at most the cutoff old (360 s): running;
 5. otherwise (an older heartbeat, or none): failed.
 
-Runbell has neither that metadata nor heartbeats; it has the events the ``@runbell`` decorator
-publishes, which stand for them:
+Runbell has no such metadata; it has the events the ``@runbell`` decorator publishes, which stand for
+them, and the heartbeats it sends:
 
 - an ``attempt_ok`` record is the end step's terminal event of an attempt, stamped with the event's
   time: ``success`` is true; ``failed`` and ``up_for_retry`` are false (Metaflow writes
   attempt_ok=false for an attempt that will be retried too);
 - an ``attempt`` record is the end step's ``running`` event (published as the attempt starts);
-- the heartbeat is the run's last event of any kind: a live Metaflow run publishes whenever a task
-  starts or ends, and the cutoff is the gateway's ``stale_after`` (default 360 s, Metaflow's
-  ``RUN_INACTIVE_CUTOFF_TIME``). A run silent that long, e.g. one that failed before ``end`` ran,
-  reads failed, as Metaflow's UI shows it; the run's ``outcome`` says failed as soon as it is known.
+- the heartbeat is the newer of the run's last event of any kind and the last heartbeat its running
+  tasks sent (every ``RUNBELL_METAFLOW_HEARTBEAT_SECONDS``, 60 s by default, like Metaflow's own
+  tasks; the store's ``runs.heartbeat_at``). The cutoff is the gateway's ``stale_after`` (default
+  360 s, Metaflow's ``RUN_INACTIVE_CUTOFF_TIME``). A step running for hours keeps its run running; a
+  run silent that long, e.g. one whose task was killed or that failed before ``end`` ran, reads
+  failed, as Metaflow's UI shows it; the run's ``outcome`` says failed as soon as it is known.
 
 Completed is Runbell's ``success``. The store applies branches 1 to 4 when it records (the heartbeat
 is fresh then, by definition), and the listing applies branch 5 when it reads (``listed_state``,
@@ -75,9 +77,10 @@ def metaflow_status(end: EndAttempts, heartbeat_at: float | None, now: float, cu
     return FAILED
 
 
-def listed_state(state: str, run_type: str | None, last_event_at: float, now: float, cutoff: float) -> str:
+def listed_state(state: str, run_type: str | None, alive_at: float, now: float, cutoff: float) -> str:
     """The state the listing shows for a stored run: a Metaflow run stored as running whose
-    heartbeat (last event) is older than the cutoff is failed (branch 5); every other run as stored."""
-    if run_type == RUN_TYPE and state == RUNNING and now - last_event_at > cutoff:
+    heartbeat (last event or heartbeat, ``alive_at``) is older than the cutoff is failed (branch 5);
+    every other run as stored."""
+    if run_type == RUN_TYPE and state == RUNNING and now - alive_at > cutoff:
         return FAILED
     return state

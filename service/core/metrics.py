@@ -45,6 +45,16 @@ class Metrics:
             registry=r,
         )
         self.overflows = Counter("runbell_subscriber_overflows_total", "Subscribers cut off as too slow", registry=r)
+        self.sse_direct_frames = Counter(
+            "runbell_sse_direct_frames_total",
+            "SSE frames written to a caught-up client's connection straight from the fan-out (no task woken)",
+            registry=r,
+        )
+        self.long_poll_direct_answers = Counter(
+            "runbell_long_poll_direct_answers_total",
+            "Long-poll answers written to a caught-up waiter's connection straight from the fan-out (no task woken to answer)",
+            registry=r,
+        )
         self.sse_send_timeouts = Counter(
             "runbell_sse_send_timeouts_total",
             "SSE clients dropped as a write took longer than the send timeout",
@@ -55,6 +65,13 @@ class Metrics:
         self.db_statements = Counter("runbell_db_statements_total", "SQL statements sent to the store", registry=r)
         self.rejected = Counter(
             "runbell_rejected_total", "Requests refused at the subscriber cap, or beyond the in-flight limit", registry=r
+        )
+        self.backfill_reads = Counter(
+            "runbell_backfill_reads_total",
+            "Reads of a backfill or its slots from Airflow, by where: airflow_api (GET /api/v2/backfills/{id}/dag_runs, "
+            "Airflow 3.4+) or airflow_database (the metadata database: older Airflow, or while the API fails)",
+            ["via"],
+            registry=r,
         )
         self.outcomes = Counter("runbell_outcomes_total", "Outcomes answered", ["status", "via"], registry=r)
         self.webhook_deliveries = Counter(

@@ -12,6 +12,13 @@ The rules, in order of precedence:
 4. the first terminal event per (task, map_index, try) wins, duplicates and replays change nothing,
    and once decided the outcome never flips.
 
+Beside the outcome, the fold keeps the run's open input requests (`needs_input`: tasks of Airflow's
+human-in-the-loop operators waiting for a person). They never decide anything. A request opens with
+a task's awaiting_input event, once per (task, map_index, try): a duplicate, or a late copy after it
+was answered, opens nothing. It closes with the gateway's input_received (an answer it passed on),
+with any later event of the same task instance from the same try or a newer one (running when it
+resumes: answered in Airflow's UI, or the deadline's defaults taken), or with the run's end.
+
 Envelopes are taken in position order (epoch, then seq: runbell.bus.schema), so the events of a new
 epoch (Redis lost the run's state and its seq started again at 1) come after the old epoch's and are
 applied, not skipped as replays.
@@ -22,12 +29,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel
 
-from runbell.bus.schema import LEGACY_EPOCH, Envelope, Event, EventKind, Position, Result, RunState, TaskState
+from runbell.bus.schema import LEGACY_EPOCH, Envelope, Event, EventKind, InputRequest, Position, Result, RunState, TaskState
 
 UNKNOWN_RUN_STATE = "unknown"
+
+
+NEEDS_INPUT_LISTED = 20  # open input requests an outcome lists, the newest (each is at most ~48 KiB)
 
 
 class OutcomeStatus(str, Enum):
@@ -57,6 +68,25 @@ class ResultTask(BaseModel):
     size: int = 0
 
 
+class InputNeeded(InputRequest):
+    """An open input request: which task instance asks, at which position (EPOCH-SEQ), and what."""
+
+    task_id: str
+    map_index: int = -1
+    try_number: int | None = None
+    position: str  # the awaiting_input event's position (an SSE id; pass it as after=)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.task_id, self.map_index
+
+
+def respond_path(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+    """The gateway's path that answers a task instance's request (POST, role respond)."""
+    path = f"/v1/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}/tasks/{quote(task_id, safe='')}/input"
+    return path if map_index < 0 else f"{path}?map_index={map_index}"
+
+
 class Outcome(BaseModel):
     dag_id: str
     run_id: str
@@ -70,6 +100,7 @@ class Outcome(BaseModel):
     result: Any = None
     result_task: ResultTask | None = None
     failure: Failure | None = None
+    needs_input: list[InputNeeded] = []  # the newest NEEDS_INPUT_LISTED open input requests, oldest first; they never decide the run
 
     @property
     def decided(self) -> bool:
@@ -96,6 +127,13 @@ class OutcomeFold:
         self._mapped_task: ResultTask | None = None
         self._first_failed: Event | None = None
         self._run_terminal = False
+        self._asked: set[tuple[str, int, int | None]] = set()  # (task, map_index, try) that asked once
+        self._newest_try: dict[tuple[str, int], int] = {}  # per task instance, the newest try seen
+        # The open requests by task instance (at most one each), in the order they were asked: a run
+        # with a thousand mapped HITL tasks would otherwise scan every open request on every event.
+        self._open: dict[tuple[str, int], InputNeeded] = {}
+        self.opened: InputNeeded | None = None  # the request the last envelope applied opened
+        self.closed: list[InputNeeded] = []  # the requests it closed
 
     @property
     def position(self) -> Position:
@@ -104,6 +142,7 @@ class OutcomeFold:
 
     def apply(self, envelope: Envelope) -> bool:
         """Apply one envelope. True when this envelope decided the outcome."""
+        self.opened, self.closed = None, []
         if envelope.position <= self.position:
             return False  # a replay or duplicate
         self.outcome.epoch, self.outcome.seq = envelope.position
@@ -115,6 +154,7 @@ class OutcomeFold:
             self._apply_run(event)
         else:
             self._apply_task(event)
+            self._track_input(envelope)
         if self.outcome.decided and not was_decided:
             self.outcome.decided_epoch, self.outcome.decided_seq = envelope.position
             return True
@@ -144,6 +184,52 @@ class OutcomeFold:
                 self._first_failed = event
             if task_id in self._critical_tasks or task_id in self._result_tasks:
                 self._decide_failed(event, DecidedBy.CRITICAL_TASK)
+
+    def _track_input(self, envelope: Envelope) -> None:
+        event = envelope.event
+        key = (event.task_id or "", event.map_index)
+        newest = self._newest_try.get(key)
+        if event.try_number is not None and (newest is None or event.try_number > newest):
+            self._newest_try[key] = event.try_number
+        if event.state == TaskState.AWAITING_INPUT.value and event.input_request is not None:
+            asked = (*key, event.try_number)
+            # After the run's end nobody can answer: a late copy (a worker's spool flushed) opens nothing.
+            if (
+                self._run_terminal
+                or asked in self._asked
+                or (event.try_number is not None and newest is not None and event.try_number < newest)
+            ):
+                return  # a duplicate, a late copy of a request already answered, or an older try's
+            self._asked.add(asked)
+            self._close(key, event.try_number)  # an older try's request, never answered
+            self.opened = InputNeeded(
+                **event.input_request.model_dump(),
+                task_id=key[0],
+                map_index=key[1],
+                try_number=event.try_number,
+                position=str(envelope.position),
+            )
+            self._open[key] = self.opened
+            self.outcome.needs_input = self._listed()
+            return
+        self._close(key, event.try_number)
+
+    def _close(self, key: tuple[str, int], try_number: int | None) -> None:
+        """Close the task instance's open request, unless the event is of an older try than the request's."""
+        request = self._open.get(key)
+        if request is not None and (try_number is None or request.try_number is None or try_number >= request.try_number):
+            self.closed.append(self._open.pop(key))
+            self.outcome.needs_input = self._listed()
+
+    def _listed(self) -> list[InputNeeded]:
+        """What an answer lists of the open requests: the newest NEEDS_INPUT_LISTED, so that a run with
+        thousands of mapped tasks waiting for a person keeps its answers bounded (each request went out
+        as its own SSE event and webhook; an answer to any open one is taken, see open_request)."""
+        return list(self._open.values())[-NEEDS_INPUT_LISTED:]
+
+    def open_request(self, task_id: str, map_index: int) -> InputNeeded | None:
+        """The task instance's open request, listed or not."""
+        return self._open.get((task_id, map_index))
 
     def _result_task_succeeded(self, event: Event) -> None:
         result = event.result or Result()
@@ -176,6 +262,8 @@ class OutcomeFold:
             self.outcome.run_state = state.value
             first = not self._run_terminal
             self._run_terminal = True
+            self.closed, self.outcome.needs_input = self.outcome.needs_input, []  # nobody can answer now
+            self._open.clear()
             if first:
                 self._run_ended(event)
         elif not self._run_terminal:

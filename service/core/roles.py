@@ -1,11 +1,13 @@
 """Roles a bearer token may carry, the DAGs it may act on, and the RUNBELL_TOKENS syntax.
 
 RUNBELL_TOKENS is a comma-separated list of ``token:role`` or ``token:role@pattern|pattern...``
-entries. The role is one of ``read``, ``publish``, ``trigger``, ``admin``; what each one may do:
+entries. The role is one of ``read``, ``publish``, ``respond``, ``trigger``, ``admin``; what each one may do:
 
 - read: wait for outcomes, stream events, list and read runs, backfills, assets, metrics;
 - publish: read, and publish events (POST /v1/events);
-- trigger: read, and trigger runs through Airflow (and unpause a paused DAG on request);
+- respond: read, and answer a task waiting for a person (POST .../tasks/{task_id}/input), passed on to
+  Airflow with the gateway's own Airflow identity;
+- trigger: read and respond, and trigger runs through Airflow (and unpause a paused DAG on request);
 - admin: all of the above, and the admin endpoints (webhooks, dead letters).
 
 The patterns name the DAG ids the token may act on: ``*`` matches any characters (none included),
@@ -34,6 +36,7 @@ MAX_PATTERN_LENGTH = ID_MAX  # a pattern without wildcards is a DAG id
 class Role(str, Enum):
     READ = "read"
     PUBLISH = "publish"
+    RESPOND = "respond"
     TRIGGER = "trigger"
     ADMIN = "admin"
 
@@ -45,7 +48,8 @@ class Role(str, Enum):
 _GRANTS = {
     Role.READ: {Role.READ},
     Role.PUBLISH: {Role.PUBLISH, Role.READ},
-    Role.TRIGGER: {Role.TRIGGER, Role.READ},
+    Role.RESPOND: {Role.RESPOND, Role.READ},
+    Role.TRIGGER: {Role.TRIGGER, Role.RESPOND, Role.READ},  # who starts a run may answer what it asks
     Role.ADMIN: set(Role),
 }
 

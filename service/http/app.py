@@ -29,6 +29,7 @@ from runbell.service.airflow.reconciler import Reconciler
 from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.http import (
+    answers,
     assets,
     backfills,
     dashboard,
@@ -50,6 +51,8 @@ from runbell.service.http.errors import (
 )
 from runbell.service.http.idempotency import IdempotencyKeys
 from runbell.service.http.params import EncodedSlashes
+from runbell.service.http.readiness import Readiness
+from runbell.service.http.sse import Sweep
 from runbell.service.live.broker import EmbeddedBroker, resolve_redis
 from runbell.service.live.hub import Hub
 from runbell.service.live.topics import AssetTopic, RunTopic
@@ -78,6 +81,7 @@ ROUTES = [
     Route("/v1/backfills/{backfill_id}/events", backfills.backfill_events, methods=["GET"], name="backfill_events"),
     Route(RUN + "/result", routes.run_result, methods=["GET"], name="run_result"),
     Route(RUN + "/events", routes.run_events, methods=["GET"], name="run_events"),
+    Route(RUN + "/tasks/{task_id}/input", answers.answer_input, methods=["POST"], name="answer_input"),
     Route(EVENTS, routes.publish_event, methods=["POST"], name="publish_event"),
     *assets.ROUTES,  # /v1/assets/{name}/events and /next: {name} may hold '/'
     Route(WEBHOOKS, webhook_routes.create_webhook, methods=["POST"], name="create_webhook"),
@@ -121,6 +125,7 @@ def create_app(settings: Settings, *, embedded: EmbeddedBroker | None = None) ->
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.sse_sweep = Sweep.of(settings)  # the heartbeats and send timeouts of every SSE stream
     app.state.embedded = embedded
     app.state.token_secret = token_secret(settings)
     return app
@@ -240,7 +245,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state.publisher = Publisher(publisher_config)
     state.idempotency = IdempotencyKeys(state.redis, settings.namespace, settings.idempotency_ttl)
     state.airflow = airflow_client(settings)
-    state.backfills = backfills.source_from(settings)  # Airflow's metadata database, read only (or None)
+    # Airflow's REST API where it lists backfill slots, else its metadata database, read only (or None)
+    state.backfills = backfills.source_from(settings, state.airflow, state.metrics)
     loops = [
         spool_flusher(state.publisher, settings.spool_flush_interval),
         partition_keeper(state, settings.namespace),
@@ -286,6 +292,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         )
         outbox.on_enqueued = state.dispatcher.wake  # after each committed batch that enqueued something
         loops.append(state.dispatcher.loop)
+    state.readiness = Readiness(
+        state.hub,
+        state.redis.ping,
+        state.store.ping,
+        state.recorder,
+        grace=settings.readiness_grace,
+        max_backlog=settings.readiness_max_backlog,
+        max_catch_up=settings.readiness_max_catch_up,
+    )
+    loops.append(state.readiness.loop)
     for loop in loops:
         loop.start()
     state.loops = [state.hub.listener, *loops]  # their states, for readiness and metrics

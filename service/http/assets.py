@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 from redis.exceptions import RedisError
@@ -144,7 +144,9 @@ async def asset_events(request: Request) -> Response:
     return EventStream(request, asset_sse_stream(request, request.app.state.assets, name, last_id))
 
 
-async def asset_sse_stream(request: Request, assets: AssetTopic, name: str, last_id: Position | None) -> AsyncIterator[ServerSentEvent]:
+async def asset_sse_stream(
+    request: Request, assets: AssetTopic, name: str, last_id: Position | None
+) -> AsyncGenerator[ServerSentEvent | bytes, None]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     metrics.sse_clients.inc()
     try:

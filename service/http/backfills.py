@@ -1,14 +1,17 @@
 """Backfills: one row per slot of an Airflow backfill, and its progress live over SSE.
 
-Where the slots come from: Airflow's metadata database, read only. Airflow 3.3.2's REST API has
-`GET /api/v2/backfills?dag_id=` and `GET /api/v2/backfills/{id}` (the backfill itself: dates,
-pause, completed_at) but nothing that lists a backfill's `backfill_dag_run` rows, which are the
-slots: their sort_ordinal, logical_date, the run made for each, and for the slots Airflow skipped
-(no run) the reason it recorded, `exception_reason` ("already exists", "in flight", "unknown").
-Nor can its dagRuns list filter by backfill. So the gateway reads the `backfill`, `backfill_dag_run`
-and `dag_run` tables through SQLAlchemy when RUNBELL_AIRFLOW_DATABASE_URL is set: PostgreSQL
-sessions are opened with default_transaction_read_only, SQLite files with mode=ro; only SELECTs
-are ever sent. Without that setting these endpoints answer 503.
+Where the slots come from. A backfill's slots are its `backfill_dag_run` rows: their sort_ordinal,
+logical_date, the run made for each, and for the slots Airflow skipped (no run) the reason it
+recorded, `exception_reason` ("already exists", "in flight", "unknown").
+- Airflow 3.4+ lists them: `GET /api/v2/backfills/{id}/dag_runs` (apache/airflow PR #67381; its
+  shape is in runbell.service.airflow.api). Where RUNBELL_AIRFLOW_URL's Airflow has that route
+  (probed, and probed again every few minutes), it is used, with `GET /api/v2/backfills/{id}`.
+- Airflow 3.1 to 3.3 have only the backfill itself (`GET /api/v2/backfills/{id}`), and their dagRuns
+  list cannot filter by backfill. There the gateway reads the `backfill`, `backfill_dag_run` and
+  `dag_run` tables through SQLAlchemy when RUNBELL_AIRFLOW_DATABASE_URL is set: PostgreSQL sessions
+  are opened with default_transaction_read_only, SQLite files with mode=ro; only SELECTs are ever
+  sent. The database is also the fallback while the REST API fails.
+Both give the same slots. With neither, these endpoints answer 503.
 
 A slot's state is the gateway store's state of its run (what the run's events say), or what
 Airflow's dag_run row says where that is further along (a run, or its latest event, the store has not
@@ -28,10 +31,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
@@ -43,6 +47,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from runbell.bus.schema import START
+from runbell.service.airflow.api import AirflowClient, AirflowError, NotFound, RouteMissing
+from runbell.service.core.metrics import Metrics
 from runbell.service.core.outcome import OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import BackfillProgress, BackfillSlot, BackfillSlots
@@ -65,6 +71,7 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 REPLAY_SECONDS = 5.0  # the longest the stream's start waits for the runs' logs
 END_ID = "end"
 TERMINAL = ("success", "failed")
+API_RETRY_SECONDS = 15.0  # after Airflow's REST API failed a read, the database serves for this long
 _RANK = {"unknown": -1, "queued": 0, "running": 1, "success": 2, "failed": 2}
 
 
@@ -186,10 +193,124 @@ def read_only_url(url: str) -> str:
     return url
 
 
-def source_from(settings: Settings) -> AirflowMetadata | None:
-    if settings.airflow_database_url is None:
+class AirflowApiSlots:
+    """Reads backfills and their slots through Airflow's REST API (3.4+ for the slots)."""
+
+    def __init__(self, client: AirflowClient):
+        self.client = client
+
+    async def backfill(self, backfill_id: int) -> Backfill | None:
+        found = await self.client.get_backfill(backfill_id)
+        return Backfill(backfill_id, found["dag_id"]) if found is not None else None
+
+    async def slots(self, backfill: Backfill, limit: int | None = None, offset: int = 0) -> tuple[int, list[Slot]]:
+        try:
+            total, runs = await self.client.backfill_dag_runs(backfill.id, offset=offset, limit=limit)
+        except NotFound:
+            return 0, []  # gone since it was found: what the database would say of it
+        slots = [
+            Slot(r.sort_ordinal, r.logical_date, r.dag_id or backfill.dag_id, r.dag_run_id, r.exception_reason, r.dag_run_state)
+            for r in runs
+        ]
+        return total, slots
+
+
+T = TypeVar("T")
+
+
+class SlotSource:
+    """Airflow's REST API where it lists a backfill's slots (probed), else the metadata database.
+
+    Every read asks the client whether the route is there (it answers from its cached probe). A read
+    through the API that fails (unreachable, 5xx, refused) falls back to the database where one is
+    configured, which then serves alone for API_RETRY_SECONDS, so a down Airflow API does not make
+    each read wait for its timeout; without a database the error is the answer."""
+
+    def __init__(self, api: AirflowClient | None, database: AirflowMetadata | None, metrics: Metrics | None = None):
+        self.api = AirflowApiSlots(api) if api is not None else None
+        self.database = database
+        self.metrics = metrics
+        self._api_failed_at: float | None = None  # time.monotonic() of the last failure while it lasts
+
+    async def close(self) -> None:
+        if self.database is not None:
+            await self.database.close()  # the API client belongs to the app
+
+    async def backfill(self, backfill_id: int) -> Backfill | None:
+        return await self._read(lambda source: source.backfill(backfill_id))
+
+    async def slots(self, backfill: Backfill, limit: int | None = None, offset: int = 0) -> tuple[int, list[Slot]]:
+        return await self._read(lambda source: source.slots(backfill, limit, offset))
+
+    async def _read(self, read: Callable[[Any], Awaitable[T]]) -> T:
+        if await self._api_lists_slots():
+            assert self.api is not None
+            try:
+                result = await read(self.api)
+            except RouteMissing:
+                if self.database is None:
+                    raise self._not_configured() from None
+            except AirflowError as exc:
+                if self.database is None:
+                    raise
+                self._api_failed(exc)
+            else:
+                self._api_answered()
+                self._count("airflow_api")
+                return result
+        if self.database is None:
+            raise self._not_configured()
+        result = await read(self.database)
+        self._count("airflow_database")
+        return result
+
+    async def _api_lists_slots(self) -> bool:
+        if self.api is None:
+            return False
+        if self.database is not None and self._api_failed_at is not None and time.monotonic() - self._api_failed_at < API_RETRY_SECONDS:
+            return False
+        try:
+            return await self.api.client.has_backfill_dag_runs()
+        except AirflowError as exc:
+            if self.database is None:
+                raise
+            self._api_failed(exc)
+            return False
+
+    def _api_failed(self, exc: AirflowError) -> None:
+        if self._api_failed_at is None:
+            log.warning(
+                "backfill slots: Airflow's REST API failed (%s); reading Airflow's database for %g s", exc.message, API_RETRY_SECONDS
+            )
+        self._api_failed_at = time.monotonic()
+
+    def _api_answered(self) -> None:
+        if self._api_failed_at is not None:
+            log.info("backfill slots: Airflow's REST API answers again")
+        self._api_failed_at = None
+
+    def _count(self, via: str) -> None:
+        if self.metrics is not None:
+            self.metrics.backfill_reads.labels(via).inc()
+
+    def _not_configured(self) -> ApiError:
+        where = (
+            f"the Airflow at {self.api.client.where} has no GET /api/v2/backfills/{{id}}/dag_runs (Airflow 3.4+)"
+            if self.api is not None
+            else "RUNBELL_AIRFLOW_URL is not set (an Airflow 3.4+ lists a backfill's slots through its REST API)"
+        )
+        return not_configured(f"{where}: set RUNBELL_AIRFLOW_DATABASE_URL to read them from Airflow's metadata database")
+
+
+def not_configured(message: str) -> ApiError:
+    return ApiError(503, "airflow_database_not_configured", message)
+
+
+def source_from(settings: Settings, api: AirflowClient | None, metrics: Metrics | None = None) -> SlotSource | None:
+    database = AirflowMetadata(settings.airflow_database_url.get_secret_value()) if settings.airflow_database_url is not None else None
+    if api is None and database is None:
         return None
-    return AirflowMetadata(settings.airflow_database_url.get_secret_value())
+    return SlotSource(api, database, metrics)
 
 
 # -- joining with the store ------------------------------------------------------------------------
@@ -242,14 +363,12 @@ async def backfill_events(request: Request) -> Response:
     return EventStream(request, backfill_stream(request, hub, source, backfill, tracker))
 
 
-async def find_backfill(request: Request) -> tuple[AirflowMetadata, Backfill]:
-    source: AirflowMetadata | None = getattr(request.app.state, "backfills", None)
+async def find_backfill(request: Request) -> tuple[SlotSource, Backfill]:
+    source: SlotSource | None = getattr(request.app.state, "backfills", None)
     if source is None:
-        raise ApiError(
-            503,
-            "airflow_database_not_configured",
-            "backfill slots are read from Airflow's metadata database: set RUNBELL_AIRFLOW_DATABASE_URL "
-            "(Airflow's REST API does not list a backfill's slots)",
+        raise not_configured(
+            "backfill slots are read from Airflow's REST API where it lists them (Airflow 3.4+: set RUNBELL_AIRFLOW_URL), "
+            "else from Airflow's metadata database: set RUNBELL_AIRFLOW_DATABASE_URL"
         )
     raw = request.path_params["backfill_id"]
     number = ascii_int(raw)
@@ -313,8 +432,8 @@ def progress_event(tracker: Progress) -> ServerSentEvent:
 
 
 async def backfill_stream(
-    request: Request, hub: Hub, source: AirflowMetadata, backfill: Backfill, tracker: Progress
-) -> AsyncIterator[ServerSentEvent]:
+    request: Request, hub: Hub, source: SlotSource, backfill: Backfill, tracker: Progress
+) -> AsyncGenerator[ServerSentEvent | bytes, None]:
     settings = request.app.state.settings
     metrics = request.app.state.metrics
     yield ServerSentEvent(comment="runbell", retry=settings.sse_retry_ms)
@@ -404,14 +523,14 @@ async def follow_run(ordinal: int, subscription: Any, fold: OutcomeFold, changes
         changes.put_nowait(("closed", closed.reason))
 
 
-async def poll_airflow(source: AirflowMetadata, backfill: Backfill, changes: asyncio.Queue) -> None:
+async def poll_airflow(source: SlotSource, backfill: Backfill, changes: asyncio.Queue) -> None:
     """Airflow's own view of the slots, now and then: a run whose events are lost still ends."""
     warned = False
     while True:
         await asyncio.sleep(BACKFILL_POLL_SECONDS)
         try:
             _, slots = await source.slots(backfill)
-        except ApiError as exc:
+        except (ApiError, AirflowError) as exc:
             if not warned:
                 log.warning("backfill %s: %s; retrying", backfill.id, exc.message)
                 warned = True

@@ -14,11 +14,11 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, PlainSerializer, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
-from runbell.bus.schema import AssetEvent, ResultRef
+from runbell.bus.schema import OPTION_MAX, OPTIONS_MAX, PARAMS_MAX_BYTES, AssetEvent, OptionText, ResultRef, json_bytes
 from runbell.service.core import clock
-from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, Outcome, OutcomeStatus, ResultTask
+from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, InputNeeded, Outcome, OutcomeStatus, ResultTask, respond_path
 from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_MAX_BYTES, DeadLetter
 from runbell.service.store.store import RUN_STATES
 from runbell.service.webhooks.outbox import Attempt, Endpoint, Message, MessageStatus, WebhookKind
@@ -51,19 +51,52 @@ class RunOutcome(Outcome):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
-class RunPending(BaseModel):
-    """202: not decided yet."""
+class NeedsInput(InputNeeded):
+    """An open input request (a task of Airflow's human-in-the-loop operators waits for a person),
+    with where to answer it."""
 
-    status: Literal["pending"] = "pending"
+    respond: str = Field(description="the path to POST the answer to (role respond): .../tasks/{task_id}/input[?map_index=N]")
+
+    @classmethod
+    def of(cls, dag_id: str, run_id: str, request: InputNeeded) -> NeedsInput:
+        return cls(**request.model_dump(), respond=respond_path(dag_id, run_id, request.task_id, request.map_index))
+
+
+class RunPending(BaseModel):
+    """202: not decided yet; `needs_input` when a task asks a person something the caller has not
+    been told of (asked after its `after`)."""
+
+    status: Literal["pending", "needs_input"] = "pending"
     dag_id: str
     run_id: str
     run_state: RunStateName
     epoch: str = Field(default="", description="the epoch of seq (see Epochs in the README)")
     seq: int = Field(description="the last sequence number applied")
+    needs_input: list[NeedsInput] = Field(
+        default_factory=list, description="the run's newest open input requests (at most 20), oldest first (absent: none)"
+    )
+    after: str | None = Field(
+        default=None,
+        description="the newest open request's position (null: none is open): pass it as after= to keep waiting past it",
+    )
 
     @classmethod
-    def of(cls, outcome: Outcome) -> RunPending:
-        return cls(dag_id=outcome.dag_id, run_id=outcome.run_id, run_state=outcome.run_state, epoch=outcome.epoch, seq=outcome.seq)
+    def of(cls, outcome: Outcome, *, asking: bool = False) -> RunPending:
+        requests = [NeedsInput.of(outcome.dag_id, outcome.run_id, r) for r in outcome.needs_input]
+        return cls(
+            status="needs_input" if asking else "pending",
+            dag_id=outcome.dag_id,
+            run_id=outcome.run_id,
+            run_state=outcome.run_state,
+            epoch=outcome.epoch,
+            seq=outcome.seq,
+            needs_input=requests,
+            after=requests[-1].position if requests else None,
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The answer: without needs_input and after while no request is open (the pending body as before)."""
+        return self.model_dump(mode="json", exclude=None if self.needs_input else {"needs_input", "after"})
 
 
 class RunToken(BaseModel):
@@ -86,6 +119,64 @@ class RunEnd(BaseModel):
     status: OutcomeStatus
     epoch: str = ""
     seq: int
+
+
+class InputClosed(BaseModel):
+    """The data of the SSE `input_received` event: an open request is no longer open."""
+
+    task_id: str
+    map_index: int
+    try_number: int | None
+    position: str = Field(description="the request's position (as its needs_input event's id)")
+    closed_by: str = Field(
+        description="the state of the event that closed it: input_received (answered through the gateway), "
+        "running (the task resumed: answered in Airflow, or its deadline's defaults taken), another task state, "
+        "or the run's end"
+    )
+
+    @classmethod
+    def of(cls, request: InputNeeded, closed_by: str) -> InputClosed:
+        fields = request.model_dump(include={"task_id", "map_index", "try_number", "position"})
+        return cls(**fields, closed_by=closed_by)
+
+
+# -- answering a task that waits for a person -------------------------------------------------------
+
+
+def _params_input_size(params: dict[str, Any]) -> dict[str, Any]:
+    if (size := json_bytes(params)) > PARAMS_MAX_BYTES:
+        raise ValueError(f"params_input is {size} bytes of JSON, over the bound of {PARAMS_MAX_BYTES}")
+    return params
+
+
+class InputAnswer(BaseModel):
+    """POST /v1/dags/{dag_id}/runs/{run_id}/tasks/{task_id}/input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chosen_options: list[OptionText] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=OPTIONS_MAX,
+        description=f"the options chosen (each at most {OPTION_MAX} characters): one of the request's, or several when it "
+        "says multiple; may be left out when the request offers a single option (HITLEntryOperator's OK)",
+    )
+    params_input: Annotated[dict[str, Any], AfterValidator(_params_input_size)] = Field(
+        default_factory=dict, description="the form's values by param name (the request's params)"
+    )
+
+
+class InputAccepted(BaseModel):
+    """200 of POST .../tasks/{task_id}/input: Airflow took the answer; the task resumes."""
+
+    status: Literal["accepted"] = "accepted"
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    chosen_options: list[str]
+    params_input: dict[str, Any]
+    responded_at: str | None = Field(description="when Airflow recorded the answer (ISO-8601)")
 
 
 # -- publishing ---------------------------------------------------------------------------------------

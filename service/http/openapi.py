@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from runbell.bus.schema import ASSET_NAME_MAX, ID_MAX, Event, RunState, TaskState
+from runbell.bus.schema import ASSET_NAME_MAX, ID_MAX, INT_MAX, Event, RunState, TaskState
 from runbell.service.core.roles import Role
 from runbell.service.http import backfills, dead_letters, runs, webhooks
 from runbell.service.http.assets import AFTER_PARAM
@@ -42,7 +42,11 @@ from runbell.service.http.contract import (
     BackfillSlots,
     CreatedWebhook,
     DeadLetterList,
+    InputAccepted,
+    InputAnswer,
+    InputClosed,
     MessageList,
+    NeedsInput,
     Published,
     Recovered,
     Redriven,
@@ -64,6 +68,7 @@ from runbell.service.http.contract import (
 from runbell.service.http.errors import ErrorBody
 from runbell.service.http.idempotency import MAX_KEY_LENGTH
 from runbell.service.http.params import BAD_BODY_STATUS, INT_DIGITS_MAX, LAST_EVENT_ID_PARAM
+from runbell.service.http.run_routes import AFTER_PARAM as RUN_AFTER_PARAM
 from runbell.service.http.run_routes import RESOLVE_PARAM
 from runbell.service.http.trigger import TriggerRequest
 from runbell.service.settings import Settings
@@ -273,7 +278,11 @@ OPERATIONS: dict[str, Operation] = {
         Role.TRIGGER,
         {
             200: Answer("Decided within the wait: the outcome, with a token scoped to this run", TriggeredOutcome),
-            202: Answer("Triggered, still pending", TriggeredPending, headers={"Location": "the result endpoint of the run"}),
+            202: Answer(
+                "Triggered, still pending; or status needs_input: a task waits for a person (go on with the result endpoint and after=)",
+                TriggeredPending,
+                headers={"Location": "the result endpoint of the run"},
+            ),
             400: failure("Bad wait, resolve or Idempotency-Key"),
             404: failure("Unknown DAG"),
             409: failure("DAG paused, run id taken, or the same Idempotency-Key still triggering"),
@@ -360,14 +369,61 @@ OPERATIONS: dict[str, Operation] = {
         Role.READ,
         {
             200: Answer("Decided", RunOutcome),
-            202: Answer("Still pending at the timeout; ask again", RunPending, headers={"Retry-After": "seconds"}),
-            400: failure("Bad timeout, resolve or id"),
+            202: Answer(
+                "status needs_input: a task waits for a person (asked after `after`): answer it, and call again with "
+                "after= the answer's after to keep waiting; status pending: still pending at the timeout, ask again",
+                RunPending,
+                headers={"Retry-After": "seconds"},
+            ),
+            400: failure("Bad timeout, resolve, after or id"),
             404: failure("Airflow has no such run"),
             **BUSY,
         },
-        "Answers 200 the moment the result task succeeds or a critical task fails, else 202 at the timeout. A run "
-        "not seen yet is waited for. A run-scoped token of this run is accepted.",
-        (*RUN, TIMEOUT, RESOLVE, QUERY_TOKEN),
+        "Answers 200 the moment the result task succeeds or a critical task fails; 202 needs_input at once while the "
+        "run is undecided and a task asks a person something asked after `after` (without after: any open request); "
+        "else 202 pending at the timeout. A run not seen yet is waited for. A run-scoped token of this run is accepted.",
+        (
+            *RUN,
+            TIMEOUT,
+            RESOLVE,
+            Param(
+                RUN_AFTER_PARAM,
+                "query",
+                {"type": "string", "pattern": "^([0-9a-z]+-)?[0-9]{1,18}$"},
+                "a position (EPOCH-SEQ), the after of a needs_input answer: requests asked up to there are known to the caller",
+            ),
+            QUERY_TOKEN,
+        ),
+    ),
+    "answer_input": Operation(
+        "Answer a task that waits for a person (Airflow's human-in-the-loop operators)",
+        Role.RESPOND,
+        {
+            200: Answer("Airflow took the answer: the task resumes", InputAccepted),
+            400: failure(
+                "Bad map_index or id; options not among the request's, or several for a single choice (bad_options, accepted "
+                "lists them); params_input not the request's params (bad_params_input); Airflow refused it (answer_refused)"
+            ),
+            403: failure("Also: the gateway's Airflow user is not among the request's assigned users (not_a_respondent)"),
+            404: failure(
+                "No open request of this task instance (no_open_request): Airflow has none, or the gateway knows none "
+                "and chosen_options was left out"
+            ),
+            409: failure("Already answered (already_answered)"),
+            502: failure("Airflow answered with an error, or refused the gateway's Airflow identity"),
+            503: failure("Airflow unreachable or not configured", {"Retry-After": "seconds"}),
+        },
+        "Passed to Airflow's PATCH .../taskInstances/{task_id}/{map_index}/hitlDetails with the gateway's own Airflow "
+        "identity, which needs the DAG-level permission to edit HITL details. When the gateway knows the open request "
+        "(from the run's events) the options are checked first; it then publishes input_received, so waiters hear at once.",
+        (
+            *RUN,
+            path_id("task_id"),
+            Param(
+                "map_index", "query", or_empty({"type": "integer", "minimum": -1, "maximum": INT_MAX, "default": -1}), "of a mapped task"
+            ),
+        ),
+        body=InputAnswer,
     ),
     "run_events": Operation(
         "The run's events as Server-Sent Events",
@@ -379,8 +435,9 @@ OPERATIONS: dict[str, Operation] = {
             404: failure("Airflow has no such run"),
             **BUSY,
         },
-        "id: is the run's sequence number; event: task or run (data: the Event with its seq), outcome (data: the "
-        "Outcome), end (data: a RunEnd; then the stream closes), error or shutdown (reconnect). Resume with the "
+        "id: is the run's sequence number; event: task or run (data: the Event with its seq), needs_input (data: a "
+        "NeedsInput: a task waits for a person), input_received (data: an InputClosed: that request is closed), outcome "
+        "(data: the Outcome), end (data: a RunEnd; then the stream closes), error or shutdown (reconnect). Resume with the "
         "Last-Event-ID header or ?last_event_id=. A run-scoped token of this run is accepted.",
         (*RUN, *LAST_EVENT_ID, QUERY_TOKEN),
     ),
@@ -529,7 +586,17 @@ OPERATIONS: dict[str, Operation] = {
     ),
     "healthz": Operation("Liveness", None, {200: Answer("Up")}),
     "readyz": Operation(
-        "Readiness: Redis, store and pub/sub", None, {200: Answer("Ready"), 503: Answer("Not ready, with the failing checks")}
+        "Readiness: subscribed and caught up",
+        None,
+        {200: Answer("Ready, with each check's state"), 503: Answer("Not ready, with each check's state: what is not ok says why")},
+        "Not ready until this replica is subscribed to every stream partition's shard channel, Redis and the store "
+        "answer, and its recorder has made a full pass over the partitions with at most RUNBELL_READINESS_MAX_BACKLOG "
+        'entries left to record (`"recorder": "catching up: 4123 entries behind"`). Once ready, a check that '
+        "fails (a ping of Redis or the store, the subscriptions) is reported at once but answers 503 only when it has "
+        "not passed for RUNBELL_READINESS_GRACE seconds; the recorder's backlog is then only reported. Draining "
+        '(SIGTERM) is 503 at once (`"shutdown": "draining"`). Answered from the last checks, never waiting '
+        'on Redis or the store. The body: `{"status": "ready" | "not ready", "checks": {"redis", '
+        '"database", "pubsub", "recorder"[, "shutdown"]: "ok" or why not}}`.',
     ),
     "metrics": Operation("Prometheus metrics", Role.READ, {200: Answer("The exposition", media="text/plain")}),
     "openapi": Operation("This document", None, {200: Answer("OpenAPI 3.1")}),
@@ -548,7 +615,7 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 # Models described in text (the data of SSE events) but in no answer of their own.
-MENTIONED: tuple[type[BaseModel], ...] = (BackfillProgress, RunEnd)
+MENTIONED: tuple[type[BaseModel], ...] = (BackfillProgress, RunEnd, NeedsInput, InputClosed)
 
 DELIVERY_PAYLOAD = {
     "type": "object",
@@ -703,7 +770,7 @@ def build_openapi(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             "title": "Runbell gateway",
             "version": "1",
             "description": "The outcome of an Airflow run, pushed. Each operation's x-role is the Role its token needs "
-            "(publish and trigger include read, admin includes all; null: open). A token limited to some DAGs "
+            "(publish, respond and trigger include read, trigger includes respond, admin includes all; null: open). A token limited to some DAGs "
             "(RUNBELL_TOKENS token:role@patterns) acts on those only: another DAG is a 403 token_scope; listings "
             "hold its DAGs' runs only; endpoints that span DAGs (assets, metrics, webhooks) need a token for every DAG.",
         },

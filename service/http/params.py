@@ -139,14 +139,19 @@ def parse_last_event_id(request: Request) -> Position:
     """The position a stream resumes after: an SSE id as sent, EPOCH-SEQ, or a bare seq (an id from
     before epochs: the legacy epoch). Absent: the start."""
     raw: str | None = request.headers.get("last-event-id") or query_value(request, LAST_EVENT_ID_PARAM)
+    return position_value(raw, "bad_last_event_id", "Last-Event-ID must be an event id as sent")
+
+
+def position_value(raw: str | None, code: str, what: str) -> Position:
+    """A position as the gateway sends them (EPOCH-SEQ, or a bare seq); absent or empty: the start."""
     if raw is None or raw == "":
         return START
     position = parse_position(raw)
     if position is None:
         raise ApiError(
             400,
-            "bad_last_event_id",
-            "Last-Event-ID must be an event id as sent: EPOCH-SEQ (EPOCH: lowercase letters and digits) or a sequence number",
+            code,
+            f"{what}: EPOCH-SEQ (EPOCH: lowercase letters and digits) or a sequence number",
             accepted="EPOCH-SEQ, or integer >= 0",
         )
     return position

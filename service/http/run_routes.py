@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
@@ -21,11 +21,13 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.bus.schema import START, Envelope, Event, EventKind, Position, ResultRef
+from runbell.bus.schema import START, Envelope, Event, EventKind, Position, ResultRef, parse_position
 from runbell.listeners.publisher import SpoolUnavailable, json_size, utf8_size
-from runbell.service.core.outcome import Outcome, OutcomeFold
+from runbell.service.core.outcome import InputNeeded, Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import (
+    InputClosed,
+    NeedsInput,
     Published,
     RunEnd,
     RunOutcome,
@@ -40,16 +42,20 @@ from runbell.service.http.params import (
     hub_with_room,
     parse_last_event_id,
     parse_timeout,
+    position_value,
+    query_value,
     read_body,
     run_path,
 )
+from runbell.service.http.server import DIRECT_WRITE, DirectWrite
 from runbell.service.http.sse import EventStream, farewell
-from runbell.service.live.hub import Hub, Signal, SubscriptionClosed
+from runbell.service.live.hub import Hub, Signal, Subscription, SubscriptionClosed
 from runbell.service.live.topics import RunTopic
 
 PENDING_RETRY_AFTER = "1"
 SPOOL_RETRY_AFTER = 5  # seconds: Redis or the spool directory has to come back first
 RESOLVE_PARAM = "resolve"
+AFTER_PARAM = "after"
 XCOM_READS_AT_ONCE = 8  # a mapped result's references, read from Airflow at once
 REF_KEYS = set(ResultRef.model_fields)
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
@@ -59,13 +65,33 @@ BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the store
 
 
 async def run_result(request: Request) -> Response:
-    """Wait until the run's outcome is decided, or the timeout passes (then 202 pending)."""
+    """Wait until the run's outcome is decided, a task asks a person something asked after `after`
+    (then 202 needs_input), or the timeout passes (then 202 pending)."""
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
     timeout = parse_timeout(request)
     resolve = parse_resolve(request)
-    outcome = await wait_for_outcome(request, dag_id, run_id, timeout)
-    return await outcome_response(request, outcome, resolve=resolve)
+    after = parse_after(request)
+    direct: DirectWrite | None = request.scope.get("extensions", {}).get(DIRECT_WRITE)
+    outcome = await wait_for_outcome(request, dag_id, run_id, timeout, after=after, direct=direct, resolve=resolve)
+    if direct is not None and direct.answered:
+        return ANSWERED  # from the hub's fan-out (answer_directly)
+    return await outcome_response(request, outcome, resolve=resolve, after=after)
+
+
+def parse_after(request: Request) -> Position:
+    """?after=EPOCH-SEQ: the caller has been told of the input requests up to there (the `after` of a
+    needs_input answer); absent: of none."""
+    return position_value(query_value(request, AFTER_PARAM), "bad_after", "after must be a position as answered")
+
+
+def asks_after(outcome: Outcome, after: Position) -> bool:
+    """Undecided, with an open input request asked after `after`: the caller must be told."""
+    return not outcome.decided and any(request_position(r) > after for r in outcome.needs_input)
+
+
+def request_position(request: InputNeeded) -> Position:
+    return parse_position(request.position) or START
 
 
 def parse_resolve(request: Request) -> bool:
@@ -76,8 +102,20 @@ def parse_resolve(request: Request) -> bool:
     return raw == "true"
 
 
-async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: float) -> Outcome:
-    """Follow the run until its outcome is decided or the timeout passes; the outcome either way."""
+async def wait_for_outcome(
+    request: Request,
+    dag_id: str,
+    run_id: str,
+    timeout: float,
+    *,
+    after: Position = START,
+    direct: DirectWrite | None = None,
+    resolve: bool = False,
+) -> Outcome:
+    """Follow the run until its outcome is decided, an input request is asked after `after`, or the
+    timeout passes; the outcome either way. With `direct` (the request's connection), a caught-up
+    waiter takes the run's events from the hub's fan-out and a plain decided outcome is written
+    there (answer_directly): the caller sees direct.answered and sends nothing more."""
     hub_with_room(request)
     runs: RunTopic = request.app.state.runs
     if runs.is_missing(dag_id, run_id):
@@ -93,40 +131,100 @@ async def wait_for_outcome(request: Request, dag_id: str, run_id: str, timeout: 
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
                 for envelope in await subscription.backlog():
                     fold.apply(envelope)
-                if fold.outcome.decided:
+                if fold.outcome.decided or asks_after(fold.outcome, after):
                     return fold.outcome
+            if direct is not None:
+                subscription.direct = answer_directly(request, subscription, fold, direct, after, resolve)
             with anyio.move_on_at(deadline):
                 try:
                     async for envelope in subscription:
-                        if fold.apply(envelope):
+                        if fold.apply(envelope) or (fold.opened is not None and asks_after(fold.outcome, after)):
                             return fold.outcome
                 except SubscriptionClosed as closed:
                     if closed.reason is Signal.NOT_FOUND:
                         raise run_not_found(dag_id, run_id) from None
-                    # shutdown, or too slow: the caller asks again
+                    # answered from the fan-out (DONE: the fold has it), or shutdown, or too slow: the caller asks again
     finally:
         metrics.waiters.dec()
     return fold.outcome
 
 
 async def outcome_response(
-    request: Request, outcome: Outcome, token: RunToken | None = None, headers: dict | None = None, *, resolve: bool = False
+    request: Request,
+    outcome: Outcome,
+    token: RunToken | None = None,
+    headers: dict | None = None,
+    *,
+    resolve: bool = False,
+    after: Position = START,
 ) -> Response:
     """200 with the decided outcome (with `resolve`, a result published as a reference read from
-    Airflow), else 202 pending; with the run-scoped token when given (the trigger endpoint's answer)."""
+    Airflow), else 202: needs_input when an open request was asked after `after`, else pending; with
+    the run-scoped token when given (the trigger endpoint's answer)."""
     if not outcome.decided:
         headers = {"Retry-After": PENDING_RETRY_AFTER, **(headers or {})}
-        pending = RunPending.of(outcome)
+        pending = RunPending.of(outcome, asking=asks_after(outcome, after))
         if token is not None:
             pending = TriggeredPending(**pending.model_dump(), **token.model_dump())
-        return JSONResponse(pending.model_dump(mode="json"), status_code=202, headers=headers)
+        return JSONResponse(pending.body(), status_code=202, headers=headers)
     request.app.state.metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
-    resolving = resolve and outcome.result_task is not None and outcome.result_task.is_ref
+    resolving = resolves_ref(outcome, resolve)
     if token is None and headers is None and not resolving:
-        return Response(outcome_json(request.app.state.hub, outcome), media_type="application/json")
+        return plain_outcome_response(request.app.state.hub, outcome)
     fields = {**outcome.model_dump(), **(await fetched_result(request, outcome) if resolving else {})}
     answer = RunOutcome(**fields) if token is None else TriggeredOutcome(**fields, **token.model_dump())
     return JSONResponse(answer.body(), headers=headers)
+
+
+def resolves_ref(outcome: Outcome, resolve: bool) -> bool:
+    """Whether the answer reads the result from Airflow: asked to, and published as a reference."""
+    return resolve and outcome.result_task is not None and outcome.result_task.is_ref
+
+
+def plain_outcome_response(hub: Hub, outcome: Outcome) -> Response:
+    """The 200 of a decided outcome as every waiter of the run gets it (no token, nothing read from Airflow)."""
+    return Response(outcome_json(hub, outcome), media_type="application/json")
+
+
+def answer_directly(
+    request: Request, subscription: Subscription, fold: OutcomeFold, direct: DirectWrite, after: Position, resolve: bool
+) -> Callable[[Envelope], bool]:
+    """A caught-up waiter's taker of the run's next event, called from the hub's fan-out: the event is
+    folded there without waking the waiter's task, and the outcome it decides is written straight to
+    the connection, its bytes built once per outcome and shared by the run's waiters (DirectWrite.answer).
+    Whatever else it has to answer (an input request, a result read from Airflow) ends the wait for the
+    task to answer as usual. A connection that cannot take a whole response now (the client left, its
+    buffers are full, a HEAD) gets the event the usual way: its task is woken, as before."""
+    hub, metrics = request.app.state.hub, request.app.state.metrics
+
+    def take(envelope: Envelope) -> bool:
+        if not direct.can_answer():
+            return False
+        if not (fold.apply(envelope) or (fold.opened is not None and asks_after(fold.outcome, after))):
+            return True  # nothing to answer yet
+        outcome = fold.outcome
+        if outcome.decided and not resolves_ref(outcome, resolve):
+            metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
+            key = ("answer", outcome.dag_id, outcome.run_id, outcome.epoch, outcome.seq)
+            direct.answer(hub.shared, key, lambda: plain_outcome_response(hub, outcome))
+            metrics.long_poll_direct_answers.inc()
+        subscription.close(Signal.DONE)  # the task leaves (answered), or answers what the fold has
+        return True
+
+    return take
+
+
+class Answered(Response):
+    """The answer went straight to the connection (DirectWrite.answer): nothing more to send."""
+
+    def __init__(self) -> None:
+        self.status_code, self.background = 200, None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return
+
+
+ANSWERED = Answered()
 
 
 async def fetched_result(request: Request, outcome: Outcome) -> dict[str, Any]:
@@ -197,13 +295,38 @@ async def run_events(request: Request) -> Response:
         raise run_not_found(dag_id, run_id)  # EventSource stops on a 404
     if last_id != START and await stream_already_ended(runs, dag_id, run_id, last_id):
         return Response(status_code=204)  # EventSource stops reconnecting on 204
-    return EventStream(request, sse_stream(request, hub, dag_id, run_id, last_id))
+    response = EventStream(request)
+    response.stream = sse_stream(request, hub, dag_id, run_id, last_id, response)
+    return response
 
 
-async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_id: Position) -> AsyncIterator[ServerSentEvent | bytes]:
+async def sse_stream(
+    request: Request, hub: Hub, dag_id: str, run_id: str, last_id: Position, response: EventStream
+) -> AsyncGenerator[ServerSentEvent | bytes, None]:
     settings, metrics = request.app.state.settings, request.app.state.metrics
     fold = OutcomeFold(dag_id, run_id)
     metrics.sse_clients.inc()
+
+    def frame_of(envelope: Envelope) -> tuple[bytes | None, bool]:
+        """(the frame to send, None for one at or before last_id; whether it ends the stream)."""
+        decided = fold.apply(envelope)
+        if envelope.position <= last_id:
+            return None, False
+        if decided:
+            metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
+        end = is_run_end(envelope)
+        return frames(hub, envelope, fold, decided, end), end
+
+    def take_directly(envelope: Envelope) -> bool:
+        """A caught-up stream's next event, written at once from the hub's fan-out (no task woken);
+        not the last, after which the stream closes (that one goes the usual way)."""
+        if is_run_end(envelope) or not response.can_write_now():
+            return False
+        frame, _ = frame_of(envelope)
+        if frame is not None:
+            response.write_now(frame)
+        return True
+
     try:
         # The whole history is folded so the outcome is known, but only what is after last_id is sent.
         async with request.app.state.runs.subscribe(dag_id, run_id) as subscription:
@@ -213,14 +336,11 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
                     recovered = any(envelope.position == last_id for envelope in await subscription.ahead())
                     last_id = last_id if recovered else START
                     yield ServerSentEvent(data=json.dumps({"recovered": recovered, "from": str(last_id)}), event="recovery")
+                subscription.direct = take_directly
                 async for envelope in subscription:
-                    decided = fold.apply(envelope)
-                    if envelope.position <= last_id:
-                        continue
-                    if decided:
-                        metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
-                    end = is_run_end(envelope)
-                    yield frames(hub, envelope, fold.outcome, decided, end)
+                    frame, end = frame_of(envelope)
+                    if frame is not None:
+                        yield frame
                     if end:
                         return
             except SubscriptionClosed as closed:
@@ -229,14 +349,22 @@ async def sse_stream(request: Request, hub: Hub, dag_id: str, run_id: str, last_
         metrics.sse_clients.dec()
 
 
-def frames(hub: Hub, envelope: Envelope, outcome: Outcome, decided: bool, end: bool) -> bytes:
-    """The event's frame (`id:` its position, `event:` task or run), then `outcome` when it decided the run
-    and `end` when it ended it, with the same id: one write per client, built once per event (whether
-    an event decides or ends the run is the same for every client, all fold the same events)."""
+def frames(hub: Hub, envelope: Envelope, fold: OutcomeFold, decided: bool, end: bool) -> bytes:
+    """The event's frame (`id:` its position, `event:` task or run), then `input_received` for each
+    input request it closed and `needs_input` when it opened one, `outcome` when it decided the run
+    and `end` when it ended it, with the same id: one write per client, built once per event (what an
+    event opens, closes, decides or ends is the same for every client, all fold the same events)."""
+    outcome, opened, closed = fold.outcome, fold.opened, fold.closed
 
     def build() -> bytes:
         event_id = str(envelope.position)
         parts = [ServerSentEvent(data=event_data(envelope), event=envelope.event.kind.value, id=event_id).encode()]
+        for request in closed:
+            data = InputClosed.of(request, envelope.event.state).model_dump_json()
+            parts.append(ServerSentEvent(data=data, event="input_received", id=event_id).encode())
+        if opened is not None:
+            data = NeedsInput.of(outcome.dag_id, outcome.run_id, opened).model_dump_json()
+            parts.append(ServerSentEvent(data=data, event="needs_input", id=event_id).encode())
         if decided:
             parts.append(ServerSentEvent(data=json.dumps(outcome_body(outcome)), event="outcome", id=event_id).encode())
         if end:

@@ -96,7 +96,7 @@ async def get_run(request: Request) -> Response:
 
 
 def run_row(run: RunRecord, now: float, stale_after: float) -> RunRow:
-    state = metaflow_status.listed_state(run.state, run.run_type, run.last_event_at.timestamp(), now, stale_after)
+    state = metaflow_status.listed_state(run.state, run.run_type, run.alive_at.timestamp(), now, stale_after)
     return RunRow.model_validate(  # the stored outcome parts (JSON) validated into their models
         {
             "dag_id": run.dag_id,
@@ -117,10 +117,10 @@ def run_row(run: RunRecord, now: float, stale_after: float) -> RunRow:
 
 
 def is_stale(run: RunRecord, now: float, stale_after: float) -> bool:
-    """Running, yet silent for longer than the cutoff. A run's terminal event makes its state
+    """Running, yet silent (no event, no heartbeat) for longer than the cutoff. A run's terminal event makes its state
     terminal for good (never stale); a try being retried keeps it running (up_for_retry is not a
     run failure), so a long retry delay can read as stale."""
-    return run.state == "running" and now - run.last_event_at.timestamp() > stale_after
+    return run.state == "running" and now - run.alive_at.timestamp() > stale_after
 
 
 def task_instance_row(ti: TaskInstanceRecord) -> TaskInstanceRow:
@@ -177,10 +177,10 @@ def multi_value(request: Request, name: str, accepted: tuple[str, ...], code: st
 
 def parse_time(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     try:
-        return clock.parse(raw)
+        return clock.parse(raw)  # an empty value too is refused: it is no bound, and no time
     except ValueError:
         raise ApiError(
             400, f"bad_{name}", f"{name} must be an ISO-8601 date or time (naive means UTC)", accepted="ISO-8601, e.g. 2026-05-01T00:00:00Z"

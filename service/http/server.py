@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
+from collections.abc import Callable, Hashable
 from typing import Any
 from urllib.parse import unquote
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.responses import Response
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from runbell.service.core.metrics import Metrics
 from runbell.service.core.redaction import install_log_redaction, url_password
 from runbell.service.http.errors import error_response
+from runbell.service.http.streams import StreamRoutes
+from runbell.service.live.hub import SharedBytes
 from runbell.service.settings import Settings
 
 
@@ -59,6 +67,12 @@ class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._header_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
 
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None and hasattr(cycle, "chunked_encoding"):  # httptools' cycle (h11's frames otherwise)
+            cycle.scope.setdefault("extensions", {})[DIRECT_WRITE] = DirectWrite(cycle)
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._arm_header_timer()  # the next request's headers are bound by it too
@@ -80,6 +94,114 @@ class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.transport.close()
 
 
+DIRECT_WRITE = "runbell.direct_write"  # the scope extension holding a request's DirectWrite
+
+
+class DirectWrite:
+    """Writes one chunk of a streaming response on its connection at once, from any callback, when
+    ready() says the connection takes it without waiting: the response is under way with chunked
+    encoding, the client is there and the transport is not paused by flow control. When it is not
+    ready, the chunk goes through the ASGI send as usual (which waits for the transport).
+
+    What an SSE fan-out costs per client is mostly the path to the socket: a task woken, the stream's
+    generator, four send wrappers, uvicorn's send. A caught-up stream's shared frame goes straight to
+    its transport (runbell.service.http.sse.EventStream.write_now), as uvicorn's send would write it."""
+
+    __slots__ = ("cycle",)
+
+    def __init__(self, cycle: Any):
+        self.cycle = cycle
+
+    def ready(self) -> bool:
+        cycle = self.cycle
+        if not (cycle.response_started and cycle.chunked_encoding) or cycle.response_complete or cycle.disconnected:
+            return False
+        return not (cycle.flow.write_paused or cycle.transport.is_closing())
+
+    def write(self, body: bytes) -> None:
+        """One chunk, framed as uvicorn's send frames it; only when ready() says so."""
+        self.cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+
+    # -- a whole response (a long-poll answer) ------------------------------------------------------
+
+    def can_answer(self) -> bool:
+        """Whether a whole response may be written at once, from a callback: none has begun on this
+        request, the client is there, the transport takes a write without waiting, and it is a GET
+        (a HEAD's answer has no body: it goes the usual way)."""
+        cycle = self.cycle
+        if cycle.response_started or cycle.disconnected or cycle.scope["method"] != "GET":
+            return False
+        return not (cycle.flow.write_paused or cycle.transport.is_closing())
+
+    @property
+    def answered(self) -> bool:
+        """Whether a response has begun on this request: then nothing else may be sent on it."""
+        return bool(self.cycle.response_started)
+
+    def answer(self, shared: SharedBytes, key: Hashable, build: Callable[[], Response]) -> None:
+        """Write a whole response in one write and complete the request as uvicorn's send completes it
+        (access log, keep-alive, the next pipelined request); only right after can_answer() said so.
+
+        Its bytes, head and body, are what uvicorn's send writes for that Starlette response (with a
+        Content-Length, no Connection header): built once per `key` (what fixes the response) and
+        keep-alive, shared by every request answered so; uvicorn's Date of the request is put in per
+        request (one join), not a head assembled per caller and two writes."""
+        cycle = self.cycle
+        cycle.response_started, cycle.waiting_for_100_continue = True, False
+        keep_alive = cycle.keep_alive
+
+        def whole() -> bytes:
+            response = build()
+            return response_bytes(response.status_code, list(response.raw_headers), bytes(response.body), keep_alive)
+
+        # Shared per (key, keep-alive) only: keyed by Date too, a crowd that came in over more seconds
+        # than hub.shared holds answers of (16 of 256 KiB) evicted and rebuilt it once per waiter (the
+        # fan-out visits waiters in a set's order, not by Date). uvicorn's Date of this request goes
+        # after the status line, as its send puts it: one copy of the answer, not one build.
+        data = dated_answer(shared.get((key, keep_alive), whole), cycle.default_headers)
+        if cycle.access_log and cycle.access_logger.isEnabledFor(logging.INFO):  # as uvicorn logs it, without formatting it for nothing
+            status = int(data[9:12])
+            scope = cycle.scope
+            path = get_path_with_query_string(scope)
+            cycle.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d', get_client_addr(scope), scope["method"], path, scope["http_version"], status
+            )
+        cycle.chunked_encoding, cycle.expected_content_length = False, 0
+        cycle.transport.write(data)
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not keep_alive:
+            cycle.transport.close()
+        # At once, as uvicorn's send calls it: deferred, the connection's next request could be read
+        # first (its bytes in the same loop iteration), and on_response_complete then armed the
+        # keep-alive timer over that request, which closed its connection while it was served.
+        cycle.on_response()
+
+
+def dated_answer(answer: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A response of response_bytes with uvicorn's default headers (its Date of the request) right
+    after the status line, where its send writes them."""
+    line_end = answer.index(b"\r\n") + 2
+    view = memoryview(answer)
+    return b"".join((view[:line_end], *header_lines(default_headers), view[line_end:]))
+
+
+def header_lines(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Each header as uvicorn's send writes it: its name lowercased."""
+    return [part for name, value in headers for part in (name.lower(), b": ", value, b"\r\n")]
+
+
+def response_bytes(status: int, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> bytes:
+    """What uvicorn's httptools send writes for a response whose headers give its length and hold no
+    Connection header: the status line, each header with its name lowercased, `connection: close`
+    when the connection is not kept alive, the blank line, the body."""
+    content = [STATUS_LINE[status], *header_lines(headers)]
+    if not keep_alive:
+        content.append(b"connection: close\r\n")
+    content += [b"\r\n", body]
+    return b"".join(content)
+
+
 def guarded_http(settings: Settings) -> type[asyncio.Protocol]:
     return type("GuardedHttp", (GuardedHttp,), {"header_timeout": settings.header_timeout, "unacked_timeout": settings.unacked_timeout})
 
@@ -90,15 +212,15 @@ class InFlightLimit:
     Instead of uvicorn's limit_concurrency, which also counts connections that have sent no request
     yet: a flood of such connections made it answer every real request with a plain-text 503."""
 
-    def __init__(self, app: Starlette, limit: int):
-        self.app, self.limit, self.in_flight = app, limit, 0
+    def __init__(self, app: Any, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics, self.in_flight = app, limit, metrics, 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            self.app.state.metrics.rejected.inc()
+            self.metrics.rejected.inc()
             response = error_response(503, "unavailable", "too many requests in flight on this process", headers={"Retry-After": "1"})
             await response(scope, receive, send)
             return
@@ -138,7 +260,8 @@ def serve(app: Starlette, settings: Settings) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     config = uvicorn.Config(
-        InFlightLimit(app, settings.max_subscribers + 1000),
+        # The run events route ahead of Starlette's stack (runbell.service.http.streams), within the limit.
+        InFlightLimit(StreamRoutes.of(app), settings.max_subscribers + 1000, app.state.metrics),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -87,6 +87,7 @@ class Signal(Enum):
     OVERFLOW = "overflow"  # the subscriber fell too far behind
     DRAIN = "drain"  # the process is shutting down
     NOT_FOUND = "not_found"  # the stream's source says it does not exist (a run Airflow does not have)
+    DONE = "done"  # the consumer took, from the fan-out, the last item it needed (a long-poll waiter answered)
 
 
 class ShardChannelMoved(RedisError):
@@ -171,22 +172,48 @@ class Subscription(Generic[K, T]):
         self.hub, self.topic, self.key = hub, topic, key
         self.route = topic.route(key)
         self.last = after
-        # What the listener offered, at most hub.buffer. A deque and a future made only while waiting,
-        # not an asyncio.Queue (four deques and an Event): thousands of subscribers each hold one.
-        self.queue: deque[T | Signal] = deque()
+        # What the listener offered, at most hub.buffer, and what the log read gave: deques made only
+        # while they hold something (an empty deque is 760 bytes; thousands of idle subscribers), and a
+        # future only while waiting, not an asyncio.Queue (four deques and an Event).
+        self._queue: deque[T | Signal] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._ready: deque[T] = deque()
+        self._ready: deque[T] | None = None
         self._needs_replay = True  # the first read comes from the log
         self._since = ticket()  # registered now: a log read must start after this to be ours
         self._closed: Signal | None = None
+        # Set by a consumer that can take an item at once, from the listener's call, without waking
+        # its task (an SSE stream writing the shared frame to its socket, a long-poll waiter folding
+        # it and writing the answer it decides); False: not taken now.
+        self.direct: Callable[[T], bool] | None = None
 
     def __aiter__(self) -> Subscription[K, T]:
         return self
 
+    @property
+    def queue(self) -> deque[T | Signal]:
+        """What the listener offered and the consumer has not taken yet."""
+        if self._queue is None:
+            self._queue = deque()
+        return self._queue
+
+    def _ready_now(self, items: list[T]) -> None:
+        """Items to deliver before anything offered later (from the log, or one offered after it)."""
+        if items:
+            if self._ready is None:
+                self._ready = deque()
+            self._ready.extend(items)
+
+    def _next_ready(self) -> T:
+        assert self._ready is not None
+        item = self._ready.popleft()
+        if not self._ready:
+            self._ready = None
+        return item
+
     async def __anext__(self) -> T:
         while True:
             if self._ready:
-                item = self._ready.popleft()
+                item = self._next_ready()
                 if item.position <= self.last:
                     continue  # already delivered (the log and pub/sub overlap)
                 # In order; a hole that neither the log nor the store could fill is stepped over.
@@ -211,7 +238,7 @@ class Subscription(Generic[K, T]):
             if not (first or offered.position.follows(self.last)):
                 self._since = ticket()  # what is missing was published before now
                 await self._replay()
-            self._ready.append(offered)
+            self._ready_now([offered])
 
     async def backlog(self) -> list[T]:
         """What the log already holds after the last position: the first read, which never waits for news."""
@@ -219,7 +246,7 @@ class Subscription(Generic[K, T]):
         self._needs_replay = False
         items = []
         while self._ready:
-            item = self._ready.popleft()
+            item = self._next_ready()
             if item.position > self.last:
                 self.last = item.position
                 items.append(item)
@@ -231,14 +258,14 @@ class Subscription(Generic[K, T]):
         if self._needs_replay:
             await self._replay()
             self._needs_replay = False
-        return list(self._ready)
+        return list(self._ready or ())
 
     async def _replay(self) -> None:
         """Read the log after the last position into the ready queue (while Redis is down, keep
         trying: the caller's own timeout bounds the wait, a waiter gets 202, never an error)."""
         topic, key, after = self.topic, self.key, self.last
         since = min(self._since, self.hub.live_marks.get(self.route, self._since))
-        self._ready.extend(
+        self._ready_now(
             await keep_trying(
                 lambda: self.hub.reads((topic, key, after), lambda: topic.read(key, after), since),
                 retry_on=REDIS_DOWN,
@@ -249,32 +276,57 @@ class Subscription(Generic[K, T]):
 
     async def _offered(self) -> T | Signal:
         """The next item the listener offered, waiting for one."""
-        while not self.queue:
+        while not self._queue:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self.queue.popleft()
+        item = self._queue.popleft()
+        if not self._queue:
+            self._queue = None
+        return item
 
     def offer(self, item: T | Signal) -> None:
         """Called by the listener: never blocks. A full queue cuts the subscriber off."""
         if self._closed is not None:
             return
-        if len(self.queue) >= self.hub.buffer:
+        if self.direct is not None and self._caught_up() and not isinstance(item, Signal) and self._take_directly(item):
+            return
+        if self._queue is not None and len(self._queue) >= self.hub.buffer:
             self.close(Signal.OVERFLOW)
             self.hub.metrics.overflows.inc()
             return
         self.queue.append(item)
         self._wake()
 
+    def _caught_up(self) -> bool:
+        """The consumer waits for the next item with nothing before it: nothing ready, nothing queued,
+        no log read to make (it waits in _offered only then)."""
+        return self._waiter is not None and not self._waiter.done() and not self._queue
+
+    def _take_directly(self, item: T) -> bool:
+        """Hand the next item in sequence to the consumer's direct taker; anything else (a gap, a new
+        epoch, a taker that cannot take it now) goes through the queue. A taker that fails cuts
+        this subscriber off (it resumes from its last position), never the listener's fan-out."""
+        if not item.position.follows(self.last) and not (self.last == START and item.position.seq == 1):
+            return False
+        try:
+            taken = self.direct(item)  # type: ignore[misc]  # checked by the caller
+        except Exception:
+            log.exception("a direct delivery failed; its subscriber is cut off and resumes from its last position")
+            self.close(Signal.OVERFLOW)
+            return True
+        if taken:
+            self.last = item.position
+        return taken
+
     def close(self, reason: Signal) -> None:
         """Drop whatever is buffered (memory goes back at once) and leave only the reason."""
         if self._closed is not None:
             return
         self._closed = reason
-        self.queue.clear()
-        self.queue.append(reason)
+        self._queue = deque((reason,))
         self._wake()
 
     def _wake(self) -> None:
@@ -322,7 +374,8 @@ class Hub:
         self.live_marks: dict[str, int] = {}
         self.confirmed: set[str] = set()  # shard channels confirmed since the listener (re)started
         self.count = 0
-        self.connected = asyncio.Event()
+        self.connected = asyncio.Event()  # every channel subscribed (set by the listener, cleared when it fails)
+        self.lost_at: float | None = None  # monotonic time the subscriptions were last lost (None: never held)
         self.draining = False
         self.log_once = Once(log)
         self.listener = Supervised(
@@ -439,6 +492,8 @@ class Hub:
                         del readers[key]
                 await asyncio.wait(readers.values(), timeout=LISTEN_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self.connected.is_set():
+                self.lost_at = time.monotonic()
             self.connected.clear()
             for task in readers.values():
                 task.cancel()

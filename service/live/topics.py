@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from runbell.bus import keys
 from runbell.bus.schema import (
@@ -27,6 +28,7 @@ from runbell.bus.schema import (
     decode_asset_envelope,
     decode_envelope,
 )
+from runbell.listeners.connect import raised_inside_redis
 from runbell.service.live.hub import Hub, Signal, Subscription, Topic
 
 MISSING_HOLD_SECONDS = 60.0
@@ -60,6 +62,18 @@ async def _log_after(
     """The log's envelopes after a position. When the stream's epoch is no longer the position's
     (Redis lost the state and began again), the new epoch's log from its start: one more round trip
     then, only then."""
+    try:
+        entries = await _log_entries(client, k, after)
+    except (AttributeError, TypeError) as exc:
+        if not raised_inside_redis(exc):
+            raise
+        raise RedisConnectionError(f"the Redis client failed while the cluster changed ({exc!r})") from exc
+    return [e for e in _decoded(hub, decode, entries) if e.position > after]
+
+
+async def _log_entries(
+    client: aioredis.Redis, k: keys.RunKeys | keys.AssetKeys, after: Position
+) -> Sequence[tuple[object, Mapping[Any, Any] | None]] | None:
     if after == START:
         entries = await client.xrange(k.log, min="-", max="+")
     else:
@@ -69,7 +83,7 @@ async def _log_after(
             epoch, entries = await pipe.execute()
         if epoch is not None and _text(epoch) != after.epoch:
             entries = await client.xrange(k.log, min="-", max="+")
-    return [e for e in _decoded(hub, decode, entries) if e.position > after]
+    return entries
 
 
 def _unbroken(envelopes: Sequence[Envelope]) -> bool:

@@ -121,6 +121,8 @@ class Run(Base):
     outcome: Mapped[dict[str, Any]] = mapped_column(JSONType)
     result_task: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     first_failure: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The newest heartbeat of a Metaflow run's tasks (migration 0008); NULL: none, the last event is.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class TaskInstance(Base):

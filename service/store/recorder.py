@@ -10,13 +10,21 @@ Each partition's stream sits in its own slot (on a cluster, on its own master), 
 XREADGROUP over several streams must stay in one slot there, so the recorder asks every partition
 without blocking, in one pipeline (one round trip per master), and pauses when none had anything:
 IDLE_POLL_SECONDS, doubling with each empty poll up to IDLE_POLL_MAX_SECONDS (never beyond
-``block_ms``), back to the first after any entry. The stream of every run event before partitions,
+``block_ms``), back to the first after any entry. The entries one poll finds, of every partition,
+are recorded as one batch (one transaction: Store.record; several of whole streams' reads past
+RECORD_BATCH_MAX entries), then acknowledged. The stream of every run event before partitions,
 ``keys.global_stream``, is read the same way while it exists (events of hooks not yet upgraded); until
 then the poll only asks whether it exists (its group is made once it does).
 
 The streams are capped, so they can miss events: when an envelope's seq jumps past what the store
 has for its run (in its epoch; from 1 in an epoch newer than the store's), the missing range is read
 from the run's replay log first.
+
+An entry may instead be a heartbeat (field ``hb``, runbell.bus.schema.Heartbeat: a running Metaflow
+step's, sent by its decorator): it only moves its run's heartbeat time forward (Store.record_heartbeats,
+after the batch's events, so a run first seen in the same batch has its row); it is no event, so no
+seq, gap, outbox message or waiter is concerned. One that is no heartbeat is dead-lettered like an
+entry that is no event.
 
 One entry the store refuses never stops the recording: the batch is bisected, the rest recorded, and
 that entry moved to the dead-letter table (runbell.service.store.dead_letters). An entry that is no
@@ -30,6 +38,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,7 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
 from runbell.bus import keys
-from runbell.bus.schema import START, BadEvent, Envelope, decode_envelope
+from runbell.bus.schema import HEARTBEAT_FIELD, START, BadEvent, Envelope, Heartbeat, decode_envelope, decode_heartbeat
 from runbell.service.core.loops import Backoff, Once, Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.store.dead_letters import DeadLetters, Letter, Rejected, payload_text, raw_field
@@ -58,7 +67,24 @@ CLAIM_INTERVAL_SECONDS = 30.0
 BACKOFF_MAX_SECONDS = 5.0
 STREAM_SEQ_MAX = 2**64 - 1  # the sequence part of a Redis stream id
 
+# Entries one transaction records at most (whole streams' reads): a poll over many partitions
+# (count each) would otherwise hold SQLite's one writer, and the memory, for all of them at once.
+RECORD_BATCH_MAX = 5000
+LAG_UNKNOWN_COUNT_MAX = 10_000  # where lag is unknown, the undelivered entries are counted up to this
+
 Entry = tuple[Any, dict[Any, Any]]  # (entry id, fields) as redis-py returns them
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """How far the recorder is behind its streams (the group's, shared by every replica, and its own)."""
+
+    undelivered: int  # entries of the streams not yet read by the group (XINFO GROUPS lag), at least
+    own_pending: int  # read by this consumer, not yet recorded and acknowledged
+
+    @property
+    def behind(self) -> int:
+        return self.undelivered + self.own_pending
 
 
 class Recorder:
@@ -110,6 +136,9 @@ class Recorder:
         self._claim_cursors: dict[str, str] = {}  # stream -> XAUTOCLAIM cursor of the pass under way
         self._next_claim = 0.0  # monotonic time; 0: claim on the first step
         self._idle_pause = IDLE_POLL_SECONDS  # the next pause after an empty poll
+        # Full passes since start (or the last repartition): own pending entries read, then every
+        # partition asked for new ones and what came recorded. Readiness waits for the first.
+        self.passes = 0
         # step is looked up at each run, not bound here: tests replace it on the instance.
         self.loop = Supervised(
             "runbell-recorder",
@@ -125,6 +154,7 @@ class Recorder:
         self.partitions, self.streams = count, keys.partition_streams(self.namespace, count)
         self._group_ready = self._own_pending_done = False
         self._claim_cursors, self._next_claim = {}, 0.0
+        self.passes = 0
 
     async def run(self) -> None:
         """Record until cancelled. Outages of Redis or the database are logged and waited out."""
@@ -146,9 +176,8 @@ class Recorder:
                 stream, entries = await self._claim()
                 if entries:
                     return await self._handle(stream, entries)
-            handled = 0
-            for stream, entries in await self._read_new():
-                handled += await self._handle(stream, entries)
+            handled = await self._handle_all(await self._read_new())
+            self.passes += 1
             if not handled:
                 await asyncio.sleep(min(self.block_ms / 1000, self._idle_pause))
                 self._idle_pause = min(2 * self._idle_pause, IDLE_POLL_MAX_SECONDS)
@@ -244,27 +273,64 @@ class Recorder:
         self._next_claim = time.monotonic() + self.claim_interval
         return "", []
 
+    async def backlog(self) -> Backlog:
+        """How far behind this recorder is: see backlog_of (readiness asks it)."""
+        return await backlog_of(self.redis, self._reading(), self.group, self.consumer)
+
     # -- recording ------------------------------------------------------------------------------
 
     async def _handle(self, stream: str, entries: list[Entry]) -> int:
-        decoded = [self._decode(fields, _text(entry_id)) for entry_id, fields in entries]
+        return await self._handle_all([(stream, entries)])
+
+    async def _handle_all(self, batches: list[tuple[str, list[Entry]]]) -> int:
+        """Record the entries of one poll, of every stream read, in batches of whole streams' entries
+        up to RECORD_BATCH_MAX (one stream's read never split), one after another."""
+        handled = size = 0
+        part: list[tuple[str, list[Entry]]] = []
+        for stream, entries in batches:
+            if part and size + len(entries) > RECORD_BATCH_MAX:
+                handled += await self._handle_batch(part)
+                part, size = [], 0
+            part.append((stream, entries))
+            size += len(entries)
+        return handled + await self._handle_batch(part)
+
+    async def _handle_batch(self, batches: list[tuple[str, list[Entry]]]) -> int:
+        """Record entries of one or more streams as one batch: one transaction (a run's events all
+        sit in one partition, so each run's stay in order); then acknowledge them, each stream's in
+        one XACK of one pipeline. Poison is isolated by bisecting (dead_letters)."""
+        decoded = [self._decode(fields, _text(entry_id)) for _, entries in batches for entry_id, fields in entries]
         letters = [letter for letter in decoded if isinstance(letter, Letter)]
         if letters:
             missing = await self._fill_gaps([letter.envelope for letter in letters])
             await self.dead_letters.record(missing + letters)  # raises on an outage: nothing acknowledged
+        await self.store.record_heartbeats([beat for beat in decoded if isinstance(beat, Heartbeat)])  # as well
         await self.dead_letters.reject([entry for entry in decoded if isinstance(entry, Rejected)])  # as well
-        if entries:
+        batches = [(stream, entries) for stream, entries in batches if entries]
+        if not batches:
+            return 0
+        if len(batches) == 1:
+            stream, entries = batches[0]
             await self.redis.xack(stream, self.group, *(entry_id for entry_id, _ in entries))
-            self._idle_pause = IDLE_POLL_SECONDS  # busy: poll again soon after the next empty one
-        return len(entries)
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, entries in batches:
+                    pipe.xack(stream, self.group, *(entry_id for entry_id, _ in entries))
+                await pipe.execute()
+        self._idle_pause = IDLE_POLL_SECONDS  # busy: poll again soon after the next empty one
+        return sum(len(entries) for _, entries in batches)
 
-    def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | Rejected | None:
-        """The entry as a letter to record; Rejected when it is no event (None when read from a
-        replay log: the global stream's copy is the one dead-lettered); None when it is gone."""
+    def _decode(self, fields: dict[Any, Any] | None, stream_id: str | None = None) -> Letter | Heartbeat | Rejected | None:
+        """The entry as a letter to record, or a heartbeat; Rejected when it is neither (None when
+        read from a replay log: the global stream's copy is the one dead-lettered); None when it is gone."""
         if not fields:
             return None  # the entry was trimmed or deleted while pending: nothing to record
         raw = fields.get(b"env", fields.get("env"))
+        beat = fields.get(HEARTBEAT_FIELD.encode(), fields.get(HEARTBEAT_FIELD))
         try:
+            if raw is None and beat is not None and stream_id is not None:
+                raw = beat
+                return decode_heartbeat(beat)
             if raw is None:
                 raise BadEvent("field", "no 'env' field")
             return Letter(decode_envelope(raw, self.max_event_bytes), payload_text(raw), stream_id)
@@ -327,6 +393,38 @@ def _stream_entries(reply: Any) -> list[Entry]:
         entries = next(iter(reply.values()))
         return entries[0] if entries and isinstance(entries[0], list) else entries
     return reply[0][1]  # RESP2: [[stream, entries]]
+
+
+async def backlog_of(redis: aioredis.Redis, streams: list[str], group: str, consumer: str | None) -> Backlog:
+    """Entries of the streams the group has not read yet (their consumer groups' ``lag``, summed),
+    and those ``consumer`` (None: any consumer of the group) read and has not recorded yet: one pipeline, a round trip per master.
+    Where Redis cannot tell the lag (an XDEL past the group's position), the entries after the
+    group's last delivered id are counted, up to LAG_UNKNOWN_COUNT_MAX. A stream that does not
+    exist (yet, or no more) has nothing to read. Also asked from outside a gateway (the bench waits on
+    a gateway's recorder with it, as its own readiness does)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, group)
+        replies = await pipe.execute(raise_on_error=False)
+    undelivered = own = 0
+    for i, stream in enumerate(streams):
+        groups, pending = replies[2 * i], replies[2 * i + 1]
+        for reply in (groups, pending):
+            if isinstance(reply, Exception) and "no such key" not in str(reply) and "NOGROUP" not in str(reply):
+                raise reply
+        found = next((g for g in groups if _text(g["name"]) == group), None) if isinstance(groups, list) else None
+        if found is None:  # no group yet: every entry is still to read
+            undelivered += await redis.xlen(stream) if not isinstance(groups, Exception) else 0
+            continue
+        if found.get("lag") is not None:
+            undelivered += int(found["lag"])
+        else:
+            after = "(" + _text(found["last-delivered-id"])
+            undelivered += len(await redis.xrange(stream, min=after, max="+", count=LAG_UNKNOWN_COUNT_MAX) or ())
+        if isinstance(pending, dict):
+            own += sum(int(c["pending"]) for c in pending.get("consumers") or () if consumer in (None, _text(c["name"])))
+    return Backlog(undelivered, own)
 
 
 def _text(value: Any) -> str:

@@ -37,6 +37,7 @@ from runbell.bus.schema import (
     ErrorInfo,
     Event,
     EventKind,
+    Heartbeat,
     Position,
     Result,
     ResultRef,
@@ -62,13 +63,16 @@ RunKey = tuple[str, str]
 
 
 def normalize_database_url(url: str) -> str:
-    """The async-driver form of a database URL: postgresql+asyncpg://, sqlite+aiosqlite://."""
+    """The async-driver form of a database URL: postgresql+asyncpg://, sqlite+aiosqlite://. A sync
+    driver's name goes (postgresql+psycopg2://, as in Airflow's own sql_alchemy_conn): the gateway
+    is async and ships those two drivers only."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValueError(f"not a database URL: {url!r}")
-    if scheme in ("postgresql", "postgres"):
+    backend = scheme.partition("+")[0]
+    if backend in ("postgresql", "postgres"):
         return f"postgresql+asyncpg://{rest}"
-    if scheme == "sqlite":
+    if backend == "sqlite":
         return f"sqlite+aiosqlite://{rest}"
     return url
 
@@ -93,6 +97,12 @@ class RunRecord:
     outcome: dict[str, Any]
     result_task: dict[str, Any] | None
     first_failure: dict[str, Any] | None
+    heartbeat_at: datetime | None = None  # the newest heartbeat (Metaflow's tasks send them); None: none
+
+    @property
+    def alive_at(self) -> datetime:
+        """When the run was last known alive: its last event or its newest heartbeat."""
+        return max(self.last_event_at, self.heartbeat_at) if self.heartbeat_at is not None else self.last_event_at
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,7 @@ class RunQuery:
     descending: bool = True  # newest run_after first
     after: tuple[datetime, str, str] | None = None  # (run_after, dag_id, run_id) of the last row seen
     limit: int = 50
-    # A Metaflow run still stored as running whose last event is older than this is failed
+    # A Metaflow run still stored as running whose last event and heartbeat are older than this is failed
     # (runbell.service.core.metaflow_status, branch 5); None: as stored.
     heartbeat_cutoff: datetime | None = None
 
@@ -181,6 +191,12 @@ class Store:
         self.url = normalize_database_url(url)
         self.outbox = outbox  # writes webhook messages in the transaction that records their events
         self._engine: AsyncEngine | None = None
+        # SQLite has one writer at a time: this process's writers queue here, in order, rather than in
+        # SQLite's busy handler (which sleeps and retries, unfairly: a writer could wait past the busy
+        # timeout and fail with "database is locked" while others got in). Off on PostgreSQL. One lock
+        # per event loop (a lock belongs to one).
+        self._single_writer = False
+        self._writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -195,9 +211,13 @@ class Store:
         connect_args = {"timeout": PG_CONNECT_TIMEOUT_SECONDS} if asyncpg else {}
         # hide_parameters: an error's message would quote its statement's values (a webhook's URL and
         # secret among them), and errors are logged.
-        engine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args, hide_parameters=True)
-        if engine.dialect.name == "sqlite":
+        sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        # A ping before each checkout finds a server connection that died; a SQLite file has none (and
+        # the ping would be one more statement, and thread hop, per transaction).
+        engine = create_async_engine(self.url, pool_pre_ping=not sqlite, connect_args=connect_args, hide_parameters=True)
+        if sqlite:
             _configure_sqlite(engine)
+            self._single_writer = True
         self._engine = engine
         try:
             async with _migration_lock(), self._transaction(write=True) as conn:
@@ -220,7 +240,9 @@ class Store:
         """Store envelopes not stored yet and update their runs, in one transaction.
 
         Returns the newly stored envelopes, in the order given (repeats within the call count once).
-        The outbox, if any, enqueues their webhook messages in the same transaction.
+        The outbox, if any, enqueues their webhook messages in the same transaction. The statements
+        are per batch, not per run or event (executemany), so a batch of many runs costs a few round
+        trips.
         """
         unique: dict[tuple[str, str, str, int], Envelope] = {}
         for envelope in envelopes:
@@ -228,18 +250,37 @@ class Store:
         by_run: dict[RunKey, list[Envelope]] = defaultdict(list)
         for envelope in unique.values():
             by_run[_run_key(envelope.event)].append(envelope)
-        stored: set[tuple[str, str, str, int]] = set()
-        changes: list[RunChange] = []
         enqueued = 0
         async with self._transaction(write=True) as conn:
-            for run in sorted(by_run):  # one lock order for every writer: no deadlocks
-                positions = await _record_run(conn, run, by_run[run], changes)
-                stored.update((*run, *position) for position in positions)
+            changes = await _record_runs(conn, by_run)
             if self.outbox is not None and changes:
                 enqueued = await self.outbox.enqueue(conn, changes)
         if enqueued and self.outbox is not None:
             self.outbox.committed(enqueued)
+        stored = {(*change.run, *envelope.position) for change in changes for envelope in change.new}
         return [envelope for key, envelope in unique.items() if key in stored]
+
+    async def record_heartbeats(self, beats: Sequence[Heartbeat]) -> int:
+        """Move each run's heartbeat time forward to its newest heartbeat here, in one transaction.
+        Never back (late or repeated heartbeats change nothing), and a run not stored is left alone
+        (its events come first on its stream). Returns how many runs moved."""
+        newest: dict[RunKey, float] = {}
+        for beat in beats:
+            run = (beat.dag_id, beat.run_id)
+            newest[run] = max(beat.ts, newest.get(run, beat.ts))
+        if not newest:
+            return 0
+        moved = 0
+        async with self._transaction(write=True) as conn:
+            for (dag_id, run_id), ts in sorted(newest.items()):  # one lock order for every writer
+                at = clock.from_epoch(ts)
+                statement = (
+                    update(Run)
+                    .where(Run.dag_id == dag_id, Run.run_id == run_id, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < at))
+                    .values(heartbeat_at=at)
+                )
+                moved += (await conn.execute(statement)).rowcount
+        return moved
 
     async def events(self, dag_id: str, run_id: str, after: Position = START, limit: int | None = None) -> list[Envelope]:
         """The run's stored envelopes after a position, in position order (epoch, then seq)."""
@@ -325,6 +366,7 @@ class Store:
             func.coalesce(Run.run_type, "") == metaflow_status.RUN_TYPE,
             Run.state == metaflow_status.RUNNING,
             Run.last_event_at < heartbeat_cutoff,
+            or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < heartbeat_cutoff),
         )
         if metaflow_status.RUNNING in states:
             matches = and_(matches, not_(silent))
@@ -361,6 +403,16 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self, write: bool) -> AsyncIterator[AsyncConnection]:
+        if write and self._single_writer:
+            async with self._writers.setdefault(asyncio.get_running_loop(), asyncio.Lock()):
+                async with self._begin(write) as conn:
+                    yield conn
+        else:
+            async with self._begin(write) as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _begin(self, write: bool) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             if write:
                 await conn.execution_options(runbell_write=True)
@@ -409,63 +461,125 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-# -- recording one run ----------------------------------------------------------------------------
+# -- recording a batch of runs --------------------------------------------------------------------
 
 
-async def _record_run(
-    conn: AsyncConnection, run: RunKey, envelopes: list[Envelope], changes: list[RunChange] | None = None
-) -> set[Position]:
-    """Insert the run's new events and re-derive its row from all its events. Returns the new
-    positions; appends what changed to ``changes``."""
-    dag_id, run_id = run
-    status_before = await _lock_run(conn, run, envelopes[0].event.ts)
-    new: set[Position] = set()
-    for start in range(0, len(envelopes), INSERT_CHUNK):
-        rows = [_event_row(envelope) for envelope in envelopes[start : start + INSERT_CHUNK]]
-        insert = dialect_insert(conn, EventRow).values(rows).on_conflict_do_nothing().returning(EventRow.epoch, EventRow.seq)
-        new.update(Position(*row) for row in await conn.execute(insert))
+async def _record_runs(conn: AsyncConnection, by_run: dict[RunKey, list[Envelope]]) -> list[RunChange]:
+    """Insert the runs' new events and re-derive each touched run's row from all its events, a few
+    statements for the whole batch. Returns what changed, per run with new events, in run order."""
+    if not by_run:
+        return []
+    runs = sorted(by_run)  # one lock order for every writer: no deadlocks
+    status_before = await _lock_runs(conn, [(run, by_run[run][0].event.ts) for run in runs])
+    rows = [_event_row(envelope) for run in runs for envelope in sorted(by_run[run], key=lambda e: e.position)]
+    new: dict[RunKey, set[Position]] = defaultdict(set)
+    inserted = await conn.execute(
+        dialect_insert(conn, EventRow).on_conflict_do_nothing().returning(EventRow.dag_id, EventRow.run_id, EventRow.epoch, EventRow.seq),
+        rows,
+    )
+    for dag_id, run_id, epoch, seq in inserted:
+        new[(dag_id, run_id)].add(Position(epoch, seq))
     if not new:
-        return new
-    query = select(EventRow.envelope).where(EventRow.dag_id == dag_id, EventRow.run_id == run_id).order_by(EventRow.epoch, EventRow.seq)
-    history = [stored_envelope(raw) for raw in (await conn.execute(query)).scalars()]
-    values = _run_values(run, history)
-    await conn.execute(update(Run).where(Run.dag_id == dag_id, Run.run_id == run_id).values(**values))
-    if changes is not None:
-        pending = OutcomeStatus.PENDING.value
-        decided = status_before == pending and values["outcome_status"] != pending
-        changes.append(RunChange(run, [e for e in history if e.position in new], history, decided))
-    touched = {_try_key(e.event) for e in envelopes if e.position in new and e.event.kind is EventKind.TASK}
-    rows = _task_instance_rows(run, history, touched)
-    if rows:
-        insert = dialect_insert(conn, TaskInstance).values(rows)
-        await conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=list(TaskInstance.__table__.primary_key.columns),  # type: ignore[attr-defined]  # __table__ is typed FromClause; it is a Table
-                set_={name: insert.excluded[name] for name in ("state", "started_at", "ended_at")},
+        return []
+    touched = sorted(new)
+    histories = await _histories(conn, touched)
+    changes: list[RunChange] = []
+    run_rows: list[dict[str, Any]] = []
+    task_rows: list[dict[str, Any]] = []
+    pending = OutcomeStatus.PENDING.value
+    for run in touched:
+        history, positions = histories[run], new[run]
+        values = _run_values(run, history)
+        run_rows.append({"b_dag_id": run[0], "b_run_id": run[1], **values})
+        decided = status_before.get(run) == pending and values["outcome_status"] != pending
+        changes.append(RunChange(run, [e for e in history if e.position in positions], history, decided))
+        tries = {_try_key(e.event) for e in by_run[run] if e.position in positions and e.event.kind is EventKind.TASK}
+        task_rows.extend(_task_instance_rows(run, history, tries))
+    await conn.execute(_RUN_UPDATE, run_rows)
+    if task_rows:
+        insert = dialect_insert(conn, TaskInstance)
+        upsert = insert.on_conflict_do_update(
+            index_elements=list(TaskInstance.__table__.primary_key.columns),  # type: ignore[attr-defined]  # __table__ is typed FromClause; it is a Table
+            set_={name: insert.excluded[name] for name in ("state", "started_at", "ended_at")},
+        )
+        await conn.execute(upsert, task_rows)
+    return changes
+
+
+# Every column _run_values derives, set by primary key: one executemany for a batch's runs.
+_RUN_COLUMNS = (
+    "state",
+    "run_type",
+    "logical_date",
+    "run_after",
+    "backfill_id",
+    "started_at",
+    "ended_at",
+    "epoch",
+    "last_seq",
+    "last_event_at",
+    "outcome_status",
+    "outcome",
+    "result_task",
+    "first_failure",
+)
+_RUN_UPDATE = (
+    update(Run)
+    .where(Run.dag_id == bindparam("b_dag_id"), Run.run_id == bindparam("b_run_id"))
+    .values({name: bindparam(name) for name in _RUN_COLUMNS})
+)
+
+
+async def _lock_runs(conn: AsyncConnection, runs: list[tuple[RunKey, float]]) -> dict[RunKey, str]:
+    """Make sure each run's row exists and hold its lock until commit, so that concurrent writers of
+    one run take turns and each folds over every event committed before it. ``runs`` in key order
+    (the order rows are inserted and locked in, the same for every writer). Returns each run's
+    outcome status as it stands before this transaction."""
+    placeholders = []
+    for (dag_id, run_id), ts in runs:
+        at = clock.from_epoch(ts)
+        placeholders.append(
+            dict(
+                dag_id=dag_id,
+                run_id=run_id,
+                state="unknown",
+                run_after=at,
+                last_seq=0,
+                last_event_at=at,
+                outcome_status="pending",
+                outcome={},
             )
         )
-    return new
+    await conn.execute(dialect_insert(conn, Run).on_conflict_do_nothing(), placeholders)
+    found: dict[RunKey, str] = {}
+    keys = [run for run, _ in runs]
+    # PostgreSQL locks the rows in the ORDER BY's order: code points, as `runs` is sorted, so that chunk
+    # after chunk every writer locks in one order (a locale's collation puts "a" before "B").
+    order = [Run.dag_id, Run.run_id] if conn.dialect.name != "postgresql" else [Run.dag_id.collate("C"), Run.run_id.collate("C")]
+    for start in range(0, len(keys), INSERT_CHUNK):
+        query = (
+            select(Run.dag_id, Run.run_id, Run.outcome_status)
+            .where(tuple_(Run.dag_id, Run.run_id).in_(keys[start : start + INSERT_CHUNK]))
+            .order_by(*order)
+            .with_for_update()
+        )
+        for dag_id, run_id, status in await conn.execute(query):
+            found[(dag_id, run_id)] = status
+    return found
 
 
-async def _lock_run(conn: AsyncConnection, run: RunKey, ts: float) -> str:
-    """Make sure the run's row exists and hold its lock until commit, so that concurrent writers of
-    one run take turns and each folds over every event committed before it. Returns the run's
-    outcome status as it stands before this transaction."""
-    dag_id, run_id = run
-    at = clock.from_epoch(ts)
-    placeholder = dict(
-        dag_id=dag_id,
-        run_id=run_id,
-        state="unknown",
-        run_after=at,
-        last_seq=0,
-        last_event_at=at,
-        outcome_status="pending",
-        outcome={},
-    )
-    await conn.execute(dialect_insert(conn, Run).values(placeholder).on_conflict_do_nothing())
-    locked = await conn.execute(select(Run.outcome_status).where(Run.dag_id == dag_id, Run.run_id == run_id).with_for_update())
-    return locked.scalar_one()
+async def _histories(conn: AsyncConnection, runs: list[RunKey]) -> dict[RunKey, list[Envelope]]:
+    """Every stored envelope of each run, in position order."""
+    found: dict[RunKey, list[Envelope]] = {run: [] for run in runs}
+    for start in range(0, len(runs), INSERT_CHUNK):
+        query = (
+            select(EventRow.dag_id, EventRow.run_id, EventRow.envelope)
+            .where(tuple_(EventRow.dag_id, EventRow.run_id).in_(runs[start : start + INSERT_CHUNK]))
+            .order_by(EventRow.dag_id, EventRow.run_id, EventRow.epoch, EventRow.seq)
+        )
+        for dag_id, run_id, raw in await conn.execute(query):
+            found[(dag_id, run_id)].append(stored_envelope(raw))
+    return found
 
 
 def _event_row(envelope: Envelope) -> dict[str, Any]:

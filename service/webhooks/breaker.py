@@ -93,17 +93,28 @@ class Breakers:
             return 1
         return self.per_endpoint
 
-    def claim_caps(self, in_flight: Mapping[str, int]) -> tuple[list[str], dict[str, int]]:
+    def claim_caps(self, in_flight: Mapping[str, int], prefetch: int = 1) -> tuple[list[str], dict[str, int]]:
         """For a claim: the endpoints with no room now, and the room of those with more than one slot
-        free (every other endpoint has one: the claim's default)."""
+        free (every other endpoint has one: the claim's default). ``in_flight``: the messages each
+        endpoint holds (attempts, and claimed ones queued); an endpoint known to answer may hold
+        ``prefetch`` times its limit."""
         exclude, caps = [], {}
         for endpoint_id in self._breakers.keys() | in_flight.keys():
-            room = self.limit(endpoint_id) - in_flight.get(endpoint_id, 0)
+            limit, held = self.limit(endpoint_id), in_flight.get(endpoint_id, 0)
+            if prefetch > 1 and self._answering(endpoint_id):
+                # Refilled once half of it is left, so that claims come in batches, not one per attempt.
+                limit = limit * prefetch if held <= limit * prefetch // 2 else 0
+            room = limit - held
             if room <= 0:
                 exclude.append(endpoint_id)
             elif room > 1:
                 caps[endpoint_id] = room
         return sorted(exclude), caps
+
+    def _answering(self, endpoint_id: str) -> bool:
+        """Closed, and known to answer: the endpoint gets its full limit."""
+        breaker = self._breakers.get(endpoint_id)
+        return breaker is not None and breaker.state is BreakerState.CLOSED and breaker.answered
 
     def record(self, endpoint_id: str, answered: bool | None) -> None:
         """An attempt ended: ``answered`` as ``healthy`` says."""

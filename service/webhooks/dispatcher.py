@@ -32,8 +32,9 @@ import random
 import time
 import traceback
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -45,10 +46,13 @@ from runbell.service.core import clock
 from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.core.redaction import url_label
+from runbell.service.store.dead_letters import is_outage
 from runbell.service.webhooks import signing
 from runbell.service.webhooks.breaker import Breakers, healthy
 from runbell.service.webhooks.outbox import (
     Endpoint,
+    Finish,
+    Finished,
     Message,
     MessageStatus,
     Verdict,
@@ -82,6 +86,19 @@ RESPONSE_CAP = 4096  # bytes of a receiver's answer kept (and read at all)
 RETRY_AFTER_STATUSES = (429, 502, 503, 504)
 USER_AGENT = "runbell"
 FINISH_TRIES = 3
+PREFETCH = 8  # an endpoint known to answer: claim up to this many times its slots (queued here)
+LEASE_MARGIN_SECONDS = 1.0  # a queued message starts only while its lease outlasts the attempt by this
+MAX_HOST_CLIENTS = 256  # idle receiver hosts' connection pools kept (least recently used closed first)
+
+
+@dataclass
+class Queued:
+    """A claimed message waiting here for a slot of its endpoint."""
+
+    message: Message
+    endpoint: Endpoint
+    token: str
+    claimed_at: float  # time.monotonic() when the lease was taken
 
 
 class Dispatcher:
@@ -95,8 +112,12 @@ class Dispatcher:
     breaker is open (``breaker_failures`` failures in a row) none (breaker.Breakers). So a hanging
     receiver holds one slot, for at most ``attempt_timeout`` (the deadline of an attempt; the
     connection must be made within ``connect_timeout`` and each read of the answer take at most
-    ``read_timeout``). ``lease_seconds`` must outlast an attempt; a message is claimed only when it
-    can start at once, so a lease never waits.
+    ``read_timeout``). ``lease_seconds`` must outlast an attempt. An endpoint known to answer gets
+    up to ``prefetch`` times its slots claimed at once, queued here, each started as a slot frees only
+    while its lease still outlasts the attempt (else it is handed back): claims, like the recording of
+    attempts (one transaction for all that end together), are batches, not one per delivery. An
+    endpoint not known to answer, or failing, gets only what can start at once. Each receiver host has
+    its own connection pool (kept alive between attempts; the idle ones bounded by MAX_HOST_CLIENTS).
     """
 
     def __init__(
@@ -121,6 +142,7 @@ class Dispatcher:
         disable_after: float = 5 * 86400,
         retry_after_max: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        prefetch: int = PREFETCH,
     ):
         if not schedule or any(delay < 0 for delay in schedule):
             raise ValueError("the schedule needs at least one attempt and no negative delay")
@@ -128,8 +150,8 @@ class Dispatcher:
             raise ValueError("jitter is a fraction in [0, 1)")
         if lease_seconds <= attempt_timeout:
             raise ValueError("lease_seconds must outlast attempt_timeout, or a slow attempt could be delivered twice")
-        if max_in_flight < 1 or per_endpoint < 1:
-            raise ValueError("max_in_flight and per_endpoint must be at least 1")
+        if max_in_flight < 1 or per_endpoint < 1 or prefetch < 1:
+            raise ValueError("max_in_flight, per_endpoint and prefetch must be at least 1")
         if connect_timeout <= 0 or read_timeout <= 0:
             raise ValueError("connect_timeout and read_timeout must be positive")
         self.webhooks = webhooks
@@ -153,12 +175,20 @@ class Dispatcher:
         self.poll_seconds = poll_seconds
         self.disable_after = disable_after
         self.retry_after_max = max(self.schedule) if retry_after_max is None else retry_after_max
+        self.prefetch = prefetch
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._clients: OrderedDict[str, httpx.AsyncClient] = OrderedDict()  # receiver origin -> its pool, least recent first
+        self._host_in_flight: Counter[str] = Counter()  # receiver origin -> requests under way
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], tuple[Message, str]] = {}
-        self._in_flight: Counter[str] = Counter()  # endpoint id -> attempts running
+        self._in_flight: Counter[str] = Counter()  # endpoint id -> attempts posting (slots held)
+        self._posting: set[str] = set()  # message ids whose attempt holds a slot
+        self._queued: dict[str, deque[Queued]] = {}  # endpoint id -> claimed messages waiting for a slot
+        self._give_back: list[tuple[str, str]] = []  # (message id, token) to hand back at the next step
+        self._finishing: list[tuple[Finish, asyncio.Future[Finished]]] = []  # attempts to record, batched
+        self._finisher: asyncio.Task[None] | None = None
         self._backlog = False  # the last claim may have left due messages behind
+        self._closing = False  # aclose under way: a freed slot starts nothing more
         # Database outages are logged and waited out; when the loop stops, the attempts in flight stop
         # and their messages are handed back.
         self.loop = Supervised("runbell-webhooks", self._round, logger=log, expected=(SQLAlchemyError, OSError), on_stop=self.aclose)
@@ -185,20 +215,26 @@ class Dispatcher:
             await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
     async def step(self) -> int:
-        """Claim the due messages this process has room for and start their attempts. Returns how
-        many were claimed (their attempts run on; ``idle()`` waits for them)."""
-        free = self._free_slots()
-        if free <= 0:
+        """Claim the due messages this process has room for, start the attempts that have a slot and
+        queue the rest. Returns how many were claimed (their attempts run on; ``idle()`` waits for them)."""
+        await self._hand_back()
+        room = self.max_in_flight * self.prefetch - len(self._tasks) - self._queued_count()
+        if self._free_slots() <= 0 or room <= 0:
             self._backlog = True
             return 0
-        # Each endpoint's room (its breaker's limit less its attempts in flight): an endpoint with
-        # none is left out, so its backlog is not leased; one not known yet gets the default, 1.
-        full, caps = self.breakers.claim_caps(self._in_flight)
+        # Each endpoint's room (its breaker's limit, times prefetch for one known to answer, less its
+        # attempts and queue): an endpoint with none is left out, so its backlog is not leased; one not
+        # known yet gets the default, 1.
+        held = Counter(self._in_flight)
+        for endpoint_id, queue in self._queued.items():
+            held[endpoint_id] += len(queue)
+        full, caps = self.breakers.claim_caps(held, prefetch=self.prefetch)
         token = f"{self.worker}/{uuid.uuid4().hex[:12]}"
-        messages = await self.webhooks.claim(token, limit=free, per_endpoint=1, caps=caps, exclude=full, lease_seconds=self.lease_seconds)
+        messages = await self.webhooks.claim(token, limit=room, per_endpoint=1, caps=caps, exclude=full, lease_seconds=self.lease_seconds)
+        claimed_at = time.monotonic()
         # Anything claimed, or an endpoint left out as busy, may mean more is due: look again as
         # soon as an attempt ends rather than at the next poll.
-        self._backlog = bool(self._in_flight) or bool(messages)
+        self._backlog = bool(self._tasks) or bool(self._queued) or bool(messages)
         if not messages:
             return 0
         try:
@@ -207,72 +243,214 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self.webhooks.release([m.id for m in messages], token)
             raise
-        give_back = []
         for message in messages:
             endpoint = endpoints.get(message.endpoint_id)
             if endpoint is None or not endpoint.enabled:
                 await self.webhooks.cancel(message.id, token)  # deleted or disabled since it was claimed
-            elif self._in_flight[endpoint.id] >= self.breakers.limit(endpoint.id):
-                give_back.append(message.id)
-                self._backlog = True
             else:
-                self._start(message, endpoint, token)
-        await self.webhooks.release(give_back, token)
+                self._queued.setdefault(endpoint.id, deque()).append(Queued(message, endpoint, token, claimed_at))
+        for endpoint_id in {m.endpoint_id for m in messages}:
+            self._pump(endpoint_id)
+        await self._hand_back()
         return len(messages)
 
     async def idle(self) -> None:
-        """Wait until no attempt of this process is in flight."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait until no attempt of this process is in flight or queued."""
+        while self._tasks or self._queued:
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            else:  # queued behind a breaker: handed back
+                for endpoint_id in list(self._queued):
+                    self._pump(endpoint_id)
+                await self._hand_back()
+        await self._hand_back()
 
     async def aclose(self) -> None:
-        """Stop the attempts in flight, give their messages back (due at once, for this process after
-        a restart or for another replica) and close the HTTP client."""
+        """Stop the attempts in flight, give their messages and the queued ones back (due at once, for
+        this process after a restart or for another replica) and close the HTTP clients."""
+        self._closing = True  # a cancelled attempt frees its slot: its endpoint's queue must not start
         tasks = dict(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        by_token: dict[str, list[str]] = {}
-        for message, token in tasks.values():
-            by_token.setdefault(token, []).append(message.id)
-        for token, ids in by_token.items():
-            try:
-                await asyncio.wait_for(self.webhooks.release(ids, token), 5)
-            except Exception as exc:  # the lease runs out by itself
-                log.info("webhooks: could not hand back %d messages on shutdown (%s)", len(ids), type(exc).__name__)
-        if self._client is not None:
-            client, self._client = self._client, None
+        if self._finisher is not None:  # attempts that ended: recorded, or their leases run out
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._finisher, 5)
+        back = [(message.id, token) for message, token in tasks.values()]
+        for queue in self._queued.values():
+            back.extend((queued.message.id, queued.token) for queued in queue)
+        self._queued.clear()
+        self._give_back.extend(back)
+        try:
+            await asyncio.wait_for(self._hand_back(), 5)
+        except Exception as exc:  # the leases run out by themselves
+            log.info("webhooks: could not hand back %d messages on shutdown (%s)", len(back), type(exc).__name__)
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for client in clients:
             await client.aclose()
+        self._closing = False  # nothing held any more: a loop started again claims afresh
 
     def _free_slots(self) -> int:
         return self.max_in_flight - len(self._tasks)
 
+    def _queued_count(self) -> int:
+        return sum(len(queue) for queue in self._queued.values())
+
+    def _pump(self, endpoint_id: str) -> None:
+        """Start the endpoint's queued messages while it has free slots; hand back those whose lease
+        would not outlast an attempt now, and all of them while its breaker is open or the dispatcher
+        closes."""
+        queue = self._queued.get(endpoint_id)
+        if not queue:
+            self._queued.pop(endpoint_id, None)
+            return
+        limit = self.breakers.limit(endpoint_id)
+        if limit <= 0 or self._closing:  # an open breaker; or aclose, which then hands them back
+            self._give_back.extend((queued.message.id, queued.token) for queued in queue)
+            queue.clear()
+        latest_start = self.lease_seconds - self.attempt_timeout - LEASE_MARGIN_SECONDS
+        while queue and self._in_flight[endpoint_id] < limit and self._free_slots() > 0:
+            queued = queue.popleft()
+            if time.monotonic() - queued.claimed_at > latest_start:
+                self._give_back.append((queued.message.id, queued.token))  # another claim starts it in time
+            else:
+                self._start(queued.message, queued.endpoint, queued.token)
+        if not queue:
+            del self._queued[endpoint_id]
+        if self._give_back:
+            self._backlog = True
+            self.wake()
+
+    async def _hand_back(self) -> None:
+        """Release the messages set aside to hand back (due again at once)."""
+        if not self._give_back:
+            return
+        back, self._give_back = self._give_back, []
+        by_token: dict[str, list[str]] = {}
+        for message_id, token in back:
+            by_token.setdefault(token, []).append(message_id)
+        try:
+            for token, ids in by_token.items():
+                await self.webhooks.release(ids, token)
+        except BaseException:
+            self._give_back.extend(back)  # tried again at the next step (or their leases run out)
+            raise
+
     def _start(self, message: Message, endpoint: Endpoint, token: str) -> None:
         self._in_flight[endpoint.id] += 1
+        self._posting.add(message.id)
         self.metrics.webhook_in_flight.inc()
         task = asyncio.create_task(self._attempt(message, endpoint, token), name=f"runbell-webhook-{message.id}")
         self._tasks[task] = (message, token)
-        task.add_done_callback(lambda done: self._done(done, endpoint.id))
+        task.add_done_callback(lambda done: self._done(done, message.id, endpoint.id))
 
-    def _done(self, task: asyncio.Task[None], endpoint_id: str) -> None:
-        self._tasks.pop(task, None)
+    def _slot_free(self, message_id: str, endpoint_id: str) -> None:
+        """The attempt's request is over (its recording may still be under way): the endpoint's next
+        queued message may start."""
+        if message_id not in self._posting:
+            return
+        self._posting.discard(message_id)
         self._in_flight[endpoint_id] -= 1
         if self._in_flight[endpoint_id] <= 0:
             del self._in_flight[endpoint_id]
+        self._pump(endpoint_id)
+
+    def _done(self, task: asyncio.Task[None], message_id: str, endpoint_id: str) -> None:
+        self._tasks.pop(task, None)
+        self._slot_free(message_id, endpoint_id)  # when the attempt ended before its request did
         self.metrics.webhook_in_flight.dec()
         if not task.cancelled() and task.exception() is not None:
             log.error("webhooks: attempt crashed", exc_info=task.exception())
+        for other in list(self._queued):  # a slot of the process freed: any endpoint may start one
+            if self._free_slots() <= 0:
+                break
+            self._pump(other)
         if self._backlog:
             self.wake()
 
+    # -- recording attempts, in batches -------------------------------------------------------------
+
+    async def _record(self, item: Finish) -> Finished:
+        """Record one attempt with every other one that ends meanwhile: one transaction for the lot
+        (finish_many), while the previous lot is being written."""
+        future: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
+        self._finishing.append((item, future))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.create_task(self._flush_finishes(), name="runbell-webhook-finish")
+        return await future
+
+    async def _flush_finishes(self) -> None:
+        batch: list[tuple[Finish, asyncio.Future[Finished]]] = []
+        try:
+            await self._flush_batches(batch)
+        except BaseException as exc:  # cancelled (shutdown): no attempt waits for ever on its recording
+            for _, future in [*batch, *self._finishing]:
+                _settle(future, exc=RuntimeError(f"the recording of attempts stopped ({type(exc).__name__})"))
+            self._finishing = []
+            raise
+
+    async def _flush_batches(self, batch: list[tuple[Finish, asyncio.Future[Finished]]]) -> None:
+        """Record the attempts waiting, one lot at a time; ``batch`` holds the lot under way."""
+        while self._finishing:
+            batch[:], self._finishing = self._finishing, []
+            try:
+                results = await self.webhooks.finish_many([item for item, _ in batch], disable_after=self.disable_after)
+            except Exception as exc:
+                if len(batch) == 1 or is_outage(exc):
+                    for _, future in batch:
+                        _settle(future, exc=exc)
+                    continue
+                # One attempt's row may be what the database refuses: each alone, so the rest record.
+                for item, future in batch:
+                    try:
+                        [one] = await self.webhooks.finish_many([item], disable_after=self.disable_after)
+                    except Exception as alone:
+                        _settle(future, exc=alone)
+                    else:
+                        _settle(future, result=one)
+                continue
+            for (_, future), result in zip(batch, results):
+                _settle(future, result=result)
+
     # -- one attempt --------------------------------------------------------------------------------
 
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport = self._transport if self._transport is not None else guarded_transport(self.policy)
-            self._client = httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=self.timeouts, trust_env=False)
-        return self._client
+    def client(self, url: str = "") -> httpx.AsyncClient:
+        """The connection pool of the URL's origin (scheme, host, port), made on first use: one slow or
+        hanging host never takes the connections another needs (trim_clients bounds the idle ones)."""
+        origin = self._origin(url)
+        client = self._clients.get(origin)
+        if client is not None:
+            self._clients.move_to_end(origin)
+            return client
+        if self._transport is not None:
+            transport = self._transport
+        else:
+            # Keep-alive for the host's endpoints' slots; more connections than that are closed after use.
+            limits = httpx.Limits(
+                max_connections=self.max_in_flight, max_keepalive_connections=min(self.max_in_flight, 4 * self.per_endpoint)
+            )
+            transport = guarded_transport(self.policy, limits=limits)
+        client = self._clients[origin] = httpx.AsyncClient(
+            transport=transport, follow_redirects=False, timeout=self.timeouts, trust_env=False
+        )
+        return client
+
+    def _origin(self, url: str) -> str:
+        if self._transport is not None or not url:
+            return ""  # one client: the given transport's
+        parsed = httpx.URL(url)
+        return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+    async def _trim_clients(self) -> None:
+        """Close the least recently used pools of hosts with no request under way, past MAX_HOST_CLIENTS."""
+        excess = len(self._clients) - MAX_HOST_CLIENTS
+        if excess > 0:
+            # Taken out before any is closed: another attempt trimming meanwhile, or taking one up,
+            # sees them gone (closed once, and never while in use).
+            idle = [self._clients.pop(o) for o in [o for o in self._clients if not self._host_in_flight[o]][:excess]]
+            for client in idle:
+                await client.aclose()
 
     async def _attempt(self, message: Message, endpoint: Endpoint, token: str) -> None:
         attempted_at = clock.now()
@@ -283,7 +461,10 @@ class Dispatcher:
         retry_after: str | None = None
         result = "error"
         try:
-            status_code, body, retry_after = await asyncio.wait_for(self._post(message, endpoint), self.attempt_timeout)
+            try:
+                status_code, body, retry_after = await asyncio.wait_for(self._post(message, endpoint), self.attempt_timeout)
+            finally:
+                self._slot_free(message.id, endpoint.id)
         except TargetRefused as refused:
             error, result = f"target refused: {refused.reason}", "refused"
         except asyncio.TimeoutError:  # the attempt's deadline: hanging, or trickling its answer
@@ -317,7 +498,7 @@ class Dispatcher:
         finished = None
         for tries in range(1, FINISH_TRIES + 1):
             try:
-                finished = await self.webhooks.finish(message, token, attempt, verdict, disable_after=self.disable_after)
+                finished = await self._record(Finish(message, token, attempt, verdict))
                 break
             except Exception as exc:
                 if tries == FINISH_TRIES:
@@ -350,13 +531,23 @@ class Dispatcher:
             "user-agent": USER_AGENT,
             "accept-encoding": "identity",  # the capped answer is kept as sent, never inflated
         }
-        async with self.client().stream("POST", endpoint.url, content=body, headers=headers) as response:
-            kept = bytearray()
-            async for chunk in response.aiter_raw():
-                kept.extend(chunk[: RESPONSE_CAP - len(kept)])
-                if len(kept) >= RESPONSE_CAP:
-                    break  # the rest is never read: the connection is closed, not reused
-            return response.status_code, kept.decode("utf-8", "replace"), response.headers.get("retry-after")
+        origin, client = self._origin(endpoint.url), self.client(endpoint.url)
+        self._host_in_flight[origin] += 1
+        try:
+            await self._trim_clients()
+            async with client.stream("POST", endpoint.url, content=body, headers=headers) as response:
+                kept = bytearray()
+                async for chunk in response.aiter_raw():
+                    kept.extend(chunk[: RESPONSE_CAP - len(kept)])
+                    if len(kept) >= RESPONSE_CAP:
+                        break  # the rest is never read: the connection is closed, not reused
+                # PostgreSQL's text holds no NUL: escaped, or the attempt could never be recorded.
+                answer = kept.decode("utf-8", "replace").replace("\x00", "\\x00")
+                return response.status_code, answer, response.headers.get("retry-after")
+        finally:
+            self._host_in_flight[origin] -= 1
+            if self._host_in_flight[origin] <= 0:
+                del self._host_in_flight[origin]
 
     def _verdict(self, message: Message, status_code: int | None, retry_after: str | None) -> Verdict:
         if status_code is not None and 200 <= status_code < 300:
@@ -408,6 +599,16 @@ class Dispatcher:
             cancelled,
             extra={"runbell_event": "webhook.endpoint_disabled", "webhook": fields},
         )
+
+
+def _settle(future: asyncio.Future[Finished], *, result: Finished | None = None, exc: BaseException | None = None) -> None:
+    """Hand a recording's outcome to its attempt (gone when the attempt was cancelled meanwhile)."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]  # result is given when exc is not
 
 
 def target(endpoint: Endpoint) -> str:

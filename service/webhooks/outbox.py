@@ -9,9 +9,10 @@ that transaction. So no event is recorded without its deliveries, and since a me
 
 A message's payload is fixed when it is enqueued, so every retry sends identical bytes:
 
-    {"type": "run.outcome" | "task.state" | "run.state",
+    {"type": "run.outcome" | "task.state" | "run.state" | "run.needs_input",
      "timestamp": "<ISO 8601 time of the event, or of the event that decided the outcome>",
-     "data": {...the outcome as GET .../result answers 200, or the event as SSE data...,
+     "data": {...the outcome as GET .../result answers 200, or the event as SSE data, or the open
+              input request with dag_id, run_id and respond (a needs_input item)...,
               "epoch": "...", "seq": N, "terminal": true|false}}
 
 The dispatcher (dispatcher.py) claims due messages with a lease (claim), posts them
@@ -36,13 +37,14 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from runbell.bus.schema import Envelope, EventKind, Position
+from runbell.bus.schema import Envelope, EventKind, Position, TaskState
 from runbell.service.core import clock
-from runbell.service.core.outcome import OutcomeFold
+from runbell.service.core.outcome import OutcomeFold, respond_path
 from runbell.service.store.models import (
     ATTEMPTS,
     ENDPOINTS,
@@ -55,7 +57,6 @@ from runbell.service.webhooks.rules import DEFAULT_KINDS, EndpointCreate, Endpoi
 
 __all__ = ["DEFAULT_KINDS", "WebhookKind"]  # defined with the rules; many import them from here
 
-INSERT_CHUNK = 500  # message rows per INSERT: well under SQLite's bind-parameter limit
 CLAIM_SCAN = 1000  # due messages looked at per claim, before the per-endpoint cut
 
 
@@ -70,6 +71,7 @@ PAYLOAD_TYPES = {
     WebhookKind.OUTCOME.value: "run.outcome",
     WebhookKind.TASK.value: "task.state",
     WebhookKind.RUN.value: "run.state",
+    WebhookKind.NEEDS_INPUT.value: "run.needs_input",
 }
 DISABLED_BY_REQUEST = "disabled through the API"
 
@@ -170,6 +172,26 @@ def event_message(envelope: Envelope) -> tuple[str, bool, str]:
     return event.kind.value, terminal, _payload(event.kind.value, event.ts, data, envelope.seq, terminal)
 
 
+def input_messages(change: RunChange) -> list[tuple[Position, str]]:
+    """(position, payload) of each input request the new events opened: once per request (a duplicate
+    or a late copy opens nothing, in this transaction or a later one), with where to answer it."""
+    fold, new = OutcomeFold(*change.run), {envelope.position for envelope in change.new}
+    found = []
+    for envelope in change.history:
+        fold.apply(envelope)
+        if fold.opened is not None and envelope.position in new:
+            request = fold.opened
+            data = {
+                "dag_id": change.run[0],
+                "run_id": change.run[1],
+                **request.model_dump(mode="json"),
+                "respond": respond_path(*change.run, request.task_id, request.map_index),
+                "epoch": envelope.epoch,
+            }
+            found.append((envelope.position, _payload(WebhookKind.NEEDS_INPUT.value, envelope.event.ts, data, envelope.seq, False)))
+    return found
+
+
 def outcome_message(change: RunChange) -> tuple[Position, str] | None:
     """(position of the deciding event, payload) of the run's outcome as it stood when it was
     decided (as the SSE `outcome` event and the result endpoint give it), or None while it is pending."""
@@ -232,22 +254,22 @@ class WebhookOutbox:
                     kind, terminal, payload = event_message(envelope)
                     for endpoint in subscribed:
                         add(endpoint, change, envelope.position, kind, terminal, payload)
+            asking = [e for e in wanted if WebhookKind.NEEDS_INPUT.value in e.kinds]
+            if asking and any(envelope.event.state == TaskState.AWAITING_INPUT.value for envelope in change.new):
+                for position, payload in input_messages(change):
+                    for endpoint in asking:
+                        add(endpoint, change, position, WebhookKind.NEEDS_INPUT.value, False, payload)
             if change.decided:
                 subscribed = [e for e in wanted if WebhookKind.OUTCOME.value in e.kinds]
                 decided = outcome_message(change) if subscribed else None
                 if decided is not None:
                     for endpoint in subscribed:
                         add(endpoint, change, decided[0], WebhookKind.OUTCOME.value, True, decided[1])
-        inserted = 0
-        for start in range(0, len(rows), INSERT_CHUNK):
-            statement = (
-                dialect_insert(conn, WebhookMessageRow)
-                .values(rows[start : start + INSERT_CHUNK])
-                .on_conflict_do_nothing()
-                .returning(MESSAGES.c.id)
-            )
-            inserted += len((await conn.execute(statement)).all())
-        return inserted
+        if not rows:
+            return 0
+        # executemany: the statement is compiled once (cached), the driver batches the rows.
+        statement = dialect_insert(conn, WebhookMessageRow).on_conflict_do_nothing().returning(MESSAGES.c.id)
+        return len((await conn.execute(statement, rows)).all())
 
     def committed(self, count: int) -> None:
         if self.on_enqueued is not None:
@@ -265,6 +287,16 @@ class Verdict:
     next_attempt_at: datetime | None = None
     endpoint: str = "failure"  # "success" (clears failing_since), "failure", or "gone" (disable)
     disable_reason: str | None = None  # with endpoint == "gone"
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One attempt to record: the message, the lease it was made under, its row, and its verdict."""
+
+    message: Message
+    token: str
+    attempt: dict[str, Any]
+    verdict: Verdict
 
 
 @dataclass(frozen=True)
@@ -452,29 +484,31 @@ class WebhookStore:
         worker died mid-delivery) makes the message due again."""
         if limit <= 0:
             return []
-        now = now or clock.now()
-        due = and_(
-            MESSAGES.c.status == MessageStatus.PENDING.value,
-            MESSAGES.c.next_attempt_at <= now,
-            or_(MESSAGES.c.locked_until.is_(None), MESSAGES.c.locked_until < now),
-        )
-        scan: Any = (  # a Select, then its subquery
-            select(MESSAGES.c.id, MESSAGES.c.endpoint_id, MESSAGES.c.next_attempt_at)
-            .join(ENDPOINTS, ENDPOINTS.c.id == MESSAGES.c.endpoint_id)
-            .where(due, ENDPOINTS.c.enabled.is_(True))
-        )
-        if exclude:
-            scan = scan.where(MESSAGES.c.endpoint_id.not_in(list(exclude)))
-        scan = scan.order_by(MESSAGES.c.next_attempt_at, MESSAGES.c.id).limit(max(CLAIM_SCAN, limit)).subquery()
-        ranked = select(
-            scan.c.id,
-            scan.c.endpoint_id,
-            scan.c.next_attempt_at,
-            func.row_number().over(partition_by=scan.c.endpoint_id, order_by=(scan.c.next_attempt_at, scan.c.id)).label("rank"),
-        ).subquery()
-        cap: Any = case(dict(caps), value=ranked.c.endpoint_id, else_=per_endpoint) if caps else per_endpoint
-        candidates = select(ranked.c.id).where(ranked.c.rank <= cap).order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit)
+        # The lease runs from when this claim holds the writer (SQLite's writers queue in this process,
+        # maybe for seconds): counted from before that wait, it would be shorter than lease_seconds.
         async with self.store._transaction(write=True) as conn:
+            now = now or clock.now()
+            due = and_(
+                MESSAGES.c.status == MessageStatus.PENDING.value,
+                MESSAGES.c.next_attempt_at <= now,
+                or_(MESSAGES.c.locked_until.is_(None), MESSAGES.c.locked_until < now),
+            )
+            scan: Any = (  # a Select, then its subquery
+                select(MESSAGES.c.id, MESSAGES.c.endpoint_id, MESSAGES.c.next_attempt_at)
+                .join(ENDPOINTS, ENDPOINTS.c.id == MESSAGES.c.endpoint_id)
+                .where(due, ENDPOINTS.c.enabled.is_(True))
+            )
+            if exclude:
+                scan = scan.where(MESSAGES.c.endpoint_id.not_in(list(exclude)))
+            scan = scan.order_by(MESSAGES.c.next_attempt_at, MESSAGES.c.id).limit(max(CLAIM_SCAN, limit)).subquery()
+            ranked = select(
+                scan.c.id,
+                scan.c.endpoint_id,
+                scan.c.next_attempt_at,
+                func.row_number().over(partition_by=scan.c.endpoint_id, order_by=(scan.c.next_attempt_at, scan.c.id)).label("rank"),
+            ).subquery()
+            cap: Any = case(dict(caps), value=ranked.c.endpoint_id, else_=per_endpoint) if caps else per_endpoint
+            candidates = select(ranked.c.id).where(ranked.c.rank <= cap).order_by(ranked.c.next_attempt_at, ranked.c.id).limit(limit)
             # Two steps, so that the locking one is a plain primary-key lookup whatever the planner
             # thinks of the window query: pick candidates, then lock those still due (skipping any
             # another worker holds: it got them first).
@@ -524,51 +558,106 @@ class WebhookStore:
     async def finish(
         self, message: Message, token: str, attempt: dict[str, Any], verdict: Verdict, *, disable_after: float, now: datetime | None = None
     ) -> Finished:
-        """Record one attempt and apply its verdict, in one transaction: the message (only while this
-        lease still holds it), the endpoint's failing_since, and disabling it (410, or failing
-        continuously for disable_after seconds), which cancels its pending messages."""
+        """Record one attempt and apply its verdict, in one transaction (finish_many of one)."""
+        [finished] = await self.finish_many([Finish(message, token, attempt, verdict)], disable_after=disable_after, now=now)
+        return finished
+
+    async def finish_many(self, items: Sequence[Finish], *, disable_after: float, now: datetime | None = None) -> list[Finished]:
+        """Record attempts and apply their verdicts, all in one transaction: each message (only while
+        its lease still holds it), its endpoint's failing_since, and disabling the endpoint (410, or
+        failing continuously for disable_after seconds), which cancels its pending messages.
+
+        Deliveries, the common case, take one statement for all of them (and one for their endpoints);
+        the other verdicts are applied one by one in the same transaction. Returns, per item, whether
+        it applied."""
+        if not items:
+            return []
         now = now or clock.now()
+        found: dict[int, Finished] = {}
         async with self.store._transaction(write=True) as conn:
-            await conn.execute(insert(ATTEMPTS).values(message_id=message.id, endpoint_id=message.endpoint_id, **attempt))
-            values: dict[str, Any] = dict(
-                status=verdict.status.value,
-                attempts=MESSAGES.c.attempts + 1,
-                next_attempt_at=verdict.next_attempt_at,
-                locked_by=None,
-                locked_until=None,
-            )
-            if verdict.status is MessageStatus.DELIVERED:
-                values["delivered_at"] = now
-            applied = (
-                await conn.execute(update(MESSAGES).where(MESSAGES.c.id == message.id, MESSAGES.c.locked_by == token).values(values))
-            ).rowcount == 1
-            endpoint_id = message.endpoint_id
-            where = ENDPOINTS.c.id == endpoint_id
-            if verdict.endpoint == "success":
-                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_not(None)).values(failing_since=None))
-                return Finished(applied)
-            if verdict.endpoint == "gone":
-                reason = verdict.disable_reason or "the receiver asked to stop"
-            else:
-                await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_(None)).values(failing_since=now))
-                row = (await conn.execute(select(ENDPOINTS.c.enabled, ENDPOINTS.c.failing_since).where(where))).first()
-                if row is None or not row.enabled or row.failing_since is None:
-                    return Finished(applied)
-                failing = (now - row.failing_since).total_seconds()
-                if failing < disable_after:
-                    return Finished(applied)
-                reason = f"failing continuously since {row.failing_since.isoformat()} ({failing / 86400:.1f} days)"
-            disabled = (
+            if conn.dialect.name == "postgresql":
+                # The verdicts update their endpoints' rows one after another: locked first, all, in
+                # one order, or two replicas' batches naming two endpoints crosswise deadlock. (NO KEY:
+                # the attempts' foreign keys share those rows.)
+                touched = sorted({item.message.endpoint_id for item in items})
+                await conn.execute(
+                    select(ENDPOINTS.c.id).where(ENDPOINTS.c.id.in_(touched)).order_by(ENDPOINTS.c.id).with_for_update(key_share=True)
+                )
+            rows = [dict(message_id=item.message.id, endpoint_id=item.message.endpoint_id, **item.attempt) for item in items]
+            await conn.execute(insert(ATTEMPTS), rows)
+            delivered = [
+                i for i, item in enumerate(items) if item.verdict.status is MessageStatus.DELIVERED and item.verdict.endpoint == "success"
+            ]
+            if delivered:
+                held = [(items[i].message.id, items[i].token) for i in delivered]
+                applied = set(
+                    (
+                        await conn.execute(
+                            update(MESSAGES)
+                            .where(tuple_(MESSAGES.c.id, MESSAGES.c.locked_by).in_(held))
+                            .values(
+                                status=MessageStatus.DELIVERED.value,
+                                attempts=MESSAGES.c.attempts + 1,
+                                next_attempt_at=None,
+                                delivered_at=now,
+                                **RELEASED,
+                            )
+                            .returning(MESSAGES.c.id)
+                        )
+                    ).scalars()
+                )
+                endpoint_ids = sorted({items[i].message.endpoint_id for i in delivered})
                 await conn.execute(
                     update(ENDPOINTS)
-                    .where(where, ENDPOINTS.c.enabled.is_(True))
-                    .values(enabled=False, disabled_reason=reason, updated_at=now)
+                    .where(ENDPOINTS.c.id.in_(endpoint_ids), ENDPOINTS.c.failing_since.is_not(None))
+                    .values(failing_since=None)
                 )
-            ).rowcount
-            if not disabled:
-                return Finished(applied)
-            cancelled = await _cancel_pending(conn, endpoint_id)
-        return Finished(applied, disabled_reason=reason, cancelled=cancelled)
+                found.update((i, Finished(items[i].message.id in applied)) for i in delivered)
+            for i, item in enumerate(items):
+                if i not in found:
+                    found[i] = await _apply_verdict(conn, item, disable_after, now)
+        return [found[i] for i in range(len(items))]
+
+
+async def _apply_verdict(conn: AsyncConnection, item: Finish, disable_after: float, now: datetime) -> Finished:
+    """One attempt's verdict, inside the caller's transaction (its attempt row is written already)."""
+    message, verdict = item.message, item.verdict
+    values: dict[str, Any] = dict(
+        status=verdict.status.value,
+        attempts=MESSAGES.c.attempts + 1,
+        next_attempt_at=verdict.next_attempt_at,
+        **RELEASED,
+    )
+    if verdict.status is MessageStatus.DELIVERED:
+        values["delivered_at"] = now
+    applied = (
+        await conn.execute(update(MESSAGES).where(MESSAGES.c.id == message.id, MESSAGES.c.locked_by == item.token).values(values))
+    ).rowcount == 1
+    endpoint_id = message.endpoint_id
+    where = ENDPOINTS.c.id == endpoint_id
+    if verdict.endpoint == "success":
+        await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_not(None)).values(failing_since=None))
+        return Finished(applied)
+    if verdict.endpoint == "gone":
+        reason = verdict.disable_reason or "the receiver asked to stop"
+    else:
+        await conn.execute(update(ENDPOINTS).where(where, ENDPOINTS.c.failing_since.is_(None)).values(failing_since=now))
+        row = (await conn.execute(select(ENDPOINTS.c.enabled, ENDPOINTS.c.failing_since).where(where))).first()
+        if row is None or not row.enabled or row.failing_since is None:
+            return Finished(applied)
+        failing = (now - row.failing_since).total_seconds()
+        if failing < disable_after:
+            return Finished(applied)
+        reason = f"failing continuously since {row.failing_since.isoformat()} ({failing / 86400:.1f} days)"
+    disabled = (
+        await conn.execute(
+            update(ENDPOINTS).where(where, ENDPOINTS.c.enabled.is_(True)).values(enabled=False, disabled_reason=reason, updated_at=now)
+        )
+    ).rowcount
+    if not disabled:
+        return Finished(applied)
+    cancelled = await _cancel_pending(conn, endpoint_id)
+    return Finished(applied, disabled_reason=reason, cancelled=cancelled)
 
 
 async def _cancel_pending(conn: AsyncConnection, endpoint_id: str) -> int:

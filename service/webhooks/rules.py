@@ -29,6 +29,7 @@ class WebhookKind(str, Enum):
     OUTCOME = "outcome"
     TASK = "task"
     RUN = "run"
+    NEEDS_INPUT = "needs_input"  # a task waits for a person: once per request
 
 
 DEFAULT_KINDS = [WebhookKind.OUTCOME.value]
@@ -54,7 +55,7 @@ def _distinct_dag_ids(dag_ids: list[str]) -> list[str]:
 Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_extra={"format": "uri"}), AfterValidator(_target_shape)]
 URL_SAYS = "http or https, no credentials"
 Kinds = Annotated[list[WebhookKind], Field(min_length=1), AfterValidator(_distinct_kinds)]
-KINDS_SAYS = "outcome: the run's outcome once decided; task, run: every such event"
+KINDS_SAYS = "outcome: the run's outcome once decided; task, run: every such event; needs_input: once per request a task makes of a person"
 NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"  # as the API's ids (and PostgreSQL's text keeps no NUL)
 NO_NUL = r"^[^\x00]*$"
 DagIds = Annotated[

@@ -1,12 +1,20 @@
-"""A real Airflow 3.3.2 (`airflow standalone`, SQLite, LocalExecutor) for end-to-end tests.
+"""A real Airflow (`airflow standalone` on PostgreSQL, LocalExecutor) for end-to-end tests, on each version of
+the matrix: 3.1.8, 3.2.2 and 3.3.2 (runbell.service.bench.standalone.matrix_venvs; RUNBELL_AIRFLOW_VERSIONS
+or RUNBELL_AIRFLOW_VENV narrow it).
 
-One instance per test session, started by runbell.service.bench.standalone (the Airflow bench starts it the
-same way), with this repo's hook installed in its virtualenv. It publishes to the test Redis under a
-namespace of this session's own. The DAGs are tests/airflow/dags plus the bench's (service/bench/dags).
+The session-scoped `airflow` fixture is parametrized by version: one standalone per version, started in
+turn (pytest groups the tests by the session parameter, so each is started once and stopped before the
+next starts). It is started by runbell.service.bench.standalone (the Airflow bench starts it the same
+way), with this repo's hook installed in that version's virtualenv, and publishes to the test Redis
+under a namespace of its own. The DAGs are tests/airflow/dags plus the bench's (service/bench/dags).
+A test branches on what the version offers through `airflow.has_listener_hook(...)`, `airflow.version`
+and `airflow.version_tuple`. Tests that do not use `airflow` run once; a test of `airflow` marked
+`newest_airflow_only` runs on the newest version only (comparisons with Airflow's own /wait).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -23,18 +31,23 @@ from runbell.bus.keys import run_keys
 from runbell.bus.schema import Envelope, decode_envelope
 from runbell.service.bench import standalone
 from runbell.service.bench.airflow import BENCH_DAGS
+from runbell.service.bench.stores import postgres_unreachable, scratch_postgres
 
 DAGS = Path(__file__).resolve().parent / "dags"
 # As in tests/conftest.py (not importable from here): the machine's Redis; CI never skips.
 REDIS_URL = os.environ.get("RUNBELL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("RUNBELL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SILENT_DAG = "rb_sigkill_silent"
 
 
-def _require_airflow_and_redis() -> None:
+MATRIX = standalone.matrix_venvs()
+
+
+def _require_airflow_and_redis(venv: Path | None = None) -> None:
     """Skip (fail under CI=true) without the Airflow virtualenv or the machine's Redis."""
     try:
-        standalone.airflow_venv()
+        standalone.checked_venv(venv) if venv is not None else standalone.airflow_venv()
     except standalone.AirflowUnavailable as exc:
         if IN_CI:
             pytest.fail(f"{exc} (and CI=true forbids skipping)", pytrace=False)
@@ -75,7 +88,10 @@ class LogWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            envelopes = self.airflow.log(self.dag_id, self.run_id)
+            try:
+                envelopes = self.airflow.log(self.dag_id, self.run_id)
+            except redis.RedisError:  # the shared Redis dropped the connection: the next poll reconnects
+                envelopes = []
             now = time.time()
             self.seen.extend((now, env) for env in envelopes[len(self.seen) :])
             self._stop.wait(self.poll)
@@ -98,6 +114,22 @@ class LogWatcher:
         self._thread.join(timeout=5)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked newest_airflow_only (a comparison with Airflow's own /wait, the same in substance on
+    every version) runs with the newest Airflow of the matrix only: the others are deselected."""
+    newest = max(MATRIX, key=standalone.version_tuple, default=None)
+    dropped = [
+        item
+        for item in items
+        if item.get_closest_marker("newest_airflow_only")
+        and getattr(item, "callspec", None) is not None
+        and item.callspec.params.get("airflow", newest) != newest  # type: ignore[attr-defined]
+    ]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+
+
 @pytest.fixture
 def airflow_redis_url() -> str:
     """For a test that starts an Airflow of its own (the bench's): the Redis, once what it needs is here."""
@@ -105,29 +137,55 @@ def airflow_redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(scope="session")
-def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Airflow]:
-    _require_airflow_and_redis()
+@contextlib.contextmanager
+def metadata_database(version: str) -> Iterator[str | None]:
+    """Each standalone's metadata database: a scratch PostgreSQL database, dropped afterwards (on
+    SQLite, Airflow's components queue for one write lock, and a loaded machine timed REST calls out).
+    Without the test PostgreSQL: SQLite (None), except under CI=true, where that fails."""
+    unreachable = postgres_unreachable(POSTGRES_URL)
+    if unreachable is not None:
+        if IN_CI:
+            pytest.fail(f"{unreachable} (Airflow's metadata database in the end-to-end tests; CI=true forbids SQLite there)", pytrace=False)
+        print(f"\n[airflow {version}] on SQLite: {unreachable}")
+        yield None
+        return
+    with scratch_postgres(POSTGRES_URL, f"airflow_{version.replace('.', '')}", fallback=False) as url:
+        yield url
+
+
+@pytest.fixture(scope="session", params=list(MATRIX), ids=[f"airflow-{v}" for v in MATRIX])
+def airflow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Airflow]:
+    version: str = request.param
+    venv = MATRIX[version]
+    _require_airflow_and_redis(venv)
     namespace = f"rbe2e-{uuid.uuid4().hex[:12]}"
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
     started: standalone.Standalone | None = None
     failure: str | None = None
     try:
-        with standalone.standalone(
-            tmp_path_factory.mktemp("airflow"),
-            [DAGS, BENCH_DAGS],
-            REDIS_URL,
-            namespace,
-            extra_env={"RUNBELL_HOOK_SKIP_DAGS": SILENT_DAG},  # only the reconciler can settle its runs
-        ) as started:
+        with (
+            metadata_database(version) as database_url,
+            standalone.standalone(
+                tmp_path_factory.mktemp(f"airflow-{version}"),
+                [DAGS, BENCH_DAGS],
+                REDIS_URL,
+                namespace,
+                extra_env={"RUNBELL_HOOK_SKIP_DAGS": SILENT_DAG},  # only the reconciler can settle its runs
+                venv=venv,
+                database_url=database_url,
+            ) as started,
+        ):
             api = started.airflow
-            print(f"\n[airflow] standalone ready in {started.ready_seconds:.1f} s at {api.base_url}; log {started.log_path}")
+            database = api.database_url.partition("://")[0]
+            print(
+                f"\n[airflow {api.version}] standalone on {database} ready in {started.ready_seconds:.1f} s at {api.base_url}; log {started.log_path}"
+            )
             yield Airflow(**{f.name: getattr(api, f.name) for f in fields(api)}, _redis=client)
     except standalone.AirflowError as exc:
         failure = str(exc)  # failed outside the except block: the message once, not chained
     finally:
         if started is not None and started.stopped_seconds is not None:
-            print(f"\n[airflow] standalone stopped in {started.stopped_seconds:.1f} s")
+            print(f"\n[airflow {version}] standalone stopped in {started.stopped_seconds:.1f} s")
         for key in client.scan_iter(match=f"{namespace}:*", count=1000):
             client.delete(key)
         client.close()

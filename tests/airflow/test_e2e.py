@@ -1,10 +1,15 @@
 """End to end against a real Airflow: what the hook publishes, what the gateway answers, and how
 much earlier than Airflow's own /wait.
 
-All five DAGs run at once (module fixture). Each run is watched from before its trigger by a
+All six DAGs run at once (module fixture). Each run is watched from before its trigger by a
 long-poll waiter and an SSE client of a real `runbell serve`, by a Redis poller, and by a reader of
 Airflow's /wait stream (interval=1); the tests then only inspect what was recorded. Lead times are
 printed (pytest -s): the only timing asserted is what the issue requires.
+
+Runs on every Airflow of the matrix (tests/airflow/conftest.py): these are the core outcome tests.
+Each version's answer latency after the deciding task's end (the result task's success, a critical
+failure) is printed as `[latency airflow-V]` lines, measured as the bench does (from the earlier of
+Airflow's end_date for the task and the hook event's ts), never asserted.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from runbell.bus.schema import EventKind, RunState, TaskState, parse_position
 from runbell.listeners.propagation import doomed_task_ids
 from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import RunbellClient, RunPending
+from runbell.service.core import clock
 
 pytestmark = pytest.mark.airflow
 
@@ -38,6 +44,7 @@ DAGS: dict[str, list[str] | None] = {
     "rb_retry_once": ["flaky"],
     "rb_sigkill": ["answer"],
     "rb_all_done_leaf": ["answer"],
+    "rb_skip": ["answer"],
 }
 # Run alone after the others: its ~40 task processes would take the worker slots and skew the timings.
 TRIGGER_RULES_DAG = "rb_trigger_rules"
@@ -158,7 +165,15 @@ def _report(name: str, seconds: float) -> None:
     print(f"\n[lead] {name}: {seconds:.2f} s before Airflow's /wait (interval=1)")
 
 
-def test_result_is_published_well_before_wait_reports_it(runs: dict[str, Run]) -> None:
+def _report_latency(airflow: Any, run: Run, task_id: str, hook_ts: float, name: str) -> None:
+    """Seconds from the deciding task's end until each Runbell caller had the answer (printed only)."""
+    end_date = clock.parse(airflow.task_instance(run.dag_id, run.run_id, task_id)["end_date"]).timestamp()
+    reference = min(end_date, hook_ts)
+    polled, streamed = run.gateway_outcome().at - reference, run.sse_outcome()[0].at - reference
+    print(f"\n[latency airflow-{airflow.version}] {name}: long-poll {polled:.3f} s, SSE {streamed:.3f} s after {task_id} ended")
+
+
+def test_result_is_published_well_before_wait_reports_it(runs: dict[str, Run], airflow: Any) -> None:
     run = runs["rb_result_then_slow"]
     landed, env = run.log.first(timeout=RUN_TIMEOUT, task_id="answer", state=TaskState.SUCCESS.value)
     event = env.event
@@ -176,9 +191,10 @@ def test_result_is_published_well_before_wait_reports_it(runs: dict[str, Run]) -
     assert outcome["result"] == {"answer": 42, "items": [1, 2, 3]}
     assert final.at - run.gateway_outcome().at >= 2.0
     assert final.at - run.sse_outcome()[0].at >= 2.0
+    _report_latency(airflow, run, "answer", event.ts, "result")
 
 
-def test_critical_failure_is_published_well_before_wait_says_failed(runs: dict[str, Run]) -> None:
+def test_critical_failure_is_published_well_before_wait_says_failed(runs: dict[str, Run], airflow: Any) -> None:
     run = runs["rb_critical_teardown"]
     landed, env = run.log.first(timeout=RUN_TIMEOUT, task_id="transform", state=TaskState.FAILED.value)
     event = env.event
@@ -187,7 +203,7 @@ def test_critical_failure_is_published_well_before_wait_says_failed(runs: dict[s
     assert "bad row 17" in event.error.message
 
     final = run.wait_lines()[-1]
-    assert final.data == {"state": "failed"}
+    assert final.says_failed, final.data
     _report("critical failure (b) published", final.at - landed)
     assert final.at - landed >= 5.0
     run.run_event(RunState.FAILED)
@@ -196,6 +212,7 @@ def test_critical_failure_is_published_well_before_wait_says_failed(runs: dict[s
     assert outcome["failure"]["error"]["type"] == "ValueError"
     assert final.at - run.gateway_outcome().at >= 5.0
     assert final.at - run.sse_outcome()[0].at >= 5.0
+    _report_latency(airflow, run, "transform", event.ts, "critical failure")
     # Running events carry the flag too: the gateway knows before any failure is reported.
     assert run.log.first(task_id="transform", state=TaskState.RUNNING.value)[1].event.critical
     assert not run.log.first(task_id="cleanup", state=TaskState.SUCCESS.value)[1].event.critical
@@ -219,7 +236,7 @@ def test_retried_failure_is_up_for_retry_not_failed(runs: dict[str, Run]) -> Non
 def test_sigkilled_task_fires_no_task_hook_but_the_run_fails(runs: dict[str, Run]) -> None:
     run = runs["rb_sigkill"]
     run.run_event(RunState.FAILED)
-    assert run.wait_lines()[-1].data == {"state": "failed"}
+    assert run.wait_lines()[-1].says_failed, run.wait_lines()[-1].data
     # The killed try got as far as running; nothing terminal came from it, and answer never ran.
     assert run.task_states("hog") == [TaskState.RUNNING.value]
     assert run.task_states("answer") == []
@@ -242,6 +259,15 @@ def test_marked_critical_failure_is_published_although_the_run_succeeds(runs: di
     assert outcome["failure"]["task_id"] == "load_table"
     # The leaf after it is not critical: no result task lies below it and it is not marked.
     assert not run.log.first(task_id="report", state=TaskState.SUCCESS.value)[1].event.critical
+
+
+def test_a_task_that_skips_itself_publishes_skipped_and_the_result_follows(runs: dict[str, Run]) -> None:
+    run = runs["rb_skip"]
+    _, skipped = run.log.first(timeout=RUN_TIMEOUT, task_id="nothing_to_do", state=TaskState.SKIPPED.value)
+    assert not skipped.event.result_task and skipped.event.error is None
+    run.run_event(RunState.SUCCESS)
+    outcome = _check_gateway(run, run.wait_lines()[-1].at, "success", "result_task", "after a skip (f)")
+    assert outcome["result"] == "done"
 
 
 @dataclass

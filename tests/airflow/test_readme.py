@@ -1,4 +1,5 @@
-"""The README's example DAG, loaded as written by Airflow 3.3's DagBag in the Airflow virtualenv.
+"""The README's example DAG, loaded as written by each Airflow's DagBag in its virtualenv (the portable
+`from runbell.listeners import result` marks the result task on every version).
 
 The DAG imports runbell.listeners from this tree (put first on the path), not the copy installed in
 the virtualenv, which may be older: the test is of the README against the code beside it.
@@ -19,10 +20,14 @@ from tests.readme_blocks import code_blocks
 pytestmark = pytest.mark.airflow
 
 REPO = Path(__file__).resolve().parents[2]
+MATRIX = standalone.matrix_venvs()
 
 PROBE = """
 import json, sys
-from airflow.dag_processing.dagbag import DagBag
+try:
+    from airflow.dag_processing.dagbag import DagBag
+except ImportError:  # Airflow 3.1
+    from airflow.models.dagbag import DagBag
 from runbell.listeners.propagation import is_marked_critical, result_task_ids
 import runbell.listeners
 
@@ -51,7 +56,8 @@ def this_tree_as_runbell(root: Path) -> Path:
     return root
 
 
-def test_the_readme_dag_loads_in_airflow_with_its_markers(airflow_redis_url, tmp_path):
+@pytest.mark.parametrize("version", list(MATRIX), ids=[f"airflow-{v}" for v in MATRIX])
+def test_the_readme_dag_loads_in_airflow_with_its_markers(version, airflow_redis_url, tmp_path):
     (block,) = [code for code in code_blocks("python") if "@dag" in code]
     dags = tmp_path / "dags"
     dags.mkdir()
@@ -62,7 +68,7 @@ def test_the_readme_dag_loads_in_airflow_with_its_markers(airflow_redis_url, tmp
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PYTHONPATH": str(this_tree_as_runbell(tmp_path / "src")),
     }
-    python = standalone.airflow_venv() / "bin" / "python"
+    python = standalone.checked_venv(MATRIX[version]) / "bin" / "python"
     done = subprocess.run([str(python), "-c", PROBE, str(dags)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.splitlines()[-1])

@@ -7,9 +7,11 @@ on every run, and the page at the moment of any failure, with its console and HT
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -117,3 +119,27 @@ def read_console(driver) -> list[dict]:
     entries = driver.get_log("browser")
     driver.console.extend(entries)
     return entries
+
+
+@pytest.fixture
+def threaded_stand_in_airflow():
+    """The stand-in Airflow (tests/stand_in_airflow.py) served from a thread of its own: a browser test
+    is synchronous, so the event loop of the async stand_in_airflow fixture would not run while the
+    gateway calls it."""
+    from tests.stand_in_airflow import StandInAirflow, serve_stand_in
+
+    stand_in = StandInAirflow()
+    ready, stop = threading.Event(), threading.Event()
+
+    async def serve() -> None:
+        async with serve_stand_in(stand_in):
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="stand-in-airflow", daemon=True)
+    thread.start()
+    assert ready.wait(BROWSER_START_SECONDS), "the stand-in Airflow did not start"
+    yield stand_in
+    stop.set()
+    thread.join(BROWSER_START_SECONDS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -443,3 +444,182 @@ def test_the_readme_eventsource_block_runs_in_a_browser(browser, served_gateway,
     emit("answer_question", run_id, "success", publisher=publisher)
     wait_for(browser, logged, lambda text: text == "task:running,task:success,outcome:success", "the outcome, live")
     assert browser.execute_script("return window.logged[2][1].result") == {"answer": 42}
+
+
+# -- a run that waits for a person ------------------------------------------------------------------
+
+RESPOND_TOKEN = "test-respond-token"
+# Text from a DAG's author, which the page must show as text and never run.
+HOSTILE_SUBJECT = 'Ship <b id="bold">release 7</b>?'
+HOSTILE_BODY = 'Notes: <img id="pwn" src="x" onerror="window.pwned = true">\nsecond line'
+
+
+@pytest.fixture
+def hitl_gateway(served_gateway, threaded_stand_in_airflow):
+    from tests.conftest import TOKENS
+
+    return served_gateway(
+        auth=True,
+        RUNBELL_TOKENS=f"{TOKENS},{RESPOND_TOKEN}:respond@etl",
+        RUNBELL_AIRFLOW_URL=threaded_stand_in_airflow.url,
+        RUNBELL_RECONCILE_AFTER="3600",  # the stand-in knows no runs: no reconciling here
+    )
+
+
+def hitl_task(run_id: str, task_id: str, state: str, **kw) -> Event:
+    return Event(kind=EventKind.TASK, dag_id="etl", run_id=run_id, task_id=task_id, state=state, try_number=1, **kw)
+
+
+def asks(run_id: str, task_id: str, **request) -> Event:
+    from runbell.bus.schema import InputRequest
+
+    return hitl_task(run_id, task_id, "awaiting_input", input_request=InputRequest(**request))
+
+
+def card(driver, task_id: str) -> dict | None:
+    """The request card of the task as shown: status, subject, body, options, deadline, users, message."""
+    return driver.execute_script(
+        """const el = [...document.querySelectorAll('#needs-input .ask')].find(c => c.dataset.task === arguments[0]);
+        if (!el) return null;
+        const text = (sel) => { const e = el.querySelector(sel); return e ? e.textContent : null; };
+        const countdown = el.querySelector('.countdown');
+        return {status: el.dataset.status, received: el.dataset.received || null, subject: text('.subject'), body: text('.ask-body'),
+          options: [...el.querySelectorAll('.choices [data-option]')].map(o => o.dataset.option),
+          checked: [...el.querySelectorAll('.choices input:checked')].map(o => o.value),
+          deadline: text('.deadline'), remaining: countdown ? Number(countdown.dataset.remaining) : null,
+          assigned: text('.assigned'), message: text('.answer-status')};""",
+        task_id,
+    )
+
+
+def click_option(driver, task_id: str, option: str) -> None:
+    driver.execute_script(
+        "[...document.querySelectorAll('#needs-input .ask')].find(c => c.dataset.task === arguments[0])"
+        ".querySelector(`.choices button[data-option='${arguments[1]}']`).click();",
+        task_id,
+        option,
+    )
+
+
+def test_a_run_waiting_for_a_person_is_answered_from_its_page(browser, hitl_gateway, threaded_stand_in_airflow, publisher):
+    from tests.conftest import READ_TOKEN
+
+    airflow, run_id = threaded_stand_in_airflow, "hitl1"
+    deadline = (datetime.now(timezone.utc) + timedelta(minutes=30)).isoformat()
+    publisher.publish(Event(kind=EventKind.RUN, dag_id="etl", run_id=run_id, state="running"))
+    publisher.publish(hitl_task(run_id, "approve", "running"))
+    ask = dict(kind="approval", subject=HOSTILE_SUBJECT, body=HOSTILE_BODY, options=["Approve", "Reject"], deadline=deadline)
+    publisher.publish(asks(run_id, "approve", **ask, assigned_users=[{"id": "alice", "name": "Alice"}, {"id": "bob"}]))
+    airflow.ask("etl", run_id, "approve", options=["Approve", "Reject"])  # Airflow stored the request
+
+    # With a read token the page shows the request live...
+    browser.get(gateway_page(hitl_gateway, READ_TOKEN, run_id))
+    shown = wait_for(browser, "document.querySelector('#needs-input .ask') !== null", what="the request's card") and card(
+        browser, "approve"
+    )
+    assert shown["status"] == "open" and shown["subject"] == HOSTILE_SUBJECT and shown["body"] == HOSTILE_BODY
+    assert shown["options"] == ["Approve", "Reject"] and shown["assigned"] == "Who may answer: Alice (alice), bob"
+    assert re.fullmatch(r"Deadline \d{4}-\d\d-\d\d \d\d:\d\d:\d\d — in \d+ min \d\d s", shown["deadline"]), shown["deadline"]
+    assert browser.execute_script("return document.getElementById('bold') === null && document.getElementById('pwn') === null")
+    assert not browser.execute_script("return window.pwned === true")
+    assert task_state(browser, "approve") == "awaiting_input"
+    wait_for(
+        browser,
+        "Number(document.querySelector('#needs-input .countdown').dataset.remaining)",
+        lambda s: s < shown["remaining"],
+        "the countdown",
+    )
+    screenshot(browser, "dashboard-input.png")
+
+    # ...but cannot answer it: the gateway's 403 is shown on the card, and Airflow is not asked.
+    click_option(browser, "approve", "Approve")
+    refused = wait_for(browser, "document.querySelector('#needs-input .ask').dataset.status", lambda s: s == "error", "the refusal")
+    assert refused and "needs the respond role" in card(browser, "approve")["message"]
+    assert airflow.hitl_patches == []
+
+    # Another token, given on the card: the respond role answers through the gateway to Airflow.
+    browser.execute_script("document.querySelector('#needs-input .other-token').click();")
+    wait_for(browser, "!document.getElementById('token-dialog').hidden", what="the token prompt")
+    browser.find_element("id", "token-input").send_keys(RESPOND_TOKEN)
+    browser.find_element("css selector", "#token-form button[type='submit']").click()
+    wait_for(
+        browser,
+        "document.querySelector('#needs-input .ask') && document.querySelector('#needs-input .ask').dataset.status",
+        lambda s: s == "open",
+    )
+    click_option(browser, "approve", "Approve")
+    # (the gateway publishes input_received before it answers the POST: either may show first)
+    answered = wait_for(
+        browser,
+        "(() => { const c = document.querySelector('#needs-input .ask'); return [c.dataset.status, c.dataset.received, c.querySelector('.answer-status').textContent]; })()",
+        lambda shown: shown == ["answered", "true", "Answered: Approve"],
+        "the answer taken (the POST's reply) and input_received (live)",
+    )
+    assert answered
+    assert airflow.hitl_patches == [{"key": ("etl", run_id, "approve", -1), "chosen_options": ["Approve"], "params_input": {}}]
+    assert task_state(browser, "approve") == "input_received"
+    screenshot(browser, "dashboard-input-answered.png")
+    browser.refresh()  # the run's history replayed: asked, then answered
+    wait_for(
+        browser,
+        "document.querySelector('#needs-input .ask') && document.querySelector('#needs-input .ask').dataset.status",
+        lambda s: s == "answered",
+    )
+    assert card(browser, "approve")["message"] == "Answered" and len(airflow.hitl_patches) == 1
+
+    # The task resumes (its card goes), succeeds, and the result task decides the run.
+    publisher.publish(hitl_task(run_id, "approve", "running"))
+    wait_for(browser, "document.querySelectorAll('#needs-input .ask').length", lambda n: n == 0, "the card gone once the task resumed")
+    publisher.publish(hitl_task(run_id, "approve", "success"))
+    publisher.publish(hitl_task(run_id, "publish", "success", result_task=True, result={"value": {"released": 7}, "size": 16}))
+    wait_for(browser, "document.getElementById('outcome').dataset.status", lambda s: s == "success", "the outcome")
+    assert json.loads(browser.find_element("id", "result").text) == {"released": 7}
+    screenshot(browser, "dashboard-input-outcome.png")
+    no_script_errors(browser)
+
+
+def gateway_page(gateway, token: str, run_id: str) -> str:
+    return f"{gateway.url}/?token={token}#/runs/etl/{run_id}"
+
+
+def test_several_options_and_a_form_are_answered_with_typed_values(browser, hitl_gateway, threaded_stand_in_airflow, publisher):
+    airflow, run_id = threaded_stand_in_airflow, "hitl2"
+    params = {
+        "reason": {"value": "looks fine", "schema": {"type": "string"}, "description": "Why"},
+        "count": {"value": 2, "schema": {"type": "integer", "minimum": 1}, "description": None},
+        "urgent": {"value": False, "schema": {"type": "boolean"}, "description": None},
+        "level": {"value": "low", "schema": {"type": "string", "enum": ["low", "high"]}, "description": None},
+        "extra": {"value": {"k": [1]}, "schema": {"type": "object"}, "description": None},
+    }
+    publisher.publish(asks(run_id, "pick", subject="Which ones?", options=["a", "b", "c"], defaults=["b"], multiple=True, params=params))
+    airflow.ask("etl", run_id, "pick", options=["a", "b", "c"], multiple=True)
+    browser.get(gateway_page(hitl_gateway, RESPOND_TOKEN, run_id))
+    wait_for(browser, "document.querySelector('#needs-input .ask') !== null", what="the request's card")
+    shown = card(browser, "pick")
+    assert shown["options"] == ["a", "b", "c"] and shown["checked"] == ["b"] and shown["deadline"] is None  # defaults checked
+    field = "document.querySelector(`#needs-input [data-param='${arguments[0]}']`)"
+    read = f"const f = {field}; return f.type === 'checkbox' ? f.checked : f.value;"
+    assert [browser.execute_script(read, name) for name in params] == ["looks fine", "2", False, "low", '{\n  "k": [\n    1\n  ]\n}']
+    for option in ("a", "b", "c"):  # b unchecked, a and c checked
+        browser.execute_script("document.querySelector(`#needs-input [data-option='${arguments[0]}']`).click();", option)
+
+    # A value the schema refuses is caught on the page, and nothing is sent.
+    browser.execute_script(f"{field}.value = '0';", "count")
+    browser.execute_script("document.querySelector('#needs-input .send').click();")
+    wait_for(browser, "document.querySelector('#needs-input .ask').dataset.status", lambda s: s == "error", "the refused value")
+    assert card(browser, "pick")["message"].startswith("count: ") and airflow.hitl_patches == []
+
+    browser.execute_script(f"{field}.value = '5';", "count")
+    browser.execute_script(f"{field}.click();", "urgent")
+    browser.execute_script(f"{field}.selectedIndex = 1;", "level")
+    browser.execute_script("document.querySelector('#needs-input .send').click();")
+    wait_for(browser, "document.querySelector('#needs-input .ask').dataset.status", lambda s: s == "answered", "the answer taken")
+    (patch,) = airflow.hitl_patches
+    assert patch["chosen_options"] == ["a", "c"]
+    assert patch["params_input"] == {"reason": "looks fine", "count": 5, "urgent": True, "level": "high", "extra": {"k": [1]}}
+    screenshot(browser, "dashboard-input-form.png")
+
+    # The run ends: its card goes.
+    publisher.publish(Event(kind=EventKind.RUN, dag_id="etl", run_id=run_id, state="failed"))
+    wait_for(browser, "document.querySelectorAll('#needs-input .ask').length", lambda n: n == 0, "no card after the run's end")
+    no_script_errors(browser)

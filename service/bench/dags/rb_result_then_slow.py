@@ -2,7 +2,9 @@
 
 import time
 
-from airflow.sdk import dag, result, task
+from airflow.sdk import dag, task
+
+from runbell.listeners import result  # Airflow's own @result on 3.3+, Runbell's before
 
 
 @dag(schedule=None, catchup=False, tags=["runbell-e2e"])

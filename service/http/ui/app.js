@@ -544,6 +544,240 @@
     return status ? h("span", { class: "muted" }, status) : "—";
   }
 
+  // -- a task waiting for a person ------------------------------------------------------------
+  //
+  // What one of Airflow's human-in-the-loop operators asks (the stream's needs_input event), as a
+  // card: its options as buttons (checkboxes when several may be chosen), its params as form fields
+  // typed by their JSON schema, its deadline counting down. The answer goes to the gateway's
+  // POST .../tasks/{task_id}/input with the page's token, which passes it on to Airflow. Every text
+  // here comes from a DAG's author: it is only ever set as text (h() appends text nodes).
+
+  function fmtCountdown(ms) {
+    const s = Math.max(Math.floor(ms / 1000), 0);
+    if (s < 60) return `${s} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min ${pad(s % 60)} s`;
+    const hours = Math.floor(m / 60);
+    if (hours < 48) return `${hours} h ${pad(m % 60)} min`;
+    return `${Math.floor(hours / 24)} days ${hours % 24} h`;
+  }
+
+  // Airflow sends each param as {value, schema, description} (older releases: the bare value).
+  function paramSpec(raw) {
+    const full = raw && typeof raw === "object" && !Array.isArray(raw) && ("schema" in raw || "value" in raw);
+    const spec = full ? raw : { value: raw };
+    const schema = spec.schema && typeof spec.schema === "object" ? spec.schema : {};
+    const value = spec.value === undefined ? null : spec.value;
+    let types = Array.isArray(schema.type) ? schema.type : (schema.type ? [schema.type] : []);
+    const nullable = types.includes("null") || types.length === 0;
+    types = types.filter((t) => t !== "null");
+    let type = types[0];
+    if (!type) { // no type in the schema: guess from the default
+      if (typeof value === "boolean") type = "boolean";
+      else if (typeof value === "number") type = Number.isInteger(value) ? "integer" : "number";
+      else if (value !== null && typeof value === "object") type = "json";
+      else type = "string";
+    }
+    if (type === "array" || type === "object") type = "json";
+    return { value, schema, type, nullable, description: typeof spec.description === "string" ? spec.description : "" };
+  }
+
+  class FieldError extends Error {}
+
+  // One form field for a param: the control, and how to read its value back as JSON.
+  function paramField(name, raw) {
+    const { value, schema, type, nullable, description } = paramSpec(raw);
+    let control;
+    let read;
+    if (Array.isArray(schema.enum) && schema.enum.length) {
+      const choices = schema.enum;
+      control = h("select", null, choices.map((choice) => h("option", { selected: JSON.stringify(choice) === JSON.stringify(value) }, choice === null ? "—" : String(choice))));
+      read = () => choices[control.selectedIndex];
+    } else if (type === "boolean") {
+      control = h("input", { type: "checkbox", checked: value === true });
+      read = () => control.checked;
+    } else if (type === "integer" || type === "number") {
+      control = h("input", { type: "number", step: type === "integer" ? (schema.multipleOf || 1) : "any", min: schema.minimum, max: schema.maximum, value: value ?? "" });
+      read = () => {
+        if (control.value.trim() === "") {
+          if (nullable) return null;
+          throw new FieldError("a number is needed");
+        }
+        const number = Number(control.value);
+        if (Number.isNaN(number) || (type === "integer" && !Number.isInteger(number))) throw new FieldError(`${type === "integer" ? "a whole number" : "a number"} is needed`);
+        return number;
+      };
+    } else if (type === "json") {
+      control = h("textarea", { rows: 4, spellcheck: "false" }, value === null ? "" : pretty(value));
+      read = () => {
+        if (control.value.trim() === "") return null;
+        try {
+          return JSON.parse(control.value);
+        } catch (err) {
+          throw new FieldError("JSON is needed");
+        }
+      };
+    } else {
+      const multiline = schema.format === "multiline";
+      const attrs = { minlength: schema.minLength, maxlength: schema.maxLength, pattern: schema.pattern, spellcheck: "false" };
+      control = multiline ? h("textarea", { rows: 3, ...attrs }, value ?? "") : h("input", { type: schema.format === "date" ? "date" : "text", ...attrs, value: value ?? "" });
+      // Left empty, a param with no default or a nullable one gets null, as Airflow's own form sends.
+      read = () => (control.value === "" && (value === null || nullable) && !schema.minLength ? null : control.value);
+    }
+    control.dataset.param = name;
+    const label = h("label", { class: "field" },
+      h("span", { class: "field-name" }, typeof schema.title === "string" && schema.title ? schema.title : name),
+      control,
+      description ? h("span", { class: "muted small" }, description) : null);
+    return {
+      name,
+      label,
+      read() {
+        if (!control.checkValidity()) throw new FieldError(control.validationMessage);
+        return read();
+      },
+      control,
+    };
+  }
+
+  class InputCard {
+    constructor(dagId, runId, ask) {
+      this.ask = ask;
+      this.status = "open";
+      const base = `${runPath(dagId, runId)}/tasks/${enc(ask.task_id)}/input`;
+      this.path = ask.map_index >= 0 ? `${base}?map_index=${ask.map_index}` : base;
+      this.build();
+      this.tick();
+    }
+
+    get tryNumber() {
+      return this.ask.try_number || 0;
+    }
+
+    build() {
+      const a = this.ask;
+      const params = a.params && typeof a.params === "object" ? a.params : {};
+      this.fields = Object.entries(params).map(([name, raw]) => paramField(name, raw));
+      const options = Array.isArray(a.options) ? a.options : [];
+      const defaults = new Set(Array.isArray(a.defaults) ? a.defaults : []);
+      const defaultNote = "the default: taken when the deadline passes";
+      let choices;
+      if (a.multiple) {
+        this.boxes = options.map((option) => h("input", { type: "checkbox", value: option, checked: defaults.has(option), dataset: { option } }));
+        choices = h("div", { class: "choices" },
+          h("div", { class: "checks" }, this.boxes.map((box, i) => h("label", { class: "check", title: defaults.has(options[i]) ? defaultNote : null }, box, " ", options[i]))),
+          h("button", { type: "button", class: "send", onclick: () => this.sendChecked() }, "Send"));
+      } else {
+        choices = h("div", { class: "choices" }, options.map((option) => h("button", {
+          type: "button", class: defaults.has(option) ? "option default" : "option", dataset: { option }, title: defaults.has(option) ? defaultNote : null,
+          onclick: () => this.send([option]),
+        }, option)));
+      }
+      const users = Array.isArray(a.assigned_users) ? a.assigned_users : [];
+      this.countdown = h("span", { class: "countdown" });
+      this.statusEl = h("p", { class: "answer-status", role: "status" });
+      this.el = h("article", { class: "card ask", dataset: { task: a.task_id, map: a.map_index, status: this.status, kind: a.kind || "choice" } },
+        h("p", { class: "ask-task muted small" }, `${taskLabel(a.task_id, a.map_index)}${a.try_number ? ` (try ${a.try_number})` : ""} waits for a person`,
+          h("span", { class: "tag" }, a.kind || "choice")),
+        h("h3", { class: "subject" }, a.subject || "(no subject)"),
+        a.body ? h("div", { class: "ask-body" }, a.body) : null,
+        a.truncated ? h("p", { class: "muted small" }, "Part of this request was too large to be sent here: Airflow's own page shows it whole.") : null,
+        this.fields.length ? h("div", { class: "fields" }, this.fields.map((f) => f.label)) : null,
+        choices,
+        a.deadline ? h("p", { class: "deadline" }, `Deadline ${fmtTime(a.deadline)} — `, this.countdown) : null,
+        users.length ? h("p", { class: "assigned muted" }, "Who may answer: ",
+          users.map((u) => (u.name && u.name !== u.id ? `${u.name} (${u.id})` : u.id)).join(", ")) : null,
+        this.statusEl,
+      );
+    }
+
+    // Once a second: how long is left before Airflow takes the defaults.
+    tick() {
+      if (!this.ask.deadline) return;
+      const left = toMs(this.ask.deadline) - Date.now();
+      this.countdown.dataset.remaining = String(Math.max(Math.floor(left / 1000), 0));
+      if (left > 0) this.countdown.textContent = `in ${fmtCountdown(left)}`;
+      else this.countdown.textContent = this.ask.defaults && this.ask.defaults.length ? "passed: Airflow takes the defaults" : "passed";
+    }
+
+    setStatus(status, text, ...extra) {
+      this.status = status;
+      this.el.dataset.status = status;
+      this.statusEl.className = `answer-status${status === "error" ? " err" : ""}`;
+      this.statusEl.replaceChildren(text, ...extra);
+      const locked = status === "sending" || status === "answered";
+      for (const control of this.el.querySelectorAll(".choices button, .choices input, .fields input, .fields select, .fields textarea")) control.disabled = locked;
+    }
+
+    sendChecked() {
+      const chosen = this.boxes.filter((box) => box.checked).map((box) => box.value);
+      if (!chosen.length) {
+        this.setStatus("error", "Choose at least one option.");
+        return;
+      }
+      this.send(chosen);
+    }
+
+    readParams() {
+      const values = {};
+      for (const field of this.fields) {
+        try {
+          values[field.name] = field.read();
+          field.control.removeAttribute("aria-invalid");
+        } catch (err) {
+          field.control.setAttribute("aria-invalid", "true");
+          field.control.focus();
+          throw new FieldError(`${field.name}: ${err.message}`);
+        }
+      }
+      return values;
+    }
+
+    async send(chosen) {
+      if (this.status === "sending" || this.status === "answered") return;
+      const body = { chosen_options: chosen };
+      try {
+        if (this.fields.length) body.params_input = this.readParams();
+      } catch (err) {
+        this.setStatus("error", err.message);
+        return;
+      }
+      this.setStatus("sending", "Sending…");
+      const headers = { Accept: "application/json", "Content-Type": "application/json" };
+      if (token()) headers.Authorization = `Bearer ${token()}`;
+      let response;
+      let reply = null;
+      try {
+        response = await fetch(this.path, { method: "POST", headers, body: JSON.stringify(body), cache: "no-store" });
+        reply = await response.json().catch(() => null);
+      } catch (err) {
+        this.setStatus("error", "The gateway could not be reached: the answer was not sent.");
+        return;
+      }
+      if (response.ok) {
+        const taken = reply && Array.isArray(reply.chosen_options) ? reply.chosen_options : chosen;
+        this.setStatus("answered", `Answered: ${taken.join(", ")}`);
+        return;
+      }
+      const message = (reply && reply.message) || `HTTP ${response.status}`;
+      if (response.status === 409) {
+        this.setStatus("answered", `Already answered: ${message}`);
+      } else if (response.status === 401 || response.status === 403) {
+        this.setStatus("error", `Not allowed: ${message}. `, h("button", {
+          type: "button", class: "link other-token", onclick: () => askToken("Answering needs a token with the respond role for this DAG."),
+        }, "use another token"));
+      } else {
+        this.setStatus("error", `Not sent (${response.status}): ${message}`);
+      }
+    }
+
+    // The gateway says an answer reached Airflow (this page's or anyone's).
+    received() {
+      if (this.status !== "answered") this.setStatus("answered", "Answered");
+      this.el.dataset.received = "true";
+    }
+  }
+
   // -- one run --------------------------------------------------------------------------------
 
   class RunView {
@@ -555,10 +789,12 @@
       this.runStateSeq = 0;
       this.outcome = null;
       this.terminalSeen = false;
+      this.requests = new Map(); // "task\u0000map" -> InputCard: what a task waiting for a person asks
       this.dead = false;
     }
 
     mount(root) {
+      this.inputsEl = h("section", { id: "needs-input", class: "inputs", "aria-live": "polite" });
       this.stateEl = h("span", { id: "run-state" }, badge("unknown"));
       this.metaEl = h("dl", { id: "run-meta", class: "meta" });
       this.outcomeEl = h("section", { id: "outcome", class: "card outcome", dataset: { status: "pending" } });
@@ -570,6 +806,7 @@
         h("h1", { class: "run-title" }, this.stateEl, " ", h("span", { class: "muted" }, this.dagId), " / ", h("span", { id: "run-id", class: "mono" }, this.runId)),
         this.notice,
         this.metaEl,
+        this.inputsEl,
         this.outcomeEl,
         h("h2", null, "Tasks"),
         h("table", { id: "tasks", class: "grid timeline" },
@@ -583,7 +820,7 @@
       this.loadDetail();
       this.stream = new LiveStream({
         path: `${runPath(this.dagId, this.runId)}/events`,
-        types: ["task", "run", "outcome"],
+        types: ["task", "run", "outcome", "needs_input", "input_received"],
         onEvent: (type, data) => this.onEvent(type, data),
         onEnd: () => this.renderMeta(),
         onGone: (message) => { this.notice.textContent = message || `The gateway knows no run ${this.runId} of ${this.dagId}.`; },
@@ -591,7 +828,10 @@
         probe: () => this.probe(),
       });
       this.stream.start();
-      this.ticker = setInterval(() => { if (!this.stream.stopped) this.renderTimeline(); }, 1000);
+      this.ticker = setInterval(() => {
+        if (!this.stream.stopped) this.renderTimeline();
+        for (const card of this.requests.values()) card.tick();
+      }, 1000);
     }
 
     unmount() {
@@ -645,6 +885,14 @@
         this.showOutcome(data);
         return;
       }
+      if (type === "needs_input") {
+        this.showRequest(data);
+        return;
+      }
+      if (type === "input_received") {
+        this.requestClosed(data);
+        return;
+      }
       this.appendEvent(type, data);
       if (type === "run") {
         this.run.state = data.state;
@@ -654,6 +902,7 @@
         if (TERMINAL_RUN.has(data.state)) {
           this.terminalSeen = true;
           this.run.endTs = data.ts;
+          for (const key of [...this.requests.keys()]) this.dropRequest(key); // nobody can answer now
         }
         if (data.ts && !this.run.firstTs) this.run.firstTs = data.ts;
         this.renderMeta();
@@ -671,6 +920,41 @@
       task.error = data.error || null;
       this.tasks.set(key, task);
       this.renderTimeline();
+      this.taskMoved(key, data.state, tryNumber);
+    }
+
+    showRequest(ask) {
+      const key = `${ask.task_id}\u0000${ask.map_index}`;
+      const known = this.requests.get(key);
+      if (known && known.ask.position === ask.position) return;
+      if (known) known.el.remove(); // an older try's, never answered
+      const card = new InputCard(this.dagId, this.runId, ask);
+      this.requests.set(key, card);
+      this.inputsEl.append(card.el);
+    }
+
+    // input_received: answered through the gateway (the card says so until the task moves on), or
+    // closed otherwise (the task resumed or ended: answered in Airflow, the deadline's defaults, the run's end).
+    requestClosed(closed) {
+      const key = `${closed.task_id}\u0000${closed.map_index}`;
+      const card = this.requests.get(key);
+      if (!card || card.ask.position !== closed.position) return;
+      if (closed.closed_by === "input_received") card.received();
+      else this.dropRequest(key);
+    }
+
+    // The task's own events: once it moves on (resumes, ends, a new try), its request is gone.
+    taskMoved(key, state, tryNumber) {
+      const card = this.requests.get(key);
+      if (!card || state === "awaiting_input" || state === "input_received" || tryNumber < card.tryNumber) return;
+      this.dropRequest(key);
+    }
+
+    dropRequest(key) {
+      const card = this.requests.get(key);
+      if (!card) return;
+      card.el.remove();
+      this.requests.delete(key);
     }
 
     appendEvent(type, data) {
@@ -682,6 +966,7 @@
         data.try_number ? h("span", { class: "muted" }, ` try ${data.try_number}`) : null,
         data.error ? h("span", { class: "err" }, ` ${data.error.type}: ${data.error.message}`) : null,
         data.msg ? h("span", { class: "muted" }, ` ${data.msg}`) : null,
+        data.input_request ? h("span", { class: "muted" }, ` asks: ${data.input_request.subject}`) : null,
       );
       // Keep the log in position order even if a replay delivered an older event late.
       const at = { epoch: data.epoch || "", seq: data.seq };

@@ -2,9 +2,9 @@
 all_done leaf run after it, so Airflow ends the run SUCCESS. The result task waits for the failing
 task (all_done) so the failure always lands first: run side by side, the result could win the race."""
 
-from airflow.sdk import dag, result, task
+from airflow.sdk import dag, task
 
-from runbell.listeners.marks import critical
+from runbell.listeners import critical, result
 
 
 @dag(schedule=None, catchup=False, tags=["runbell-e2e"])

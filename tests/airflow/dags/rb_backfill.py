@@ -4,7 +4,9 @@ it), one result task that first sleeps conf["sleep"] seconds (so a run can be ke
 import time
 from datetime import datetime
 
-from airflow.sdk import dag, get_current_context, result, task
+from airflow.sdk import dag, get_current_context, task
+
+from runbell.listeners import result  # Airflow's own @result on 3.3+, Runbell's before
 
 
 @dag(schedule="@daily", start_date=datetime(2025, 1, 1), catchup=False, tags=["runbell-e2e"])

@@ -2,7 +2,9 @@
 
 from datetime import timedelta
 
-from airflow.sdk import dag, get_current_context, result, task
+from airflow.sdk import dag, get_current_context, task
+
+from runbell.listeners import result  # Airflow's own @result on 3.3+, Runbell's before
 
 
 @dag(schedule=None, catchup=False, tags=["runbell-e2e"])

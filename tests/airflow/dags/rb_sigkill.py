@@ -6,7 +6,9 @@ about (RUNBELL_HOOK_SKIP_DAGS), so that only the gateway's reconciler can settle
 import os
 import signal
 
-from airflow.sdk import dag, result, task
+from airflow.sdk import dag, task
+
+from runbell.listeners import result  # Airflow's own @result on 3.3+, Runbell's before
 
 
 def sigkilled(dag_id: str):
