@@ -87,7 +87,7 @@ def parse(url: str) -> RedisTarget:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in PLAIN_SCHEMES:
         try:
-            redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # redis-py's own check, so a bad URL fails here, not at the first command
+            redis.connection.parse_url(url)  # type: ignore[no-untyped-call, unused-ignore]  # redis-py's own check, so a bad URL fails here, not at the first command
         except ValueError as exc:
             raise BadRedisUrl(url, str(exc).replace(url, redacted(url))) from None
         return RedisTarget("node", url=url)
@@ -171,10 +171,10 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **options)
     if target.kind == "cluster":
         options.pop("health_check_interval", None)
-        nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call, unused-ignore]
         return cast(redis.Redis, redis.cluster.RedisCluster(startup_nodes=nodes, **_auth(target), **options))
-    sentinel = redis.sentinel.Sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options))  # type: ignore[no-untyped-call]
-    return cast(redis.Redis, sentinel.master_for(target.master, db=target.db, **_auth(target), **options))  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options))  # type: ignore[no-untyped-call, unused-ignore]
+    return cast(redis.Redis, sentinel.master_for(target.master, db=target.db, **_auth(target), **options))  # type: ignore[no-untyped-call, unused-ignore]
 
 
 def async_client(url: str, *, max_connections: int | None = None, **options: Any) -> aioredis.Redis:
@@ -190,7 +190,7 @@ def async_client(url: str, *, max_connections: int | None = None, **options: Any
     if target.kind == "cluster":
         nodes = [aiocluster.ClusterNode(host, port) for host, port in target.nodes]
         return cast(aioredis.Redis, aiocluster.RedisCluster(startup_nodes=nodes, **_auth(target), **limit, **options))
-    sentinel = aiosentinel.Sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options))  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = aiosentinel.Sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(target, options))  # type: ignore[no-untyped-call, unused-ignore]  # redis-py leaves it unannotated
     return cast(aioredis.Redis, sentinel.master_for(target.master, db=target.db, **_auth(target), **limit, **options))
 
 

@@ -498,7 +498,7 @@ class Hub:
             for task in readers.values():
                 task.cancel()
             await asyncio.gather(*readers.values(), return_exceptions=True)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # redis-py leaves PubSub.aclose unannotated
 
     async def _read(self, connection: PubSub) -> None:
         """Read one connection's messages; ping it when idle, fail when it stays silent."""
