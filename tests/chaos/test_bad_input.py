@@ -528,11 +528,16 @@ async def test_duplicated_reordered_and_replayed_envelopes_change_nothing(gatewa
 
 
 async def caught_up(redis: aioredis.Redis, namespace: str) -> bool:
-    """The recorder has read every entry of every stream partition and acknowledged each."""
-    for stream in keys.partition_streams(namespace, keys.DEFAULT_PARTITIONS):
+    """The recorder has read every entry of every stream partition, and of the pre-partition stream
+    it drains, and acknowledged each."""
+    streams = [*keys.partition_streams(namespace, keys.DEFAULT_PARTITIONS), keys.global_stream(namespace)]
+    for stream in streams:
         if not await redis.exists(stream):
             continue
-        (group,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == keys.recorder_group().encode()]
+        groups = [g for g in await redis.xinfo_groups(stream) if g["name"] == keys.recorder_group().encode()]
+        if not groups:  # the recorder has not found this stream yet
+            return False
+        (group,) = groups
         last = await redis.xrevrange(stream, count=1)
         if group["pending"] or (last and group["last-delivered-id"] != last[0][0]):
             return False
