@@ -37,7 +37,8 @@ def test_summarize_counts_self_once_per_sample_and_inclusive_once_per_stack():
         [
             "<module> (app.py:1);run_forever (loop.c:9);serve (server.py:10);write (uvloop/handles/stream.pyx:20) 6",
             "<module> (app.py:1);run_forever (loop.c:9);serve (server.py:10);fold (outcome.py:5);fold (outcome.py:9) 3",  # recursion: once
-            "<module> (app.py:1);run_forever (loop.c:9);serve (server.py:11) 1",
+            # py-spy 0.4.3 qualifies the loop's frame with its class
+            "<module> (app.py:1);BaseEventLoop.run_forever (base_events.py:607);serve (server.py:11) 1",
             "_bootstrap (threading.py:1);_worker (thread.py:2);0x7f00 (libc.so.6) 40",  # a pool thread waiting: apart
             "not a sample line",
             "",

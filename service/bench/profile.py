@@ -30,6 +30,13 @@ TOP = 12
 EVENT_LOOP = "run_forever"  # on the stack of the loop's thread: asyncio's, and uvloop's (loop.c)
 
 
+def is_event_loop(frame: str) -> bool:
+    """Whether a frame is the event loop's: `run_forever (loop.c:9)`, or py-spy 0.4.3's qualified
+    `BaseEventLoop.run_forever (asyncio/base_events.py:607)`."""
+    name = frame.split(" ", 1)[0]
+    return name == EVENT_LOOP or name.endswith("." + EVENT_LOOP)
+
+
 def py_spy() -> str | None:
     """The py-spy executable: beside this Python (a virtualenv's bin/), else on PATH."""
     beside = Path(sys.executable).parent / "py-spy"
@@ -104,7 +111,7 @@ def summarize(raw: str, top: int = TOP) -> dict[str, Any]:
             continue
         n = int(count)
         frames = [function_of(frame) for frame in stack.split(";")]
-        if not any(frame.split(" ", 1)[0] == EVENT_LOOP for frame in frames):
+        if not any(is_event_loop(frame) for frame in frames):
             other_threads += n
             continue
         total += n
