@@ -57,6 +57,7 @@ class Settings(BaseModel):
     max_subscribers: int = Field(default=20_000, ge=1)
     send_timeout: float = Field(default=10.0, gt=0)
     header_timeout: float = Field(default=10.0, gt=0)
+    listen_backlog: int = Field(default=65535, ge=1, le=65535)
     shutdown_grace: float = Field(default=5.0, ge=0)
     readiness_grace: float = Field(default=5.0, ge=0, le=3600)
     readiness_max_backlog: int = Field(default=1000, ge=0, le=10**9)
@@ -195,6 +196,12 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "header_timeout",
         "seconds a connection may take to send a request's headers, from connecting or from its "
         "previous response, before it is closed (default 10)",
+    ),
+    (
+        "listen_backlog",
+        "connections the kernel holds for the gateway before it accepts them (default 65535; Linux caps "
+        "it at net.core.somaxconn, 4096 by default): a crowd arriving at once waits there instead of "
+        "being dropped (uvicorn's 2,048 dropped 4-9% of 10,000 callers connecting at once)",
     ),
     ("shutdown_grace", "seconds given to clients to leave on SIGTERM (default 5)"),
     (

@@ -74,6 +74,7 @@ FLAG_VALUES = {
     "max_subscribers": "34",
     "send_timeout": "4",
     "header_timeout": "6",
+    "listen_backlog": "1024",
     "shutdown_grace": "1",
     "readiness_grace": "2.5",
     "readiness_max_backlog": "0",

@@ -269,6 +269,7 @@ def serve(app: Starlette, settings: Settings) -> None:
         proxy_headers=False,
         server_header=False,
         http=guarded_http(settings),
+        backlog=settings.listen_backlog,
         timeout_keep_alive=5,
     )
     DrainingServer(config, app).run()
