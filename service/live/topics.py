@@ -9,6 +9,8 @@ a new epoch). An asset's is keyed by its name; its log is Redis's only (the stor
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -33,6 +35,7 @@ from runbell.service.live.hub import Hub, Signal, Subscription, Topic
 
 MISSING_HOLD_SECONDS = 60.0
 FIRST_EPOCHS_HELD = 10_000  # runs whose first epoch is remembered (then the oldest is forgotten)
+HISTORIES_BATCH = 500  # runs whose stored history is read in one query (StoredHistories)
 
 RunKey = tuple[str, str]  # (dag_id, run_id)
 E = TypeVar("E")
@@ -43,6 +46,65 @@ class EventArchive(Protocol):
     """Where events older than the replay log are found (the SQL store)."""
 
     async def events(self, dag_id: str, run_id: str, after: Position = START, limit: int | None = None) -> list[Envelope]: ...
+
+    async def histories(self, runs: Sequence[RunKey]) -> Mapping[RunKey, list[Envelope]]: ...
+
+
+class StoredHistories:
+    """Each run's stored history (its events from the start), read for many runs in one query. A crowd
+    of callers arriving on runs whose replay log does not tell whether it begins the run's history (a
+    new run's first epoch, unseen here; an empty log) would otherwise cost one events query each,
+    thousands queued on the store's pool while the callers' first reads wait; here they cost one query
+    per HISTORIES_BATCH runs. A read asked for while a query is out goes into the next one, so a lone
+    caller waits for no timer, and every answer is at least as fresh as the moment it was asked."""
+
+    def __init__(self, archive: EventArchive, batch: int = HISTORIES_BATCH):
+        self.archive, self.batch = archive, batch
+        self.waiting: dict[RunKey, list[asyncio.Future[list[Envelope]]]] = {}
+        self.asking: asyncio.Task[None] | None = None
+
+    async def history(self, key: RunKey) -> list[Envelope]:
+        future: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(key, []).append(future)
+        if self.asking is None:
+            self.asking = asyncio.create_task(self._ask())
+        return await future
+
+    async def _ask(self) -> None:
+        batch: dict[RunKey, list[asyncio.Future[list[Envelope]]]] = {}
+        try:
+            while self.waiting:
+                batch = dict(itertools.islice(self.waiting.items(), self.batch))
+                for key in batch:
+                    del self.waiting[key]
+                try:
+                    stored = await self.archive.histories(list(batch))
+                except Exception as exc:  # each asker handles it (the store being down fails no waiter)
+                    _fail(batch, exc)
+                else:
+                    for key, futures in batch.items():
+                        for future in futures:
+                            if not future.done():  # its asker may have gone (cancelled)
+                                future.set_result(stored.get(key, []))
+                batch = {}
+        except BaseException:  # cancelled (shutdown): nobody is left waiting for an answer that never comes
+            _fail({**batch, **self.waiting}, None)
+            self.waiting.clear()
+            raise
+        finally:
+            self.asking = None
+
+
+def _fail(waiting: Mapping[RunKey, list[asyncio.Future[list[Envelope]]]], exc: Exception | None) -> None:
+    """Each future still awaited gets the exception (None: is cancelled)."""
+    for futures in waiting.values():
+        for future in futures:
+            if future.done():
+                continue
+            if exc is None:
+                future.cancel()
+            else:
+                future.set_exception(exc)
 
 
 def _decoded(hub: Hub, decode: Callable[[bytes], E], entries: Sequence[tuple[object, Mapping[Any, Any] | None]] | None) -> list[E]:
@@ -110,6 +172,7 @@ class RunTopic(Topic[RunKey, Envelope]):
         self.max_event_bytes = max_event_bytes  # a larger event is a bad one: no publisher within the cap sent it
         self.missing: dict[str, float] = {}  # route -> until when Airflow's "no such run" holds
         self.first_epochs: dict[RunKey, str] = {}  # runs whose Redis epoch the store has nothing before
+        self.histories = StoredHistories(archive) if archive is not None else None
 
     def repartition(self, count: int) -> None:
         """Another partition count (the one stored in Redis): keys and channels by it from now on."""
@@ -142,7 +205,9 @@ class RunTopic(Topic[RunKey, Envelope]):
         # part of the run's writes, and went on in a new epoch; the store may have the rest): ask the
         # store, and take both, in position order.
         try:
-            stored = await self.archive.events(*key, after=after)
+            stored = (
+                await self.histories.history(key) if after == START and self.histories else await self.archive.events(*key, after=after)
+            )
         except Exception as exc:  # the store being down must not fail a waiter: Redis may suffice
             self.hub.log_once("archive", "store unreadable (%s); serving from Redis only", type(exc).__name__)
             return envelopes

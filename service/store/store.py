@@ -294,6 +294,12 @@ class Store:
             rows = (await conn.execute(query)).scalars().all()
         return [stored_envelope(row) for row in rows]
 
+    async def histories(self, runs: Iterable[RunKey]) -> dict[RunKey, list[Envelope]]:
+        """Every stored envelope of each of these runs, in position order: events(run) of each, in one
+        query per INSERT_CHUNK runs (an empty list for a run with none)."""
+        async with self.engine.connect() as conn:
+            return await _histories(conn, sorted(set(runs)))
+
     async def last_position(self, dag_id: str, run_id: str) -> Position:
         """The last stored position of the run; START when none is stored."""
         return (await self.last_positions([(dag_id, run_id)])).get((dag_id, run_id), START)
