@@ -219,10 +219,9 @@ def bench_store(
     with fresh_store(kind, "bench_recorder") as url:
         phase(figures, "recorder", lambda: recorder_rate(redis_url, url, events=plan.recorder_events, runs=plan.recorder_runs))
     # Capacity on a gateway of its own, the other phases on a fresh one, so that each measures a process
-    # the other did not load. (After one process had held and let go of ~20,000 connections, 10,000
-    # long-poll waiters on new runs took longer to be subscribed than their own 60 s timeout; on a fresh
-    # gateway it passed on SQLite, and once failed on PostgreSQL too: the cause is not found yet. Not the
-    # load generator's TIME_WAIT sockets: tried.)
+    # the other did not load. (10,000 long-poll waiters on new runs once never all arrived: the listen
+    # queue overflowed while the gateway read each new run's history, one query each; both are fixed,
+    # RUNBELL_LISTEN_BACKLOG and runbell.service.live.topics.StoredHistories.)
     for phases, measure in ((CAPACITY_PHASES, bench_capacity), (GATEWAY_PHASES, bench_gateway)):
         with contextlib.ExitStack() as stack:
             served = phase(figures, "gateway", lambda: serve(stack, redis_url, kind, plan), record=False)
