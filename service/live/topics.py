@@ -85,7 +85,7 @@ class StoredHistories:
                     for key, futures in batch.items():
                         for future in futures:
                             if not future.done():  # its asker may have gone (cancelled)
-                                future.set_result(stored.get(key, []))
+                                future.set_result(list(stored.get(key, ())))  # its own list
                 batch = {}
         except BaseException:  # cancelled (shutdown): nobody is left waiting for an answer that never comes
             _fail({**batch, **self.waiting}, None)
