@@ -361,6 +361,11 @@ TOOLS_SETTINGS_DOC: list[tuple[str, str, str]] = [
     ("RUNBELL_REDIS_URL", "`runbell bench`", "the Redis it measures (its --redis-url; default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_REDIS_URL", "tests", "the Redis the tests use (default redis://127.0.0.1:6379/0)"),
     ("RUNBELL_TEST_POSTGRES_URL", "tests", "the PostgreSQL server the tests make their databases on"),
+    (
+        "RUNBELL_TEST_TIME_LIMIT",
+        "tests",
+        "seconds one test may take, its set-up and tear-down included, before it fails showing every thread's and task's stack (default 600)",
+    ),
     ("RUNBELL_CHROMIUM", "tests/browser", "the Chromium binary (default /usr/bin/chromium)"),
     ("RUNBELL_CHROMEDRIVER", "tests/browser", "its chromedriver (default /usr/bin/chromedriver)"),
     (

@@ -6,10 +6,14 @@ CI=true a missing server fails the run instead: CI always proves the real thing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import faulthandler
 import itertools
 import os
+import signal
 import socket
+import sys
 import uuid
 from urllib.parse import urlparse
 
@@ -18,6 +22,41 @@ import pytest
 REDIS_URL = os.environ.get("RUNBELL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("RUNBELL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# No test (its set-up and tear-down included) runs longer: one that hangs fails, showing where, and
+# the run goes on rather than spending CI's whole budget on it. The slowest test takes about 3 minutes.
+TEST_TIME_LIMIT = float(os.environ.get("RUNBELL_TEST_TIME_LIMIT", "600"))
+
+
+class TimeLimitExceeded(Exception):
+    """Raised in a test that ran past TEST_TIME_LIMIT."""
+
+
+def _time_is_up(signum: int, frame: object) -> None:
+    """Show every thread's stack and every asyncio task's (a hang in an event loop shows only the
+    loop's select otherwise), then fail the test where it stands."""
+    sys.stderr.write(f"\n*** the test ran past its {TEST_TIME_LIMIT:.0f} s; threads:\n")
+    faulthandler.dump_traceback(sys.stderr)
+    loop = asyncio._get_running_loop()
+    for task in asyncio.all_tasks(loop) if loop is not None else ():
+        sys.stderr.write(f"--- task {task.get_name()}, awaiting (outermost first):\n")
+        awaiting = task.get_coro()
+        while awaiting is not None:  # each coroutine's await, down to the future it waits on
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "ag_frame", None)
+            if frame is not None:
+                sys.stderr.write(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "ag_await", None)
+    raise TimeLimitExceeded(f"the test ran past its {TEST_TIME_LIMIT:.0f} s (RUNBELL_TEST_TIME_LIMIT); stacks above")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    previous = signal.signal(signal.SIGALRM, _time_is_up)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIME_LIMIT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def reachable(url: str) -> bool:
