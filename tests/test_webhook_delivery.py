@@ -537,6 +537,27 @@ async def test_wake_sends_a_new_message_at_once_rather_than_at_the_next_poll(web
     assert receiver.hits[0].webhook_id == message.id
 
 
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_stop_that_meets_a_wake_up_stops_the_dispatcher(webhooks, dispatchers, turns):
+    """Cancelled just as a wake-up ends its wait (an attempt ending, the recorder enqueuing), the loop
+    stopped anyway. On Python 3.11 asyncio.wait_for lost such a cancellation and the loop slept on
+    for a whole poll: a gateway's shutdown, and CI once, hung there. Each ``turns`` cancels one loop
+    turn later, so one of them lands in that window."""
+    dispatcher = dispatchers(webhooks, poll_seconds=3600)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.1)  # the dispatcher has looked once and now sleeps for an hour
+    dispatcher.wake()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)  # not wait_for: that would cancel the task once more
+    try:
+        assert task.cancelled(), "the dispatcher's loop went on after it was cancelled"
+    finally:
+        task.cancel()  # a second cancellation ends the one that went on
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_backlog_beyond_the_per_endpoint_bound_drains_without_waiting_for_the_poll(webhooks, store, receiver, dispatchers):
     dispatcher = dispatchers(webhooks, run=True, poll_seconds=3600, per_endpoint=2)
     store.outbox.on_enqueued = dispatcher.wake

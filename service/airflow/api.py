@@ -49,6 +49,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import anyio
 import httpx
 from pydantic import BaseModel, ValidationError, field_validator
 
@@ -445,8 +446,9 @@ class AirflowClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = self._base + path
         try:
-            resp = await asyncio.wait_for(self._http.request(method, url, **kwargs), self._exchange_bound)
-        except (httpx.TimeoutException, asyncio.TimeoutError):
+            with anyio.fail_after(self._exchange_bound):  # not wait_for, which can lose a cancellation on 3.11
+                resp = await self._http.request(method, url, **kwargs)
+        except (httpx.TimeoutException, TimeoutError):
             raise AirflowUnavailable(
                 f"Airflow at {self._where} did not answer {method} {path} in time (timeout {self.settings.timeout:g} s)"
             ) from None
