@@ -94,6 +94,9 @@ async def test_every_client_gets_every_event_once_in_order_whichever_path_it_too
     assert resumed_ids == list(range(start + 1, expected[-1] + 1)) and events[-1].event == "end"
     direct = metric(url, "runbell_sse_direct_frames_total")
     assert 0 < direct <= (CLIENTS + 1) * len(expected), direct  # the direct path was taken, never twice per frame
+    # Each client's outcome counted once, whichever path its frame took; the one that left after its
+    # first task event is counted when its replay already held the result.
+    assert CLIENTS + 1 <= metric(url, 'runbell_outcomes_total{status="success",via="sse"}') <= CLIENTS + 2
 
 
 def cycle(**overrides: Any) -> SimpleNamespace:

@@ -74,6 +74,7 @@ class Metrics:
             registry=r,
         )
         self.outcomes = Counter("runbell_outcomes_total", "Outcomes answered", ["status", "via"], registry=r)
+        self._outcome_counts: dict[tuple[str, str], Counter] = {}  # (status, via) -> its labelled child
         self.webhook_deliveries = Counter(
             "runbell_webhook_deliveries_total",
             "Webhook delivery attempts by result: success, failure (an answer other than 2xx), gone (410), "
@@ -106,3 +107,11 @@ class Metrics:
             "Webhook endpoints disabled (410, or failing for days)",
             registry=r,
         )
+
+    def count_outcome(self, status: str, via: str) -> None:
+        """One outcome answered. The labelled child is looked up once per (status, via), not per answer:
+        labels() takes a lock and builds a key, and a fan-out answers thousands of waiters at once."""
+        child = self._outcome_counts.get((status, via))
+        if child is None:
+            child = self._outcome_counts[(status, via)] = self.outcomes.labels(status, via)
+        child.inc()

@@ -167,7 +167,7 @@ async def outcome_response(
         if token is not None:
             pending = TriggeredPending(**pending.model_dump(), **token.model_dump())
         return JSONResponse(pending.body(), status_code=202, headers=headers)
-    request.app.state.metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
+    request.app.state.metrics.count_outcome(outcome.status.value, "long-poll")
     resolving = resolves_ref(outcome, resolve)
     if token is None and headers is None and not resolving:
         return plain_outcome_response(request.app.state.hub, outcome)
@@ -204,7 +204,7 @@ def answer_directly(
             return True  # nothing to answer yet
         outcome = fold.outcome
         if outcome.decided and not resolves_ref(outcome, resolve):
-            metrics.outcomes.labels(outcome.status.value, "long-poll").inc()
+            metrics.count_outcome(outcome.status.value, "long-poll")
             key = ("answer", outcome.dag_id, outcome.run_id, outcome.epoch, outcome.seq)
             direct.answer(hub.shared, key, lambda: plain_outcome_response(hub, outcome))
             metrics.long_poll_direct_answers.inc()
@@ -313,7 +313,7 @@ async def sse_stream(
         if envelope.position <= last_id:
             return None, False
         if decided:
-            metrics.outcomes.labels(fold.outcome.status.value, "sse").inc()
+            metrics.count_outcome(fold.outcome.status.value, "sse")
         end = is_run_end(envelope)
         return frames(hub, envelope, fold, decided, end), end
 
