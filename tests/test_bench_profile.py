@@ -113,11 +113,20 @@ def test_the_summary_shows_each_profiled_crowd_or_why_it_has_none():
                         }
                     }
                 },
-                "long_poll": {"10000": {"profile": {"error": "no profile: py-spy is not installed"}}, "1": {"latency": {}}},
-            }
+                "long_poll": {
+                    "10000": {"profile": {"error": "no profile: py-spy is not installed"}},
+                    "1": {"latency": {}},
+                    "spread": {"callers": 1000, "runs": 100, "profile": {"error": "spread: none"}},
+                },
+                "webhooks": {"burst": 300, "profile": {"error": "webhooks: none"}},
+            },
+            "postgresql": {"webhooks": {"burst": 300, "deliveries_per_second": 1.0}},
         }
     }
     text = "\n".join(profiles_markdown(report))
+    assert "### sqlite, long-poll, 1000 callers over 100 runs\n\nspread: none" in text
+    assert "### sqlite, webhooks, a burst of 300 outcomes\n\nwebhooks: none" in text
+    assert text.count("###") == 4, text  # nothing for the unprofiled rounds, PostgreSQL's webhooks included
     assert "### sqlite, sse, 10000 callers on one run" in text
     assert "| 75.0 | `write (x.pyx)` | 100.0 | `serve (s.py)` |" in text
     assert "### sqlite, long-poll, 10000 callers on one run" in text and "no profile: py-spy is not installed" in text

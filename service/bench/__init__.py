@@ -263,7 +263,9 @@ def bench_gateway(
     phase(figures, "throughput", lambda: throughput(gen, target, *plan.burst), gen)
     say(f"{kind.name}: webhooks")  # delivered from the outbox the recorder writes: after it has caught up
     url = f"http://{target.host}:{target.port}"
-    webhooks = functools.partial(bench_webhooks, url, target.publisher, plan.webhook_rounds, plan.webhook_burst)
+    raw = profiles.with_name(f"{profiles.name}-webhooks.txt") if profiles is not None else None
+    profile = (lambda: sampled(target.pid, raw)) if raw is not None else None
+    webhooks = functools.partial(bench_webhooks, url, target.publisher, plan.webhook_rounds, plan.webhook_burst, profile)
     phase(figures, "webhooks", lambda: asyncio.run(webhooks()), caught_up=target)
 
 
@@ -405,6 +407,11 @@ def bench_callers(
     say(f"{via}: {plan.spread[0]} callers over {plan.spread[1]} runs")
     figures["spread"], heard = spread(gen, target, via, *plan.spread, plan.spread_gap)
     samples[f"{key}_spread"] = heard["latency"]
+    if profiles is not None:  # the tail of paced deliveries: where the loop's time goes between them
+        say(f"{via}: {plan.spread[0]} callers over {plan.spread[1]} runs, profiled")
+        raw = profiles.with_name(f"{profiles.name}-{key}-spread.txt")
+        profiled, _ = spread(gen, target, via, *plan.spread, plan.spread_gap, profile=lambda: sampled(target.pid, raw))
+        figures["spread"]["profile"] = profiled["profile"]
     for name, figs in figures.items():
         paced = name in ("spread", "sparse")
         figs["ratio_to_floor"] = ratios(figs["latency"], report["floor" if paced else "floor_sparse"])

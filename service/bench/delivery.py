@@ -267,22 +267,31 @@ def crowd(
 
 
 def spread(
-    gen: LoadGen, target: Target, via: str, callers: int, runs: int, gap: float, decided: int | None = None
+    gen: LoadGen,
+    target: Target,
+    via: str,
+    callers: int,
+    runs: int,
+    gap: float,
+    decided: int | None = None,
+    profile: Callable[[], AbstractContextManager[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], Samples]:
     """`callers` wait spread evenly over `runs` runs; the results of `decided` of the runs (all by
     default) are published one every `gap` seconds (sparse completions): the latency each of their
-    callers sees while all the callers wait."""
+    callers sees while all the callers wait. `profile`: a recorder of the gateway around the publishes
+    and arrivals (not the callers' connecting); what it recorded is the figures' "profile"."""
     run_ids = [new_run_id(f"{via}-spread-{i}") for i in range(runs)]
     for run_id in run_ids:
         target.publish(run_id, "running")
     mine = [run_ids[i % runs] for i in range(callers)]
     attach(gen, target, via, mine)
     published = {}
-    for run_id in run_ids[: decided or runs]:
-        published[run_id] = target.publish_result(run_id).t
-        time.sleep(gap)
-    at = {i: published[run_id] for i, run_id in enumerate(mine) if run_id in published}
-    gen.await_paths("outcome", set(at), timeout=LONG_POLL_TIMEOUT)
+    with profile() if profile is not None else contextlib.nullcontext({}) as profiled:
+        for run_id in run_ids[: decided or runs]:
+            published[run_id] = target.publish_result(run_id).t
+            time.sleep(gap)
+        at = {i: published[run_id] for i, run_id in enumerate(mine) if run_id in published}
+        gen.await_paths("outcome", set(at), timeout=LONG_POLL_TIMEOUT)
     if via == "long-poll":  # a waiter whose caller left waits out its timeout: end the other runs now
         for run_id in run_ids[len(published) :]:
             target.publish(run_id, "success")
@@ -295,6 +304,7 @@ def spread(
         "publish_gap_ms": gap * 1e3,
         "latency": percentiles(got, f"{lost} of {len(at)} callers of decided runs never had the outcome"),
         "missing": lost,
+        **({"profile": profiled} if profile is not None else {}),
     }, {"latency": got}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -563,29 +564,43 @@ def summary_markdown(report: dict[str, Any]) -> str:
 
 
 def profiles_markdown(report: dict[str, Any], top: int = 8) -> list[str]:
-    """With --profile: where each profiled crowd's gateway spent its busy time, the top functions
-    running (self) and on the stack (inclusive), in % of py-spy's samples."""
+    """With --profile: where the gateway spent its busy time in each profiled round (the largest crowd
+    and the spread callers of each way in, the webhook burst), the top functions running (self) and on
+    the stack (inclusive), in % of py-spy's samples."""
     lines: list[str] = []
+    for title, profile in profiled_rounds(report):
+        lines += ["", f"### {title}"]
+        if "error" in profile:
+            lines += ["", profile["error"]]
+            continue
+        lines += [
+            "",
+            f"{profile['samples']} samples ({profile['file']}).",
+            "",
+            "| self % | function | inclusive % | function |",
+            "|---|---|---|---|",
+        ]
+        for own, inclusive in itertools.zip_longest(profile["self"][:top], profile["inclusive"][:top], fillvalue=["", ""]):
+            lines.append(f"| {own[1]} | `{own[0]}` | {inclusive[1]} | `{inclusive[0]}` |".replace("``", ""))
+    return ["", "## Where the gateway's time goes (--profile)", *lines] if lines else []
+
+
+def profiled_rounds(report: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(title, profile) of each profiled round of the report, per database."""
     for database, figures in (report.get("databases") or {}).items():
         for via in ("sse", "long_poll"):
-            for callers, crowd in (figures.get(via) or {}).items():
-                profile = crowd.get("profile") if isinstance(crowd, dict) else None
-                if profile is None:
-                    continue
-                lines += ["", f"### {database}, {via.replace('_', '-')}, {callers} callers on one run"]
-                if "error" in profile:
-                    lines += ["", profile["error"]]
-                    continue
-                lines += [
-                    "",
-                    f"{profile['samples']} samples ({profile['file']}).",
-                    "",
-                    "| self % | function | inclusive % | function |",
-                    "|---|---|---|---|",
-                ]
-                for own, inclusive in itertools.zip_longest(profile["self"][:top], profile["inclusive"][:top], fillvalue=["", ""]):
-                    lines.append(f"| {own[1]} | `{own[0]}` | {inclusive[1]} | `{inclusive[0]}` |".replace("``", ""))
-    return ["", "## Where the gateway's time goes (--profile)", *lines] if lines else []
+            for name, measured in (figures.get(via) or {}).items():
+                profile = measured.get("profile") if isinstance(measured, dict) else None
+                if profile is not None:
+                    what = (
+                        f"{measured.get('callers')} callers over {measured.get('runs')} runs"
+                        if name == "spread"
+                        else f"{name} callers on one run"
+                    )
+                    yield f"{database}, {via.replace('_', '-')}, {what}", profile
+        webhooks = figures.get("webhooks")
+        if isinstance(webhooks, dict) and webhooks.get("profile") is not None:
+            yield f"{database}, webhooks, a burst of {webhooks.get('burst')} outcomes", webhooks["profile"]
 
 
 def scale_out_summary(report: dict[str, Any]) -> str:

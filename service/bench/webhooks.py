@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -72,9 +74,12 @@ class FastReceiver:
                 await self.changed.wait()
 
 
-async def bench_webhooks(url: str, publisher: Publisher, rounds: int, burst: int) -> dict[str, Any]:
+async def bench_webhooks(
+    url: str, publisher: Publisher, rounds: int, burst: int, profile: Callable[[], AbstractContextManager[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     """Outcome published -> webhook received, one run at a time; then a burst of outcomes, to count
-    deliveries per second to a fast local receiver."""
+    deliveries per second to a fast local receiver. `profile`: a recorder of the gateway (runbell.
+    service.bench.profile.sampled) around one more burst, not measured: its summary is "profile"."""
     receiver = FastReceiver()
     await receiver.start()
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -87,16 +92,27 @@ async def bench_webhooks(url: str, publisher: Publisher, rounds: int, burst: int
             emit("bench", run_id, "success", task_id="answer", result_task=True, result=r, publisher=publisher)
             await receiver.until({run_id})
             latencies.append(receiver.arrivals[run_id] - start)
-        burst_ids = {f"burst-{r}-{uuid.uuid4().hex[:6]}" for r in range(burst)}
-        start = time.perf_counter()
-        for run_id in burst_ids:
-            emit("bench", run_id, "success", publisher=publisher)
-        await receiver.until(burst_ids)
-        seconds = max(receiver.arrivals[run_id] for run_id in burst_ids) - start
+        seconds = await burst_of(publisher, receiver, "burst", burst)
+        profiled = None
+        if profile is not None:
+            with profile() as profiled:
+                await burst_of(publisher, receiver, "profiled", burst)
     receiver.stop()
     return {
         "latency": percentiles(latencies),
         "burst": burst,
         "burst_seconds": round(seconds, 3),
         "deliveries_per_second": round(burst / seconds, 1),
+        **({"profile": profiled} if profiled is not None else {}),
     }
+
+
+async def burst_of(publisher: Publisher, receiver: FastReceiver, label: str, burst: int) -> float:
+    """`burst` runs' outcomes published at once: seconds from the first publish until the receiver had
+    a webhook for each."""
+    run_ids = {f"{label}-{r}-{uuid.uuid4().hex[:6]}" for r in range(burst)}
+    start = time.perf_counter()
+    for run_id in run_ids:
+        emit("bench", run_id, "success", publisher=publisher)
+    await receiver.until(run_ids)
+    return max(receiver.arrivals[run_id] for run_id in run_ids) - start
