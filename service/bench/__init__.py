@@ -145,8 +145,8 @@ def run(
     """Measure everything, on SQLite and on PostgreSQL (`database_url`'s server, by default the local
     one where it answers); write DIR/report.json, DIR/samples.json, the charts and DIR/summary.md; the
     report. A measurement that fails is reported as failed (its error), and the others go on.
-    `profile`: one more round of the largest crowds, with py-spy recording the gateway
-    (DIR/profile-DATABASE-VIA-CALLERS.txt, summarized in the report and the summary)."""
+    `profile`: one more round of the largest crowds and of the spread callers, and one more webhook burst,
+    with py-spy recording the gateway (DIR/profile-DATABASE-*.txt, summarized in the report and the summary)."""
     bench_airflow = import_airflow_bench() if airflow else None
     plan = plan or (QUICK if quick else FULL)
     stores = store_matrix(database_url)
@@ -383,7 +383,8 @@ def bench_callers(
 ) -> dict[str, Any]:
     """Publish → caller over `via`: one caller, crowds on one run, callers spread over runs. Each against
     the floor of its pace: one publish at a time (after the callers settle) or one every spread_gap.
-    With `profiles`, one more round of the largest crowd under py-spy (its figures are not the crowd's)."""
+    With `profiles`, one more round of the largest crowd and of the spread callers under py-spy (their
+    figures are not the measured rounds')."""
     key = via.replace("-", "_")
     figures: dict[str, Any] = {}
     say(f"{via}: one caller, {plan.single_rounds} rounds")

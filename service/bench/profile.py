@@ -1,6 +1,7 @@
 """Where a gateway's time goes while a fan-out runs: py-spy's samples of the process, summarized.
 
-`runbell bench --profile` runs one extra round of its largest crowds with py-spy recording the gateway
+`runbell bench --profile` runs one extra round of its largest crowds, of its spread callers and of its
+webhook burst with py-spy recording the gateway
 (native frames included, so that uvloop's writes show) and keeps py-spy's raw stacks beside the report.
 Only the event loop's busy time counts: py-spy leaves out the loop waiting in epoll, and the stacks of
 other threads (idle pool threads waiting on a lock show as busy in native mode) are counted apart.

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--profile",
         action="store_true",
-        help="one more round of the largest crowds (SSE, long-poll) with py-spy recording the gateway: where its "
+        help="one more round of the largest crowds and of the spread callers (SSE, long-poll) and one more webhook "
+        "burst, with py-spy recording the gateway: where its "
         "time goes, in report.json and summary.md, raw stacks in DIR/profile-*.txt (needs py-spy: runbell[bench])",
     )
     bench.add_argument("--redraw", action="store_true", help="only draw the charts of --out DIR again from its samples.json")
