@@ -32,7 +32,7 @@ from runbell.service.bench.delivery import (
     polling,
     spread,
 )
-from runbell.service.bench.floor import bench_fanout_floor, bench_floor
+from runbell.service.bench.floor import bench_fanout_floor, bench_floor, bench_memory_floor
 from runbell.service.bench.loadgen import LoadGen, parse_response, source_addresses
 from runbell.service.bench.measure import percentiles, report_head
 from runbell.service.bench.recorder_rate import drain
@@ -47,6 +47,7 @@ from runbell.service.bench.report import (
     scale_out_summary,
     summary,
     summary_markdown,
+    uvicorn_floor_note,
 )
 from runbell.service.bench.scaleout import QUICK_SCALE_OUT, ScaleOutPlan, run_scale_out
 from runbell.service.bench.stores import store_matrix
@@ -163,6 +164,22 @@ def test_the_floor_is_measured_in_another_process(redis_url):
 
 def test_the_fanout_floor_reaches_every_socket_each_round():
     assert len(bench_fanout_floor(clients=5, rounds=2)) == 2
+
+
+def test_the_memory_floor_is_bare_uvicorn_holding_as_many_streams():
+    floor = bench_memory_floor(300)
+    assert floor["connections"] == 300 and floor["rss_after_kib"] > floor["rss_before_kib"] > 0, floor
+    assert floor["kib_per_connection"] == round((floor["rss_after_kib"] - floor["rss_before_kib"]) / 300, 2)
+
+
+def test_the_summary_says_what_bare_uvicorn_costs_or_why_it_is_not_known():
+    assert uvicorn_floor_note({"connections": 10, "kib_per_connection": 8.75}) == "bare uvicorn holding as many streams: 8.75 KiB each"
+    assert uvicorn_floor_note({"error": "the memory floor failed: OSError: x"}) == "the memory floor failed: OSError: x"
+    assert uvicorn_floor_note(None) == "bare uvicorn not measured"
+    text = summary(
+        report_with(capacity={"connections_held": 10_000, "kib_per_connection": 20.0, "uvicorn_floor": {"kib_per_connection": 8.75}})
+    )
+    assert "20.0 KiB each on average" in text and "bare uvicorn holding as many streams: 8.75 KiB each" in text
 
 
 def report_with(**overrides):
@@ -530,8 +547,15 @@ def test_capacity_measures_the_steps_that_fit_and_reports_the_others(gen, target
     fan-out to as many on one run against the floor), 10 and 20 reported as not measurable, with why."""
     monkeypatch.setattr(delivery, "gateway_room", lambda pid: Room(8, "a limit of 8 for this test"))
     floors: list[int] = []
-    figures = capacity(gen, target, (5, 10, 20), lambda n: floors.append(n) or [1.0, 2.0, 3.0], fanout_events=2)
+    memory_floors: list[int] = []
+
+    def memory_floor(n: int) -> dict:
+        memory_floors.append(n)
+        return {"connections": n, "kib_per_connection": 9.0}
+
+    figures = capacity(gen, target, (5, 10, 20), lambda n: floors.append(n) or [1.0, 2.0, 3.0], fanout_events=2, memory_floor=memory_floor)
     assert floors == [5, 8] and figures["connections_held"] == 8 and figures["room"]["connections"] == 8
+    assert memory_floors == [8] and figures["uvicorn_floor"] == {"connections": 8, "kib_per_connection": 9.0}  # at the largest held
     steps = figures["by_step"]
     assert list(steps) == ["5", "8", "10", "20"]
     for n in ("5", "8"):

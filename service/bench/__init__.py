@@ -39,7 +39,7 @@ from runbell.service.bench.delivery import (
     spread,
     throughput,
 )
-from runbell.service.bench.floor import bench_fanout_floor, bench_floor
+from runbell.service.bench.floor import bench_fanout_floor, bench_floor, bench_memory_floor
 from runbell.service.bench.listing import run_listing
 from runbell.service.bench.loadgen import LoadGen
 from runbell.service.bench.measure import drop_namespace, free_port, percentiles, report_head, say, start_gateway
@@ -283,7 +283,9 @@ def bench_capacity(
     per-connection growth. (`profiles`: none here; the signature is bench_gateway's.)"""
     say(f"{kind.name}: idle SSE connections up to {plan.capacity_steps[-1]}: memory, and fan-out against the floor")
     floor = functools.partial(fanout_floor, shared.setdefault("fanout_floor", {}), plan.fanout_events + 1)
-    held = phase(figures, "capacity", lambda: capacity(gen, target, plan.capacity_steps, floor, plan.fanout_events), gen)
+    held = phase(
+        figures, "capacity", lambda: capacity(gen, target, plan.capacity_steps, floor, plan.fanout_events, bench_memory_floor), gen
+    )
     if held is not None:
         samples["capacity"] = capacity_series(held)
 

@@ -498,7 +498,12 @@ def plan_steps(steps: tuple[int, ...], room: Room) -> tuple[list[int], dict[int,
 
 
 def capacity(
-    gen: LoadGen, target: Target, steps: tuple[int, ...], floor: Callable[[int], list[float]], fanout_events: int
+    gen: LoadGen,
+    target: Target,
+    steps: tuple[int, ...],
+    floor: Callable[[int], list[float]],
+    fanout_events: int,
+    memory_floor: Callable[[int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """At each step (those the open-file limits and ports leave room for; the others reported with the
     limit read): idle SSE clients each on a run of its own that never publishes, how many one process
@@ -512,7 +517,10 @@ def capacity(
     run's state is paid once, and the figure judged is what a connection costs with its run. Then
     fan-out, each step's clients opened anew on one run (crowd()). Not interleaved: RSS never falls
     back, and with the fan-out sets opened and closed between the memory steps 19,877 connections
-    showed 31.2 KiB each against 23.4 KiB held cumulatively (the sets before them left their peak)."""
+    showed 31.2 KiB each against 23.4 KiB held cumulatively (the sets before them left their peak).
+
+    `memory_floor(n)`: what as many idle streams cost bare uvicorn (floor.bench_memory_floor), measured
+    after the steps, at the largest held: the part of a connection's memory that is not the gateway's."""
     room = min(gateway_room(target.pid), load_generator_room(gen), key=lambda r: r.connections)
     measured, beyond = plan_steps(steps, room)
     rss_before = procstats.rss_kib(target.pid)
@@ -541,9 +549,16 @@ def capacity(
     # The first connections cost more (the allocator's arenas, the hub's tables growing): the average over
     # all is what the goal is judged on; the marginal cost, between the first step and the last, is beside it.
     marginal = (last["rss_kib"] - first["rss_kib"]) / (last["connections"] - first["connections"]) if len(held) > 1 else None
+    uvicorn_floor: dict[str, Any] | None = None
+    if memory_floor is not None and held:
+        try:
+            uvicorn_floor = memory_floor(last["connections"])
+        except Exception as exc:  # the floor's own failure: the gateway's figures stand
+            uvicorn_floor = {"error": f"the memory floor failed: {type(exc).__name__}: {exc}"}
     return {
         "room": {"connections": room.connections, "why": room.why},
         "connections_held": last["connections"],
+        **({"uvicorn_floor": uvicorn_floor} if uvicorn_floor is not None else {}),
         "rss_before_kib": rss_before,
         "rss_after_kib": last["rss_kib"],
         "kib_per_connection": last.get("kib_per_connection"),

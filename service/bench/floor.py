@@ -4,7 +4,10 @@
   the gateway's hub does (redis.asyncio, get_message with a timeout, uvloop);
 - fan-out: one SSE frame written to N sockets by a bare uvloop server in a process of its own
   (fanout_server()), to the same load generator as the gateway's SSE clients: the kernel's share of
-  a fan-out, one write per client.
+  a fan-out, one write per client;
+- memory: uvicorn (as the gateway runs it: uvloop, httptools) serving a bare ASGI app that starts an
+  SSE stream and holds it (hold_stream), in a process of its own: what a connection costs before any
+  of the gateway's own state.
 
 Arrivals are stamped with time.perf_counter(), which is CLOCK_MONOTONIC on Linux: the same clock in
 every process of the machine, so a send in one process can be subtracted from an arrival in another.
@@ -18,13 +21,19 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import uvicorn
 
+from runbell.service.bench import procstats
 from runbell.service.bench.loadgen import LoadGen, raise_fd_limit, run_loop
+from runbell.service.bench.measure import free_port
 
 STOP = b"stop"
+MEMORY_FLOOR_SERVER = "import sys; from runbell.service.bench.floor import memory_floor_server; memory_floor_server(int(sys.argv[1]))"
 SUBSCRIBER = "import sys; from runbell.service.bench.floor import main; main(sys.argv[1], sys.argv[2])"
 FANOUT_SERVER = "from runbell.service.bench.floor import fanout_server; fanout_server()"
 READY = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: ready\r\n\r\n"
@@ -126,4 +135,52 @@ def bench_fanout_floor(clients: int, rounds: int) -> list[float]:
         return [last[seq] - sent[seq - 1] for seq in sorted(last)]
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(10)
+
+
+async def hold_stream(
+    scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[[dict[str, Any]], Awaitable[None]]
+) -> None:
+    """A bare ASGI app: every request gets an SSE stream's start, then nothing until its client leaves."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": b": ready\r\n\r\n", "more_body": True})
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def memory_floor_server(port: int) -> None:
+    raise_fd_limit()
+    uvicorn.run(hold_stream, host="127.0.0.1", port=port, log_level="warning", lifespan="off", backlog=65535, server_header=False)
+
+
+def bench_memory_floor(clients: int, warm: int = 100) -> dict[str, Any]:
+    """Resident memory per idle stream of bare uvicorn (hold_stream): its growth from `warm` streams
+    opened and closed (first-use costs) to `clients` held, over `clients`."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", MEMORY_FLOOR_SERVER, str(port)])
+    try:
+        with LoadGen.for_connections("127.0.0.1", port, clients) as gen:
+            deadline = time.monotonic() + 30
+            while gen.open("sse", ["/"] * warm)["failed"]:  # until it listens
+                gen.collect(timeout=0)
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"bare uvicorn did not serve on port {port}")
+                time.sleep(0.1)
+            gen.collect(timeout=0)
+            procstats.wait_until_idle(proc.pid)
+            before = procstats.rss_kib(proc.pid)
+            opened = gen.open("sse", ["/"] * clients)
+            if opened["failed"]:
+                raise RuntimeError(f"bare uvicorn held {opened['opened']} of {clients} streams: {opened['error']}")
+            procstats.wait_until_idle(proc.pid)
+            after = procstats.rss_kib(proc.pid)
+            gen.collect(timeout=0)
+        return {
+            "connections": clients,
+            "rss_before_kib": before,
+            "rss_after_kib": after,
+            "kib_per_connection": round((after - before) / clients, 2),
+        }
+    finally:
+        proc.terminate()
         proc.wait(10)

@@ -436,7 +436,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str]]
                 None,
                 None,
                 f"{capacity['kib_per_connection']} KiB each on average, "
-                f"{capacity.get('marginal_kib_per_connection')} KiB each beyond the first step",
+                f"{capacity.get('marginal_kib_per_connection')} KiB each beyond the first step; "
+                + uvicorn_floor_note(capacity.get("uvicorn_floor")),
             )
         )
     for n, step in (dig(report, "capacity", "by_step") or {}).items():
@@ -561,6 +562,15 @@ def summary_markdown(report: dict[str, Any]) -> str:
     ]
     lines += ["", "## Not measured by this bench", ""] + [f"- {item}" for item in [*NOT_MEASURED, *unreachable]]
     return "\n".join(lines) + "\n"
+
+
+def uvicorn_floor_note(floor: dict[str, Any] | None) -> str:
+    """What as many idle streams cost bare uvicorn (the capacity phase's memory floor), or why not known."""
+    if floor is None:
+        return "bare uvicorn not measured"
+    if "error" in floor:
+        return floor["error"]
+    return f"bare uvicorn holding as many streams: {floor['kib_per_connection']} KiB each"
 
 
 def profiles_markdown(report: dict[str, Any], top: int = 8) -> list[str]:
