@@ -379,9 +379,9 @@ def test_the_fold_says_what_each_envelope_opened_and_closed():
     fold = OutcomeFold(DAG, RUN)
     first, answered = envelopes(asks(), task_event("approve", "input_received"))
     fold.apply(first)
-    assert fold.opened is not None and fold.opened.position == "1" and fold.closed == []
+    assert fold.opened is not None and fold.opened.position == "1" and list(fold.closed) == []
     fold.apply(first)  # a replay
-    assert fold.opened is None and fold.closed == []
+    assert fold.opened is None and list(fold.closed) == []
     fold.apply(answered)
     assert fold.opened is None and [r.position for r in fold.closed] == ["1"]
     assert fold.outcome.needs_input == []

@@ -26,7 +26,7 @@ applied, not skipped as replays.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import Any
 from urllib.parse import quote
@@ -121,19 +121,21 @@ class OutcomeFold:
     def __init__(self, dag_id: str = "", run_id: str = ""):
         self.outcome = Outcome(dag_id=dag_id, run_id=run_id)
         self._terminal: dict[tuple[str, int, int | None], TaskState] = {}
-        self._result_tasks: set[str] = set()  # ids flagged as the result task by any event
-        self._critical_tasks: set[str] = set()  # ids flagged critical by any event (e.g. running)
+        # Dicts as sets (the values unused): an empty dict is 64 bytes, an empty set 216, and a gateway
+        # holds a fold per connected caller.
+        self._result_tasks: dict[str, None] = {}  # ids flagged as the result task by any event
+        self._critical_tasks: dict[str, None] = {}  # ids flagged critical by any event (e.g. running)
         self._mapped_values: dict[int, Any] = {}
         self._mapped_task: ResultTask | None = None
         self._first_failed: Event | None = None
         self._run_terminal = False
-        self._asked: set[tuple[str, int, int | None]] = set()  # (task, map_index, try) that asked once
+        self._asked: dict[tuple[str, int, int | None], None] = {}  # (task, map_index, try) that asked once
         self._newest_try: dict[tuple[str, int], int] = {}  # per task instance, the newest try seen
         # The open requests by task instance (at most one each), in the order they were asked: a run
         # with a thousand mapped HITL tasks would otherwise scan every open request on every event.
         self._open: dict[tuple[str, int], InputNeeded] = {}
         self.opened: InputNeeded | None = None  # the request the last envelope applied opened
-        self.closed: list[InputNeeded] = []  # the requests it closed
+        self.closed: Sequence[InputNeeded] = ()  # the requests it closed
 
     @property
     def position(self) -> Position:
@@ -142,7 +144,7 @@ class OutcomeFold:
 
     def apply(self, envelope: Envelope) -> bool:
         """Apply one envelope. True when this envelope decided the outcome."""
-        self.opened, self.closed = None, []
+        self.opened, self.closed = None, ()  # no new list per envelope: this runs per caller per event
         if envelope.position <= self.position:
             return False  # a replay or duplicate
         self.outcome.epoch, self.outcome.seq = envelope.position
@@ -165,9 +167,9 @@ class OutcomeFold:
     def _apply_task(self, event: Event) -> None:
         task_id = event.task_id or ""
         if event.result_task:
-            self._result_tasks.add(task_id)
+            self._result_tasks[task_id] = None
         if event.critical:
-            self._critical_tasks.add(task_id)
+            self._critical_tasks[task_id] = None
         if self.outcome.run_state == UNKNOWN_RUN_STATE:
             self.outcome.run_state = RunState.RUNNING.value  # a task runs, so its run does
         state = event.task_state
@@ -200,7 +202,7 @@ class OutcomeFold:
                 or (event.try_number is not None and newest is not None and event.try_number < newest)
             ):
                 return  # a duplicate, a late copy of a request already answered, or an older try's
-            self._asked.add(asked)
+            self._asked[asked] = None
             self._close(key, event.try_number)  # an older try's request, never answered
             self.opened = InputNeeded(
                 **event.input_request.model_dump(),
@@ -218,7 +220,7 @@ class OutcomeFold:
         """Close the task instance's open request, unless the event is of an older try than the request's."""
         request = self._open.get(key)
         if request is not None and (try_number is None or request.try_number is None or try_number >= request.try_number):
-            self.closed.append(self._open.pop(key))
+            self.closed = [*self.closed, self._open.pop(key)]
             self.outcome.needs_input = self._listed()
 
     def _listed(self) -> list[InputNeeded]:
