@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from runbell.service.core.loops import Backoff, LoopState, Once, Supervised, keep_trying
+from runbell.service.core.loops import Backoff, LoopState, Once, Supervised, keep_trying, within
 
 LOGGER = "runbell.test.loops"
 WAIT = 20.0  # upper bound for what should happen at once; never reached when it works
@@ -257,3 +257,62 @@ async def test_pause_between_successful_runs():
         await asyncio.sleep(0)
     assert calls == 1  # waiting out its pause, not spinning
     await loop.stop()
+
+
+# -- within: a bound on one await ------------------------------------------------------------------
+
+
+async def test_within_gives_the_result_or_a_timeout_after_the_awaitable_cleaned_up():
+    assert await within(1, asyncio.sleep(0, result="done")) == "done"
+    cleaned: list[str] = []
+
+    async def slow_with_clean_up() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.01)  # an await in the clean-up (a connection closed) runs to its end
+            cleaned.append("closed")
+
+    with pytest.raises(TimeoutError, match="no answer within 0.05 s"):
+        await within(0.05, slow_with_clean_up())
+    assert cleaned == ["closed"]
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_within_never_loses_its_callers_cancellation(turns):
+    """Cancelled just as the awaited wait ends (asyncio.wait_for on 3.11 returned the result then, and
+    its caller went on): each ``turns`` cancels one loop turn later, so one lands in that window."""
+    woken = asyncio.Event()
+
+    async def caller() -> None:
+        await within(60, woken.wait())
+        await asyncio.sleep(60)  # where a caller whose cancellation was lost would still be
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    woken.set()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    try:
+        assert task.cancelled(), "the caller went on after it was cancelled"
+    finally:
+        task.cancel()
+
+
+async def test_within_cancelled_cancels_what_it_awaits():
+    started = asyncio.Event()
+    inner: list[asyncio.Task] = []
+
+    async def waits() -> None:
+        inner.append(asyncio.current_task())  # type: ignore[arg-type]
+        started.set()
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(within(60, waits()))
+    await started.wait()
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    await asyncio.sleep(0)
+    assert task.cancelled() and inner[0].cancelled()

@@ -49,11 +49,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import anyio
 import httpx
 from pydantic import BaseModel, ValidationError, field_validator
 
 from runbell.service.core import clock
+from runbell.service.core.loops import within
 
 log = logging.getLogger("runbell.airflow_api")
 
@@ -446,8 +446,7 @@ class AirflowClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = self._base + path
         try:
-            with anyio.fail_after(self._exchange_bound):  # not wait_for, which can lose a cancellation on 3.11
-                resp = await self._http.request(method, url, **kwargs)
+            resp = await within(self._exchange_bound, self._http.request(method, url, **kwargs))
         except (httpx.TimeoutException, TimeoutError):
             raise AirflowUnavailable(
                 f"Airflow at {self._where} did not answer {method} {path} in time (timeout {self.settings.timeout:g} s)"

@@ -79,6 +79,27 @@ async def keep_trying(
             await asyncio.sleep(backoff.next())
 
 
+async def within(seconds: float, awaitable: Awaitable[R]) -> R:
+    """The awaitable's result, or TimeoutError after ``seconds``, when it is cancelled and its clean-up
+    waited for. What asyncio.wait_for is meant to be: on Python 3.11 wait_for loses a cancellation of
+    its caller that arrives as the awaitable completes (the caller then goes on, and a loop never
+    stops). Not an anyio scope either: that cancels again at every await until it is left, which cuts
+    the clean-up of asyncio libraries short (SQLAlchemy's connection close, redis-py's disconnect)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:  # the caller's: never lost, and the awaitable does not outlive it
+        task.cancel()
+        raise
+    if task not in done:
+        task.cancel()
+        await asyncio.wait({task})  # its clean-up runs to its end, as wait_for's did
+        if not task.cancelled() and task.exception() is None:
+            return task.result()  # it finished as it was being cancelled
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
 class LoopState(Enum):
     IDLE = "idle"  # not started
     RUNNING = "running"  # the last run of the body succeeded (or none ended yet)

@@ -29,10 +29,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
-import anyio
 from redis.exceptions import NoPermissionError
 
-from runbell.service.core.loops import Supervised
+from runbell.service.core.loops import Supervised, within
 from runbell.service.live.hub import Hub
 from runbell.service.store.recorder import Recorder
 
@@ -104,8 +103,7 @@ class Readiness:
     async def _ping(self, check: Check, ping: Callable[[], Awaitable[object]]) -> None:
         probe = self.probes[check]
         try:
-            with anyio.fail_after(CHECK_TIMEOUT_SECONDS):  # not wait_for, which can lose a shutdown's cancellation on 3.11
-                await ping()
+            await within(CHECK_TIMEOUT_SECONDS, ping())
         except Exception as exc:  # reported, never raised: readiness must answer
             probe.failure = type(exc).__name__
         else:
@@ -124,8 +122,7 @@ class Readiness:
             return
         self._backlog_at = self.clock()
         try:
-            with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
-                backlog = await recorder.backlog()
+            backlog = await within(CHECK_TIMEOUT_SECONDS, recorder.backlog())
         except NoPermissionError:
             # An ACL from before readiness asked the backlog: it will never be known, and holding the
             # replica out for ever would stall a rolling upgrade. Its first pass done, it is ready.

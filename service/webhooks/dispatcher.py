@@ -39,12 +39,11 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import anyio
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from runbell.service.core import clock
-from runbell.service.core.loops import Supervised
+from runbell.service.core.loops import Supervised, within
 from runbell.service.core.metrics import Metrics
 from runbell.service.core.redaction import url_label
 from runbell.service.store.dead_letters import is_outage
@@ -212,10 +211,10 @@ class Dispatcher:
         claimed = await self.step()
         if claimed and self._backlog and self._free_slots() > 0:
             return
-        # anyio's scope, not asyncio.wait_for: on Python 3.11 that loses a cancellation arriving as the
-        # wake-up ends the wait, and the loop would sleep a whole poll instead of stopping.
-        with anyio.move_on_after(self.poll_seconds):
-            await self._wake.wait()
+        # within, not asyncio.wait_for: on Python 3.11 that loses a stop arriving as the wake-up ends
+        # the wait, and the loop slept a whole poll instead of stopping.
+        with contextlib.suppress(TimeoutError):
+            await within(self.poll_seconds, self._wake.wait())
 
     async def step(self) -> int:
         """Claim the due messages this process has room for, start the attempts that have a slot and
@@ -465,13 +464,12 @@ class Dispatcher:
         result = "error"
         try:
             try:
-                with anyio.fail_after(self.attempt_timeout):  # not wait_for: see _round
-                    status_code, body, retry_after = await self._post(message, endpoint)
+                status_code, body, retry_after = await within(self.attempt_timeout, self._post(message, endpoint))
             finally:
                 self._slot_free(message.id, endpoint.id)
         except TargetRefused as refused:
             error, result = f"target refused: {refused.reason}", "refused"
-        except TimeoutError:  # the attempt's deadline (anyio's is the builtin one): hanging, or trickling its answer
+        except TimeoutError:  # the attempt's deadline (within's): hanging, or trickling its answer
             error, result = f"no answer within {self.attempt_timeout:g} s", "timeout"
         except httpx.TimeoutException as exc:
             error, result = timeout_error(exc, self.timeouts), "timeout"
