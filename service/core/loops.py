@@ -81,10 +81,11 @@ async def keep_trying(
 
 async def within(seconds: float, awaitable: Awaitable[R]) -> R:
     """The awaitable's result, or TimeoutError after ``seconds``, when it is cancelled and its clean-up
-    waited for (as when the caller is cancelled). What asyncio.wait_for is meant to be: on Python 3.11 wait_for loses a cancellation of
-    its caller that arrives as the awaitable completes (the caller then goes on, and a loop never
-    stops). Not an anyio scope either: that cancels again at every await until it is left, which cuts
-    the clean-up of asyncio libraries short (SQLAlchemy's connection close, redis-py's disconnect)."""
+    waited for (as when the caller is cancelled). What asyncio.wait_for is meant to be: on Python 3.11
+    wait_for loses a cancellation of its caller that arrives as the awaitable completes (the caller
+    then goes on, and a loop never stops). Not an anyio scope either: that cancels again at every
+    await until it is left, which cuts the clean-up of asyncio libraries short (SQLAlchemy's
+    connection close, redis-py's disconnect)."""
     task = asyncio.ensure_future(awaitable)
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
