@@ -120,13 +120,19 @@ def test_the_summary_shows_each_profiled_crowd_or_why_it_has_none():
                 },
                 "webhooks": {"burst": 300, "profile": {"error": "webhooks: none"}},
             },
-            "postgresql": {"webhooks": {"burst": 300, "deliveries_per_second": 1.0}},
+            "postgresql": {
+                "webhooks": {
+                    "burst": 300,
+                    "profile": {"burst": 60, "samples": 2, "file": "w.txt", "self": [], "inclusive": [], "unfinished": "not all arrived"},
+                }
+            },
         }
     }
     text = "\n".join(profiles_markdown(report))
     assert "### sqlite, long-poll, 1000 callers over 100 runs\n\nspread: none" in text
     assert "### sqlite, webhooks, a burst of 300 outcomes\n\nwebhooks: none" in text
-    assert text.count("###") == 4, text  # nothing for the unprofiled rounds, PostgreSQL's webhooks included
+    assert "### postgresql, webhooks, a burst of 60 outcomes\n\n2 samples (w.txt). Note: not all arrived." in text
+    assert text.count("###") == 5, text  # nothing for the unprofiled rounds
     assert "### sqlite, sse, 10000 callers on one run" in text
     assert "| 75.0 | `write (x.pyx)` | 100.0 | `serve (s.py)` |" in text
     assert "### sqlite, long-poll, 10000 callers on one run" in text and "no profile: py-spy is not installed" in text

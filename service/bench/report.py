@@ -585,7 +585,7 @@ def profiles_markdown(report: dict[str, Any], top: int = 8) -> list[str]:
             continue
         lines += [
             "",
-            f"{profile['samples']} samples ({profile['file']}).",
+            f"{profile['samples']} samples ({profile['file']})." + (f" Note: {profile['unfinished']}." if "unfinished" in profile else ""),
             "",
             "| self % | function | inclusive % | function |",
             "|---|---|---|---|",
@@ -610,7 +610,8 @@ def profiled_rounds(report: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any
                     yield f"{database}, {via.replace('_', '-')}, {what}", profile
         webhooks = figures.get("webhooks")
         if isinstance(webhooks, dict) and webhooks.get("profile") is not None:
-            yield f"{database}, webhooks, a burst of {webhooks.get('burst')} outcomes", webhooks["profile"]
+            burst = webhooks["profile"].get("burst", webhooks.get("burst"))
+            yield f"{database}, webhooks, a burst of {burst} outcomes", webhooks["profile"]
 
 
 def scale_out_summary(report: dict[str, Any]) -> str:
