@@ -183,4 +183,8 @@ def bench_memory_floor(clients: int, warm: int = 100) -> dict[str, Any]:
         }
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # a server that ignores SIGTERM is not left behind
+            proc.kill()
+            proc.wait()
