@@ -49,6 +49,11 @@ HOOK_SETTINGS_DOC: list[tuple[str, str]] = [
         "while a Metaflow step runs, its `@runbell` decorator sends its run's heartbeat this often, seconds "
         "(default 60; keep it well under the gateway's `RUNBELL_STALE_AFTER`; 0 turns it off)",
     ),
+    (
+        "RUNBELL_PROGRESS_RATE",
+        "progress events a task attempt sends at most per second, 1 to 1000 (default 20, with a burst of as many); "
+        "values offered faster go out together in the next one (`runbell.listeners.progress`)",
+    ),
     ("RUNBELL_HOOK_ENABLED", "`false` turns the hook off on that host (default true)"),
     ("RUNBELL_HOOK_SKIP_DAGS", "comma-separated DAG ids the hook stays silent about (the reconciler still sees them)"),
 ]
@@ -68,6 +73,7 @@ class PublisherConfig:
     enabled: bool = True
     metaflow_heartbeat_seconds: float = 60.0  # a running Metaflow step's heartbeat interval; 0: none
     skip_dags: frozenset[str] = frozenset()  # DAGs the hook stays silent about (the reconciler still sees them)
+    progress_rate: float = 20.0  # progress events per second per task attempt (runbell.listeners.partial_output)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PublisherConfig:
@@ -84,6 +90,7 @@ class PublisherConfig:
             spool_dir=Path(env.get("RUNBELL_SPOOL_DIR") or _default_spool_dir(env)),
             metaflow_heartbeat_seconds=float(env.get("RUNBELL_METAFLOW_HEARTBEAT_SECONDS") or cls.metaflow_heartbeat_seconds),
             enabled=(env.get("RUNBELL_HOOK_ENABLED", "true").lower() not in ("0", "false", "no")),
+            progress_rate=progress_rate(float(env.get("RUNBELL_PROGRESS_RATE") or cls.progress_rate)),
             skip_dags=frozenset(d.strip() for d in (env.get("RUNBELL_HOOK_SKIP_DAGS") or "").split(",") if d.strip()),
         )
 
@@ -93,6 +100,17 @@ def event_max_bytes(value: int) -> int:
     low, high = EVENT_MAX_BYTES_RANGE
     if not low <= value <= high:
         raise ValueError(f"the event cap must be {low} to {high} bytes, not {value}")
+    return value
+
+
+PROGRESS_RATE_RANGE = (1.0, 1000.0)
+
+
+def progress_rate(value: float) -> float:
+    """The progress rate, if within PROGRESS_RATE_RANGE; else ValueError saying the range."""
+    low, high = PROGRESS_RATE_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"the progress rate must be {low:g} to {high:g} events a second, not {value:g}")
     return value
 
 

@@ -47,7 +47,7 @@ from runbell.bus.schema import (
     TaskState,
     truncate,
 )
-from runbell.listeners import hitl, propagation
+from runbell.listeners import hitl, partial_output, propagation
 from runbell.listeners.guard import LogOnce, publish_guarded
 from runbell.listeners.marks import RETURN_KEY
 from runbell.listeners.publisher import (
@@ -106,11 +106,13 @@ def _awaiting_input(task_instance: Any, request: InputRequest) -> None:
 
 @hookimpl
 def on_task_instance_success(previous_state: Any, task_instance: Any) -> None:
+    _finish_progress(task_instance)
     _guard("on_task_instance_success", lambda p: _task_event(task_instance, TaskState.SUCCESS, p))
 
 
 @hookimpl
 def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any) -> None:
+    _finish_progress(task_instance)
     _guard(
         "on_task_instance_failed",
         lambda p: _task_event(task_instance, _failure_state(task_instance), p, error=error),
@@ -119,6 +121,7 @@ def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any)
 
 @hookimpl
 def on_task_instance_skipped(previous_state: Any, task_instance: Any) -> None:
+    _finish_progress(task_instance)
     _guard("on_task_instance_skipped", lambda p: _task_event(task_instance, TaskState.SKIPPED, p))
 
 
@@ -131,6 +134,15 @@ def on_asset_changed(asset: Any) -> None:
 @hookimpl
 def on_asset_event_emitted(asset_event: Any) -> None:
     _guard("on_asset_event_emitted", lambda p: _asset_event(asset_event.asset, p, asset_event))
+
+
+def _finish_progress(task_instance: Any) -> None:
+    """In the task's own process, what it offered with progress() goes out before its end."""
+    try:
+        if _is_worker_instance(task_instance):
+            partial_output.finish(partial_output.task_ref_of(task_instance))
+    except Exception as exc:
+        _log_once(f"progress:{type(exc).__name__}", "runbell: waiting progress not sent: %r", exc)
 
 
 def _guard(hook: str, build: Callable[[Publisher], Event | AssetEvent]) -> None:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runbell.bus.schema import HOST_MAX, INT_MAX, ErrorInfo, Event, EventKind, Heartbeat, Result, RunState, Source, TaskState, truncate
+from runbell.listeners import partial_output
 from runbell.listeners.guard import LogOnce, publish_guarded
 from runbell.listeners.publisher import Publisher, make_result
 
@@ -301,7 +302,14 @@ def _publish_run_once(flow: str, run_id: str, state: RunState, msg: str | None =
     guarded("run", build)
 
 
+def attempt_ref(attempt: Attempt) -> partial_output.TaskRef:
+    """The attempt as progress() names it: the step's calls publish for it (there is no context to ask)."""
+    return partial_output.TaskRef(attempt.flow, attempt.run_id, attempt.step, attempt.map_index, attempt.retry_count + 1)
+
+
 def publish_started(attempt: Attempt, settings: Settings) -> None:
+    partial_output.set_current(attempt_ref(attempt))
+
     def build(publisher: Publisher) -> list[Event]:
         start_heartbeat(attempt, publisher)
         return [task_event(attempt, TaskState.RUNNING, settings)]
@@ -312,6 +320,8 @@ def publish_started(attempt: Attempt, settings: Settings) -> None:
 def publish_finished(attempt: Attempt, settings: Settings, flow: Any, is_task_ok: bool) -> None:
     def build(publisher: Publisher) -> list[Event]:
         stop_heartbeat(attempt, publisher)
+        partial_output.finish(attempt_ref(attempt))  # the step's progress goes before its end
+        partial_output.set_current(None)
         state = attempt_state(attempt, is_task_ok)
         result = result_of(attempt, settings, flow, publisher) if state is TaskState.SUCCESS else None
         return [task_event(attempt, state, settings, result=result)]

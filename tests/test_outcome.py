@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, InputRequest, Result, ResultRef
+from runbell.bus.schema import Envelope, ErrorInfo, Event, EventKind, InputRequest, Progress, ProgressItem, Result, ResultRef
 from runbell.service.core.outcome import DecidedBy, OutcomeFold, OutcomeStatus, decide
 
 DAG, RUN = "dag", "run"
@@ -397,3 +397,40 @@ def test_an_outcome_lists_the_newest_open_requests_only_and_finds_every_one():
     assert listed == list(range(5, 25))
     assert fold.open_request("approve", 0) is not None and fold.open_request("approve", 0).map_index == 0
     assert fold.open_request("approve", 25) is None
+
+
+# -- progress: a task's partial output never decides, opens or closes anything -------------------
+
+
+def progress(task_id: str = "answer", *values, key: str | None = None) -> Event:
+    items = [ProgressItem(key=key, value=v) for v in (values or ("50%",))]
+    return Event(kind=EventKind.PROGRESS, dag_id=DAG, run_id=RUN, task_id=task_id, state="running", progress=Progress(items=items))
+
+
+@pytest.mark.parametrize("cut", range(len(SCENARIO) + 1))
+def test_progress_anywhere_changes_no_outcome(cut):
+    """Progress inserted at any point of the scenario: the same outcome, decided by the same event."""
+    plain = decide(envelopes(*SCENARIO))
+    with_progress = decide(envelopes(*SCENARIO[:cut], progress("answer"), progress("side", key="pct"), *SCENARIO[cut:]))
+    assert (with_progress.status, with_progress.result, with_progress.decided_by, with_progress.run_state) == (
+        plain.status,
+        plain.result,
+        plain.decided_by,
+        plain.run_state,
+    )
+    assert with_progress.seq == plain.seq + 2  # its position still moves on: it was applied
+
+
+def test_progress_alone_is_pending_and_does_not_say_the_run_runs():
+    fold = OutcomeFold(DAG, RUN)
+    (envelope,) = envelopes(progress("answer", "a", "b"))
+    assert fold.apply(envelope) is False
+    assert fold.outcome.status is OutcomeStatus.PENDING and fold.outcome.run_state == "unknown" and fold.position.seq == 1
+
+
+def test_progress_of_a_task_waiting_for_a_person_leaves_its_request_open():
+    fold = OutcomeFold(DAG, RUN)
+    for envelope in envelopes(asks(), progress("approve")):
+        fold.apply(envelope)
+    assert fold.opened is None and list(fold.closed) == []
+    assert [r.task_id for r in fold.outcome.needs_input] == ["approve"]

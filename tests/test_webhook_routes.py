@@ -94,7 +94,7 @@ async def test_patch_checks_the_new_url_and_refuses_nonsense(admin):
         ({"url": None}, "url: Input should be a valid string"),
         ({"enabled": None}, "enabled: Input should be a valid boolean"),
         ({"secret": "whsec_x"}, "secret"),
-        ({"kinds": ["everything"]}, "'outcome', 'task', 'run' or 'needs_input'"),
+        ({"kinds": ["everything"]}, "'outcome', 'task', 'run', 'needs_input' or 'progress'"),
         ({"url": "ftp://example.com/"}, "http or https"),
     ):
         response = await admin.patch(path, json=body)
@@ -166,7 +166,11 @@ async def test_the_grace_period_setting_is_the_default(gateway_factory):
         ({"url": "https://user:pw@example.com/hook"}, "url", "credentials"),
         ({"url": "not a url"}, "url", "scheme"),
         ({"url": ""}, "url", "at least 1 character"),
-        ({"url": "http://127.0.0.1:9/", "kinds": ["outcome", "everything"]}, "kinds.1", "'outcome', 'task', 'run' or 'needs_input'"),
+        (
+            {"url": "http://127.0.0.1:9/", "kinds": ["outcome", "everything"]},
+            "kinds.1",
+            "'outcome', 'task', 'run', 'needs_input' or 'progress'",
+        ),
         ({"url": "http://127.0.0.1:9/", "kinds": []}, "kinds", "at least 1 item"),
         ({"url": "http://127.0.0.1:9/", "dag_ids": []}, "dag_ids", "at least 1 item"),
         ({"url": "http://127.0.0.1:9/", "dag_ids": ["x" * 251]}, "dag_ids.0", "250"),

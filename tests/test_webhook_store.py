@@ -385,7 +385,7 @@ async def test_resend_and_recover(webhooks, outbox_store):
 
 
 def test_kinds_are_the_interfaces():
-    assert [k.value for k in WebhookKind] == ["outcome", "task", "run", "needs_input"]
+    assert [k.value for k in WebhookKind] == ["outcome", "task", "run", "needs_input", "progress"]
     assert {s.value for s in MessageStatus} >= {"pending", "delivered", "dead"}
 
 

@@ -81,6 +81,7 @@ Size = Annotated[int, Field(ge=0, le=SIZE_MAX)]
 class EventKind(str, Enum):
     TASK = "task"
     RUN = "run"
+    PROGRESS = "progress"  # a task's intermediate output (runbell.listeners.progress): never decides anything
 
 
 class RunState(str, Enum):
@@ -220,6 +221,44 @@ class InputRequest(BaseModel):
         return self
 
 
+# Partial output (a task's progress events). One event carries the values a task offered since its
+# last one, in order, so that values offered faster than the hook's rate go out together instead of
+# being lost; the whole progress fits the smallest event cap (64 KiB) with room for the rest.
+PROGRESS_MAX_BYTES = 48 * 1024  # the progress's JSON, compact UTF-8
+PROGRESS_ITEMS_MAX = 1000
+PROGRESS_KEY_MAX = 64
+ProgressKey = Annotated[str, StringConstraints(min_length=1, max_length=PROGRESS_KEY_MAX, pattern=NO_CONTROL_CHARACTERS)]
+
+
+class ProgressItem(BaseModel):
+    """One value a task offered: under a key (a percent, a status line: each value replaces the key's
+    last), or without one (a chunk of an answer: each is appended to the ones before)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: ProgressKey | None = None
+    value: Any = None
+
+
+class Progress(BaseModel):
+    """What a task offered since its previous progress event, in the order offered. ``dropped``
+    counts the values it offered in between that no event carries: a keyed value replaced by a later
+    one of its key before it was sent, or any value refused (over the size bound, or while the
+    values waiting to be sent were at the bound)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    items: list[ProgressItem] = Field(min_length=1, max_length=PROGRESS_ITEMS_MAX)
+    dropped: Size = 0
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Progress:
+        size = json_bytes(self.model_dump(mode="json"))
+        if size > PROGRESS_MAX_BYTES:
+            raise ValueError(f"the progress is {size} bytes of JSON, over the bound of {PROGRESS_MAX_BYTES}")
+        return self
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -241,6 +280,7 @@ class Event(BaseModel):
     result: Result | None = None
     error: ErrorInfo | None = None
     input_request: InputRequest | None = None  # with state awaiting_input only
+    progress: Progress | None = None  # with kind progress only (its state: running)
     # run events
     run_type: RunType | None = None
     logical_date: TimeText | None = None
@@ -250,6 +290,8 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _state_fits_kind(self) -> Event:
+        if self.kind is EventKind.PROGRESS:
+            return self._progress_fits()
         states = TaskState if self.kind is EventKind.TASK else RunState
         try:
             states(self.state)
@@ -258,11 +300,24 @@ class Event(BaseModel):
             raise ValueError(f"state {self.state!r} is not a {self.kind.value} state ({accepted})") from None
         if self.kind is EventKind.TASK and not self.task_id:
             raise ValueError("a task event needs task_id")
+        if self.progress is not None:
+            raise ValueError("progress goes only with an event of kind progress")
         asks = self.kind is EventKind.TASK and self.state == TaskState.AWAITING_INPUT.value
         if asks and self.input_request is None:
             raise ValueError("a task event with state awaiting_input needs input_request")
         if not asks and self.input_request is not None:
             raise ValueError("input_request goes only with a task event of state awaiting_input")
+        return self
+
+    def _progress_fits(self) -> Event:
+        if self.state != TaskState.RUNNING.value:
+            raise ValueError(f"a progress event has state {TaskState.RUNNING.value!r} (its task runs), not {self.state!r}")
+        if not self.task_id:
+            raise ValueError("a progress event needs task_id")
+        if self.progress is None:
+            raise ValueError("a progress event needs progress")
+        if self.input_request is not None or self.result is not None or self.error is not None:
+            raise ValueError("a progress event carries progress only (no result, error or input_request)")
         return self
 
     @property

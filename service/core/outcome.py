@@ -10,7 +10,8 @@ The rules, in order of precedence:
    task's values ordered by map_index, or the run event's result, or null; run failed gives failed,
    naming the first terminally failed task seen, else the run's own reason;
 4. the first terminal event per (task, map_index, try) wins, duplicates and replays change nothing,
-   and once decided the outcome never flips.
+   and once decided the outcome never flips;
+5. a progress event (a task's partial output) changes nothing but the position applied.
 
 Beside the outcome, the fold keeps the run's open input requests (`needs_input`: tasks of Airflow's
 human-in-the-loop operators waiting for a person). They never decide anything. A request opens with
@@ -151,6 +152,8 @@ class OutcomeFold:
         event = envelope.event
         if not self.outcome.dag_id:
             self.outcome.dag_id, self.outcome.run_id = event.dag_id, event.run_id
+        if event.kind is EventKind.PROGRESS:
+            return False  # a task's partial output: it decides, opens and closes nothing
         was_decided = self.outcome.decided
         if event.kind is EventKind.RUN:
             self._apply_run(event)

@@ -81,6 +81,7 @@ ROUTES = [
     Route("/v1/backfills/{backfill_id}/events", backfills.backfill_events, methods=["GET"], name="backfill_events"),
     Route(RUN + "/result", routes.run_result, methods=["GET"], name="run_result"),
     Route(RUN + "/events", routes.run_events, methods=["GET"], name="run_events"),
+    Route(RUN + "/progress", routes.run_progress, methods=["GET"], name="run_progress"),
     Route(RUN + "/tasks/{task_id}/input", answers.answer_input, methods=["POST"], name="answer_input"),
     Route(EVENTS, routes.publish_event, methods=["POST"], name="publish_event"),
     *assets.ROUTES,  # /v1/assets/{name}/events and /next: {name} may hold '/'

@@ -227,8 +227,35 @@ class TaskInstanceRow(BaseModel):
     ended: UtcTime | None
 
 
+class ProgressValue(BaseModel):
+    """A run's latest progress value of one key, as the store keeps it."""
+
+    key: str | None = Field(description="the key the task gave (null: no key, the value is the last chunk it sent)")
+    value: Any
+    task_id: str
+    map_index: int = -1
+    try_number: int | None = None
+    position: str = Field(description="the progress event's position (EPOCH-SEQ)")
+    at: UtcTime
+
+
 class RunDetail(RunRow):
     task_instances: list[TaskInstanceRow] = Field(description="one per try: by start, then task_id, map_index, try_number")
+    progress: list[ProgressValue] = Field(
+        default_factory=list, description="the latest progress value of each key, oldest first (every value: the events stream)"
+    )
+
+
+class ProgressPage(BaseModel):
+    """GET .../progress: the run's progress events after `after`."""
+
+    dag_id: str
+    run_id: str
+    events: list[dict[str, Any]] = Field(
+        description="progress events after `after`, oldest first, at most 100, each as the SSE `progress` event's data"
+    )
+    after: str = Field(description="where this answer leaves off: pass it as after= to ask for the next")
+    ended: bool = Field(description="the run has ended: after these, no progress will come")
 
 
 # -- backfills ----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from runbell.service.http.contract import (
     InputClosed,
     MessageList,
     NeedsInput,
+    ProgressPage,
     Published,
     Recovered,
     Redriven,
@@ -435,11 +436,37 @@ OPERATIONS: dict[str, Operation] = {
             404: failure("Airflow has no such run"),
             **BUSY,
         },
-        "id: is the run's sequence number; event: task or run (data: the Event with its seq), needs_input (data: a "
+        "id: is the run's sequence number; event: task, run or progress (data: the Event with its seq; a progress event "
+        "carries a task's partial output and decides nothing), needs_input (data: a "
         "NeedsInput: a task waits for a person), input_received (data: an InputClosed: that request is closed), outcome "
         "(data: the Outcome), end (data: a RunEnd; then the stream closes), error or shutdown (reconnect). Resume with the "
         "Last-Event-ID header or ?last_event_id=. A run-scoped token of this run is accepted.",
         (*RUN, *LAST_EVENT_ID, QUERY_TOKEN),
+    ),
+    "run_progress": Operation(
+        "The run's progress events (a task's partial output), by long-poll",
+        Role.READ,
+        {
+            200: Answer("Progress events after `after` (at most 100), or none and ended: the run has ended", ProgressPage),
+            202: Answer("None came within the timeout: ask again with the same after", ProgressPage, headers={"Retry-After": "seconds"}),
+            400: failure("Bad after, timeout or id"),
+            404: failure("Airflow has no such run"),
+            **BUSY,
+        },
+        "Answers at once with the progress events the run's replay log holds after `after` (default: from its start), else "
+        "the moment one is published. Pass the answer's after= to ask for the next. Progress never decides the run: "
+        "GET .../result waits for the outcome. A run-scoped token of this run is accepted.",
+        (
+            *RUN,
+            TIMEOUT,
+            Param(
+                RUN_AFTER_PARAM,
+                "query",
+                {"type": "string", "pattern": "^([0-9a-z]+-)?[0-9]{1,18}$"},
+                "a position (EPOCH-SEQ): the after of the previous answer",
+            ),
+            QUERY_TOKEN,
+        ),
     ),
     "publish_event": Operation(
         "Publish one event, as the Airflow hook or `runbell emit` would",

@@ -28,6 +28,7 @@ from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import (
     InputClosed,
     NeedsInput,
+    ProgressPage,
     Published,
     RunEnd,
     RunOutcome,
@@ -59,6 +60,7 @@ AFTER_PARAM = "after"
 XCOM_READS_AT_ONCE = 8  # a mapped result's references, read from Airflow at once
 REF_KEYS = set(ResultRef.model_fields)
 BACKLOG_READ_SECONDS = 2.0  # the longest a timeout=0 caller waits for the stored events to be read
+PROGRESS_PAGE_MAX = 100  # progress events one long-poll answer carries at most
 
 
 # -- long-poll ------------------------------------------------------------------------------------
@@ -279,6 +281,67 @@ def outcome_json(hub: Hub, outcome: Outcome) -> bytes:
     """The 200 body of a decided outcome, as JSONResponse renders it."""
     key = ("body", outcome.dag_id, outcome.run_id, outcome.epoch, outcome.seq)
     return hub.shared.get(key, lambda: JSONResponse(outcome_body(outcome)).body)  # type: ignore[arg-type,return-value]  # JSONResponse.body is bytes (typed bytes | memoryview)
+
+
+# -- progress by long-poll -------------------------------------------------------------------------
+
+
+async def run_progress(request: Request) -> Response:
+    """The run's progress events after `after` (default: from its start): at once when there are
+    some, else as soon as one comes. 200 with them (at most PROGRESS_PAGE_MAX), or with none and
+    `ended` once the run has ended without more; 202 with none when the timeout passes first."""
+    dag_id, run_id = run_path(request)
+    authorize(request, Role.READ, run=(dag_id, run_id))
+    timeout = parse_timeout(request)
+    after = position_value(query_value(request, AFTER_PARAM), "bad_after", "after must be a position as answered")
+    hub_with_room(request)
+    runs: RunTopic = request.app.state.runs
+    if runs.is_missing(dag_id, run_id):
+        raise run_not_found(dag_id, run_id)
+    found: list[Envelope] = []
+    ended, last = False, after
+    request.app.state.metrics.waiters.inc()
+    try:
+        async with runs.subscribe(dag_id, run_id, after) as subscription:
+            with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
+                for envelope in await subscription.backlog():
+                    ended, last = take_progress(envelope, found, ended, last)
+            if not found and not ended:
+                with anyio.move_on_after(timeout):
+                    try:
+                        async for envelope in subscription:
+                            ended, last = take_progress(envelope, found, ended, last)
+                            if found or ended:
+                                break
+                    except SubscriptionClosed as closed:
+                        if closed.reason is Signal.NOT_FOUND:
+                            raise run_not_found(dag_id, run_id) from None
+    finally:
+        request.app.state.metrics.waiters.dec()
+    page = found[:PROGRESS_PAGE_MAX]
+    if len(found) > PROGRESS_PAGE_MAX:
+        last, ended = page[-1].position, False  # the rest comes with the next ask
+    answer = ProgressPage(
+        dag_id=dag_id,
+        run_id=run_id,
+        events=[json.loads(event_data(envelope)) for envelope in page],
+        after=str(last),
+        ended=ended,
+    )
+    status = 200 if page or ended else 202
+    headers = {} if status == 200 else {"Retry-After": PENDING_RETRY_AFTER}
+    return JSONResponse(answer.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def take_progress(envelope: Envelope, found: list[Envelope], ended: bool, last: Position) -> tuple[bool, Position]:
+    """Keep a progress envelope; say whether the run has ended and where the caller stands: at the
+    last progress kept, or past everything read once the run has ended (nothing is left to wait for)."""
+    if envelope.event.kind is EventKind.PROGRESS:
+        found.append(envelope)
+        return ended, envelope.position
+    if is_run_end(envelope):
+        return True, last if found else envelope.position
+    return ended, last if found else envelope.position
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------------

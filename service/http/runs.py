@@ -17,7 +17,7 @@ import hmac
 import json
 import re
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 
 from runbell.service.core import clock, metaflow_status
 from runbell.service.http.auth import Role, authorize
-from runbell.service.http.contract import RunDetail, RunRow, RunsPage, TaskInstanceRow
+from runbell.service.http.contract import ProgressValue, RunDetail, RunRow, RunsPage, TaskInstanceRow
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import checked_id, int_param, run_path
 from runbell.service.store.store import (
@@ -79,7 +79,7 @@ async def list_runs(request: Request) -> Response:
 
 
 async def get_run(request: Request) -> Response:
-    """GET /v1/dags/{dag_id}/runs/{run_id} (role read): the row plus its task instances."""
+    """GET /v1/dags/{dag_id}/runs/{run_id} (role read): the row plus its task instances and its latest progress per key."""
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
     store: Store = request.app.state.store
@@ -87,8 +87,9 @@ async def get_run(request: Request) -> Response:
     if run is None:
         raise ApiError(404, "run_not_found", f"the gateway has no record of run {run_id!r} of DAG {dag_id!r}")
     tries = await store.task_instances(dag_id, run_id)
+    progress = [ProgressValue(**{**asdict(p), "position": str(p.position)}) for p in await store.progress(dag_id, run_id)]
     row = run_row(run, time.time(), request.app.state.settings.stale_after)
-    detail = RunDetail(**dict(row), task_instances=[task_instance_row(t) for t in tries])
+    detail = RunDetail(**dict(row), task_instances=[task_instance_row(t) for t in tries], progress=progress)
     return JSONResponse(detail.model_dump(mode="json"))
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from runbell.bus.schema import EPOCH_MAX, ID_MAX
+from runbell.bus.schema import EPOCH_MAX, ID_MAX, PROGRESS_KEY_MAX
 from runbell.service.core import clock
 
 ID_LENGTH = ID_MAX  # dag_id, run_id and task_id columns hold what the bus schema accepts
@@ -150,6 +150,25 @@ class EventRow(Base):
     task_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     ts: Mapped[datetime] = mapped_column(UTCDateTime())
     envelope: Mapped[str] = mapped_column(Text)  # the envelope JSON exactly as on the bus
+
+
+class RunProgress(Base):
+    """The last progress value per key of each run (migration 0009): progress is no outcome, so only
+    the replay log keeps every value; the store keeps what a late reader shows. A value without a key
+    (a chunk) is kept under the key ""."""
+
+    __tablename__ = "run_progress"
+
+    dag_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    key: Mapped[str] = mapped_column(String(PROGRESS_KEY_MAX), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    map_index: Mapped[int] = mapped_column(Integer)
+    try_number: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[str] = mapped_column(String(EPOCH_MAX))
+    seq: Mapped[int] = mapped_column(Integer)
+    value: Mapped[Any] = mapped_column(JSONType, nullable=True)  # a JSON null is kept as NULL
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class WebhookEndpointRow(Base):

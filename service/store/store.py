@@ -48,7 +48,7 @@ from runbell.bus.schema import (
 )
 from runbell.service.core import clock, metaflow_status
 from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
-from runbell.service.store.models import EventRow, Run, TaskInstance, UTCDateTime, dialect_insert
+from runbell.service.store.models import EventRow, Run, RunProgress, TaskInstance, UTCDateTime, dialect_insert
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -113,6 +113,19 @@ class RunChange:
     new: list[Envelope]  # the envelopes stored now, in position order
     history: list[Envelope]  # every stored envelope of the run, in position order
     decided: bool  # the outcome was pending before this transaction and is decided now
+
+
+@dataclass(frozen=True)
+class StoredProgress:
+    """A run's latest progress value of one key (None: the chunks without a key), and where it stood."""
+
+    key: str | None
+    value: Any
+    task_id: str
+    map_index: int
+    try_number: int | None
+    position: Position
+    at: datetime
 
 
 RUN_STATES = ("queued", "running", "success", "failed", "unknown")  # what runs.state holds
@@ -242,23 +255,52 @@ class Store:
         Returns the newly stored envelopes, in the order given (repeats within the call count once).
         The outbox, if any, enqueues their webhook messages in the same transaction. The statements
         are per batch, not per run or event (executemany), so a batch of many runs costs a few round
-        trips.
+        trips. A progress envelope is no event of the store: only each key's latest value is kept
+        (run_progress), and it moves its run's last position on (returned as stored when it does).
         """
         unique: dict[tuple[str, str, str, int], Envelope] = {}
         for envelope in envelopes:
             unique.setdefault(_event_key(envelope), envelope)
         by_run: dict[RunKey, list[Envelope]] = defaultdict(list)
+        progress: dict[RunKey, list[Envelope]] = defaultdict(list)
         for envelope in unique.values():
-            by_run[_run_key(envelope.event)].append(envelope)
+            (progress if envelope.event.kind is EventKind.PROGRESS else by_run)[_run_key(envelope.event)].append(envelope)
         enqueued = 0
         async with self._transaction(write=True) as conn:
-            changes = await _record_runs(conn, by_run)
+            first_ts = {run: batch[0].event.ts for run, batch in (progress | by_run).items()}
+            status_before = (
+                await _lock_runs(conn, sorted(first_ts.items())) if first_ts else {}
+            )  # every run of the batch, in one lock order
+            changes = await _record_runs(conn, by_run, status_before)
+            changes += await _record_progress(conn, progress)
             if self.outbox is not None and changes:
                 enqueued = await self.outbox.enqueue(conn, changes)
         if enqueued and self.outbox is not None:
             self.outbox.committed(enqueued)
         stored = {(*change.run, *envelope.position) for change in changes for envelope in change.new}
         return [envelope for key, envelope in unique.items() if key in stored]
+
+    async def progress(self, dag_id: str, run_id: str) -> list[StoredProgress]:
+        """The run's latest progress value per key, oldest first."""
+        query = (
+            select(RunProgress)
+            .where(RunProgress.dag_id == dag_id, RunProgress.run_id == run_id)
+            .order_by(RunProgress.epoch, RunProgress.seq)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            StoredProgress(
+                key=row.key or None,
+                value=row.value,
+                task_id=row.task_id,
+                map_index=row.map_index,
+                try_number=row.try_number,
+                position=Position(row.epoch, row.seq),
+                at=row.ts,
+            )
+            for row in rows
+        ]
 
     async def record_heartbeats(self, beats: Sequence[Heartbeat]) -> int:
         """Move each run's heartbeat time forward to its newest heartbeat here, in one transaction.
@@ -470,13 +512,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 # -- recording a batch of runs --------------------------------------------------------------------
 
 
-async def _record_runs(conn: AsyncConnection, by_run: dict[RunKey, list[Envelope]]) -> list[RunChange]:
+async def _record_runs(conn: AsyncConnection, by_run: dict[RunKey, list[Envelope]], status_before: dict[RunKey, str]) -> list[RunChange]:
     """Insert the runs' new events and re-derive each touched run's row from all its events, a few
-    statements for the whole batch. Returns what changed, per run with new events, in run order."""
+    statements for the whole batch (the runs locked already: _lock_runs). Returns what changed, per
+    run with new events, in run order."""
     if not by_run:
         return []
-    runs = sorted(by_run)  # one lock order for every writer: no deadlocks
-    status_before = await _lock_runs(conn, [(run, by_run[run][0].event.ts) for run in runs])
+    runs = sorted(by_run)
     rows = [_event_row(envelope) for run in runs for envelope in sorted(by_run[run], key=lambda e: e.position)]
     new: dict[RunKey, set[Position]] = defaultdict(set)
     inserted = await conn.execute(
@@ -510,6 +552,64 @@ async def _record_runs(conn: AsyncConnection, by_run: dict[RunKey, list[Envelope
         )
         await conn.execute(upsert, task_rows)
     return changes
+
+
+async def _record_progress(conn: AsyncConnection, by_run: dict[RunKey, list[Envelope]]) -> list[RunChange]:
+    """Keep each key's latest progress value (newer positions only) and move each run's last position
+    on to its newest progress (the recorder reads a seq past it as a gap). The runs are locked already.
+    Every progress envelope given is passed on as new: the outbox's messages are unique per position,
+    so one recorded twice is enqueued once."""
+    if not by_run:
+        return []
+    latest: dict[tuple[str, str, str], tuple[Envelope, Any]] = {}
+    for run in sorted(by_run):
+        for envelope in sorted(by_run[run], key=lambda e: e.position):
+            for item in envelope.event.progress.items if envelope.event.progress else ():
+                latest[(run[0], run[1], item.key or "")] = (envelope, item.value)
+    rows = [
+        dict(
+            dag_id=dag_id,
+            run_id=run_id,
+            key=key,
+            task_id=envelope.event.task_id or "",
+            map_index=envelope.event.map_index,
+            try_number=envelope.event.try_number,
+            epoch=envelope.epoch,
+            seq=envelope.seq,
+            value=value,
+            ts=clock.from_epoch(envelope.event.ts),
+        )
+        for (dag_id, run_id, key), (envelope, value) in sorted(latest.items())
+    ]
+    insert = dialect_insert(conn, RunProgress)
+    columns = ("task_id", "map_index", "try_number", "epoch", "seq", "value", "ts")
+    newer = tuple_(RunProgress.epoch, RunProgress.seq) < tuple_(insert.excluded.epoch, insert.excluded.seq)
+    await conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=[RunProgress.dag_id, RunProgress.run_id, RunProgress.key],
+            set_={name: insert.excluded[name] for name in columns},
+            where=newer,
+        ),
+        rows,
+    )
+    newest = [
+        {"b_dag_id": run[0], "b_run_id": run[1], "b_epoch": position.epoch, "b_seq": position.seq}
+        for run in sorted(by_run)
+        for position in [max(envelope.position for envelope in by_run[run])]
+    ]
+    await conn.execute(_PROGRESS_POSITION, newest)
+    return [RunChange(run, sorted(by_run[run], key=lambda e: e.position), [], False) for run in sorted(by_run)]
+
+
+_PROGRESS_POSITION = (
+    update(Run)
+    .where(
+        Run.dag_id == bindparam("b_dag_id"),
+        Run.run_id == bindparam("b_run_id"),
+        tuple_(Run.epoch, Run.last_seq) < tuple_(bindparam("b_epoch"), bindparam("b_seq")),
+    )
+    .values(epoch=bindparam("b_epoch"), last_seq=bindparam("b_seq"))
+)
 
 
 # Every column _run_values derives, set by primary key: one executemany for a batch's runs.

@@ -1,15 +1,15 @@
 """Webhooks in the store: endpoints, the outbox of messages, and every delivery attempt.
 
 The outbox is written in the transaction that records events (``Store(url, outbox=WebhookOutbox())``):
-for every enabled endpoint whose filter matches, one message per new task or run event (when the
-endpoint subscribes to that kind) and one ``outcome`` message when the run's outcome is decided in
+for every enabled endpoint whose filter matches, one message per new task, run or progress event
+(when the endpoint subscribes to that kind) and one ``outcome`` message when the run's outcome is decided in
 that transaction. So no event is recorded without its deliveries, and since a message is unique by
 (endpoint, dag, run, epoch, seq, kind) and inserted with ON CONFLICT DO NOTHING, recording an event twice
 (two replicas, a re-delivered stream entry) enqueues nothing twice.
 
 A message's payload is fixed when it is enqueued, so every retry sends identical bytes:
 
-    {"type": "run.outcome" | "task.state" | "run.state" | "run.needs_input",
+    {"type": "run.outcome" | "task.state" | "run.state" | "run.needs_input" | "task.progress",
      "timestamp": "<ISO 8601 time of the event, or of the event that decided the outcome>",
      "data": {...the outcome as GET .../result answers 200, or the event as SSE data, or the open
               input request with dag_id, run_id and respond (a needs_input item)...,
@@ -72,6 +72,7 @@ PAYLOAD_TYPES = {
     WebhookKind.TASK.value: "task.state",
     WebhookKind.RUN.value: "run.state",
     WebhookKind.NEEDS_INPUT.value: "run.needs_input",
+    WebhookKind.PROGRESS.value: "task.progress",
 }
 DISABLED_BY_REQUEST = "disabled through the API"
 
@@ -165,9 +166,9 @@ def _payload(kind: str, ts: float, data: dict[str, Any], seq: int, terminal: boo
 
 
 def event_message(envelope: Envelope) -> tuple[str, bool, str]:
-    """(kind, terminal, payload) of a task or run event: the event as SSE data, plus terminal."""
+    """(kind, terminal, payload) of a task, run or progress event: the event as SSE data, plus terminal."""
     event = envelope.event
-    terminal = event.run_state.terminal if event.kind is EventKind.RUN else event.task_state.terminal
+    terminal = event.run_state.terminal if event.kind is EventKind.RUN else event.kind is EventKind.TASK and event.task_state.terminal
     data = {"epoch": envelope.epoch, "seq": envelope.seq, **event.model_dump(mode="json", exclude_none=True)}
     return event.kind.value, terminal, _payload(event.kind.value, event.ts, data, envelope.seq, terminal)
 

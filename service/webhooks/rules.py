@@ -30,6 +30,7 @@ class WebhookKind(str, Enum):
     TASK = "task"
     RUN = "run"
     NEEDS_INPUT = "needs_input"  # a task waits for a person: once per request
+    PROGRESS = "progress"  # a task's partial output: every progress event (its values, in order)
 
 
 DEFAULT_KINDS = [WebhookKind.OUTCOME.value]
@@ -55,7 +56,10 @@ def _distinct_dag_ids(dag_ids: list[str]) -> list[str]:
 Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH, json_schema_extra={"format": "uri"}), AfterValidator(_target_shape)]
 URL_SAYS = "http or https, no credentials"
 Kinds = Annotated[list[WebhookKind], Field(min_length=1), AfterValidator(_distinct_kinds)]
-KINDS_SAYS = "outcome: the run's outcome once decided; task, run: every such event; needs_input: once per request a task makes of a person"
+KINDS_SAYS = (
+    "outcome: the run's outcome once decided; task, run: every such event; needs_input: once per request a task makes of a person; "
+    "progress: every progress event of a task (its partial output)"
+)
 NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"  # as the API's ids (and PostgreSQL's text keeps no NUL)
 NO_NUL = r"^[^\x00]*$"
 DagIds = Annotated[
