@@ -90,6 +90,35 @@ def test_emit_rejects_bad_input_clearly(redis_url, namespace, tmp_path):
     assert bad_json.returncode == 64 and "not JSON" in bad_json.stderr
 
 
+def test_emit_progress_publishes_one_value_as_the_hook_would(redis_url, namespace, tmp_path, redis_cleanup):
+    env = cli_env(redis_url, namespace, RUNBELL_SPOOL_DIR=str(tmp_path / "spool"))
+    chunk = run_cli(["emit", "--dag", "d", "--run", "r", "--task", "answer", "--progress", '"Hel"'], env)
+    keyed = run_cli(["emit", "--dag", "d", "--run", "r", "--task", "answer", "--progress", '{"pct": 40}', "--key", "percent"], env)
+    assert chunk.returncode == 0 and keyed.returncode == 0, chunk.stderr + keyed.stderr
+    assert [json.loads(done.stdout) for done in (chunk, keyed)] == [{"seq": 1}, {"seq": 2}]
+    entries = redis.Redis.from_url(redis_url).xrange(keys.run_keys(namespace, "d", "r").log)
+    events = [decode_envelope(fields[b"env"]).event for _, fields in entries]
+    assert [(e.kind.value, e.state, e.task_id, e.source.value) for e in events] == [("progress", "running", "answer", "emit")] * 2
+    assert [[(i.key, i.value) for i in e.progress.items] for e in events] == [[(None, "Hel")], [("percent", {"pct": 40})]]
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--progress", "1"], "needs --task"),
+        (["--task", "t", "--progress", "1", "--state", "success"], "takes no --state"),
+        (["--task", "t", "--progress", "{"], "not JSON"),
+        (["--task", "t", "--progress", "1", "--key", "k" * 65], "at most 64 characters"),
+        (["--task", "t", "--state", "running", "--key", "k"], "give --state (or --progress"),
+        (["--task", "t"], "give --state"),
+    ],
+)
+def test_emit_progress_refuses_what_it_cannot_publish(args, says, redis_url, namespace, tmp_path):
+    env = cli_env(redis_url, namespace, RUNBELL_SPOOL_DIR=str(tmp_path / "spool"))
+    done = run_cli(["emit", "--dag", "d", "--run", "r", *args], env)
+    assert done.returncode == 64 and says in done.stderr, done.stderr
+
+
 def test_emit_spools_when_redis_is_down_and_a_later_publish_flushes_in_order(namespace, tmp_path, redis_url, redis_cleanup):
     spool = str(tmp_path / "spool")
     down = cli_env("redis://127.0.0.1:1/0", namespace, RUNBELL_SPOOL_DIR=spool)

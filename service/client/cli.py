@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--run", required=True)
     emit.add_argument("--task", help="task id: a task event (else a run event)")
     emit.add_argument(
-        "--state", required=True, help="run: queued, running, success, failed; task: running, success, failed, up_for_retry, skipped"
+        "--state",
+        help="run: queued, running, success, failed; task: running, success, failed, up_for_retry, skipped (required, but with --progress)",
     )
     emit.add_argument("--map-index", type=int, default=-1)
     emit.add_argument("--try-number", type=int)
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--critical", action="store_true", help="a terminal failure of this task fails the run")
     emit.add_argument("--error", help="error message of a failure")
     emit.add_argument("--error-type", help="error type of a failure (default: error)")
+    emit.add_argument("--progress", metavar="JSON", help="publish this value as the task's progress (needs --task; no --state)")
+    emit.add_argument("--key", help="with --progress: the key the value is the latest of (percent, status); none: a chunk")
     emit.set_defaults(handler=cmd_emit)
 
     bench = sub.add_parser(
@@ -186,6 +189,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_emit(args: argparse.Namespace) -> int:
     from runbell.listeners.publisher import emit
 
+    if args.progress is not None:
+        return emit_progress_value(args)
+    if args.state is None or args.key is not None:
+        print("runbell emit: give --state (or --progress, with --key if the value has one)", file=sys.stderr)
+        return EXIT_USAGE
     kwargs = {}
     if args.result is not None:
         try:
@@ -208,6 +216,28 @@ def cmd_emit(args: argparse.Namespace) -> int:
             **kwargs,
         )
     except ValueError as exc:
+        print(f"runbell emit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({"seq": seq} if seq is not None else {"spooled": True}))
+    return EXIT_SUCCESS
+
+
+def emit_progress_value(args: argparse.Namespace) -> int:
+    """`runbell emit --progress JSON`: one progress value of a task, published at once as the hook would."""
+    from runbell.listeners.partial_output import emit_progress
+    from runbell.listeners.publisher import SpoolUnavailable
+
+    if args.task is None or args.state not in (None, "running") or args.result is not None or args.error is not None:
+        print("runbell emit: --progress needs --task, and takes no --state, --result or --error", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        value = json.loads(args.progress)
+    except ValueError as exc:
+        print(f"runbell emit: --progress is not JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        seq = emit_progress(args.dag, args.run, args.task, value, key=args.key, map_index=args.map_index, try_number=args.try_number)
+    except (ValueError, SpoolUnavailable) as exc:
         print(f"runbell emit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps({"seq": seq} if seq is not None else {"spooled": True}))

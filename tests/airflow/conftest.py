@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -29,7 +31,7 @@ import redis
 
 from runbell.bus.keys import run_keys
 from runbell.bus.schema import Envelope, decode_envelope
-from runbell.service.bench import standalone
+from runbell.service.bench import free_port, standalone, start_gateway
 from runbell.service.bench.airflow import BENCH_DAGS
 from runbell.service.bench.stores import postgres_unreachable, scratch_postgres
 
@@ -191,3 +193,16 @@ def airflow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         client.close()
     if failure is not None:
         pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def gateway(airflow: Any) -> Iterator[str]:
+    """A real `runbell serve` (its own process, no auth) on the Redis and namespace the hook publishes
+    to; a module needing other settings defines its own."""
+    port = free_port()
+    process = start_gateway(airflow.redis_url, airflow.namespace, port, Path(tempfile.mkdtemp()))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)

@@ -8,13 +8,9 @@ no extra and no source run."""
 from __future__ import annotations
 
 import json
-import signal
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +20,6 @@ import redis
 
 from runbell.bus import keys
 from runbell.bus.schema import decode_asset_envelope, parse_position
-from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import SseParser
 
 pytestmark = pytest.mark.airflow
@@ -33,18 +28,6 @@ DAG_ID = "rb_asset_producer"
 ASSET = "runbell-e2e:orders/daily"  # as tests/airflow/dags/rb_asset_producer.py names it
 URI = "file:///tmp/runbell-e2e/orders.parquet"
 RUN_TIMEOUT = 90.0
-
-
-@pytest.fixture(scope="module")
-def gateway(airflow: Any) -> Iterator[str]:
-    """A real `runbell serve` (its own process) on the Redis and namespace the hook publishes to."""
-    port = free_port()
-    process = start_gateway(airflow.redis_url, airflow.namespace, port, Path(tempfile.mkdtemp()))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(20)
 
 
 def _next(gateway: str, **params: Any) -> httpx.Response:

@@ -15,8 +15,6 @@ Airflow's end_date for the task and the hook event's ts), never asserted.
 from __future__ import annotations
 
 import json
-import signal
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +27,6 @@ import pytest
 
 from runbell.bus.schema import EventKind, RunState, TaskState, parse_position
 from runbell.listeners.propagation import doomed_task_ids
-from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import RunbellClient, RunPending
 from runbell.service.core import clock
 
@@ -82,18 +79,6 @@ class Run:
 
     def task_states(self, task_id: str) -> list[str]:
         return [env.event.state for _, env in self.log.seen if env.event.task_id == task_id]
-
-
-@pytest.fixture(scope="module")
-def gateway(airflow: Any) -> Iterator[str]:
-    """A real `runbell serve` (its own process) on the Redis and namespace the hook publishes to."""
-    port = free_port()
-    process = start_gateway(airflow.redis_url, airflow.namespace, port, Path(tempfile.mkdtemp()))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(20)
 
 
 @pytest.fixture(scope="module")

@@ -446,6 +446,31 @@ def test_the_readme_eventsource_block_runs_in_a_browser(browser, served_gateway,
     assert browser.execute_script("return window.logged[2][1].result") == {"answer": 42}
 
 
+def test_a_runs_page_shows_its_progress_live_and_after_a_reload(browser, served_gateway, publisher):
+    from runbell.listeners.partial_output import emit_progress
+
+    gateway = served_gateway()
+    run_id = "streaming"
+    emit("chat", run_id, "running", publisher=publisher)
+    emit("chat", run_id, "running", task_id="answer", try_number=1, publisher=publisher)
+    emit_progress("chat", run_id, "answer", "Hello", publisher=publisher)
+    emit_progress("chat", run_id, "answer", 10, key="percent", publisher=publisher)
+    browser.get(f"{gateway.url}/#/runs/chat/{run_id}")
+    text = "(document.querySelector('#progress-text') || {}).textContent"
+    percent = "(document.querySelector('#progress-keys [data-key=percent]') || {}).textContent"
+    wait_for(browser, text, lambda t: t == "Hello", "the chunk so far")
+    wait_for(browser, percent, lambda t: bool(t) and t.startswith("10"), "the percent so far")
+    for word in [", ", "world", "!"]:
+        emit_progress("chat", run_id, "answer", word, publisher=publisher)
+    emit_progress("chat", run_id, "answer", {"done": 3, "of": 4}, key="percent", publisher=publisher)
+    wait_for(browser, text, lambda t: t == "Hello, world!", "the chunks appended live, in order")
+    wait_for(browser, percent, lambda t: '"done": 3' in (t or ""), "the keyed value replaced")
+    assert browser.execute_script("return document.querySelectorAll('#events li[data-kind=progress]').length") == 0
+    browser.refresh()  # the replay log gives the whole text again, once
+    wait_for(browser, text, lambda t: t == "Hello, world!", "the same text after a reload")
+    no_script_errors(browser)
+
+
 # -- a run that waits for a person ------------------------------------------------------------------
 
 RESPOND_TOKEN = "test-respond-token"

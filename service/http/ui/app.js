@@ -790,6 +790,10 @@
       this.outcome = null;
       this.terminalSeen = false;
       this.requests = new Map(); // "task\u0000map" -> InputCard: what a task waiting for a person asks
+      this.progressKeys = new Map(); // key -> {value, task_id, map_index}: the latest value of each key
+      this.progressText = []; // the chunks (values without a key), in order
+      this.progressAt = null; // the position of the last progress event applied: a replay applies nothing twice
+      this.progressDropped = 0;
       this.dead = false;
     }
 
@@ -798,6 +802,7 @@
       this.stateEl = h("span", { id: "run-state" }, badge("unknown"));
       this.metaEl = h("dl", { id: "run-meta", class: "meta" });
       this.outcomeEl = h("section", { id: "outcome", class: "card outcome", dataset: { status: "pending" } });
+      this.progressEl = h("section", { id: "progress", class: "card progress", hidden: true });
       this.timelineBody = h("tbody");
       this.eventList = h("ol", { id: "events", class: "events" });
       this.notice = h("p", { id: "run-notice", class: "muted" });
@@ -807,6 +812,7 @@
         this.notice,
         this.metaEl,
         this.inputsEl,
+        this.progressEl,
         this.outcomeEl,
         h("h2", null, "Tasks"),
         h("table", { id: "tasks", class: "grid timeline" },
@@ -820,7 +826,7 @@
       this.loadDetail();
       this.stream = new LiveStream({
         path: `${runPath(this.dagId, this.runId)}/events`,
-        types: ["task", "run", "outcome", "needs_input", "input_received"],
+        types: ["task", "run", "progress", "outcome", "needs_input", "input_received"],
         onEvent: (type, data) => this.onEvent(type, data),
         onEnd: () => this.renderMeta(),
         onGone: (message) => { this.notice.textContent = message || `The gateway knows no run ${this.runId} of ${this.dagId}.`; },
@@ -845,6 +851,10 @@
         const row = await getJson(runPath(this.dagId, this.runId));
         if (this.dead) return;
         Object.assign(this.run, row, { state: this.runStateSeq ? this.run.state : row.state });
+        if (!this.progressAt) { // the stream's progress is newer: the stored latest values only fill in before it
+          for (const p of row.progress || []) if (p.key !== null) this.progressKeys.set(p.key, p);
+          this.renderProgress();
+        }
         for (const ti of row.task_instances || []) {
           const key = `${ti.task_id}\u0000${ti.map_index}`;
           const task = this.tasks.get(key);
@@ -893,6 +903,10 @@
         this.requestClosed(data);
         return;
       }
+      if (type === "progress") {
+        this.onProgress(data);
+        return;
+      }
       this.appendEvent(type, data);
       if (type === "run") {
         this.run.state = data.state;
@@ -921,6 +935,34 @@
       this.tasks.set(key, task);
       this.renderTimeline();
       this.taskMoved(key, data.state, tryNumber);
+    }
+
+    // A task's partial output: each key's latest value, and the chunks (values without a key) as one text.
+    onProgress(data) {
+      const at = { epoch: data.epoch || "", seq: data.seq };
+      if (this.progressAt && !isAfter(at, this.progressAt)) return; // replayed after a reconnect
+      this.progressAt = at;
+      for (const item of data.progress.items) {
+        if (item.key === undefined || item.key === null) this.progressText.push(typeof item.value === "string" ? item.value : pretty(item.value));
+        else this.progressKeys.set(item.key, { value: item.value, task_id: data.task_id, map_index: data.map_index });
+      }
+      this.progressDropped += data.progress.dropped || 0;
+      this.renderProgress();
+    }
+
+    renderProgress() {
+      const keyed = [...this.progressKeys.entries()];
+      if (!keyed.length && !this.progressText.length) return;
+      this.progressEl.hidden = false;
+      this.progressEl.replaceChildren(
+        h("h2", null, "Progress"),
+        keyed.length ? h("dl", { id: "progress-keys", class: "meta" }, ...keyed.flatMap(([key, p]) => [
+          h("dt", null, key), h("dd", { dataset: { key } }, typeof p.value === "string" ? p.value : pretty(p.value),
+            h("span", { class: "muted" }, ` — ${taskLabel(p.task_id, p.map_index)}`)),
+        ])) : null,
+        this.progressText.length ? h("pre", { id: "progress-text", class: "result" }, this.progressText.join("")) : null,
+        this.progressDropped ? h("p", { class: "muted" }, `${this.progressDropped} value(s) the task sent faster than its rate were left out`) : null,
+      );
     }
 
     showRequest(ask) {
