@@ -66,6 +66,7 @@ class Settings(BaseModel):
     webhooks: bool = True
     webhook_allowed_hosts: str | None = None  # hosts or CIDRs webhooks may reach despite being private
     webhook_secret_grace: float = Field(default=24 * 3600.0, ge=0)
+    callback_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     webhook_attempt_timeout: float = Field(default=15.0, gt=0)
     webhook_connect_timeout: float = Field(default=5.0, gt=0)
     webhook_read_timeout: float = Field(default=10.0, gt=0)
@@ -228,6 +229,11 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "private, loopback or link-local addresses (default: none)",
     ),
     ("webhook_secret_grace", "seconds the old secret still signs, beside the new one, after a rotation (default 86400)"),
+    (
+        "callback_ttl",
+        "a trigger's `callback` takes no new message this long after the trigger, seconds (default 604800, the replay log's lifetime); "
+        "deliveries already due keep their retries",
+    ),
     (
         "webhook_schedule",
         "webhook attempts: comma-separated seconds before each, after the previous one failed, "

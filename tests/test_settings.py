@@ -81,6 +81,7 @@ FLAG_VALUES = {
     "readiness_max_catch_up": "60",
     "webhook_allowed_hosts": "10.0.0.0/8",
     "webhook_secret_grace": "9",
+    "callback_ttl": "60",
     "webhook_schedule": "0,1,2",
     "webhook_attempt_timeout": "8",
     "webhook_connect_timeout": "2",

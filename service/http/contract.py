@@ -99,9 +99,25 @@ class RunPending(BaseModel):
         return self.model_dump(mode="json", exclude=None if self.needs_input else {"needs_input", "after"})
 
 
+class CreatedCallback(BaseModel):
+    """The trigger's `callback`, registered: a webhook endpoint bound to the run."""
+
+    id: str = Field(description="the endpoint's id: its deliveries are in GET /v1/webhooks/{id}/messages (role admin)")
+    secret: str = Field(description="whsec_...: verifies the deliveries' signatures (Standard Webhooks); shown only here")
+    kinds: list[WebhookKind]
+    expires_at: UtcTime = Field(description="no new message after this (RUNBELL_CALLBACK_TTL); deliveries already due keep their retries")
+
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> CreatedCallback:
+        return cls.model_validate(endpoint, from_attributes=True)
+
+
 class RunToken(BaseModel):
     token: str = Field(description="a token scoped to this run: it may read the run's result and events")
     token_expires_at: UtcTime
+    callback: CreatedCallback | None = Field(
+        default=None, description="the callback registered by this call (absent without one, and on a retry with the same Idempotency-Key)"
+    )
 
 
 class TriggeredOutcome(RunOutcome, RunToken):
@@ -318,6 +334,8 @@ class WebhookEndpoint(BaseModel):
     updated_at: UtcTime
     disabled_reason: str | None = Field(description="why the gateway disabled it (410, failing for days)")
     failing_since: UtcTime | None
+    run_id: str | None = Field(default=None, description="a trigger's callback: only this run's events (null: a subscription)")
+    expires_at: UtcTime | None = Field(default=None, description="a callback takes no new message after this")
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> WebhookEndpoint:

@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 import string
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -24,11 +24,14 @@ from runbell.bus.schema import Event, EventKind, RunState, Source
 from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
 from runbell.service.core import clock
 from runbell.service.http.auth import Role, authorize, issue_run_token
-from runbell.service.http.contract import RunToken
+from runbell.service.http.contract import CreatedCallback, RunToken
 from runbell.service.http.errors import ApiError
 from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
 from runbell.service.http.params import ascii_seconds, path_id, read_body, seconds_param
 from runbell.service.http.run_routes import outcome_response, parse_resolve, wait_for_outcome
+from runbell.service.http.webhooks import reachable_target
+from runbell.service.webhooks.outbox import Endpoint, WebhookStore
+from runbell.service.webhooks.rules import Callback
 
 RUN_ID_ATTEMPTS = 5
 SERVER_ERROR_RETRIES = 2  # Airflow on SQLite answers 500 when its database is briefly locked
@@ -47,6 +50,11 @@ class TriggerRequest(BaseModel):
     logical_date: Annotated[datetime, AfterValidator(clock.as_utc)] | None = None
     run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN.pattern, description="default: the gateway names the run")
     note: str | None = Field(default=None, max_length=1000)
+    callback: Callback | None = Field(
+        default=None,
+        description="a webhook for this run only: its outcome (and any other kinds asked for) is posted there, signed and retried "
+        "as a subscription's; checked by the same target guard",
+    )
 
 
 async def trigger_run(request: Request) -> Response:
@@ -58,18 +66,31 @@ async def trigger_run(request: Request) -> Response:
         raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
     wait, applied = parse_wait(request)
     resolve = parse_resolve(request)
-    run_id = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
+    if body.callback is not None:
+        callback_store(request)  # 503 before anything is triggered, when this gateway keeps no webhooks
+        await reachable_target(request, body.callback.url)
+    run_id, callback = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
     state = request.app.state
     token, expires = issue_run_token(state.token_secret, dag_id, run_id, state.settings.scoped_token_ttl)
     outcome = await wait_for_outcome(request, dag_id, run_id, wait)
     headers = {"Location": result_location(dag_id, run_id)}
     if applied:
         headers["Preference-Applied"] = f"wait={wait:g}"
-    return await outcome_response(request, outcome, RunToken(token=token, token_expires_at=expires), headers=headers, resolve=resolve)
+    created = CreatedCallback.of(callback) if callback is not None else None
+    answer = RunToken(token=token, token_expires_at=expires, callback=created)
+    return await outcome_response(request, outcome, answer, headers=headers, resolve=resolve)
 
 
-async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body: TriggerRequest) -> str:
-    """Trigger the run once, whatever the caller retries; return its run id."""
+def callback_store(request: Request) -> WebhookStore:
+    store: WebhookStore | None = getattr(request.app.state, "webhooks", None)
+    if store is None:
+        raise ApiError(503, "webhooks_unavailable", "this gateway keeps no webhooks: a callback cannot be registered")
+    return store
+
+
+async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body: TriggerRequest) -> tuple[str, Endpoint | None]:
+    """Trigger the run once, whatever the caller retries; return its run id, and the callback this
+    call registered. The callback is registered before the trigger, so no event of the run precedes it."""
     idempotency_key = request.headers.get("idempotency-key")
     keys: IdempotencyKeys = request.app.state.idempotency
     payload = body.model_dump(mode="json")
@@ -78,18 +99,38 @@ async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body:
     if idempotency_key is not None:
         claim = await keys.claim(idempotency_key, print_, claim.run_id)
         if not claim.must_trigger:
-            return claim.run_id
+            return claim.run_id, None  # the first call registered its callback
+    callback: Endpoint | None = None
     try:
         await check_dag(airflow, dag_id, unpause=request.query_params.get("unpause") == "true")
+        if body.callback is not None:
+            callback = await register_callback(request, dag_id, claim.run_id, body.callback)
         run_id = await trigger(airflow, dag_id, body, claim.run_id, caller_named=body.run_id is not None, resumed=claim.resumed)
+        if callback is not None and run_id != claim.run_id:
+            await callback_store(request).rebind_callback(callback.id, run_id)
     except BaseException:
         if idempotency_key is not None:
             await keys.release(idempotency_key)
+        if callback is not None:
+            await callback_store(request).delete_endpoint(callback.id)  # no run: nothing to call back about
         raise
     if idempotency_key is not None:
         await keys.done(idempotency_key, print_, run_id)
     await asyncio.to_thread(request.app.state.publisher.publish, queued_event(dag_id, run_id))
-    return run_id
+    return run_id, callback
+
+
+async def register_callback(request: Request, dag_id: str, run_id: str, callback: Callback) -> Endpoint:
+    expires_at = clock.now() + timedelta(seconds=request.app.state.settings.callback_ttl)
+    return await callback_store(request).create_endpoint(
+        url=callback.url,
+        description=f"callback of run {run_id} of {dag_id}",
+        dag_ids=[dag_id],
+        kinds=[kind.value for kind in callback.kinds],
+        run_id=run_id,
+        headers=callback.headers,
+        expires_at=expires_at,
+    )
 
 
 async def check_dag(airflow: AirflowClient, dag_id: str, *, unpause: bool) -> None:

@@ -187,6 +187,10 @@ class WebhookEndpointRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A trigger's callback (migration 0010): bound to one run, with headers of its caller, until it expires.
+    run_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class WebhookMessageRow(Base):

@@ -526,6 +526,7 @@ class Dispatcher:
         body = message.payload.encode()
         timestamp = int(time.time())
         headers = {
+            **(endpoint.headers or {}),  # a callback's own (none of the names below: rules.RESERVED_HEADERS)
             "webhook-id": message.id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signing.signature_header(endpoint.signing_secrets(clock.now()), message.id, timestamp, body),

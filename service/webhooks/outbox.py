@@ -53,7 +53,7 @@ from runbell.service.store.models import (
     dialect_insert,
 )
 from runbell.service.store.store import RunChange, Store
-from runbell.service.webhooks.rules import DEFAULT_KINDS, EndpointCreate, EndpointUpdate, WebhookKind
+from runbell.service.webhooks.rules import DEFAULT_KINDS, Callback, EndpointCreate, EndpointUpdate, WebhookKind
 
 __all__ = ["DEFAULT_KINDS", "WebhookKind"]  # defined with the rules; many import them from here
 
@@ -95,6 +95,19 @@ class Endpoint:
     updated_at: datetime
     disabled_reason: str | None
     failing_since: datetime | None
+    run_id: str | None = None  # a trigger's callback: only this run's events
+    headers: dict[str, str] | None = field(default=None, repr=False)  # a callback's, sent with each delivery (may hold a credential)
+    expires_at: datetime | None = None  # a callback takes no new message after this
+
+    @property
+    def is_callback(self) -> bool:
+        return self.run_id is not None
+
+    def wants(self, dag_id: str, run_id: str, now: datetime) -> bool:
+        """Whether this endpoint takes messages of this run now (its kinds aside)."""
+        if self.dag_ids is not None and dag_id not in self.dag_ids:
+            return False
+        return self.run_id is None or (self.run_id == run_id and (self.expires_at is None or self.expires_at > now))
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The secrets that sign a delivery now: the current one, then the previous one while its
@@ -103,9 +116,6 @@ class Endpoint:
         if self.previous_secret and self.previous_secret_expires_at is not None and self.previous_secret_expires_at > now:
             found.append(self.previous_secret)
         return found
-
-    def matches(self, dag_id: str, kind: str) -> bool:
-        return self.enabled and kind in self.kinds and (self.dag_ids is None or dag_id in self.dag_ids)
 
 
 @dataclass(frozen=True)
@@ -246,7 +256,7 @@ class WebhookOutbox:
 
         for change in changes:
             dag_id = change.run[0]
-            wanted = [e for e in endpoints if e.dag_ids is None or dag_id in e.dag_ids]
+            wanted = [e for e in endpoints if e.wants(dag_id, change.run[1], now)]
             if not wanted:
                 continue
             for envelope in change.new:
@@ -320,8 +330,18 @@ class WebhookStore:
     # -- endpoints ----------------------------------------------------------------------------------
 
     async def create_endpoint(
-        self, *, url: str, description: str = "", dag_ids: list[str] | None = None, kinds: list[str] | None = None, enabled: bool = True
+        self,
+        *,
+        url: str,
+        description: str = "",
+        dag_ids: list[str] | None = None,
+        kinds: list[str] | None = None,
+        enabled: bool = True,
+        run_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        expires_at: datetime | None = None,
     ) -> Endpoint:
+        """A subscription; with run_id (and dag_ids naming its DAG), a trigger's callback for that one run."""
         from runbell.service.webhooks.signing import new_secret
 
         # The API's rules (pydantic's ValidationError is a ValueError naming the bad field).
@@ -345,6 +365,9 @@ class WebhookStore:
             updated_at=now,
             disabled_reason=None,
             failing_since=None,
+            run_id=run_id,
+            headers=Callback.model_validate({"url": url, "headers": headers}).headers if headers else None,
+            expires_at=expires_at,
         )
         async with self.store._transaction(write=True) as conn:
             await conn.execute(insert(ENDPOINTS).values(values))
@@ -378,6 +401,11 @@ class WebhookStore:
             values["updated_at"] = now
             row = (await conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(values).returning(ENDPOINTS))).first()
         return _endpoint(row)
+
+    async def rebind_callback(self, endpoint_id: str, run_id: str) -> None:
+        """A callback's run got another id before it was triggered (the id first drawn was taken)."""
+        async with self.store._transaction(write=True) as conn:
+            await conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(run_id=run_id, updated_at=clock.now()))
 
     async def delete_endpoint(self, endpoint_id: str) -> bool:
         """Delete the endpoint; its pending messages are cancelled (kept, with their attempts)."""

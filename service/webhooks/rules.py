@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from runbell.bus.schema import ID_MAX
 from runbell.service.core import clock
@@ -80,6 +80,60 @@ class EndpointCreate(BaseModel):
     dag_ids: DagIds | None = Field(default=None, description=DAG_IDS_SAYS)
     kinds: Kinds = Field(default_factory=lambda: [WebhookKind(kind) for kind in DEFAULT_KINDS], description=KINDS_SAYS)
     enabled: bool = True
+
+
+# A callback's headers go to a receiver its caller names: bounded, and never one the delivery itself
+# sets (the signature, the body's framing) or one of the connection's.
+MAX_CALLBACK_HEADERS = 20
+HEADER_VALUE_MAX = 1024
+RESERVED_HEADERS = frozenset(
+    {
+        "accept-encoding",
+        "connection",
+        "content-encoding",
+        "content-length",
+        "content-type",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "webhook-id",
+        "webhook-signature",
+        "webhook-timestamp",
+    }
+)
+HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+HeaderValue = Annotated[str, StringConstraints(max_length=HEADER_VALUE_MAX, pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*$")]
+
+
+def _allowed_headers(headers: dict[str, str]) -> dict[str, str]:
+    lowered = [name.lower() for name in headers]
+    reserved = sorted(set(lowered) & RESERVED_HEADERS)
+    if reserved:
+        raise ValueError(f"{', '.join(reserved)}: set by the delivery itself (not one of {', '.join(sorted(RESERVED_HEADERS))})")
+    if len(set(lowered)) != len(lowered):
+        raise ValueError("a header is given twice (names are case-insensitive)")
+    return headers
+
+
+class Callback(BaseModel):
+    """A trigger's `callback`: a webhook bound to that one run (delivered, signed and retried as a
+    subscription's are), to which the run's outcome, and any other kinds asked for, are posted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Url = Field(description=URL_SAYS)
+    kinds: Kinds = Field(default_factory=lambda: [WebhookKind(kind) for kind in DEFAULT_KINDS], description=KINDS_SAYS)
+    headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=MAX_CALLBACK_HEADERS), AfterValidator(_allowed_headers)] = Field(
+        default_factory=dict,
+        description=f"sent with every delivery (at most {MAX_CALLBACK_HEADERS}; values up to {HEADER_VALUE_MAX} characters), e.g. Authorization; "
+        "never shown again",
+    )
 
 
 class EndpointUpdate(BaseModel):
