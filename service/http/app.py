@@ -31,6 +31,7 @@ from runbell.service.core.metrics import Metrics
 from runbell.service.http import (
     answers,
     assets,
+    asyncapi,
     backfills,
     dashboard,
     dead_letters,
@@ -103,6 +104,7 @@ ROUTES = [
     Route("/readyz", health.readyz, methods=["GET"], name="readyz"),
     Route("/metrics", health.metrics, methods=["GET"], name="metrics"),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"], name="openapi"),
+    Route("/asyncapi.json", asyncapi.asyncapi_json, methods=["GET"], name="asyncapi"),
 ]
 APP_ROUTES = [*ROUTES, *dashboard.ROUTES]  # the dashboard: its page at / and files under /ui/
 

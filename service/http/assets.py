@@ -29,7 +29,7 @@ from starlette.routing import Route
 from runbell.bus.schema import ASSET_NAME_MAX, LEGACY_EPOCH, AssetEnvelope, Position
 from runbell.service.core.loops import keep_trying
 from runbell.service.http.auth import Role, authorize
-from runbell.service.http.contract import AssetEventBody, AssetPending
+from runbell.service.http.contract import AssetEventBody, AssetPending, AssetReady
 from runbell.service.http.errors import ApiError
 from runbell.service.http.params import (
     LAST_EVENT_ID_PARAM,
@@ -155,7 +155,7 @@ async def asset_sse_stream(
             last_id = await current_position(assets, name, None if last_id is None else last_id.seq)
         async with assets.subscribe(name, last_id) as subscription:
             # Where this stream starts, as an id: a reconnect before the first event resumes here.
-            yield ServerSentEvent(data=json.dumps({"asset": name, "seq": last_id.seq}), event="ready", id=str(last_id))
+            yield ServerSentEvent(data=AssetReady(asset=name, seq=last_id.seq).model_dump_json(), event="ready", id=str(last_id))
             try:
                 async for envelope in subscription:
                     yield ServerSentEvent(data=event_data(envelope), event="asset", id=str(envelope.position))  # type: ignore[arg-type]  # the hub's Subscription is typed for run envelopes; an asset subscription carries AssetEnvelopes

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
-from runbell.bus.schema import OPTION_MAX, OPTIONS_MAX, PARAMS_MAX_BYTES, AssetEvent, OptionText, ResultRef, json_bytes
+from runbell.bus.schema import OPTION_MAX, OPTIONS_MAX, PARAMS_MAX_BYTES, AssetEvent, Event, OptionText, ResultRef, json_bytes
 from runbell.service.core import clock
 from runbell.service.core.outcome import UNKNOWN_RUN_STATE, Failure, InputNeeded, Outcome, OutcomeStatus, ResultTask, respond_path
 from runbell.service.store.dead_letters import PAGE_BYTES_MAX, RAW_MAX_BYTES, DeadLetter
@@ -126,6 +126,28 @@ class TriggeredOutcome(RunOutcome, RunToken):
 
 class TriggeredPending(RunPending, RunToken):
     """202 of POST /v1/dags/{dag_id}/runs: triggered, still pending."""
+
+
+class RunEventBody(Event):
+    """A run's event as SSE sends it (events task, run, progress), as a long-poll of progress answers
+    it and as a webhook's data carries it: the bus Event with its position."""
+
+    epoch: str = Field(description="the epoch of seq (see Epochs in the README)")
+    seq: int = Field(description="its sequence number in the run's stream: the SSE id is EPOCH-SEQ")
+
+
+class StreamError(BaseModel):
+    """The data of an SSE `error` event: the stream ends; reconnect (with Last-Event-ID) unless the run is not found."""
+
+    error: Literal["slow_consumer", "run_not_found"]
+    message: str
+
+
+class StreamShutdown(BaseModel):
+    """The data of an SSE `shutdown` event: the gateway is restarting; reconnect with Last-Event-ID."""
+
+    reason: Literal["shutdown"] = "shutdown"
+    message: str
 
 
 class RunEnd(BaseModel):
@@ -303,6 +325,13 @@ class BackfillProgress(BaseModel):
 
 
 # -- assets -------------------------------------------------------------------------------------------
+
+
+class AssetReady(BaseModel):
+    """The data of the asset stream's first event, `ready`: where it starts (its id too)."""
+
+    asset: str
+    seq: int
 
 
 class AssetEventBody(AssetEvent):

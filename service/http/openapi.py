@@ -17,7 +17,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -627,6 +627,9 @@ OPERATIONS: dict[str, Operation] = {
     ),
     "metrics": Operation("Prometheus metrics", Role.READ, {200: Answer("The exposition", media="text/plain")}),
     "openapi": Operation("This document", None, {200: Answer("OpenAPI 3.1")}),
+    "asyncapi": Operation(
+        "What the gateway pushes: its SSE streams, its webhook deliveries and the bus (AsyncAPI 3.0)", None, {200: Answer("AsyncAPI 3.0")}
+    ),
     "dashboard": Operation(
         "The dashboard: one page (its views live in the URL's fragment)", None, {200: Answer("The page", media="text/html")}
     ),
@@ -825,24 +828,31 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(document)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runbell.service.http.openapi", description="The gateway's OpenAPI document.")
+def document_cli(argv: Sequence[str] | None, prog: str, title: str, document: Path, build: Callable[[], dict[str, Any]]) -> int:
+    """The command of a committed, generated document: print it, --write it, or --check it (exit 1 when it differs)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=title)
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--write", action="store_true", help=f"write {DOCUMENT.name} next to this module")
-    action.add_argument("--check", action="store_true", help=f"exit 1 when {DOCUMENT.name} differs from what the code generates")
+    action.add_argument("--write", action="store_true", help=f"write {document.name} next to this module")
+    action.add_argument("--check", action="store_true", help=f"exit 1 when {document.name} differs from what the code generates")
     args = parser.parse_args(argv)
-    text = rendered(build_openapi(app_routes()))
+    text = rendered(build())
     if args.write:
-        DOCUMENT.write_text(text, encoding="utf-8")
-        print(f"wrote {DOCUMENT}")
+        document.write_text(text, encoding="utf-8")
+        print(f"wrote {document}")
     elif args.check:
-        if not DOCUMENT.exists() or DOCUMENT.read_text(encoding="utf-8") != text:
-            print(f"{DOCUMENT} is not what the code generates: run `{COMMAND}` and commit it", file=sys.stderr)
+        if not document.exists() or document.read_text(encoding="utf-8") != text:
+            print(f"{document} is not what the code generates: run `python -m {prog} --write` and commit it", file=sys.stderr)
             return 1
-        print(f"{DOCUMENT} is up to date")
+        print(f"{document} is up to date")
     else:
         sys.stdout.write(text)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return document_cli(
+        argv, "runbell.service.http.openapi", "The gateway's OpenAPI document.", DOCUMENT, lambda: build_openapi(app_routes())
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator
 
@@ -12,6 +11,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 
+from runbell.service.http.contract import StreamError, StreamShutdown
 from runbell.service.http.server import DIRECT_WRITE, DirectWrite
 from runbell.service.live.hub import Signal
 from runbell.service.settings import Settings
@@ -183,10 +183,10 @@ PING = b": ping\r\n\r\n"
 
 def farewell(reason: Signal, retry_ms: int) -> ServerSentEvent:
     if reason is Signal.OVERFLOW:
-        message = {"error": "slow_consumer", "message": "this client fell too far behind; reconnect with Last-Event-ID"}
-        return ServerSentEvent(data=json.dumps(message), event="error", retry=retry_ms)
+        error = StreamError(error="slow_consumer", message="this client fell too far behind; reconnect with Last-Event-ID")
+        return ServerSentEvent(data=error.model_dump_json(), event="error", retry=retry_ms)
     if reason is Signal.NOT_FOUND:
-        message = {"error": "run_not_found", "message": "Airflow has no such run; a reconnect gets 404"}
-        return ServerSentEvent(data=json.dumps(message), event="error")
-    message = {"reason": "shutdown", "message": "the gateway is restarting; reconnect with Last-Event-ID"}
-    return ServerSentEvent(data=json.dumps(message), event="shutdown", retry=retry_ms)
+        error = StreamError(error="run_not_found", message="Airflow has no such run; a reconnect gets 404")
+        return ServerSentEvent(data=error.model_dump_json(), event="error")
+    shutdown = StreamShutdown(message="the gateway is restarting; reconnect with Last-Event-ID")
+    return ServerSentEvent(data=shutdown.model_dump_json(), event="shutdown", retry=retry_ms)
