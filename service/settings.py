@@ -67,6 +67,7 @@ class Settings(BaseModel):
     webhook_allowed_hosts: str | None = None  # hosts or CIDRs webhooks may reach despite being private
     webhook_secret_grace: float = Field(default=24 * 3600.0, ge=0)
     callback_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
+    cancel_grace: float = Field(default=10.0, ge=0, le=3600)
     webhook_attempt_timeout: float = Field(default=15.0, gt=0)
     webhook_connect_timeout: float = Field(default=5.0, gt=0)
     webhook_read_timeout: float = Field(default=10.0, gt=0)
@@ -229,6 +230,11 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "private, loopback or link-local addresses (default: none)",
     ),
     ("webhook_secret_grace", "seconds the old secret still signs, beside the new one, after a rotation (default 86400)"),
+    (
+        "cancel_grace",
+        "a run triggered with `cancel_on_disconnect` whose caller went away is failed in Airflow after this long, seconds, "
+        "0 to 3600 (default 10), unless its outcome is decided or someone else waits on it by then",
+    ),
     (
         "callback_ttl",
         "a trigger's `callback` takes no new message this long after the trigger, seconds (default 604800, the replay log's lifetime); "

@@ -34,6 +34,7 @@ class StandInAirflow:
     task_instances: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     xcoms: dict[tuple[str, str, str, int], Any] = field(default_factory=dict)
     posts: list[dict] = field(default_factory=list)
+    run_patches: list[tuple[str, str, dict]] = field(default_factory=list)  # (dag, run, body) of each PATCH of a run
     conflicts: int = 0  # answer 409 to this many trigger POSTs
     errors_after_create: int = 0  # create the run, yet answer 500, this many times (a locked SQLite)
     post_delay: float = 0.0
@@ -56,7 +57,7 @@ class StandInAirflow:
             routes=[
                 Route("/api/v2/dags/{dag_id}", self.dag, methods=["GET", "PATCH"]),
                 Route("/api/v2/dags/{dag_id}/dagRuns", self.trigger, methods=["POST"]),
-                Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}", self.run, methods=["GET"]),
+                Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}", self.run, methods=["GET", "PATCH"]),
                 Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", self.tis, methods=["GET"]),
                 Route("/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}", self.xcom, methods=["GET"]),
                 Route("/api/v2/backfills/{backfill_id}", self.backfill, methods=["GET"]),
@@ -93,6 +94,10 @@ class StandInAirflow:
 
     async def run(self, request: Request) -> JSONResponse:
         run = self.runs.get((request.path_params["dag_id"], request.path_params["run_id"]))
+        if run and request.method == "PATCH":  # Airflow 3.1-3.3: {"state": ..., "note": ...}, as the UI marks a run
+            body = await request.json()
+            self.run_patches.append((request.path_params["dag_id"], request.path_params["run_id"], body))
+            run.update(body)
         return JSONResponse(run) if run else JSONResponse({"detail": "not found"}, status_code=404)
 
     async def tis(self, request: Request) -> JSONResponse:

@@ -82,6 +82,7 @@ FLAG_VALUES = {
     "webhook_allowed_hosts": "10.0.0.0/8",
     "webhook_secret_grace": "9",
     "callback_ttl": "60",
+    "cancel_grace": "3",
     "webhook_schedule": "0,1,2",
     "webhook_attempt_timeout": "8",
     "webhook_connect_timeout": "2",

@@ -255,6 +255,13 @@ class AirflowClient:
         )
         return _json_object(resp, self._where)
 
+    async def fail_run(self, dag_id: str, run_id: str, note: str) -> None:
+        """Mark a run failed, as Airflow's UI does (PATCH its state; its unfinished tasks are stopped),
+        with a note saying why (Airflow keeps at most 1000 characters)."""
+        path = f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}"
+        resp = await self._call("PATCH", path, json={"state": "failed", "note": note[:1000]})
+        self._raise_for(resp, "PATCH", path, not_found=lambda m: NotFound(f"Airflow has no run {run_id!r} of DAG {dag_id!r}"))
+
     async def get_run(self, dag_id: str, run_id: str) -> dict | None:
         path = f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}"
         resp = await self._call("GET", path)

@@ -25,6 +25,7 @@ from runbell.listeners.config import EVENT_MAX_BYTES_RANGE, PublisherConfig
 from runbell.listeners.connect import agreed_partitions, async_client
 from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
+from runbell.service.airflow.cancels import DisconnectCancels
 from runbell.service.airflow.reconciler import Reconciler
 from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
@@ -254,8 +255,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         spool_flusher(state.publisher, settings.spool_flush_interval),
         partition_keeper(state, settings.namespace),
     ]  # besides the hub's listener, each started and stopped the same way
+    state.cancels = None
     if state.airflow is not None:
         loops.append(Reconciler(state.runs, state.airflow, state.publisher, settings.reconcile_after).loop)
+        state.cancels = DisconnectCancels(state.airflow, state.runs, state.webhooks.has_callback, state.publisher, settings.cancel_grace)
     state.recorder = None
     if settings.recorder:
         consumer = f"{socket.gethostname()}:{settings.port}"  # stable: a restart re-reads its own pending entries
@@ -315,6 +318,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.hub.stop()
         for loop in loops:
             await loop.stop()
+        if state.cancels is not None:
+            await state.cancels.aclose()
         if state.airflow is not None:
             await state.airflow.aclose()
         if state.backfills is not None:

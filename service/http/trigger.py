@@ -2,7 +2,8 @@
 
 The gateway names the run itself (so it can follow it from the first event), triggers it through
 Airflow's REST API, then waits for the outcome exactly as the result endpoint does. The caller's
-disconnect or timeout never cancels the run.
+disconnect or timeout never cancels the run, unless it asked for that (``cancel_on_disconnect``:
+runbell.service.airflow.cancels).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.responses import Response
 from runbell.bus.schema import Event, EventKind, RunState, Source
 from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
 from runbell.service.core import clock
+from runbell.service.core.outcome import Outcome
 from runbell.service.http.auth import Role, authorize, issue_run_token
 from runbell.service.http.contract import CreatedCallback, RunToken
 from runbell.service.http.errors import ApiError
@@ -50,6 +52,11 @@ class TriggerRequest(BaseModel):
     logical_date: Annotated[datetime, AfterValidator(clock.as_utc)] | None = None
     run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN.pattern, description="default: the gateway names the run")
     note: str | None = Field(default=None, max_length=1000)
+    cancel_on_disconnect: bool = Field(
+        default=False,
+        description="if this call's connection closes before its answer, fail the run in Airflow after RUNBELL_CANCEL_GRACE, "
+        "unless its outcome is decided, someone else waits on it or a callback is registered",
+    )
     callback: Callback | None = Field(
         default=None,
         description="a webhook for this run only: its outcome (and any other kinds asked for) is posted there, signed and retried "
@@ -66,19 +73,55 @@ async def trigger_run(request: Request) -> Response:
         raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
     wait, applied = parse_wait(request)
     resolve = parse_resolve(request)
+    if body.cancel_on_disconnect and wait <= 0:
+        raise ApiError(
+            400,
+            "bad_wait",
+            "cancel_on_disconnect needs a wait: ?wait=S or Prefer: wait=S (a call that waits can go away)",
+            accepted="wait > 0",
+        )
     if body.callback is not None:
         callback_store(request)  # 503 before anything is triggered, when this gateway keeps no webhooks
         await reachable_target(request, body.callback.url)
     run_id, callback = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
     state = request.app.state
     token, expires = issue_run_token(state.token_secret, dag_id, run_id, state.settings.scoped_token_ttl)
-    outcome = await wait_for_outcome(request, dag_id, run_id, wait)
+    if body.cancel_on_disconnect:
+        waited = await wait_unless_gone(request, dag_id, run_id, wait)
+        if waited is None:  # the caller went away before its answer: nobody reads one
+            request.app.state.cancels.schedule(dag_id, run_id)
+            return Response(status_code=499)
+        outcome = waited
+    else:
+        outcome = await wait_for_outcome(request, dag_id, run_id, wait)
     headers = {"Location": result_location(dag_id, run_id)}
     if applied:
         headers["Preference-Applied"] = f"wait={wait:g}"
     created = CreatedCallback.of(callback) if callback is not None else None
     answer = RunToken(token=token, token_expires_at=expires, callback=created)
     return await outcome_response(request, outcome, answer, headers=headers, resolve=resolve)
+
+
+async def wait_unless_gone(request: Request, dag_id: str, run_id: str, wait: float) -> Outcome | None:
+    """The outcome as wait_for_outcome gives it (decided, or pending at the wait's end); None when the
+    caller's connection closed first."""
+    waiting = asyncio.ensure_future(wait_for_outcome(request, dag_id, run_id, wait))
+    leaving = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({waiting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, leaving):
+            task.cancel()
+        await asyncio.gather(waiting, leaving, return_exceptions=True)
+    if waiting.cancelled() or leaving.done() and not leaving.cancelled():
+        return None
+    return waiting.result()  # an error of the wait (404: no such run) is the caller's answer
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the caller's connection closes (its body is read already: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def callback_store(request: Request) -> WebhookStore:

@@ -402,6 +402,13 @@ class WebhookStore:
             row = (await conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(values).returning(ENDPOINTS))).first()
         return _endpoint(row)
 
+    async def has_callback(self, dag_id: str, run_id: str) -> bool:
+        """Whether a callback that has not expired is registered for this run."""
+        query = select(ENDPOINTS).where(ENDPOINTS.c.run_id == run_id, ENDPOINTS.c.enabled.is_(True))
+        async with self.store.engine.connect() as conn:
+            endpoints = [_endpoint(row) for row in (await conn.execute(query)).all()]
+        return any(endpoint.wants(dag_id, run_id, clock.now()) for endpoint in endpoints)
+
     async def rebind_callback(self, endpoint_id: str, run_id: str) -> None:
         """A callback's run got another id before it was triggered (the id first drawn was taken)."""
         async with self.store._transaction(write=True) as conn:

@@ -9,6 +9,8 @@ not depend on the version, and the trigger path is covered per version by the ot
 
 from __future__ import annotations
 
+import json
+import socket
 import statistics
 import tempfile
 import threading
@@ -22,20 +24,21 @@ from urllib.error import HTTPError
 import httpx
 import pytest
 
+from runbell.bus.schema import EventKind
 from runbell.service.bench import free_port, start_gateway
 from runbell.service.client.client import RunbellClient
 
 pytestmark = pytest.mark.airflow
 
 RUN_TIMEOUT = 90.0
-DAGS = ["rb_trivial", "rb_critical_teardown", "rb_sigkill_silent"]
+DAGS = ["rb_trivial", "rb_critical_teardown", "rb_sigkill_silent", "rb_long"]
 
 
 @pytest.fixture(scope="module")
 def gateway(airflow: Any) -> Iterator[str]:
     """`runbell serve` connected to this Airflow, reconciling runs silent for 3 s."""
     port = free_port()
-    env = {**airflow.gateway_env(), "RUNBELL_RECONCILE_AFTER": "3"}
+    env = {**airflow.gateway_env(), "RUNBELL_RECONCILE_AFTER": "3", "RUNBELL_CANCEL_GRACE": "1"}
     process = start_gateway(airflow.redis_url, airflow.namespace, port, Path(tempfile.mkdtemp()), extra_env=env)
     for dag_id in DAGS:
         airflow.unpause(dag_id)
@@ -139,3 +142,48 @@ def test_unknown_and_paused_dags_give_the_documented_errors(airflow: Any, gatewa
 
 def _fmt(samples: list[float]) -> str:
     return f"median {statistics.median(samples):.2f} s (" + ", ".join(f"{s:.2f}" for s in samples) + ")"
+
+
+def test_a_caller_that_goes_away_has_its_run_failed_in_airflow(airflow: Any, gateway: str) -> None:
+    """cancel_on_disconnect: the caller hangs up while the run's task runs; after the grace (1 s here)
+    the gateway fails the run through Airflow's API, which stops the task, and the reason is the outcome."""
+    run_id = f"e2e__{uuid.uuid4().hex[:12]}"
+    body = json.dumps({"run_id": run_id, "cancel_on_disconnect": True}).encode()
+    host, port = gateway.removeprefix("http://").split(":")
+    caller = socket.create_connection((host, int(port)), timeout=10)
+    caller.sendall(
+        f"POST /v1/dags/rb_long/runs?wait=60 HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while _task_state(airflow, run_id) != "running":  # the task runs: then the caller goes
+        assert time.monotonic() < deadline, "the task never ran"
+        time.sleep(0.5)
+    caller.close()
+    # Watched through Airflow, not the gateway: a caller waiting there would keep the run.
+    while (run := airflow.request("GET", f"/api/v2/dags/rb_long/dagRuns/{run_id}"))["state"] != "failed":
+        assert time.monotonic() < deadline, f"the run was not cancelled: {run}"
+        time.sleep(0.5)
+    assert "cancel_on_disconnect" in (run.get("note") or ""), run
+    with RunbellClient(gateway) as client:
+        outcome = client.wait("rb_long", run_id, timeout=RUN_TIMEOUT).body
+    # Airflow fails the running task first (its own message decides: the result task failed), and the
+    # run's failure on the bus says why: the gateway's, published once Airflow took the change.
+    assert outcome["status"] == "failed", outcome
+    said = [e.event.msg for e in airflow.log("rb_long", run_id) if e.event.kind is EventKind.RUN and e.event.source.value == "gateway"]
+    assert any("cancel_on_disconnect" in (msg or "") for msg in said), said
+    while _task_state(airflow, run_id) == "running":  # Airflow stops the task
+        assert time.monotonic() < deadline, "the task still runs"
+        time.sleep(0.5)
+    print(f"\n[cancel on disconnect airflow-{airflow.version}] run failed, its task {_task_state(airflow, run_id)}")
+
+
+def _task_state(airflow: Any, run_id: str) -> str | None:
+    """rb_long's task's state; None while Airflow has not made the run yet (a 404)."""
+    try:
+        return airflow.task_states("rb_long", run_id).get("answer")
+    except HTTPError as exc:
+        if exc.code != 404:
+            raise
+        return None
