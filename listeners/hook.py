@@ -47,7 +47,7 @@ from runbell.bus.schema import (
     TaskState,
     truncate,
 )
-from runbell.listeners import hitl, partial_output, propagation
+from runbell.listeners import hitl, partial_output, propagation, tracing
 from runbell.listeners.guard import LogOnce, publish_guarded
 from runbell.listeners.marks import RETURN_KEY
 from runbell.listeners.publisher import (
@@ -154,19 +154,23 @@ def _guard(hook: str, build: Callable[[Publisher], Event | AssetEvent]) -> None:
 
 
 def _run_event(dag_run: Any, state: RunState, msg: str | None) -> Event:
-    return Event(
-        kind=EventKind.RUN,
-        dag_id=dag_run.dag_id,
-        run_id=dag_run.run_id,
-        state=state.value,
-        source=Source.HOOK,
-        host=_HOST,
-        run_type=_text(getattr(dag_run, "run_type", None)),
-        logical_date=_iso(getattr(dag_run, "logical_date", None)),
-        run_after=_iso(getattr(dag_run, "run_after", None)),
-        backfill_id=_text(getattr(dag_run, "backfill_id", None)),
-        msg=truncate(str(msg), MSG_MAX) if msg else None,  # bounded like an error message
-    )
+    conf = getattr(dag_run, "conf", None)
+    attributes = {"runbell.dag_id": dag_run.dag_id, "runbell.run_id": dag_run.run_id, "runbell.state": state.value}
+    with tracing.publish_span(tracing.trace_of_conf(conf if isinstance(conf, Mapping) else {}), attributes) as carried:
+        return Event(
+            kind=EventKind.RUN,
+            dag_id=dag_run.dag_id,
+            run_id=dag_run.run_id,
+            state=state.value,
+            source=Source.HOOK,
+            host=_HOST,
+            run_type=_text(getattr(dag_run, "run_type", None)),
+            logical_date=_iso(getattr(dag_run, "logical_date", None)),
+            run_after=_iso(getattr(dag_run, "run_after", None)),
+            backfill_id=_text(getattr(dag_run, "backfill_id", None)),
+            msg=truncate(str(msg), MSG_MAX) if msg else None,  # bounded like an error message
+            trace=carried,
+        )
 
 
 # -- asset events ---------------------------------------------------------------------------------
@@ -224,25 +228,28 @@ def _task_event(ti: Any, state: TaskState, publisher: Publisher, *, error: Any =
     map_index = _map_index(ti)
     result_task = ti.task_id in propagation.result_task_ids([task] if task else [], conf)
     failed = state in (TaskState.FAILED, TaskState.UP_FOR_RETRY)
-    result = None
-    if state is TaskState.SUCCESS and result_task and in_worker:
-        result = _read_result(ti, map_index, publisher.config.result_max_bytes)
-    return Event(
-        kind=EventKind.TASK,
-        dag_id=ti.dag_id,
-        run_id=ti.run_id,
-        state=state.value,
-        source=Source.HOOK,
-        host=_HOST,
-        task_id=ti.task_id,
-        map_index=map_index,
-        try_number=getattr(ti, "try_number", None),
-        result_task=result_task,
-        critical=_task_critical(ti, task, conf, in_worker, map_index),
-        result=result,
-        error=ErrorInfo.from_exception(error) if failed else None,
-        input_request=input_request,
-    )
+    attributes = {"runbell.dag_id": ti.dag_id, "runbell.run_id": ti.run_id, "runbell.task_id": ti.task_id, "runbell.state": state.value}
+    with tracing.publish_span(tracing.trace_of_conf(conf), attributes) as carried:
+        result = None
+        if state is TaskState.SUCCESS and result_task and in_worker:
+            result = _read_result(ti, map_index, publisher.config.result_max_bytes)
+        return Event(
+            kind=EventKind.TASK,
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            state=state.value,
+            source=Source.HOOK,
+            host=_HOST,
+            task_id=ti.task_id,
+            map_index=map_index,
+            try_number=getattr(ti, "try_number", None),
+            result_task=result_task,
+            critical=_task_critical(ti, task, conf, in_worker, map_index),
+            result=result,
+            error=ErrorInfo.from_exception(error) if failed else None,
+            input_request=input_request,
+            trace=carried,
+        )
 
 
 def _is_worker_instance(ti: Any) -> bool:

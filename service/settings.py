@@ -68,6 +68,7 @@ class Settings(BaseModel):
     webhook_secret_grace: float = Field(default=24 * 3600.0, ge=0)
     callback_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     cancel_grace: float = Field(default=10.0, ge=0, le=3600)
+    otlp_endpoint: str | None = None  # OpenTelemetry spans exported over OTLP/HTTP there (the otlp extra); None: not exported
     webhook_attempt_timeout: float = Field(default=15.0, gt=0)
     webhook_connect_timeout: float = Field(default=5.0, gt=0)
     webhook_read_timeout: float = Field(default=10.0, gt=0)
@@ -230,6 +231,11 @@ SETTINGS_DOC: list[tuple[str, str]] = [
         "private, loopback or link-local addresses (default: none)",
     ),
     ("webhook_secret_grace", "seconds the old secret still signs, beside the new one, after a rotation (default 86400)"),
+    (
+        "otlp_endpoint",
+        "export the gateway's OpenTelemetry spans over OTLP/HTTP to this base URL, e.g. http://collector:4318 "
+        "(needs the `otlp` extra; unset: none are exported)",
+    ),
     (
         "cancel_grace",
         "a run triggered with `cancel_on_disconnect` whose caller went away is failed in Airflow after this long, seconds, "

@@ -83,6 +83,7 @@ FLAG_VALUES = {
     "webhook_secret_grace": "9",
     "callback_ttl": "60",
     "cancel_grace": "3",
+    "otlp_endpoint": "http://127.0.0.1:4318",
     "webhook_schedule": "0,1,2",
     "webhook_attempt_timeout": "8",
     "webhook_connect_timeout": "2",

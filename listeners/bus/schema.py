@@ -259,6 +259,21 @@ class Progress(BaseModel):
         return self
 
 
+# W3C Trace Context (traceparent, tracestate): carried from a trigger through the run's conf into
+# the hook's events, so the gateway's spans of an event join the caller's trace.
+TRACEPARENT_PATTERN: Final = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+TRACESTATE_MAX = 512  # W3C: at most 32 members; 512 characters is what propagators keep
+
+
+class TraceContext(BaseModel):
+    """The W3C trace context of the span that published an event (or of the trigger that made its run)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    traceparent: str = Field(pattern=TRACEPARENT_PATTERN)
+    tracestate: str | None = Field(default=None, max_length=TRACESTATE_MAX, pattern=NO_CONTROL_CHARACTERS)
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -281,6 +296,7 @@ class Event(BaseModel):
     error: ErrorInfo | None = None
     input_request: InputRequest | None = None  # with state awaiting_input only
     progress: Progress | None = None  # with kind progress only (its state: running)
+    trace: TraceContext | None = None  # the publishing span's W3C trace context (runbell.service.core.tracing)
     # run events
     run_type: RunType | None = None
     logical_date: TimeText | None = None

@@ -27,6 +27,7 @@ from runbell.listeners.publisher import Publisher
 from runbell.service.airflow.api import AirflowClient, AirflowError, AirflowSettings
 from runbell.service.airflow.cancels import DisconnectCancels
 from runbell.service.airflow.reconciler import Reconciler
+from runbell.service.core import tracing
 from runbell.service.core.loops import Supervised
 from runbell.service.core.metrics import Metrics
 from runbell.service.http import (
@@ -215,6 +216,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if redis_url is None:
         redis_url, app.state.embedded = resolve_redis(None)
     state = app.state
+    tracing.configure_otlp(settings.otlp_endpoint)
     # Three kinds of connection: commands (short timeouts), the one pub/sub connection and the
     # recorder's blocking reads (no socket timeout: redis-py would retry a long XREAD and skip entries).
     # Commands share a bounded pool: a crowd of arriving waiters queues for a connection instead of

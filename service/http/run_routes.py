@@ -16,13 +16,15 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from runbell.bus.schema import START, Envelope, Event, EventKind, Position, ResultRef, parse_position
+from runbell.bus.schema import START, Envelope, Event, EventKind, Position, ResultRef, TraceContext, parse_position
 from runbell.listeners.publisher import SpoolUnavailable, json_size, utf8_size
+from runbell.service.core import tracing
 from runbell.service.core.outcome import InputNeeded, Outcome, OutcomeFold
 from runbell.service.http.auth import Role, authorize
 from runbell.service.http.contract import (
@@ -68,9 +70,32 @@ PROGRESS_PAGE_MAX = 100  # progress events one long-poll answer carries at most
 
 async def run_result(request: Request) -> Response:
     """Wait until the run's outcome is decided, a task asks a person something asked after `after`
-    (then 202 needs_input), or the timeout passes (then 202 pending)."""
+    (then 202 needs_input), or the timeout passes (then 202 pending). With the caller's traceparent,
+    in a span of its trace."""
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
+    caller = caller_trace(request)
+    if caller is None:
+        return await answer_result(request, dag_id, run_id)
+    with tracing.span(
+        "runbell.wait", caller, kind=SpanKind.SERVER, attributes={"runbell.dag_id": dag_id, "runbell.run_id": run_id}
+    ) as span:
+        response = await answer_result(request, dag_id, run_id)
+        span.set_attribute("http.response.status_code", response.status_code)
+        return response
+
+
+def caller_trace(request: Request) -> TraceContext | None:
+    """The caller's W3C trace context (traceparent, tracestate headers); 400 when malformed."""
+    try:
+        return tracing.from_headers(request.headers)
+    except tracing.BadTraceContext as exc:
+        raise ApiError(
+            400, "bad_traceparent", f"traceparent or tracestate is not W3C Trace Context: {exc}", accepted="VERSION-TRACEID-SPANID-FLAGS"
+        ) from None
+
+
+async def answer_result(request: Request, dag_id: str, run_id: str) -> Response:
     timeout = parse_timeout(request)
     resolve = parse_resolve(request)
     after = parse_after(request)

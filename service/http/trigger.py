@@ -17,20 +17,22 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 
+from opentelemetry.trace import SpanKind
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from runbell.bus.schema import Event, EventKind, RunState, Source
+from runbell.bus.schema import Event, EventKind, RunState, Source, TraceContext
+from runbell.listeners.tracing import conf_with
 from runbell.service.airflow.api import AirflowClient, AirflowUnavailable, RunExists
-from runbell.service.core import clock
+from runbell.service.core import clock, tracing
 from runbell.service.core.outcome import Outcome
 from runbell.service.http.auth import Role, authorize, issue_run_token
 from runbell.service.http.contract import CreatedCallback, RunToken
 from runbell.service.http.errors import ApiError
 from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
 from runbell.service.http.params import ascii_seconds, path_id, read_body, seconds_param
-from runbell.service.http.run_routes import outcome_response, parse_resolve, wait_for_outcome
+from runbell.service.http.run_routes import caller_trace, outcome_response, parse_resolve, wait_for_outcome
 from runbell.service.http.webhooks import reachable_target
 from runbell.service.webhooks.outbox import Endpoint, WebhookStore
 from runbell.service.webhooks.rules import Callback
@@ -68,6 +70,14 @@ async def trigger_run(request: Request) -> Response:
     dag_id = path_id(request, "dag_id")
     authorize(request, Role.TRIGGER, dag_id=dag_id)  # triggering and ?unpause=true: the trigger role
     body = await read_body(request, TriggerRequest, required=False)  # a bad request is the caller's, whatever the gateway lacks
+    caller = caller_trace(request)
+    with tracing.span("runbell.trigger", caller, kind=SpanKind.SERVER, attributes={"runbell.dag_id": dag_id}) as span:
+        response = await trigger_and_wait(request, dag_id, body)
+        span.set_attribute("http.response.status_code", response.status_code)
+        return response
+
+
+async def trigger_and_wait(request: Request, dag_id: str, body: TriggerRequest) -> Response:
     airflow: AirflowClient | None = request.app.state.airflow
     if airflow is None:
         raise ApiError(503, "airflow_not_configured", "this gateway has no Airflow connection (set RUNBELL_AIRFLOW_URL)")
@@ -148,7 +158,8 @@ async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body:
         await check_dag(airflow, dag_id, unpause=request.query_params.get("unpause") == "true")
         if body.callback is not None:
             callback = await register_callback(request, dag_id, claim.run_id, body.callback)
-        run_id = await trigger(airflow, dag_id, body, claim.run_id, caller_named=body.run_id is not None, resumed=claim.resumed)
+        traced = body.model_copy(update={"conf": conf_with(body.conf, tracing.current())})  # the hook's spans join the trigger's trace
+        run_id = await trigger(airflow, dag_id, traced, claim.run_id, caller_named=body.run_id is not None, resumed=claim.resumed)
         if callback is not None and run_id != claim.run_id:
             await callback_store(request).rebind_callback(callback.id, run_id)
     except BaseException:
@@ -159,7 +170,7 @@ async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body:
         raise
     if idempotency_key is not None:
         await keys.done(idempotency_key, print_, run_id)
-    await asyncio.to_thread(request.app.state.publisher.publish, queued_event(dag_id, run_id))
+    await asyncio.to_thread(request.app.state.publisher.publish, queued_event(dag_id, run_id, tracing.current()))
     return run_id, callback
 
 
@@ -224,11 +235,18 @@ def new_run_id() -> str:
     return f"manual__{clock.iso(clock.now())}_{suffix}"
 
 
-def queued_event(dag_id: str, run_id: str) -> Event:
+def queued_event(dag_id: str, run_id: str, trace: TraceContext | None = None) -> Event:
     """Airflow has no listener hook for a queued run: the gateway says it, once (a stable id)."""
     event_id = hashlib.sha256(f"gateway|{dag_id}|{run_id}|queued".encode()).hexdigest()[:32]
     return Event(
-        id=event_id, kind=EventKind.RUN, dag_id=dag_id, run_id=run_id, state=RunState.QUEUED.value, source=Source.GATEWAY, run_type="manual"
+        id=event_id,
+        kind=EventKind.RUN,
+        dag_id=dag_id,
+        run_id=run_id,
+        state=RunState.QUEUED.value,
+        source=Source.GATEWAY,
+        run_type="manual",
+        trace=trace,
     )
 
 

@@ -42,12 +42,14 @@ from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
+from opentelemetry.trace import SpanKind
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.exceptions import RedisError
 
 from runbell.bus.keys import ROUTE_END
 from runbell.bus.schema import START, BadEvent, Position
+from runbell.service.core import tracing
 from runbell.service.core.loops import Backoff, Once, Supervised, keep_trying
 from runbell.service.core.metrics import Metrics
 
@@ -567,6 +569,16 @@ class Hub:
             return
         self.metrics.events_in.inc()
         self.metrics.delivery_latency.observe(max(0.0, time.time() - item.event.ts))
+        parent = getattr(item.event, "trace", None)
+        if parent is None:
+            self._offer(subs, item)
+            return
+        attributes = {"runbell.route": route, "runbell.subscribers": len(subs)}
+        with tracing.span("runbell.fanout", parent, kind=SpanKind.CONSUMER, attributes=attributes):
+            self._offer(subs, item)
+
+    def _offer(self, subs: set[Subscription[Any, Any]], item: Any) -> None:
+        """Hand the item to each subscriber of its stream."""
         if len(subs) < GC_PAUSE_FANOUT:
             for sub in list(subs):
                 sub.offer(item)

@@ -46,8 +46,8 @@ from runbell.bus.schema import (
     TaskState,
     envelope_json,
 )
-from runbell.service.core import clock, metaflow_status
-from runbell.service.core.outcome import Outcome, OutcomeStatus, decide
+from runbell.service.core import clock, metaflow_status, tracing
+from runbell.service.core.outcome import Outcome, OutcomeFold, OutcomeStatus, decide
 from runbell.service.store.models import EventRow, Run, RunProgress, TaskInstance, UTCDateTime, dialect_insert
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -277,6 +277,9 @@ class Store:
                 enqueued = await self.outbox.enqueue(conn, changes)
         if enqueued and self.outbox is not None:
             self.outbox.committed(enqueued)
+        for change in changes:
+            if change.decided:
+                trace_decision(change)
         stored = {(*change.run, *envelope.position) for change in changes for envelope in change.new}
         return [envelope for key, envelope in unique.items() if key in stored]
 
@@ -510,6 +513,26 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 # -- recording a batch of runs --------------------------------------------------------------------
+
+
+def trace_decision(change: RunChange) -> None:
+    """The span of a run's outcome decided (once, by the recorder that stored the deciding event), a
+    child of the deciding event's span: for a run with a trace context only."""
+    fold = OutcomeFold(*change.run)
+    for envelope in change.history:
+        if fold.apply(envelope):
+            if envelope.event.trace is not None:
+                outcome = fold.outcome
+                attributes = {
+                    "runbell.dag_id": outcome.dag_id,
+                    "runbell.run_id": outcome.run_id,
+                    "runbell.status": outcome.status.value,
+                    "runbell.decided_by": outcome.decided_by.value if outcome.decided_by else "",
+                    "runbell.seq": envelope.seq,
+                }
+                with tracing.span("runbell.outcome.decided", envelope.event.trace, attributes=attributes):
+                    pass
+            return
 
 
 async def _record_runs(conn: AsyncConnection, by_run: dict[RunKey, list[Envelope]], status_before: dict[RunKey, str]) -> list[RunChange]:

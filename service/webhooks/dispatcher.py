@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -40,9 +41,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from runbell.service.core import clock
+from runbell.bus.schema import TraceContext
+from runbell.service.core import clock, tracing
 from runbell.service.core.loops import Supervised, within
 from runbell.service.core.metrics import Metrics
 from runbell.service.core.redaction import url_label
@@ -522,6 +526,13 @@ class Dispatcher:
             self._endpoint_disabled(endpoint, finished.disabled_reason, finished.cancelled)
 
     async def _post(self, message: Message, endpoint: Endpoint) -> tuple[int, str, str | None]:
+        attributes = {"runbell.webhook.endpoint": endpoint.id, "runbell.webhook.message": message.id, "runbell.run_id": message.run_id}
+        with tracing.span("runbell.webhook.delivery", traced_by(message), kind=SpanKind.CLIENT, attributes=attributes) as span:
+            status, answer, retry_after = await self._post_now(message, endpoint)
+            span.set_attribute("http.response.status_code", status)
+            return status, answer, retry_after
+
+    async def _post_now(self, message: Message, endpoint: Endpoint) -> tuple[int, str, str | None]:
         await check_url(self.policy, endpoint.url)
         body = message.payload.encode()
         timestamp = int(time.time())
@@ -534,6 +545,9 @@ class Dispatcher:
             "user-agent": USER_AGENT,
             "accept-encoding": "identity",  # the capped answer is kept as sent, never inflated
         }
+        context = tracing.current()  # the delivery's span: the receiver's own spans can join the trace
+        if context is not None:
+            headers["traceparent"] = context.traceparent
         origin, client = self._origin(endpoint.url), self.client(endpoint.url)
         self._host_in_flight[origin] += 1
         try:
@@ -658,3 +672,14 @@ def parse_retry_after(value: str, *, maximum: float, now: datetime | None = None
             return None
         seconds = (when - (now or clock.now())).total_seconds()
     return min(max(seconds, 0.0), maximum)
+
+
+def traced_by(message: Message) -> TraceContext | None:
+    """The trace context of the event a message carries (its data's trace: events of a traced run)."""
+    if '"trace":' not in message.payload:  # most carry none: not parsed for nothing
+        return None
+    try:
+        trace = json.loads(message.payload)["data"].get("trace")
+        return TraceContext.model_validate(trace) if trace is not None else None
+    except (ValueError, KeyError, AttributeError, ValidationError):
+        return None

@@ -187,3 +187,17 @@ def _task_state(airflow: Any, run_id: str) -> str | None:
         if exc.code != 404:
             raise
         return None
+
+
+def test_a_callers_trace_reaches_the_hooks_events(airflow: Any, gateway: str) -> None:
+    """The caller's traceparent goes into the run's conf; every event the hook publishes carries a context
+    of that trace (Airflow's process has OpenTelemetry; without a provider its spans keep the parent's)."""
+    trace_id = uuid.uuid4().hex
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    status, outcome, _ = trigger_and_wait(gateway, "rb_trivial", {}, headers=headers)
+    assert status == 200 and outcome["status"] == "success", outcome
+    run_id = outcome["run_id"]
+    run = airflow.request("GET", f"/api/v2/dags/rb_trivial/dagRuns/{run_id}")
+    assert trace_id in run["conf"]["runbell_traceparent"]
+    hooked = [e.event for e in airflow.log("rb_trivial", run_id) if e.event.source.value == "hook"]
+    assert hooked and all(e.trace is not None and trace_id in e.trace.traceparent for e in hooked), [(e.state, e.trace) for e in hooked]
