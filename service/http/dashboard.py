@@ -118,7 +118,27 @@ async def asset(request: Request) -> Response:
     return _serve(request, found, IMMUTABLE if current else REVALIDATE)
 
 
+_CLIENT: Asset | None = None
+
+
+def client_module() -> Asset:
+    """The browser client (service/http/client/runbell.js, also the npm package runbell-client)."""
+    global _CLIENT
+    if _CLIENT is None:
+        body = (resources.files("runbell.service.http") / "client" / "runbell.js").read_bytes()
+        digest = hashlib.sha256(body).hexdigest()
+        _CLIENT = Asset(body, CONTENT_TYPES[".js"], f'"{digest[:32]}"', digest[:12])
+    return _CLIENT
+
+
+async def browser_client(request: Request) -> Response:
+    """The browser client as an ES module: any origin may import it (it holds no data, and a module
+    script from another origin is fetched with CORS)."""
+    return _serve(request, client_module(), REVALIDATE, {"Access-Control-Allow-Origin": "*"})
+
+
 ROUTES = [
     Route("/", index, methods=["GET", "HEAD"], name="dashboard"),
     Route("/ui/{name}", asset, methods=["GET", "HEAD"], name="dashboard_asset"),
+    Route("/v1/client/runbell.js", browser_client, methods=["GET", "HEAD"], name="browser_client"),
 ]

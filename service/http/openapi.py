@@ -633,6 +633,13 @@ OPERATIONS: dict[str, Operation] = {
     "dashboard": Operation(
         "The dashboard: one page (its views live in the URL's fragment)", None, {200: Answer("The page", media="text/html")}
     ),
+    "browser_client": Operation(
+        "The browser client, an ES module (also the npm package runbell-client, with TypeScript types)",
+        None,
+        {200: Answer("The module", media="text/javascript")},
+        "EventSource for a run, an asset or a backfill, with resume after a restart, recovery, token refresh and "
+        "result() as a Promise. Any origin may import it.",
+    ),
     "dashboard_asset": Operation(
         "A file of the dashboard (script, style)",
         None,
