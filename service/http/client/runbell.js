@@ -12,7 +12,7 @@
 // follows, rebuild from it), and asks `refreshToken` for a new token when the gateway refuses the one
 // it has (EventSource cannot send headers, nor see why it failed: the client asks the gateway).
 
-const BACKOFF_MS = [250, 500, 1000, 2000, 5000];
+const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];
 const POSITION = /^(?:([0-9a-z]+)-)?([0-9]{1,18})$/;
 
 /** An SSE id as a position {epoch, seq}; null when it is none. */
@@ -30,15 +30,24 @@ const KINDS = {
   backfill: ["slot", "progress"],
 };
 
+// Besides the data events, a stream tells what it does: "connecting", "open", "reconnecting" (the
+// browser retries, or the gateway said shutdown or slow_consumer: {message}), "recovering" (the
+// browser gave up: the stream asks the gateway why after {delay} ms), "duplicate" (a replayed event
+// was dropped), "auth" (the token was refused and none could be had), "end", "gone" ({message}).
 export class RunbellStream {
   /**
-   * @param {object} options  path (the stream's path), kind ("run", "asset", "backfill"), base (the
-   *   gateway's URL; default: this page's origin), token, refreshToken (async () => token),
+   * @param {object} options  path (the stream's path), kind ("run", "asset", "backfill"), types (the
+   *   data events; default: the kind's), base (the gateway's URL; default: this page's origin),
+   *   token (a string, or a function giving the current one), refreshToken (async () => token),
    *   lastEventId (resume after it), probePath (a GET, with its query, whose status says why the
-   *   stream cannot open: 401/403 refresh the token, 404 gone, 5xx or no answer retry)
+   *   stream cannot open: 401/403 refresh the token, 404 gone, 5xx or no answer retry), probe (async
+   *   () => "reconnect" | "retry" | "gone" | "auth" | "done", in place of the probePath's rule)
    */
-  constructor({ path, kind, base = "", token = null, refreshToken = null, lastEventId = null, probePath = null }) {
-    Object.assign(this, { path, kind, base, token, refreshToken, probePath });
+  constructor({ path, kind, types = null, base = "", token = null, refreshToken = null, lastEventId = null, probePath = null, probe = null }) {
+    Object.assign(this, { path, kind, base, refreshToken, probePath, probe });
+    this.types = types || KINDS[kind];
+    this.tokenOf = typeof token === "function" ? token : () => this.token;
+    this.token = typeof token === "function" ? null : token;
     this.last = parsePosition(lastEventId);
     this.listeners = new Map();
     this.seen = new Set();
@@ -46,8 +55,13 @@ export class RunbellStream {
     this.closed = false;
     this.es = null;
     this.timer = null;
-    this.stats = { opened: 0, reopened: 0, refreshed: 0, duplicates: 0, unrecovered: 0 };
+    this.stats = { opened: 0, reopened: 0, recovered: 0, refreshed: 0, duplicates: 0, unrecovered: 0 };
     queueMicrotask(() => this.open());
+  }
+
+  /** Closed for good (ended, gone, refused, or closed by its owner). */
+  get stopped() {
+    return this.closed;
   }
 
   /** Call fn(data, id) for each event of this type ("end" and "gone" too). Returns this. */
@@ -64,7 +78,8 @@ export class RunbellStream {
 
   url() {
     const params = new URLSearchParams();
-    if (this.token) params.set("access_token", this.token);
+    const token = this.tokenOf();
+    if (token) params.set("access_token", token);
     if (this.last) params.set("last_event_id", positionText(this.last));
     const query = params.toString();
     return `${this.base}${this.path}${query ? `?${query}` : ""}`;
@@ -74,13 +89,18 @@ export class RunbellStream {
     if (this.closed) return;
     const es = new EventSource(this.url());
     this.es = es;
+    this.emit("connecting", null, null);
     es.addEventListener("open", () => {
       if (es !== this.es) return;
       this.stats.opened += 1;
       if (this.stats.opened > 1) this.stats.reopened += 1;
       this.failures = 0;
+      this.emit("open", { reopened: this.stats.opened > 1 }, null);
     });
-    for (const type of KINDS[this.kind]) es.addEventListener(type, (event) => this.receive(es, type, event));
+    for (const type of new Set([...this.types, "recovery"])) es.addEventListener(type, (event) => this.receive(es, type, event));
+    es.addEventListener("shutdown", () => {
+      if (es === this.es) this.emit("reconnecting", { message: "gateway restarting: reconnecting…" }, null);
+    });
     es.addEventListener("end", (event) => {
       if (es !== this.es) return;
       this.close();
@@ -91,9 +111,11 @@ export class RunbellStream {
       if (event.data) { // the gateway's `error` event: slow_consumer (reconnect) or run_not_found
         const body = parse(event.data) || {};
         if (body.error === "run_not_found") this.gone(body.message);
+        else this.emit("reconnecting", { message: `${body.error || "error"}: reconnecting…` }, null);
         return;
       }
       if (es.readyState === EventSource.CLOSED) this.recover(); // the browser gave up: we decide
+      else this.emit("reconnecting", { message: "reconnecting…" }, null); // the browser retries with Last-Event-ID
     });
   }
 
@@ -106,6 +128,7 @@ export class RunbellStream {
       const key = `${type}:${positionText(at)}`;
       if (this.seen.has(key)) { // a replay of what was delivered already
         this.stats.duplicates += 1;
+        this.emit("duplicate", { type, id: event.lastEventId }, event.lastEventId);
         return;
       }
       this.seen.add(key);
@@ -126,31 +149,48 @@ export class RunbellStream {
 
   async recover() {
     if (this.es) this.es.close();
+    if (this.closed) return;
     const delay = BACKOFF_MS[Math.min(this.failures, BACKOFF_MS.length - 1)];
     this.failures += 1;
+    this.emit("recovering", { delay }, null);
     await new Promise((resolve) => { this.timer = setTimeout(resolve, delay); });
     if (this.closed) return;
-    let status = 0;
+    this.stats.recovered += 1;
+    let verdict;
     try {
-      const response = await fetch(`${this.base}${this.probePath}`, { headers: this.token ? { Authorization: `Bearer ${this.token}` } : {} });
-      status = response.status;
+      verdict = await (this.probe ? this.probe() : this.probeStatus());
     } catch (err) {
-      status = 0; // the gateway is still away
+      verdict = "retry";
     }
     if (this.closed) return;
-    if ((status === 401 || status === 403) && this.refreshToken) {
+    if (verdict === "refresh") {
       try {
         this.token = await this.refreshToken();
+        this.tokenOf = () => this.token;
         this.stats.refreshed += 1;
       } catch (err) {
         this.gone("the token could not be refreshed");
         return;
       }
       this.open();
-    } else if (status === 401 || status === 403) this.gone("the gateway refused the token");
-    else if (status === 404) this.gone("the gateway knows no such stream");
-    else if (status === 0 || status >= 500) this.recover();
-    else this.open();
+    } else if (verdict === "reconnect") this.open();
+    else if (verdict === "done") {
+      this.close();
+      this.emit("end", null, null);
+    } else if (verdict === "gone") this.gone("the gateway knows no such stream");
+    else if (verdict === "auth") {
+      this.close();
+      this.emit("auth", { message: "the gateway refused the token" }, null);
+    } else this.recover();
+  }
+
+  /** The default probe: the status of a GET of probePath says what to do. */
+  async probeStatus() {
+    const token = this.tokenOf();
+    const response = await fetch(`${this.base}${this.probePath}`, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+    if (response.status === 401 || response.status === 403) return this.refreshToken ? "refresh" : "auth";
+    if (response.status === 404) return "gone";
+    return response.status >= 500 ? "retry" : "reconnect";
   }
 
   gone(message) {

@@ -5,19 +5,19 @@
 //   #/runs/{dag_id}/{run_id}            one run: task timeline and outcome, live over SSE
 //   #/backfills/{backfill_id}           one backfill: its slots and a live progress bar
 //
-// Live streams are EventSource. The browser reconnects by itself after a dropped connection and
-// sends Last-Event-ID; when it gives up (the gateway answered an error while restarting), the page
-// opens a new one with ?last_event_id= after a bounded backoff. Events are de-duplicated by id, so
+// Live streams are the browser client's (/v1/client/runbell.js), over EventSource. The browser
+// reconnects by itself after a dropped connection and sends Last-Event-ID; when it gives up (the
+// gateway answered an error while restarting), the client opens a new one with ?last_event_id= after
+// a bounded backoff. Events are de-duplicated by id, so
 // a replay after any reconnect never shows an event twice, and nothing after the last one seen is
 // lost (the gateway replays from the run's log). An id is a position, EPOCH-SEQ: a newer epoch's
 // events (Redis lost the run's state and counted from 1 again) come after every older one.
-"use strict";
+import { RunbellStream, parsePosition } from "/v1/client/runbell.js";
 
 (() => {
   const STATUSES = ["queued", "running", "success", "failed", "unknown"];
   const PAGE_SIZE = 50;
   const REFRESH_MS = 2000; // the runs table re-reads its first page this often
-  const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];
   const TOKEN_KEY = "runbell.token";
   const TERMINAL_RUN = new Set(["success", "failed"]);
   // What the live streams did, for whoever looks (the browser test does): opened, recovered by the page.
@@ -166,138 +166,60 @@
 
   // -- live streams ---------------------------------------------------------------------------
 
-  // One EventSource that survives gateway restarts. `types` are the event names that carry data
-  // (de-duplicated by id); `end` closes it; `shutdown` and `error` events are handled here.
-  // `probe()` decides what to do after the browser gave up: "reconnect", "done", "gone", "auth",
-  // or "retry" (gateway still away; try again after the backoff).
-  // An SSE id as a position {epoch, seq} (a bare seq: the legacy epoch ""), or null; and their order.
-  const position = (id) => {
-    const m = /^(?:([0-9a-z]+)-)?([0-9]{1,18})$/.exec(id || "");
-    return m ? { epoch: m[1] || "", seq: Number(m[2]) } : null;
-  };
-  const positionText = (p) => (p.epoch ? `${p.epoch}-${p.seq}` : String(p.seq));
+  // The page's live streams are the browser client's (/v1/client/runbell.js: one EventSource that
+  // survives gateway restarts, each event once by its id). This adapter shows what a stream does in
+  // the connection indicator and the stats, and hands its events to a view. `probe()` decides what to
+  // do after the browser gave up: "reconnect", "done", "gone", "auth", or "retry" (gateway still away).
+  const position = parsePosition;
   const isAfter = (a, b) => (a.epoch !== b.epoch ? a.epoch > b.epoch : a.seq > b.seq);
 
   class LiveStream {
     constructor({ path, types, onEvent, onEnd, onGone, probe, onReopen }) {
       Object.assign(this, { path, types, onEvent, onEnd, onGone, probe, onReopen });
-      this.last = null; // the newest position seen
-      this.seen = new Set();
-      this.failures = 0;
-      this.opened = false;
-      this.stopped = false;
-      this.es = null;
-      this.timer = null;
+      this.stream = null;
+    }
+
+    get stopped() {
+      return !this.stream || this.stream.stopped;
     }
 
     start() {
-      this.open();
-    }
-
-    url() {
-      const params = new URLSearchParams();
-      if (token()) params.set("access_token", token());
-      if (this.last) params.set("last_event_id", positionText(this.last));
-      const query = params.toString();
-      return query ? `${this.path}?${query}` : this.path;
-    }
-
-    open() {
-      if (this.stopped) return;
-      const es = new EventSource(this.url());
-      this.es = es;
-      setConn("connecting", "connecting…");
-      es.addEventListener("open", () => {
-        if (es !== this.es) return;
-        this.failures = 0;
+      const stream = new RunbellStream({ path: this.path, kind: "run", types: this.types, token: () => token(), probe: this.probe });
+      this.stream = stream;
+      stream.on("connecting", () => setConn("connecting", "connecting…"));
+      stream.on("open", ({ reopened }) => {
         setConn("live", "live");
         stats.opened += 1;
-        if (this.opened) stats.reopened += 1;
-        if (this.opened && this.onReopen) this.onReopen();
-        this.opened = true;
-      });
-      for (const type of this.types) es.addEventListener(type, (event) => this.receive(es, type, event));
-      es.addEventListener("end", (event) => {
-        if (es !== this.es) return;
-        this.finish(parse(event.data));
-      });
-      es.addEventListener("recovery", (event) => {
-        // recovered: false: the gateway could not resume after our last id; the whole history follows.
-        if (es === this.es && !(parse(event.data) || {}).recovered) stats.unrecovered += 1;
-      });
-      es.addEventListener("shutdown", () => {
-        if (es === this.es) setConn("reconnecting", "gateway restarting: reconnecting…");
-      });
-      es.addEventListener("error", (event) => {
-        if (es !== this.es || this.stopped) return;
-        if (event.data) { // an `error` event the gateway sent
-          const body = parse(event.data) || {};
-          if (body.error === "run_not_found") {
-            this.stop();
-            if (this.onGone) this.onGone(body.message);
-          } else {
-            setConn("reconnecting", `${body.error || "error"}: reconnecting…`);
-          }
-          return;
+        if (reopened) {
+          stats.reopened += 1;
+          if (this.onReopen) this.onReopen();
         }
-        if (es.readyState === EventSource.CLOSED) this.recover();
-        else setConn("reconnecting", "reconnecting…"); // the browser retries with Last-Event-ID
       });
-    }
-
-    receive(es, type, event) {
-      if (es !== this.es) return;
-      const data = parse(event.data);
-      const at = position(event.lastEventId) || (data && data.seq ? { epoch: data.epoch || "", seq: data.seq } : null);
-      if (at && at.seq > 0) {
-        const key = `${type}:${positionText(at)}`;
-        if (this.seen.has(key)) { // a replay of what is already shown
-          stats.duplicates += 1;
-          return;
-        }
-        this.seen.add(key);
-        if (!this.last || isAfter(at, this.last)) this.last = at;
+      stream.on("reconnecting", ({ message }) => setConn("reconnecting", message));
+      stream.on("recovering", ({ delay }) => setConn("reconnecting", `gateway away: retrying in ${(delay / 1000).toFixed(1)} s…`));
+      stream.on("duplicate", () => { stats.duplicates += 1; });
+      stream.on("recovery", (data) => { if (!(data || {}).recovered) stats.unrecovered += 1; });
+      for (const type of this.types) {
+        stream.on(type, (data, id) => {
+          const at = position(id) || (data && data.seq ? { epoch: data.epoch || "", seq: data.seq } : null);
+          this.onEvent(type, data, at);
+        });
       }
-      this.onEvent(type, data, at);
-    }
-
-    async recover() {
-      if (this.es) this.es.close();
-      if (this.stopped) return;
-      const delay = BACKOFF_MS[Math.min(this.failures, BACKOFF_MS.length - 1)];
-      this.failures += 1;
-      setConn("reconnecting", `gateway away: retrying in ${(delay / 1000).toFixed(1)} s…`);
-      await new Promise((resolve) => { this.timer = setTimeout(resolve, delay); });
-      if (this.stopped) return;
-      stats.recovered += 1;
-      let verdict;
-      try {
-        verdict = await this.probe();
-      } catch (err) {
-        verdict = "retry";
-      }
-      if (this.stopped) return;
-      if (verdict === "reconnect") this.open();
-      else if (verdict === "done") this.finish(null);
-      else if (verdict === "gone") {
-        this.stop();
-        if (this.onGone) this.onGone();
-      } else if (verdict === "auth") {
-        this.stop();
-        setConn("error", "token needed");
-      } else this.recover();
-    }
-
-    finish(body) {
-      this.stop();
-      setConn("ended", "ended");
-      if (this.onEnd) this.onEnd(body);
+      stream.on("end", (data) => {
+        setConn("ended", "ended");
+        if (this.onEnd) this.onEnd(data);
+      });
+      stream.on("gone", ({ message }) => { if (this.onGone) this.onGone(message); });
+      stream.on("auth", () => setConn("error", "token needed"));
+      const probe = this.probe;
+      stream.probe = async () => {
+        stats.recovered += 1;
+        return probe();
+      };
     }
 
     stop() {
-      this.stopped = true;
-      clearTimeout(this.timer);
-      if (this.es) this.es.close();
+      if (this.stream) this.stream.close();
     }
   }
 
