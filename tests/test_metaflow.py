@@ -142,6 +142,7 @@ FLOW_CASES = {
     "retry_ok": ("retry_flow.py", with_runbell(result_artifact="answer"), {}),
     "retry_exhausted": ("retry_flow.py", with_runbell(result_artifact="answer"), {"RB_FLAKY_FAILS": "always"}),
     "catch": ("catch_flow.py", with_runbell(result_artifact="answer"), {}),
+    "streaming": ("streaming_flow.py", with_runbell(result_artifact="answer", result_step="start"), {}),
     "critical": ("gated_flow.py", with_runbell(critical="start,work"), {"RB_FAIL": "1"}),
     # A hook that cannot even be configured (every publish raises inside) must not harm the flow.
     "broken_hook": ("tiny_flow.py", with_runbell(result_artifact="answer"), {"RUNBELL_PUBLISH_TIMEOUT": "soon"}),
@@ -218,6 +219,21 @@ def test_linear_flow_publishes_every_step_and_the_result(flows, metaflow):
     assert (outcome.status, outcome.decided_by, outcome.result) == (OutcomeStatus.SUCCESS, DecidedBy.RESULT_TASK, 42)
     # Decided by the end step's success, before the run's own end.
     assert outcome.decided_seq < envelopes[-1].seq and envelopes[outcome.decided_seq - 1].event.task_id == "end"
+
+
+def test_a_step_streams_its_progress_in_order_before_its_end(flows, metaflow):
+    run = finished(flows, "streaming")
+    envelopes = metaflow.envelopes("StreamingFlow", run.run_id)
+    assert [e.seq for e in envelopes] == list(range(1, len(envelopes) + 1))
+    progress = [e for e in envelopes if e.event.kind.value == "progress"]
+    assert progress and all((e.event.task_id, e.event.try_number) == ("start", 1) for e in progress)
+    chunks = [item.value for e in progress for item in e.event.progress.items if item.key is None]
+    percents = [item.value for e in progress for item in e.event.progress.items if item.key == "percent"]
+    assert chunks == [f"w{i} " for i in range(50)] and percents[-1] == 100
+    ended = next(e.seq for e in envelopes if e.event.task_id == "start" and e.event.state == "success")
+    assert max(e.seq for e in progress) < ended  # the step's progress goes out before its end
+    outcome = metaflow.outcome("StreamingFlow", run.run_id)
+    assert outcome.status is OutcomeStatus.SUCCESS and outcome.result == "".join(chunks)
 
 
 def test_a_duplicate_is_dropped_not_taken_for_a_new_attempt(flows, metaflow):
