@@ -127,8 +127,9 @@ async def test_a_malformed_traceparent_is_a_400(gateway, stand_in_airflow) -> No
     async with gateway.client(TRIGGER_TOKEN) as client:
         bad = await client.post("/v1/dags/etl/runs", json={}, headers={"traceparent": "00-nothex-00f067aa0ba902b7-01"})
         assert bad.status_code == 400 and bad.json()["error"] == "bad_traceparent"
-        wait = await client.get("/v1/dags/etl/runs/x/result", params={"timeout": 0}, headers={"traceparent": "garbage"})
-        assert wait.status_code == 400 and wait.json()["error"] == "bad_traceparent"
+        for tail in ("result", "progress", "events"):  # every way to wait on a run
+            wait = await client.get(f"/v1/dags/etl/runs/x/{tail}", params={"timeout": 0}, headers={"traceparent": "garbage"})
+            assert wait.status_code == 400 and wait.json()["error"] == "bad_traceparent", tail
     assert not stand_in_airflow.runs
 
 

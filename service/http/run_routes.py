@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -74,13 +74,16 @@ async def run_result(request: Request) -> Response:
     in a span of its trace."""
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
+    return await in_caller_span(request, "runbell.wait", dag_id, run_id, lambda: answer_result(request, dag_id, run_id))
+
+
+async def in_caller_span(request: Request, name: str, dag_id: str, run_id: str, answer: Callable[[], Awaitable[Response]]) -> Response:
+    """The answer, made in a span of the caller's trace when it sent a traceparent (else as it is)."""
     caller = caller_trace(request)
     if caller is None:
-        return await answer_result(request, dag_id, run_id)
-    with tracing.span(
-        "runbell.wait", caller, kind=SpanKind.SERVER, attributes={"runbell.dag_id": dag_id, "runbell.run_id": run_id}
-    ) as span:
-        response = await answer_result(request, dag_id, run_id)
+        return await answer()
+    with tracing.span(name, caller, kind=SpanKind.SERVER, attributes={"runbell.dag_id": dag_id, "runbell.run_id": run_id}) as span:
+        response = await answer()
         span.set_attribute("http.response.status_code", response.status_code)
         return response
 
@@ -317,6 +320,10 @@ async def run_progress(request: Request) -> Response:
     `ended` once the run has ended without more; 202 with none when the timeout passes first."""
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
+    return await in_caller_span(request, "runbell.wait_progress", dag_id, run_id, lambda: answer_progress(request, dag_id, run_id))
+
+
+async def answer_progress(request: Request, dag_id: str, run_id: str) -> Response:
     timeout = parse_timeout(request)
     after = position_value(query_value(request, AFTER_PARAM), "bad_after", "after must be a position as answered")
     hub_with_room(request)
@@ -373,9 +380,14 @@ def take_progress(envelope: Envelope, found: list[Envelope], ended: bool, last: 
 
 
 async def run_events(request: Request) -> Response:
-    """The run's events as SSE: replay after Last-Event-ID, then live, then `end` and close."""
+    """The run's events as SSE: replay after Last-Event-ID, then live, then `end` and close (its
+    opening in a span of the caller's trace, when it sent a traceparent)."""
     dag_id, run_id = run_path(request)
     authorize(request, Role.READ, run=(dag_id, run_id))
+    return await in_caller_span(request, "runbell.follow", dag_id, run_id, lambda: open_events(request, dag_id, run_id))
+
+
+async def open_events(request: Request, dag_id: str, run_id: str) -> Response:
     last_id = parse_last_event_id(request)
     hub = hub_with_room(request)
     runs: RunTopic = request.app.state.runs
