@@ -8,13 +8,16 @@ What is kept, and what is bounded:
 
 - a value under a key (``key="percent"``) replaces that key's last one; a value without a key (a
   chunk) is appended to the ones before it;
-- a value whose JSON is over ``VALUE_MAX_BYTES`` is refused;
+- a value whose JSON (with its key) is over ``VALUE_MAX_BYTES`` is refused;
 - a task attempt sends at most ``RUNBELL_PROGRESS_RATE`` events a second (default 20, with a burst
   of as many). Values offered faster wait and go out together, in the order offered, in the next
   event: of a key only its latest value (the ones it replaced are dropped), every chunk;
 - what waits is bounded (``PENDING_MAX_BYTES`` of JSON, ``PROGRESS_ITEMS_MAX`` values): a value that
-  does not fit is refused. Each event says in ``dropped`` how many values offered since the event
-  before it no event carries (replaced or refused), so a reader knows when it has not seen them all;
+  does not fit is refused (nothing waiting is dropped for it), and so is one that cannot be encoded
+  as JSON. Each event says in ``dropped`` how many values offered since the event before it no event
+  carries (replaced or refused), so a reader knows when it has not seen them all;
+- a task attempt sends at most ``MAX_EVENTS_PER_ATTEMPT`` progress events (the run's replay log keeps
+  every one for its lifetime); later values are refused;
 - ``progress`` never publishes itself and never waits on the network: it hands the value to a
   daemon thread of its process (a lock held for microseconds) and returns whether it was taken. The
   thread publishes with the hook's publisher, so with its bounds (timeouts, the spool);
@@ -47,17 +50,16 @@ from runbell.bus.schema import (
     ProgressItem,
     Source,
     TaskState,
-    json_bytes,
 )
 from runbell.listeners.guard import LogOnce
 from runbell.listeners.publisher import Publisher, default_publisher
 
 log = logging.getLogger("runbell.progress")
 
-VALUE_MAX_BYTES = 16 * 1024  # one value's JSON
-ITEM_OVERHEAD = 32  # bytes an item adds to its value's JSON: {"key":...,"value":...},
+VALUE_MAX_BYTES = 16 * 1024  # one value's JSON, with its key: {"key":...,"value":...}
 PENDING_MAX_BYTES = PROGRESS_MAX_BYTES - 1024  # what waits to be sent fits one event, with room for the rest of it
 FINISH_SECONDS = 2.0  # the longest the task's end waits for its progress to be sent
+MAX_EVENTS_PER_ATTEMPT = 10_000  # progress events one task attempt sends at most (the run's replay log holds them all)
 IDLE_EXIT_SECONDS = 30.0  # the sending thread ends after this long with nothing to send
 _HOST = socket.gethostname()[:HOST_MAX]
 _log_once = LogOnce(log)
@@ -95,22 +97,25 @@ class _Waiting:
 
     tokens: float
     refilled_at: float
-    items: list[tuple[str | None, Any, int]] = field(default_factory=list)  # (key, value, bytes)
+    items: list[tuple[str | None, ProgressItem, int]] = field(default_factory=list)  # (key, item, bytes of its JSON)
     size: int = 0
     dropped: int = 0
+    sent: int = 0  # events sent for this attempt
 
-    def add(self, key: str | None, value: Any, size: int) -> bool:
-        if key is not None:
-            for index, (waiting_key, _, waiting_size) in enumerate(self.items):
-                if waiting_key == key:  # only the key's latest value is kept
-                    del self.items[index]
-                    self.size -= waiting_size
-                    self.dropped += 1
-                    break
-        if self.size + size > PENDING_MAX_BYTES or len(self.items) >= PROGRESS_ITEMS_MAX:
+    def add(self, key: str | None, item: ProgressItem, size: int) -> bool:
+        """Wait to be sent: of a key only the latest (the one it replaces is dropped); False when it
+        does not fit (nothing waiting is dropped for it)."""
+        replaced = next((index for index, (waiting_key, _, _) in enumerate(self.items) if key is not None and waiting_key == key), None)
+        freed = self.items[replaced][2] if replaced is not None else 0
+        count = len(self.items) - (replaced is not None)
+        if self.size - freed + size > PENDING_MAX_BYTES or count >= PROGRESS_ITEMS_MAX:
             self.dropped += 1
             return False
-        self.items.append((key, value, size))
+        if replaced is not None:
+            del self.items[replaced]
+            self.size -= freed
+            self.dropped += 1
+        self.items.append((key, item, size))
         self.size += size
         return True
 
@@ -119,12 +124,14 @@ class _Waiting:
         self.refilled_at = now
 
     def take(self) -> Progress | None:
-        """What waits, as one event's progress, and nothing waiting after it (None: nothing to send)."""
+        """What waits, as one event's progress, and nothing waiting after it (None: nothing to send).
+        Each item's JSON was measured when it was taken, so the whole fits the progress bound."""
         if not self.items:
             return None
-        progress = Progress(items=[ProgressItem(key=key, value=value) for key, value, _ in self.items], dropped=self.dropped)
+        items, dropped = [item for _, item, _ in self.items], self.dropped
         self.items, self.size, self.dropped = [], 0, 0
-        return progress
+        self.sent += 1
+        return Progress(items=items, dropped=dropped)
 
 
 class ProgressSender:
@@ -145,19 +152,30 @@ class ProgressSender:
         self._thread: threading.Thread | None = None
 
     def offer(self, ref: TaskRef, key: str | None, value: Any) -> bool:
-        """Take one value to send (False: refused, counted in the next event's dropped)."""
-        value_size = json_bytes(value)
+        """Take one value to send (False: refused, counted in the next event's dropped). A value is
+        encoded here, as the event will encode it, so one that cannot be is refused now."""
+        try:
+            item = ProgressItem(key=key, value=value)
+            size = len(item.model_dump_json(exclude_none=True).encode("utf-8")) + 1  # and a comma
+        except Exception as exc:  # not JSON-encodable (an object, bytes that are no UTF-8), or a bad key
+            _log_once(f"encode:{type(exc).__name__}", "runbell: a progress value was dropped: it cannot be encoded as JSON: %r", exc)
+            size = None
         with self._cond:
             waiting = self._waiting.get(ref)
             if waiting is None:
                 waiting = self._waiting[ref] = _Waiting(tokens=self.rate, refilled_at=self.clock())
-            if value_size > VALUE_MAX_BYTES:
+            if size is None or size > VALUE_MAX_BYTES:
+                waiting.dropped += 1
+                if size is not None:
+                    _log_once("too-large", "runbell: a progress value of %d bytes of JSON was dropped (at most %d)", size, VALUE_MAX_BYTES)
+                return False
+            if waiting.sent >= MAX_EVENTS_PER_ATTEMPT:
                 waiting.dropped += 1
                 _log_once(
-                    "too-large", "runbell: a progress value of %d bytes of JSON was dropped (at most %d)", value_size, VALUE_MAX_BYTES
+                    "too-many", "runbell: a task attempt sent %d progress events, the most it may; later values are dropped", waiting.sent
                 )
                 return False
-            taken = waiting.add(key, value, value_size + ITEM_OVERHEAD + (len(key) if key else 0))
+            taken = waiting.add(key, item, size)
             self._news = True
             self._cond.notify()
             if self._thread is None:
@@ -186,19 +204,30 @@ class ProgressSender:
             self.finish(ref, timeout)
 
     def _run(self) -> None:
+        try:
+            self._send_until_idle()
+        finally:  # however it ends, the next value starts a new thread
+            with self._cond:
+                self._thread = None
+
+    def _send_until_idle(self) -> None:
         idle_since = self.clock()
         while True:
-            with self._send_lock:
-                with self._cond:
-                    ready, pause = self._take_ready()
-                for ref, progress in ready:
-                    self._publish(ref, progress)
+            ready: list[tuple[TaskRef, Progress]] = []
+            pause = 1.0
+            try:
+                with self._send_lock:
+                    with self._cond:
+                        ready, pause = self._take_ready()
+                    for ref, progress in ready:
+                        self._publish(ref, progress)
+            except Exception as exc:  # one bad batch never stops the thread: it is dropped, logged once
+                _log_once(f"send:{type(exc).__name__}", "runbell: progress could not be sent: %r", exc)
             now = self.clock()
             if ready:
                 idle_since = now
             with self._cond:
                 if not self._news and not any(w.items for w in self._waiting.values()) and now - idle_since > IDLE_EXIT_SECONDS:
-                    self._thread = None
                     return
                 if not self._news:
                     self._cond.wait(pause)
@@ -306,8 +335,6 @@ def progress(value: Any, *, key: str | None = None) -> bool:
         config = default_publisher().config
         if not config.enabled or ref.dag_id in config.skip_dags:
             return False
-        if key is not None:
-            ProgressItem(key=key)  # the key's bounds, before it waits
         return sender().offer(ref, key, value)
     except Exception as exc:
         _log_once(f"progress:{type(exc).__name__}", "runbell: a progress value was dropped: %r", exc)

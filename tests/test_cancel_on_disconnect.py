@@ -90,6 +90,13 @@ async def test_a_decided_run_or_one_with_a_callback_is_never_cancelled(gateway, 
     assert len(stand_in_airflow.runs) == 2 and not stand_in_airflow.run_patches
 
 
+async def test_a_run_airflow_has_ended_meanwhile_is_never_failed(gateway, stand_in_airflow) -> None:
+    run_id = await leave_early(gateway, stand_in_airflow, {"cancel_on_disconnect": True})
+    stand_in_airflow.runs[("etl", run_id)]["state"] = "success"  # its events have not come yet
+    await asyncio.sleep(GRACE + 1.0)
+    assert not stand_in_airflow.run_patches
+
+
 async def test_cancel_on_disconnect_needs_a_wait(gateway, stand_in_airflow) -> None:
     async with gateway.client(TRIGGER_TOKEN) as client:
         response = await client.post(TRIGGER, json={"cancel_on_disconnect": True})

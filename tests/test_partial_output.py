@@ -130,12 +130,70 @@ def test_what_waits_is_bounded_and_each_event_fits_the_progress_bound(captured: 
     wait_until_taken(sender)
     chunk = "y" * 4000
     taken = [sender.offer(REF, None, chunk) for _ in range(40)]
-    assert taken.count(True) == (PENDING_MAX_BYTES // (4002 + partial_output.ITEM_OVERHEAD)) and not all(taken)
+    item_bytes = len(ProgressItem(value=chunk).model_dump_json(exclude_none=True)) + 1  # and its comma
+    assert taken.count(True) == PENDING_MAX_BYTES // item_bytes and not all(taken)
     captured.gate.set()
     sender.finish(REF)
     last = captured.events[-1]
     assert len(json.dumps(last.progress.model_dump(mode="json"))) <= PROGRESS_MAX_BYTES
     assert last.progress.dropped == taken.count(False)
+
+
+class Unencodable:
+    pass
+
+
+def test_a_value_that_cannot_be_encoded_is_refused_and_the_sender_goes_on(captured: Captured) -> None:
+    sender = sender_of(captured, rate=1000)
+    assert sender.offer(REF, None, "before")
+    for bad in (Unencodable(), b"\xff"):
+        assert not sender.offer(REF, None, bad)
+    assert not sender.offer(REF, "\u00e9" * 65, 1)  # a key over 64 characters
+    assert sender.offer(REF, None, "after")
+    sender.finish(REF)
+    assert captured.items() == [(None, "before"), (None, "after")]
+    assert sum(e.progress.dropped for e in captured.events) == 3
+
+
+def test_a_refused_keyed_value_leaves_the_keys_waiting_value(captured: Captured) -> None:
+    captured.gate.clear()
+    sender = sender_of(captured, rate=1)
+    sender.offer(REF, None, "held")
+    wait_until_taken(sender)
+    assert sender.offer(REF, "status", "short")
+    filler = "y" * 4000
+    while sender.offer(REF, None, filler):
+        pass  # what waits is at its bound now
+    assert not sender.offer(REF, "status", "z" * 9000)  # does not fit: the waiting one stays
+    captured.gate.set()
+    sender.finish(REF)
+    assert ("status", "short") in captured.items()
+
+
+def test_a_sending_thread_that_fails_is_replaced(captured: Captured, monkeypatch) -> None:
+    sender = sender_of(captured, rate=1000)
+    calls = {"n": 0}
+    real = sender._take_ready
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real()
+
+    monkeypatch.setattr(sender, "_take_ready", failing_once)
+    sender.offer(REF, None, "a")
+    captured.wait_for(lambda events: len(events) == 1)  # the loop went on after the failure
+    assert captured.items() == [(None, "a")]
+
+
+def test_a_task_attempt_sends_a_bounded_number_of_events(captured: Captured, monkeypatch) -> None:
+    monkeypatch.setattr(partial_output, "MAX_EVENTS_PER_ATTEMPT", 3)
+    sender = sender_of(captured, rate=1000)
+    for i in range(3):
+        assert sender.offer(REF, None, i)
+        captured.wait_for(lambda events, n=i + 1: len(events) == n)  # each its own event
+    assert not sender.offer(REF, None, "one too many")
 
 
 def test_the_tasks_end_sends_what_waits_first_past_the_rate(captured: Captured) -> None:

@@ -84,6 +84,8 @@ async def test_a_callback_can_ask_for_progress_and_task_events_too(gateway, stan
         ({"url": "http://127.0.0.1:9/x", "headers": {f"X-{i}": "v" for i in range(21)}}, "callback.headers"),
         ({"url": "http://127.0.0.1:9/x", "headers": {"bad name": "v"}}, "callback.headers"),
         ({"url": "http://127.0.0.1:9/x", "extra": 1}, "callback.extra"),
+        ({"url": "http://127.0.0.1:9/x", "headers": {"X-Note": "caf\u00e9"}}, "callback.headers.X-Note"),  # HTTP sends ASCII
+        ({"url": "http://127.0.0.1:9/x", "headers": {"Traceparent": "00-x"}}, "traceparent: set by the delivery itself"),
     ],
 )
 async def test_a_bad_callback_is_refused_before_anything_is_triggered(gateway, stand_in_airflow, callback, says) -> None:
@@ -108,8 +110,35 @@ async def test_a_retried_trigger_registers_no_second_callback(gateway, stand_in_
     async with gateway.client(TRIGGER_TOKEN) as client:
         first = (await client.post(TRIGGER, json=request, headers=headers)).json()
         again = (await client.post(TRIGGER, json=request, headers=headers)).json()
-    assert first["run_id"] == again["run_id"] and first["callback"] is not None and again.get("callback") is None
+    assert first["run_id"] == again["run_id"] and first["callback"] is not None
+    assert again["callback"] == first["callback"]  # the same callback, told again: none registered twice
     await publish(gateway, first["run_id"], "failed", task_id="answer", critical=True, error="boom")
     await until(lambda: receiver.hits_at("/once"), timeout=30)
     await asyncio.sleep(0.5)
     assert len(receiver.hits_at("/once")) == 1
+
+
+async def test_callbacks_are_not_listed_and_expired_ones_are_swept_once_delivered(gateway, stand_in_airflow, receiver) -> None:  # noqa: F811
+    from datetime import timedelta
+
+    from runbell.service.core import clock
+
+    async with gateway.client(TRIGGER_TOKEN) as client:
+        body = (await client.post(TRIGGER, json={"callback": {"url": receiver.at("/swept")}})).json()
+    endpoint_id = body["callback"]["id"]
+    webhooks = gateway.app.state.webhooks
+    async with gateway.client(ADMIN_TOKEN) as admin:
+        assert (await admin.get("/v1/webhooks")).json()["webhooks"] == []  # subscriptions only
+        assert (await admin.get(f"/v1/webhooks/{endpoint_id}")).status_code == 200
+    later = clock.now() + timedelta(days=30)  # past its expiry
+    await publish(gateway, body["run_id"], "failed", task_id="answer", critical=True, error="boom")
+    await until(lambda: receiver.hits_at("/swept"), timeout=30)
+    for _ in range(100):  # until its one message is marked delivered
+        messages = await webhooks.messages(endpoint_id)
+        if messages and messages[0].status == "delivered":
+            break
+        await asyncio.sleep(0.05)
+    assert await webhooks.purge_expired_callbacks(clock.now()) == 0  # not expired yet
+    assert await webhooks.purge_expired_callbacks(later) == 1
+    assert await webhooks.get_endpoint(endpoint_id) is None
+    assert [m.status for m in await webhooks.messages(endpoint_id)] == ["delivered"]  # its log is kept

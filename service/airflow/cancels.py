@@ -69,10 +69,20 @@ class DisconnectCancels:
             return "a callback is registered for it"
         return None
 
+    async def airflow_says_no(self, dag_id: str, run_id: str) -> str | None:
+        """Asked last, right before the change: a run Airflow has ended (its events may not have come
+        yet) is never failed afterwards."""
+        run = await self.airflow.get_run(dag_id, run_id)
+        if run is None:
+            return "Airflow has no such run"
+        if run.get("state") in (RunState.SUCCESS.value, RunState.FAILED.value):
+            return f"Airflow has it {run['state']} already"
+        return None
+
     async def _after_grace(self, dag_id: str, run_id: str) -> None:
         try:
             await asyncio.sleep(self.grace)
-            reason = await self.why_not(dag_id, run_id)
+            reason = await self.why_not(dag_id, run_id) or await self.airflow_says_no(dag_id, run_id)
             if reason is not None:
                 log.info("runbell: run %s of %s is not cancelled: %s", run_id, dag_id, reason)
                 return

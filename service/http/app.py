@@ -14,6 +14,7 @@ from dataclasses import replace
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
@@ -70,6 +71,7 @@ from runbell.service.webhooks.target_guard import TargetPolicy
 log = logging.getLogger("runbell.app")
 
 PARTITIONS_CHECK_SECONDS = 30.0  # how often the gateway asks for the stored partition count again
+CALLBACK_SWEEP_SECONDS = 600.0  # how often expired callbacks are deleted
 REDIS_COMMAND_CONNECTIONS = 16  # loopback commands take ~0.1 ms: 16 in flight is far beyond one core's need
 
 RUN = "/v1/dags/{dag_id}/runs/{run_id}"
@@ -198,6 +200,16 @@ def partition_keeper(state: State, namespace: str) -> Supervised:
     return Supervised("runbell-partitions", check, pause=PARTITIONS_CHECK_SECONDS, logger=log, expected=(RedisError, OSError))
 
 
+def callback_sweeper(webhooks: WebhookStore) -> Supervised:
+    """Deletes the triggers' callbacks past their expiry with nothing left to deliver, every
+    CALLBACK_SWEEP_SECONDS (one per trigger would otherwise pile up)."""
+
+    async def sweep() -> None:
+        await webhooks.purge_expired_callbacks()
+
+    return Supervised("runbell-callbacks", sweep, pause=CALLBACK_SWEEP_SECONDS, logger=log, expected=(SQLAlchemyError, OSError))
+
+
 def spool_flusher(publisher: Publisher, every: float) -> Supervised:
     """Sends the namespace's spool (events POSTed while Redis was unreachable, also before a restart)
     at start-up and then every ``every`` seconds, whether or not anything else is published."""
@@ -256,6 +268,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     loops = [
         spool_flusher(state.publisher, settings.spool_flush_interval),
         partition_keeper(state, settings.namespace),
+        callback_sweeper(state.webhooks),
     ]  # besides the hub's listener, each started and stopped the same way
     state.cancels = None
     if state.airflow is not None:

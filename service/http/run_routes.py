@@ -338,6 +338,8 @@ async def answer_progress(request: Request, dag_id: str, run_id: str) -> Respons
             with anyio.move_on_after(max(timeout, BACKLOG_READ_SECONDS)):
                 for envelope in await subscription.backlog():
                     ended, last = take_progress(envelope, found, ended, last)
+                    if len(found) > PROGRESS_PAGE_MAX:
+                        break  # enough for one answer: the rest comes with the next
             if not found and not ended:
                 with anyio.move_on_after(timeout):
                     try:

@@ -34,7 +34,7 @@ from runbell.service.http.idempotency import Claim, IdempotencyKeys, fingerprint
 from runbell.service.http.params import ascii_seconds, path_id, read_body, seconds_param
 from runbell.service.http.run_routes import caller_trace, outcome_response, parse_resolve, wait_for_outcome
 from runbell.service.http.webhooks import reachable_target
-from runbell.service.webhooks.outbox import Endpoint, WebhookStore
+from runbell.service.webhooks.outbox import Endpoint, WebhookStore, callback_id
 from runbell.service.webhooks.rules import Callback
 
 RUN_ID_ATTEMPTS = 5
@@ -151,8 +151,9 @@ async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body:
     claim = Claim(body.run_id or new_run_id(), must_trigger=True)
     if idempotency_key is not None:
         claim = await keys.claim(idempotency_key, print_, claim.run_id)
-        if not claim.must_trigger:
-            return claim.run_id, None  # the first call registered its callback
+        if not claim.must_trigger:  # the first call triggered it, and registered its callback
+            known = await callback_store(request).get_endpoint(callback_id(dag_id, claim.run_id)) if body.callback else None
+            return claim.run_id, known
     callback: Endpoint | None = None
     try:
         await check_dag(airflow, dag_id, unpause=request.query_params.get("unpause") == "true")
@@ -160,14 +161,17 @@ async def start_run(request: Request, airflow: AirflowClient, dag_id: str, body:
             callback = await register_callback(request, dag_id, claim.run_id, body.callback)
         traced = body.model_copy(update={"conf": conf_with(body.conf, tracing.current())})  # the hook's spans join the trigger's trace
         run_id = await trigger(airflow, dag_id, traced, claim.run_id, caller_named=body.run_id is not None, resumed=claim.resumed)
-        if callback is not None and run_id != claim.run_id:
-            await callback_store(request).rebind_callback(callback.id, run_id)
     except BaseException:
         if idempotency_key is not None:
             await keys.release(idempotency_key)
         if callback is not None:
             await callback_store(request).delete_endpoint(callback.id)  # no run: nothing to call back about
         raise
+    # The run exists now: nothing below may release the key (a retry would trigger a second run).
+    if body.callback is not None and run_id != claim.run_id:  # the drawn id was taken: the run has another
+        if callback is not None:
+            await callback_store(request).delete_endpoint(callback.id)
+        callback = await register_callback(request, dag_id, run_id, body.callback)
     if idempotency_key is not None:
         await keys.done(idempotency_key, print_, run_id)
     await asyncio.to_thread(request.app.state.publisher.publish, queued_event(dag_id, run_id, tracing.current()))

@@ -173,6 +173,7 @@ class RunProgress(Base):
 
 class WebhookEndpointRow(Base):
     __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_run_id", "run_id"),)  # a run's callbacks (migration 0010)
 
     id: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
     url: Mapped[str] = mapped_column(Text)

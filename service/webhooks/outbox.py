@@ -21,6 +21,7 @@ and writes each attempt's verdict (finish); the admin API reads and replays thro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,6 +50,7 @@ from runbell.service.store.models import (
     ATTEMPTS,
     ENDPOINTS,
     MESSAGES,
+    WebhookEndpointRow,
     WebhookMessageRow,
     dialect_insert,
 )
@@ -159,6 +161,11 @@ def _attempt(row: Any) -> Attempt:
     return Attempt(**{name: getattr(row, name) for name in Attempt.__dataclass_fields__})
 
 
+def callback_id(dag_id: str, run_id: str) -> str:
+    """The id of a run's callback: one per run, whoever registers it again."""
+    return "ep_cb_" + hashlib.sha256(f"callback|{dag_id}|{run_id}".encode()).hexdigest()[:24]
+
+
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
@@ -225,7 +232,9 @@ class WebhookOutbox:
     async def enqueue(self, conn: AsyncConnection, changes: Sequence[RunChange]) -> int:
         """Insert the messages of these runs' new events and newly decided outcomes, inside the
         caller's transaction. Returns how many were new."""
-        query = select(ENDPOINTS).where(ENDPOINTS.c.enabled.is_(True))
+        # The subscriptions, and the callbacks of these runs only: callbacks pile up, one per trigger.
+        run_ids = sorted({change.run[1] for change in changes})
+        query = select(ENDPOINTS).where(ENDPOINTS.c.enabled.is_(True), or_(ENDPOINTS.c.run_id.is_(None), ENDPOINTS.c.run_id.in_(run_ids)))
         endpoints = [_endpoint(row) for row in (await conn.execute(query)).all()]
         if not endpoints:
             return 0
@@ -341,7 +350,9 @@ class WebhookStore:
         headers: dict[str, str] | None = None,
         expires_at: datetime | None = None,
     ) -> Endpoint:
-        """A subscription; with run_id (and dag_ids naming its DAG), a trigger's callback for that one run."""
+        """A subscription; with run_id (and dag_ids naming its DAG), a trigger's callback for that one
+        run: its id is the run's (callback_id), and the run's callback already registered is returned
+        as it is (a retried trigger registers none twice)."""
         from runbell.service.webhooks.signing import new_secret
 
         # The API's rules (pydantic's ValidationError is a ValueError naming the bad field).
@@ -356,7 +367,7 @@ class WebhookStore:
         )
         now = clock.now()
         values = dict(
-            id=_new_id("ep_"),
+            id=callback_id(dag_ids[0], run_id) if run_id is not None and dag_ids else _new_id("ep_"),
             **checked.model_dump(mode="json"),
             secret=new_secret(),
             previous_secret=None,
@@ -370,13 +381,27 @@ class WebhookStore:
             expires_at=expires_at,
         )
         async with self.store._transaction(write=True) as conn:
-            await conn.execute(insert(ENDPOINTS).values(values))
-        return Endpoint(**values)
+            await conn.execute(dialect_insert(conn, WebhookEndpointRow).values(values).on_conflict_do_nothing())
+            row = (await conn.execute(select(ENDPOINTS).where(ENDPOINTS.c.id == values["id"]))).first()
+        return _endpoint(row)
 
     async def list_endpoints(self) -> list[Endpoint]:
+        """The subscriptions (a trigger's callbacks are found by their id, not listed: one per trigger)."""
+        query = select(ENDPOINTS).where(ENDPOINTS.c.run_id.is_(None)).order_by(ENDPOINTS.c.created_at, ENDPOINTS.c.id)
         async with self.store.engine.connect() as conn:
-            rows = (await conn.execute(select(ENDPOINTS).order_by(ENDPOINTS.c.created_at, ENDPOINTS.c.id))).all()
+            rows = (await conn.execute(query)).all()
         return [_endpoint(row) for row in rows]
+
+    async def purge_expired_callbacks(self, now: datetime | None = None) -> int:
+        """Delete the callbacks past their expiry that have no delivery left to try (their messages
+        and attempts are kept, as a deleted endpoint's). Returns how many."""
+        now = now or clock.now()
+        undelivered = select(MESSAGES.c.id).where(
+            MESSAGES.c.endpoint_id == ENDPOINTS.c.id, MESSAGES.c.status == MessageStatus.PENDING.value
+        )
+        statement = delete(ENDPOINTS).where(ENDPOINTS.c.run_id.is_not(None), ENDPOINTS.c.expires_at < now, ~undelivered.exists())
+        async with self.store._transaction(write=True) as conn:
+            return (await conn.execute(statement)).rowcount
 
     async def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
         async with self.store.engine.connect() as conn:
@@ -408,11 +433,6 @@ class WebhookStore:
         async with self.store.engine.connect() as conn:
             endpoints = [_endpoint(row) for row in (await conn.execute(query)).all()]
         return any(endpoint.wants(dag_id, run_id, clock.now()) for endpoint in endpoints)
-
-    async def rebind_callback(self, endpoint_id: str, run_id: str) -> None:
-        """A callback's run got another id before it was triggered (the id first drawn was taken)."""
-        async with self.store._transaction(write=True) as conn:
-            await conn.execute(update(ENDPOINTS).where(ENDPOINTS.c.id == endpoint_id).values(run_id=run_id, updated_at=clock.now()))
 
     async def delete_endpoint(self, endpoint_id: str) -> bool:
         """Delete the endpoint; its pending messages are cancelled (kept, with their attempts)."""

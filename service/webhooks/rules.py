@@ -98,6 +98,8 @@ RESERVED_HEADERS = frozenset(
         "keep-alive",
         "proxy-authorization",
         "te",
+        "traceparent",
+        "tracestate",
         "trailer",
         "transfer-encoding",
         "upgrade",
@@ -108,7 +110,7 @@ RESERVED_HEADERS = frozenset(
     }
 )
 HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
-HeaderValue = Annotated[str, StringConstraints(max_length=HEADER_VALUE_MAX, pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*$")]
+HeaderValue = Annotated[str, StringConstraints(max_length=HEADER_VALUE_MAX, pattern=r"^[\t\x20-\x7e]*$")]  # what HTTP sends as it is
 
 
 def _allowed_headers(headers: dict[str, str]) -> dict[str, str]:

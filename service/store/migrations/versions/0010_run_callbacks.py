@@ -29,9 +29,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("run_id", sa.String(250), nullable=True))
         batch.add_column(sa.Column("headers", JSON, nullable=True))
         batch.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_index("ix_webhook_endpoints_run_id", "webhook_endpoints", ["run_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_webhook_endpoints_run_id", table_name="webhook_endpoints")
     with op.batch_alter_table("webhook_endpoints") as batch:
         batch.drop_column("expires_at")
         batch.drop_column("headers")
