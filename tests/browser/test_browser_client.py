@@ -99,3 +99,45 @@ def test_the_npm_package_holds_the_module_and_its_types(tmp_path) -> None:
     node = subprocess.run(["node", "-e", script, str(CLIENT / "runbell.js")], capture_output=True, text=True, timeout=60)
     assert node.returncode == 0, node.stderr
     assert declared | {"RunbellStream"} == set(json.loads(node.stdout))
+
+
+TYPESCRIPT = Path.home() / ".cache" / "runbell" / "typescript-5"  # installed once from the npm registry
+
+
+def test_the_types_compile_for_a_consumer_with_strict_typescript(tmp_path) -> None:
+    """tests/client_types/use.ts imports the package and uses each function and event; tsc --strict
+    must accept it, including the @ts-expect-error of an event a run does not have."""
+    npm = shutil.which("npm")
+    if npm is None:
+        if IN_CI:
+            pytest.fail("CI=true needs npm (the machine's Node.js)", pytrace=False)
+        pytest.skip("npm is not installed")
+    tsc = TYPESCRIPT / "node_modules" / ".bin" / "tsc"
+    if not tsc.exists():
+        installed = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--prefix", str(TYPESCRIPT), "typescript@5"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert installed.returncode == 0, installed.stderr[-2000:]
+    package = tmp_path / "node_modules" / "runbell-client"
+    package.mkdir(parents=True)
+    for name in ("package.json", "runbell.js", "runbell.d.ts"):
+        shutil.copy(CLIENT / name, package / name)
+    consumer = tmp_path / "use.ts"
+    shutil.copy(Path(__file__).resolve().parents[1] / "client_types" / "use.ts", consumer)
+    options = [
+        "--noEmit",
+        "--strict",
+        "--module",
+        "nodenext",
+        "--moduleResolution",
+        "nodenext",
+        "--target",
+        "es2022",
+        "--lib",
+        "es2022,dom",
+    ]
+    done = subprocess.run([str(tsc), *options, str(consumer)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
