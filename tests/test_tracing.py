@@ -139,3 +139,45 @@ def test_the_hook_carries_the_conf_s_context_without_a_span_and_none_without_one
     assert trace_of_conf({TRACEPARENT_CONF_KEY: "not-a-traceparent"}) is None
     ti = WorkerTI(make_dag("t")["t"], conf={})
     assert hook._task_event(ti, TaskState.RUNNING, hook.default_publisher()).trace is None
+
+
+def test_spans_are_exported_over_otlp_when_an_endpoint_is_set(tmp_path) -> None:
+    """configure_otlp in a process of its own (it sets the process's provider): a span made there is
+    POSTed to /v1/traces of the endpoint, as OTLP/HTTP protobuf, with the gateway's service name."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802  # the http.server name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (
+        "from opentelemetry import trace\n"
+        "from runbell.service.core import tracing\n"
+        f"assert tracing.configure_otlp('http://127.0.0.1:{server.server_address[1]}')\n"
+        "assert not tracing.configure_otlp(None)\n"
+        "with tracing.span('runbell.exported'):\n"
+        "    pass\n"
+        "trace.get_tracer_provider().shutdown()\n"  # flushes the batch
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr[-3000:]
+    ((path, content_type, body),) = received
+    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    assert b"runbell.exported" in body and b"runbell-gateway" in body
