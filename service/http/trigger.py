@@ -35,7 +35,7 @@ from runbell.service.http.params import ascii_seconds, path_id, read_body, secon
 from runbell.service.http.run_routes import caller_trace, outcome_response, parse_resolve, wait_for_outcome
 from runbell.service.http.webhooks import reachable_target
 from runbell.service.webhooks.outbox import Endpoint, WebhookStore, callback_id
-from runbell.service.webhooks.rules import Callback
+from runbell.service.webhooks.rules import RESERVED_HEADERS, Callback, header_problem
 
 RUN_ID_ATTEMPTS = 5
 SERVER_ERROR_RETRIES = 2  # Airflow on SQLite answers 500 when its database is briefly locked
@@ -92,6 +92,9 @@ async def trigger_and_wait(request: Request, dag_id: str, body: TriggerRequest) 
         )
     if body.callback is not None:
         callback_store(request)  # 503 before anything is triggered, when this gateway keeps no webhooks
+        problem = header_problem(body.callback.headers)
+        if problem is not None:
+            raise ApiError(422, "reserved_header", f"callback.headers: {problem}", accepted=sorted(RESERVED_HEADERS))
         await reachable_target(request, body.callback.url)
     run_id, callback = await asyncio.shield(start_run(request, airflow, dag_id, body))  # a disconnect must not stop it
     state = request.app.state

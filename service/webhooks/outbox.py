@@ -55,7 +55,7 @@ from runbell.service.store.models import (
     dialect_insert,
 )
 from runbell.service.store.store import RunChange, Store
-from runbell.service.webhooks.rules import DEFAULT_KINDS, Callback, EndpointCreate, EndpointUpdate, WebhookKind
+from runbell.service.webhooks.rules import DEFAULT_KINDS, Callback, EndpointCreate, EndpointUpdate, WebhookKind, header_problem
 
 __all__ = ["DEFAULT_KINDS", "WebhookKind"]  # defined with the rules; many import them from here
 
@@ -159,6 +159,15 @@ def _message(row: Any) -> Message:
 
 def _attempt(row: Any) -> Attempt:
     return Attempt(**{name: getattr(row, name) for name in Attempt.__dataclass_fields__})
+
+
+def checked_headers(url: str, headers: dict[str, str]) -> dict[str, str]:
+    """A callback's headers by the API's rules (ValueError saying what is wrong)."""
+    checked = Callback.model_validate({"url": url, "headers": headers}).headers
+    problem = header_problem(checked)
+    if problem is not None:
+        raise ValueError(problem)
+    return checked
 
 
 def callback_id(dag_id: str, run_id: str) -> str:
@@ -377,7 +386,7 @@ class WebhookStore:
             disabled_reason=None,
             failing_since=None,
             run_id=run_id,
-            headers=Callback.model_validate({"url": url, "headers": headers}).headers if headers else None,
+            headers=checked_headers(url, headers) if headers else None,
             expires_at=expires_at,
         )
         async with self.store._transaction(write=True) as conn:

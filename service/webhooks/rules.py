@@ -109,18 +109,30 @@ RESERVED_HEADERS = frozenset(
         "webhook-timestamp",
     }
 )
-HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
-HeaderValue = Annotated[str, StringConstraints(max_length=HEADER_VALUE_MAX, pattern=r"^[\t\x20-\x7e]*$")]  # what HTTP sends as it is
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"  # an HTTP token
+HEADER_VALUE_PATTERN = r"^[\t\x20-\x7e]*$"  # what HTTP sends as it is
+HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=HEADER_NAME_PATTERN)]
+HeaderValue = Annotated[str, StringConstraints(max_length=HEADER_VALUE_MAX, pattern=HEADER_VALUE_PATTERN)]
 
 
-def _allowed_headers(headers: dict[str, str]) -> dict[str, str]:
+def header_problem(headers: dict[str, str]) -> str | None:
+    """What is wrong with a callback's header names that a schema cannot say: one the delivery sets
+    itself, or one given twice in another case. None: nothing."""
     lowered = [name.lower() for name in headers]
     reserved = sorted(set(lowered) & RESERVED_HEADERS)
     if reserved:
-        raise ValueError(f"{', '.join(reserved)}: set by the delivery itself (not one of {', '.join(sorted(RESERVED_HEADERS))})")
+        return f"{', '.join(reserved)}: set by the delivery itself (not one of {', '.join(sorted(RESERVED_HEADERS))})"
     if len(set(lowered)) != len(lowered):
-        raise ValueError("a header is given twice (names are case-insensitive)")
-    return headers
+        return "a header is given twice (names are case-insensitive)"
+    return None
+
+
+def _headers_schema(schema: dict[str, Any]) -> None:
+    """The names' rule as propertyNames, every value's as additionalProperties (pydantic writes the name
+    pattern as patternProperties, which lets any other name through with any value)."""
+    schema.pop("patternProperties", None)
+    schema["propertyNames"] = {"minLength": 1, "maxLength": 64, "pattern": HEADER_NAME_PATTERN}
+    schema["additionalProperties"] = {"type": "string", "maxLength": HEADER_VALUE_MAX, "pattern": HEADER_VALUE_PATTERN}
 
 
 class Callback(BaseModel):
@@ -131,10 +143,11 @@ class Callback(BaseModel):
 
     url: Url = Field(description=URL_SAYS)
     kinds: Kinds = Field(default_factory=lambda: [WebhookKind(kind) for kind in DEFAULT_KINDS], description=KINDS_SAYS)
-    headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=MAX_CALLBACK_HEADERS), AfterValidator(_allowed_headers)] = Field(
+    headers: Annotated[dict[HeaderName, HeaderValue], Field(max_length=MAX_CALLBACK_HEADERS)] = Field(
         default_factory=dict,
         description=f"sent with every delivery (at most {MAX_CALLBACK_HEADERS}; values up to {HEADER_VALUE_MAX} characters), e.g. Authorization; "
-        "never shown again",
+        "never shown again; none the delivery sets itself (422 reserved_header)",
+        json_schema_extra=_headers_schema,
     )
 
 
